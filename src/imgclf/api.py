@@ -1,0 +1,325 @@
+"""The public Python API, mirroring the CLI: ``imgclf.train``, ``imgclf.evaluate``,
+``imgclf.predict`` and ``imgclf.load(run).predict(...)``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from imgclf import log
+from imgclf.config import TrainConfig, dump_yaml, make_config
+from imgclf.data.augment import AugmentSpec, BatchAugment, Normalize
+from imgclf.data.cache import CachedSplit, build_cache, cache_root
+from imgclf.data.images import IMAGE_EXTENSIONS, BadImage, load_resized
+from imgclf.data.loader import BatchLoader
+from imgclf.data.sources import DataSource, load_source
+from imgclf.engine import recipe
+from imgclf.engine.trainer import Trainer, resolve_precision, seed_everything
+from imgclf.errors import UserError
+from imgclf.models.registry import arch_args_for_record, build_model, default_normalization, resolve_name
+from imgclf.runs import load_model, read_meta, resolve_device, write_model
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    history: list[dict]
+    test: dict | None = None
+    config: TrainConfig | None = None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> dict:
+        return self.test or {}
+
+
+def _cache_splits(src: DataSource, size: int, policy: str, root: Path, workers: int, progress: bool) -> dict[str, CachedSplit]:
+    out = {}
+    for name, split in src.splits().items():
+        cs = build_cache(split, size, policy, root / "images", workers=workers, progress=progress, desc=f"decoding {name}")
+        for p in cs.problems:
+            log.warn(f"skipped unreadable image {p}")
+        if len(cs) == 0:
+            raise UserError(f"no readable images in the {name} split of {src.origin}")
+        out[name] = cs
+    return out
+
+
+def channel_stats(cs: CachedSplit, limit: int = 10_000) -> tuple[list[float], list[float]]:
+    rows = cs.rows[np.linspace(0, len(cs.rows) - 1, min(limit, len(cs.rows))).astype(np.int64)]
+    x = np.asarray(cs.images[np.sort(rows)], dtype=np.float32) / 255.0
+    mean = x.mean(axis=(0, 1, 2))
+    std = x.std(axis=(0, 1, 2))
+    return [round(float(m), 4) for m in mean], [round(float(max(s, 1e-3)), 4) for s in std]
+
+
+def _make_run_dir(cfg: TrainConfig, data_name: str, arch: str) -> Path:
+    project = Path(cfg.project)
+    name = cfg.name or recipe.default_run_name(project, data_name, arch)
+    run = project / name
+    if run.exists() and any(run.iterdir()) and not cfg.exist_ok:
+        raise UserError(f"run folder {run} already exists: choose another --name, pass --exist-ok, or --resume {run}")
+    run.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def train(config: str | Path | None = None, *, resume: str | Path | None = None, callbacks=None, **options: Any) -> TrainResult:
+    """Train a model; every CLI option is a keyword here (``imgclf.train(data='photos/', epochs=5)``)."""
+    log.reset()
+    t_start = time.perf_counter()
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / "config.yaml").exists():
+            raise UserError(f"--resume {run_dir}: not a run folder (no config.yaml)")
+        if not (run_dir / "last.pt").exists():
+            raise UserError(f"--resume {run_dir}: no checkpoint (last.pt) to resume from")
+        cfg = make_config(run_dir / "config.yaml", **{k: v for k, v in options.items() if k in ("progress", "device")})
+    else:
+        cfg = make_config(config, **options)
+        run_dir = None
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    torch.set_float32_matmul_precision("high")
+    root = cache_root(cfg.cache_dir)
+
+    src = load_source(cfg.data, val_data=cfg.val_data, test_data=cfg.test_data, val_split=cfg.val_split,
+                      split_seed=cfg.split_seed, csv_layout=cfg.csv_layout, label_column=cfg.label_column,
+                      cache_dir=root)
+    for p in src.problems:
+        log.warn(p)
+    arch = resolve_name(cfg.model)
+    native = src.train.images.shape[1] if src.train.images is not None else None
+    size = cfg.image_size or recipe.auto_image_size(src.train.paths, native)
+    cached = _cache_splits(src, size, cfg.resize, root, cfg.workers, cfg.progress)
+    n_train = len(cached["train"])
+    cfg = recipe.resolve(cfg, n_train=n_train, image_size=size, arch=arch)
+    if run_dir is None:
+        run_dir = _make_run_dir(cfg, src.name, arch)
+    dump_yaml(cfg, run_dir / "config.yaml")
+    log.info(f"run folder {run_dir}")
+    log.info(f"data {src.origin}: {len(src.classes)} classes, " + ", ".join(f"{k} {len(v)}" for k, v in cached.items())
+             + f"; {size}px {cfg.resize}")
+
+    mean, std = default_normalization(arch)
+    if mean is None:
+        mean, std = channel_stats(cached["train"])
+    arch_args = arch_args_for_record(arch, size, cfg.model_args)
+    model = build_model(arch, len(src.classes), size, arch_args)
+    budget = int(cfg.ram_budget * 2**30) if cfg.ram_budget is not None else None
+    train_loader = BatchLoader(cached["train"], cfg.batch_size, device, shuffle=True,
+                               drop_last=n_train >= 4 * cfg.batch_size, seed=cfg.seed, ram_budget=budget)
+    val_loader = None
+    if "val" in cached:
+        val_loader = BatchLoader(cached["val"], max(cfg.batch_size, 256), device, shuffle=False, ram_budget=budget)
+    normalize = Normalize(mean, std, device)
+    init = getattr(model, "init_from_data", None)
+    if callable(init):
+        cs = cached["train"]
+        rows = np.sort(cs.rows[: min(5000, len(cs.rows))])
+        init(normalize(torch.from_numpy(np.ascontiguousarray(cs.images[rows])).to(device)).cpu())
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    spec = AugmentSpec(flip=cfg.flip, translate=cfg.translate or 0, rotate=cfg.rotate, zoom=cfg.zoom, shift=cfg.shift,
+                       cutout=cfg.cutout, mixup=cfg.mixup, cutmix=cfg.cutmix)
+    augment = BatchAugment(spec, normalize, len(src.classes))
+    trainer = Trainer(model, cfg, train_loader, val_loader, augment, normalize, device, run_dir=run_dir,
+                      callbacks=callbacks, flip_mode=recipe.flip_mode(cfg))
+    if resume is not None:
+        trainer.load_checkpoint(run_dir / "last.pt")
+        log.info(f"resuming at epoch {trainer.epoch + 1} (step {trainer.step}/{trainer.total_steps})")
+    log.info(f"model {arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
+             f"{cfg.epochs:g} epochs x {trainer.steps_per_epoch} steps of {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr:.3g}, "
+             f"{device.type} {trainer.precision.dtype or 'fp32'}")
+    history = trainer.fit()
+    if trainer.stop:
+        log.info(trainer.stop)
+    used = "final"
+    if val_loader is not None and trainer.best_epoch is not None and (run_dir / "best.safetensors").exists() \
+            and trainer.best_epoch != trainer.epoch:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(run_dir / "best.safetensors"), device=str(device)))
+        used = f"best ({cfg.monitor} at epoch {trainer.best_epoch})"
+    meta = {
+        "architecture": arch, "arch_args": arch_args, "classes": src.classes, "task": src.task,
+        "image_size": size, "resize": cfg.resize, "mean": list(mean), "std": list(std),
+        "tta_level": recipe.tta_level(cfg), "temperature": 1.0, "thresholds": None,
+        "weights": "model.safetensors", "weights_from": used, "epochs_trained": trainer.epoch,
+        "data": src.origin, "imgclf_version": _version(),
+    }
+    write_model(run_dir, model, meta)
+    train_seconds = time.perf_counter() - t_start
+    result = TrainResult(run_dir, history, config=cfg)
+    eval_split = "test" if "test" in cached else ("val" if "val" in cached else None)
+    if eval_split:
+        result.test = _evaluate_cached(model, meta, cached[eval_split], src.classes, device, cfg.precision,
+                                       run_dir, split=eval_split, tta_level=meta["tta_level"])
+    _write_plots(run_dir, history, arch, src.name)
+    summary = {"train_seconds": round(train_seconds, 1), "weights": used, "epochs": trainer.epoch}
+    if result.test:
+        summary.update({k: result.test[k] for k in result.test if k.startswith("top") or k == "split"})
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if result.test:
+        log.info(f"{eval_split} top-1 {result.test['top1']:.4f} (tta {meta['tta_level']}); results in {run_dir}")
+    return result
+
+
+def _version() -> str:
+    from imgclf import __version__
+
+    return __version__
+
+
+def _write_plots(run_dir: Path, history: list[dict], arch: str, data_name: str) -> None:
+    from imgclf.evaluate.plots import plot_curves
+
+    if history:
+        plot_curves(history, run_dir / "curves.png", title=f"{data_name} - {arch}")
+
+
+def _evaluate_cached(model, meta, cs: CachedSplit, classes, device, precision, out_dir: Path, *, split: str,
+                     tta_level: int, prefix: str = "") -> dict:
+    from imgclf.evaluate.inference import logits_for_array
+    from imgclf.evaluate.metrics import classification_metrics, write_confusion_csv, write_per_class_csv
+    from imgclf.evaluate.plots import plot_confusion
+
+    prec = resolve_precision(precision, device)
+    normalize = Normalize(meta["mean"], meta["std"], device)
+    images = cs.images[cs.rows] if len(cs.rows) != len(cs.images) else cs.images
+    t0 = time.perf_counter()
+    logits = logits_for_array(model, images, normalize, prec, device, tta_level=tta_level)
+    seconds = time.perf_counter() - t0
+    logits = logits / float(meta.get("temperature") or 1.0)
+    m = classification_metrics(logits, torch.from_numpy(np.asarray(cs.labels)), classes)
+    m.update({"split": split, "tta_level": tta_level, "eval_seconds": round(seconds, 2)})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_confusion_csv(np.asarray(m["confusion"]), classes, out_dir / f"{prefix}confusion.csv")
+    write_per_class_csv(m["per_class"], out_dir / f"{prefix}per_class.csv")
+    plot_confusion(m["confusion"], classes, out_dir / f"{prefix}confusion.png", title=f"{split} confusion (row-normalised)")
+    (out_dir / f"{prefix}metrics.json").write_text(json.dumps({k: v for k, v in m.items()}, indent=2))
+    return m
+
+
+def evaluate(run: str | Path, data: str | None = None, *, tta: bool | None = None, device: str = "auto",
+             out: str | Path | None = None, progress: bool = True, cache_dir: str | None = None) -> dict:
+    """Evaluate a trained run on ``data`` (a folder, CSV, pickle dir; its test/ split if it has one)."""
+    device_t = resolve_device(device)
+    model, meta = load_model(run, device_t)
+    run_dir, _ = read_meta(run)
+    root = cache_root(cache_dir)
+    if data is None:
+        cfg = make_config(run_dir / "config.yaml")
+        data = cfg.test_data or cfg.data
+    src = load_source(data, val_split=0.0, cache_dir=root)
+    split = src.test if src.test is not None else src.train
+    which = "test" if src.test is not None else "all"
+    missing = sorted(set(src.classes) - set(meta["classes"]))
+    if missing:
+        raise UserError(f"{data} has classes the model was not trained on: {', '.join(missing[:10])}")
+    remap = np.asarray([meta["classes"].index(c) for c in src.classes], dtype=np.int64)
+    split.labels = remap[split.labels]
+    for p in src.problems:
+        log.warn(p)
+    cs = build_cache(split, meta["image_size"], meta["resize"], root / "images", progress=progress, desc="decoding")
+    for p in cs.problems:
+        log.warn(f"skipped unreadable image {p}")
+    level = meta.get("tta_level", 0) if tta is None or tta else 0
+    if tta and level == 0:
+        level = 1
+    out_dir = Path(out) if out else run_dir / f"eval-{src.name}"
+    m = _evaluate_cached(model, meta, cs, meta["classes"], device_t, "auto", out_dir, split=which, tta_level=level)
+    m["out_dir"] = str(out_dir)
+    return m
+
+
+# ---------------------------------------------------------------------------------------------
+# prediction
+
+
+def expand_inputs(items: list[str | Path]) -> list[Path]:
+    out: list[Path] = []
+    for it in items:
+        p = Path(it)
+        if p.is_dir():
+            out += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTENSIONS and q.is_file())
+        elif p.exists():
+            out.append(p)
+        else:
+            raise UserError(f"{p}: no such file or folder")
+    return out
+
+
+class Classifier:
+    """A trained model ready for prediction: ``imgclf.load(run).predict(['cat.jpg'])``."""
+
+    def __init__(self, model: torch.nn.Module, meta: dict, device: torch.device):
+        self.model, self.meta, self.device = model, meta, device
+        self.classes: list[str] = meta["classes"]
+        self.image_size: int = meta["image_size"]
+        self.resize: str = meta["resize"]
+        self.normalize = Normalize(meta["mean"], meta["std"], device)
+        self.precision = resolve_precision("auto", device)
+        if device.type == "cpu":
+            self.model.to(memory_format=torch.channels_last)
+
+    def preprocess(self, source) -> np.ndarray:
+        """Path, bytes or HxWx3 uint8 array -> the model's input (size x size x 3 uint8)."""
+        if isinstance(source, np.ndarray):
+            from imgclf.data.images import resize_rgb
+
+            return resize_rgb(source, self.image_size, self.resize)
+        return load_resized(source if isinstance(source, bytes) else str(source), self.image_size, self.resize)
+
+    def predict_proba(self, images: np.ndarray, tta: bool = False) -> np.ndarray:
+        from imgclf.evaluate.inference import logits_for_array
+
+        level = self.meta.get("tta_level", 1) if tta else 0
+        logits = logits_for_array(self.model, images, self.normalize, self.precision, self.device, tta_level=level)
+        logits = logits / float(self.meta.get("temperature") or 1.0)
+        if self.meta.get("task") == "multilabel":
+            return torch.sigmoid(logits).numpy()
+        return torch.softmax(logits, 1).numpy()
+
+    def predict(self, inputs, top_k: int = 5, tta: bool = False) -> list[dict]:
+        """Top-k predictions for files, folders, bytes or arrays; unreadable files get an error entry."""
+        if isinstance(inputs, (str, Path, bytes, np.ndarray)):
+            inputs = [inputs]
+        items: list = []
+        for it in inputs:
+            items += expand_inputs([it]) if isinstance(it, (str, Path)) else [it]
+        arrays, names, results = [], [], []
+        for i, it in enumerate(items):
+            name = str(it) if isinstance(it, (str, Path)) else f"input{i}"
+            try:
+                arrays.append(self.preprocess(it))
+                names.append(name)
+            except BadImage as e:
+                log.warn(str(e))
+                results.append({"input": name, "error": e.reason})
+        if arrays:
+            probs = self.predict_proba(np.stack(arrays), tta=tta)
+            k = min(top_k, len(self.classes))
+            for name, p in zip(names, probs):
+                top = np.argsort(-p)[:k]
+                results.append({"input": name, "top": [(self.classes[j], float(p[j])) for j in top]})
+        order = {str(n): i for i, n in enumerate([str(x) if isinstance(x, (str, Path)) else f"input{j}" for j, x in enumerate(items)])}
+        return sorted(results, key=lambda r: order.get(r["input"], 0))
+
+
+def load(run: str | Path, device: str = "auto") -> Classifier:
+    dev = resolve_device(device)
+    model, meta = load_model(run, dev)
+    return Classifier(model, meta, dev)
+
+
+def predict(run: str | Path, inputs, top_k: int = 5, tta: bool = False, device: str = "auto") -> list[dict]:
+    return load(run, device).predict(inputs, top_k=top_k, tta=tta)
+

@@ -1,0 +1,242 @@
+"""The ``imgclf`` command: one sub-command per job.
+
+Every training option is generated from :class:`imgclf.config.TrainConfig`, so the CLI, YAML
+files and the Python API can never drift apart. User errors are one line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from imgclf.config import TrainConfig
+from imgclf.errors import UserError
+
+
+def _parse_mapping(text: str) -> dict[str, Any]:
+    """'width=1.5,channels=[32,64]' or a YAML/JSON mapping -> dict."""
+    text = text.strip()
+    if text.startswith("{"):
+        val = yaml.safe_load(text)
+    else:
+        val = {}
+        depth, cur, parts = 0, "", []
+        for ch in text:  # split on commas outside brackets
+            depth += ch in "[("
+            depth -= ch in "])"
+            if ch == "," and depth == 0:
+                parts.append(cur)
+                cur = ""
+            else:
+                cur += ch
+        parts.append(cur)
+        for part in filter(None, (p.strip() for p in parts)):
+            if "=" not in part:
+                raise argparse.ArgumentTypeError(f"expected key=value, got '{part}'")
+            k, v = part.split("=", 1)
+            val[k.strip()] = yaml.safe_load(v)
+    if not isinstance(val, dict):
+        raise argparse.ArgumentTypeError("expected key=value pairs")
+    return val
+
+
+def _unwrap(annotation):
+    """Optional[X] -> X."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def add_config_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    group = p.add_argument_group("training options (also valid as keys of a --config YAML file)")
+    for name, f in TrainConfig.model_fields.items():
+        if name in skip:
+            continue
+        flag = "--" + name.replace("_", "-")
+        ann = _unwrap(f.annotation)
+        kw: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=f.description or None)
+        if ann is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(ann) is Literal:
+            kw["choices"] = list(typing.get_args(ann))
+        elif typing.get_origin(ann) is dict:
+            kw["type"], kw["metavar"] = _parse_mapping, "K=V,..."
+        elif ann in (int, float, str):
+            kw["type"] = ann
+        group.add_argument(flag, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="imgclf", description="Train, evaluate, tune, explain, export and serve image classifiers.")
+    from imgclf import __version__
+
+    p.add_argument("--version", action="version", version=f"imgclf {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model (a run folder holds everything it produced)")
+    t.add_argument("--config", help="YAML file of options; command-line options override it")
+    t.add_argument("--resume", metavar="RUN", help="continue a killed or stopped run from its last checkpoint")
+    add_config_options(t)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="top-1/top-5, per-class P/R/F1 and the confusion matrix on test data")
+    e.add_argument("run", help="run folder")
+    e.add_argument("--data", help="test data (default: the run's own test split)")
+    e.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="test-time augmentation (default: the run's setting)")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--out", help="folder for the figures (default: RUN/eval-<data>)")
+    e.set_defaults(func=cmd_evaluate)
+
+    pr = sub.add_parser("predict", help="classify image files and folders")
+    pr.add_argument("run", help="run folder")
+    pr.add_argument("inputs", nargs="+", help="image files or folders")
+    pr.add_argument("--top-k", type=int, default=5)
+    pr.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False)
+    pr.add_argument("--output", help="write predictions to a .csv or .json file")
+    pr.add_argument("--device", default="auto")
+    pr.set_defaults(func=cmd_predict)
+
+    d = sub.add_parser("demo", help="train, evaluate and predict on the built-in CIFAR-10 sample")
+    d.add_argument("--project", default="runs", help="folder for the run")
+    d.add_argument("--epochs", type=float, default=None)
+    d.set_defaults(func=cmd_demo)
+
+    for extra in _extension_commands():
+        extra(sub)
+    return p
+
+
+def _extension_commands():
+    """Sub-commands of the other modules (check, report, export, serve, sweep...), if present."""
+    import importlib
+
+    out = []
+    for mod in ("imgclf.cli_extra",):
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+            continue
+        out += getattr(m, "COMMANDS", [])
+    return out
+
+
+def _train_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from imgclf.api import train
+
+    opts = _train_options(args)
+    if args.resume:
+        extra = set(opts) - {"progress", "device"}
+        if extra:
+            raise UserError(f"--resume continues a run with its saved config; drop: {', '.join('--' + k.replace('_', '-') for k in sorted(extra))}")
+        res = train(resume=args.resume, **opts)
+    else:
+        if "data" not in opts and not args.config:
+            raise UserError("train needs --data (a folder, a CSV, a CIFAR pickle folder or 'cifar10') or --config")
+        res = train(args.config, **opts)
+    print(f"run folder: {res.run_dir}")
+    if res.test:
+        _print_metrics(res.test)
+    return 0
+
+
+def _print_metrics(m: dict) -> None:
+    topk = [k for k in m if k.startswith("top") and k != "top1"]
+    head = f"{m.get('split', 'test')}: n={m['n']}  top-1 {m['top1']:.4f}"
+    for k in topk:
+        head += f"  top-{k[3:]} {m[k]:.4f}"
+    head += f"  balanced acc {m['balanced_accuracy']:.4f}  macro F1 {m['macro_f1']:.4f}"
+    print(head)
+    print(f"{'class':<20} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
+    for r in m["per_class"]:
+        print(f"{r['class'][:20]:<20} {r['precision']:>9.4f} {r['recall']:>9.4f} {r['f1']:>9.4f} {r['support']:>8}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from imgclf.api import evaluate
+
+    m = evaluate(args.run, args.data, tta=args.tta, device=args.device, out=args.out)
+    _print_metrics(m)
+    print(f"figures: {m['out_dir']}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from imgclf.api import load
+
+    clf = load(args.run, args.device)
+    preds = clf.predict(args.inputs, top_k=args.top_k, tta=args.tta)
+    k = min(args.top_k, len(clf.classes))
+    for r in preds:
+        if "error" in r:
+            print(f"{r['input']}\tERROR {r['error']}")
+        else:
+            print(f"{r['input']}\t" + "  ".join(f"{c} {p:.3f}" for c, p in r["top"]))
+    if args.output:
+        out = Path(args.output)
+        if out.suffix.lower() == ".json":
+            out.write_text(json.dumps(preds, indent=2))
+        else:
+            with open(out, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["input", "error"] + [x for i in range(1, k + 1) for x in (f"class{i}", f"prob{i}")])
+                for r in preds:
+                    row = [r["input"], r.get("error", "")]
+                    for c, p in r.get("top", []):
+                        row += [c, f"{p:.6f}"]
+                    w.writerow(row)
+        print(f"wrote {out}")
+    return 0 if all("error" not in r for r in preds) else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from imgclf.api import evaluate, load, train
+    from imgclf.sample import sample_dir
+
+    data = sample_dir()
+    print(f"imgclf demo: training on the built-in CIFAR-10 sample in {data}")
+    res = train(data=str(data), project=args.project, epochs=args.epochs, name=None)
+    print(f"run folder: {res.run_dir}")
+    m = evaluate(res.run_dir, str(data))
+    _print_metrics(m)
+    some = sorted((data / "test").glob("*/*.jpg"))[::97][:5]
+    for r in load(res.run_dir).predict(some, top_k=3):
+        print(f"{Path(r['input']).parent.name}/{Path(r['input']).name}: " + ", ".join(f"{c} {p:.2f}" for c, p in r["top"]))
+    print(f"curves: {res.run_dir / 'curves.png'}  confusion: {res.run_dir / 'confusion.png'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"imgclf: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("imgclf: interrupted (a training run resumes with 'imgclf train --resume RUN')", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

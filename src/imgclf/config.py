@@ -1,0 +1,151 @@
+"""Typed training configuration: one flat set of options shared by YAML files, the CLI and sweeps.
+
+Flat on purpose: every option is addressable by one name on the command line (``--rotate 10``),
+in a YAML file (``rotate: 10``) and in a sweep's search space, with no dotted paths to learn.
+``None`` means "let imgclf choose"; the chosen values are written to the run folder's
+``config.yaml`` so a run can be repeated exactly.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from imgclf.errors import UserError
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    # --- data -------------------------------------------------------------------------------
+    data: str = Field(..., description="class-folder tree, CIFAR pickle dir, 'cifar10'/'cifar100', or pixel CSV")
+    val_data: str | None = Field(None, description="separate validation data (else a val/ folder or --val-split)")
+    test_data: str | None = Field(None, description="separate test data (else a test/ folder, or a CIFAR test batch)")
+    val_split: float = Field(0.1, ge=0.0, lt=1.0, description="fraction of train held out when there is no val split")
+    split_seed: int = Field(0, description="seed of the train/val split (kept fixed across runs so they compare)")
+    csv_layout: Literal["auto", "planar", "interleaved", "gray"] = Field(
+        "auto", description="pixel order of a CSV: planar R..G..B.. (CIFAR) or interleaved RGBRGB.."
+    )
+    label_column: str = Field("label", description="label column of a pixel CSV")
+    image_size: int | None = Field(None, ge=8, le=2048, description="square input size (default: from the data)")
+    resize: Literal["stretch", "crop", "letterbox"] = Field("stretch", description="how images reach image_size")
+    cache_dir: str | None = Field(None, description="decoded-image cache (default $IMGCLF_CACHE or ~/.cache/imgclf)")
+    workers: int = Field(0, ge=0, description="processes decoding images into the cache (0: one per core)")
+    ram_budget: float | None = Field(
+        None, ge=0, description="GiB of decoded images to keep in RAM/on the device (default: half of free RAM)"
+    )
+
+    # --- model ------------------------------------------------------------------------------
+    model: str = Field("auto", description="fastnet, plaincnn, or timm:<name> (default: fastnet)")
+    model_args: dict[str, Any] = Field(default_factory=dict, description="extra model arguments, e.g. width=1.5")
+    pretrained: bool = Field(False, description="start from pretrained weights (timm models)")
+    weights: str | None = Field(None, description="local weights file (safetensors or state dict) to start from")
+
+    # --- optimisation -----------------------------------------------------------------------
+    epochs: float | None = Field(None, gt=0, description="training epochs (fractions allowed)")
+    batch_size: int | None = Field(None, ge=1, description="images per step")
+    optimizer: Literal["auto", "sgd", "adam", "adamw"] = "auto"
+    lr: float | None = Field(None, gt=0, description="peak learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    nesterov: bool = Field(True, description="Nesterov momentum for SGD")
+    beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1")
+    beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2")
+    eps: float = Field(1e-8, gt=0, description="Adam epsilon")
+    weight_decay: float | None = Field(None, ge=0, description="weight decay (decoupled for AdamW)")
+    l2: float = Field(0.0, ge=0, description="L2 penalty added to the loss, Keras-style kernel_regularizer")
+    label_smoothing: float | None = Field(None, ge=0, lt=1)
+    schedule: Literal["auto", "onecycle", "cosine", "linear", "step", "plateau", "constant"] = "auto"
+    warmup_epochs: float | None = Field(None, ge=0, description="linear warm-up length")
+    lr_start_factor: float | None = Field(None, gt=0, le=1, description="lr at step 0 as a fraction of the peak")
+    lr_end_factor: float | None = Field(None, ge=0, le=1, description="lr at the end as a fraction of the peak")
+    step_epochs: float = Field(30, gt=0, description="'step' schedule: epochs between drops")
+    gamma: float = Field(0.1, gt=0, le=1, description="'step' schedule: factor per drop")
+    plateau_patience: int = Field(2, ge=0, description="'plateau': epochs without improvement before a drop")
+    plateau_factor: float = Field(0.2, gt=0, lt=1, description="'plateau': factor per drop")
+    early_stopping: int = Field(0, ge=0, description="stop after this many epochs without improvement (0: off)")
+    monitor: Literal["val_acc", "val_loss"] = Field("val_acc", description="metric for early stopping, plateau, best")
+    clip_grad: float | None = Field(None, gt=0, description="clip the gradient norm to this value")
+    ema: float | None = Field(None, ge=0, lt=1, description="EMA decay of weights, e.g. 0.999 (default: off)")
+    lookahead: bool | None = Field(None, description="lookahead weight averaging (fastnet default: on)")
+
+    # --- augmentation (batched, on the training device) --------------------------------------
+    flip: bool = Field(True, description="random horizontal flip")
+    translate: int | None = Field(None, ge=0, description="random crop after reflect padding, in pixels")
+    rotate: float = Field(0.0, ge=0, le=180, description="random rotation, max degrees")
+    zoom: float = Field(0.0, ge=0, lt=1, description="random zoom, max fraction (0.1: 0.9x-1.1x)")
+    shift: float = Field(0.0, ge=0, lt=1, description="random shift, max fraction of the size")
+    cutout: int = Field(0, ge=0, description="side of a random square erased, in pixels")
+    mixup: float = Field(0.0, ge=0, description="mixup alpha (0: off)")
+    cutmix: float = Field(0.0, ge=0, description="cutmix alpha (0: off)")
+
+    # --- runtime ----------------------------------------------------------------------------
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N, mps")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 on CPU with AMX/AVX512-BF16 and on recent GPUs")
+    channels_last: bool = True
+    compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile (auto: on CUDA only)")
+    seed: int = 0
+    tta: bool = Field(True, description="test-time augmentation (flips, shifts) for the final evaluation")
+    eval_every: int = Field(1, ge=1, description="validate every N epochs (and always at the end)")
+
+    # --- output -----------------------------------------------------------------------------
+    project: str = Field("runs", description="folder holding run folders")
+    name: str | None = Field(None, description="run folder name (default: <data>-<model>-N)")
+    exist_ok: bool = Field(False, description="reuse a run folder of the same name")
+    tensorboard: bool = True
+    progress: bool = True
+
+
+def option_help() -> dict[str, str]:
+    return {name: (f.description or "") for name, f in TrainConfig.model_fields.items()}
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, TrainConfig.model_fields.keys(), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else "; run 'imgclf train --help' for the options"
+
+
+def format_validation_error(err: ValidationError, origin: str) -> str:
+    """One line per problem, naming the key: what users need to fix a config."""
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<config>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{origin}: unknown option '{key}'{_suggest(key)}")
+        elif e["type"] == "missing":
+            lines.append(f"{origin}: option '{key}' is required")
+        else:
+            lines.append(f"{origin}: option '{key}': {e['msg']} (got {e.get('input')!r})")
+    return lines[0] if len(lines) == 1 else "; ".join(lines)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {p} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{p}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{p} must hold a mapping of option: value, not a {type(raw).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in raw.items()}
+
+
+def make_config(file: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """Build a config from an optional YAML file plus overrides (overrides win)."""
+    values: dict[str, Any] = load_yaml(file) if file else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return TrainConfig(**values)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, str(file) if file else "config")) from None
+
+
+def dump_yaml(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,355 @@
+"""Decode image files of any common format/mode into HxWx3 uint8 RGB arrays and resize them.
+
+Every failure of a file is a :class:`BadImage` with a one-line reason, so callers (the cache
+builder, the HTTP server) can skip or report a file without knowing PIL's exception zoo.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "BadImage",
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_EXTENSIONS",
+    "RESIZE_POLICIES",
+    "load_resized",
+    "load_rgb",
+    "resize_rgb",
+]
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+)
+
+RESIZE_POLICIES = ("stretch", "crop", "letterbox")
+
+# Same value as PIL's own default Image.MAX_IMAGE_PIXELS (about 256 MiB of RGB at 3 bytes/pixel).
+DEFAULT_MAX_PIXELS = 89_478_485
+
+LETTERBOX_FILL = 114  # YOLO's padding grey: mid-range, so padding is not mistaken for content
+
+# A resize that shrinks by more than this factor first does a cheap integer box reduction
+# (PIL's reducing_gap); 3.0 is what PIL documents as indistinguishable from a full resample.
+_REDUCING_GAP = 3.0
+
+# JPEG draft decoding keeps at least this many times the final size, so the last (bicubic)
+# resampling step still has real pixels to average over instead of DCT-upsampled blur.
+_DRAFT_MARGIN = 2.0
+
+_ORIENTATION_TAG = 0x0112
+
+# Signatures of the formats we list: a file that starts with one but that PIL cannot even
+# identify is a broken image, not "some other kind of file", and deserves that reason.
+_MAGIC = (
+    b"\xff\xd8\xff",  # JPEG
+    b"\x89PNG\r\n\x1a\n",
+    b"GIF87a",
+    b"GIF89a",
+    b"BM",
+    b"II*\x00",  # TIFF little-endian
+    b"MM\x00*",  # TIFF big-endian
+    b"P2",
+    b"P3",
+    b"P5",
+    b"P6",
+)
+
+_SIXTEEN_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+class BadImage(Exception):
+    """An image file that cannot be used; str() is one line: '<path>: <reason>'."""
+
+    path: str
+    reason: str
+
+    def __init__(self, path: str, reason: str) -> None:
+        # both in args so the exception pickles across worker processes
+        super().__init__(path, reason)
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return _one_line(f"{self.path}: {self.reason}")
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def load_rgb(source: str | os.PathLike | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode any image into an HxWx3 uint8 RGB array.
+
+    ``source`` is a path or the encoded file's bytes. EXIF orientation is applied, the first
+    frame of animations/multi-page files is used and transparency is composited on white.
+    Raises :class:`BadImage` for anything that cannot be decoded.
+    """
+    return _as_array(_decode(source, max_pixels, None))
+
+
+def resize_rgb(img: np.ndarray, size: int, policy: str = "stretch") -> np.ndarray:
+    """HxWx3 uint8 -> size x size x 3 uint8.
+
+    ``stretch`` ignores the aspect ratio, ``crop`` fills the square and cuts the centre out of
+    the longer side, ``letterbox`` fits the whole image and pads it with grey 114, centred.
+    """
+    _check_size_policy(size, policy)
+    if not (isinstance(img, np.ndarray) and img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8):
+        desc = (
+            f"{img.dtype} array of shape {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
+        )
+        raise ValueError(f"resize_rgb expects an HxWx3 uint8 array, got {desc}")
+    if img.shape[0] == 0 or img.shape[1] == 0:
+        raise ValueError(f"resize_rgb got an empty image of shape {img.shape}")
+    if img.shape[:2] == (size, size):
+        return np.ascontiguousarray(img)
+    return _resize_pil(Image.fromarray(np.ascontiguousarray(img)), size, policy)
+
+
+def load_resized(
+    source: str | os.PathLike | bytes,
+    size: int,
+    policy: str = "stretch",
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """load_rgb + resize_rgb, using PIL's JPEG draft mode (Image.draft) to decode large JPEGs at
+    reduced scale when the target is much smaller: this is the hot path of the cache builder,
+    so it must be fast.
+
+    Results differ slightly from ``resize_rgb(load_rgb(...))`` for large JPEGs (the DCT-domain
+    downscale is not bicubic), by a mean of about one grey level.
+    """
+    _check_size_policy(size, policy)
+    img = _decode(source, max_pixels, (size, policy))
+    if img.size == (size, size):
+        return _as_array(img)
+    return _resize_pil(img, size, policy)
+
+
+# --- decoding ---------------------------------------------------------------------------------
+
+
+def _decode(source: str | os.PathLike | bytes, max_pixels: int, draft: tuple[int, str] | None) -> Image.Image:
+    """Open, validate and fully decode ``source`` into an RGB PIL image (see load_rgb)."""
+    name, fp = _open_source(source)
+    # PIL warns about harmless things (palette transparency given as bytes, odd EXIF/TIFF
+    # tags, big-but-allowed images); callers get either an array or a BadImage, never noise.
+    # catch_warnings is process-global: in a threaded server a warning raised elsewhere during
+    # a decode may also be hidden, which is acceptable for warnings.
+    with fp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        img = _identify(fp, name, max_pixels)
+        width, height = img.size
+        # before load(): the whole point is not to allocate/decode a bomb's pixels
+        if width * height > max_pixels:
+            raise BadImage(name, f"image too large: {width}x{height} pixels exceeds limit of {max_pixels}")
+        if draft is not None:
+            # only JPEG (and MPO, the multi-picture JPEG many cameras write) can decode at
+            # reduced scale; for every other format draft() is a no-op
+            img.draft(None, _draft_request(img.size, *draft))
+        try:
+            # never ImageFile.LOAD_TRUNCATED_IMAGES: a cut-off file must be reported, not grey-filled
+            img.load()
+        except Exception as exc:
+            raise BadImage(name, "truncated or corrupt image data") from exc
+        # pixels are in memory now; fp (ours, not PIL's) may close when the with-block ends
+        img = _apply_orientation(img)
+        try:
+            return _to_rgb(img)
+        except (ValueError, OSError) as exc:
+            raise BadImage(name, f"unsupported image mode {img.mode}") from exc
+
+
+def _open_source(source: str | os.PathLike | bytes) -> tuple[str, io.BufferedIOBase]:
+    if isinstance(source, bytes | bytearray | memoryview):
+        data = bytes(source)
+        name = f"<{len(data)} bytes>"
+        if not data:
+            raise BadImage(name, "empty file")
+        return name, io.BytesIO(data)
+    try:
+        path = os.fspath(source)
+    except TypeError:
+        raise TypeError(f"image source must be a path or bytes, not {type(source).__name__}") from None
+    name = os.fsdecode(path)
+    try:
+        fp = open(path, "rb")  # closed by _decode's with-block
+    except FileNotFoundError as exc:
+        raise BadImage(name, "no such file") from exc
+    except IsADirectoryError as exc:
+        raise BadImage(name, "is a directory, not a file") from exc
+    except PermissionError as exc:
+        raise BadImage(name, "permission denied") from exc
+    except OSError as exc:
+        raise BadImage(name, f"cannot read file ({exc.strerror or exc})") from exc
+    try:
+        empty = os.fstat(fp.fileno()).st_size == 0
+    except OSError:
+        empty = False
+    if empty:
+        fp.close()
+        raise BadImage(name, "empty file")
+    return name, fp
+
+
+def _identify(fp: io.BufferedIOBase, name: str, max_pixels: int) -> Image.Image:
+    try:
+        return Image.open(fp)
+    except Image.DecompressionBombError as exc:
+        # PIL refuses images over 2 * Image.MAX_IMAGE_PIXELS itself, before we see the size
+        raise BadImage(name, _pil_bomb_reason(str(exc), max_pixels)) from exc
+    except UnidentifiedImageError as exc:
+        fp.seek(0)
+        head = fp.read(16)
+        if head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+            raise BadImage(name, "truncated or corrupt image data") from exc
+        raise BadImage(name, "not an image file (cannot identify format)") from exc
+    except Exception as exc:
+        # plugins raise OSError/SyntaxError/struct.error/... on mangled headers
+        raise BadImage(name, "truncated or corrupt image data") from exc
+
+
+def _pil_bomb_reason(message: str, max_pixels: int) -> str:
+    pil_limit = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else max_pixels
+    limit = min(max_pixels, pil_limit)
+    match = re.search(r"\((\d+) pixels\)", message)
+    if match:
+        return f"image too large: {int(match.group(1))} pixels exceeds limit of {limit}"
+    return f"image too large: exceeds limit of {limit} pixels"
+
+
+def _draft_request(image_size: tuple[int, int], size: int, policy: str) -> tuple[int, int]:
+    """The smallest decode size that still leaves the final resize _DRAFT_MARGIN to work with."""
+    width, height = image_size
+    if policy == "stretch":
+        target_w = target_h = size
+    else:
+        # crop and letterbox scale both axes alike; an EXIF rotation swaps w/h, which leaves
+        # min/max (and so this request, in stored orientation) unchanged
+        scale = size / (min(width, height) if policy == "crop" else max(width, height))
+        target_w, target_h = width * scale, height * scale
+    return (
+        max(1, min(width, math.ceil(target_w * _DRAFT_MARGIN))),
+        max(1, min(height, math.ceil(target_h * _DRAFT_MARGIN))),
+    )
+
+
+def _apply_orientation(img: Image.Image) -> Image.Image:
+    try:
+        orientation = img.getexif().get(_ORIENTATION_TAG, 1)
+        # exif_transpose copies the image even when there is nothing to do
+        if orientation in (2, 3, 4, 5, 6, 7, 8):
+            return ImageOps.exif_transpose(img)
+    except Exception:
+        # a mangled EXIF block should not cost us pixels that decoded fine
+        pass
+    return img
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> mode "RGB", with 16/32-bit and float data rescaled rather than clipped."""
+    mode = img.mode
+    if mode == "RGB" and "transparency" not in img.info:
+        return img
+    if mode in _SIXTEEN_BIT_GREY or mode == "I":
+        return _grey_to_rgb(_high_range_to_uint8(img), img)
+    if mode == "F":
+        return _grey_to_rgb(_float_to_uint8(np.asarray(img)), img)
+    if mode in _ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        # Transparent pixels go on white rather than black: most product/clip-art style images
+        # with alpha are shown on white, and a black background would be a spurious cue for the
+        # classifier. This is a choice, not a standard; any fixed colour keeps results stable.
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    # 1, L, P, CMYK (PIL already undoes Adobe's inverted JPEG CMYK), YCbCr, LAB, HSV, RGBX ...
+    return img.convert("RGB")
+
+
+def _high_range_to_uint8(img: Image.Image) -> np.ndarray:
+    values = np.asarray(img)
+    if img.mode == "I" and (values.size == 0 or values.min() < 0 or values.max() > 65535):
+        # genuine 32-bit data has no fixed white point: stretch its own range
+        return _stretch_to_uint8(values.astype(np.float64))
+    # 16-bit data (I;16*, and mode I as PIL opens 16-bit PNG/PGM): keep the high byte, so
+    # 65535 -> 255 and 32768 -> 128, like every 8-bit export of it would
+    return (values.astype(np.uint32) >> 8).astype(np.uint8)
+
+
+def _float_to_uint8(values: np.ndarray) -> np.ndarray:
+    values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if lo >= 0.0 and hi <= 1.0:
+        return np.round(values * 255.0).astype(np.uint8)  # the usual [0, 1] convention
+    if lo >= 0.0 and hi <= 255.0:
+        return np.round(values).astype(np.uint8)  # float-typed 8-bit data
+    return _stretch_to_uint8(values)
+
+
+def _stretch_to_uint8(values: np.ndarray) -> np.ndarray:
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        return np.zeros(values.shape, np.uint8)
+    return np.round((values - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def _grey_to_rgb(grey: np.ndarray, img: Image.Image) -> Image.Image:
+    transparency = img.info.get("transparency")
+    if isinstance(transparency, int):
+        # a tRNS colour key on 16-bit grey: those pixels are fully transparent -> white
+        grey = np.where(np.asarray(img) == transparency, np.uint8(255), grey)
+    return Image.fromarray(np.ascontiguousarray(grey)).convert("RGB")
+
+
+def _as_array(img: Image.Image) -> np.ndarray:
+    # np.asarray(PIL image) is read-only; callers (augmentation, batching) may write in place
+    return np.array(img, dtype=np.uint8, copy=True)
+
+
+# --- resizing ---------------------------------------------------------------------------------
+
+
+def _check_size_policy(size: int, policy: str) -> None:
+    if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1:
+        raise ValueError(f"size must be a positive integer, got {size!r}")
+    if policy not in RESIZE_POLICIES:
+        raise ValueError(f"unknown resize policy {policy!r}: expected one of {', '.join(RESIZE_POLICIES)}")
+
+
+def _resize_pil(img: Image.Image, size: int, policy: str) -> np.ndarray:
+    size = int(size)
+    width, height = img.size
+    if policy == "stretch":
+        return _as_array(img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=_REDUCING_GAP))
+    if policy == "crop":
+        # resample only the centred square of the source (box is in source pixels, may be
+        # fractional): one pass, no intermediate full-size resize to crop from
+        side = min(width, height)
+        left, top = (width - side) / 2, (height - side) / 2
+        box = (left, top, left + side, top + side)
+        return _as_array(
+            img.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=_REDUCING_GAP)
+        )
+    scale = size / max(width, height)
+    new_w = min(size, max(1, round(width * scale)))
+    new_h = min(size, max(1, round(height * scale)))
+    out = np.full((size, size, 3), LETTERBOX_FILL, np.uint8)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    resized = (
+        img
+        if (new_w, new_h) == img.size
+        else img.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=_REDUCING_GAP)
+    )
+    out[top : top + new_h, left : left + new_w] = np.asarray(resized)
+    return out

@@ -1,0 +1,151 @@
+"""The loader: shuffled index batches of uint8 images, either from a tensor resident on the
+training device (small data: no host round trip per step) or streamed from the cache's memory
+map by a background thread (data larger than the RAM budget).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from imgclf.data.cache import CachedSplit
+
+
+def free_ram_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def default_ram_budget() -> int:
+    return free_ram_bytes() // 2
+
+
+class BatchLoader:
+    """Yields ``(uint8 NHWC images, labels)`` on ``device``.
+
+    ``resident`` data is copied once to the device; otherwise each batch is gathered from the
+    memory map with sorted indices (sequential-ish reads) and prefetched in a thread.
+    Shuffling uses a generator seeded by (seed, epoch), so epoch k is the same whether or not
+    the run was interrupted before it. With ``world > 1`` each rank takes its own shard.
+    """
+
+    def __init__(
+        self,
+        data: CachedSplit,
+        batch_size: int,
+        device: torch.device,
+        *,
+        shuffle: bool,
+        drop_last: bool = False,
+        seed: int = 0,
+        ram_budget: int | None = None,
+        rank: int = 0,
+        world: int = 1,
+        prefetch: int = 4,
+    ):
+        self.data, self.batch_size, self.device = data, batch_size, device
+        self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
+        self.rank, self.world, self.prefetch = rank, world, prefetch
+        budget = default_ram_budget() if ram_budget is None else ram_budget
+        self.resident = data.nbytes <= budget
+        labels = torch.from_numpy(np.ascontiguousarray(data.labels))
+        self.labels = labels.to(device)
+        self.images: torch.Tensor | None = None
+        if self.resident:
+            imgs = data.images if _is_all(data.rows, len(data.images)) else data.images[data.rows]
+            self.images = torch.from_numpy(np.ascontiguousarray(imgs)).to(device)
+
+    @property
+    def num_samples(self) -> int:
+        n = len(self.data) // self.world if self.world > 1 else len(self.data)
+        return n
+
+    def __len__(self) -> int:
+        n = self.num_samples
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        n = len(self.data)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            idx = torch.randperm(n, generator=g)
+        else:
+            idx = torch.arange(n)
+        if self.world > 1:
+            per = n // self.world  # equal shards: every rank takes the same number of steps
+            idx = idx[: per * self.world][self.rank :: self.world]
+        return idx
+
+    def epoch(self, epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        idx = self.order(epoch)
+        bs, n = self.batch_size, len(idx)
+        stop = n - n % bs if self.drop_last else n
+        batches = [idx[i : min(i + bs, stop)] for i in range(0, stop, bs)]
+        if self.resident:
+            dev_idx = idx.to(self.device)
+            for i in range(0, stop, bs):
+                b = dev_idx[i : min(i + bs, stop)]
+                yield self.images[b], self.labels[b]
+            return
+        yield from self._stream(batches)
+
+    def __iter__(self):
+        return self.epoch(0)
+
+    def _gather(self, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.data.rows[b.numpy()]
+        order = np.argsort(rows, kind="stable")
+        # Sorted reads from the memory map are far faster than random ones; restore the
+        # shuffled order afterwards so batches stay random.
+        x = np.empty((len(rows),) + self.data.images.shape[1:], np.uint8)
+        x[order] = self.data.images[rows[order]]
+        xt = torch.from_numpy(x)
+        if self.device.type == "cuda":
+            xt = xt.pin_memory()
+        return xt.to(self.device, non_blocking=True), self.labels[b.to(self.labels.device)]
+
+    def _stream(self, batches: list[torch.Tensor]):
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def work():
+            try:
+                for b in batches:
+                    if stop.is_set():
+                        return
+                    q.put(self._gather(b))
+            except BaseException as e:  # surface worker errors in the consumer
+                q.put(e)
+            q.put(None)
+
+        t = threading.Thread(target=work, daemon=True)
+        t.start()
+        try:
+            while True:
+                item = q.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while t.is_alive():
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    t.join(0.05)
+
+
+def _is_all(rows: np.ndarray, n: int) -> bool:
+    return len(rows) == n and (n == 0 or (rows[0] == 0 and rows[-1] == n - 1))

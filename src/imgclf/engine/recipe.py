@@ -1,0 +1,117 @@
+"""Default recipes: every option the user left unset (None / 'auto') gets a value chosen for the
+model family, the image size and the amount of data. The result is written to config.yaml.
+
+Why these numbers:
+- fastnet follows airbench94 (tuned for CIFAR-10 at batch 1024), expressed for a mean loss:
+  lr 1.5 per 1024 images (linear scaling), coupled decay 0.00133, Nesterov momentum 0.85,
+  label smoothing 0.2, a triangular schedule (0.2 -> 1 at 23% -> 0.07), lookahead, alternating
+  flips and 2-px translations. Small data sets get smaller batches and more epochs so a run
+  still takes a few hundred optimizer steps.
+- plain CNNs and timm models from scratch use AdamW + cosine with warm-up, the robust choice
+  across architectures; pretrained models use a 10x smaller lr.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from imgclf.config import TrainConfig
+
+FASTNET_EPOCHS_50K = 10.0  # full CIFAR-10 (see benchmarks/cifar10_cpu.py for the measured budget)
+MIN_STEPS = 400  # a run shorter than this many optimizer steps underfits whatever the data size
+
+
+def auto_image_size(paths: list[str] | None, native: int | None, sample: int = 256) -> int:
+    """Median short side of a sample of the images, clamped to [32, 224], multiple of 16."""
+    if native is not None:
+        return native
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pick = rng.choice(len(paths), size=min(sample, len(paths)), replace=False)
+    sides = []
+    for i in pick:
+        try:
+            with Image.open(paths[i]) as im:  # header only: no pixels decoded
+                sides.append(min(im.size))
+        except Exception:  # unreadable files are reported by the cache builder
+            continue
+    if not sides:
+        return 32
+    med = float(np.median(sides))
+    if med <= 40:
+        return max(8, int(round(med)))
+    return int(min(224, max(32, 16 * round(med / 16))))
+
+
+def _pow2_floor(x: float) -> int:
+    return 2 ** int(math.floor(math.log2(max(x, 1))))
+
+
+def resolve(cfg: TrainConfig, *, n_train: int, image_size: int, arch: str) -> TrainConfig:
+    """Fill every unset option; explicit user values are kept as they are."""
+    c = cfg.model_copy()
+    c.image_size = image_size
+    c.model = arch
+    fast = arch == "fastnet"
+    pretrained = c.pretrained or bool(c.weights)
+    if c.batch_size is None:
+        base = 1024 if fast else (64 if image_size > 96 else 128)
+        # at least ~8 steps per epoch on small data
+        c.batch_size = int(max(16, min(base, _pow2_floor(n_train / 8))))
+    steps_per_epoch = max(1, math.ceil(n_train / c.batch_size))
+    if c.epochs is None:
+        base_epochs = FASTNET_EPOCHS_50K if fast else (10.0 if pretrained else 30.0)
+        c.epochs = float(min(100, max(base_epochs, math.ceil(MIN_STEPS / steps_per_epoch))))
+    if c.optimizer == "auto":
+        c.optimizer = "sgd" if fast else "adamw"
+    if fast and c.optimizer == "sgd":
+        defaults = dict(lr=1.5 * c.batch_size / 1024, weight_decay=0.00133, label_smoothing=0.2)
+        if "momentum" not in cfg.model_fields_set:
+            c.momentum = 0.85
+    elif c.optimizer == "sgd":
+        defaults = dict(lr=0.1 * c.batch_size / 256, weight_decay=5e-4, label_smoothing=0.1)
+    else:  # adam / adamw
+        lr = (1e-4 if pretrained else 1e-3) * math.sqrt(c.batch_size / 128)
+        defaults = dict(lr=lr, weight_decay=0.05 if c.optimizer == "adamw" else 0.0, label_smoothing=0.1)
+    for k, v in defaults.items():
+        if getattr(c, k) is None:
+            setattr(c, k, v)
+    if c.schedule == "auto":
+        c.schedule = "onecycle" if fast else "cosine"
+    if c.schedule == "onecycle":
+        c.warmup_epochs = c.epochs * 0.23 if c.warmup_epochs is None else c.warmup_epochs
+        c.lr_start_factor = 0.2 if c.lr_start_factor is None else c.lr_start_factor
+        c.lr_end_factor = 0.07 if c.lr_end_factor is None else c.lr_end_factor
+    else:
+        if c.warmup_epochs is None:
+            c.warmup_epochs = min(2.0, c.epochs * 0.1) if c.schedule in ("cosine", "linear") else 0.0
+        c.lr_start_factor = 0.1 if c.lr_start_factor is None else c.lr_start_factor
+        c.lr_end_factor = 0.0 if c.lr_end_factor is None else c.lr_end_factor
+    if c.translate is None:
+        c.translate = max(1, round(image_size / 16)) if fast else max(1, round(image_size / 8))
+    if c.lookahead is None:
+        c.lookahead = fast
+    return c
+
+
+def flip_mode(cfg: TrainConfig) -> str:
+    return "alternate" if cfg.model == "fastnet" else "random"
+
+
+def tta_level(cfg: TrainConfig) -> int:
+    if not cfg.tta:
+        return 0
+    # 1-px shifts only make sense on small images; on large ones a flip is the useful view
+    return 2 if (cfg.image_size or 224) <= 64 else 1
+
+
+def default_run_name(project: Path, data_name: str, arch: str) -> str:
+    base = f"{data_name}-{arch.replace('timm:', '').replace('/', '-')}"
+    i = 1
+    while (project / f"{base}-{i}").exists():
+        i += 1
+    return f"{base}-{i}"

@@ -1,0 +1,344 @@
+"""The training loop: one readable loop; everything optional is a callback.
+
+Determinism and exact resume: the shuffle order, augmentation draws and dropout masks of epoch
+k depend only on (seed, k), and every epoch ends in an atomic checkpoint of the model, the
+optimizer and every callback. A run killed at any point and resumed ends where an
+uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imgclf.config import TrainConfig
+from imgclf.data.augment import BatchAugment, Normalize
+from imgclf.data.loader import BatchLoader
+from imgclf.engine import callbacks as cb
+from imgclf.engine.optim import build_optimizer, l2_penalty
+from imgclf.engine.schedule import lr_factor
+
+
+@dataclass
+class Precision:
+    dtype: torch.dtype | None  # None: full fp32
+
+    def autocast(self, device: torch.device):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.dtype)
+
+
+def resolve_precision(name: str, device: torch.device) -> Precision:
+    if name == "fp32":
+        return Precision(None)
+    if name == "bf16":
+        return Precision(torch.bfloat16)
+    if name == "fp16":
+        return Precision(torch.float16)
+    if device.type == "cuda":
+        return Precision(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    if device.type == "cpu":
+        cpu = torch.cpu
+        fast = getattr(cpu, "_is_amx_tile_supported", lambda: False)() or getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+        # Without native bf16 instructions autocast is emulated and slower than fp32.
+        return Precision(torch.bfloat16 if fast else None)
+    return Precision(None)
+
+
+def atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: float, weight=None) -> torch.Tensor:
+    return F.cross_entropy(logits, target, label_smoothing=smoothing, weight=weight)
+
+
+class Trainer:
+    """Fits ``model`` with the resolved ``cfg``. ``run_dir`` None: nothing is written."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        train: BatchLoader,
+        val: BatchLoader | None,
+        augment: BatchAugment,
+        normalize: Normalize,
+        device: torch.device,
+        *,
+        run_dir: Path | None = None,
+        callbacks: list[cb.Callback] | None = None,
+        multilabel: bool = False,
+        class_weights: torch.Tensor | None = None,
+        loss_fn=None,
+        flip_mode: str = "random",
+        is_main: bool = True,
+        ddp_model: nn.Module | None = None,
+        reduce=None,
+    ):
+        self.model, self.cfg, self.train_loader, self.val_loader = model, cfg, train, val
+        self.augment, self.normalize, self.device = augment, normalize, device
+        self.run_dir, self.multilabel, self.is_main = run_dir, multilabel, is_main
+        self.flip_mode = flip_mode
+        self.class_weights = class_weights
+        self.precision = resolve_precision(cfg.precision, device)
+        self.forward_model = ddp_model or model
+        self.reduce = reduce  # sums a tensor across ranks (distributed), identity otherwise
+        if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
+            t0 = time.perf_counter()
+            self.forward_model = torch.compile(self.forward_model)
+            self.compile_seconds = time.perf_counter() - t0
+        self.loss_fn = loss_fn or self._default_loss
+        self.optimizer = build_optimizer(model, cfg)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision.dtype == torch.float16)
+        self.steps_per_epoch = len(train)
+        self.total_steps = max(1, math.ceil(self.steps_per_epoch * cfg.epochs))
+        self.warmup_steps = round((cfg.warmup_epochs or 0) * self.steps_per_epoch)
+        self.step, self.epoch, self.lr_scale = 0, 0, 1.0
+        self.history: list[dict] = []
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.stop: str | None = None
+        self.callbacks = list(callbacks or [])
+        self.ema: torch.optim.swa_utils.AveragedModel | None = None
+        if cfg.ema:
+            self.ema = torch.optim.swa_utils.AveragedModel(
+                model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema), use_buffers=True
+            )
+        self._add_standard_callbacks()
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def _add_standard_callbacks(self):
+        c = self.cfg
+        std: list[cb.Callback] = []
+        if c.lookahead:
+            std.append(cb.Lookahead())
+        if c.schedule == "plateau":
+            std.append(cb.ReduceOnPlateau(c.monitor, c.plateau_patience, c.plateau_factor))
+        if c.early_stopping > 0 and self.val_loader is not None:
+            std.append(cb.EarlyStopping(c.monitor, c.early_stopping))
+        if self.run_dir is not None and self.is_main:
+            std.append(cb.CSVLogger(self.run_dir / "metrics.csv"))
+            if c.tensorboard:
+                std.append(cb.TensorBoard(self.run_dir / "tensorboard"))
+        self.callbacks = std + self.callbacks
+
+    def _default_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.multilabel:
+            return F.binary_cross_entropy_with_logits(logits, target.float())
+        return soft_cross_entropy(logits, target, self.cfg.label_smoothing or 0.0, self.class_weights)
+
+    def _set_lr(self):
+        c = self.cfg
+        f = lr_factor(
+            c.schedule, self.step, self.total_steps, warmup=self.warmup_steps,
+            start=c.lr_start_factor if c.lr_start_factor is not None else 0.0,
+            end=c.lr_end_factor if c.lr_end_factor is not None else 0.0,
+            steps_per_epoch=self.steps_per_epoch, step_epochs=c.step_epochs, gamma=c.gamma,
+        ) * self.lr_scale
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * f
+        return f
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[-1]["lr"]
+
+    # -- the loop -------------------------------------------------------------------------------
+    def fit(self) -> list[dict]:
+        for c in self.callbacks:
+            c.on_train_start(self)
+        n_epochs = math.ceil(self.cfg.epochs)
+        while self.epoch < n_epochs and self.step < self.total_steps and not self.stop:
+            epoch = self.epoch
+            for c in self.callbacks:
+                c.on_epoch_start(self, epoch)
+            hook = getattr(self.model, "on_epoch_start", None)
+            if callable(hook):
+                hook(epoch)
+            t0 = time.perf_counter()
+            row = {"epoch": epoch + 1, **self.train_epoch(epoch)}
+            row["seconds"] = time.perf_counter() - t0
+            last = self.epoch + 1 >= n_epochs or self.step >= self.total_steps
+            if self.val_loader is not None and ((epoch + 1) % self.cfg.eval_every == 0 or last):
+                row.update(self.validate())
+            self.epoch = epoch + 1
+            self.history.append(row)
+            for c in self.callbacks:
+                c.on_epoch_end(self, row)
+            self._track_best(row)
+            if self.run_dir is not None and self.is_main:
+                self.save_checkpoint(self.run_dir / "last.pt")
+            if self.cfg.progress and self.is_main:
+                self._print_row(row)
+        for c in self.callbacks:
+            c.on_train_end(self)
+        if self.ema is not None:
+            self.model.load_state_dict(self.ema.module.state_dict())
+        return self.history
+
+    def train_epoch(self, epoch: int) -> dict:
+        model, opt, dev = self.forward_model, self.optimizer, self.device
+        model.train()
+        # Augmentation draws and dropout masks depend only on (seed, epoch): exact resume.
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+        torch.manual_seed(self.cfg.seed * 7_919 + epoch)
+        parity = epoch % 2 if self.flip_mode == "alternate" else None
+        loss_sum = torch.zeros((), device=dev)
+        correct = torch.zeros((), device=dev)
+        seen = 0
+        bar = self._bar(epoch)
+        t0 = time.perf_counter()
+        for i, (x, y) in enumerate(self.train_loader.epoch(epoch)):
+            if self.step >= self.total_steps:
+                break
+            self._set_lr()
+            xb, target = self.augment(x, y, g, parity)
+            with self.precision.autocast(dev):
+                logits = model(xb)
+            loss = self.loss_fn(logits.float(), target)
+            if self.cfg.l2 > 0:
+                loss = loss + self.cfg.l2 * l2_penalty(self.model)
+            opt.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if self.cfg.clip_grad:
+                self.scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
+            self.scaler.step(opt)
+            self.scaler.update()
+            self.step += 1
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
+            for c in self.callbacks:
+                c.on_step_end(self)
+            n = x.shape[0]
+            seen += n
+            with torch.no_grad():
+                loss_sum += loss.detach() * n
+                if not self.multilabel:
+                    hard = target if target.ndim == 1 else target.argmax(1)
+                    correct += (logits.argmax(1) == hard).sum()
+                else:
+                    correct += ((logits > 0) == (target > 0.5)).float().mean(1).sum()
+            if bar is not None and (i % 10 == 0 or i == self.steps_per_epoch - 1):
+                # the only host syncs in the step, and only every 10 steps, for the display
+                el = time.perf_counter() - t0
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
+                                img_s=f"{seen / max(el, 1e-9):.0f}", lr=f"{self.lr:.3g}", refresh=False)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        stats = torch.stack([loss_sum, correct, torch.tensor(float(seen), device=dev)])
+        if self.reduce is not None:
+            stats = self.reduce(stats)
+        loss_sum, correct, seen_t = stats.tolist()
+        seen_t = max(seen_t, 1)
+        return {"train_loss": loss_sum / seen_t, "train_acc": correct / seen_t, "lr": self.lr,
+                "images_per_s": seen / max(time.perf_counter() - t0, 1e-9)}
+
+    def _bar(self, epoch: int):
+        if not (self.cfg.progress and self.is_main):
+            return None
+        from tqdm.auto import tqdm
+
+        n_ep = math.ceil(self.cfg.epochs)
+        steps = min(self.steps_per_epoch, self.total_steps - self.step)
+        return tqdm(total=steps, desc=f"epoch {epoch + 1}/{n_ep}", unit="step", leave=False, dynamic_ncols=True)
+
+    def _print_row(self, row: dict) -> None:
+        parts = [f"epoch {row['epoch']:>3}", f"loss {row['train_loss']:.4f}", f"acc {row['train_acc']:.4f}"]
+        if "val_loss" in row:
+            parts += [f"val_loss {row['val_loss']:.4f}", f"val_acc {row['val_acc']:.4f}"]
+        parts += [f"lr {row['lr']:.3g}", f"{row['images_per_s']:.0f} img/s", f"{row['seconds']:.1f}s"]
+        from tqdm.auto import tqdm
+
+        tqdm.write("  ".join(parts))
+
+    @torch.no_grad()
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        from imgclf.evaluate.inference import logits_for_loader
+
+        model = self.eval_model()
+        logits, labels = logits_for_loader(model, self.val_loader, self.normalize, self.precision, self.device)
+        if self.multilabel:
+            loss = F.binary_cross_entropy_with_logits(logits, labels.float())
+            acc = ((logits > 0) == (labels > 0.5)).float().mean()
+        else:
+            loss = F.cross_entropy(logits, labels)
+            acc = (logits.argmax(1) == labels).float().mean()
+        stats = torch.stack([loss * len(labels), acc * len(labels), torch.tensor(float(len(labels)))])
+        if self.reduce is not None:
+            stats = self.reduce(stats.to(self.device)).cpu()
+        s = stats.tolist()
+        return {"val_loss": s[0] / max(s[2], 1), "val_acc": s[1] / max(s[2], 1)}
+
+    def _track_best(self, row: dict) -> None:
+        m = self.cfg.monitor
+        if m not in row or not cb._better(m, row[m], self.best):
+            return
+        self.best, self.best_epoch = row[m], row["epoch"]
+        if self.run_dir is not None and self.is_main:
+            from safetensors.torch import save_file
+
+            state = {k: v.detach().cpu().contiguous() for k, v in self.eval_model().state_dict().items()}
+            tmp = self.run_dir / "best.safetensors.tmp"
+            save_file(state, str(tmp))
+            os.replace(tmp, self.run_dir / "best.safetensors")
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "callbacks": [c.state_dict() for c in self.callbacks],
+            "step": self.step,
+            "epoch": self.epoch,
+            "lr_scale": self.lr_scale,
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "history": self.history,
+            "stop": self.stop,
+        }
+
+    def save_checkpoint(self, path: Path) -> None:
+        atomic_save(self.state_dict(), path)
+
+    def load_checkpoint(self, path: Path) -> None:
+        # weights_only: a checkpoint is data, never code
+        s = torch.load(path, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(s["model"])
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.scaler.load_state_dict(s["scaler"])
+        if self.ema is not None and s["ema"] is not None:
+            self.ema.load_state_dict(s["ema"])
+        for c, st in zip(self.callbacks, s["callbacks"]):
+            c.load_state_dict(st)
+        self.step, self.epoch, self.lr_scale = s["step"], s["epoch"], s["lr_scale"]
+        self.best, self.best_epoch, self.history, self.stop = s["best"], s["best_epoch"], s["history"], s["stop"]
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -1,0 +1,5 @@
+"""The one exception type the CLI turns into a one-line message (everything else is a bug)."""
+
+
+class UserError(Exception):
+    """An error caused by the user's input; the CLI prints str(e) on one line and exits 2."""

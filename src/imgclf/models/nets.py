@@ -1,0 +1,187 @@
+"""imgclf's own networks: a fast net for small images and a configurable plain CNN."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+# ---------------------------------------------------------------------------------------------
+# FastNet: the airbench94 architecture (Keller Jordan), generalised to any input size.
+
+
+class _BN(nn.BatchNorm2d):
+    # Frozen scale, trainable shift: the scale is redundant before GELU+conv and freezing it
+    # removes a source of instability at airbench's high learning rates.
+    def __init__(self, c: int, momentum: float):
+        super().__init__(c, eps=1e-12, momentum=1 - momentum)
+        self.weight.requires_grad = False
+
+
+class _Conv(nn.Conv2d):
+    def __init__(self, cin: int, cout: int):
+        super().__init__(cin, cout, kernel_size=3, padding="same", bias=False)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        w = self.weight.data
+        # Dirac init of the first cin filters: the block starts close to an identity map.
+        torch.nn.init.dirac_(w[: w.size(1)])
+
+
+class _Group(nn.Module):
+    def __init__(self, cin: int, cout: int, bn_momentum: float):
+        super().__init__()
+        self.conv1, self.pool = _Conv(cin, cout), nn.MaxPool2d(2)
+        self.norm1, self.conv2, self.norm2 = _BN(cout, bn_momentum), _Conv(cout, cout), _BN(cout, bn_momentum)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        x = self.act(self.norm1(self.pool(self.conv1(x))))
+        return self.act(self.norm2(self.conv2(x)))
+
+
+def fastnet_stem_stride(image_size: int) -> int:
+    """Patchify large inputs so the first group sees about 32-64 px: cost stays near CIFAR's."""
+    return int(min(8, 2 ** max(0, math.floor(math.log2(max(image_size, 32) / 32)))))
+
+
+class FastNet(nn.Module):
+    """Whitening stem + three conv groups (64/256/256 at width 1) + global max pool + linear.
+
+    ``init_from_data`` sets the stem to a PCA whitening of image patches (frozen weights),
+    which is what lets this small net learn CIFAR-10 in a few epochs.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        image_size: int = 32,
+        widths: tuple[int, ...] = (64, 256, 256),
+        width: float = 1.0,
+        bn_momentum: float = 0.6,
+        scale: float = 1 / 9,
+        stem_stride: int | None = None,
+    ):
+        super().__init__()
+        s = stem_stride or fastnet_stem_stride(image_size)
+        k = 2 if s == 1 else s
+        self.stem_kernel = k
+        wc = 2 * 3 * k * k
+        self.whiten = nn.Conv2d(3, wc, kernel_size=k, stride=s, padding=0, bias=True)
+        self.whiten.weight.requires_grad = False
+        chans = [wc] + [max(8, int(round(c * width))) for c in widths]
+        groups = [_Group(a, b, bn_momentum) for a, b in zip(chans[:-1], chans[1:])]
+        post = (image_size - (k - s)) // s
+        if post // 2 ** len(groups) > 8:  # very large inputs: one more group before pooling
+            groups.append(_Group(chans[-1], chans[-1], bn_momentum))
+        self.layers = nn.Sequential(*groups)
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.head = nn.Linear(chans[-1], num_classes, bias=False)
+        self.scale = scale
+        self.act = nn.GELU()
+
+    def forward_features(self, x):
+        return self.layers(self.act(self.whiten(x)))
+
+    def forward(self, x):
+        return self.head(self.pool(self.forward_features(x)).flatten(1)) * self.scale
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor, eps: float = 5e-4) -> None:
+        """PCA-whitening init of the stem from normalised training images (NCHW float)."""
+        k = self.stem_kernel
+        x = x.float()
+        patches = x.unfold(2, k, 1).unfold(3, k, 1).transpose(1, 3).reshape(-1, 3 * k * k)
+        if len(patches) > 2_000_000:
+            patches = patches[torch.randperm(len(patches))[:2_000_000]]
+        cov = patches.T @ patches / len(patches)
+        evals, evecs = torch.linalg.eigh(cov.double())
+        evals, evecs = evals.flip(0).float(), evecs.T.flip(0).float()
+        # each patch row is laid out (C, kh, kw), the conv weight's own layout
+        w = (evecs / torch.sqrt(evals.clamp_min(0) + eps).view(-1, 1)).reshape(-1, 3, k, k)
+        self.whiten.weight.copy_(torch.cat((w, -w)).to(self.whiten.weight.dtype))
+
+    def param_groups(self) -> list[dict]:
+        """BatchNorm shifts get a 64x learning rate and 1/64 decay (airbench's bias scaler)."""
+        norm = [p for n, p in self.named_parameters() if "norm" in n and p.requires_grad]
+        rest = [p for n, p in self.named_parameters() if "norm" not in n and p.requires_grad]
+        return [dict(params=norm, lr_scale=64.0, wd_scale=1 / 64), dict(params=rest)]
+
+    def on_epoch_start(self, epoch: int) -> None:
+        # The stem bias adapts for 3 epochs then freezes: later drift only hurts (airbench).
+        self.whiten.bias.requires_grad = epoch < 3
+
+
+# ---------------------------------------------------------------------------------------------
+# PlainCNN: the Conv/BN/Pool/Dropout/Dense stack people write by hand, made configurable.
+
+
+_ACTS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "elu": nn.ELU, "leaky_relu": nn.LeakyReLU}
+
+
+class PlainCNN(nn.Module):
+    """Blocks of (conv-[BN]-act) x ``convs_per_block`` + pool + dropout, then dense layers.
+
+    ``channels=(32, 64, 128)`` gives three blocks; ``dense=(256,)`` one hidden dense layer.
+    ``head='flatten'`` mirrors Keras' Flatten; ``'avg'`` uses global average pooling
+    (``'auto'``: flatten while the last feature map is at most 8x8, else avg).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        image_size: int = 32,
+        channels: tuple[int, ...] = (32, 64, 128),
+        convs_per_block: int = 2,
+        kernel_size: int = 3,
+        batchnorm: bool = True,
+        pool: str = "max",
+        dropout: float = 0.25,
+        dense: tuple[int, ...] = (256,),
+        dense_dropout: float = 0.5,
+        activation: str = "relu",
+        head: str = "auto",
+        in_channels: int = 3,
+    ):
+        super().__init__()
+        if activation not in _ACTS:
+            raise ValueError(f"activation must be one of {sorted(_ACTS)}")
+        if pool not in ("max", "avg"):
+            raise ValueError("pool must be 'max' or 'avg'")
+        layers: list[nn.Module] = []
+        c, size = in_channels, image_size
+        for out in channels:
+            for _ in range(convs_per_block):
+                layers += [nn.Conv2d(c, out, kernel_size, padding=kernel_size // 2, bias=not batchnorm)]
+                if batchnorm:
+                    layers.append(nn.BatchNorm2d(out))
+                layers.append(_ACTS[activation]())
+                c = out
+            layers.append(nn.MaxPool2d(2) if pool == "max" else nn.AvgPool2d(2))
+            size //= 2
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+        self.features = nn.Sequential(*layers)
+        if head == "auto":
+            head = "flatten" if size <= 8 else "avg"
+        if head == "avg":
+            self.pool: nn.Module = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            n = c
+        else:
+            self.pool = nn.Flatten()
+            n = c * size * size
+        hidden: list[nn.Module] = []
+        for d in dense:
+            hidden += [nn.Linear(n, d), _ACTS[activation]()]
+            if dense_dropout > 0:
+                hidden.append(nn.Dropout(dense_dropout))
+            n = d
+        self.classifier = nn.Sequential(*hidden, nn.Linear(n, num_classes))
+
+    def forward_features(self, x):
+        return self.features(x)
+
+    def forward(self, x):
+        return self.classifier(self.pool(self.features(x)))

@@ -1,0 +1,121 @@
+"""One registry for every model: imgclf's own nets by name, and timm's architectures as
+``timm:<name>``. A model is fully described by (architecture, arguments, num_classes,
+image_size), which is what ``model.json`` stores, so loading never needs pickled objects.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import nn
+
+from imgclf.errors import UserError
+from imgclf.models.nets import FastNet, PlainCNN
+
+OWN_MODELS: dict[str, type[nn.Module]] = {"fastnet": FastNet, "plaincnn": PlainCNN}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def resolve_name(name: str) -> str:
+    """Canonical architecture name: 'auto' -> 'fastnet'; a bare timm name gets 'timm:'."""
+    if name in ("auto", ""):
+        return "fastnet"
+    if name in OWN_MODELS or name.startswith("timm:"):
+        if name.startswith("timm:"):
+            _check_timm(name[5:])
+        return name
+    import timm
+
+    if timm.is_model(name):
+        return f"timm:{name}"
+    close = timm.list_models(f"*{name}*")[:5]
+    hint = f" (timm has: {', '.join(close)})" if close else ""
+    raise UserError(f"unknown model '{name}': use fastnet, plaincnn or timm:<name>{hint}")
+
+
+def _check_timm(name: str) -> None:
+    import timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:6]
+        hint = f"; similar: {', '.join(close)}" if close else ""
+        raise UserError(f"timm has no model '{name}'{hint}")
+
+
+def _coerce_args(cls, args: dict[str, Any]) -> dict[str, Any]:
+    params = inspect.signature(cls.__init__).parameters
+    unknown = [k for k in args if k not in params]
+    if unknown:
+        allowed = [p for p in params if p not in ("self", "num_classes", "image_size")]
+        raise UserError(f"model argument(s) {', '.join(unknown)} not known to {cls.__name__}; it takes: {', '.join(allowed)}")
+    # YAML/CLI give lists; the nets take tuples
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
+
+
+def small_input_stem(model: nn.Module, image_size: int) -> bool:
+    """Stop a timm ImageNet stem from throwing away resolution on small (<= 64 px) inputs.
+
+    ResNets lose 4x in conv1+maxpool and EfficientNets/MobileNets 2x in conv_stem: at 32 px
+    that leaves a 1x1 map before the last stage. Returns whether the model was changed.
+    """
+    if image_size > 64:
+        return False
+    changed = False
+    conv1 = getattr(model, "conv1", None)
+    if conv1 is not None and hasattr(model, "maxpool"):
+        first = conv1[0] if isinstance(conv1, nn.Sequential) else conv1
+        if isinstance(conv1, nn.Sequential):
+            first.stride = (1, 1)
+        else:
+            model.conv1 = nn.Conv2d(first.in_channels, first.out_channels, 3, 1, 1, bias=first.bias is not None)
+        model.maxpool = nn.Identity()
+        changed = True
+    elif isinstance(getattr(model, "conv_stem", None), nn.Conv2d):
+        model.conv_stem.stride = (1, 1)
+        changed = True
+    return changed
+
+
+def build_model(arch: str, num_classes: int, image_size: int, args: dict[str, Any] | None = None) -> nn.Module:
+    """Build an untrained model. ``args`` are the architecture's own keyword arguments."""
+    args = dict(args or {})
+    if arch in OWN_MODELS:
+        cls = OWN_MODELS[arch]
+        try:
+            return cls(num_classes=num_classes, image_size=image_size, **_coerce_args(cls, args))
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{arch}: bad model arguments {args}: {e}") from None
+    if arch.startswith("timm:"):
+        import timm
+
+        name = arch[5:]
+        _check_timm(name)
+        small = args.pop("small_stem", None)
+        kw = dict(args)
+        if "img_size" in inspect.signature(timm.models.get_model_entrypoint(name)).parameters or name.startswith(
+            ("vit", "deit", "swin", "beit", "eva")
+        ):
+            kw.setdefault("img_size", image_size)
+        try:
+            model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kw)
+        except TypeError as e:
+            raise UserError(f"{arch}: bad model arguments {args}: {e}") from None
+        if small is None or small:
+            small_input_stem(model, image_size)
+        return model
+    raise UserError(f"unknown architecture '{arch}'")
+
+
+def arch_args_for_record(arch: str, image_size: int, args: dict[str, Any]) -> dict[str, Any]:
+    """Arguments to store in model.json so build_model rebuilds exactly the same network."""
+    out = dict(args)
+    if arch.startswith("timm:") and "small_stem" not in out:
+        out["small_stem"] = image_size <= 64
+    return out
+
+
+def default_normalization(arch: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if arch.startswith("timm:"):
+        return IMAGENET_MEAN, IMAGENET_STD
+    return None, None  # own nets: computed from the training data

@@ -1,0 +1,85 @@
+"""The run folder: the contract between training and everything downstream.
+
+A trained model is ``model.safetensors`` + ``model.json`` (architecture and its arguments,
+classes, input size, normalisation, resize policy, calibration). Loading never unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from imgclf.errors import UserError
+
+MODEL_FORMAT = "imgclf.model/1"
+
+
+def write_model(run_dir: Path, model: nn.Module, meta: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = run_dir / "model.safetensors.tmp"
+    save_file(state, str(tmp))
+    tmp.replace(run_dir / "model.safetensors")
+    write_meta(run_dir, meta)
+
+
+def write_meta(run_dir: Path, meta: dict[str, Any]) -> None:
+    meta = {"format": MODEL_FORMAT, **{k: v for k, v in meta.items() if k != "format"}}
+    tmp = run_dir / "model.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(run_dir / "model.json")
+
+
+def read_meta(run: str | Path) -> tuple[Path, dict[str, Any]]:
+    run = Path(run)
+    meta_path = run / "model.json" if run.is_dir() else run.with_name("model.json")
+    if not meta_path.exists():
+        if not run.exists():
+            raise UserError(f"{run}: no such run folder")
+        raise UserError(f"{run} has no model.json: not a finished imgclf run (resume it with 'imgclf train --resume {run}')")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{meta_path} is not valid JSON ({e})") from None
+    if meta.get("format") != MODEL_FORMAT:
+        raise UserError(f"{meta_path}: unknown model format {meta.get('format')!r} (expected {MODEL_FORMAT})")
+    return meta_path.parent, meta
+
+
+def load_model(run: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the network from model.json and load model.safetensors (no pickle involved)."""
+    from safetensors.torch import load_file
+
+    from imgclf.models.registry import build_model
+
+    run_dir, meta = read_meta(run)
+    model = build_model(meta["architecture"], len(meta["classes"]), meta["image_size"], meta.get("arch_args", {}))
+    weights = run_dir / meta.get("weights", "model.safetensors")
+    if not weights.exists():
+        raise UserError(f"{run_dir}: weights file {weights.name} is missing")
+    state = load_file(str(weights), device=str(device))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{weights}: weights do not match the architecture in model.json "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.to(device).eval()
+    return model, meta
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}' (use auto, cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' requested but no CUDA GPU is available")
+    return dev
