@@ -16,7 +16,7 @@ import torch
 from imgclf import log
 from imgclf.config import TrainConfig, dump_yaml, make_config
 from imgclf.data.augment import AugmentSpec, BatchAugment, Normalize
-from imgclf.data.cache import CachedSplit, build_cache, cache_root
+from imgclf.data.cache import CachedSplit, build_cache, cache_root, release_pages
 from imgclf.data.images import IMAGE_EXTENSIONS, BadImage, load_resized
 from imgclf.data.loader import BatchLoader
 from imgclf.data.sources import DataSource, load_source
@@ -53,10 +53,18 @@ def _cache_splits(src: DataSource, size: int, policy: str, root: Path, workers: 
 
 
 def channel_stats(cs: CachedSplit, limit: int = 10_000) -> tuple[list[float], list[float]]:
-    rows = cs.rows[np.linspace(0, len(cs.rows) - 1, min(limit, len(cs.rows))).astype(np.int64)]
-    x = np.asarray(cs.images[np.sort(rows)], dtype=np.float32) / 255.0
-    mean = x.mean(axis=(0, 1, 2))
-    std = x.std(axis=(0, 1, 2))
+    rows = np.sort(cs.rows[np.linspace(0, len(cs.rows) - 1, min(limit, len(cs.rows))).astype(np.int64)])
+    # Chunked float64 sums: 10k 256-px images as one float32 array would take 7.9 GB.
+    step = max(1, (32 << 20) // (8 * max(1, int(np.prod(cs.images.shape[1:])))))  # ~32 MB of float64
+    s1, s2, n = np.zeros(3), np.zeros(3), 0
+    for i in range(0, len(rows), step):
+        x = np.asarray(cs.images[rows[i : i + step]], dtype=np.float64).reshape(-1, 3) / 255.0
+        s1 += x.sum(0)
+        s2 += (x * x).sum(0)
+        n += len(x)
+    release_pages(cs.images)
+    mean = s1 / max(n, 1)
+    std = np.sqrt(np.maximum(s2 / max(n, 1) - mean * mean, 0.0))
     return [round(float(m), 4) for m in mean], [round(float(max(s, 1e-3)), 4) for s in std]
 
 
@@ -70,8 +78,11 @@ def _make_run_dir(cfg: TrainConfig, data_name: str, arch: str) -> Path:
     return run
 
 
-def train(config: str | Path | None = None, *, resume: str | Path | None = None, callbacks=None, **options: Any) -> TrainResult:
-    """Train a model; every CLI option is a keyword here (``imgclf.train(data='photos/', epochs=5)``)."""
+def train(config: str | Path | None = None, *, resume: str | Path | None = None, callbacks=None,
+          final_eval: bool = True, **options: Any) -> TrainResult:
+    """Train a model; every CLI option is a keyword here (``imgclf.train(data='photos/', epochs=5)``).
+
+    ``final_eval=False`` skips the closing test evaluation (sweep trials are judged on val)."""
     log.reset()
     t_start = time.perf_counter()
     if resume is not None:
@@ -91,15 +102,19 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
 
     src = load_source(cfg.data, val_data=cfg.val_data, test_data=cfg.test_data, val_split=cfg.val_split,
                       split_seed=cfg.split_seed, csv_layout=cfg.csv_layout, label_column=cfg.label_column,
-                      cache_dir=root)
+                      cache_dir=root, task=cfg.task, label_mode=cfg.label_mode, classes=cfg.classes,
+                      images=cfg.images, keep_empty=cfg.keep_empty)
     for p in src.problems:
         log.warn(p)
+    multilabel = src.task == "multilabel"
     arch = resolve_name(cfg.model)
     native = src.train.images.shape[1] if src.train.images is not None else None
     size = cfg.image_size or recipe.auto_image_size(src.train.paths, native)
     cached = _cache_splits(src, size, cfg.resize, root, cfg.workers, cfg.progress)
     n_train = len(cached["train"])
     cfg = recipe.resolve(cfg, n_train=n_train, image_size=size, arch=arch)
+    if multilabel and "monitor" not in cfg.model_fields_set:
+        cfg.monitor = "val_map"  # label accuracy rewards predicting nothing on sparse labels
     if run_dir is None:
         run_dir = _make_run_dir(cfg, src.name, arch)
     dump_yaml(cfg, run_dir / "config.yaml")
@@ -113,8 +128,13 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
     arch_args = arch_args_for_record(arch, size, cfg.model_args)
     model = build_model(arch, len(src.classes), size, arch_args)
     budget = int(cfg.ram_budget * 2**30) if cfg.ram_budget is not None else None
+    from imgclf.engine.losses import imbalance_setup
+
+    loss_fn, class_weights, sampler = imbalance_setup(cfg, src.classes, np.asarray(cached["train"].labels),
+                                                      multilabel, device)
     train_loader = BatchLoader(cached["train"], cfg.batch_size, device, shuffle=True,
-                               drop_last=n_train >= 4 * cfg.batch_size, seed=cfg.seed, ram_budget=budget)
+                               drop_last=n_train >= 4 * cfg.batch_size, seed=cfg.seed, ram_budget=budget,
+                               sampler=sampler)
     val_loader = None
     if "val" in cached:
         val_loader = BatchLoader(cached["val"], max(cfg.batch_size, 256), device, shuffle=False, ram_budget=budget)
@@ -122,16 +142,19 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
     init = getattr(model, "init_from_data", None)
     if callable(init):
         cs = cached["train"]
-        rows = np.sort(cs.rows[: min(5000, len(cs.rows))])
+        # at most ~256 MB of float32 input: 5000 images at 32 px, ~340 at 256 px
+        n_init = min(5000, max(64, (256 << 20) // (4 * int(np.prod(cs.images.shape[1:])))))
+        rows = np.sort(cs.rows[: min(n_init, len(cs.rows))])
         init(normalize(torch.from_numpy(np.ascontiguousarray(cs.images[rows])).to(device)).cpu())
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     spec = AugmentSpec(flip=cfg.flip, translate=cfg.translate or 0, rotate=cfg.rotate, zoom=cfg.zoom, shift=cfg.shift,
                        cutout=cfg.cutout, mixup=cfg.mixup, cutmix=cfg.cutmix)
-    augment = BatchAugment(spec, normalize, len(src.classes))
+    augment = BatchAugment(spec, normalize, len(src.classes), multilabel=multilabel)
     trainer = Trainer(model, cfg, train_loader, val_loader, augment, normalize, device, run_dir=run_dir,
-                      callbacks=callbacks, flip_mode=recipe.flip_mode(cfg))
+                      callbacks=callbacks, flip_mode=recipe.flip_mode(cfg), multilabel=multilabel,
+                      class_weights=class_weights, loss_fn=loss_fn)
     if resume is not None:
         trainer.load_checkpoint(run_dir / "last.pt")
         log.info(f"resuming at epoch {trainer.epoch + 1} (step {trainer.step}/{trainer.total_steps})")
@@ -155,19 +178,30 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
         "weights": "model.safetensors", "weights_from": used, "epochs_trained": trainer.epoch,
         "data": src.origin, "imgclf_version": _version(),
     }
+    if multilabel and val_loader is not None:
+        from imgclf.evaluate.inference import logits_for_loader
+        from imgclf.evaluate.multilabel_metrics import tune_thresholds
+
+        val_logits, val_labels = logits_for_loader(model, val_loader, normalize, trainer.precision, device,
+                                                   tta_level=meta["tta_level"])
+        meta["thresholds"] = [round(float(t), 6) for t in
+                              tune_thresholds(torch.sigmoid(val_logits).numpy(), val_labels.numpy())]
     write_model(run_dir, model, meta)
     train_seconds = time.perf_counter() - t_start
     result = TrainResult(run_dir, history, config=cfg)
     eval_split = "test" if "test" in cached else ("val" if "val" in cached else None)
-    if eval_split:
+    if eval_split and final_eval:
         result.test = _evaluate_cached(model, meta, cached[eval_split], src.classes, device, cfg.precision,
-                                       run_dir, split=eval_split, tta_level=meta["tta_level"])
+                                       run_dir, split=eval_split, tta_level=meta["tta_level"], ram_budget=budget)
     _write_plots(run_dir, history, arch, src.name)
     summary = {"train_seconds": round(train_seconds, 1), "weights": used, "epochs": trainer.epoch}
     if result.test:
-        summary.update({k: result.test[k] for k in result.test if k.startswith("top") or k == "split"})
+        summary.update({k: result.test[k] for k in result.test
+                        if k.startswith("top") or k in ("split", "map", "map_micro", "f1_micro", "exact_match")})
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    if result.test:
+    if result.test and multilabel:
+        log.info(f"{eval_split} mAP {result.test['map']:.4f} (micro {result.test['map_micro']:.4f}); results in {run_dir}")
+    elif result.test:
         log.info(f"{eval_split} top-1 {result.test['top1']:.4f} (tta {meta['tta_level']}); results in {run_dir}")
     return result
 
@@ -186,18 +220,26 @@ def _write_plots(run_dir: Path, history: list[dict], arch: str, data_name: str) 
 
 
 def _evaluate_cached(model, meta, cs: CachedSplit, classes, device, precision, out_dir: Path, *, split: str,
-                     tta_level: int, prefix: str = "") -> dict:
-    from imgclf.evaluate.inference import logits_for_array
+                     tta_level: int, prefix: str = "", ram_budget: int | None = None) -> dict:
+    from imgclf.evaluate.inference import logits_for_loader
     from imgclf.evaluate.metrics import classification_metrics, write_confusion_csv, write_per_class_csv
     from imgclf.evaluate.plots import plot_confusion
 
     prec = resolve_precision(precision, device)
     normalize = Normalize(meta["mean"], meta["std"], device)
-    images = cs.images[cs.rows] if len(cs.rows) != len(cs.images) else cs.images
     t0 = time.perf_counter()
-    logits = logits_for_array(model, images, normalize, prec, device, tta_level=tta_level)
+    # Streams from the memory map unless the split fits the budget: `cs.images[cs.rows]` would
+    # hold the whole split in RAM.
+    loader = BatchLoader(cs, 256, device, shuffle=False, ram_budget=ram_budget)
+    logits, _ = logits_for_loader(model, loader, normalize, prec, device, tta_level=tta_level)
     seconds = time.perf_counter() - t0
     logits = logits / float(meta.get("temperature") or 1.0)
+    if meta.get("task") == "multilabel":
+        from imgclf.evaluate.multilabel_metrics import evaluate_multilabel
+
+        return evaluate_multilabel(logits, np.asarray(cs.labels), classes, meta.get("thresholds"), out_dir,
+                                   split=split, prefix=prefix,
+                                   extra={"tta_level": tta_level, "eval_seconds": round(seconds, 2)})
     m = classification_metrics(logits, torch.from_numpy(np.asarray(cs.labels)), classes)
     m.update({"split": split, "tta_level": tta_level, "eval_seconds": round(seconds, 2)})
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -307,9 +349,14 @@ class Classifier:
         if arrays:
             probs = self.predict_proba(np.stack(arrays), tta=tta)
             k = min(top_k, len(self.classes))
+            th = self.meta.get("thresholds") if self.meta.get("task") == "multilabel" else None
+            th = np.full(len(self.classes), 0.5) if th is None and self.meta.get("task") == "multilabel" else th
             for name, p in zip(names, probs):
                 top = np.argsort(-p)[:k]
                 results.append({"input": name, "top": [(self.classes[j], float(p[j])) for j in top]})
+                if th is not None:  # multi-label: every label above its tuned threshold
+                    above = [j for j in np.argsort(-p) if p[j] >= th[j]]
+                    results[-1]["labels"] = [(self.classes[j], float(p[j])) for j in above]
         order = {str(n): i for i, n in enumerate([str(x) if isinstance(x, (str, Path)) else f"input{j}" for j, x in enumerate(items)])}
         return sorted(results, key=lambda r: order.get(r["input"], 0))
 

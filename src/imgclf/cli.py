@@ -117,12 +117,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Modules that add sub-commands: each defines COMMANDS, a list of functions taking the
+# sub-parsers object. Listed here (not discovered) so the command set is explicit.
+EXTENSION_MODULES = (
+    "imgclf.evaluate.commands",  # check, report, explain, calibrate, compare
+    "imgclf.models.commands",  # lr-find
+    "imgclf.deploy.commands",  # export, serve
+    "imgclf.tune.commands",  # sweep, sweep-report
+)
+
+
 def _extension_commands():
-    """Sub-commands of the other modules (check, report, export, serve, sweep...), if present."""
     import importlib
 
     out = []
-    for mod in ("imgclf.cli_extra",):
+    for mod in EXTENSION_MODULES:
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:
@@ -156,7 +165,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_multilabel_metrics(m: dict) -> None:
+    print(f"{m.get('split', 'test')}: n={m['n']}  mAP {m['map']:.4f} (micro {m['map_micro']:.4f})  "
+          f"F1 micro {m['f1_micro']:.4f} macro {m['f1_macro']:.4f}  exact match {m['exact_match']:.4f}  "
+          f"(thresholds: {m.get('thresholds', '0.5')})")
+    print(f"{'class':<20} {'AP':>7} {'thresh':>7} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
+    for r in sorted(m["per_class"], key=lambda r: -r["support"]):
+        if r["support"] == 0:
+            continue
+        print(f"{r['class'][:20]:<20} {r['ap']:>7.4f} {r['threshold']:>7.3f} {r['precision']:>9.4f} {r['recall']:>9.4f} "
+              f"{r['f1']:>9.4f} {r['support']:>8}")
+    absent = sum(1 for r in m["per_class"] if r["support"] == 0)
+    if absent:
+        print(f"({absent} classes without positives in this split: no AP)")
+
+
 def _print_metrics(m: dict) -> None:
+    if m.get("task") == "multilabel":
+        return _print_multilabel_metrics(m)
     topk = [k for k in m if k.startswith("top") and k != "top1"]
     head = f"{m.get('split', 'test')}: n={m['n']}  top-1 {m['top1']:.4f}"
     for k in topk:
@@ -187,7 +213,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if "error" in r:
             print(f"{r['input']}\tERROR {r['error']}")
         else:
-            print(f"{r['input']}\t" + "  ".join(f"{c} {p:.3f}" for c, p in r["top"]))
+            print(f"{r['input']}\t" + "  ".join(f"{c} {p:.3f}" for c, p in r["top"])
+                  + ("\tlabels: " + (", ".join(c for c, _ in r["labels"]) or "-") if "labels" in r else ""))
     if args.output:
         out = Path(args.output)
         if out.suffix.lower() == ".json":

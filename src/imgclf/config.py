@@ -38,6 +38,15 @@ class TrainConfig(BaseModel):
     ram_budget: float | None = Field(
         None, ge=0, description="GiB of decoded images to keep in RAM/on the device (default: half of free RAM)"
     )
+    task: Literal["auto", "single", "multilabel"] = Field(
+        "auto", description="single-label (softmax) or multi-label (sigmoid); auto: from the data"
+    )
+    label_mode: Literal["multilabel", "largest"] = Field(
+        "multilabel", description="COCO/YOLO labels: every object's class, or the largest object's (single-label)"
+    )
+    classes: str | None = Field(None, description="keep only these classes, e.g. person,dog,cat")
+    images: str | None = Field(None, description="image folder of a COCO JSON (default: found beside it)")
+    keep_empty: bool = Field(True, description="keep COCO/YOLO images without objects as all-negative")
 
     # --- model ------------------------------------------------------------------------------
     model: str = Field("auto", description="fastnet, plaincnn, or timm:<name> (default: fastnet)")
@@ -67,7 +76,7 @@ class TrainConfig(BaseModel):
     plateau_patience: int = Field(2, ge=0, description="'plateau': epochs without improvement before a drop")
     plateau_factor: float = Field(0.2, gt=0, lt=1, description="'plateau': factor per drop")
     early_stopping: int = Field(0, ge=0, description="stop after this many epochs without improvement (0: off)")
-    monitor: Literal["val_acc", "val_loss"] = Field("val_acc", description="metric for early stopping, plateau, best")
+    monitor: Literal["val_acc", "val_loss", "val_map"] = Field("val_acc", description="metric for early stopping, plateau, best (multi-label default: val_map)")
     clip_grad: float | None = Field(None, gt=0, description="clip the gradient norm to this value")
     ema: float | None = Field(None, ge=0, lt=1, description="EMA decay of weights, e.g. 0.999 (default: off)")
     lookahead: bool | None = Field(None, description="lookahead weight averaging (fastnet default: on)")
@@ -81,6 +90,13 @@ class TrainConfig(BaseModel):
     cutout: int = Field(0, ge=0, description="side of a random square erased, in pixels")
     mixup: float = Field(0.0, ge=0, description="mixup alpha (0: off)")
     cutmix: float = Field(0.0, ge=0, description="cutmix alpha (0: off)")
+
+    # --- imbalanced and multi-label data ------------------------------------------------------
+    loss: Literal["auto", "ce", "bce", "asl"] = Field("auto", description="ce (single-label), bce or asl (multi-label)")
+    class_weights: str | None = Field(
+        None, description="none, balanced (n/(C*count)), one weight per class '1,5,...', or 'cat=5,dog=2'"
+    )
+    sampler: Literal["none", "balanced"] = Field("none", description="balanced: draw images with probability 1/class count")
 
     # --- runtime ----------------------------------------------------------------------------
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N, mps")

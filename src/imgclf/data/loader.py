@@ -12,7 +12,11 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from imgclf.data.cache import CachedSplit
+from imgclf.data.cache import CachedSplit, release_pages
+
+# Streamed bytes after which the memory map's pages are dropped from the resident set: RSS stays
+# bounded by this, not by the data size (see release_pages).
+_RELEASE_BYTES = 64 << 20
 
 
 def free_ram_bytes() -> int:
@@ -52,10 +56,12 @@ class BatchLoader:
         rank: int = 0,
         world: int = 1,
         prefetch: int = 4,
+        sampler=None,
     ):
         self.data, self.batch_size, self.device = data, batch_size, device
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
         self.rank, self.world, self.prefetch = rank, world, prefetch
+        self.sampler = sampler  # e.g. data.sampler.BalancedSampler: order(epoch) -> indices
         budget = default_ram_budget() if ram_budget is None else ram_budget
         self.resident = data.nbytes <= budget
         labels = torch.from_numpy(np.ascontiguousarray(data.labels))
@@ -63,7 +69,7 @@ class BatchLoader:
         self.images: torch.Tensor | None = None
         if self.resident:
             imgs = data.images if _is_all(data.rows, len(data.images)) else data.images[data.rows]
-            self.images = torch.from_numpy(np.ascontiguousarray(imgs)).to(device)
+            self.images = torch.from_numpy(np.array(imgs)).to(device)  # a real copy: RAM, not the page cache
 
     @property
     def num_samples(self) -> int:
@@ -76,7 +82,9 @@ class BatchLoader:
 
     def order(self, epoch: int) -> torch.Tensor:
         n = len(self.data)
-        if self.shuffle:
+        if self.sampler is not None:
+            idx = self.sampler.order(epoch)
+        elif self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             idx = torch.randperm(n, generator=g)
         else:
@@ -109,6 +117,10 @@ class BatchLoader:
         # shuffled order afterwards so batches stay random.
         x = np.empty((len(rows),) + self.data.images.shape[1:], np.uint8)
         x[order] = self.data.images[rows[order]]
+        self._streamed = getattr(self, "_streamed", 0) + x.nbytes
+        if self._streamed >= _RELEASE_BYTES:
+            release_pages(self.data.images)
+            self._streamed = 0
         xt = torch.from_numpy(x)
         if self.device.type == "cuda":
             xt = xt.pin_memory()

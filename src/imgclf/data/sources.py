@@ -149,8 +149,8 @@ def _from_arrays(ds, origin: str, name: str) -> DataSource:
     return DataSource(name=name, origin=origin, classes=list(ds.classes), train=train, test=test)
 
 
-def _load_one(spec: str, *, csv_layout: str, label_column: str, cache_dir: Path, classes=None) -> DataSource:
-    from imgclf.data import arrays
+def _load_one(spec: str, *, csv_layout: str, label_column: str, cache_dir: Path, classes=None, ml=None) -> DataSource:
+    from imgclf.data import arrays, multilabel
 
     if spec.lower() in ("cifar10", "cifar-10", "cifar100", "cifar-100"):
         which = "cifar100" if "100" in spec else "cifar10"
@@ -159,6 +159,9 @@ def _load_one(spec: str, *, csv_layout: str, label_column: str, cache_dir: Path,
     path = Path(spec).expanduser()
     if not path.exists():
         raise UserError(f"--data {spec}: no such file or folder")
+    kind = multilabel.detect(path)  # COCO JSON, YOLO images/+labels/, CSV of path,label1|label2
+    if kind is not None:
+        return multilabel.load(path, kind, ml or multilabel.Options(), classes)
     if path.is_file():
         if path.suffix.lower() == ".csv":
             ds = arrays.read_pixel_csv(path, label_column=label_column, layout=csv_layout, classes=classes)
@@ -191,10 +194,21 @@ def load_source(
     csv_layout: str = "auto",
     label_column: str = "label",
     cache_dir: Path,
+    task: str = "auto",
+    label_mode: str = "multilabel",
+    classes: str | list[str] | None = None,
+    images: str | None = None,
+    keep_empty: bool = True,
 ) -> DataSource:
     """Resolve ``--data`` (plus optional separate val/test data) into a :class:`DataSource`."""
-    kw = dict(csv_layout=csv_layout, label_column=label_column, cache_dir=cache_dir)
-    src = _load_one(data, **kw)
+    from imgclf.data import multilabel
+
+    subset = multilabel.parse_classes(classes) if isinstance(classes, str) else classes
+    if task == "multilabel" and label_mode == "largest":
+        raise UserError("--label-mode largest gives one label per image: use it without --task multilabel")
+    ml = multilabel.Options(task=task, label_mode=label_mode, subset=subset, images=images, keep_empty=keep_empty)
+    kw = dict(csv_layout=csv_layout, label_column=label_column, cache_dir=cache_dir, ml=ml)
+    src = multilabel.select_classes(_load_one(data, **kw), subset)
     for attr, spec in (("val", val_data), ("test", test_data)):
         if spec:
             other = _load_one(spec, classes=src.classes, **kw)
@@ -202,8 +216,14 @@ def load_source(
                 raise UserError(f"{spec}: its classes {other.classes[:5]}... differ from the training data's")
             setattr(src, attr, other.train)
             src.problems.extend(other.problems)
+    if task == "multilabel" and src.task == "single":
+        src = multilabel.to_multilabel(src)
+    elif task == "single" and src.task == "multilabel":
+        raise UserError(f"--data {data} has several labels per image: drop --task single (or use --label-mode largest)")
     if src.val is None and val_split > 0:
-        tr, va = stratified_split(src.train.labels, val_split, split_seed)
+        split_fn = multilabel.random_split if src.train.labels.ndim == 2 else None
+        tr, va = (split_fn(len(src.train), val_split, split_seed) if split_fn
+                  else stratified_split(src.train.labels, val_split, split_seed))
         if len(va) == 0:
             src.problems.append("too few images to hold out a validation split: training without one")
         else:

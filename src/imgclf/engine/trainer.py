@@ -262,6 +262,8 @@ class Trainer:
         parts = [f"epoch {row['epoch']:>3}", f"loss {row['train_loss']:.4f}", f"acc {row['train_acc']:.4f}"]
         if "val_loss" in row:
             parts += [f"val_loss {row['val_loss']:.4f}", f"val_acc {row['val_acc']:.4f}"]
+        if "val_map" in row:
+            parts.append(f"val_mAP {row['val_map']:.4f}")
         parts += [f"lr {row['lr']:.3g}", f"{row['images_per_s']:.0f} img/s", f"{row['seconds']:.1f}s"]
         from tqdm.auto import tqdm
 
@@ -287,7 +289,14 @@ class Trainer:
         if self.reduce is not None:
             stats = self.reduce(stats.to(self.device)).cpu()
         s = stats.tolist()
-        return {"val_loss": s[0] / max(s[2], 1), "val_acc": s[1] / max(s[2], 1)}
+        out = {"val_loss": s[0] / max(s[2], 1), "val_acc": s[1] / max(s[2], 1)}
+        if self.multilabel:
+            from imgclf.evaluate.multilabel_metrics import mean_average_precision
+
+            # label accuracy is ~1 for any model on sparse labels; mAP is the figure that moves
+            # (computed on this rank's shard when distributed)
+            out["val_map"] = mean_average_precision(torch.sigmoid(logits).numpy(), labels.numpy())
+        return out
 
     def _track_best(self, row: dict) -> None:
         m = self.cfg.monitor

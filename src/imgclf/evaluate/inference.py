@@ -41,6 +41,6 @@ def logits_for_array(model, images: np.ndarray, normalize: Normalize, precision,
     model.eval()
     outs = []
     for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).to(device)
+        x = torch.from_numpy(np.array(images[i : i + batch_size])).to(device)
         outs.append(forward_tta(model, normalize(x), precision, device, tta_level).cpu())
     return torch.cat(outs) if outs else torch.zeros(0)

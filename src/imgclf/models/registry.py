@@ -92,15 +92,13 @@ def build_model(arch: str, num_classes: int, image_size: int, args: dict[str, An
         name = arch[5:]
         _check_timm(name)
         small = args.pop("small_stem", None)
-        kw = dict(args)
-        if "img_size" in inspect.signature(timm.models.get_model_entrypoint(name)).parameters or name.startswith(
-            ("vit", "deit", "swin", "beit", "eva")
-        ):
-            kw.setdefault("img_size", image_size)
         try:
-            model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kw)
-        except TypeError as e:
-            raise UserError(f"{arch}: bad model arguments {args}: {e}") from None
+            model = timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=image_size, **args)
+        except TypeError:  # CNNs take any input size and have no img_size argument
+            try:
+                model = timm.create_model(name, pretrained=False, num_classes=num_classes, **args)
+            except TypeError as e:
+                raise UserError(f"{arch}: bad model arguments {args}: {e}") from None
         if small is None or small:
             small_input_stem(model, image_size)
         return model

@@ -1,0 +1,145 @@
+"""Losses for multi-label and imbalanced data, and class weights computed from label counts.
+
+Multi-label losses are summed over classes and averaged over the batch: the per-logit gradient
+then has the size it has under softmax cross-entropy, so the learning-rate recipes tuned for
+single-label runs carry over (a mean over classes would shrink every gradient by C).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from imgclf.errors import UserError
+
+
+def label_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Images per class: class indices [N] or positives of multi-hot [N, C]."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2:
+        return (labels > 0.5).sum(0).astype(np.int64)
+    return np.bincount(labels.astype(np.int64), minlength=num_classes)
+
+
+def parse_class_weights(spec: str | None, classes: list[str]) -> str | list[float] | None:
+    """'none' / 'balanced' / '1,5,1,...' (one per class) / 'cat=5,dog=2' (others 1)."""
+    if spec is None or spec.strip().lower() in ("", "none"):
+        return None
+    text = spec.strip()
+    if text.lower() == "balanced":
+        return "balanced"
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        if all("=" in p for p in parts):
+            w = [1.0] * len(classes)
+            for p in parts:
+                name, val = p.split("=", 1)
+                if name.strip() not in classes:
+                    raise UserError(f"--class-weights: unknown class '{name.strip()}'")
+                w[classes.index(name.strip())] = float(val)
+        else:
+            w = [float(p) for p in parts]
+    except ValueError:
+        raise UserError(f"--class-weights {spec!r}: expected 'balanced', one number per class, or class=weight pairs") from None
+    if len(w) != len(classes):
+        raise UserError(f"--class-weights: got {len(w)} weights for {len(classes)} classes")
+    if any(x < 0 for x in w):
+        raise UserError("--class-weights: weights must be >= 0")
+    return w
+
+
+def balanced_weights(counts: np.ndarray) -> np.ndarray:
+    """scikit-learn's 'balanced' rule n / (C * count); a class without images gets weight 1."""
+    counts = np.asarray(counts, dtype=np.float64)
+    n, c = counts.sum(), len(counts)
+    return np.where(counts > 0, n / (c * np.maximum(counts, 1)), 1.0)
+
+
+def balanced_pos_neg_weights(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Multi-label 'balanced': each class is its own binary problem, so apply n / (2 * count)
+    to its positives and negatives (the same rule with C = 2)."""
+    y = np.asarray(labels) > 0.5
+    n = len(y)
+    pos = y.sum(0).astype(np.float64)
+    neg = n - pos
+    wp = np.where(pos > 0, n / (2 * np.maximum(pos, 1)), 1.0)
+    wn = np.where(neg > 0, n / (2 * np.maximum(neg, 1)), 1.0)
+    return wp, wn
+
+
+class MultiLabelLoss:
+    """Sigmoid BCE or the asymmetric loss (ASL) of Ridnik et al. 2021, with optional weights.
+
+    ASL: L+ = (1-p)^g+ log p,  L- = p_m^g- log(1 - p_m), p_m = max(p - clip, 0). The
+    negative focusing (g- = 4) and the probability margin (clip = 0.05) discount the many easy
+    negatives of multi-label images; defaults are the paper's.
+    ``class_weight`` [C] scales every term of a class; ``pos_weight``/``neg_weight`` [C] scale
+    positive / negative terms. Targets may be soft (mixup).
+    """
+
+    def __init__(self, kind: str = "bce", *, class_weight=None, pos_weight=None, neg_weight=None,
+                 gamma_pos: float = 0.0, gamma_neg: float = 4.0, clip: float = 0.05, eps: float = 1e-8):
+        if kind not in ("bce", "asl"):
+            raise ValueError(kind)
+        self.kind, self.gamma_pos, self.gamma_neg, self.clip, self.eps = kind, gamma_pos, gamma_neg, clip, eps
+        as_t = lambda w: None if w is None else torch.as_tensor(np.asarray(w), dtype=torch.float32)  # noqa: E731
+        self.class_weight, self.pos_weight, self.neg_weight = as_t(class_weight), as_t(pos_weight), as_t(neg_weight)
+
+    def _w(self, w: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | float:
+        return 1.0 if w is None else w.to(like.device)
+
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        y = target.float()
+        if self.kind == "bce":
+            # log-sigmoid forms: exact and stable for large |logits|
+            lp, ln = F.logsigmoid(logits), F.logsigmoid(-logits)
+            pos, neg = y * lp, (1 - y) * ln
+        else:
+            p = torch.sigmoid(logits)
+            pm = (p - self.clip).clamp(min=0) if self.clip > 0 else p
+            pos = y * torch.log(p.clamp(min=self.eps)) * (1 - p).pow(self.gamma_pos)
+            neg = (1 - y) * torch.log((1 - pm).clamp(min=self.eps)) * pm.pow(self.gamma_neg)
+        loss = -(pos * self._w(self.pos_weight, logits) + neg * self._w(self.neg_weight, logits))
+        loss = loss * self._w(self.class_weight, logits)
+        return loss.sum(1).mean()
+
+
+def build_loss(kind: str, *, multilabel: bool, class_weights, train_labels: np.ndarray, num_classes: int,
+               label_smoothing: float = 0.0):
+    """The loss function for the trainer (None: the trainer's default) and the single-label
+    weight tensor (the trainer applies it in its cross-entropy)."""
+    if kind == "auto":
+        kind = "bce" if multilabel else "ce"
+    if multilabel and kind == "ce":
+        raise UserError("--loss ce is for single-label data; multi-label runs use --loss bce or --loss asl")
+    if not multilabel and kind in ("bce", "asl"):
+        raise UserError(f"--loss {kind} is for multi-label data; add --task multilabel or use --loss ce")
+    if not multilabel:
+        if class_weights is None:
+            return None, None
+        w = balanced_weights(label_counts(train_labels, num_classes)) if class_weights == "balanced" else class_weights
+        return None, torch.as_tensor(np.asarray(w), dtype=torch.float32)
+    if class_weights == "balanced":
+        wp, wn = balanced_pos_neg_weights(train_labels)
+        return MultiLabelLoss(kind, pos_weight=wp, neg_weight=wn), None
+    return MultiLabelLoss(kind, class_weight=class_weights), None
+
+
+def imbalance_setup(cfg, classes: list[str], train_labels: np.ndarray, multilabel: bool, device: torch.device):
+    """From the config: (loss_fn or None, single-label class-weight tensor or None, sampler or
+    None). Warns with the class counts when the training data is strongly imbalanced."""
+    from imgclf import log
+    from imgclf.data.sampler import BalancedSampler, imbalance_warning
+
+    counts = label_counts(train_labels, len(classes))
+    note = imbalance_warning(counts, classes)
+    if note and cfg.class_weights is None and cfg.sampler == "none":
+        log.warn(note)
+    weights = parse_class_weights(cfg.class_weights, classes)
+    loss_fn, class_weight = build_loss(cfg.loss, multilabel=multilabel, class_weights=weights,
+                                       train_labels=train_labels, num_classes=len(classes))
+    if class_weight is not None:
+        class_weight = class_weight.to(device)
+    sampler = BalancedSampler(train_labels, len(classes), seed=cfg.seed) if cfg.sampler == "balanced" else None
+    return loss_fn, class_weight, sampler

@@ -1,0 +1,173 @@
+"""Calibration: temperature scaling (Guo et al. 2017) fitted on the validation split, and the
+expected calibration error (ECE) with its reliability bins.
+
+One float ``T`` divides the logits; it changes confidences, never the predicted class. It is
+stored in ``model.json`` (``temperature``, plus a ``calibration`` record of ECE/NLL before and
+after) and applied by ``predict``, ``evaluate`` and the server.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from imgclf import log
+from imgclf.errors import UserError
+
+N_BINS = 15
+T_MIN, T_MAX = 0.05, 20.0
+
+
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS) -> dict:
+    """Per confidence bin: mean confidence, accuracy and count (equal-width bins over [0, 1])."""
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    conf = probs.max(1)
+    correct = (probs.argmax(1) == labels).astype(np.float64)
+    # bin i holds (i/n, (i+1)/n]; a confidence of exactly 0 cannot occur with softmax
+    idx = np.clip(np.ceil(conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    count = np.bincount(idx, minlength=n_bins).astype(np.float64)
+    conf_sum = np.bincount(idx, weights=conf, minlength=n_bins)
+    acc_sum = np.bincount(idx, weights=correct, minlength=n_bins)
+    safe = np.maximum(count, 1)
+    return {"edges": np.linspace(0, 1, n_bins + 1), "confidence": conf_sum / safe, "accuracy": acc_sum / safe,
+            "count": count}
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS) -> float:
+    """Count-weighted mean |accuracy - confidence| over the bins."""
+    b = reliability_bins(probs, labels, n_bins)
+    n = b["count"].sum()
+    if n == 0:
+        return float("nan")
+    return float((b["count"] * np.abs(b["accuracy"] - b["confidence"])).sum() / n)
+
+
+def softmax_np(logits: torch.Tensor, temperature: float = 1.0) -> np.ndarray:
+    return torch.softmax(logits.float() / temperature, 1).numpy()
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The T > 0 minimising the NLL of ``softmax(logits / T)``.
+
+    LBFGS on log T (keeps T positive, well scaled); the problem is 1-D and convex in 1/T, so a few
+    iterations suffice. A coarse grid guards against a line search that wanders off.
+    """
+    logits, labels = logits.detach().float().cpu(), labels.detach().long().cpu()
+    if len(labels) == 0:
+        raise UserError("cannot fit a temperature on an empty split")
+
+    def nll(t: float) -> float:
+        return float(F.cross_entropy(logits / t, labels))
+
+    grid = np.exp(np.linspace(np.log(T_MIN), np.log(T_MAX), 41))
+    start = float(grid[int(np.argmin([nll(t) for t in grid]))])
+    log_t = torch.tensor([np.log(start)], dtype=torch.float32, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=50, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    t = float(np.clip(log_t.exp().item(), T_MIN, T_MAX))
+    if not np.isfinite(t) or nll(t) > nll(start):
+        t = start
+    return t
+
+
+def calibration_record(logits: torch.Tensor, labels: torch.Tensor, temperature: float, split: str) -> dict:
+    """ECE and NLL before/after dividing by ``temperature`` (the dict stored in model.json)."""
+    y = labels.long()
+    lab = y.numpy()
+    return {
+        "temperature": round(float(temperature), 5),
+        "ece_before": round(expected_calibration_error(softmax_np(logits), lab), 5),
+        "ece_after": round(expected_calibration_error(softmax_np(logits, temperature), lab), 5),
+        "nll_before": round(float(F.cross_entropy(logits.float(), y)), 5),
+        "nll_after": round(float(F.cross_entropy(logits.float() / temperature, y)), 5),
+        "split": split,
+        "n": int(len(lab)),
+        "bins": N_BINS,
+        "tta_level": 0,
+    }
+
+
+def split_logits(model, meta: dict, cs, device, precision: str = "auto", limit: int | None = None):
+    """Logits (no TTA: the way ``predict`` sees images) and labels of a cached split."""
+    from imgclf.data.augment import Normalize
+    from imgclf.engine.trainer import resolve_precision
+    from imgclf.evaluate.inference import logits_for_array
+
+    rows = cs.rows
+    labels = np.asarray(cs.labels)
+    if limit is not None and len(rows) > limit:
+        pick = np.linspace(0, len(rows) - 1, limit).astype(np.int64)
+        rows, labels = rows[pick], labels[pick]
+    images = cs.images[rows] if len(rows) != len(cs.images) else cs.images
+    normalize = Normalize(meta["mean"], meta["std"], device)
+    logits = logits_for_array(model, images, normalize, resolve_precision(precision, device), device, tta_level=0)
+    return logits.float(), torch.from_numpy(labels.astype(np.int64))
+
+
+def calibrate_model(run_dir: Path, model, meta: dict, cs, device, precision: str = "auto", split: str = "val") -> dict:
+    """Fit T on a cached split, store it in ``run_dir/model.json``; returns the updated meta."""
+    from imgclf.runs import write_meta
+
+    if meta.get("task", "single") != "single":
+        return meta  # temperature scaling of softmax: single-label only
+    t0 = time.perf_counter()
+    logits, labels = split_logits(model, meta, cs, device, precision)
+    t = fit_temperature(logits, labels)
+    rec = calibration_record(logits, labels, t, split)
+    meta = {**meta, "temperature": rec["temperature"], "calibration": rec}
+    write_meta(run_dir, meta)
+    log.info(f"calibration on {split} (n={rec['n']}): temperature {t:.3f}, ECE {rec['ece_before']:.4f} -> "
+             f"{rec['ece_after']:.4f}, NLL {rec['nll_before']:.4f} -> {rec['nll_after']:.4f} "
+             f"({time.perf_counter() - t0:.1f}s)")
+    return meta
+
+
+def calibrate_run(run: str | Path, data: str | None = None, *, device: str = "auto", progress: bool = True,
+                  cache_dir: str | None = None) -> dict:
+    """Refit the temperature of a finished run on its validation split (or on ``data``)."""
+    from imgclf.config import make_config
+    from imgclf.data.cache import build_cache, cache_root
+    from imgclf.data.sources import load_source
+    from imgclf.runs import load_model, read_meta, resolve_device
+
+    dev = resolve_device(device)
+    run_dir, _ = read_meta(run)
+    model, meta = load_model(run_dir, dev)
+    if meta.get("task", "single") != "single":
+        raise UserError(f"{run_dir}: temperature scaling applies to single-label runs only")
+    root = cache_root(cache_dir)
+    if data is None:
+        cfg = make_config(run_dir / "config.yaml")
+        src = load_source(cfg.data, val_data=cfg.val_data, test_data=cfg.test_data, val_split=cfg.val_split,
+                          split_seed=cfg.split_seed, csv_layout=cfg.csv_layout, label_column=cfg.label_column,
+                          cache_dir=root)
+        if src.val is None:
+            raise UserError(f"{run_dir} was trained without a validation split: pass --data DIR with held-out "
+                            "labelled images to calibrate on")
+        split, name = src.val, "val"
+    else:
+        src = load_source(data, val_split=0.0, cache_dir=root)
+        split, name = (src.val, "val") if src.val is not None else (src.train, "all")
+        missing = sorted(set(src.classes) - set(meta["classes"]))
+        if missing:
+            raise UserError(f"{data} has classes the model was not trained on: {', '.join(missing[:10])}")
+        remap = np.asarray([meta["classes"].index(c) for c in src.classes], dtype=np.int64)
+        split.labels = remap[split.labels]
+        name = f"{name} of {data}"
+    cs = build_cache(split, meta["image_size"], meta["resize"], root / "images", progress=progress,
+                     desc="decoding")
+    if len(cs) == 0:
+        raise UserError(f"no readable images to calibrate on in {data or run_dir}")
+    return calibrate_model(run_dir, model, meta, cs, dev, "auto", split=name)["calibration"]

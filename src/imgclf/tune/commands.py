@@ -1,0 +1,60 @@
+"""``imgclf sweep`` and ``imgclf sweep-report``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="run a hyperparameter study from a YAML file (resumes if it exists)")
+    p.add_argument("study", help="study YAML: name, base train options, space, sampler, pruner, budget")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine (cores split between them)")
+    p.add_argument("--storage", help="SQLAlchemy URL shared by workers on several machines (default: sqlite file in the study folder)")
+    p.add_argument("--n-trials", type=int, help="trials in the study (overrides the file)")
+    p.add_argument("--timeout", type=float, help="seconds after which no trial starts (overrides the file)")
+    p.add_argument("--data", help="training data (overrides base.data)")
+    p.add_argument("--directory", help="folder holding the study folder (default: studies)")
+    # internal: one worker process of --workers N
+    p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--of", type=int, default=1, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_sweep)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from imgclf.errors import UserError
+    from imgclf.tune import sweep
+
+    if args.workers < 1:
+        raise UserError("--workers must be at least 1")
+    spec = sweep.load_spec(args.study, storage=args.storage, n_trials=args.n_trials, timeout=args.timeout,
+                           data=args.data, directory=args.directory)
+    if args.worker is not None:
+        sweep.pin_worker(args.worker, args.of)
+        sweep.run_worker(spec, args.worker)
+        return 0
+    summary = sweep.run_study(spec, workers=args.workers)
+    print(json.dumps(summary))
+    print(f"report: imgclf sweep-report {spec.study_dir}")
+    return 0
+
+
+def add_sweep_report(sub) -> None:
+    p = sub.add_parser("sweep-report", help="HTML report of a study: what mattered and how, plus best.yaml")
+    p.add_argument("study_dir", help="the study folder (studies/<name>)")
+    p.add_argument("--storage", help="storage URL (default: the one recorded in STUDY_DIR/study.yaml)")
+    p.add_argument("--out", help="HTML file (default: STUDY_DIR/report.html)")
+    p.set_defaults(func=cmd_sweep_report)
+
+
+def cmd_sweep_report(args: argparse.Namespace) -> int:
+    from imgclf.tune.report import write_report
+
+    res = write_report(args.study_dir, storage=args.storage, out=args.out)
+    print(f"report: {res['html']}")
+    if res.get("best_yaml"):
+        print(f"best config: {res['best_yaml']}  (imgclf train --config {res['best_yaml']})")
+    return 0
+
+
+COMMANDS = [add_sweep, add_sweep_report]

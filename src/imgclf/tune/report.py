@@ -1,0 +1,374 @@
+"""The sweep report: one self-contained HTML file (PNG figures inlined as base64, no links) that
+answers "what did each hyperparameter do", plus ``best.yaml`` ready for ``imgclf train --config``.
+
+The figures are drawn here with matplotlib rather than with optuna.visualization.matplotlib
+because they must show pruned trials too (at their last reported value, and dashed in the
+curves): on a pruned study those are most of the evidence, and Optuna's plots drop them.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from imgclf.config import load_yaml, make_config
+from imgclf.errors import UserError
+from imgclf.tune.sweep import Param, Space, StudySpec, make_storage
+
+MIN_TRIALS_FOR_IMPORTANCE = 4  # fANOVA's forest on fewer completed trials is noise
+
+_STATE_COLOR = {"COMPLETE": "#1f77b4", "PRUNED": "#999999", "FAIL": "#d62728", "RUNNING": "#2ca02c", "WAITING": "#bcbd22"}
+
+
+def _figure(w: float, h: float):
+    from matplotlib.figure import Figure  # no pyplot: no global state, no backend to pick
+
+    return Figure(figsize=(w, h), dpi=100)
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _img(b64: str, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def load_study_dir(study_dir: str | Path, storage: str | None = None):
+    d = Path(study_dir)
+    if not (d / "study.yaml").is_file():
+        raise UserError(f"{d} is not a study folder (no study.yaml): give the folder 'imgclf sweep' wrote, studies/<name>")
+    spec = StudySpec(**load_yaml(d / "study.yaml"))
+    spec.directory = str(d.parent)  # the folder may have moved since the sweep
+    if storage:
+        spec.storage = storage
+    elif (d / "study.db").exists() and (spec.storage or "").startswith("sqlite"):
+        spec.storage = None  # the study.db beside study.yaml, wherever the folder is now
+    from imgclf.tune.sweep import _optuna
+
+    optuna = _optuna()
+    try:
+        study = optuna.load_study(study_name=spec.name, storage=make_storage(spec.storage_url, heartbeat=None))
+    except KeyError:
+        raise UserError(f"storage has no study named '{spec.name}' (give its --storage URL)") from None
+    return spec, study
+
+
+def _last_value(t) -> float | None:
+    if t.value is not None:
+        return t.value
+    if t.intermediate_values:
+        return t.intermediate_values[max(t.intermediate_values)]
+    return None
+
+
+def _duration(t) -> float | None:
+    if t.datetime_start and t.datetime_complete:
+        return (t.datetime_complete - t.datetime_start).total_seconds()
+    return None
+
+
+def read_curve(run_dir: Path, metric: str) -> tuple[list[float], list[float]]:
+    path = run_dir / "metrics.csv"
+    if not path.exists():
+        return [], []
+    xs, ys = [], []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            v = row.get(metric)
+            if v not in (None, ""):
+                try:
+                    y = float(v)
+                except ValueError:
+                    continue
+                if not math.isnan(y):
+                    xs.append(float(row["epoch"]))
+                    ys.append(y)
+    return xs, ys
+
+
+# ---------------------------------------------------------------------------------------------
+# figures
+
+
+def importance(study, n_complete: int) -> tuple[dict[str, float] | None, str]:
+    """fANOVA importance, or None and the reason it cannot be computed yet."""
+    if n_complete < MIN_TRIALS_FOR_IMPORTANCE:
+        return None, (f"parameter importance needs at least {MIN_TRIALS_FOR_IMPORTANCE} completed trials "
+                      f"(this study has {n_complete}); run more trials")
+    import optuna
+
+    try:
+        imp = optuna.importance.get_param_importances(
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+    except (RuntimeError, ValueError) as e:
+        return None, f"parameter importance not available: {e}"
+    if not imp:
+        return None, "parameter importance not available: no parameter varied across the completed trials"
+    return imp, ""
+
+
+def plot_importance(imp: dict[str, float]) -> str:
+    names = list(imp)[::-1]
+    fig = _figure(6, 0.45 * len(names) + 1.0)
+    ax = fig.add_subplot()
+    ax.barh(names, [imp[n] for n in names], color="#1f77b4")
+    for i, n in enumerate(names):
+        ax.text(imp[n], i, f" {imp[n]:.2f}", va="center", fontsize=8)
+    ax.set_xlabel("fANOVA importance (share of the metric's variance)")
+    ax.set_xlim(0, max(imp.values()) * 1.2 or 1)
+    return _png(fig)
+
+
+def _x_values(p: Param, values: list) -> tuple[list[float], list[str] | None]:
+    if p.kind == "categorical":
+        labels = [str(p.decode(c)) for c in p.choices]
+        return [float(p.choices.index(v)) if v in p.choices else math.nan for v in values], labels
+    return [float(v) for v in values], None
+
+
+def plot_param(p: Param, trials, metric: str, best_number: int | None) -> str:
+    fig = _figure(3.3, 2.6)
+    ax = fig.add_subplot()
+    for state, marker, label in (("COMPLETE", "o", "complete"), ("PRUNED", "x", "pruned (last value)")):
+        ts = [t for t in trials if t.state.name == state and p.name in t.params and _last_value(t) is not None]
+        if not ts:
+            continue
+        xs, labels = _x_values(p, [t.params[p.name] for t in ts])
+        ax.scatter(xs, [_last_value(t) for t in ts], marker=marker, s=22, color=_STATE_COLOR[state], label=label,
+                   alpha=0.85)
+    best = next((t for t in trials if t.number == best_number), None)
+    if best is not None and p.name in best.params:
+        bx, _ = _x_values(p, [best.params[p.name]])
+        ax.scatter(bx, [best.value], marker="*", s=140, color="#ff7f0e", zorder=5, label="best")
+    if p.kind == "categorical":
+        labels = [str(p.decode(c)) for c in p.choices]
+        ax.set_xticks(range(len(labels)), [lb[:12] for lb in labels], rotation=30 if len(labels) > 3 else 0, fontsize=7)
+        ax.set_xlim(-0.5, len(labels) - 0.5)
+    elif p.log:
+        ax.set_xscale("log")
+    ax.set_xlabel(p.name.removeprefix("model_args.") + (" (model_args)" if p.name.startswith("model_args.") else ""))
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="best")
+    return _png(fig)
+
+
+def _normalise(p: Param, values: list) -> list[float]:
+    if p.kind == "categorical":
+        n = max(1, len(p.choices) - 1)
+        return [p.choices.index(v) / n if v in p.choices else math.nan for v in values]
+    f = math.log10 if p.log else float
+    vals = [float(v) for v in values]
+    lo, hi = f(min([p.low, *vals])), f(max([p.high, *vals]))
+    return [(f(v) - lo) / (hi - lo) if hi > lo else 0.5 for v in vals]
+
+
+def plot_parallel(params: list[Param], trials, metric: str, direction: str) -> str | None:
+    ts = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED") and _last_value(t) is not None
+          and all(p.name in t.params for p in params)]
+    if not ts or not params:
+        return None
+    import matplotlib
+
+    cols = [_normalise(p, [t.params[p.name] for t in ts]) for p in params]
+    vals = [_last_value(t) for t in ts]
+    vlo, vhi = min(vals), max(vals)
+    cols.append([(v - vlo) / (vhi - vlo) if vhi > vlo else 0.5 for v in vals])
+    n_axes = len(cols)
+    fig = _figure(max(6.0, 1.5 * n_axes), 4.0)
+    ax = fig.add_subplot()
+    cmap = matplotlib.colormaps["viridis"]
+    good = (lambda v: v) if direction == "maximize" else (lambda v: 1 - v)
+    order = sorted(range(len(ts)), key=lambda i: (ts[i].state.name == "COMPLETE", good(cols[-1][i])))
+    for i in order:  # best last, so it is drawn on top
+        ys = [c[i] for c in cols]
+        if ts[i].state.name == "COMPLETE":
+            ax.plot(range(n_axes), ys, color=cmap(good(cols[-1][i])), lw=1.6, alpha=0.9)
+        else:
+            ax.plot(range(n_axes), ys, color="#aaaaaa", lw=0.9, ls="--", alpha=0.7)
+    for j in range(n_axes):
+        ax.axvline(j, color="black", lw=0.8)
+    labels = [p.name.removeprefix("model_args.") for p in params] + [metric]
+    ax.set_xticks(range(n_axes), labels, fontsize=8)
+    ax.set_yticks([])
+    ax.set_ylim(-0.08, 1.08)
+    for j, p in enumerate(params):
+        if p.kind == "categorical":
+            n = max(1, len(p.choices) - 1)
+            for k, c in enumerate(p.choices):
+                ax.text(j + 0.03, k / n, str(p.decode(c))[:10], fontsize=6, va="center")
+        else:
+            lo, hi = min([p.low, *[float(t.params[p.name]) for t in ts]]), max([p.high, *[float(t.params[p.name]) for t in ts]])
+            ax.text(j + 0.03, -0.05, f"{lo:.3g}", fontsize=6)
+            ax.text(j + 0.03, 1.03, f"{hi:.3g}" + (" (log)" if p.log else ""), fontsize=6)
+    ax.text(n_axes - 1 + 0.03, -0.05, f"{vlo:.3g}", fontsize=6)
+    ax.text(n_axes - 1 + 0.03, 1.03, f"{vhi:.3g}", fontsize=6)
+    ax.set_title("each line a trial (colour: metric, grey dashed: pruned)", fontsize=9)
+    ax.set_xlim(-0.2, n_axes - 0.6)
+    for s in ax.spines.values():
+        s.set_visible(False)
+    return _png(fig)
+
+
+def plot_curves(study_dir: Path, trials, metric: str, best_number: int | None) -> str | None:
+    fig = _figure(7, 4)
+    ax = fig.add_subplot()
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"]
+    drawn = 0
+    for t in trials:
+        xs, ys = read_curve(study_dir / t.user_attrs.get("run_dir", f"trials/{t.number}"), metric)
+        if not xs:
+            continue
+        style = {"COMPLETE": "-", "PRUNED": "--"}.get(t.state.name, ":")
+        best = t.number == best_number
+        ax.plot(xs, ys, style, color="black" if best else cmap(t.number % 20), lw=2.5 if best else 1.1,
+                marker="o" if len(xs) < 3 else None, ms=3, alpha=1 if best else 0.8,
+                label=f"#{t.number} (best)" if best else None)
+        drawn += 1
+    if not drawn:
+        return None
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color="grey", ls="-", label="complete"), Line2D([], [], color="grey", ls="--", label="pruned"),
+               Line2D([], [], color="grey", ls=":", label="failed / running")]
+    handles += [h for h in ax.get_legend_handles_labels()[0]]
+    ax.legend(handles=handles, fontsize=7, loc="best")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"validation curves of {drawn} trials", fontsize=9)
+    return _png(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# best config
+
+
+def write_best_config(spec: StudySpec, space: Space, best, path: Path) -> dict[str, Any]:
+    """Base options + the best trial's parameters, checked by loading it as `imgclf train` would."""
+    opts = space.options(best.params)
+    head = (f"# best trial {best.number} of study '{spec.name}': {spec.metric} {best.value:.4f}\n"
+            f"# imgclf train --config {path.name}\n")
+    path.write_text(head + yaml.safe_dump(opts, sort_keys=False))
+    make_config(path)  # raises a UserError if it would not train
+    return opts
+
+
+# ---------------------------------------------------------------------------------------------
+# the page
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1400px}
+h1{font-size:22px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd;padding-bottom:4px}
+table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ddd;padding:3px 7px;text-align:right}
+th{background:#f4f4f4}td.l{text-align:left}tr.best td{background:#fff3d6;font-weight:600}
+.COMPLETE{color:#1f77b4}.PRUNED{color:#777}.FAIL{color:#d62728}.grid img{margin:4px}
+.note{color:#666;font-style:italic}pre{background:#f6f6f6;padding:8px;font-size:12px}
+"""
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return html.escape(str(v))
+
+
+def _trial_table(trials, space: Space, best_number: int | None) -> str:
+    names = list(space.params)
+    head = "".join(f"<th>{html.escape(n.removeprefix('model_args.'))}</th>" for n in names)
+    rows = []
+    for t in trials:
+        cells = "".join(f"<td>{_fmt(space.params[n].decode(t.params[n])) if n in t.params else ''}</td>" for n in names)
+        if t.state.name == "PRUNED" and t.intermediate_values:
+            note = f"pruned at epoch {max(t.intermediate_values)} ({_last_value(t):.4f})"
+        elif t.state.name == "FAIL":
+            note = t.user_attrs.get("error") or "worker died or was interrupted (queued again)"
+        else:
+            note = ""
+        retry = t.system_attrs.get("failed_trial")
+        if retry is not None:
+            note = (note + f"; retry of #{retry}").lstrip("; ")
+        dur = _duration(t)
+        value = "" if t.value is None else f"{t.value:.4f}"
+        cls = ' class="best"' if t.number == best_number else ""
+        rows.append(f"<tr{cls}><td>{t.number}</td><td class=\"l {t.state.name}\">{t.state.name.lower()}</td>"
+                    f"<td>{value}</td>{cells}<td>{t.user_attrs.get('epochs', '')}</td>"
+                    f"<td>{'' if dur is None else f'{dur:.0f}'}</td><td class=\"l\">{html.escape(note)}</td></tr>")
+    return (f"<table><tr><th>#</th><th>state</th><th>value</th>{head}<th>epochs</th><th>seconds</th><th>note</th></tr>"
+            + "".join(rows) + "</table>")
+
+
+def write_report(study_dir: str | Path, storage: str | None = None, out: str | Path | None = None) -> dict[str, Any]:
+    spec, study = load_study_dir(study_dir, storage)
+    d = Path(study_dir)
+    space = Space(spec)
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    best = study.best_trial if complete else None
+    best_number = best.number if best else None
+    counts = {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
+    result: dict[str, Any] = {"trials": len(trials), **{k.lower(): v for k, v in counts.items()}}
+
+    parts = [f"<h1>Study {html.escape(spec.name)}</h1>",
+             f"<p>{len(trials)} trials: " + ", ".join(f"{v} {k.lower()}" for k, v in counts.items() if v)
+             + f". Objective: {spec.resolved_direction} {html.escape(spec.metric)} (best epoch of each trial). "
+             + f"Sampler {html.escape(str(spec.sampler))}, pruner {html.escape(str(spec.pruner))}.</p>"]
+    total = sum(_duration(t) or 0 for t in trials)
+    parts.append(f"<p>Trial time in total: {total / 60:.1f} min.</p>")
+
+    if best is not None:
+        best_path = d / "best.yaml"
+        opts = write_best_config(spec, space, best, best_path)
+        result.update(best_yaml=str(best_path), best_trial=best.number, best_value=best.value)
+        parts.append(f"<h2>Best: trial {best.number}, {html.escape(spec.metric)} {best.value:.4f}</h2>"
+                     f"<p>Written to <code>{html.escape(str(best_path))}</code>; train it with "
+                     f"<code>imgclf train --config {html.escape(str(best_path))}</code>.</p>"
+                     f"<pre>{html.escape(yaml.safe_dump(opts, sort_keys=False))}</pre>")
+    else:
+        parts.append("<h2>Best</h2><p class=note>no trial has completed yet: no best config.</p>")
+
+    parts.append("<h2>Trials</h2>" + _trial_table(trials, space, best_number))
+
+    imp, why = importance(study, len(complete)) if space.params else (None, "the study has no searched parameters")
+    result["importance"] = imp
+    parts.append("<h2>What mattered: parameter importance (fANOVA)</h2>")
+    parts.append(_img(plot_importance(imp), "parameter importance") if imp else f"<p class=note>{html.escape(why)}</p>")
+
+    params = list(space.params.values())
+    if imp:  # most important first
+        params.sort(key=lambda p: -imp.get(p.name, 0.0))
+    if params:
+        parts.append(f"<h2>How: {html.escape(spec.metric)} against each parameter</h2><div class=grid>")
+        parts += [_img(plot_param(p, trials, spec.metric, best_number), p.name) for p in params]
+        parts.append("</div>")
+        pc = plot_parallel(params, trials, spec.metric, spec.resolved_direction)
+        parts.append("<h2>Parallel coordinates</h2>"
+                     + (_img(pc, "parallel coordinates") if pc else "<p class=note>no finished trials yet</p>"))
+    curves = plot_curves(d, trials, spec.metric, best_number)
+    parts.append("<h2>Validation curves (pruned trials dashed)</h2>"
+                 + (_img(curves, "validation curves") if curves else "<p class=note>no trial folder with metrics.csv here</p>"))
+
+    page = (f"<!doctype html><html><head><meta charset=utf-8><title>study {html.escape(spec.name)}</title>"
+            f"<style>{_CSS}</style></head><body>" + "\n".join(parts) + "</body></html>")
+    out_path = Path(out) if out else d / "report.html"
+    out_path.write_text(page)
+    result["html"] = str(out_path)
+    return result

@@ -1,0 +1,585 @@
+"""Hyperparameter studies: a search space in YAML, Optuna's samplers and pruners, one run folder
+per trial, and any number of workers sharing one Optuna storage.
+
+A study file::
+
+    name: plaincnn-adam                  # studies/<name>/ holds study.db, study.yaml, trials/<n>/
+    base: {data: photos/, model: plaincnn, optimizer: adam, epochs: 9}   # any train option
+    space:
+      lr: {low: 1.0e-4, high: 1.0e-2, log: true}
+      batch_size: {choices: [64, 128]}
+      model_args.dropout: {low: 0.0, high: 0.5}
+      schedule: cosine                   # a fixed value
+    sampler: tpe                         # grid | random | tpe (or {type: tpe, n_startup_trials: 5})
+    pruner: median                       # median | halving | none (or {type: halving, reduction_factor: 3})
+    n_trials: 30                         # and/or timeout: 1200 (seconds)
+    metric: val_acc                      # direction follows the metric unless given
+
+Budget: ``n_trials`` counts the trials of the study (every worker, every restart), so a killed
+study started again runs only what is missing. Trials that were running when their process
+died are failed by Optuna's heartbeat and queued again with the same parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from imgclf import log
+from imgclf.config import TrainConfig, format_validation_error, load_yaml
+from imgclf.engine.callbacks import Callback
+from imgclf.errors import UserError
+
+# Options the sweep sets itself for every trial: a study may not choose them.
+_SWEEP_OWNED = ("project", "name", "exist_ok")
+# Trial defaults that differ from `imgclf train`: parallel workers would interleave progress bars,
+# and TensorBoard is one more writer per trial that a study's report replaces.
+_TRIAL_DEFAULTS = {"progress": False, "tensorboard": False}
+_MAX_CONSECUTIVE_FAILURES = 5
+
+
+class StudySpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="study name (folder and storage key)")
+    directory: str = Field("studies", description="folder holding the study folder")
+    storage: str | None = Field(None, description="SQLAlchemy URL (default: sqlite file studies/<name>/study.db)")
+    base: dict[str, Any] = Field(default_factory=dict, description="train options shared by every trial")
+    space: dict[str, Any] = Field(default_factory=dict, description="option -> range, choices or fixed value")
+    sampler: str | dict[str, Any] = "tpe"
+    pruner: str | dict[str, Any] = "median"
+    n_trials: int | None = Field(None, ge=1)
+    timeout: float | None = Field(None, gt=0, description="seconds; no trial starts after it")
+    metric: str = "val_acc"
+    direction: Literal["maximize", "minimize"] | None = None
+    seed: int | None = Field(None, description="sampler seed (worker i uses seed + i)")
+    heartbeat: int = Field(10, ge=1, description="seconds between a running trial's liveness beats")
+
+    @property
+    def study_dir(self) -> Path:
+        return Path(self.directory) / self.name
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{(self.study_dir / 'study.db').resolve()}"
+
+    @property
+    def resolved_direction(self) -> str:
+        return self.direction or ("minimize" if self.metric.endswith("loss") else "maximize")
+
+
+# ---------------------------------------------------------------------------------------------
+# the search space
+
+
+@dataclass
+class Param:
+    name: str
+    kind: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list | None = None
+    encoded: bool = False  # choices are JSON strings (lists/dicts), Optuna only stores scalars
+
+    def suggest(self, trial):
+        if self.kind == "float":
+            return trial.suggest_float(self.name, self.low, self.high, log=self.log, step=self.step)
+        if self.kind == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
+        return trial.suggest_categorical(self.name, self.choices)
+
+    def decode(self, value):
+        return json.loads(value) if self.encoded else value
+
+    def grid(self) -> list:
+        if self.kind == "categorical":
+            return list(self.choices)
+        if self.step is None:
+            raise UserError(f"space '{self.name}': the grid sampler needs 'choices' or a 'step' for a range")
+        n = int(math.floor((self.high - self.low) / self.step + 1e-9)) + 1
+        vals = [self.low + i * self.step for i in range(n)]
+        return [int(v) for v in vals] if self.kind == "int" else [round(v, 12) for v in vals]
+
+
+_SCALAR = (str, int, float, bool, type(None))
+
+
+def _number(name: str, key: str, v) -> float:
+    # PyYAML reads 1e-4 (no dot) as a string: accept it rather than make users learn YAML 1.1
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise UserError(f"space '{name}': '{key}' must be a number, got {v!r}") from None
+
+
+def parse_param(name: str, spec) -> Param | None:
+    """A range/choices mapping -> Param; anything else is a fixed value (None)."""
+    if not isinstance(spec, dict) or not ({"low", "high", "choices"} & set(spec)):
+        return None
+    if "value" in spec:
+        raise UserError(f"space '{name}': give either a fixed 'value' or low/high/choices, not both")
+    known = {"type", "low", "high", "log", "step", "choices"}
+    extra = set(spec) - known
+    if extra:
+        raise UserError(f"space '{name}': unknown key(s) {', '.join(sorted(extra))} (use low, high, log, step, choices, type)")
+    if "choices" in spec:
+        choices = spec["choices"]
+        if not isinstance(choices, list) or not choices:
+            raise UserError(f"space '{name}': 'choices' must be a non-empty list")
+        encoded = not all(isinstance(c, _SCALAR) for c in choices)
+        if encoded:
+            choices = [json.dumps(c) for c in choices]
+        return Param(name, "categorical", choices=choices, encoded=encoded)
+    if "low" not in spec or "high" not in spec:
+        raise UserError(f"space '{name}': a range needs both 'low' and 'high'")
+    low, high = _number(name, "low", spec["low"]), _number(name, "high", spec["high"])
+    kind = spec.get("type") or ("int" if all(isinstance(spec[k], int) and not isinstance(spec[k], bool)
+                                            for k in ("low", "high")) else "float")
+    if kind not in ("int", "float"):
+        raise UserError(f"space '{name}': type must be int or float for a range, got {kind!r}")
+    if not low < high:
+        raise UserError(f"space '{name}': low ({low}) must be below high ({high})")
+    log_scale = bool(spec.get("log", False))
+    if log_scale and low <= 0:
+        raise UserError(f"space '{name}': a log range needs low > 0 (got {low}); use e.g. low: 1.0e-6")
+    step = _number(name, "step", spec["step"]) if spec.get("step") is not None else None
+    if step is not None and log_scale:
+        raise UserError(f"space '{name}': 'step' and 'log' cannot be combined")
+    return Param(name, kind, low=low, high=high, log=log_scale, step=step)
+
+
+def _check_key(key: str, where: str) -> None:
+    if key.startswith("model_args."):
+        return
+    if key in _SWEEP_OWNED:
+        raise UserError(f"{where}: '{key}' is set by the sweep (trials go to studies/<name>/trials/<n>); remove it")
+    if key not in TrainConfig.model_fields:
+        import difflib
+
+        close = difflib.get_close_matches(key, TrainConfig.model_fields.keys(), n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else "; see 'imgclf train --help' (model arguments: model_args.<name>)"
+        raise UserError(f"{where}: unknown train option '{key}'{hint}")
+
+
+class Space:
+    """The study's parameters (sampled) and fixed values (merged into every trial)."""
+
+    def __init__(self, spec: StudySpec):
+        self.base = {str(k).replace("-", "_"): v for k, v in spec.base.items()}
+        self.params: dict[str, Param] = {}
+        self.fixed: dict[str, Any] = {}
+        for k in self.base:
+            _check_key(k, "base")
+        for raw, s in spec.space.items():
+            key = str(raw).replace("-", "_") if not str(raw).startswith("model_args.") else str(raw)
+            _check_key(key, "space")
+            p = parse_param(key, s)
+            if p is None:
+                self.fixed[key] = s["value"] if isinstance(s, dict) and set(s) == {"value"} else s
+            else:
+                self.params[key] = p
+
+    def options(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Base + fixed + decoded params -> train options (``model_args.x`` keys merged)."""
+        opts = dict(self.base)
+        model_args = dict(opts.get("model_args") or {})
+        values = {**self.fixed, **{k: self.params[k].decode(v) if k in self.params else v for k, v in params.items()}}
+        for k, v in values.items():
+            if k.startswith("model_args."):
+                model_args[k.split(".", 1)[1]] = v
+            elif k == "model_args":
+                model_args.update(v or {})
+            else:
+                opts[k] = v
+        if model_args:
+            opts["model_args"] = model_args
+        return opts
+
+    def validate(self) -> None:
+        """Check the base, every fixed value and each range's ends and choices before any trial."""
+        probes: list[dict[str, Any]] = [{}]
+        for p in self.params.values():
+            if p.kind == "categorical":
+                probes += [{p.name: c} for c in p.choices]
+            else:
+                probes += [{p.name: p.low if p.kind == "float" else int(p.low)},
+                           {p.name: p.high if p.kind == "float" else int(p.high)}]
+        if "data" not in self.base and "data" not in self.fixed:
+            raise UserError("study: base needs 'data' (the training data every trial uses)")
+        for probe in probes:
+            opts = self.options(probe)
+            try:
+                TrainConfig(**opts)
+            except ValidationError as e:
+                where = f"space value {probe}" if probe else "base"
+                raise UserError(format_validation_error(e, f"study {where}")) from None
+        self._check_model_args()
+
+    def _check_model_args(self) -> None:
+        import inspect
+
+        from imgclf.models.registry import OWN_MODELS, resolve_name
+
+        names = {k.split(".", 1)[1] for k in [*self.params, *self.fixed] if k.startswith("model_args.")}
+        names |= set((self.base.get("model_args") or {}))
+        models = {self.options({}).get("model", "auto")}
+        if "model" in self.params:
+            models = {self.params["model"].decode(c) for c in self.params["model"].choices}
+        for m in models:
+            arch = resolve_name(m)
+            if arch in OWN_MODELS:
+                sig = inspect.signature(OWN_MODELS[arch].__init__).parameters
+                bad = sorted(n for n in names if n not in sig)
+                if bad:
+                    allowed = ", ".join(p for p in sig if p not in ("self", "num_classes", "image_size"))
+                    raise UserError(f"study: model_args {', '.join(bad)} not known to {arch}; it takes: {allowed}")
+
+
+def load_spec(path: str | Path, **overrides: Any) -> StudySpec:
+    """Read a study YAML; ``overrides`` (None: keep) replace top-level keys, ``data`` the base's."""
+    raw = load_yaml(path)
+    data = overrides.pop("data", None)
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        spec = StudySpec(**raw)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, str(path)).replace("unknown option", "unknown study key")) from None
+    if data is not None:
+        spec.base = {**spec.base, "data": str(data)}
+    Space(spec).validate()
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------
+# Optuna objects
+
+
+def _optuna():
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # imgclf prints its own line per trial
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    return optuna
+
+
+def _retry_callback():
+    optuna = _optuna()
+    cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+    return cls(max_retry=2)
+
+
+def make_storage(url: str, heartbeat: int | None = 10):
+    """An RDB storage with heartbeats, so trials of dead workers are failed and queued again."""
+    optuna = _optuna()
+    kw: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        # several worker processes share the file: wait for the write lock instead of failing
+        kw["connect_args"] = {"timeout": 120}
+    else:
+        kw["pool_pre_ping"] = True
+    hb: dict[str, Any] = {}
+    if heartbeat:
+        cb_kw = ("heartbeat_stale_trial_callback" if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")
+                 else "failed_trial_callback")
+        hb = {"heartbeat_interval": heartbeat, "grace_period": 3 * heartbeat, cb_kw: _retry_callback()}
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=kw, **hb)
+    except ImportError as e:
+        raise UserError(f"storage {url.split(':', 1)[0]} needs a database driver: {e} (e.g. pip install psycopg2-binary)") from None
+    except Exception as e:  # sqlalchemy's errors for unreachable servers, bad URLs, bad passwords
+        if type(e).__module__.startswith("sqlalchemy"):
+            raise UserError(f"cannot open storage {_redact(url)}: {str(e).splitlines()[0]}") from None
+        raise
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+def make_sampler(spec: StudySpec, space: Space, worker: int = 0):
+    optuna = _optuna()
+    cfg = {"type": spec.sampler} if isinstance(spec.sampler, str) else dict(spec.sampler)
+    kind = cfg.pop("type", "tpe")
+    seed = None if spec.seed is None else spec.seed + worker
+    try:
+        if kind == "tpe":
+            return optuna.samplers.TPESampler(seed=seed, **cfg)
+        if kind == "random":
+            return optuna.samplers.RandomSampler(seed=seed, **cfg)
+        if kind == "grid":
+            return optuna.samplers.GridSampler({k: p.grid() for k, p in space.params.items()}, seed=seed, **cfg)
+    except TypeError as e:
+        raise UserError(f"sampler {kind}: {e}") from None
+    raise UserError(f"unknown sampler '{kind}': use grid, random or tpe")
+
+
+def make_pruner(spec: StudySpec):
+    optuna = _optuna()
+    cfg = {"type": spec.pruner} if isinstance(spec.pruner, str) else dict(spec.pruner)
+    kind = cfg.pop("type", "median")
+    classes = {"median": optuna.pruners.MedianPruner, "halving": optuna.pruners.SuccessiveHalvingPruner,
+               "none": optuna.pruners.NopPruner}
+    if kind not in classes:
+        raise UserError(f"unknown pruner '{kind}': use median, halving or none")
+    try:
+        return classes[kind](**cfg)
+    except TypeError as e:
+        raise UserError(f"pruner {kind}: {e}") from None
+
+
+def grid_size(space: Space, spec: StudySpec) -> int | None:
+    kind = spec.sampler if isinstance(spec.sampler, str) else spec.sampler.get("type", "tpe")
+    if kind != "grid":
+        return None
+    return math.prod(len(p.grid()) for p in space.params.values())
+
+
+def open_study(spec: StudySpec, worker: int = 0, heartbeat: bool = True):
+    optuna = _optuna()
+    space = Space(spec)
+    storage = make_storage(spec.storage_url, spec.heartbeat if heartbeat else None)
+    return optuna.create_study(storage=storage, study_name=spec.name, direction=spec.resolved_direction,
+                               sampler=make_sampler(spec, space, worker), pruner=make_pruner(spec),
+                               load_if_exists=True)
+
+
+def counted(trial) -> bool:
+    """Whether a trial uses up the budget. A trial failed because its process died (no error
+    recorded) is not counted: Optuna's heartbeat queues it again with the same parameters."""
+    name = trial.state.name
+    return name in ("COMPLETE", "PRUNED", "RUNNING", "WAITING") or (name == "FAIL" and "error" in trial.user_attrs)
+
+
+# ---------------------------------------------------------------------------------------------
+# one trial
+
+
+class PruneOnMetric(Callback):
+    """Reports the study's metric after each validated epoch; stops training when Optuna prunes."""
+
+    def __init__(self, trial, metric: str):
+        self.trial, self.metric, self.pruned_at = trial, metric, None
+
+    def on_epoch_end(self, t, row):
+        v = row.get(self.metric)
+        if v is None:
+            return
+        v = float(v)
+        if math.isnan(v):  # a diverged run: no point training it further
+            self.pruned_at = row["epoch"]
+            t.stop = f"sweep: {self.metric} is NaN at epoch {row['epoch']}"
+            return
+        self.trial.report(v, step=int(row["epoch"]))
+        if self.trial.should_prune():
+            self.pruned_at = row["epoch"]
+            t.stop = f"sweep: pruned at epoch {row['epoch']} ({self.metric} {v:.4f})"
+
+
+def _short(params: dict[str, Any]) -> str:
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    return ", ".join(f"{k.removeprefix('model_args.')}={fmt(v)}" for k, v in params.items())
+
+
+def make_objective(spec: StudySpec, space: Space):
+    trials_dir = spec.study_dir / "trials"
+
+    def objective(trial) -> float:
+        optuna = _optuna()
+        params = {k: p.suggest(trial) for k, p in space.params.items()}
+        opts = {**_TRIAL_DEFAULTS, **space.options(params)}
+        run_dir = trials_dir / str(trial.number)
+        trial.set_user_attr("run_dir", f"trials/{trial.number}")
+        pruning = PruneOnMetric(trial, spec.metric)
+        from imgclf.api import train
+
+        log.info(f"trial {trial.number}: {_short(params) or 'base options'}")
+        try:
+            res = train(callbacks=[pruning], final_eval=False, project=str(trials_dir), name=str(trial.number),
+                        exist_ok=True, **opts)
+        except Exception as e:
+            msg = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+            trial.set_user_attr("error", msg.splitlines()[0][:500] if msg else type(e).__name__)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "error.txt").write_text(traceback.format_exc())
+            raise
+        values = [float(r[spec.metric]) for r in res.history if spec.metric in r]
+        values = [v for v in values if not math.isnan(v)]
+        trial.set_user_attr("epochs", len(res.history))
+        if pruning.pruned_at is not None:
+            raise optuna.TrialPruned(f"pruned at epoch {pruning.pruned_at}")
+        if not values:
+            msg = (f"metric '{spec.metric}' was never reported: the data needs a validation split "
+                   f"(val_split > 0 or a val/ folder), and metric must be a metrics.csv column such as val_acc")
+            trial.set_user_attr("error", msg)
+            raise UserError(msg)
+        # the run keeps the weights of its best epoch, so that epoch's value is the trial's
+        return max(values) if spec.resolved_direction == "maximize" else min(values)
+
+    return objective
+
+
+# ---------------------------------------------------------------------------------------------
+# a worker: run trials until the study's budget is used
+
+
+def _report_trial(t, metric: str) -> None:
+    secs = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else 0
+    if t.state.name == "COMPLETE":
+        log.info(f"trial {t.number} done: {metric} {t.value:.4f} in {secs:.0f}s")
+    elif t.state.name == "PRUNED":
+        last = max(t.intermediate_values) if t.intermediate_values else 0
+        log.info(f"trial {t.number} pruned at epoch {last} in {secs:.0f}s")
+    elif t.state.name == "FAIL":
+        log.info(f"trial {t.number} failed: {t.user_attrs.get('error', 'interrupted')}")
+
+
+def run_worker(spec: StudySpec, worker: int = 0) -> None:
+    """Run trials one at a time until n_trials are counted in the study, the timeout passes, or
+    (grid) every point is done. Safe to run in many processes at once on one storage."""
+    optuna = _optuna()
+    space = Space(spec)
+    study = open_study(spec, worker)
+    objective = make_objective(spec, space)
+    limit = spec.n_trials
+    gs = grid_size(space, spec)
+    if gs is not None:
+        limit = gs if limit is None else min(limit, gs)
+    deadline = time.monotonic() + spec.timeout if spec.timeout else None
+    failures, said_waiting = 0, False
+    while deadline is None or time.monotonic() < deadline:
+        optuna.storages.fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        waiting = any(t.state.name == "WAITING" for t in trials)
+        if limit is not None and sum(map(counted, trials)) >= limit and not waiting:
+            if not any(t.state.name == "RUNNING" for t in trials):
+                break
+            # Others' trials are running: wait, since a dead worker's trial comes back as WAITING.
+            if not said_waiting:
+                log.info("budget reached; waiting for the running trials of other workers")
+                said_waiting = True
+            time.sleep(min(5.0, spec.heartbeat))
+            continue
+        before = {t.number for t in trials}
+        try:
+            study.optimize(objective, n_trials=1, catch=(Exception,))
+        except KeyboardInterrupt:
+            # the trial is FAILED by Optuna; queue its parameters again so a restart redoes it
+            for t in study.get_trials(deepcopy=False):
+                if t.number not in before and t.state.name == "FAIL" and "error" not in t.user_attrs:
+                    _retry_callback()(study, t)
+            raise
+        mine = [t for t in study.get_trials(deepcopy=False) if t.number not in before]
+        mine = [t for t in mine if t.state.name in ("COMPLETE", "PRUNED", "FAIL")]
+        last = max(mine, key=lambda t: t.datetime_complete or t.datetime_start, default=None)
+        if last is not None:
+            _report_trial(last, spec.metric)
+            failures = failures + 1 if last.state.name == "FAIL" else 0
+        if failures >= _MAX_CONSECUTIVE_FAILURES:
+            raise UserError(f"{failures} trials in a row failed, the last with: {last.user_attrs.get('error')}; "
+                            f"fix the study (see {spec.study_dir}/trials/{last.number}/error.txt)")
+
+
+# ---------------------------------------------------------------------------------------------
+# the study: one process, or N pinned worker processes
+
+
+def write_spec(spec: StudySpec) -> Path:
+    """Save the resolved study (storage URL included) beside its trials: the report reads it."""
+    spec.study_dir.mkdir(parents=True, exist_ok=True)
+    path = spec.study_dir / "study.yaml"
+    data = spec.model_dump(mode="json")
+    data["storage"] = spec.storage_url
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    os.replace(tmp, path)
+    return path
+
+
+def pin_worker(worker: int, workers: int) -> int:
+    """Give each worker its own slice of the cores and as many torch threads as it has cores."""
+    import torch
+
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    per = max(1, len(cores) // workers)
+    start = (worker * per) % len(cores)
+    mine = cores[start : start + per] or cores[:per]
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, mine)
+    torch.set_num_threads(len(mine))
+    return len(mine)
+
+
+def _worker_cmd(spec_path: Path, worker: int, workers: int) -> list[str]:
+    return [sys.executable, "-m", "imgclf", "sweep", str(spec_path), "--worker", str(worker), "--of", str(workers)]
+
+
+def _first_trial_started(spec: StudySpec, since: float) -> bool:
+    trials = spec.study_dir / "trials"
+    if not trials.is_dir():
+        return False
+    return any((d / "config.yaml").exists() and (d / "config.yaml").stat().st_mtime >= since for d in trials.iterdir())
+
+
+def run_study(spec: StudySpec, workers: int = 1) -> dict:
+    """Run (or resume) the study with ``workers`` processes; returns the summary."""
+    spec.study_dir.mkdir(parents=True, exist_ok=True)
+    open_study(spec, heartbeat=False)  # create it once here, not racing in every worker
+    path = write_spec(spec)
+    log.info(f"study {spec.name}: storage {_redact(spec.storage_url)}, trials in {spec.study_dir / 'trials'}")
+    if workers <= 1:
+        run_worker(spec)
+        return summarize(spec)
+    env = dict(os.environ)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    procs: list[subprocess.Popen] = []
+    try:
+        t0 = time.time()
+        procs.append(subprocess.Popen(_worker_cmd(path, 0, workers), env=env))
+        # Let the first worker decode the data into the shared cache before the others start,
+        # rather than every worker decoding the same images at once.
+        while procs[0].poll() is None and not _first_trial_started(spec, t0 - 1) and time.time() - t0 < 900:
+            time.sleep(0.5)
+        for i in range(1, workers):
+            procs.append(subprocess.Popen(_worker_cmd(path, i, workers), env=env))
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            p.wait()
+        raise
+    bad = [c for c in codes if c != 0]
+    if bad:
+        raise UserError(f"{len(bad)} of {workers} workers exited with an error (status {bad[0]}); see their messages above")
+    return summarize(spec)
+
+
+def summarize(spec: StudySpec) -> dict:
+    study = open_study(spec, heartbeat=False)
+    trials = study.get_trials(deepcopy=False)
+    states = {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
+    out: dict[str, Any] = {"study": spec.name, "trials": len(trials), **{k.lower(): v for k, v in states.items()}}
+    done = [t for t in trials if t.state.name == "COMPLETE"]
+    if done:
+        best = study.best_trial
+        out.update(best_trial=best.number, best_value=best.value, best_params=best.params)
+    return out

@@ -1,0 +1,288 @@
+"""End-to-end behaviour of the core: sources, cache, augmentation, trainer, run folder, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import imgclf
+from imgclf.cli import main
+from imgclf.config import make_config
+from imgclf.data.augment import AugmentSpec, BatchAugment, Normalize, _crop_translate
+from imgclf.data.cache import build_cache
+from imgclf.data.sources import load_source
+from imgclf.errors import UserError
+
+FAST = dict(epochs=1, progress=False, tensorboard=False, batch_size=64)
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "model.safetensors"))
+
+
+# --- config -----------------------------------------------------------------------------------
+
+
+def test_config_typo_names_the_key_and_suggests(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("data: x\nlerning_rate: 0.1\n")
+    with pytest.raises(UserError) as e:
+        make_config(cfg)
+    msg = str(e.value)
+    assert "lerning_rate" in msg and "\n" not in msg
+
+
+def test_cli_config_typo_is_one_line_exit_2(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("data: x\nepocs: 3\n")
+    assert main(["train", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "epocs" in err[0] and "epochs" in err[0]
+
+
+def test_cli_values_override_yaml(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("data: a\nepochs: 3\nlr: 0.5\n")
+    c = make_config(cfg, epochs=7)
+    assert c.epochs == 7 and c.lr == 0.5
+
+
+def test_wrong_data_path_is_user_error(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path / "nope")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+
+
+# --- sources and cache ---------------------------------------------------------------------------
+
+
+def test_folder_split_is_stratified_and_fixed(small_sample, tmp_path):
+    a = load_source(str(small_sample), val_split=0.25, split_seed=3, cache_dir=tmp_path)
+    b = load_source(str(small_sample), val_split=0.25, split_seed=3, cache_dir=tmp_path)
+    assert a.val.paths == b.val.paths
+    assert np.bincount(a.val.labels).tolist() == [10] * 10  # 25% of 40 per class
+    assert len(a.test) == 100 and set(a.train.paths).isdisjoint(a.val.paths)
+
+
+def test_cache_decodes_once_and_is_keyed_by_size(small_sample, tmp_path, monkeypatch):
+    src = load_source(str(small_sample), val_split=0, cache_dir=tmp_path)
+    first = build_cache(src.test, 32, "stretch", tmp_path, progress=False)
+    assert isinstance(first.images, np.memmap) and first.images.shape == (100, 32, 32, 3)
+    import imgclf.data.cache as cache_mod
+
+    def boom(*a, **k):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(cache_mod, "load_resized", boom)
+    again = build_cache(src.test, 32, "stretch", tmp_path, progress=False)
+    assert np.array_equal(np.asarray(again.images), np.asarray(first.images))
+    with pytest.raises(AssertionError, match="decoded again"):
+        build_cache(src.test, 24, "stretch", tmp_path, progress=False)
+
+
+def test_decoded_pixels_match_the_jpeg_in_rgb_order(sample_dir, tmp_path):
+    src = load_source(str(sample_dir), val_split=0, cache_dir=tmp_path)
+    cs = build_cache(src.test, 32, "stretch", tmp_path, progress=False)
+    i = 5
+    ref = np.asarray(Image.open(src.test.paths[i]).convert("RGB"))
+    assert np.array_equal(cs.images[i], ref)
+
+
+@pytest.fixture()
+def messy_folder(small_sample, tmp_path) -> Path:
+    """Real images plus every kind of bad or unusual file a user's folder holds."""
+    root = tmp_path / "messy"
+    shutil.copytree(small_sample / "train", root)
+    cat = root / "cat"
+    good = sorted(cat.glob("*.jpg"))[0]
+    data = good.read_bytes()
+    (cat / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (cat / "empty.jpg").write_bytes(b"")
+    (cat / "notes.jpg").write_text("this is not an image")
+    img = Image.open(good).convert("RGB")
+    img.convert("CMYK").save(cat / "cmyk.jpg")
+    arr16 = (np.asarray(img.convert("L"), dtype=np.uint16) * 257)
+    Image.fromarray(arr16).save(cat / "gray16.png")
+    img.convert("RGBA").save(cat / "rgba.png")
+    img.convert("P").save(cat / "palette.png")
+    (root / "empty_class").mkdir()
+    return root
+
+
+def test_messy_folder_trains_and_reports_each_problem_once(messy_folder, tmp_path, capsys):
+    res = imgclf.train(data=str(messy_folder), project=str(tmp_path / "runs"), val_split=0.2, **FAST)
+    err = capsys.readouterr().err
+    for name in ("truncated.jpg", "empty.jpg", "notes.jpg"):
+        assert err.count(name) == 1, (name, err)
+    assert err.count("empty_class") == 1
+    for fine in ("cmyk.jpg", "gray16.png", "rgba.png", "palette.png"):
+        assert fine not in err  # unusual modes are converted, not rejected
+    meta = json.loads((res.run_dir / "model.json").read_text())
+    assert "empty_class" not in meta["classes"] and len(meta["classes"]) == 10
+
+
+# --- augmentation -----------------------------------------------------------------------------------
+
+
+def test_translate_gather_equals_reflect_pad_and_crop():
+    x = torch.randint(0, 255, (6, 8, 8, 3), dtype=torch.uint8)
+    oy, ox = torch.tensor([0, 1, 2, 3, 4, 2]), torch.tensor([4, 3, 2, 1, 0, 2])
+    out = _crop_translate(x, 2, oy, ox)
+    padded = torch.nn.functional.pad(x.permute(0, 3, 1, 2).float(), (2, 2, 2, 2), mode="reflect")
+    for i in range(6):
+        ref = padded[i, :, oy[i] : oy[i] + 8, ox[i] : ox[i] + 8].permute(1, 2, 0).to(torch.uint8)
+        assert torch.equal(out[i], ref)
+    assert torch.equal(out[5], x[5])  # offset == pad is the identity
+
+
+def test_augment_normalises_and_keeps_labels():
+    norm = Normalize([0.5, 0.5, 0.5], [0.25, 0.25, 0.25], torch.device("cpu"))
+    x = torch.full((4, 8, 8, 3), 255, dtype=torch.uint8)
+    out = norm(x)
+    assert out.shape == (4, 3, 8, 8) and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out, torch.full_like(out, 2.0))
+    aug = BatchAugment(AugmentSpec(flip=True, translate=1, rotate=10, zoom=0.1, cutout=2, mixup=0.2), norm, 10)
+    g = torch.Generator().manual_seed(0)
+    xb, yb = aug(torch.randint(0, 255, (16, 8, 8, 3), dtype=torch.uint8), torch.arange(16) % 10, g)
+    assert xb.shape == (16, 3, 8, 8) and yb.shape == (16, 10)
+    assert torch.allclose(yb.sum(1), torch.ones(16))
+
+
+# --- training, run folder, resume ----------------------------------------------------------------------
+
+
+def test_run_folder_contents(tiny_run):
+    for f in ("config.yaml", "metrics.csv", "model.safetensors", "model.json", "curves.png", "confusion.png",
+              "confusion.csv", "metrics.json", "last.pt"):
+        assert (tiny_run / f).exists(), f
+    meta = json.loads((tiny_run / "model.json").read_text())
+    assert meta["architecture"] == "fastnet" and meta["image_size"] == 32 and meta["resize"] == "stretch"
+    assert len(meta["mean"]) == 3 and meta["classes"][0] == "airplane"
+    rows = (tiny_run / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,train_loss,train_acc") and len(rows) == 3
+    cfg = make_config(tiny_run / "config.yaml")
+    assert cfg.epochs == 2 and cfg.lr is not None and cfg.batch_size is not None  # resolved, repeatable
+
+
+def test_default_recipe_learns_the_sample(tiny_run):
+    m = json.loads((tiny_run / "metrics.json").read_text())
+    assert m["split"] == "test" and m["n"] == 1000
+    assert m["top1"] > 0.30  # 2 epochs on 2,700 images; chance is 0.10
+
+
+def test_resume_after_interrupt_ends_like_an_uninterrupted_run(small_sample, tmp_path):
+    opts = dict(data=str(small_sample), project=str(tmp_path), epochs=3, seed=1, **{k: v for k, v in FAST.items() if k != "epochs"})
+    full = imgclf.train(name="full", **opts)
+
+    from imgclf.engine.callbacks import Callback
+
+    class Crash(Callback):
+        def on_epoch_end(self, t, row):
+            if row["epoch"] == 2:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        imgclf.train(name="cut", callbacks=[Crash()], **opts)
+    resumed = imgclf.train(resume=tmp_path / "cut", progress=False)
+    a, b = _weights(full.run_dir), _weights(resumed.run_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert len(resumed.history) == 3
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_resume(small_sample, tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "imgclf", "train", "--data", str(small_sample), "--project", str(tmp_path),
+           "--name", "k", "--epochs", "6", "--batch-size", "32", "--no-progress", "--no-tensorboard"]
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "k" / "last.pt"
+    deadline = time.time() + 240
+    while not ckpt.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    assert ckpt.exists(), "no checkpoint was written"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (tmp_path / "k" / "model.json").exists()  # it really died before finishing
+    r = subprocess.run([sys.executable, "-m", "imgclf", "train", "--resume", str(tmp_path / "k"), "--no-progress"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "resuming at epoch" in r.stderr
+    rows = (tmp_path / "k" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 7 and (tmp_path / "k" / "model.json").exists()
+
+
+def test_other_models_train(small_sample, tmp_path):
+    for model, args in (("plaincnn", {"channels": [16, 32], "dense": [64]}), ("timm:resnet18", {})):
+        res = imgclf.train(data=str(small_sample), project=str(tmp_path), model=model, model_args=args, **FAST)
+        meta = json.loads((res.run_dir / "model.json").read_text())
+        assert meta["architecture"] == model
+        clf = imgclf.load(res.run_dir)
+        out = clf.predict(sorted((small_sample / "test" / "cat").glob("*.jpg"))[:2], top_k=3)
+        assert len(out) == 2 and len(out[0]["top"]) == 3
+
+
+def test_timm_small_input_keeps_resolution():
+    from imgclf.models.registry import build_model
+
+    m = build_model("timm:resnet18", 10, 32, {"small_stem": True})
+    feats = m.forward_features(torch.zeros(1, 3, 32, 32))
+    assert feats.shape[-1] == 4  # 32 / 8 instead of 32 / 32
+
+
+def test_unknown_model_is_user_error(capsys, small_sample):
+    assert main(["train", "--data", str(small_sample), "--model", "resnet_nonexistent"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+
+
+# --- evaluate and predict ----------------------------------------------------------------------------
+
+
+def test_evaluate_cli_writes_figures(tiny_run, sample_dir, capsys, tmp_path):
+    assert main(["evaluate", str(tiny_run), "--data", str(sample_dir), "--out", str(tmp_path / "ev")]) == 0
+    out = capsys.readouterr().out
+    assert "top-1" in out and "top-5" in out and "airplane" in out
+    for f in ("confusion.png", "confusion.csv", "per_class.csv", "metrics.json"):
+        assert (tmp_path / "ev" / f).exists()
+    cm = np.loadtxt(tmp_path / "ev" / "confusion.csv", delimiter=",", skiprows=1, usecols=range(1, 11))
+    assert cm.sum() == 1000 and (cm.sum(1) == 100).all()
+
+
+def test_predict_cli_table_and_csv(tiny_run, sample_dir, tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for f in sorted((sample_dir / "test" / "ship").glob("*.jpg"))[:3]:
+        shutil.copy(f, folder / f.name)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    out = tmp_path / "preds.csv"
+    code = main(["predict", str(tiny_run), str(folder), "--top-k", "5", "--output", str(out)])
+    assert code == 1  # one input could not be read
+    text = capsys.readouterr().out
+    assert "broken.jpg\tERROR" in text
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("input,error,class1,prob1") and len(lines) == 5
+    row = lines[1].split(",")
+    probs = [float(row[i]) for i in range(3, 13, 2)]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+
+
+def test_python_api_predict_matches_cli_preprocessing(tiny_run, sample_dir):
+    clf = imgclf.load(tiny_run)
+    path = sorted((sample_dir / "test" / "frog").glob("*.jpg"))[0]
+    a = clf.predict([path])[0]["top"]
+    arr = np.asarray(Image.open(path).convert("RGB"))
+    b = clf.predict([arr])[0]["top"]
+    assert a[0][0] == b[0][0] and abs(a[0][1] - b[0][1]) < 1e-4
