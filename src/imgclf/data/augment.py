@@ -67,19 +67,21 @@ class BatchAugment:
     def __init__(self, spec: AugmentSpec, normalize: Normalize, num_classes: int, multilabel: bool = False):
         self.spec, self.normalize, self.num_classes, self.multilabel = spec, normalize, num_classes, multilabel
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, g: torch.Generator, flip_parity: int | None = None):
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, g: torch.Generator, flip_parity: int | None = None,
+                 indices: torch.Tensor | None = None):
         s, n, dev = self.spec, x.shape[0], x.device
         if s.translate > 0:
-            oy = torch.randint(0, 2 * s.translate + 1, (n,), generator=g).to(dev)
-            ox = torch.randint(0, 2 * s.translate + 1, (n,), generator=g).to(dev)
+            oy = torch.randint(0, 2 * s.translate + 1, (n,), generator=g, device=g.device).to(dev)
+            ox = torch.randint(0, 2 * s.translate + 1, (n,), generator=g, device=g.device).to(dev)
             x = _crop_translate(x, s.translate, oy, ox)
         if s.flip:
-            if flip_parity is None:
-                mask = torch.rand(n, generator=g) < 0.5
+            if flip_parity is None or indices is None:
+                mask = torch.rand(n, generator=g, device=g.device) < 0.5
             else:
                 # Alternating flip (airbench): each image is flipped in every other epoch, so two
-                # consecutive epochs see both views instead of a random 50% repeat.
-                mask = (torch.arange(n) + flip_parity) % 2 == 0
+                # consecutive epochs see both views instead of a random 50% repeat. The starting
+                # side per image comes from a multiplicative hash of its index.
+                mask = ((indices.long() * 2654435761 >> 16) + flip_parity) % 2 == 0
             mask = mask.to(dev).view(n, 1, 1, 1)
             x = torch.where(mask, x.flip(2), x)
         xf = self.normalize(x)
@@ -94,9 +96,10 @@ class BatchAugment:
 
     def _affine(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         s, n = self.spec, x.shape[0]
-        ang = (torch.rand(n, generator=g) * 2 - 1) * math.radians(s.rotate)
-        scale = 1.0 + (torch.rand(n, generator=g) * 2 - 1) * s.zoom
-        t = (torch.rand(n, 2, generator=g) * 2 - 1) * s.shift * 2  # grid coordinates span 2
+        d = g.device
+        ang = (torch.rand(n, generator=g, device=d) * 2 - 1) * math.radians(s.rotate)
+        scale = 1.0 + (torch.rand(n, generator=g, device=d) * 2 - 1) * s.zoom
+        t = (torch.rand(n, 2, generator=g, device=d) * 2 - 1) * s.shift * 2  # grid coordinates span 2
         cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
         theta = torch.stack([torch.stack([cos, -sin, t[:, 0]], 1), torch.stack([sin, cos, t[:, 1]], 1)], 1)
         grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
@@ -107,8 +110,8 @@ class BatchAugment:
     def _cutout(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         n, _, h, w = x.shape
         size = self.spec.cutout
-        cy = torch.randint(0, h, (n,), generator=g).to(x.device).view(n, 1, 1)
-        cx = torch.randint(0, w, (n,), generator=g).to(x.device).view(n, 1, 1)
+        cy = torch.randint(0, h, (n,), generator=g, device=g.device).to(x.device).view(n, 1, 1)
+        cx = torch.randint(0, w, (n,), generator=g, device=g.device).to(x.device).view(n, 1, 1)
         yy = torch.arange(h, device=x.device).view(1, h, 1)
         xx = torch.arange(w, device=x.device).view(1, 1, w)
         inside = ((yy - cy).abs() <= size // 2) & ((xx - cx).abs() <= size // 2)
@@ -117,14 +120,16 @@ class BatchAugment:
     def _mix(self, x: torch.Tensor, y: torch.Tensor, g: torch.Generator):
         s, n = self.spec, x.shape[0]
         onehot = y.float() if self.multilabel else F.one_hot(y, self.num_classes).float()
-        perm = torch.randperm(n, generator=g).to(x.device)
-        use_cutmix = s.cutmix > 0 and (s.mixup == 0 or torch.rand(1, generator=g).item() < 0.5)
+        perm = torch.randperm(n, generator=g, device=g.device).to(x.device)
+        # the scalar draws below sync with the host: only when mixing is on
+        use_cutmix = s.cutmix > 0 and (s.mixup == 0 or torch.rand(1, generator=g, device=g.device).item() < 0.5)
         alpha = s.cutmix if use_cutmix else s.mixup
         lam = float(torch.distributions.Beta(alpha, alpha).sample().item()) if alpha > 0 else 1.0
         if use_cutmix:
             _, _, h, w = x.shape
             rh, rw = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
-            cy, cx = torch.randint(0, h, (1,), generator=g).item(), torch.randint(0, w, (1,), generator=g).item()
+            cy = int(torch.randint(0, h, (1,), generator=g, device=g.device).item())
+            cx = int(torch.randint(0, w, (1,), generator=g, device=g.device).item())
             y0, y1 = max(cy - rh // 2, 0), min(cy + rh // 2, h)
             x0, x1 = max(cx - rw // 2, 0), min(cx + rw // 2, w)
             x = x.clone()

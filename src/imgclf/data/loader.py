@@ -67,6 +67,7 @@ class BatchLoader:
         labels = torch.from_numpy(np.ascontiguousarray(data.labels))
         self.labels = labels.to(device)
         self.images: torch.Tensor | None = None
+        self.last_indices: torch.Tensor | None = None  # dataset indices of the batch just yielded
         if self.resident:
             imgs = data.images if _is_all(data.rows, len(data.images)) else data.images[data.rows]
             self.images = torch.from_numpy(np.array(imgs)).to(device)  # a real copy: RAM, not the page cache
@@ -103,6 +104,7 @@ class BatchLoader:
             dev_idx = idx.to(self.device)
             for i in range(0, stop, bs):
                 b = dev_idx[i : min(i + bs, stop)]
+                self.last_indices = b
                 yield self.images[b], self.labels[b]
             return
         yield from self._stream(batches)
@@ -124,7 +126,7 @@ class BatchLoader:
         xt = torch.from_numpy(x)
         if self.device.type == "cuda":
             xt = xt.pin_memory()
-        return xt.to(self.device, non_blocking=True), self.labels[b.to(self.labels.device)]
+        return xt.to(self.device, non_blocking=True), self.labels[b.to(self.labels.device)], b
 
     def _stream(self, batches: list[torch.Tensor]):
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
@@ -149,7 +151,8 @@ class BatchLoader:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                yield item
+                x, y, self.last_indices = item
+                yield x, y
         finally:
             stop.set()
             while t.is_alive():

@@ -193,8 +193,10 @@ class Trainer:
         model, opt, dev = self.forward_model, self.optimizer, self.device
         model.train()
         # Augmentation draws and dropout masks depend only on (seed, epoch): exact resume.
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-        torch.manual_seed(self.cfg.seed * 7_919 + epoch)
+        # Each rank of a distributed run draws its own (rank 0's are those of a 1-process run).
+        rank = getattr(self.train_loader, "rank", 0)
+        g = torch.Generator(device=dev).manual_seed(self.cfg.seed * 1_000_003 + epoch + 7_777_777 * rank)
+        torch.manual_seed(self.cfg.seed * 7_919 + epoch + 7_777_777 * rank)
         parity = epoch % 2 if self.flip_mode == "alternate" else None
         loss_sum = torch.zeros((), device=dev)
         correct = torch.zeros((), device=dev)
@@ -205,7 +207,7 @@ class Trainer:
             if self.step >= self.total_steps:
                 break
             self._set_lr()
-            xb, target = self.augment(x, y, g, parity)
+            xb, target = self.augment(x, y, g, parity, self.train_loader.last_indices)
             with self.precision.autocast(dev):
                 logits = model(xb)
             loss = self.loss_fn(logits.float(), target)

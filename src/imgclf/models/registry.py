@@ -92,15 +92,23 @@ def build_model(arch: str, num_classes: int, image_size: int, args: dict[str, An
         name = arch[5:]
         _check_timm(name)
         small = args.pop("small_stem", None)
+        # a new head (models.head.HeadedNet) replaces timm's classifier: transfer learning
+        head, head_dropout = args.pop("head", None), float(args.pop("head_dropout", 0.0))
+        n_out = 0 if head is not None else num_classes
         try:
-            model = timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=image_size, **args)
+            model = timm.create_model(name, pretrained=False, num_classes=n_out, img_size=image_size, **args)
         except TypeError:  # CNNs take any input size and have no img_size argument
             try:
-                model = timm.create_model(name, pretrained=False, num_classes=num_classes, **args)
+                model = timm.create_model(name, pretrained=False, num_classes=n_out, **args)
             except TypeError as e:
                 raise UserError(f"{arch}: bad model arguments {args}: {e}") from None
         if small is None or small:
             small_input_stem(model, image_size)
+        if head is not None:
+            from imgclf.models.head import HeadedNet
+
+            width = getattr(model, "head_hidden_size", None) or model.num_features
+            model = HeadedNet(model, width, num_classes, head, head_dropout)
         return model
     raise UserError(f"unknown architecture '{arch}'")
 

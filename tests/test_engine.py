@@ -1,0 +1,62 @@
+"""Schedules and callbacks in isolation (no training needed)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import imgclf
+from imgclf.engine.callbacks import EarlyStopping, ReduceOnPlateau
+from imgclf.engine.schedule import lr_factor
+
+
+class _T:
+    stop = None
+    lr_scale = 1.0
+
+
+def test_onecycle_is_the_airbench_triangle():
+    f = [lr_factor("onecycle", s, 100, warmup=23, start=0.2, end=0.07) for s in range(101)]
+    assert f[0] == pytest.approx(0.2) and f[23] == pytest.approx(1.0) and f[100] == pytest.approx(0.07)
+    assert max(f) == pytest.approx(1.0) and np.argmax(f) == 23
+
+
+def test_cosine_with_warmup_and_step():
+    f = [lr_factor("cosine", s, 110, warmup=10, start=0.1, end=0.0) for s in range(111)]
+    assert f[0] == pytest.approx(0.1) and f[10] == pytest.approx(1.0) and f[110] == pytest.approx(0.0, abs=1e-9)
+    assert f[60] == pytest.approx(0.5)
+    g = [lr_factor("step", s, 100, steps_per_epoch=10, step_epochs=3, gamma=0.1) for s in (0, 29, 30, 60)]
+    assert g == pytest.approx([1.0, 1.0, 0.1, 0.01])
+    assert lr_factor("constant", 50, 100) == 1.0
+
+
+def test_early_stopping_waits_for_patience():
+    t, es = _T(), EarlyStopping("val_acc", patience=2)
+    for acc in (0.5, 0.6, 0.59, 0.6):
+        es.on_epoch_end(t, {"val_acc": acc})
+    assert t.stop is not None and "val_acc" in t.stop
+    t2, es2 = _T(), EarlyStopping("val_loss", patience=2)
+    for loss in (1.0, 0.9, 0.95, 0.8, 0.85):
+        es2.on_epoch_end(t2, {"val_loss": loss})
+    assert t2.stop is None
+
+
+def test_plateau_reduces_lr_after_patience():
+    t, rp = _T(), ReduceOnPlateau("val_loss", patience=1, factor=0.5)
+    for loss in (1.0, 1.1, 1.2):
+        rp.on_epoch_end(t, {"val_loss": loss})
+    assert t.lr_scale == 0.5
+    rp.on_epoch_end(t, {"val_loss": 0.5})
+    assert t.lr_scale == 0.5 and not math.isnan(rp.best)
+
+
+def test_plateau_schedule_and_early_stopping_in_a_real_run(small_sample, tmp_path):
+    res = imgclf.train(data=str(small_sample), project=str(tmp_path), model="plaincnn",
+                       model_args={"channels": [8, 16], "dense": [32]}, schedule="plateau", plateau_patience=0,
+                       plateau_factor=0.5, early_stopping=2, monitor="val_loss", epochs=12, lr=0.05,
+                       optimizer="sgd", batch_size=32, progress=False, tensorboard=False)
+    lrs = [r["lr"] for r in res.history]
+    assert lrs == sorted(lrs, reverse=True)  # only ever reduced
+    assert len(res.history) <= 12
