@@ -1,0 +1,93 @@
+"""``imgclf check``: the data checks of :mod:`imgclf.data.checks` as a command."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from imgclf.config import TrainConfig
+
+# The options of 'train' that decide what is read and how it is decoded: the same values give the
+# same splits and the same cache keys, so a check before training decodes nothing twice.
+DATA_OPTIONS = ("data", "val_data", "test_data", "val_split", "split_seed", "csv_layout", "label_column",
+                "image_size", "resize", "cache_dir", "workers", "task", "label_mode", "classes", "images",
+                "keep_empty", "progress")
+
+
+def add_check(sub) -> None:
+    from imgclf.cli import add_config_options
+
+    p = sub.add_parser(
+        "check",
+        help="check data before training: unreadable files, duplicates and leakage, class balance, layout",
+        description="Find what silently ruins a model: unreadable files, exact and near duplicates within a "
+        "split and across train/val/test, tiny or imbalanced classes, image sizes and modes, pixel arrays "
+        "read with the wrong channel layout; writes a JSON file and a PNG grid of samples per class. "
+        "Exit status 1 when something serious was found.",
+    )
+    p.add_argument("--config", help="a training YAML file: its data options are used")
+    p.add_argument("--near-threshold", type=int, default=None,
+                   help="max pHash Hamming distance of near duplicates (default 4 of 64 bits)")
+    p.add_argument("--max-images", type=int, default=None, help="hash at most this many images for duplicates")
+    p.add_argument("--out", help="folder for check.json and samples.png (default runs/check-<data>)")
+    p.add_argument("--json", help="write the findings here instead of OUT/check.json")
+    add_config_options(p, skip=tuple(f for f in TrainConfig.model_fields if f not in DATA_OPTIONS))
+    p.set_defaults(func=cmd_check)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from imgclf.config import load_yaml, make_config
+    from imgclf.data.cache import build_cache, cache_root
+    from imgclf.data.checks import NEAR_THRESHOLD, run_checks
+    from imgclf.data.sources import load_source
+    from imgclf.engine import recipe
+    from imgclf.errors import UserError
+
+    opts = {k: v for k, v in vars(args).items() if k in DATA_OPTIONS}
+    if args.config:  # only the data options of a training config matter here
+        opts = {**{k: v for k, v in load_yaml(args.config).items() if k in DATA_OPTIONS}, **opts}
+    if "data" not in opts:
+        raise UserError("check needs --data (a folder, a CSV, a CIFAR pickle folder or 'cifar10') or --config")
+    cfg = make_config(**opts)  # the same validation, defaults and messages as 'train'
+    root = cache_root(cfg.cache_dir)
+    src = load_source(cfg.data, val_data=cfg.val_data, test_data=cfg.test_data, val_split=cfg.val_split,
+                      split_seed=cfg.split_seed, csv_layout=cfg.csv_layout, label_column=cfg.label_column,
+                      cache_dir=root, task=cfg.task, label_mode=cfg.label_mode, classes=cfg.classes,
+                      images=cfg.images, keep_empty=cfg.keep_empty)
+    native = src.train.images.shape[1] if src.train.images is not None else None
+    size = cfg.image_size or recipe.auto_image_size(src.train.paths, native)
+    # build_cache directly, not api._cache_splits: unreadable files are findings here, not warnings
+    cached = {name: build_cache(split, size, cfg.resize, root / "images", workers=cfg.workers,
+                                progress=cfg.progress, desc=f"decoding {name}")
+              for name, split in src.splits().items()}
+    out = Path(args.out) if args.out else Path("runs") / f"check-{src.name}"
+    report = run_checks(src, cached, out_dir=out, max_images=args.max_images,
+                        near_threshold=NEAR_THRESHOLD if args.near_threshold is None else args.near_threshold)
+    json_path = report.write_json(Path(args.json) if args.json else out / "check.json")
+    print_report(report, cached)
+    print(f"findings: {json_path}   samples: {report.grid}")
+    return 1 if report.serious else 0
+
+
+def print_report(report, cached) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(soft_wrap=False)
+    sizes = ", ".join(f"{n} {len(cs)}" for n, cs in cached.items())
+    console.print(f"[bold]{report.data}[/bold]: {len(report.classes)} classes, {sizes} readable images, "
+                  f"{report.image_size}px; checked in {report.seconds:.1f} s", highlight=False)
+    if not report.findings:
+        console.print("[green]no problems found[/green]")
+        return
+    style = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+    table = Table(show_lines=False)
+    table.add_column("severity")
+    table.add_column("kind")
+    table.add_column("finding", overflow="fold")
+    for f in report.findings:
+        table.add_row(f"[{style[f.severity]}]{f.severity}[/]", f.kind, f.message)
+    console.print(table)
+
+
+COMMANDS = [add_check]

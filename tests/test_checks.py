@@ -1,0 +1,211 @@
+"""Data checks (issue 4): planted problems in a copy of the CIFAR-10 sample are each reported, and
+nothing else is; duplicate search, layout score, JSON and grid, exit codes, the summary in train."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageEnhance
+
+from imgclf.cli import main
+from imgclf.data.checks import SCRAMBLED_BELOW, grid_size, neighbour_correlation, run_checks
+from imgclf.data.phash import hamming, near_pairs, phash_batch
+
+
+def _check(tmp_path: Path, *argv: str) -> tuple[int, dict]:
+    out = tmp_path / "out"
+    rc = main(["check", *argv, "--out", str(out), "--no-progress"])
+    json_path = Path(argv[argv.index("--json") + 1]) if "--json" in argv else out / "check.json"
+    return rc, json.loads(json_path.read_text())
+
+
+def _kinds(report: dict) -> list[str]:
+    return sorted(f["kind"] for f in report["findings"])
+
+
+@pytest.fixture(scope="module")
+def planted(small_sample, tmp_path_factory) -> Path:
+    """small_sample (40 train / 10 test per class) with three planted problems."""
+    root = tmp_path_factory.mktemp("planted") / "data"
+    shutil.copytree(small_sample, root)
+    # 1. a training image copied into test under another name: leakage
+    shutil.copy(root / "train" / "airplane" / "0003.jpg", root / "test" / "airplane" / "leaked.jpg")
+    # 2. a corrupt file: a JPEG cut in half
+    data = (root / "train" / "bird" / "0000.jpg").read_bytes()
+    (root / "train" / "bird" / "broken.jpg").write_bytes(data[: len(data) // 2])
+    # 3. a class of 5 images
+    for f in sorted((root / "train" / "cat").glob("*.jpg"))[5:]:
+        f.unlink()
+    return root
+
+
+def test_clean_sample_has_no_findings(small_sample, tmp_path):
+    # The full packaged sample holds one true CIFAR near-duplicate (train/frog/0178.jpg and
+    # 0204.jpg, the same photo re-encoded); small_sample's first 40 images per class hold none.
+    rc, report = _check(tmp_path, "--data", str(small_sample))
+    assert rc == 0
+    assert report["findings"] == [] and report["serious"] is False
+    assert report["stats"]["duplicates"]["near_pairs"] == 0
+    assert report["stats"]["duplicates"]["hashed"] == 500
+    assert report["stats"]["images"]["sizes"] == {"32x32": report["stats"]["images"]["sampled"]}
+    assert report["stats"]["layout"]["neighbour_correlation"] > 0.85
+    grid = Path(report["grid"])
+    with Image.open(grid) as im:
+        assert im.size == grid_size(10)
+
+
+def test_planted_problems_each_reported_and_nothing_else(planted, tmp_path):
+    rc, report = _check(tmp_path, "--data", str(planted), "--json", str(tmp_path / "findings.json"))
+    assert rc == 1 and not (tmp_path / "out" / "check.json").exists()  # --json moved it
+    assert _kinds(report) == ["duplicate_across_splits", "few_images", "unreadable"], report["findings"]
+    assert all(f["severity"] == "error" for f in report["findings"]) and report["serious"]
+    by_kind = {f["kind"]: f for f in report["findings"]}
+    leak = by_kind["duplicate_across_splits"]
+    assert any(p.endswith("test/airplane/leaked.jpg") for p in leak["paths"])
+    assert any(p.endswith("airplane/0003.jpg") for p in leak["paths"])
+    assert by_kind["unreadable"]["paths"][0].endswith("train/bird/broken.jpg")
+    assert "truncated" in by_kind["unreadable"]["details"]["reasons"][0]
+    assert by_kind["few_images"]["details"]["class"] == "cat"
+    assert "cat" in by_kind["few_images"]["message"]
+    for f in report["findings"]:
+        assert set(f) >= {"kind", "severity", "message", "paths"} and f["message"]
+    assert report["stats"]["counts"]["test"]["airplane"] == 11
+    assert sum(report["stats"]["counts"][s]["cat"] for s in ("train", "val")) == 5
+
+
+def _write_csv(path: Path, root: Path, layout: str) -> None:
+    lines = ["label," + ",".join(f"p{i}" for i in range(3072))]
+    for cdir in sorted((root / "train").iterdir()):
+        for f in sorted(cdir.glob("*.jpg")):
+            a = np.asarray(Image.open(f).convert("RGB"))
+            px = a.transpose(2, 0, 1).reshape(-1) if layout == "planar" else a.reshape(-1)
+            lines.append(cdir.name + "," + ",".join(map(str, px.tolist())))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_csv_read_with_the_wrong_layout_is_flagged(small_sample, tmp_path):
+    csv = tmp_path / "pixels.csv"
+    _write_csv(csv, small_sample, "planar")
+    rc, report = _check(tmp_path / "wrong", "--data", str(csv), "--csv-layout", "interleaved")
+    assert rc == 1
+    assert _kinds(report) == ["scrambled"]
+    finding = report["findings"][0]
+    assert finding["severity"] == "error" and "wrong --csv-layout" in finding["message"]
+    assert finding["details"]["suggested_layout"] == "planar"
+    assert report["stats"]["layout"]["neighbour_correlation"] < SCRAMBLED_BELOW
+    # the same file read the right way is clean
+    rc, report = _check(tmp_path / "right", "--data", str(csv), "--csv-layout", "planar")
+    assert rc == 0 and report["findings"] == []
+    assert report["stats"]["layout"]["neighbour_correlation"] > 0.85
+
+
+def _jpeg_bytes(img: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def test_exact_and_near_duplicates(sample_dir, tmp_path):
+    root = tmp_path / "data"
+    for split, n in (("train", 12), ("test", 3)):
+        for c in ("airplane", "ship"):
+            (root / split / c).mkdir(parents=True)
+            for f in sorted((sample_dir / split / c).glob("*.jpg"))[:n]:
+                shutil.copy(f, root / split / c / f.name)
+    src = root / "train" / "ship" / "0001.jpg"
+    shutil.copy(src, root / "train" / "ship" / "copy.jpg")  # exact, within train
+    brighter = ImageEnhance.Brightness(Image.open(src).convert("RGB")).enhance(1.15)
+    (root / "test" / "ship" / "brighter.jpg").write_bytes(_jpeg_bytes(brighter, 85))  # near, in test
+    rc, report = _check(tmp_path, "--data", str(root), "--val-split", "0")
+    assert rc == 1
+    assert _kinds(report) == ["duplicate", "near_duplicate_across_splits"], report["findings"]
+    by_kind = {f["kind"]: f for f in report["findings"]}
+    assert by_kind["duplicate"]["severity"] == "warning"
+    assert sorted(Path(p).name for p in by_kind["duplicate"]["paths"]) == ["0001.jpg", "copy.jpg"]
+    near = by_kind["near_duplicate_across_splits"]
+    assert near["severity"] == "error"
+    assert {Path(p).name for p in near["paths"]} == {"0001.jpg", "copy.jpg", "brighter.jpg"}
+
+
+def test_near_pairs_matches_brute_force():
+    rng = np.random.default_rng(0)
+    h = rng.integers(0, 2**63, 2000, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, 2000, dtype=np.uint64)
+    for i in range(0, 200, 2):  # plant close pairs at distances 0..6
+        flips = rng.choice(64, rng.integers(0, 7), replace=False)
+        h[i + 1] = h[i] ^ np.uint64(sum(1 << int(b) for b in flips))
+    h[1500:1800] = h[1500]  # one big bucket (near-constant images hash alike)
+    for t in (0, 4, 6):
+        found = {(int(a), int(b)) for a, b, _ in near_pairs(h, t)}
+        d = np.bitwise_count(h[:, None] ^ h[None, :])
+        ii, jj = np.nonzero(np.triu(d <= t, 1))
+        assert found == set(zip(ii.tolist(), jj.tolist()))
+
+
+def test_phash_is_robust_and_discriminative(sample_dir):
+    files = sorted((sample_dir / "train" / "dog").glob("*.jpg"))[:50]
+    imgs = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    h = phash_batch(imgs)
+    assert len(np.unique(h)) == 50
+    d = hamming(h[:, None], h[None, :])[np.triu_indices(50, 1)]
+    assert d.min() > 6 and 26 < d.mean() < 38
+    # bigger images of the same content hash alike (block averaging + area resize)
+    big = np.repeat(np.repeat(imgs, 7, axis=1), 7, axis=2)
+    assert hamming(h, phash_batch(big)).max() <= 2
+
+
+def test_neighbour_correlation_separates_scrambled(sample_dir):
+    files = sorted((sample_dir / "test").glob("*/*.jpg"))[::5]
+    x = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    n = len(x)
+    planar_as_interleaved = x.transpose(0, 3, 1, 2).reshape(n, 32, 32, 3)
+    interleaved_as_planar = x.reshape(n, 3, 32, 32).transpose(0, 2, 3, 1)
+    assert neighbour_correlation(x) > 0.85
+    assert neighbour_correlation(planar_as_interleaved) < 0.65
+    assert neighbour_correlation(interleaved_as_planar) < 0.4
+
+
+def test_run_checks_on_arrays_needs_no_files(sample_dir):
+    from imgclf.data.cache import build_cache
+    from imgclf.data.sources import DataSource, Split
+
+    files = sorted((sample_dir / "train").glob("*/*.jpg"))[::10]
+    x = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    y = np.asarray([sorted(p.name for p in (sample_dir / "train").iterdir()).index(f.parent.name) for f in files])
+    x[1] = x[0]
+    src = DataSource("arr", "arrays", sorted(p.name for p in (sample_dir / "train").iterdir()),
+                     Split(labels=y, images=x))
+    cached = {"train": build_cache(src.train, 32, "stretch", Path("/nonexistent"))}
+    report = run_checks(src, cached, grid=False)
+    assert report.kinds() == ["duplicate"] and not report.serious
+    assert report.findings[0].paths == ["train[0]", "train[1]"]
+    assert y[0] == y[1] and "different labels" not in report.findings[0].message
+
+
+def test_training_summary_is_short_and_writes_check_json(planted, tmp_path, capsys):
+    from imgclf.data.cache import build_cache, cache_root
+    from imgclf.data.checks import check_for_training
+    from imgclf.data.sources import load_source
+
+    root = cache_root()
+    src = load_source(str(planted), cache_dir=root)
+    cached = {n: build_cache(s, 32, "stretch", root / "images", progress=False) for n, s in src.splits().items()}
+    report = check_for_training(src, cached, tmp_path)
+    assert report is not None and report.serious  # reported, and nothing raised: training goes on
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "data check" in ln]
+    assert len(lines) == 2 and "3 errors" in lines[0]
+    assert _kinds(json.loads((tmp_path / "check.json").read_text())) == sorted(report.kinds())
+    assert (tmp_path / "samples.png").exists()
+
+
+def test_train_runs_the_check(tiny_run):
+    # tiny_run: 2 epochs on the packaged sample, shared with the other tests
+    report = json.loads((tiny_run / "check.json").read_text())
+    assert report["serious"] is False
+    # the sample's one true near-duplicate pair (train/frog/0178.jpg ~ 0204.jpg) stays within train
+    assert _kinds(report) in ([], ["near_duplicate"])
+    assert (tiny_run / "samples.png").exists()
