@@ -67,7 +67,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     grid = np.exp(np.linspace(np.log(T_MIN), np.log(T_MAX), 41))
     start = float(grid[int(np.argmin([nll(t) for t in grid]))])
     log_t = torch.tensor([np.log(start)], dtype=torch.float32, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=50, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=20, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
@@ -134,6 +134,18 @@ def calibrate_model(run_dir: Path, model, meta: dict, cs, device, precision: str
     return meta
 
 
+def source_from_config(cfg, root: Path):
+    """The data source exactly as training read it (same splits, seeds and label options)."""
+    import inspect
+
+    from imgclf.data.sources import load_source
+
+    # pass every config value load_source takes, so new data options keep working here
+    params = inspect.signature(load_source).parameters
+    kw = {k: getattr(cfg, k) for k in params if k not in ("data", "cache_dir") and k in type(cfg).model_fields}
+    return load_source(cfg.data, cache_dir=root, **kw)
+
+
 def calibrate_run(run: str | Path, data: str | None = None, *, device: str = "auto", progress: bool = True,
                   cache_dir: str | None = None) -> dict:
     """Refit the temperature of a finished run on its validation split (or on ``data``)."""
@@ -149,10 +161,7 @@ def calibrate_run(run: str | Path, data: str | None = None, *, device: str = "au
         raise UserError(f"{run_dir}: temperature scaling applies to single-label runs only")
     root = cache_root(cache_dir)
     if data is None:
-        cfg = make_config(run_dir / "config.yaml")
-        src = load_source(cfg.data, val_data=cfg.val_data, test_data=cfg.test_data, val_split=cfg.val_split,
-                          split_seed=cfg.split_seed, csv_layout=cfg.csv_layout, label_column=cfg.label_column,
-                          cache_dir=root)
+        src = source_from_config(make_config(run_dir / "config.yaml"), root)
         if src.val is None:
             raise UserError(f"{run_dir} was trained without a validation split: pass --data DIR with held-out "
                             "labelled images to calibrate on")

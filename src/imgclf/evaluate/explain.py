@@ -52,9 +52,15 @@ def find_target_layer(model: nn.Module, image_size: int, device, layer: str | No
     if layer is not None:
         if layer in {n for n, _ in maps}:
             return layer
-        shown = spatial[-15:] or [n for n, _ in maps][-15:]
-        more = "..., " if len(spatial) > 15 else ""
-        raise UserError(f"unknown layer '{layer}': layers with a feature map are {more}{', '.join(shown)}")
+        # name the stages, not every conv/norm/act inside them; deeper names work too
+        names = spatial or [n for n, _ in maps]
+        for depth in (2, 1):
+            shown = [n for n in names if n.count(".") <= depth]
+            if len(shown) <= 20:
+                break
+        more = "..., " if len(shown) > 20 else ""
+        raise UserError(f"unknown layer '{layer}': choose one of {more}{', '.join(shown[-20:])} "
+                        "(or any deeper module name with a feature map)")
     if not spatial:
         raise UserError("Grad-CAM needs a convolutional feature map, and this model has none "
                         "(vision transformers and MLPs are not supported)")
@@ -97,7 +103,6 @@ class GradCAM:
 def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45, size: int | None = None) -> np.ndarray:
     """Blend a jet-coloured heatmap over an RGB uint8 image, both resized to ``size`` (or the image's)."""
     import matplotlib
-
     from PIL import Image
 
     img = Image.fromarray(image)
@@ -117,8 +122,9 @@ def display_size(n: int) -> int:
 
 def explanation_png(image: np.ndarray, cam: np.ndarray, title: str, alpha: float = 0.45) -> bytes:
     """PNG of the image and its Grad-CAM overlay side by side, with ``title`` above."""
-    from imgclf.evaluate.plots import plt
     from PIL import Image
+
+    from imgclf.evaluate.plots import plt
 
     size = display_size(max(image.shape[:2]))
     over = overlay(image, cam, alpha, size)

@@ -1,0 +1,470 @@
+"""The run report: one self-contained HTML file (``RUN/report.html``) a person can open anywhere.
+
+Everything is inline: CSS in a <style> block, every figure and thumbnail a base64 ``data:`` URI,
+no JavaScript, no fonts or links to fetch. Each section reads what the run folder holds and is
+left out (with a note) when its inputs are missing, so a report of an older or partial run, or
+of a task a section does not cover yet, still renders.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from imgclf import log
+from imgclf.errors import UserError
+
+SAMPLE_LIMIT = 2000  # images per split whose loss is computed: enough to surface the worst ones, fast on CPU
+SAMPLE_BYTES = 256 * 2**20  # and at most this much decoded pixels held at once (large images)
+N_TOP_LOSSES = 12
+N_PAIRS, N_PAIR_EXAMPLES = 6, 4
+N_CAM = 8
+THUMB = 96
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
+main{max-width:1180px;margin:0 auto;padding:24px}
+h1{font-size:1.6em;margin:0 0 4px}h2{font-size:1.25em;margin:0 0 10px;border-bottom:1px solid #dde1e7;padding-bottom:4px}
+section{background:#fff;border:1px solid #e3e6eb;border-radius:8px;padding:16px 20px;margin:16px 0}
+nav a{margin-right:12px;color:#2457a6;text-decoration:none}
+table{border-collapse:collapse;font-size:.9em}td,th{padding:3px 10px;border-bottom:1px solid #eceff3;text-align:left}
+th{background:#f0f2f5}td.num{text-align:right;font-variant-numeric:tabular-nums}
+img.fig{max-width:100%;height:auto}
+.grid{display:flex;flex-wrap:wrap;gap:10px}
+figure{margin:0;width:min-content;font-size:.78em;line-height:1.25}
+figure img{display:block;image-rendering:auto;border:1px solid #ccd}
+figcaption{margin-top:3px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
+.bad{color:#b3261e}.good{color:#1b7a3a}.note{color:#667;font-size:.9em}
+.pair{margin:10px 0}.kv td:first-child{color:#556}
+details summary{cursor:pointer;color:#2457a6}
+"""
+
+
+def esc(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def png_uri(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def fig_uri(fig) -> str:
+    from imgclf.evaluate.plots import plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return png_uri(buf.getvalue())
+
+
+def thumb_uri(image: np.ndarray, size: int = THUMB) -> str:
+    """A small inline picture: PNG for tiny inputs (sharp, few bytes), JPEG for photos."""
+    from PIL import Image
+
+    img = Image.fromarray(np.asarray(image))
+    s = size / max(img.size)
+    img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))),
+                     Image.Resampling.NEAREST if s >= 3 else Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    if max(image.shape[:2]) <= 64:
+        img.save(buf, format="PNG", optimize=False)
+        return png_uri(buf.getvalue())
+    img.save(buf, format="JPEG", quality=85)
+    return png_uri(buf.getvalue(), "image/jpeg")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text()) if path.exists() else None
+    except json.JSONDecodeError:
+        return None
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    """metrics.csv as a list of rows of floats (empty cells dropped)."""
+    path = run_dir / "metrics.csv"
+    if not path.exists():
+        return []
+    rows = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            row = {}
+            for k, v in r.items():
+                try:
+                    row[k] = float(v)
+                except (TypeError, ValueError):
+                    continue
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# per-sample analysis (single-label): losses, predictions, Grad-CAM
+
+
+@dataclass
+class SplitSample:
+    """Predictions on (a subset of) one split: ``rows`` index the cache, ``paths`` name the files."""
+
+    name: str
+    images: np.ndarray  # uint8 NHWC of the subset
+    labels: np.ndarray
+    logits: torch.Tensor
+    paths: list[str | None] = field(default_factory=list)
+
+    @property
+    def loss(self) -> np.ndarray:
+        return F.cross_entropy(self.logits, torch.from_numpy(self.labels), reduction="none").numpy()
+
+    @property
+    def pred(self) -> np.ndarray:
+        return self.logits.argmax(1).numpy()
+
+
+def sample_split(model, meta: dict, name: str, cs, paths: list[str] | None, device, limit: int = SAMPLE_LIMIT) -> SplitSample:
+    from imgclf.evaluate.calibrate import split_logits
+
+    n = len(cs.rows)
+    limit = max(1, min(limit, SAMPLE_BYTES // max(1, int(np.prod(cs.images.shape[1:])))))
+    pick = np.linspace(0, n - 1, min(limit, n)).astype(np.int64) if n else np.zeros(0, np.int64)
+    rows = cs.rows[pick]
+    labels = np.asarray(cs.labels)[pick].astype(np.int64)
+    images = np.asarray(cs.images[rows])
+    from types import SimpleNamespace
+
+    logits, _ = split_logits(model, meta, SimpleNamespace(rows=np.arange(len(rows)), labels=labels, images=images),
+                             device)
+    names = [paths[int(r)] if paths is not None and int(r) < len(paths) else None for r in rows]
+    return SplitSample(name, images, labels, logits, names)
+
+
+def load_samples(run_dir: Path, meta: dict, device, model=None, cached=None, paths=None) -> tuple[dict, object, str]:
+    """Rebuild the run's data (cache hits after training) when the caller did not pass it in."""
+    if model is None:
+        from imgclf.runs import load_model
+
+        model, meta = load_model(run_dir, device)
+    if cached is None:
+        from imgclf.config import make_config
+        from imgclf.data.cache import build_cache, cache_root
+        from imgclf.evaluate.calibrate import source_from_config
+
+        cfg = make_config(run_dir / "config.yaml")
+        root = cache_root(cfg.cache_dir)
+        src = source_from_config(cfg, root)
+        cached, paths = {}, {}
+        for k in ("train", "test", "val"):
+            split = src.splits().get(k)
+            if split is not None:
+                cached[k] = build_cache(split, meta["image_size"], meta["resize"], root / "images",
+                                       progress=False, desc=f"decoding {k}")
+                paths[k] = split.paths
+    paths = paths or {}
+    samples = {}
+    for k in ("train", "test" if "test" in cached else "val"):
+        if k in cached and len(cached[k]):
+            samples[k] = sample_split(model, meta, k, cached[k], paths.get(k), device)
+    return samples, model, ("test" if "test" in cached else "val")
+
+
+# ---------------------------------------------------------------------------------------------
+# sections: each returns (id, title, html body) or None when it has nothing to show
+
+
+def _table(rows: list[list], head: list[str] | None = None, cls: str = "") -> str:
+    out = [f'<table class="{cls}">']
+    if head:
+        out.append("<tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>")
+    for r in rows:
+        cells = []
+        for v in r:
+            if isinstance(v, float):
+                cells.append(f'<td class="num">{v:.4f}</td>')
+            elif isinstance(v, int) and not isinstance(v, bool):
+                cells.append(f'<td class="num">{v}</td>')
+            else:
+                cells.append(f"<td>{esc(v)}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    return "".join(out) + "</table>"
+
+
+def _figure(uri: str, caption_html: str, alt: str, title: str = "") -> str:
+    """A thumbnail; ``caption_html`` is already escaped, ``alt``/``title`` are plain text."""
+    t = f' title="{esc(title)}"' if title else ""
+    return f'<figure><img src="{uri}" alt="{esc(alt)}"{t}><figcaption{t}>{caption_html}</figcaption></figure>'
+
+
+def section_config(run_dir: Path, meta: dict) -> str | None:
+    import yaml
+
+    path = run_dir / "config.yaml"
+    cfg = yaml.safe_load(path.read_text()) if path.exists() else None
+    model_rows = [[k, json.dumps(meta[k]) if isinstance(meta[k], (list, dict)) else meta[k]]
+                  for k in ("architecture", "arch_args", "image_size", "resize", "task", "temperature", "weights_from",
+                            "epochs_trained", "data", "imgclf_version") if k in meta]
+    body = "<h3>model</h3>" + _table(model_rows, cls="kv")
+    if isinstance(cfg, dict):
+        rows = [[k, json.dumps(v) if isinstance(v, (list, dict)) else ("" if v is None else v)] for k, v in cfg.items()]
+        body += f"<details><summary>training options ({len(rows)})</summary>{_table(rows, cls='kv')}</details>"
+    return body
+
+
+def section_curves(run_dir: Path, meta: dict) -> str | None:
+    from imgclf.evaluate.plots import plot_curves
+
+    history = read_history(run_dir)
+    if not history or "epoch" not in history[0]:
+        return None
+    buf = io.BytesIO()
+    plot_curves(history, buf, title=f"{meta.get('architecture', '')}")
+    return f'<img class="fig" src="{png_uri(buf.getvalue())}" alt="learning curves">'
+
+
+def section_metrics(metrics: dict | None, summary: dict | None) -> str | None:
+    if not metrics and not summary:
+        return None
+    rows = []
+    for src in (metrics or {}, summary or {}):
+        for k, v in src.items():
+            if isinstance(v, (int, float, str)) and not isinstance(v, bool) and k not in {r[0] for r in rows}:
+                rows.append([k, v])
+    return _table(rows, ["figure", "value"], cls="kv")
+
+
+def section_per_class(metrics: dict | None) -> str | None:
+    per = (metrics or {}).get("per_class")
+    if not per or not isinstance(per, list) or not isinstance(per[0], dict):
+        return None
+    keys = list(per[0].keys())
+    return _table([[r.get(k, "") for k in keys] for r in per], keys)
+
+
+def section_confusion(metrics: dict | None, classes: list[str]) -> str | None:
+    from imgclf.evaluate.plots import plot_confusion
+
+    cm = (metrics or {}).get("confusion")
+    if cm is None or len(cm) != len(classes):
+        return None
+    buf = io.BytesIO()
+    plot_confusion(cm, classes, buf, title=f"{metrics.get('split', 'test')} confusion (row-normalised)")
+    return f'<img class="fig" src="{png_uri(buf.getvalue())}" alt="confusion matrix">'
+
+
+def _caption(s: SplitSample, i: int, classes: list[str], temperature: float, extra: str = "") -> tuple[str, str, str]:
+    """(caption HTML, alt text, hover title: the file's path when known)."""
+    p = torch.softmax(s.logits[i] / temperature, 0)
+    t, q = int(s.labels[i]), int(s.pred[i])
+    ok = "good" if t == q else "bad"
+    cap = (f'true <b>{esc(classes[t])}</b><br><span class="{ok}">pred {esc(classes[q])} {float(p[q]):.2f}</span>'
+           + (f"<br>{esc(extra)}" if extra else ""))
+    alt = f"{s.name} image, true {classes[t]}, predicted {classes[q]}"
+    return cap, alt, s.paths[i] or alt
+
+
+def section_confused_pairs(metrics: dict | None, s: SplitSample | None, classes: list[str], temperature: float) -> str | None:
+    cm = np.asarray((metrics or {}).get("confusion") or [])
+    if s is not None and (cm.shape != (len(classes), len(classes))):
+        from imgclf.evaluate.metrics import confusion_matrix
+
+        cm = confusion_matrix(s.pred, s.labels, len(classes))
+    if cm.ndim != 2 or cm.shape[0] != len(classes):
+        return None
+    off = cm.astype(np.int64).copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(-off, axis=None)[:N_PAIRS]
+    pairs = [(int(i) // len(classes), int(i) % len(classes)) for i in order if off.flat[int(i)] > 0]
+    if not pairs:
+        return '<p class="note">no confusions: every image was classified correctly</p>'
+    out = []
+    for a, b in pairs:
+        support = max(int(cm[a].sum()), 1)
+        head = (f"<b>{esc(classes[a])}</b> predicted as <b>{esc(classes[b])}</b>: {int(off[a, b])} images "
+                f"({100 * off[a, b] / support:.1f}% of {esc(classes[a])})")
+        figs = ""
+        if s is not None:
+            idx = np.flatnonzero((s.labels == a) & (s.pred == b))
+            conf = s.logits[idx].softmax(1)[:, b].numpy() if len(idx) else np.zeros(0)
+            for i in idx[np.argsort(-conf)][:N_PAIR_EXAMPLES]:
+                figs += _figure(thumb_uri(s.images[i]), *_caption(s, int(i), classes, temperature))
+        out.append(f'<div class="pair"><p>{head}</p><div class="grid">{figs}</div></div>')
+    return "".join(out)
+
+
+def section_top_losses(samples: dict[str, SplitSample], classes: list[str], temperature: float) -> str | None:
+    if not samples:
+        return None
+    out = ['<p class="note">The images the model finds hardest (highest cross-entropy), among up to '
+           f'{SAMPLE_LIMIT} per split: mislabelled, ambiguous or unusual images show up here first.</p>']
+    for name, s in samples.items():
+        loss = s.loss
+        figs = ""
+        for i in np.argsort(-loss)[:N_TOP_LOSSES]:
+            figs += _figure(thumb_uri(s.images[i]), *_caption(s, int(i), classes, temperature, f"loss {loss[i]:.2f}"))
+        out.append(f"<h3>{esc(name)} ({len(s.labels)} images scored)</h3><div class=\"grid\">{figs}</div>")
+    return "".join(out)
+
+
+def section_gradcam(model, meta: dict, s: SplitSample | None, device, classes: list[str], temperature: float) -> str | None:
+    if s is None or not len(s.labels):
+        return None
+    from imgclf.data.augment import Normalize
+    from imgclf.evaluate.explain import GradCAM, overlay
+
+    try:
+        cam = GradCAM(model, meta["image_size"], device)
+    except UserError as e:  # e.g. a vision transformer: no feature map to read
+        return f'<p class="note">{esc(e)}</p>'
+    rng = np.random.default_rng(0)
+    right, wrong = np.flatnonzero(s.pred == s.labels), np.flatnonzero(s.pred != s.labels)
+    half = N_CAM // 2
+    pick_w = rng.choice(wrong, min(len(wrong), half), replace=False) if len(wrong) else np.zeros(0, np.int64)
+    pick_r = rng.choice(right, min(len(right), N_CAM - len(pick_w)), replace=False) if len(right) else np.zeros(0, np.int64)
+    idx = np.concatenate([pick_r, pick_w]).astype(np.int64)
+    x = Normalize(meta["mean"], meta["std"], device)(torch.from_numpy(s.images[idx]).to(device))
+    heat, _ = cam(x)
+    size = THUMB * 2
+    figs = ""
+    for h, i in zip(heat, idx):
+        cap, alt, title = _caption(s, int(i), classes, temperature)
+        figs += _figure(thumb_uri(s.images[i], size), cap, alt, title)
+        what = f"Grad-CAM for {classes[int(s.pred[i])]}"
+        figs += _figure(png_uri(_png(overlay(s.images[i], h, size=size))), esc(what), f"{what}: {alt}", title)
+    return (f'<p class="note">Where the model looked for its predicted class (layer <code>{esc(cam.layer)}</code>), '
+            f"for {len(pick_r)} correct and {len(pick_w)} wrong {esc(s.name)} predictions.</p>"
+            f'<div class="grid">{figs}</div>')
+
+
+def _png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def reliability_figure(logits: torch.Tensor, labels: np.ndarray, temperature: float, split: str):
+    from imgclf.evaluate.calibrate import expected_calibration_error, reliability_bins, softmax_np
+    from imgclf.evaluate.plots import plt
+
+    cases = [("before (T = 1)", 1.0)]
+    if abs(temperature - 1.0) > 1e-6:
+        cases.append((f"after (T = {temperature:.3f})", temperature))
+    fig, axes = plt.subplots(1, len(cases), figsize=(5 * len(cases), 4.4), squeeze=False)
+    eces = []
+    for ax, (label, t) in zip(axes[0], cases):
+        probs = softmax_np(logits, t)
+        b = reliability_bins(probs, labels)
+        ece = expected_calibration_error(probs, labels)
+        eces.append(ece)
+        centers = (b["edges"][:-1] + b["edges"][1:]) / 2
+        has = b["count"] > 0
+        w = 1 / len(centers)
+        ax.bar(centers[has], b["accuracy"][has], width=w * 0.95, color="#4c78a8", label="accuracy")
+        ax.bar(centers[has], (b["confidence"] - b["accuracy"])[has], bottom=b["accuracy"][has], width=w * 0.95,
+               color="#e45756", alpha=0.35, label="gap to confidence")
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{split} {label}: ECE {ece:.4f}")
+        ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return fig, eces
+
+
+def section_calibration(meta: dict, s: SplitSample | None) -> str | None:
+    rec = meta.get("calibration")
+    temperature = float(meta.get("temperature") or 1.0)
+    parts = []
+    if rec:
+        parts.append(_table([[k, v] for k, v in rec.items()], ["temperature scaling", "value"], cls="kv"))
+    else:
+        parts.append('<p class="note">not calibrated (no validation split, or not a single-label run): '
+                     "temperature 1</p>")
+    if s is not None and len(s.labels):
+        fig, eces = reliability_figure(s.logits, s.labels, temperature, s.name)
+        figure_note = f"ECE (15 bins) on {len(s.labels)} {esc(s.name)} images: before {eces[0]:.4f}"
+        if len(eces) > 1:
+            figure_note += f", after temperature scaling {eces[1]:.4f}"
+        parts.append(f"<p>{figure_note}</p>")
+        parts.append(f'<img class="fig" src="{fig_uri(fig)}" alt="reliability diagram">')
+    return "".join(parts) if (rec or s is not None) else None
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def write_report(run: str | Path, *, model=None, meta: dict | None = None, cached: dict | None = None,
+                 paths: dict | None = None, device="auto", out: str | Path | None = None) -> Path:
+    """Write ``RUN/report.html`` (or ``out``). ``model``/``cached``/``paths`` skip reloading after training."""
+    from imgclf.runs import read_meta, resolve_device
+
+    t0 = time.perf_counter()
+    run_dir, disk_meta = read_meta(run)
+    meta = meta or disk_meta
+    dev = resolve_device(device) if isinstance(device, str) else device
+    classes: list[str] = meta["classes"]
+    temperature = float(meta.get("temperature") or 1.0)
+    metrics = _read_json(run_dir / "metrics.json")
+    summary = _read_json(run_dir / "summary.json")
+    notes: list[str] = []
+    samples: dict[str, SplitSample] = {}
+    eval_name = None
+    if meta.get("task", "single") == "single":
+        try:
+            samples, model, eval_name = load_samples(run_dir, meta, dev, model, cached, paths)
+        except UserError as e:  # the data moved or is gone: the figures from the run folder still render
+            notes.append(f"image-level sections left out: {e}")
+    else:
+        notes.append("image-level sections (top losses, Grad-CAM, calibration) cover single-label runs only")
+    evals = samples.get(eval_name) if eval_name else None
+    if model is not None:
+        model.eval()
+
+    sections = [
+        ("config", "Configuration", section_config(run_dir, meta)),
+        ("curves", "Learning curves", section_curves(run_dir, meta)),
+        ("metrics", f"Final metrics ({esc((metrics or {}).get('split', 'test'))})", section_metrics(metrics, summary)),
+        ("per-class", "Per-class precision, recall, F1", section_per_class(metrics)),
+        ("confusion", "Confusion matrix", section_confusion(metrics, classes)),
+        ("confused-pairs", "Most-confused class pairs", section_confused_pairs(metrics, evals, classes, temperature)
+         if meta.get("task", "single") == "single" else None),
+        ("top-losses", "Highest-loss images (label-noise candidates)", section_top_losses(samples, classes, temperature)),
+        ("gradcam", "Grad-CAM: correct and wrong predictions",
+         section_gradcam(model, meta, evals, dev, classes, temperature) if model is not None else None),
+        ("calibration", "Calibration: reliability diagram", section_calibration(meta, evals)
+         if meta.get("task", "single") == "single" else None),
+    ]
+    present = [(i, t, b) for i, t, b in sections if b]
+    nav = "".join(f'<a href="#{i}">{t}</a>' for i, t, _ in present)
+    body = "".join(f'<section id="{i}"><h2>{t}</h2>{b}</section>' for i, t, b in present)
+    missing = [t for _, t, b in sections if not b]
+    if missing:
+        notes.append("left out (nothing to show in this run folder): " + ", ".join(missing))
+    note_html = "".join(f'<p class="note">{esc(n)}</p>' for n in notes)
+    title = f"imgclf report: {run_dir.name}"
+    subtitle = f"{meta.get('architecture', '')} on {meta.get('data', '')}, {len(classes)} classes"
+    doc = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+           f'<meta name="viewport" content="width=device-width,initial-scale=1">'
+           f"<title>{esc(title)}</title><style>{CSS}</style></head><body><main>"
+           f"<h1>{esc(title)}</h1><p>{esc(subtitle)}</p><nav>{nav}</nav>{note_html}{body}"
+           f'<p class="note">written by imgclf {esc(meta.get("imgclf_version", ""))} on '
+           f'{time.strftime("%Y-%m-%d %H:%M")}</p></main></body></html>')
+    dest = Path(out) if out else run_dir / "report.html"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    tmp.write_text(doc, encoding="utf-8")
+    tmp.replace(dest)
+    log.info(f"report {dest} ({len(doc) / 1e6:.1f} MB, {time.perf_counter() - t0:.1f}s)")
+    return dest

@@ -1,0 +1,114 @@
+"""Temperature scaling and ECE: the maths on known cases, and a real run's validation logits."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from imgclf.evaluate.calibrate import (
+    calibration_record,
+    expected_calibration_error,
+    fit_temperature,
+    reliability_bins,
+    softmax_np,
+    source_from_config,
+    split_logits,
+)
+
+
+def test_ece_of_perfectly_calibrated_and_overconfident_predictions():
+    # 80% confident and right 80% of the time: calibrated
+    probs = np.tile([[0.8, 0.2]], (100, 1))
+    labels = np.array([0] * 80 + [1] * 20)
+    assert expected_calibration_error(probs, labels) == pytest.approx(0.0, abs=1e-9)
+    # 99% confident, right half the time: gap 0.49
+    probs = np.tile([[0.99, 0.01]], (100, 1))
+    labels = np.array([0] * 50 + [1] * 50)
+    assert expected_calibration_error(probs, labels) == pytest.approx(0.49, abs=1e-9)
+    b = reliability_bins(probs, labels)
+    assert b["count"].sum() == 100 and b["count"][-1] == 100
+
+
+def test_fit_temperature_recovers_the_temperature_that_made_logits_overconfident():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4000, 10, generator=g) * 2
+    labels = torch.multinomial(torch.softmax(z, 1), 1, generator=g)[:, 0]  # labels drawn from softmax(z)
+    t = fit_temperature(z * 3, labels)  # a model 3x too sharp
+    assert t == pytest.approx(3.0, rel=0.1)
+    rec = calibration_record(z * 3, labels, t, "val")
+    assert rec["ece_after"] < rec["ece_before"] / 3 and rec["nll_after"] < rec["nll_before"]
+
+
+def _eval_splits(run):
+    from imgclf.config import make_config
+    from imgclf.data.cache import build_cache, cache_root
+    from imgclf.runs import load_model
+
+    model, meta = load_model(run)
+    cfg = make_config(run / "config.yaml")
+    root = cache_root(cfg.cache_dir)
+    src = source_from_config(cfg, root)
+    out = {}
+    for k in ("val", "test"):
+        cs = build_cache(src.splits()[k], meta["image_size"], meta["resize"], root / "images", progress=False)
+        out[k] = split_logits(model, meta, cs, torch.device("cpu"))
+    return meta, out
+
+
+def test_training_stores_a_temperature_that_lowers_ece_on_real_logits(tiny_run):
+    meta = json.loads((tiny_run / "model.json").read_text())
+    cal = meta["calibration"]
+    assert cal["split"] == "val" and cal["n"] == 300 and cal["bins"] == 15
+    assert meta["temperature"] == cal["temperature"] != 1.0
+    assert cal["ece_after"] < cal["ece_before"] and cal["nll_after"] < cal["nll_before"]
+
+    # recomputed independently from the run's own validation images; and it carries to the test split
+    meta, logits = _eval_splits(tiny_run)
+    t = meta["temperature"]
+    for split in ("val", "test"):
+        z, y = logits[split]
+        before = expected_calibration_error(softmax_np(z), y.numpy())
+        after = expected_calibration_error(softmax_np(z, t), y.numpy())
+        assert after < before, (split, before, after)
+    z, y = logits["val"]
+    assert fit_temperature(z, y) == pytest.approx(t, rel=1e-3)
+
+
+def test_predict_divides_logits_by_the_stored_temperature(tiny_run, sample_dir):
+    import imgclf
+
+    clf = imgclf.load(tiny_run, device="cpu")
+    t = clf.meta["temperature"]
+    img = clf.preprocess(sorted((sample_dir / "test" / "cat").glob("*.jpg"))[0])[None]
+    p = clf.predict_proba(img)
+    clf.meta = {**clf.meta, "temperature": 1.0}
+    p1 = clf.predict_proba(img)
+    assert p.argmax() == p1.argmax()
+    assert (p.max() > p1.max()) == (t < 1.0)  # T < 1 sharpens, T > 1 softens
+
+
+def test_calibrate_command_refits_and_rewrites_model_json(tiny_run, tmp_path, capsys):
+    from imgclf.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    meta = json.loads((run / "model.json").read_text())
+    meta["temperature"], meta["calibration"] = 1.0, None
+    (run / "model.json").write_text(json.dumps(meta))
+    assert main(["calibrate", str(run), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "temperature" in out and "ECE" in out
+    new = json.loads((run / "model.json").read_text())
+    assert new["temperature"] == pytest.approx(json.loads((tiny_run / "model.json").read_text())["temperature"], rel=1e-3)
+
+
+def test_calibrate_rejects_a_folder_that_is_not_a_run(tmp_path, capsys):
+    from imgclf.cli import main
+
+    assert main(["calibrate", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "no such run folder" in err and len(err.strip().splitlines()) == 1

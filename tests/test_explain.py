@@ -1,0 +1,87 @@
+"""Grad-CAM on imgclf's nets and a timm CNN, on real images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imgclf.errors import UserError
+from imgclf.evaluate.explain import GradCAM, explain, find_target_layer
+
+
+def _images(sample_dir, n=2):
+    return [sorted((sample_dir / "test" / c).glob("*.jpg"))[0] for c in ("cat", "ship", "horse")[:n]]
+
+
+def test_explain_writes_overlays_with_a_real_heatmap(tiny_run, sample_dir, tmp_path):
+    res = explain(tiny_run, _images(sample_dir), out=tmp_path, device="cpu")
+    assert len(res) == 2
+    for r in res:
+        heat = r["heatmap"]
+        assert heat.shape == (32, 32)  # the model's input size
+        assert heat.std() > 0.05 and heat.min() == pytest.approx(0) and heat.max() == pytest.approx(1)
+        with Image.open(r["output"]) as im:
+            im.load()
+            assert im.format == "PNG" and im.width >= 224
+        assert r["layer"] == "layers" and r["class"] == r["top"][0][0]
+
+
+def test_explain_a_named_class_and_layer(tiny_run, sample_dir, tmp_path):
+    a = explain(tiny_run, _images(sample_dir, 1), class_name="truck", layer="layers.1", out=tmp_path, device="cpu")[0]
+    b = explain(tiny_run, _images(sample_dir, 1), class_name="cat", layer="layers.1", out=tmp_path, device="cpu")[0]
+    assert a["class"] == "truck" and a["layer"] == "layers.1" and a["heatmap"].shape == (32, 32)
+    assert not np.allclose(a["heatmap"], b["heatmap"])  # different classes, different evidence
+
+
+def test_unknown_layer_is_a_one_line_error_listing_candidates(tiny_run, sample_dir, tmp_path):
+    with pytest.raises(UserError) as e:
+        explain(tiny_run, _images(sample_dir, 1), layer="layer9", out=tmp_path, device="cpu")
+    msg = str(e.value)
+    assert "\n" not in msg and "unknown layer 'layer9'" in msg and "layers.2" in msg and "whiten" in msg
+
+
+def test_unknown_class_is_a_user_error(tiny_run, sample_dir, tmp_path):
+    from imgclf.cli import main
+
+    assert main(["explain", str(tiny_run), str(_images(sample_dir, 1)[0]), "--class", "unicorn",
+                 "--out", str(tmp_path)]) == 2
+
+
+def test_explain_command(tiny_run, sample_dir, tmp_path, capsys):
+    from imgclf.cli import main
+
+    assert main(["explain", str(tiny_run), *map(str, _images(sample_dir)), "--out", str(tmp_path), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("_gradcam.png") == 2
+    assert len(list(tmp_path.glob("*_gradcam.png"))) == 2
+
+
+def _real_batch(sample_dir, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+    from imgclf.data.augment import Normalize
+    from imgclf.data.images import load_resized
+
+    x = np.stack([load_resized(str(p), 32, "stretch") for p in _images(sample_dir, 3)])
+    return Normalize(mean, std, "cpu")(torch.from_numpy(x))
+
+
+@pytest.mark.parametrize("arch,layer", [("timm:resnet18", "layer4"), ("plaincnn", "features")])
+def test_gradcam_on_timm_and_plain_cnns(arch, layer, sample_dir):
+    from imgclf.models.registry import build_model
+
+    torch.manual_seed(0)
+    model = build_model(arch, 10, 32).eval()
+    cam = GradCAM(model, 32, "cpu")
+    assert cam.layer == layer  # the last conv stage, before global pooling / flatten
+    heat, logits = cam(_real_batch(sample_dir))
+    assert heat.shape == (3, 32, 32) and logits.shape == (3, 10)
+    # untrained weights: a map may be all-negative (ReLU'd to zero), but not every one
+    assert np.isfinite(heat).all() and heat.min() >= 0 and heat.max() <= 1
+    assert max(h.std() for h in heat) > 0.01
+
+
+def test_a_model_without_feature_maps_is_refused():
+    mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    with pytest.raises(UserError, match="convolutional feature map"):
+        find_target_layer(mlp, 8, "cpu")
