@@ -1,0 +1,236 @@
+"""Multi-label sources (COCO JSON, YOLO folders, label CSVs), metrics and a short coco128 run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, f1_score
+
+from imgclf.data.sources import load_source
+from imgclf.errors import UserError
+from imgclf.evaluate.multilabel_metrics import (
+    average_precision,
+    mean_average_precision,
+    multilabel_metrics,
+    per_class_ap,
+    tune_thresholds,
+)
+
+
+def _coco_json(root: Path) -> Path:
+    return root / "annotations" / "instances_train2017.json"
+
+
+def _load(data, **kw):
+    return load_source(str(data), val_split=0.0, cache_dir=Path("/nonexistent"), **kw)
+
+
+# -- metrics on fixed predictions ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fixed_predictions():
+    rng = np.random.default_rng(0)
+    y = (rng.random((300, 6)) < [0.05, 0.1, 0.2, 0.3, 0.5, 0.02]).astype(np.float32)
+    y[0, 5] = 1  # every class has a positive
+    # rounded scores: many ties, the case where AP implementations disagree
+    s = np.round(np.clip(rng.normal(0.3 + 0.35 * y, 0.2), 0, 1), 2)
+    return s, y
+
+
+def test_ap_and_map_match_scikit_learn(fixed_predictions):
+    s, y = fixed_predictions
+    np.testing.assert_allclose(per_class_ap(s, y), average_precision_score(y, s, average=None), rtol=1e-10)
+    assert mean_average_precision(s, y) == pytest.approx(average_precision_score(y, s, average="macro"), rel=1e-10)
+    m = multilabel_metrics(s, y, list("abcdef"))
+    assert m["map"] == pytest.approx(average_precision_score(y, s, average="macro"), rel=1e-10)
+    assert m["map_micro"] == pytest.approx(average_precision_score(y, s, average="micro"), rel=1e-10)
+    assert [r["ap"] for r in m["per_class"]] == pytest.approx(list(average_precision_score(y, s, average=None)))
+
+
+def test_class_without_positives_is_left_out_of_map(fixed_predictions):
+    s, y = fixed_predictions
+    y = y.copy()
+    y[:, 2] = 0
+    assert np.isnan(average_precision(s[:, 2], y[:, 2]))
+    keep = [0, 1, 3, 4, 5]
+    assert mean_average_precision(s, y) == pytest.approx(average_precision_score(y[:, keep], s[:, keep]), rel=1e-10)
+    assert multilabel_metrics(s, y, list("abcdef"))["per_class"][2]["ap"] is None
+
+
+def test_thresholds_maximise_f1_and_metrics_use_them(fixed_predictions):
+    s, y = fixed_predictions
+    th = tune_thresholds(s, y)
+    for c in range(y.shape[1]):
+        best = max(f1_score(y[:, c], s[:, c] >= t) for t in np.unique(s[:, c]))
+        assert f1_score(y[:, c], s[:, c] >= th[c]) == pytest.approx(best)
+    m = multilabel_metrics(s, y, list("abcdef"), th)
+    pred = s >= th
+    assert m["exact_match"] == pytest.approx(float((pred == (y > 0.5)).all(1).mean()))
+    assert m["f1_micro"] == pytest.approx(f1_score(y, pred, average="micro"))
+    assert [r["f1"] for r in m["per_class"]] == pytest.approx(list(f1_score(y, pred, average=None)))
+
+
+# -- sources ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def coco_truth(coco128):
+    """Non-crowd and crowd objects per file stem, straight from the JSON."""
+    d = json.loads(_coco_json(coco128).read_text())
+    names = {c["id"]: c["name"] for c in d["categories"]}
+    stem = {im["id"]: Path(im["file_name"]).stem for im in d["images"]}
+    objs: dict[str, list] = {s: [] for s in stem.values()}
+    for a in d["annotations"]:
+        objs[stem[a["image_id"]]].append((names[a["category_id"]], a["area"], a["iscrowd"]))
+    return d, objs
+
+
+def test_coco_json_and_yolo_labels_give_identical_targets(coco128, coco_truth, tmp_path):
+    d, _ = coco_truth
+    coco = _load(_coco_json(coco128))
+    # YOLO class i is the i-th COCO category in id order (ids run 1..90 with gaps): a data.yaml
+    # with the names in that order is what a YOLO export ships with.
+    yolo_root = tmp_path / "yolo"
+    yolo_root.mkdir()
+    os.symlink(coco128 / "images", yolo_root / "images")
+    os.symlink(coco128 / "labels", yolo_root / "labels")
+    names = [c["name"] for c in sorted(d["categories"], key=lambda c: c["id"])]
+    (yolo_root / "data.yaml").write_text(json.dumps({"names": names}))
+    yolo = _load(yolo_root)
+    assert coco.task == yolo.task == "multilabel"
+    assert coco.classes == yolo.classes == names
+    a = {Path(p).stem: row for p, row in zip(coco.train.paths, coco.train.labels)}
+    b = {Path(p).stem: row for p, row in zip(yolo.train.paths, yolo.train.labels)}
+    both = sorted(set(a) & set(b))
+    assert len(both) == 128  # images without objects are kept as all-negative in both
+    for s in both:
+        np.testing.assert_array_equal(a[s], b[s], err_msg=s)
+    assert coco.train.labels.dtype == np.float32 and coco.train.labels.shape == (128, 80)
+    # coco128's YOLO side has 2 label files without images and 2 images without label files:
+    # one warning line each, with the count and the names
+    orphans = [p for p in yolo.problems if "have no image" in p]
+    unlabelled = [p for p in yolo.problems if "have no label file" in p]
+    assert len(orphans) == 1 and orphans[0].startswith("2 label file(s)") and "000000000656" in orphans[0]
+    assert len(unlabelled) == 1 and unlabelled[0].startswith("2 image(s)") and "000000000250" in unlabelled[0]
+
+
+def test_yolo_without_names_uses_numeric_classes(coco128):
+    yolo = _load(coco128)  # coco128 itself: images/ + labels/, no names file
+    assert yolo.classes[:3] == ["0", "1", "2"]
+    k = 1 + max(int(line.split()[0]) for f in (coco128 / "labels").glob("*.txt") for line in f.read_text().splitlines()
+                if line.strip())
+    assert len(yolo.classes) == k
+    sub = _load(coco128, classes="0,16")  # --classes works with the numeric names too
+    assert sub.classes == ["0", "16"] and sub.train.labels.shape[1] == 2
+
+
+def test_missing_image_files_are_reported_not_fatal(coco128, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    files = sorted((coco128 / "images").glob("*.jpg"))
+    for f in files[3:]:
+        os.symlink(f, images / f.name)
+    src = _load(_coco_json(coco128), images=str(images))
+    assert len(src.train) == len(files) - 3
+    msg = [p for p in src.problems if "are not in" in p]
+    assert len(msg) == 1 and msg[0].startswith("3 image(s)") and files[0].name in msg[0]
+
+
+def test_empty_images_kept_or_dropped(coco128):
+    kept = _load(_coco_json(coco128))
+    dropped = _load(_coco_json(coco128), keep_empty=False)
+    assert (kept.train.labels.sum(1) == 0).sum() == 2  # coco128: 126 of 128 images annotated
+    assert len(dropped.train) == 126 and (dropped.train.labels.sum(1) > 0).all()
+    assert any("dropped 2 image(s)" in p for p in dropped.problems)
+
+
+def test_largest_mode_is_the_class_of_the_largest_object(coco128, coco_truth):
+    _, objs = coco_truth
+    src = _load(_coco_json(coco128), label_mode="largest")
+    assert src.task == "single" and src.train.labels.dtype == np.int64
+    assert len(src.train) == 126  # an image without objects has no single label
+    for p, label in zip(src.train.paths, src.train.labels):
+        o = objs[Path(p).stem]
+        single = [x for x in o if not x[2]] or o  # crowd regions only when nothing else is there
+        assert src.classes[label] == max(single, key=lambda x: x[1])[0]
+    assert any("largest" in p for p in src.problems)
+
+
+def test_classes_subset(coco128, coco_truth):
+    _, objs = coco_truth
+    src = _load(_coco_json(coco128), classes="person,dog,cat")
+    assert src.classes == ["person", "dog", "cat"] and src.train.labels.shape == (128, 3)
+    for p, row in zip(src.train.paths, src.train.labels):
+        present = {o[0] for o in objs[Path(p).stem]}
+        assert [c in present for c in src.classes] == list(row > 0.5)
+    only = _load(_coco_json(coco128), classes="person,dog,cat", keep_empty=False)
+    assert (only.train.labels.sum(1) > 0).all()
+    assert len(only.train) == int((src.train.labels.sum(1) > 0).sum())
+    largest = _load(_coco_json(coco128), classes="dog,cat", label_mode="largest")
+    assert set(largest.classes[i] for i in largest.train.labels) <= {"dog", "cat"}
+    with pytest.raises(UserError, match="zebra-ish"):
+        _load(_coco_json(coco128), classes="person,zebra-ish")
+
+
+def test_label_csv_source(coco128, tmp_path):
+    rows = [("a.jpg", "person|dog"), ("b.jpg", "cat"), ("missing.jpg", "dog"), ("c.jpg", "")]
+    for (name, _), f in zip(rows, sorted((coco128 / "images").glob("*.jpg"))):
+        if name != "missing.jpg":
+            os.symlink(f, tmp_path / name)
+    with open(tmp_path / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "labels"])
+        w.writerows(rows)
+    src = _load(tmp_path / "labels.csv")
+    assert src.task == "multilabel" and src.classes == ["cat", "dog", "person"]
+    np.testing.assert_array_equal(src.train.labels, [[0, 1, 1], [1, 0, 0], [0, 0, 0]])
+    assert any(p.startswith("1 image file(s)") and "missing.jpg" in p for p in src.problems)
+
+
+def test_task_multilabel_on_class_folders(small_sample):
+    src = load_source(str(small_sample), val_split=0.1, cache_dir=Path("/nonexistent"), task="multilabel")
+    assert src.task == "multilabel" and src.train.labels.shape[1] == 10
+    assert (src.train.labels.sum(1) == 1).all() and len(src.val) > 0
+
+
+# -- a short multi-label run on coco128 ------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_coco128_multilabel_run(coco128, tmp_path):
+    import imgclf
+
+    res = imgclf.train(data=str(_coco_json(coco128)), image_size=64, epochs=3, val_split=0.3, project=str(tmp_path),
+                       name="ml", progress=False, tensorboard=False, mixup=0.2)
+    run = res.run_dir
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["task"] == "multilabel" and m["split"] == "val" and m["n"] == 38
+    assert 0 < m["map"] <= 1 and 0 < m["map_micro"] <= 1
+    aps = [r["ap"] for r in m["per_class"] if r["support"] > 0]
+    assert len(aps) == m["classes_with_positives"] > 10 and all(0 <= a <= 1 for a in aps)
+    assert m["map"] == pytest.approx(np.mean(aps))
+    with open(run / "metrics.csv") as f:
+        hist = list(csv.DictReader(f))
+    assert len(hist) == 3 and all(0 < float(r["val_map"]) <= 1 for r in hist)
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["task"] == "multilabel" and len(meta["thresholds"]) == 80
+    assert (run / "per_class.csv").exists() and (run / "pr_curves.png").exists()
+    assert res.config.monitor == "val_map"
+
+    clf = imgclf.load(run)
+    img = sorted((coco128 / "images").glob("*.jpg"))[0]
+    p = clf.predict([img], top_k=3)[0]
+    probs = clf.predict_proba(np.stack([clf.preprocess(img)]))[0]
+    assert len(p["top"]) == 3
+    assert [c for c, _ in p["labels"]] == [clf.classes[j] for j in np.argsort(-probs) if probs[j] >= meta["thresholds"][j]]
+
+    from imgclf.api import evaluate  # imgclf.evaluate is shadowed by the subpackage once it is imported
+
+    ev = evaluate(run, progress=False)  # the whole of coco128 with the run's label options
+    assert ev["task"] == "multilabel" and ev["n"] == 128 and 0 < ev["map"] <= 1
