@@ -70,7 +70,11 @@ def lite_package_file(name: str) -> Path | None:
 def _pretrained_cfg(name: str) -> dict:
     import timm
 
-    return dict(timm.models.get_pretrained_cfg(name).to_dict())
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        raise UserError(f"timm has no pretrained weights for {name}: pass --weights FILE, or pick a model that has them "
+                        "(timm.list_pretrained())")
+    return dict(cfg.to_dict())
 
 
 def plan(arch: str, weights: str | None, pretrained: bool) -> PretrainedInfo | None:
@@ -81,7 +85,9 @@ def plan(arch: str, weights: str | None, pretrained: bool) -> PretrainedInfo | N
         p = Path(weights).expanduser()
         if not p.is_file():
             raise UserError(f"--weights {weights}: no such file")
-        if is_timm:
+        import timm
+
+        if is_timm and timm.models.get_pretrained_cfg(name) is not None:
             cfg = _pretrained_cfg(name)
             return PretrainedInfo(f"file:{p}", cfg["input_size"][-1], tuple(cfg["mean"]), tuple(cfg["std"]),
                                   cfg.get("interpolation", "bicubic"))
@@ -205,6 +211,8 @@ def load_pretrained(backbone: nn.Module, arch: str, info: PretrainedInfo) -> Non
     name = timm_name(arch)
     if info.source.startswith("file:"):
         path = info.source[5:]
+        if not Path(path).is_file():
+            raise UserError(f"--weights {path}: no such file")
         state = read_state_dict(path)
         if _looks_lite(state):
             state = map_lite_keys(state, backbone)

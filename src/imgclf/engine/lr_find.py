@@ -1,0 +1,198 @@
+"""The learning-rate finder (Leslie Smith's range test, as popularised by fastai).
+
+Train for a few hundred steps while the lr grows exponentially from ``start`` to ``end``,
+record the loss, smooth it, and suggest a peak lr. The model's weights are restored afterwards:
+the sweep only looks.
+
+The suggestion is the lr at the minimum of the smoothed loss divided by 10. The minimum is the
+most stable feature of the curve, even over a few dozen noisy steps; the steepest-descent point
+depends on a numerical derivative of that noise and jumps around between runs. One tenth of the
+minimum backs off from the edge of divergence to where the loss still falls fast, and is what
+a schedule's peak lr should be. The steepest point is reported and drawn too, for comparison.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from imgclf import log
+from imgclf.engine.optim import build_optimizer
+from imgclf.engine.trainer import resolve_precision
+
+
+@dataclass
+class LRFind:
+    lrs: list[float]
+    losses: list[float]
+    smoothed: list[float]
+    suggestion: float
+    steepest: float | None
+    min_lr: float
+    method: str = "min/10"
+    stopped: str = ""
+    extras: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"suggestion": self.suggestion, "method": self.method, "min_loss_lr": self.min_lr,
+                "steepest_lr": self.steepest, "steps": len(self.lrs), "stopped": self.stopped}
+
+
+def smooth(losses: list[float], beta: float = 0.9) -> list[float]:
+    """Debiased exponential moving average (what fastai plots)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(losses):
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg / (1 - beta ** (i + 1)))
+    return out
+
+
+def suggest(lrs: list[float], smoothed: list[float]) -> tuple[float, float | None, float]:
+    """(suggestion = lr at the smoothed minimum / 10, steepest-descent lr, lr at the minimum)."""
+    # ignore the first few points: the EMA has not settled yet
+    skip = min(len(lrs) // 10, 5)
+    i_min = skip + int(np.argmin(smoothed[skip:]))
+    min_lr = lrs[i_min]
+    steepest = None
+    if i_min - skip >= 3:
+        grad = np.gradient(np.asarray(smoothed[skip : i_min + 1]), np.log(np.asarray(lrs[skip : i_min + 1])))
+        steepest = float(lrs[skip + int(np.argmin(grad))])
+    return max(min_lr / 10, lrs[0]), steepest, min_lr
+
+
+def sweep(model, cfg, loader, augment, device, loss_fn=None, *, steps: int = 200, start: float = 1e-7,
+          end: float = 10.0, diverge: float = 4.0, progress: bool = False) -> LRFind:
+    """Exponential lr sweep over ``steps`` optimizer steps (fewer if the loss diverges).
+
+    ``cfg`` is the resolved training config: its optimizer, momentum/betas, weight decay and
+    the model's own parameter groups (e.g. a 0.1x backbone) are used, so the suggestion is the
+    peak lr of exactly that training set-up. Weights (and BatchNorm statistics) are restored.
+    """
+    saved = copy.deepcopy(model.state_dict())
+    opt = build_optimizer(model, cfg.model_copy(update={"lr": 1.0}))  # base_lr = each group's lr scale
+    precision = resolve_precision(cfg.precision, device)
+    smoothing = cfg.label_smoothing or 0.0
+    loss_fn = loss_fn or (lambda logits, target: F.cross_entropy(logits, target, label_smoothing=smoothing))
+    g = torch.Generator().manual_seed(cfg.seed)
+    lrs, losses, best, stopped = [], [], math.inf, ""
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="lr sweep", unit="step", leave=False, dynamic_ncols=True)
+    model.train()
+    epoch = 0
+    try:
+        while len(lrs) < steps and not stopped:
+            for x, y in loader.epoch(10_000 + epoch):  # its own shuffle: not the training run's epoch 0
+                i = len(lrs)
+                if i >= steps:
+                    break
+                lr = start * (end / start) ** (i / max(1, steps - 1))
+                for group in opt.param_groups:
+                    group["lr"] = group["base_lr"] * lr
+                xb, target = augment(x, y, g, None)
+                with precision.autocast(device):
+                    logits = model(xb)
+                loss = loss_fn(logits.float(), target)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                value = float(loss.detach())
+                lrs.append(lr)
+                losses.append(value)
+                sm = smooth(losses)[-1]
+                best = min(best, sm)
+                if bar is not None:
+                    bar.set_postfix(lr=f"{lr:.2g}", loss=f"{sm:.3f}", refresh=False)
+                    bar.update(1)
+                if not math.isfinite(value) or (i > steps // 10 and sm > diverge * best):
+                    stopped = f"stopped at lr {lr:.3g}: loss diverged"
+                    break
+            epoch += 1
+    finally:
+        if bar is not None:
+            bar.close()
+        model.load_state_dict(saved)
+    finite = [i for i, v in enumerate(losses) if math.isfinite(v)]
+    lrs, losses = [lrs[i] for i in finite], [losses[i] for i in finite]
+    if len(lrs) < 5:
+        from imgclf.errors import UserError
+
+        raise UserError("lr finder: fewer than 5 usable steps (the loss was not finite): lower --lr-start or check the data")
+    sm = smooth(losses)
+    suggestion, steepest, min_lr = suggest(lrs, sm)
+    return LRFind(lrs, losses, sm, suggestion, steepest, min_lr, stopped=stopped)
+
+
+def plot(res: LRFind, path: Path, title: str = "learning-rate finder") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    ax.plot(res.lrs, res.losses, color="0.75", lw=0.8, label="loss")
+    ax.plot(res.lrs, res.smoothed, color="C0", lw=2, label="smoothed loss")
+    ax.axvline(res.min_lr, color="C3", ls=":", lw=1, label=f"minimum {res.min_lr:.2g}")
+    if res.steepest is not None:
+        ax.axvline(res.steepest, color="C2", ls="--", lw=1, label=f"steepest {res.steepest:.2g}")
+    ax.axvline(res.suggestion, color="C1", lw=2, label=f"suggested {res.suggestion:.2g} (minimum / 10)")
+    ax.set_xscale("log")
+    lo, hi = min(res.smoothed), max(res.smoothed[: max(1, len(res.smoothed) // 10)] + [min(res.smoothed) * 1.5])
+    ax.set_ylim(lo - 0.1 * (hi - lo + 1e-9), hi + 0.25 * (hi - lo + 1e-9))
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def default_steps(loader) -> int:
+    """A few hundred steps, but no more than ~2 epochs of a small data set."""
+    return int(max(30, min(200, 2 * len(loader))))
+
+
+def lr_for_training(model, cfg, loader, augment, device, loss_fn, class_weights, multilabel: bool,
+                    run_dir: Path | None, world: int = 1) -> float:
+    """``train --lr auto``: sweep with the run's own set-up, save lr_find.png, return the suggestion."""
+    from imgclf.errors import UserError
+
+    if world > 1:
+        raise UserError("--lr auto runs the lr finder in one process: run 'imgclf lr-find' first and pass --lr VALUE")
+    fn = loss_fn
+    if fn is None:
+        smoothing = cfg.label_smoothing or 0.0
+        if multilabel:
+            def fn(logits, target):
+                return F.binary_cross_entropy_with_logits(logits, target.float())
+        else:
+            def fn(logits, target):
+                return F.cross_entropy(logits, target, label_smoothing=smoothing, weight=class_weights)
+    frozen = getattr(model, "freeze_backbone", None)
+    if callable(frozen) and (cfg.freeze_epochs or 0) > 0:
+        model.freeze_backbone(True)  # the peak lr of the first (head-only) phase
+    try:
+        res = sweep(model, cfg, loader, augment, device, fn, steps=default_steps(loader), progress=cfg.progress)
+    finally:
+        if callable(frozen):
+            model.freeze_backbone(False)
+    if run_dir is not None:
+        plot(res, run_dir / "lr_find.png", title=f"lr finder: {cfg.model}")
+        import json
+
+        (run_dir / "lr_find.json").write_text(json.dumps(res.as_dict(), indent=2))
+    log.info(f"lr finder: suggested lr {res.suggestion:.3g} (minimum of the smoothed loss at {res.min_lr:.3g} / 10"
+             + (f"; steepest descent at {res.steepest:.3g}" if res.steepest else "") + ")"
+             + (f"; plot {run_dir / 'lr_find.png'}" if run_dir is not None else ""))
+    return float(f"{res.suggestion:.3g}")

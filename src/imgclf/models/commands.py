@@ -1,0 +1,107 @@
+"""``imgclf lr-find``: the learning-rate finder on the same set-up ``imgclf train`` would use."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_lr_find(sub) -> None:
+    from imgclf.cli import add_config_options
+
+    p = sub.add_parser("lr-find", help="sweep the learning rate, plot loss against lr and suggest a value")
+    p.add_argument("--config", help="YAML file of training options; command-line options override it")
+    p.add_argument("--steps", type=int, default=None, help="sweep length in optimizer steps (default: 200, fewer on small data)")
+    p.add_argument("--lr-start", type=float, default=1e-7, help="first learning rate of the sweep")
+    p.add_argument("--lr-end", type=float, default=10.0, help="last learning rate of the sweep")
+    p.add_argument("--out", default="lr_find.png", help="PNG of loss against learning rate (a .json beside it)")
+    add_config_options(p, skip=("lr",))
+    p.set_defaults(func=cmd_lr_find)
+
+
+def find_lr(config=None, *, steps: int | None = None, lr_start: float = 1e-7, lr_end: float = 10.0,
+            out: str | Path | None = "lr_find.png", **options):
+    """Python API of ``imgclf lr-find``: returns the LRFind result (``.suggestion`` is the lr)."""
+    import numpy as np
+    import torch
+
+    from imgclf import log
+    from imgclf.api import _cache_splits, channel_stats
+    from imgclf.config import make_config
+    from imgclf.data.augment import AugmentSpec, BatchAugment, Normalize
+    from imgclf.data.cache import cache_root
+    from imgclf.data.loader import BatchLoader
+    from imgclf.data.sources import load_source
+    from imgclf.engine import lr_find, recipe
+    from imgclf.engine.trainer import seed_everything
+    from imgclf.errors import UserError
+    from imgclf.models import head as transfer
+    from imgclf.models import pretrained
+    from imgclf.models.registry import arch_args_for_record, build_model, default_normalization, resolve_name
+    from imgclf.runs import resolve_device
+
+    if lr_start <= 0 or lr_end <= lr_start:
+        raise UserError(f"--lr-start {lr_start} and --lr-end {lr_end}: need 0 < start < end")
+    cfg = make_config(config, **options)
+    if "data" not in cfg.model_fields_set and not config:
+        raise UserError("lr-find needs --data")
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    root = cache_root(cfg.cache_dir)
+    src = load_source(cfg.data, val_data=cfg.val_data, test_data=cfg.test_data, val_split=cfg.val_split,
+                      split_seed=cfg.split_seed, csv_layout=cfg.csv_layout, label_column=cfg.label_column,
+                      cache_dir=root)
+    arch = resolve_name(cfg.model)
+    source = pretrained.plan(arch, cfg.weights, cfg.pretrained)
+    native = src.train.images.shape[1] if src.train.images is not None else None
+    size = cfg.image_size or (source.input_size if source else 0) or recipe.auto_image_size(src.train.paths, native)
+    cached = {"train": _cache_splits(src, size, cfg.resize, root, cfg.workers, cfg.progress)["train"]}
+    cfg = recipe.resolve(cfg, n_train=len(cached["train"]), image_size=size, arch=arch)
+    mean, std = (source.mean, source.std) if source and source.mean else default_normalization(arch)
+    if mean is None:
+        mean, std = channel_stats(cached["train"])
+    arch_args = arch_args_for_record(arch, size, {**transfer.transfer_arch_args(arch, cfg, source), **cfg.model_args})
+    model = build_model(arch, len(src.classes), size, arch_args)
+    transfer.setup_transfer(model, arch, cfg, source)
+    loader = BatchLoader(cached["train"], cfg.batch_size, device, shuffle=True, drop_last=True, seed=cfg.seed,
+                         ram_budget=int(cfg.ram_budget * 2**30) if cfg.ram_budget is not None else None)
+    normalize = Normalize(mean, std, device)
+    init = getattr(model, "init_from_data", None)
+    if callable(init):
+        cs = cached["train"]
+        rows = np.sort(cs.rows[: min(2000, len(cs.rows))])
+        init(normalize(torch.from_numpy(np.ascontiguousarray(cs.images[rows])).to(device)).cpu())
+    model.to(device)
+    spec = AugmentSpec(flip=cfg.flip, translate=cfg.translate or 0, rotate=cfg.rotate, zoom=cfg.zoom, shift=cfg.shift,
+                       cutout=cfg.cutout, mixup=cfg.mixup, cutmix=cfg.cutmix)
+    augment = BatchAugment(spec, normalize, len(src.classes))
+    if (cfg.freeze_epochs or 0) > 0 and hasattr(model, "freeze_backbone"):
+        model.freeze_backbone(True)  # the lr of the first, head-only phase
+    n = steps or lr_find.default_steps(loader)
+    res = lr_find.sweep(model, cfg, loader, augment, device, steps=n, start=lr_start, end=lr_end,
+                        progress=cfg.progress)
+    res.extras = {"model": arch, "optimizer": cfg.optimizer, "batch_size": cfg.batch_size, "image_size": size,
+                  "frozen_backbone": bool(getattr(model, "backbone_frozen", False))}
+    if out:
+        out = Path(out)
+        lr_find.plot(res, out, title=f"lr finder: {arch}, {cfg.optimizer}, batch {cfg.batch_size}, {size}px")
+        out.with_suffix(".json").write_text(json.dumps({**res.as_dict(), **res.extras}, indent=2))
+    log.info(res.stopped or f"swept {len(res.lrs)} steps")
+    return res
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from imgclf.config import TrainConfig
+
+    opts = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields}
+    res = find_lr(args.config, steps=args.steps, lr_start=args.lr_start, lr_end=args.lr_end, out=args.out, **opts)
+    steep = f", steepest descent at {res.steepest:.3g}" if res.steepest else ""
+    print(f"suggested lr: {res.suggestion:.3g}  (minimum of the smoothed loss at {res.min_lr:.3g} / 10{steep}; "
+          f"{res.extras['optimizer']}, batch {res.extras['batch_size']})")
+    print(f"plot: {args.out}")
+    print(f"use it: imgclf train ... --lr {res.suggestion:.3g}   (or --lr auto)")
+    return 0
+
+
+COMMANDS = [add_lr_find]

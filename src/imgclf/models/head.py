@@ -1,0 +1,147 @@
+"""A pretrained backbone with a new, configurable classification head, and backbone freezing.
+
+The classic transfer recipe (ResNet50 + Dense(512)-Dropout-Dense(256)-Dropout-softmax) is
+``HeadedNet(backbone, num_classes, hidden=(512, 256), dropout=0.25)``. While the backbone is
+frozen its parameters do not require gradients (backward stops at the head: several times
+cheaper per step) and its BatchNorm layers stay in eval mode, so their running statistics are
+not overwritten by a few batches of new data. The optimizer keeps the backbone's parameters in
+their own group from the start (``keep_frozen``), so unfreezing never rebuilds the optimizer
+and a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from imgclf.engine.callbacks import Callback
+from imgclf.errors import UserError
+
+
+def parse_hidden(spec) -> list[int]:
+    """'512,256' / [512, 256] / '' -> [512, 256] / []."""
+    if spec is None:
+        return []
+    if isinstance(spec, str):
+        parts = [p.strip() for p in spec.replace(" ", ",").split(",")]
+        return [int(p) for p in parts if p and p.lower() not in ("none", "linear")]
+    return [int(v) for v in spec]
+
+
+class HeadedNet(nn.Module):
+    """``backbone`` (pooled features, e.g. a timm model with num_classes=0) followed by an MLP head."""
+
+    def __init__(self, backbone: nn.Module, num_features: int, num_classes: int, hidden=(), dropout: float = 0.0):
+        super().__init__()
+        self.backbone = backbone
+        layers: list[nn.Module] = []
+        width = num_features
+        for h in hidden:
+            layers += [nn.Dropout(dropout), nn.Linear(width, h), nn.ReLU(inplace=True)]
+            width = h
+        layers += [nn.Dropout(dropout), nn.Linear(width, num_classes)]
+        self.head = nn.Sequential(*layers)
+        self.backbone_frozen = False
+        self.backbone_lr_scale = 1.0
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+    def freeze_backbone(self, frozen: bool) -> None:
+        self.backbone_frozen = frozen
+        for p in self.backbone.parameters():
+            p.requires_grad_(not frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.backbone_frozen:
+            self.backbone.eval()  # frozen BN keeps its running statistics; no dropout/drop-path either
+        return self
+
+    def param_groups(self) -> list[dict]:
+        """Backbone and head in separate groups (discriminative lr); no decay on biases and norms."""
+        groups = []
+        for name, module, scale in (("backbone", self.backbone, self.backbone_lr_scale), ("head", self.head, 1.0)):
+            decay = [p for p in module.parameters() if p.ndim > 1]
+            no_decay = [p for p in module.parameters() if p.ndim <= 1]
+            # keep_frozen: the frozen backbone stays in the optimizer, ready for unfreezing
+            groups += [dict(params=ps, lr_scale=scale, name=f"{name}{suffix}", keep_frozen=True, **wd)
+                       for ps, suffix, wd in ((decay, "", {}), (no_decay, "_no_decay", {"wd_scale": 0.0})) if ps]
+        return groups
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+class FreezeBackbone(Callback):
+    """Backbone frozen for the first ``epochs`` epochs, trained (at its own lr scale) after.
+
+    Stateless on purpose: whether the backbone is frozen follows from the epoch number alone,
+    so a resumed run is in the same state as an uninterrupted one.
+    """
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+
+    def on_train_start(self, t):
+        t.model.freeze_backbone(t.epoch < self.epochs)
+
+    def on_epoch_start(self, t, epoch):
+        frozen = epoch < self.epochs
+        if frozen != t.model.backbone_frozen:
+            t.model.freeze_backbone(frozen)
+            if not frozen:
+                from imgclf import log
+
+                log.info(f"epoch {epoch + 1}: backbone unfrozen ({t.model.trainable_parameters() / 1e6:.2f}M trainable "
+                         f"params, backbone lr x{t.model.backbone_lr_scale:g})")
+
+    def on_train_end(self, t):
+        t.model.freeze_backbone(False)
+
+
+# -- glue used by api.train and `imgclf lr-find` ------------------------------------------------
+
+
+def transfer_arch_args(arch: str, cfg, source) -> dict:
+    """The model arguments a transfer run adds to model.json: head spec and what the weights need.
+
+    Everything needed to rebuild the network is recorded; where the weights came from is not
+    needed to load a run (model.json's ``weights_source`` only documents it).
+    """
+    if not arch.startswith("timm:"):
+        if cfg.head is not None:
+            raise UserError(f"--head replaces the classifier of a timm model; {arch} has its own (use --model timm:NAME)")
+        return {}
+    if source is None and cfg.head is None:
+        return {}
+    out = {"head": list(cfg.head or []), "head_dropout": cfg.head_dropout}
+    if source is not None:
+        out.update(source.arch_args)
+        out["small_stem"] = False  # keep the pretrained network as it was trained
+    return out
+
+
+def setup_transfer(model: nn.Module, arch: str, cfg, source, *, load_weights: bool = True) -> list[Callback]:
+    """Load the pretrained weights, set the backbone's lr scale, and return the freezing callback."""
+    from imgclf import log
+    from imgclf.models.pretrained import load_pretrained
+
+    headed = isinstance(model, HeadedNet)
+    if source is not None and load_weights:
+        load_pretrained(model.backbone if headed else model, arch, source)
+        log.info(f"weights from {source.source}")
+    freeze = cfg.freeze_epochs or 0
+    if not headed:
+        if freeze:
+            raise UserError("--freeze-epochs needs a timm backbone with a new head: add --pretrained, --weights FILE "
+                            "or --head")
+        return []
+    model.backbone_lr_scale = float(cfg.backbone_lr_scale if cfg.backbone_lr_scale is not None else 1.0)
+    total = sum(p.numel() for p in model.parameters())
+    head_n = sum(p.numel() for p in model.head.parameters())
+    if freeze:
+        log.info(f"backbone frozen for {freeze} epoch(s): training {head_n:,} of {total:,} parameters (the head), "
+                 f"then all at backbone lr x{model.backbone_lr_scale:g}")
+        return [FreezeBackbone(freeze)]
+    return []
