@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def add_sweep(sub) -> None:
@@ -33,7 +34,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         sweep.pin_worker(args.worker, args.of)
         sweep.run_worker(spec, args.worker)
         return 0
-    summary = sweep.run_study(spec, workers=args.workers)
+    try:
+        summary = sweep.run_study(spec, workers=args.workers)
+    except KeyboardInterrupt:
+        print(f"imgclf: study {spec.name} interrupted; run the same command again to resume it", file=sys.stderr)
+        return 130
     print(json.dumps(summary))
     print(f"report: imgclf sweep-report {spec.study_dir}")
     return 0

@@ -159,8 +159,14 @@ def plot_param(p: Param, trials, metric: str, best_number: int | None) -> str:
         labels = [str(p.decode(c)) for c in p.choices]
         ax.set_xticks(range(len(labels)), [lb[:12] for lb in labels], rotation=30 if len(labels) > 3 else 0, fontsize=7)
         ax.set_xlim(-0.5, len(labels) - 0.5)
-    elif p.log:
-        ax.set_xscale("log")
+    else:
+        if p.log:
+            from matplotlib.ticker import NullFormatter
+
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap at this size
+        pad = (p.high / p.low) ** 0.04 if p.log else (p.high - p.low) * 0.04
+        ax.set_xlim(p.low / pad, p.high * pad) if p.log else ax.set_xlim(p.low - pad, p.high + pad)
     ax.set_xlabel(p.name.removeprefix("model_args.") + (" (model_args)" if p.name.startswith("model_args.") else ""))
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
@@ -250,6 +256,9 @@ def plot_curves(study_dir: Path, trials, metric: str, best_number: int | None) -
                Line2D([], [], color="grey", ls=":", label="failed / running")]
     handles += [h for h in ax.get_legend_handles_labels()[0]]
     ax.legend(handles=handles, fontsize=7, loc="best")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
@@ -283,6 +292,13 @@ th{background:#f4f4f4}td.l{text-align:left}tr.best td{background:#fff3d6;font-we
 .COMPLETE{color:#1f77b4}.PRUNED{color:#777}.FAIL{color:#d62728}.grid img{margin:4px}
 .note{color:#666;font-style:italic}pre{background:#f6f6f6;padding:8px;font-size:12px}
 """
+
+
+def _describe(choice: str | dict) -> str:
+    if isinstance(choice, str):
+        return choice
+    rest = {k: v for k, v in choice.items() if k != "type"}
+    return f"{choice.get('type', '?')} (" + ", ".join(f"{k}={v}" for k, v in rest.items()) + ")" if rest else choice.get("type", "?")
 
 
 def _fmt(v) -> str:
@@ -330,7 +346,7 @@ def write_report(study_dir: str | Path, storage: str | None = None, out: str | P
     parts = [f"<h1>Study {html.escape(spec.name)}</h1>",
              f"<p>{len(trials)} trials: " + ", ".join(f"{v} {k.lower()}" for k, v in counts.items() if v)
              + f". Objective: {spec.resolved_direction} {html.escape(spec.metric)} (best epoch of each trial). "
-             + f"Sampler {html.escape(str(spec.sampler))}, pruner {html.escape(str(spec.pruner))}.</p>"]
+             + f"Sampler {html.escape(_describe(spec.sampler))}, pruner {html.escape(_describe(spec.pruner))}.</p>"]
     total = sum(_duration(t) or 0 for t in trials)
     parts.append(f"<p>Trial time in total: {total / 60:.1f} min.</p>")
 
@@ -348,7 +364,7 @@ def write_report(study_dir: str | Path, storage: str | None = None, out: str | P
     parts.append("<h2>Trials</h2>" + _trial_table(trials, space, best_number))
 
     imp, why = importance(study, len(complete)) if space.params else (None, "the study has no searched parameters")
-    result["importance"] = imp
+    result["importance"] = {k: float(v) for k, v in imp.items()} if imp else None
     parts.append("<h2>What mattered: parameter importance (fANOVA)</h2>")
     parts.append(_img(plot_importance(imp), "parameter importance") if imp else f"<p class=note>{html.escape(why)}</p>")
 

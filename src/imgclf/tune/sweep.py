@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -236,7 +237,7 @@ class Space:
         from imgclf.models.registry import OWN_MODELS, resolve_name
 
         names = {k.split(".", 1)[1] for k in [*self.params, *self.fixed] if k.startswith("model_args.")}
-        names |= set((self.base.get("model_args") or {}))
+        names |= set(self.base.get("model_args") or {})
         models = {self.options({}).get("model", "auto")}
         if "model" in self.params:
             models = {self.params["model"].decode(c) for c in self.params["model"].choices}
@@ -292,6 +293,7 @@ def make_storage(url: str, heartbeat: int | None = 10):
         kw["connect_args"] = {"timeout": 120}
     else:
         kw["pool_pre_ping"] = True
+    url = _postgres_driver(url)
     hb: dict[str, Any] = {}
     if heartbeat:
         cb_kw = ("heartbeat_stale_trial_callback" if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")
@@ -307,15 +309,28 @@ def make_storage(url: str, heartbeat: int | None = 10):
         raise
 
 
+def _postgres_driver(url: str) -> str:
+    """SQLAlchemy 2.1 reads postgresql:// as psycopg 3; use psycopg2 when only that is installed."""
+    if not url.startswith(("postgresql://", "postgres://")):
+        return url
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2://" + url.split("://", 1)[1]
+    return url
+
+
 def _redact(url: str) -> str:
     return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
 
-def make_sampler(spec: StudySpec, space: Space, worker: int = 0):
+def make_sampler(spec: StudySpec, space: Space, worker: int = 0, done: int = 0):
+    """``done``: trials already in the study. It enters the seed so that a resumed study (or a
+    second worker) does not draw the same random points again."""
     optuna = _optuna()
     cfg = {"type": spec.sampler} if isinstance(spec.sampler, str) else dict(spec.sampler)
     kind = cfg.pop("type", "tpe")
-    seed = None if spec.seed is None else spec.seed + worker
+    seed = None if spec.seed is None else (spec.seed * 1_000_003 + worker * 10_007 + done) % 2**31
     try:
         if kind == "tpe":
             return optuna.samplers.TPESampler(seed=seed, **cfg)
@@ -385,6 +400,8 @@ class PruneOnMetric(Callback):
             t.stop = f"sweep: {self.metric} is NaN at epoch {row['epoch']}"
             return
         self.trial.report(v, step=int(row["epoch"]))
+        if row["epoch"] >= math.ceil(t.cfg.epochs):
+            return  # the work is done: pruning now would only throw the result away
         if self.trial.should_prune():
             self.pruned_at = row["epoch"]
             t.stop = f"sweep: pruned at epoch {row['epoch']} ({self.metric} {v:.4f})"
@@ -406,6 +423,7 @@ def make_objective(spec: StudySpec, space: Space):
         opts = {**_TRIAL_DEFAULTS, **space.options(params)}
         run_dir = trials_dir / str(trial.number)
         trial.set_user_attr("run_dir", f"trials/{trial.number}")
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         pruning = PruneOnMetric(trial, spec.metric)
         from imgclf.api import train
 
@@ -456,6 +474,7 @@ def run_worker(spec: StudySpec, worker: int = 0) -> None:
     optuna = _optuna()
     space = Space(spec)
     study = open_study(spec, worker)
+    study.sampler = make_sampler(spec, space, worker, done=len(study.get_trials(deepcopy=False)))
     objective = make_objective(spec, space)
     limit = spec.n_trials
     gs = grid_size(space, spec)
@@ -477,20 +496,22 @@ def run_worker(spec: StudySpec, worker: int = 0) -> None:
             time.sleep(min(5.0, spec.heartbeat))
             continue
         before = {t.number for t in trials}
+        finished: list = []
         try:
-            study.optimize(objective, n_trials=1, catch=(Exception,))
+            study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[lambda _s, t, out=finished: out.append(t)])
         except KeyboardInterrupt:
-            # the trial is FAILED by Optuna; queue its parameters again so a restart redoes it
+            # Optuna has FAILED the trial; queue its parameters again so that a restart redoes it
+            me = f"{socket.gethostname()}:{os.getpid()}"
             for t in study.get_trials(deepcopy=False):
-                if t.number not in before and t.state.name == "FAIL" and "error" not in t.user_attrs:
+                if (t.number not in before and t.state.name == "FAIL" and "error" not in t.user_attrs
+                        and t.user_attrs.get("worker") == me):
                     _retry_callback()(study, t)
             raise
-        mine = [t for t in study.get_trials(deepcopy=False) if t.number not in before]
-        mine = [t for t in mine if t.state.name in ("COMPLETE", "PRUNED", "FAIL")]
-        last = max(mine, key=lambda t: t.datetime_complete or t.datetime_start, default=None)
-        if last is not None:
-            _report_trial(last, spec.metric)
-            failures = failures + 1 if last.state.name == "FAIL" else 0
+        if not finished:
+            continue
+        last = finished[-1]
+        _report_trial(last, spec.metric)
+        failures = failures + 1 if last.state.name == "FAIL" else 0
         if failures >= _MAX_CONSECUTIVE_FAILURES:
             raise UserError(f"{failures} trials in a row failed, the last with: {last.user_attrs.get('error')}; "
                             f"fix the study (see {spec.study_dir}/trials/{last.number}/error.txt)")
