@@ -1,0 +1,60 @@
+"""`imgclf export` and `imgclf serve`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_export(sub) -> None:
+    from imgclf.deploy.export import DEFAULT_OPSET, FORMATS, PARITY_IMAGES
+
+    p = sub.add_parser("export", help="export a run to ONNX or TorchScript (preprocessing inside) with a parity check")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--format", choices=FORMATS, default="onnx")
+    p.add_argument("--out", help="output file (default: RUN/model.onnx or RUN/model.torchscript.pt)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.add_argument("--parity-images", type=int, default=PARITY_IMAGES,
+                   help="real images compared between the exported file and PyTorch")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from imgclf.deploy.export import export
+
+    export(args.run, args.format, args.out, opset=args.opset, parity_images=args.parity_images)
+    return 0
+
+
+def add_serve(sub) -> None:
+    from imgclf.deploy.server import ServeConfig
+
+    d = ServeConfig(model="")
+    p = sub.add_parser("serve", help="HTTP server with a web page: POST /v1/predict, GET /v1/model, /healthz, /metrics")
+    p.add_argument("model", metavar="RUN_OR_ONNX", help="run folder or .onnx file from 'imgclf export'")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help="images per forward pass at most")
+    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, help="how long a request waits for others to batch with")
+    p.add_argument("--max-body-mb", type=float, default=d.max_body_mb, help="request body limit")
+    p.add_argument("--max-pixels", type=int, default=d.max_pixels, help="largest decoded image (width x height)")
+    p.add_argument("--top-k", type=int, default=d.top_k, help="default number of classes returned")
+    p.add_argument("--decode-threads", type=int, default=0, help="threads decoding images (0: auto)")
+    p.add_argument("--threads", type=int, default=0, help="inference threads (0: cpus - 1, at least 1)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="server processes (each loads the model and batches on its own; 1 is best on few cores)")
+    p.add_argument("--device", default="cpu", help="device for a run folder (cpu, cuda)")
+    p.add_argument("--log-level", default="warning")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from imgclf.deploy.server import ServeConfig, serve
+
+    cfg = ServeConfig(model=args.model, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                      max_body_mb=args.max_body_mb, max_pixels=args.max_pixels, top_k=args.top_k,
+                      decode_threads=args.decode_threads, device=args.device, threads=args.threads)
+    serve(cfg, host=args.host, port=args.port, workers=args.workers, log_level=args.log_level)
+    return 0
+
+
+COMMANDS = [add_export, add_serve]

@@ -1,0 +1,315 @@
+"""Export a run to ONNX or TorchScript with the preprocessing inside, and prove it still agrees.
+
+The exported graph takes what a deployment can produce without imgclf: uint8 RGB images, NHWC,
+already resized to the model's ``image_size`` with the recorded ``resize`` policy (resizing is
+data-dependent and lives outside the graph; the policy and size are in the metadata). Inside the
+graph: uint8 -> float, (x/255 - mean)/std, the network, then ``logits / temperature`` through
+softmax (single-label) or sigmoid (multi-label). Outputs: ``logits`` (raw) and ``probs``.
+
+Every export runs a parity check on real images: exported vs PyTorch (both fp32, no autocast),
+same top-1 for every image and logits within ``LOGIT_TOLERANCE`` (relative to the largest
+reference logit). The figures are printed and saved as ``FILE.parity.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from imgclf.data.images import BadImage, load_resized, resize_rgb
+from imgclf.errors import UserError
+from imgclf.runs import load_model, read_meta
+
+EXPORT_FORMAT = "imgclf.export/1"
+FORMATS = ("onnx", "torchscript")
+SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+DEFAULT_OPSET = 17  # onnxruntime >= 1.14 runs it; every op FastNet/ResNets need exists there
+PARITY_IMAGES = 64
+# fp32 vs fp32 through different kernels: differences are ~1e-5 of the logit scale; 1e-3 of it
+# leaves room for kernel-order rounding but catches any real preprocessing or graph mistake.
+LOGIT_TOLERANCE = 1e-3
+META_KEY = "imgclf"  # the whole metadata as one JSON value; each field also has its own key
+
+
+class Preprocessed(nn.Module):
+    """uint8 NHWC RGB (already resized) -> (logits, calibrated probabilities)."""
+
+    def __init__(self, model: nn.Module, mean, std, temperature: float, multilabel: bool):
+        super().__init__()
+        self.model = model
+        std_t = torch.tensor(std, dtype=torch.float32) * 255.0
+        # same folded multiply-add as imgclf.data.augment.Normalize, so training and export agree
+        self.register_buffer("scale", (1.0 / std_t).view(1, 3, 1, 1))
+        self.register_buffer("shift", (-torch.tensor(mean, dtype=torch.float32) * 255.0 / std_t).view(1, 3, 1, 1))
+        self.inv_temperature = 1.0 / float(temperature or 1.0)
+        self.multilabel = multilabel
+
+    def forward(self, images: torch.Tensor):
+        x = images.permute(0, 3, 1, 2).float() * self.scale + self.shift
+        logits = self.model(x)
+        scaled = logits * self.inv_temperature
+        probs = torch.sigmoid(scaled) if self.multilabel else torch.softmax(scaled, dim=1)
+        return logits, probs
+
+
+def export_metadata(meta: dict[str, Any], run_dir: Path, how: str) -> dict[str, Any]:
+    multilabel = meta.get("task") == "multilabel"
+    size = int(meta["image_size"])
+    temperature = float(meta.get("temperature") or 1.0)
+    from imgclf import __version__
+
+    return {
+        "format": EXPORT_FORMAT,
+        "architecture": meta["architecture"],
+        "classes": list(meta["classes"]),
+        "task": meta.get("task", "single"),
+        "image_size": size,
+        "resize": meta["resize"],
+        "mean": list(meta["mean"]),
+        "std": list(meta["std"]),
+        "temperature": temperature,
+        "thresholds": meta.get("thresholds"),
+        "input": {
+            "name": "images", "dtype": "uint8", "layout": "NHWC", "channels": "RGB", "shape": ["batch", size, size, 3],
+            "preprocessing_outside_graph": f"decode to RGB and resize to {size}x{size} with policy "
+                                           f"'{meta['resize']}' (imgclf.data.images.load_resized)",
+            "preprocessing_in_graph": "uint8 -> float32, (x / 255 - mean) / std",
+        },
+        "outputs": {
+            "logits": "raw logits, before temperature",
+            "probs": f"{'sigmoid' if multilabel else 'softmax'}(logits / temperature), temperature={temperature:g}",
+        },
+        "source_run": str(run_dir),
+        "exported_with": how,
+        "imgclf_version": __version__,
+    }
+
+
+def default_out(run_dir: Path, fmt: str) -> Path:
+    return run_dir / f"model{SUFFIX[fmt]}"
+
+
+def export(run: str | Path, fmt: str = "onnx", out: str | Path | None = None, *, opset: int = DEFAULT_OPSET,
+           parity_images: int = PARITY_IMAGES, verbose: bool = True) -> dict[str, Any]:
+    """Export ``run`` and run the parity check. Returns the parity report (with the file paths).
+
+    Raises UserError when the exported model disagrees with PyTorch (the files stay for inspection).
+    """
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format '{fmt}': use one of {', '.join(FORMATS)}")
+    run_dir, meta = read_meta(run)
+    model, meta = load_model(run_dir, "cpu")
+    model.float().eval()
+    out = Path(out) if out else default_out(run_dir, fmt)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    wrapped = Preprocessed(model, meta["mean"], meta["std"], meta.get("temperature") or 1.0,
+                           meta.get("task") == "multilabel").eval()
+    size = int(meta["image_size"])
+    example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
+    t0 = time.perf_counter()
+    if fmt == "onnx":
+        how = f"torch.onnx.export TorchScript-based exporter (dynamo=False), opset {opset}, dynamic batch"
+        xmeta = export_metadata(meta, run_dir, how)
+        _export_onnx(wrapped, example, out, opset, xmeta)
+    else:
+        how = "torch.jit.trace, dynamic batch (checked by the parity run at another batch size)"
+        xmeta = export_metadata(meta, run_dir, how)
+        _export_torchscript(wrapped, example, out, xmeta)
+    export_seconds = time.perf_counter() - t0
+    sidecar = out.with_name(out.name + ".json")
+    sidecar.write_text(json.dumps(xmeta, indent=2))
+
+    images, source = parity_images_for(run_dir, meta, parity_images)
+    run_exported = _onnx_runner(out) if fmt == "onnx" else _torchscript_runner(out)
+    report = check_parity(model, meta, images, run_exported)
+    report.update({"format": fmt, "file": str(out), "metadata": str(sidecar), "images_from": source,
+                   "export_seconds": round(export_seconds, 2), "exported_with": how})
+    parity_path = out.with_name(out.name + ".parity.json")
+    parity_path.write_text(json.dumps(report, indent=2))
+    report["parity_file"] = str(parity_path)
+    if verbose:
+        print(format_report(report))
+    if not report["passed"]:
+        raise UserError(f"parity check failed for {out}: {report['top1_agree']}/{report['n']} top-1 agree, "
+                        f"max |logit diff| {report['max_abs_logit_diff']:.3g} > tolerance {report['tolerance']:.3g} "
+                        f"(details in {parity_path})")
+    return report
+
+
+def format_report(r: dict[str, Any]) -> str:
+    verdict = "PASSED" if r["passed"] else "FAILED"
+    return (f"exported {r['file']} ({r['format']}, {r['export_seconds']}s)\n"
+            f"parity {verdict} on {r['n']} images from {r['images_from']}: top-1 agree {r['top1_agree']}/{r['n']}, "
+            f"max |logit diff| {r['max_abs_logit_diff']:.2e} (tolerance {r['tolerance']:.2e}), "
+            f"max |prob diff| {r['max_abs_prob_diff']:.2e}\n"
+            f"metadata {r['metadata']}; parity figures {r['file']}.parity.json")
+
+
+# --- exporters --------------------------------------------------------------------------------
+
+
+def _export_onnx(wrapped: nn.Module, example: torch.Tensor, out: Path, opset: int, xmeta: dict) -> None:
+    import onnx
+
+    # The TorchScript-based exporter: the dynamo exporter needs onnxscript (not a dependency of
+    # ours) and buys nothing here; this one handles padding='same', exact GELU (as Erf) and
+    # AdaptiveMaxPool2d(1) (a MaxPool over the fixed feature map) of FastNet and timm's CNNs.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its deprecation notice and tracer warnings are noise here
+        try:
+            torch.onnx.export(
+                wrapped, (example,), str(out), dynamo=False, opset_version=opset,
+                input_names=["images"], output_names=["logits", "probs"],
+                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}, "probs": {0: "batch"}},
+                do_constant_folding=True,
+            )
+        except Exception as e:  # an op the exporter cannot express is the user's architecture choice
+            raise UserError(f"ONNX export of {xmeta['architecture']} failed at opset {opset}: "
+                            f"{str(e).splitlines()[0][:300]} (try another --opset or --format torchscript)") from None
+    proto = onnx.load(str(out))
+    del proto.metadata_props[:]
+    entries = {META_KEY: xmeta, **{k: xmeta[k] for k in ("classes", "task", "image_size", "resize", "mean", "std",
+                                                          "temperature", "thresholds", "input", "outputs")}}
+    for key, value in entries.items():
+        p = proto.metadata_props.add()
+        p.key, p.value = key, json.dumps(value)
+    proto.producer_name = "imgclf"
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(out))
+
+
+def _export_torchscript(wrapped: nn.Module, example: torch.Tensor, out: Path, xmeta: dict) -> None:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            traced = torch.jit.trace(wrapped, (example,), check_trace=False)
+        except Exception as e:
+            raise UserError(f"TorchScript trace of {xmeta['architecture']} failed: "
+                            f"{str(e).splitlines()[0][:300]} (try --format onnx)") from None
+        traced = torch.jit.freeze(traced)
+        torch.jit.save(traced, str(out), _extra_files={"imgclf.json": json.dumps(xmeta)})
+
+
+def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata an imgclf export embeds (onnx protobuf, no code is executed)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise UserError(f"{path}: not a readable ONNX file ({str(e).splitlines()[0][:200]})") from None
+    props = {p.key: p.value for p in proto.metadata_props}
+    if META_KEY not in props:
+        raise UserError(f"{path}: no imgclf metadata in this ONNX file: export it with 'imgclf export RUN --format onnx'")
+    return json.loads(props[META_KEY])
+
+
+def _onnx_runner(path: Path):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, probs = sess.run(["logits", "probs"], {"images": images})
+        return logits, probs
+
+    return run
+
+
+def _torchscript_runner(path: Path):
+    # our own file, just written; torch.jit.load reads TorchScript's archive, not arbitrary pickles
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated": we load what we saved
+        mod = torch.jit.load(str(path), map_location="cpu").eval()
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.no_grad():
+            logits, probs = mod(torch.from_numpy(images))
+        return logits.numpy(), probs.numpy()
+
+    return run
+
+
+# --- parity -----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def reference_outputs(model: nn.Module, meta: dict, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The PyTorch model the way evaluate/predict run it, but fp32 (no autocast)."""
+    from imgclf.data.augment import Normalize
+
+    x = Normalize(meta["mean"], meta["std"], "cpu")(torch.from_numpy(images))
+    logits = model.float().eval()(x.contiguous()).float()
+    scaled = logits / float(meta.get("temperature") or 1.0)
+    probs = torch.sigmoid(scaled) if meta.get("task") == "multilabel" else torch.softmax(scaled, 1)
+    return logits.numpy(), probs.numpy()
+
+
+def check_parity(model: nn.Module, meta: dict, images: np.ndarray, run_exported) -> dict[str, Any]:
+    ref_logits, ref_probs = reference_outputs(model, meta, images)
+    got_logits, got_probs = run_exported(np.ascontiguousarray(images))
+    diff = np.abs(got_logits.astype(np.float64) - ref_logits)
+    tol = LOGIT_TOLERANCE * max(1.0, float(np.abs(ref_logits).max()))
+    agree = int((got_logits.argmax(1) == ref_logits.argmax(1)).sum())
+    n = len(images)
+    return {
+        "n": n,
+        "top1_agree": agree,
+        "max_abs_logit_diff": float(diff.max()),
+        "mean_abs_logit_diff": float(diff.mean()),
+        "max_abs_logit": float(np.abs(ref_logits).max()),
+        "max_abs_prob_diff": float(np.abs(got_probs.astype(np.float64) - ref_probs).max()),
+        "tolerance": tol,
+        "tolerance_rule": f"max |logit diff| <= {LOGIT_TOLERANCE:g} * max(1, max |reference logit|); fp32 both sides",
+        "passed": bool(agree == n and diff.max() <= tol),
+    }
+
+
+def parity_images_for(run_dir: Path, meta: dict, n: int = PARITY_IMAGES) -> tuple[np.ndarray, str]:
+    """``n`` real images at the model's size: the run's own test (else val/train) data, else the
+    packaged CIFAR-10 sample (resized; fine for checking arithmetic, whatever the model's classes)."""
+    size, policy = int(meta["image_size"]), meta["resize"]
+    try:
+        arr, origin = _run_images(run_dir, n, size, policy)
+        if len(arr):
+            return arr, origin
+    except (UserError, OSError, ValueError, KeyError):
+        pass
+    from imgclf.sample import sample_dir
+
+    paths = sorted((sample_dir() / "test").glob("*/*.jpg"))
+    pick = [paths[i] for i in np.linspace(0, len(paths) - 1, min(n, len(paths))).astype(int)]
+    return np.stack([load_resized(str(p), size, policy) for p in pick]), "the packaged CIFAR-10 sample (test)"
+
+
+def _run_images(run_dir: Path, n: int, size: int, policy: str) -> tuple[np.ndarray, str]:
+    import yaml
+
+    cfg_path = run_dir / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else {}
+    data = (cfg or {}).get("test_data") or (cfg or {}).get("data")
+    if not data or not Path(str(data)).exists():  # never download ('cifar10') just to check parity
+        return np.zeros((0,)), ""
+    from imgclf.data.cache import cache_root
+    from imgclf.data.sources import load_source
+
+    src = load_source(str(data), val_split=0.0, cache_dir=cache_root())
+    name, split = next((k, s) for k, s in (("test", src.test), ("val", src.val), ("train", src.train)) if s is not None)
+    idx = np.linspace(0, len(split) - 1, min(n, len(split))).astype(int)
+    out = []
+    for i in idx:
+        try:
+            if split.images is not None:
+                out.append(resize_rgb(np.ascontiguousarray(split.images[i]), size, policy))
+            else:
+                out.append(load_resized(split.paths[i], size, policy))
+        except BadImage:
+            continue
+    return (np.stack(out) if out else np.zeros((0,))), f"{data} ({name} split)"

@@ -1,0 +1,560 @@
+"""HTTP server for a trained run or an exported ONNX file: FastAPI + uvicorn.
+
+Request path: the body is read under a size limit (ASGI middleware, before any parsing) ->
+images are decoded and resized in a thread pool (PIL never runs on the event loop) -> each image
+joins an asyncio queue -> one collector takes up to ``max_batch`` images, waiting at most
+``max_wait_ms`` for company -> a single inference thread runs the batch -> futures resolve.
+Requests that arrive together therefore share one forward pass.
+
+Bad input is always a 4xx with ``{"error": "..."}``; model files are read without unpickling
+(safetensors + JSON for a run, protobuf for ONNX).
+"""
+
+
+import asyncio
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgclf.data.images import BadImage, load_resized
+from imgclf.errors import UserError
+
+STATIC = Path(__file__).parent / "static"
+MB = 1 << 20
+
+
+@dataclass
+class ServeConfig:
+    model: str
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    max_body_mb: float = 10.0
+    max_pixels: int = 40_000_000  # 40 MP: any real photo; a 20k x 20k "bomb" is refused before decoding
+    max_images: int = 256  # per request
+    decode_threads: int = 0  # 0: min(4, cpus + 1)
+    top_k: int = 5
+    device: str = "cpu"
+    threads: int = 0  # inference threads; 0: cpus - 1, leaving a core to the event loop (HTTP parsing)
+
+    def check(self) -> None:
+        if self.max_batch < 1:
+            raise UserError(f"--max-batch must be >= 1, got {self.max_batch}")
+        if self.max_wait_ms < 0:
+            raise UserError(f"--max-wait-ms must be >= 0, got {self.max_wait_ms}")
+        if self.max_body_mb <= 0:
+            raise UserError(f"--max-body-mb must be > 0, got {self.max_body_mb}")
+        if self.max_pixels < 1:
+            raise UserError(f"--max-pixels must be >= 1, got {self.max_pixels}")
+
+
+# --- backends ---------------------------------------------------------------------------------
+
+
+class TorchBackend:
+    """A run folder through imgclf.api.Classifier (model.json + model.safetensors)."""
+
+    kind = "pytorch"
+
+    def __init__(self, run: str | Path, device: str = "cpu"):
+        from imgclf.api import load
+
+        self.clf = load(run, device)
+        self.meta = dict(self.clf.meta)
+        self.source = str(run)
+
+    def probs(self, images: np.ndarray) -> np.ndarray:
+        return np.asarray(self.clf.predict_proba(images), dtype=np.float32)
+
+
+class OnnxBackend:
+    """An ``imgclf export`` ONNX file through onnxruntime; preprocessing and calibration are in
+    the graph, size and resize policy in its metadata."""
+
+    kind = "onnx"
+
+    def __init__(self, path: str | Path, threads: int = 0):
+        import onnxruntime as ort
+
+        from imgclf.deploy.export import read_onnx_metadata
+
+        self.meta = read_onnx_metadata(path)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads  # 0: onnxruntime's default (one per physical core)
+        try:
+            self.sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise UserError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})") from None
+        self.source = str(path)
+
+    def probs(self, images: np.ndarray) -> np.ndarray:
+        return self.sess.run(["probs"], {"images": images})[0]
+
+
+def inference_threads(requested: int = 0) -> int:
+    return requested if requested > 0 else max(1, (os.cpu_count() or 1) - 1)
+
+
+def load_backend(path: str | Path, device: str = "cpu", threads: int = 0):
+    p = Path(path)
+    if p.is_dir():
+        return TorchBackend(p, device)
+    if p.suffix.lower() == ".onnx" and p.is_file():
+        return OnnxBackend(p, threads)
+    if not p.exists():
+        raise UserError(f"{p}: no such run folder or ONNX file")
+    raise UserError(f"{p}: serve a run folder (model.json + model.safetensors) or an .onnx file from 'imgclf export'")
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+# Hand-written exposition: prometheus_client is not installed, and one counter plus two
+# histograms are ~40 lines; every update happens on the event loop, so no locks are needed.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+ROUTES = ("/", "/v1/predict", "/v1/model", "/healthz", "/metrics")
+
+
+class Histogram:
+    def __init__(self, buckets):
+        self.buckets = tuple(buckets)
+        self.counts = [0] * len(self.buckets)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, v: float) -> None:
+        self.sum += v
+        self.count += 1
+        for i, b in enumerate(self.buckets):
+            if v <= b:
+                self.counts[i] += 1
+
+    def lines(self, name: str, labels: str = "") -> list[str]:
+        sep = "," if labels else ""
+        out = [f'{name}_bucket{{{labels}{sep}le="{b:g}"}} {c}' for b, c in zip(self.buckets, self.counts)]
+        out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.count}')
+        brace = f"{{{labels}}}" if labels else ""
+        out += [f"{name}_sum{brace} {self.sum:.6f}", f"{name}_count{brace} {self.count}"]
+        return out
+
+
+class Metrics:
+    def __init__(self):
+        self.requests: dict[tuple[str, str, int], int] = {}
+        self.latency: dict[str, Histogram] = {}
+        self.batch = Histogram(BATCH_BUCKETS)
+        self.images = 0
+
+    def observe_request(self, path: str, method: str, status: int, seconds: float) -> None:
+        path = path if path in ROUTES else "other"  # bounded label set whatever clients request
+        key = (path, method, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        self.latency.setdefault(path, Histogram(LATENCY_BUCKETS)).observe(seconds)
+
+    def render(self) -> str:
+        out = ["# HELP imgclf_requests_total HTTP requests by route, method and status.",
+               "# TYPE imgclf_requests_total counter"]
+        for (path, method, status), n in sorted(self.requests.items()):
+            out.append(f'imgclf_requests_total{{path="{path}",method="{method}",status="{status}"}} {n}')
+        out += ["# HELP imgclf_request_duration_seconds Time from request start to response end.",
+                "# TYPE imgclf_request_duration_seconds histogram"]
+        for path, h in sorted(self.latency.items()):
+            out += h.lines("imgclf_request_duration_seconds", f'path="{path}"')
+        out += ["# HELP imgclf_batch_size Images per forward pass.", "# TYPE imgclf_batch_size histogram"]
+        out += self.batch.lines("imgclf_batch_size")
+        out += ["# HELP imgclf_images_total Images classified.", "# TYPE imgclf_images_total counter",
+                f"imgclf_images_total {self.images}"]
+        return "\n".join(out) + "\n"
+
+
+# --- ASGI middleware --------------------------------------------------------------------------
+
+
+async def _send_json(send, status: int, payload: dict) -> None:
+    body = json.dumps(payload).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class MetricsMiddleware:
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        status = 500
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.observe_request(scope["path"], scope["method"], status, time.perf_counter() - t0)
+
+
+class BodyLimitMiddleware:
+    """Refuse a body over ``max_bytes`` while it streams in (or from Content-Length at once), so a
+    huge upload costs at most ``max_bytes`` of memory and is never parsed."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def _too_large(self) -> dict:
+        return {"error": f"request body too large: the limit is {self.max_bytes / MB:g} MB (server option --max-body-mb)"}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                declared_n = int(declared)
+            except ValueError:
+                return await _send_json(send, 400, {"error": "invalid Content-Length header"})
+            if declared_n > self.max_bytes:
+                return await _send_json(send, 413, self._too_large())
+        chunks, total = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > self.max_bytes:
+                return await _send_json(send, 413, self._too_large())
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+# --- batching ---------------------------------------------------------------------------------
+
+
+class Batcher:
+    """An asyncio queue of single images and one collector feeding one inference thread."""
+
+    def __init__(self, backend, max_batch: int, max_wait_s: float, metrics: Metrics):
+        self.backend, self.max_batch, self.max_wait_s, self.metrics = backend, max_batch, max_wait_s, metrics
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.full = asyncio.Event()
+        # one thread: the model's own kernels use the cores; two forward passes would only fight
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="imgclf-infer")
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._collect())
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
+        self.pool.shutdown(wait=True)
+
+    async def submit(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        loop = asyncio.get_running_loop()
+        futures = []
+        for img in images:
+            fut = loop.create_future()
+            self.queue.put_nowait((img, fut))
+            futures.append(fut)
+        if self.queue.qsize() >= self.max_batch - 1:
+            self.full.set()
+        return list(await asyncio.gather(*futures))
+
+    async def _collect(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            if self.max_batch > 1 and self.max_wait_s > 0 and self.queue.qsize() < self.max_batch - 1:
+                self.full.clear()
+                try:
+                    await asyncio.wait_for(self.full.wait(), self.max_wait_s)
+                except TimeoutError:
+                    pass
+            while len(batch) < self.max_batch and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            batch = [(img, fut) for img, fut in batch if not fut.done()]  # clients that left
+            if not batch:
+                continue
+            try:
+                probs = await loop.run_in_executor(self.pool, self.backend.probs, np.stack([b[0] for b in batch]))
+            except Exception as e:  # a model failure fails these requests, not the server
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            self.metrics.batch.observe(len(batch))
+            self.metrics.images += len(batch)
+            for (_, fut), p in zip(batch, probs):
+                if not fut.done():
+                    fut.set_result(p)
+
+
+# --- the app ----------------------------------------------------------------------------------
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def _thresholds(meta: dict, classes: list[str]) -> np.ndarray:
+    # float64 so a threshold of 0.3 in model.json comes back as 0.3 in responses
+    t = meta.get("thresholds")
+    if t is None:
+        return np.full(len(classes), 0.5)
+    if isinstance(t, int | float):
+        return np.full(len(classes), float(t))
+    if isinstance(t, dict):
+        return np.asarray([float(t.get(c, 0.5)) for c in classes])
+    return np.asarray([float(v) for v in t])
+
+
+def model_info(backend, cfg: ServeConfig) -> dict[str, Any]:
+    meta = backend.meta
+    keys = ("architecture", "classes", "task", "image_size", "resize", "mean", "std", "temperature", "thresholds")
+    info = {k: meta.get(k) for k in keys}
+    info["task"] = info["task"] or "single"
+    info["temperature"] = float(info["temperature"] or 1.0)
+    info.update({
+        "name": Path(backend.source).name, "backend": backend.kind, "source": backend.source,
+        "probabilities": ("sigmoid" if info["task"] == "multilabel" else "softmax") + "(logits / temperature)",
+        "limits": {"max_body_mb": cfg.max_body_mb, "max_pixels": cfg.max_pixels, "max_images": cfg.max_images},
+        "batching": {"max_batch": cfg.max_batch, "max_wait_ms": cfg.max_wait_ms},
+    })
+    return info
+
+
+def create_app(cfg: ServeConfig, backend=None):
+    from fastapi import FastAPI, Query, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    cfg.check()
+    backend = backend or load_backend(cfg.model, cfg.device, cfg.threads)
+    info = model_info(backend, cfg)
+    classes: list[str] = info["classes"]
+    size, policy = int(info["image_size"]), info["resize"]
+    multilabel = info["task"] == "multilabel"
+    thresholds = _thresholds(backend.meta, classes)
+    metrics = Metrics()
+    batcher = Batcher(backend, cfg.max_batch, cfg.max_wait_ms / 1000.0, metrics)
+    decode_pool = ThreadPoolExecutor(cfg.decode_threads or min(4, (os.cpu_count() or 1) + 1),
+                                     thread_name_prefix="imgclf-decode")
+    # warm the backend up (first call allocates, autotunes): no request should pay for it
+    backend.probs(np.zeros((1, size, size, 3), np.uint8))
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        yield
+        await batcher.stop()
+        decode_pool.shutdown(wait=False)
+
+    app = FastAPI(title="imgclf", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.metrics, app.state.batcher, app.state.info = metrics, batcher, info
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc):
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc):
+        parts = [f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()]
+        return JSONResponse({"error": "invalid request: " + "; ".join(parts)}, status_code=422)
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(request, exc):
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/v1/model")
+    async def model():
+        return info
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    def decode(item: tuple[str, bytes]) -> np.ndarray:
+        return load_resized(item[1], size, policy, max_pixels=cfg.max_pixels)
+
+    async def read_images(request: Request) -> list[tuple[str, bytes]]:
+        ctype = request.headers.get("content-type", "")
+        mtype = ctype.split(";")[0].strip().lower()
+        if mtype == "multipart/form-data":
+            items = []
+            async with request.form(max_files=cfg.max_images, max_fields=cfg.max_images) as form:
+                fields = sorted(set(form.keys()))
+                for key, value in form.multi_items():
+                    if key not in ("file", "files"):
+                        continue
+                    if isinstance(value, str):
+                        raise BadRequest(400, f"multipart field '{key}' holds text, not a file upload")
+                    items.append((value.filename or key, await value.read()))
+            if not items:
+                got = ", ".join(f"'{f}'" for f in fields) or "none"
+                raise BadRequest(400, f"no image in the multipart body: send it in field 'file' (or repeated 'files'); "
+                                      f"got field(s): {got}")
+            return items
+        if mtype.startswith("image/") or mtype == "application/octet-stream":
+            return [("body", await request.body())]
+        what = f"unsupported Content-Type '{mtype}'" if mtype else "missing Content-Type"
+        raise BadRequest(415, f"{what}: send multipart/form-data with field 'file' (or 'files'), "
+                              "or the raw image bytes as image/* or application/octet-stream")
+
+    @app.post("/v1/predict")
+    async def predict(request: Request, top_k: int = Query(cfg.top_k, ge=1, le=1000)):
+        t0 = time.perf_counter()
+        items = await read_images(request)
+        if len(items) > cfg.max_images:
+            raise BadRequest(400, f"too many images in one request: {len(items)} > {cfg.max_images}")
+        loop = asyncio.get_running_loop()
+        decoded = await asyncio.gather(*(loop.run_in_executor(decode_pool, decode, it) for it in items),
+                                       return_exceptions=True)
+        for i, (name, res) in enumerate(zip((n for n, _ in items), decoded)):
+            if isinstance(res, BadImage):
+                where = f"image {i} ('{name}')" if len(items) > 1 or name != "body" else "the request body"
+                status = 413 if res.reason.startswith("image too large") else 400
+                raise BadRequest(status, f"{where}: {res.reason}")
+            if isinstance(res, BaseException):
+                raise res
+        probs = await batcher.submit(list(decoded))
+        k = min(top_k, len(classes))
+        preds = []
+        for (name, _), p in zip(items, probs):
+            order = np.argsort(-p)[:k]
+            pred: dict[str, Any] = {"filename": name,
+                                    "top": [{"class": classes[j], "index": int(j), "prob": float(p[j])} for j in order]}
+            if multilabel:
+                hits = np.flatnonzero(p >= thresholds)
+                hits = hits[np.argsort(-p[hits])]
+                pred["labels"] = [{"class": classes[j], "index": int(j), "prob": float(p[j]),
+                                   "threshold": float(thresholds[j])} for j in hits]
+            preds.append(pred)
+        return {"model": info["name"], "task": info["task"], "predictions": preds,
+                "time_ms": round((time.perf_counter() - t0) * 1000, 2)}
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, exc):  # a bug: still JSON, and the traceback goes to the log
+        return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+    # outermost first: metrics see every response, including the body limit's 413s
+    app.add_middleware(BodyLimitMiddleware, max_bytes=int(cfg.max_body_mb * MB))
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app
+
+
+# --- running ----------------------------------------------------------------------------------
+
+_ENV = "IMGCLF_SERVE_CONFIG"
+
+
+def app_from_env():
+    """uvicorn factory for --workers > 1 (each worker process loads its own model)."""
+    return create_app(ServeConfig(**json.loads(os.environ[_ENV])))
+
+
+def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, log_level: str = "warning") -> None:
+    import uvicorn
+
+    cfg.check()
+    # A server process owns its cores: torch's thread count is process-wide, so it is set here and
+    # not in create_app (which tests and notebooks call in-process). On a busy machine, OpenMP
+    # threads beyond the free cores spin and cost more CPU than they return.
+    cfg.threads = inference_threads(cfg.threads)
+    if cfg.device == "cpu":
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    if workers > 1:
+        load_backend(cfg.model, cfg.device)  # fail here, once, with a clear line, not in every worker
+        os.environ[_ENV] = json.dumps(asdict(cfg))
+        print(f"imgclf serving {cfg.model} at http://{host}:{port}/ with {workers} worker processes")
+        uvicorn.run("imgclf.deploy.server:app_from_env", factory=True, host=host, port=port, workers=workers,
+                    log_level=log_level, access_log=False)
+        return
+    app = create_app(cfg)
+    info = app.state.info
+    print(f"imgclf serving {cfg.model} ({info['backend']}, {len(info['classes'])} classes, {info['image_size']}px "
+          f"{info['resize']}) at http://{host}:{port}/  batching up to {cfg.max_batch} within {cfg.max_wait_ms:g} ms")
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+
+class ServerThread:
+    """uvicorn in a background thread on loopback (tests, notebooks): ``with ServerThread(app) as url``."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int | None = None):
+        import uvicorn
+
+        self.host, self.port = host, port or free_port(host)
+        self.server = uvicorn.Server(uvicorn.Config(app, host=self.host, port=self.port, log_level="warning",
+                                                    access_log=False))
+        self.thread = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> str:
+        import threading
+
+        self.thread = threading.Thread(target=self.server.run, daemon=True, name="imgclf-uvicorn")
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"uvicorn did not start on {self.url}")
+            time.sleep(0.02)
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

@@ -1,0 +1,143 @@
+"""Export parity: ONNX and TorchScript of the default FastNet and of a timm model agree with PyTorch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx", reason="the [deploy] extra (onnx, onnxruntime) is not installed")
+ort = pytest.importorskip("onnxruntime", reason="the [deploy] extra (onnx, onnxruntime) is not installed")
+
+from imgclf.deploy.export import (  # noqa: E402
+    LOGIT_TOLERANCE,
+    check_parity,
+    export,
+    parity_images_for,
+    read_onnx_metadata,
+)
+
+
+def _check_report(report: dict, n: int = 64) -> None:
+    assert report["passed"], report
+    assert report["n"] == n and report["top1_agree"] == n
+    assert report["max_abs_logit_diff"] <= report["tolerance"]
+    assert report["tolerance"] == pytest.approx(LOGIT_TOLERANCE * max(1.0, report["max_abs_logit"]))
+
+
+def test_fastnet_onnx_parity_metadata_and_dynamic_batch(tiny_run, tmp_path, capsys):
+    out = tmp_path / "fast.onnx"
+    report = export(tiny_run, "onnx", out)
+    _check_report(report)
+    assert "test split" in report["images_from"]  # the run's own test data, not a fallback
+    printed = capsys.readouterr().out
+    assert "parity PASSED on 64 images" in printed and "tolerance" in printed
+    saved = json.loads((tmp_path / "fast.onnx.parity.json").read_text())
+    assert saved["top1_agree"] == 64 and saved["passed"]
+
+    run_meta = json.loads((tiny_run / "model.json").read_text())
+    meta = read_onnx_metadata(out)
+    assert meta == json.loads((tmp_path / "fast.onnx.json").read_text())
+    for key in ("classes", "image_size", "resize", "mean", "std", "temperature", "thresholds", "task"):
+        assert meta[key] == run_meta[key], key
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(props["classes"]) == run_meta["classes"] and json.loads(props["resize"]) == run_meta["resize"]
+    assert "softmax" in meta["outputs"]["probs"]
+
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (inp,) = sess.get_inputs()
+    assert inp.name == "images" and inp.type == "tensor(uint8)" and inp.shape[1:] == [32, 32, 3]
+    images, _ = parity_images_for(tiny_run, run_meta, 7)
+    for n in (1, 7):  # dynamic batch
+        logits, probs = sess.run(["logits", "probs"], {"images": images[:n]})
+        assert logits.shape == (n, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.load.*:FutureWarning")
+def test_fastnet_torchscript_parity(tiny_run, tmp_path):
+    out = tmp_path / "fast.torchscript.pt"
+    _check_report(export(tiny_run, "torchscript", out, verbose=False))
+    extra = {"imgclf.json": ""}
+    mod = torch.jit.load(str(out), _extra_files=extra)
+    assert json.loads(extra["imgclf.json"])["classes"][0] == "airplane"
+    logits, probs = mod(torch.zeros(3, 32, 32, 3, dtype=torch.uint8))
+    assert logits.shape == (3, 10)
+
+
+@pytest.fixture(scope="module")
+def timm_run(tmp_path_factory, sample_dir):
+    """timm:resnet18 built by the registry and saved as a run (BN statistics set on real images, so
+    the logits are a realistic spread rather than an untrained model's near-ties)."""
+    from imgclf.data.augment import Normalize
+    from imgclf.data.images import load_resized
+    from imgclf.models.registry import IMAGENET_MEAN, IMAGENET_STD, arch_args_for_record, build_model
+    from imgclf.runs import write_model
+
+    torch.manual_seed(0)
+    classes = sorted(p.name for p in (sample_dir / "train").iterdir())
+    args = arch_args_for_record("timm:resnet18", 32, {})
+    model = build_model("timm:resnet18", len(classes), 32, args)
+    paths = sorted((sample_dir / "train").glob("*/*.jpg"))[::90][:32]
+    x = Normalize(IMAGENET_MEAN, IMAGENET_STD, "cpu")(torch.from_numpy(np.stack([load_resized(str(p), 32) for p in paths])))
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # cumulative average over the calibration pass
+    with torch.no_grad():
+        model.train()(x)
+    run = tmp_path_factory.mktemp("timm") / "resnet18"
+    run.mkdir()
+    write_model(run, model.eval(), {
+        "architecture": "timm:resnet18", "arch_args": args, "classes": classes, "task": "single", "image_size": 32,
+        "resize": "stretch", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "temperature": 1.5,
+        "thresholds": None,
+    })
+    return run
+
+
+@pytest.mark.slow
+def test_timm_resnet18_onnx_parity_via_cli(timm_run, capsys):
+    from imgclf.cli import main
+
+    assert main(["export", str(timm_run), "--format", "onnx"]) == 0
+    out = capsys.readouterr().out
+    assert "parity PASSED on 64 images" in out
+    report = json.loads((timm_run / "model.onnx.parity.json").read_text())
+    _check_report(report)
+    assert "packaged CIFAR-10 sample" in report["images_from"]  # no data in this run: the fallback
+    meta = read_onnx_metadata(timm_run / "model.onnx")
+    assert meta["architecture"] == "timm:resnet18" and meta["temperature"] == 1.5
+
+
+@pytest.mark.slow
+def test_timm_resnet18_torchscript_parity(timm_run, tmp_path):
+    _check_report(export(timm_run, "torchscript", tmp_path / "r18.pt", verbose=False))
+
+
+def test_parity_check_catches_a_wrong_graph(tiny_run):
+    from imgclf.runs import load_model
+
+    model, meta = load_model(tiny_run)
+    images, _ = parity_images_for(tiny_run, meta, 16)
+
+    def wrong_normalisation(imgs):  # as if the export had forgotten the std division
+        from imgclf.deploy.export import reference_outputs
+
+        return reference_outputs(model, {**meta, "std": [1.0, 1.0, 1.0]}, imgs)
+
+    report = check_parity(model, meta, images, wrong_normalisation)
+    assert not report["passed"] and report["max_abs_logit_diff"] > report["tolerance"]
+
+
+def test_export_user_errors(tiny_run, tmp_path):
+    from imgclf.errors import UserError
+
+    with pytest.raises(UserError, match="unknown export format"):
+        export(tiny_run, "tflite")
+    with pytest.raises(UserError, match="no such run folder"):
+        export(tmp_path / "missing", "onnx")
+    bogus = tmp_path / "x.onnx"
+    bogus.write_bytes(b"not onnx")
+    with pytest.raises(UserError, match="not a readable ONNX file|no imgclf metadata"):
+        read_onnx_metadata(bogus)

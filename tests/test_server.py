@@ -1,0 +1,231 @@
+"""The HTTP server on a real uvicorn (loopback, free port): bad input, metrics, batching, backends."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="the [deploy] extra (fastapi, uvicorn, python-multipart) is not installed")
+httpx = pytest.importorskip("httpx")
+
+from imgclf.deploy.server import ServeConfig, ServerThread, create_app  # noqa: E402
+
+
+def bomb_png(width: int = 20_000, height: int = 20_000) -> bytes:
+    """A valid 1-bit PNG of width x height: ~50 KB on the wire, 1.2 GB once decoded to RGB."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = zlib.compress(b"\x00" * ((width + 7) // 8 + 1) * height, 9)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def jpeg(sample_dir) -> bytes:
+    return sorted((sample_dir / "test" / "cat").glob("*.jpg"))[0].read_bytes()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run):
+    # 30 ms of batching wait makes "arrived together" deterministic on a loaded test machine
+    app = create_app(ServeConfig(model=str(tiny_run), max_wait_ms=30, max_batch=32))
+    with ServerThread(app) as url:
+        yield url, app
+
+
+@pytest.fixture()
+def client(server):
+    with httpx.Client(base_url=server[0], timeout=60) as c:
+        yield c
+
+
+def metric(text: str, name: str, **labels) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pat = re.escape(name) + (r"\{" + re.escape(want) + r"\}" if want else "") + r" ([0-9.e+-]+)$"
+    m = re.search(pat, text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_bad_inputs_are_4xx_with_json_errors_then_good_request_succeeds(client, jpeg):
+    cases = [
+        ("non-image bytes", dict(files={"file": ("notes.txt", b"hello, I am not an image", "image/jpeg")}),
+         400, "not an image file"),
+        ("truncated JPEG", dict(content=jpeg[: len(jpeg) // 2], headers={"content-type": "image/jpeg"}),
+         400, "truncated or corrupt"),
+        ("zero bytes raw", dict(content=b"", headers={"content-type": "application/octet-stream"}), 400, "empty file"),
+        ("zero bytes upload", dict(files={"file": ("e.jpg", b"", "image/jpeg")}), 400, "empty file"),
+        ("20000x20000 bomb", dict(content=bomb_png(), headers={"content-type": "image/png"}),
+         413, "image too large: 400000000 pixels exceeds limit of 40000000"),
+        ("body over 10 MB", dict(content=b"\xff\xd8\xff" + bytes(11 << 20), headers={"content-type": "image/jpeg"}),
+         413, "request body too large: the limit is 10 MB"),
+        ("wrong field name", dict(files={"image": ("cat.jpg", jpeg, "image/jpeg")}),
+         400, "send it in field 'file' (or repeated 'files'); got field(s): 'image'"),
+        ("text in the file field", dict(data={"file": "cat.jpg"}, files={"other": ("x", b"x")}),
+         400, "holds text, not a file upload"),
+        ("wrong content type", dict(content=jpeg, headers={"content-type": "text/plain"}),
+         415, "unsupported Content-Type 'text/plain'"),
+        ("no content type", dict(content=jpeg), 415, "missing Content-Type"),
+        ("bad top_k", dict(content=jpeg, headers={"content-type": "image/jpeg"}, params={"top_k": "zero"}),
+         422, "top_k"),
+    ]
+    for what, kwargs, status, text in cases:
+        r = client.post("/v1/predict", **kwargs)
+        assert r.status_code == status, (what, r.status_code, r.text)
+        assert text in r.json()["error"], (what, r.json())
+    r = client.get("/no/such/page")
+    assert r.status_code == 404 and "error" in r.json()
+
+    r = client.post("/v1/predict", files={"file": ("cat.jpg", jpeg, "image/jpeg")})
+    assert r.status_code == 200, r.text
+    (pred,) = r.json()["predictions"]
+    assert pred["filename"] == "cat.jpg" and len(pred["top"]) == 5
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_streamed_body_over_limit_is_refused_while_reading(client):
+    sent = 0
+
+    def body():  # chunked transfer, no Content-Length: the limit must be counted as it arrives
+        nonlocal sent
+        for _ in range(40):
+            sent += 1 << 20
+            yield bytes(1 << 20)
+
+    try:
+        r = client.post("/v1/predict", content=body(), headers={"content-type": "application/octet-stream"})
+        assert r.status_code == 413 and "too large" in r.json()["error"]
+    except (httpx.WriteError, httpx.RemoteProtocolError, httpx.ReadError):
+        pass  # the server closed the connection on us mid-upload: refused early, which is the point
+    assert sent < 40 << 20  # not all 40 MB were taken
+    assert client.get("/healthz").status_code == 200
+
+
+def test_predictions_multipart_many_and_raw_match_the_classifier(client, jpeg, sample_dir, tiny_run):
+    import imgclf
+
+    files = sorted((sample_dir / "test" / "ship").glob("*.jpg"))[:3]
+    r = client.post("/v1/predict", params={"top_k": 3},
+                    files=[("files", (f.name, f.read_bytes(), "image/jpeg")) for f in files])
+    assert r.status_code == 200
+    preds = r.json()["predictions"]
+    assert [p["filename"] for p in preds] == [f.name for f in files]
+    expected = imgclf.load(tiny_run, "cpu").predict([str(f) for f in files], top_k=3)
+    for p, e in zip(preds, expected):
+        assert [t["class"] for t in p["top"]][:1] == [e["top"][0][0]]
+        assert p["top"][0]["prob"] == pytest.approx(e["top"][0][1], abs=0.02)
+        assert all(a["prob"] >= b["prob"] for a, b in zip(p["top"], p["top"][1:]))
+    raw = client.post("/v1/predict", content=files[0].read_bytes(), headers={"content-type": "image/jpeg"}).json()
+    assert raw["predictions"][0]["top"][0]["class"] == preds[0]["top"][0]["class"]
+    full = client.post("/v1/predict", params={"top_k": 100}, content=jpeg, headers={"content-type": "image/jpeg"}).json()
+    assert sum(t["prob"] for t in full["predictions"][0]["top"]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_model_description_and_page(client, tiny_run):
+    info = client.get("/v1/model").json()
+    assert info["backend"] == "pytorch" and info["classes"][0] == "airplane" and info["image_size"] == 32
+    meta = json.loads((tiny_run / "model.json").read_text())
+    # the calibrated temperature that train fitted on val is what the server applies
+    assert info["resize"] == "stretch" and info["temperature"] == pytest.approx(meta["temperature"])
+    assert meta["temperature"] != 1.0 and info["task"] == "single"
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert 'id="file"' in page.text
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page.text)  # no CDN, no external fonts
+
+
+def test_metrics_count_requests_by_status(client, jpeg):
+    before = client.get("/metrics").text
+    assert client.post("/v1/predict", content=jpeg, headers={"content-type": "image/jpeg"}).status_code == 200
+    assert client.post("/v1/predict", content=b"nope", headers={"content-type": "image/jpeg"}).status_code == 400
+    after = client.get("/metrics")
+    assert after.headers["content-type"].startswith("text/plain")
+    text = after.text
+    for status in (200, 400):
+        labels = dict(path="/v1/predict", method="POST", status=status)
+        assert metric(text, "imgclf_requests_total", **labels) == metric(before, "imgclf_requests_total", **labels) + 1
+    count = 'imgclf_request_duration_seconds_count{path="/v1/predict"}'
+    assert metric(text, count) == metric(before, count) + 2
+    assert metric(text, 'imgclf_request_duration_seconds_bucket{path="/v1/predict",le="+Inf"}') == metric(text, count)
+    assert "# TYPE imgclf_batch_size histogram" in text
+
+
+def test_concurrent_requests_are_batched(server, sample_dir):
+    url, _ = server
+    images = [p.read_bytes() for p in sorted((sample_dir / "test").glob("*/*.jpg"))[::50][:24]]
+
+    async def fire():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            before = (await c.get("/metrics")).text
+            rs = await asyncio.gather(*(c.post("/v1/predict", content=b, headers={"content-type": "image/jpeg"})
+                                        for b in images))
+            return before, rs, (await c.get("/metrics")).text
+
+    before, responses, after = asyncio.run(fire())
+    assert [r.status_code for r in responses] == [200] * len(images)
+    passes = metric(after, "imgclf_batch_size_count") - metric(before, "imgclf_batch_size_count")
+    served = metric(after, "imgclf_batch_size_sum") - metric(before, "imgclf_batch_size_sum")
+    assert served == len(images)
+    assert passes < len(images) / 2, f"{len(images)} concurrent images took {passes} forward passes"
+    singles = metric(after, "imgclf_batch_size_bucket", le="1") - metric(before, "imgclf_batch_size_bucket", le="1")
+    assert singles < passes or passes == 1
+
+
+def test_onnx_backend_serves_the_exported_model(tiny_run, tmp_path, sample_dir):
+    pytest.importorskip("onnxruntime")
+    from fastapi.testclient import TestClient
+
+    from imgclf.deploy.export import export
+
+    onnx_file = tmp_path / "tiny.onnx"
+    export(tiny_run, "onnx", onnx_file, parity_images=8, verbose=False)
+    files = sorted((sample_dir / "test" / "frog").glob("*.jpg"))[:4]
+    payload = [("files", (f.name, f.read_bytes(), "image/jpeg")) for f in files]
+    with TestClient(create_app(ServeConfig(model=str(onnx_file)))) as oc, \
+            TestClient(create_app(ServeConfig(model=str(tiny_run)))) as tc:
+        assert oc.get("/v1/model").json()["backend"] == "onnx"
+        a = oc.post("/v1/predict", files=payload).json()["predictions"]
+        b = tc.post("/v1/predict", files=payload).json()["predictions"]
+    for x, y in zip(a, b):
+        assert x["top"][0]["class"] == y["top"][0]["class"]
+        # the run is served with bf16 autocast where the CPU has it; the ONNX graph is fp32
+        assert x["top"][0]["prob"] == pytest.approx(y["top"][0]["prob"], abs=0.02)
+
+
+class _FixedMultilabel:
+    """A stand-in backend for a multi-label model: fixed sigmoid outputs, per-class thresholds."""
+
+    kind, source = "stub", "multilabel-stub"
+    meta = {"architecture": "stub", "classes": ["cat", "dog", "car", "tree"], "task": "multilabel", "image_size": 16,
+            "resize": "letterbox", "mean": [0.5] * 3, "std": [0.5] * 3, "temperature": 1.0,
+            "thresholds": [0.5, 0.3, 0.9, 0.5]}
+
+    def probs(self, images):
+        return np.tile(np.asarray([0.8, 0.35, 0.6, 0.1], np.float32), (len(images), 1))
+
+
+def test_multilabel_models_return_every_label_over_its_threshold(jpeg):
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(ServeConfig(model="stub"), backend=_FixedMultilabel())) as c:
+        assert c.get("/v1/model").json()["probabilities"].startswith("sigmoid")
+        (p,) = c.post("/v1/predict", params={"top_k": 2}, content=jpeg, headers={"content-type": "image/jpeg"}).json()["predictions"]
+    assert [t["class"] for t in p["top"]] == ["cat", "car"]
+    assert [(lab["class"], lab["threshold"]) for lab in p["labels"]] == [("cat", 0.5), ("dog", 0.3)]
+
+
+def test_cli_refuses_what_it_cannot_serve(tmp_path, capsys):
+    from imgclf.cli import main
+
+    pickled = tmp_path / "model.pt"
+    pickled.write_bytes(b"\x80\x04K\x01.")
+    assert main(["serve", str(pickled)]) == 2
+    assert "serve a run folder" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path / "nothing")]) == 2
+    assert "no such run folder or ONNX file" in capsys.readouterr().err
