@@ -99,7 +99,7 @@ def child(data: str, project: str, cache: str, budget: float) -> None:
     res = imgclf.train(data=data, image_size=SIZE, model="plaincnn", epochs=1, batch_size=64, val_split=0.05,
                        model_args={"channels": [4, 8, 16], "convs_per_block": 1, "dense": [], "dropout": 0.0,
                                    "head": "avg"},
-                       translate=4, tta=False, ram_budget=budget, cache_dir=cache, project=project,
+                       translate=0, tta=False, ram_budget=budget, cache_dir=cache, project=project,
                        progress=False, tensorboard=False)
     seconds = time.perf_counter() - t0
     done.set()

@@ -1,0 +1,96 @@
+"""Data-parallel training on CPU: 2 gloo processes spawned by ``--devices 2`` against 1 process.
+
+The run is set up so that the two must agree to float rounding:
+- batch_size is the global batch: each rank takes 16 of every 32, and DDP averages the two
+  halves' gradients, which is the 1-process gradient of the same 32 images;
+- no BatchNorm: each rank would normalise with its own shard's statistics (--sync-bn fixes that,
+  but SyncBatchNorm has no CPU kernel);
+- no dropout and no random augmentation: each rank draws its own random numbers, so those
+  would differ from the 1-process draws by design;
+- fp32: bf16 autocast rounding would swamp the comparison.
+What remains is the order of float additions (two half-batch sums, then an all-reduce), so
+the weights after 2 epochs (22 steps) agree to ~1e-6; the test allows 1e-4.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import imgclf
+import imgclf.errors
+from imgclf.engine.callbacks import Callback
+
+TOLERANCE = 1e-4
+
+
+def _options(small_sample, project, **extra) -> dict:
+    return dict(data=str(small_sample), model="plaincnn", image_size=32, epochs=2, batch_size=32,
+                model_args={"channels": [8, 16], "dense": [], "dropout": 0.0, "batchnorm": False},
+                precision="fp32", flip=False, translate=0, tta=False, tensorboard=False, progress=False,
+                project=str(project), **extra)
+
+
+def _weights(run_dir) -> dict[str, np.ndarray]:
+    return load_file(str(run_dir / "model.safetensors"))
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
+
+
+class Crash(Callback):
+    """Simulates a killed run: fails in the first step of epoch ``epoch`` (after epoch-1's checkpoint)."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_epoch_start(self, t, epoch):
+        self.current = epoch
+
+    def on_step_end(self, t):
+        if self.current + 1 == self.epoch:
+            raise RuntimeError("simulated crash")
+
+
+@pytest.fixture(scope="module")
+def runs(small_sample, tmp_path_factory):
+    one = imgclf.train(**_options(small_sample, tmp_path_factory.mktemp("one")))
+    project = tmp_path_factory.mktemp("two")
+    two = imgclf.train(**_options(small_sample, project, devices=2))
+    return one, two, project
+
+
+def test_two_processes_match_one(runs):
+    one, two, project = runs
+    assert [p.name for p in project.iterdir()] == [two.run_dir.name]  # exactly one run folder
+    for f in ("model.safetensors", "model.json", "metrics.csv", "config.yaml", "last.pt", "summary.json"):
+        assert (two.run_dir / f).exists(), f
+    assert two.config.devices == 2 and two.config.batch_size == 32
+    diff = _max_diff(_weights(one.run_dir), _weights(two.run_dir))
+    assert diff < TOLERANCE, f"max |w1 - w2| = {diff:.3g}"
+    # metrics are reduced over both ranks: the whole training set, not rank 0's half
+    for a, b in zip(one.history, two.history):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-4)
+        assert a["train_acc"] == pytest.approx(b["train_acc"], abs=1e-6)
+    assert two.test["n"] == one.test["n"] == 100
+
+
+@pytest.mark.slow
+def test_distributed_resume(runs, small_sample, tmp_path):
+    _, two, _ = runs
+    with pytest.raises(Exception, match="simulated crash"):
+        imgclf.train(**_options(small_sample, tmp_path, devices=2, name="crashed"), callbacks=[Crash(2)])
+    run = tmp_path / "crashed"
+    assert (run / "last.pt").exists() and not (run / "model.safetensors").exists()
+    res = imgclf.train(resume=run, progress=False)
+    assert res.run_dir == run and len(res.history) == 2
+    diff = _max_diff(_weights(two.run_dir), _weights(run))
+    assert diff < TOLERANCE, f"max |w_resumed - w_uninterrupted| = {diff:.3g}"
+
+
+def test_global_batch_must_divide(small_sample, tmp_path):
+    with pytest.raises(imgclf.errors.UserError, match="global batch"):
+        imgclf.train(**{**_options(small_sample, tmp_path, devices=2), "batch_size": 33})
