@@ -128,7 +128,9 @@ def test_messy_folder_trains_and_reports_each_problem_once(messy_folder, tmp_pat
         assert err.count(name) == 1, (name, err)
     assert err.count("empty_class") == 1
     for fine in ("cmyk.jpg", "gray16.png", "rgba.png", "palette.png"):
-        assert fine not in err  # unusual modes are converted, not rejected
+        # unusual modes are converted, not rejected (the data check may still, rightly, call
+        # them near-duplicates of the image they were made from)
+        assert not any(fine in line and "unreadable" in line for line in err.splitlines()), fine
     meta = json.loads((res.run_dir / "model.json").read_text())
     assert "empty_class" not in meta["classes"] and len(meta["classes"]) == 10
 

@@ -18,7 +18,7 @@ from imgclf.config import TrainConfig, dump_yaml, make_config
 from imgclf.data.augment import AugmentSpec, BatchAugment, Normalize
 from imgclf.data.cache import CachedSplit, build_cache, cache_root, release_pages
 from imgclf.data.images import IMAGE_EXTENSIONS, BadImage, load_resized
-from imgclf.data.loader import BatchLoader
+from imgclf.data.loader import BatchLoader, default_ram_budget
 from imgclf.data.sources import DataSource, load_source
 from imgclf.engine import recipe
 from imgclf.engine.trainer import Trainer, resolve_precision, seed_everything
@@ -96,9 +96,23 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
         cfg = make_config(config, **options)
         run_dir = None
     device = resolve_device(cfg.device)
+    from imgclf.engine import distributed
+
+    if cfg.devices > 1 and not distributed.launched():
+        return distributed.spawn_train(cfg.devices, device, config=config, resume=resume, callbacks=callbacks,
+                                       options={**options, "final_eval": final_eval})
+    ddp = distributed.setup(device)  # None unless under torchrun or spawned by --devices
+    rank, world = (ddp.rank, ddp.world) if ddp else (0, 1)
+    if ddp:
+        device = ddp.device
+        log.quiet = not ddp.is_main
+        if cfg.sync_bn and device.type != "cuda":
+            raise UserError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU kernel): drop it on CPU")
     seed_everything(cfg.seed)
     torch.set_float32_matmul_precision("high")
     root = cache_root(cfg.cache_dir)
+
+    distributed.main_first_begin(ddp)  # rank 0 reads the source and builds the cache; the others then open it
 
     src = load_source(cfg.data, val_data=cfg.val_data, test_data=cfg.test_data, val_split=cfg.val_split,
                       split_seed=cfg.split_seed, csv_layout=cfg.csv_layout, label_column=cfg.label_column,
@@ -109,35 +123,55 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
     multilabel = src.task == "multilabel"
     arch = resolve_name(cfg.model)
     native = src.train.images.shape[1] if src.train.images is not None else None
-    size = cfg.image_size or recipe.auto_image_size(src.train.paths, native)
+    from imgclf.models import head as transfer
+    from imgclf.models import pretrained
+
+    source = pretrained.plan(arch, cfg.weights, cfg.pretrained)  # pretrained weights: input size, mean/std
+    size = cfg.image_size or (source.input_size if source else 0) or recipe.auto_image_size(src.train.paths, native)
     cached = _cache_splits(src, size, cfg.resize, root, cfg.workers, cfg.progress)
+    distributed.main_first_end(ddp)
     n_train = len(cached["train"])
     cfg = recipe.resolve(cfg, n_train=n_train, image_size=size, arch=arch)
     if multilabel and "monitor" not in cfg.model_fields_set:
         cfg.monitor = "val_map"  # label accuracy rewards predicting nothing on sparse labels
-    if run_dir is None:
+    if cfg.batch_size % world:
+        raise UserError(f"--batch-size {cfg.batch_size} is the global batch and must divide by the {world} processes")
+    if run_dir is None and rank == 0:
         run_dir = _make_run_dir(cfg, src.name, arch)
-    dump_yaml(cfg, run_dir / "config.yaml")
+    if ddp:  # one run folder: rank 0 names it, the others receive the name
+        run_dir = Path(ddp.broadcast_str(str(run_dir)))
+    if rank == 0:
+        dump_yaml(cfg, run_dir / "config.yaml")
     log.info(f"run folder {run_dir}")
     log.info(f"data {src.origin}: {len(src.classes)} classes, " + ", ".join(f"{k} {len(v)}" for k, v in cached.items())
              + f"; {size}px {cfg.resize}")
+    if rank == 0:
+        from imgclf.data.checks import check_for_training
 
-    mean, std = default_normalization(arch)
+        check_for_training(src, cached, run_dir)  # one or two lines and RUN/check.json; never fails the run
+
+    mean, std = (source.mean, source.std) if source and source.mean else default_normalization(arch)
     if mean is None:
         mean, std = channel_stats(cached["train"])
-    arch_args = arch_args_for_record(arch, size, cfg.model_args)
+    arch_args = arch_args_for_record(arch, size, {**transfer.transfer_arch_args(arch, cfg, source), **cfg.model_args})
     model = build_model(arch, len(src.classes), size, arch_args)
+    transfer_callbacks = transfer.setup_transfer(model, arch, cfg, source, load_weights=resume is None)
     budget = int(cfg.ram_budget * 2**30) if cfg.ram_budget is not None else None
+    if ddp:  # the budget is per machine: each local process keeps its own resident copy
+        budget = (budget if budget is not None else default_ram_budget()) // ddp.local_world
     from imgclf.engine.losses import imbalance_setup
 
     loss_fn, class_weights, sampler = imbalance_setup(cfg, src.classes, np.asarray(cached["train"].labels),
                                                       multilabel, device)
-    train_loader = BatchLoader(cached["train"], cfg.batch_size, device, shuffle=True,
+    # The recipe's lr is for the global batch_size; each rank takes an equal share of every
+    # global batch (BatchLoader's rank/world shards), so no lr rescaling is applied here.
+    train_loader = BatchLoader(cached["train"], cfg.batch_size // world, device, shuffle=True, rank=rank, world=world,
                                drop_last=n_train >= 4 * cfg.batch_size, seed=cfg.seed, ram_budget=budget,
                                sampler=sampler)
     val_loader = None
     if "val" in cached:
-        val_loader = BatchLoader(cached["val"], max(cfg.batch_size, 256), device, shuffle=False, ram_budget=budget)
+        val_loader = BatchLoader(cached["val"], max(cfg.batch_size, 256), device, shuffle=False, ram_budget=budget,
+                                 rank=rank, world=world)
     normalize = Normalize(mean, std, device)
     init = getattr(model, "init_from_data", None)
     if callable(init):
@@ -152,9 +186,18 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
     spec = AugmentSpec(flip=cfg.flip, translate=cfg.translate or 0, rotate=cfg.rotate, zoom=cfg.zoom, shift=cfg.shift,
                        cutout=cfg.cutout, mixup=cfg.mixup, cutmix=cfg.cutmix)
     augment = BatchAugment(spec, normalize, len(src.classes), multilabel=multilabel)
+    if cfg.lr == "auto":
+        from imgclf.engine.lr_find import lr_for_training
+
+        cfg.lr = lr_for_training(model, cfg, train_loader, augment, device, loss_fn, class_weights, multilabel,
+                                 run_dir if rank == 0 else None, world)
+        if rank == 0:
+            dump_yaml(cfg, run_dir / "config.yaml")
     trainer = Trainer(model, cfg, train_loader, val_loader, augment, normalize, device, run_dir=run_dir,
-                      callbacks=callbacks, flip_mode=recipe.flip_mode(cfg), multilabel=multilabel,
-                      class_weights=class_weights, loss_fn=loss_fn)
+                      callbacks=list(callbacks or []) + transfer_callbacks, flip_mode=recipe.flip_mode(cfg), multilabel=multilabel,
+                      class_weights=class_weights, loss_fn=loss_fn, is_main=rank == 0,
+                      ddp_model=distributed.wrap(model, ddp, cfg.sync_bn) if ddp else None,
+                      reduce=ddp.reduce if ddp else None)
     if resume is not None:
         trainer.load_checkpoint(run_dir / "last.pt")
         log.info(f"resuming at epoch {trainer.epoch + 1} (step {trainer.step}/{trainer.total_steps})")
@@ -162,6 +205,9 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
              f"{cfg.epochs:g} epochs x {trainer.steps_per_epoch} steps of {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr:.3g}, "
              f"{device.type} {trainer.precision.dtype or 'fp32'}")
     history = trainer.fit()
+    if ddp and not ddp.is_main:  # rank 0 alone writes the model, evaluates and reports
+        ddp.close()
+        return TrainResult(run_dir, history, config=cfg)
     if trainer.stop:
         log.info(trainer.stop)
     used = "final"
@@ -177,6 +223,7 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
         "tta_level": recipe.tta_level(cfg), "temperature": 1.0, "thresholds": None,
         "weights": "model.safetensors", "weights_from": used, "epochs_trained": trainer.epoch,
         "data": src.origin, "imgclf_version": _version(),
+        "weights_source": source.source if source else None,
     }
     if multilabel and val_loader is not None:
         from imgclf.evaluate.inference import logits_for_loader
@@ -189,6 +236,10 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
     write_model(run_dir, model, meta)
     train_seconds = time.perf_counter() - t_start
     result = TrainResult(run_dir, history, config=cfg)
+    if "val" in cached and not multilabel:  # temperature scaling, stored in model.json for predict
+        from imgclf.evaluate.calibrate import calibrate_model
+
+        meta = calibrate_model(run_dir, model, meta, cached["val"], device, cfg.precision)
     eval_split = "test" if "test" in cached else ("val" if "val" in cached else None)
     if eval_split and final_eval:
         result.test = _evaluate_cached(model, meta, cached[eval_split], src.classes, device, cfg.precision,
@@ -199,10 +250,20 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
         summary.update({k: result.test[k] for k in result.test
                         if k.startswith("top") or k in ("split", "map", "map_micro", "f1_micro", "exact_match")})
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if final_eval:  # the run report; the model and metrics are saved, so a report failure only warns
+        try:
+            from imgclf.evaluate.report import write_report
+
+            write_report(run_dir, model=model, meta=meta, cached=cached, device=device,
+                         paths={k: s.paths for k, s in src.splits().items()})
+        except Exception as e:  # noqa: BLE001
+            log.warn(f"report not written ({type(e).__name__}: {e}); retry with 'imgclf report {run_dir}'")
     if result.test and multilabel:
         log.info(f"{eval_split} mAP {result.test['map']:.4f} (micro {result.test['map_micro']:.4f}); results in {run_dir}")
     elif result.test:
         log.info(f"{eval_split} top-1 {result.test['top1']:.4f} (tta {meta['tta_level']}); results in {run_dir}")
+    if ddp:
+        ddp.close()
     return result
 
 
@@ -257,17 +318,27 @@ def evaluate(run: str | Path, data: str | None = None, *, tta: bool | None = Non
     model, meta = load_model(run, device_t)
     run_dir, _ = read_meta(run)
     root = cache_root(cache_dir)
+    label_opts: dict[str, Any] = {}
+    if (run_dir / "config.yaml").exists():  # read labels the way training did (COCO/YOLO modes, --classes)
+        run_cfg = make_config(run_dir / "config.yaml")
+        label_opts = dict(task=run_cfg.task, label_mode=run_cfg.label_mode, classes=run_cfg.classes,
+                          keep_empty=run_cfg.keep_empty, images=run_cfg.images if data is None else None)
     if data is None:
         cfg = make_config(run_dir / "config.yaml")
         data = cfg.test_data or cfg.data
-    src = load_source(data, val_split=0.0, cache_dir=root)
+    src = load_source(data, val_split=0.0, cache_dir=root, **label_opts)
     split = src.test if src.test is not None else src.train
     which = "test" if src.test is not None else "all"
     missing = sorted(set(src.classes) - set(meta["classes"]))
     if missing:
         raise UserError(f"{data} has classes the model was not trained on: {', '.join(missing[:10])}")
     remap = np.asarray([meta["classes"].index(c) for c in src.classes], dtype=np.int64)
-    split.labels = remap[split.labels]
+    if meta.get("task") == "multilabel":
+        labels = split.labels if split.labels.ndim == 2 else np.eye(len(src.classes), dtype=np.float32)[split.labels]
+        split.labels = np.zeros((len(labels), len(meta["classes"])), dtype=np.float32)
+        split.labels[:, remap] = labels
+    else:
+        split.labels = remap[split.labels]
     for p in src.problems:
         log.warn(p)
     cs = build_cache(split, meta["image_size"], meta["resize"], root / "images", progress=progress, desc="decoding")

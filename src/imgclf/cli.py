@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 # Modules that add sub-commands: each defines COMMANDS, a list of functions taking the
 # sub-parsers object. Listed here (not discovered) so the command set is explicit.
 EXTENSION_MODULES = (
-    "imgclf.evaluate.commands",  # check, report, explain, calibrate, compare
+    "imgclf.data.commands",  # check
+    "imgclf.evaluate.commands",  # report, explain, calibrate, compare
     "imgclf.models.commands",  # lr-find
     "imgclf.deploy.commands",  # export, serve
     "imgclf.tune.commands",  # sweep, sweep-report

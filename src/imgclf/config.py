@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from imgclf.errors import UserError
 
@@ -53,12 +53,20 @@ class TrainConfig(BaseModel):
     model_args: dict[str, Any] = Field(default_factory=dict, description="extra model arguments, e.g. width=1.5")
     pretrained: bool = Field(False, description="start from pretrained weights (timm models)")
     weights: str | None = Field(None, description="local weights file (safetensors or state dict) to start from")
+    head: list[int] | None = Field(None, description="hidden sizes of a new classifier head on a timm backbone, e.g. 512,256")
+    head_dropout: float = Field(0.2, ge=0, lt=1, description="dropout before each layer of that head")
+    freeze_epochs: int | None = Field(None, ge=0, description="epochs training only the head before the backbone")
+    backbone_lr_scale: float | None = Field(None, ge=0, description="backbone lr as a fraction of lr (pretrained: 0.1)")
 
     # --- optimisation -----------------------------------------------------------------------
     epochs: float | None = Field(None, gt=0, description="training epochs (fractions allowed)")
-    batch_size: int | None = Field(None, ge=1, description="images per step")
+    # The GLOBAL batch: with N processes each takes batch_size // N, so the recipe's lr (set for
+    # batch_size) needs no rescaling and a run matches a 1-process run (docs/distributed.md).
+    batch_size: int | None = Field(None, ge=1, description="images per step (global: split across processes)")
     optimizer: Literal["auto", "sgd", "adam", "adamw"] = "auto"
-    lr: float | None = Field(None, gt=0, description="peak learning rate")
+    lr: float | Literal["auto"] | None = Field(
+        None, description="peak learning rate; 'auto': run the lr finder first and use its suggestion"
+    )
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     nesterov: bool = Field(True, description="Nesterov momentum for SGD")
     beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1")
@@ -100,6 +108,8 @@ class TrainConfig(BaseModel):
 
     # --- runtime ----------------------------------------------------------------------------
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N, mps")
+    devices: int = Field(1, ge=1, description="processes to spawn for data-parallel training (under torchrun: ignored)")
+    sync_bn: bool = Field(False, description="synchronise BatchNorm statistics across processes (CUDA only)")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 on CPU with AMX/AVX512-BF16 and on recent GPUs")
     channels_last: bool = True
     compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile (auto: on CUDA only)")
@@ -113,6 +123,27 @@ class TrainConfig(BaseModel):
     exist_ok: bool = Field(False, description="reuse a run folder of the same name")
     tensorboard: bool = True
     progress: bool = True
+
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _lr_number_or_auto(cls, v):
+        if v is None or v == "auto":
+            return v
+        try:
+            lr = float(v)
+        except (TypeError, ValueError):
+            lr = float("nan")
+        if not lr > 0:
+            raise ValueError("must be a positive number or 'auto'")
+        return lr
+
+    @field_validator("head", mode="before")
+    @classmethod
+    def _head_sizes(cls, v):
+        # '512,256' from the command line; '' or 'linear' means a single linear layer
+        if isinstance(v, str):
+            return [p for p in v.replace(" ", ",").split(",") if p and p.lower() not in ("none", "linear")]
+        return v
 
 
 def option_help() -> dict[str, str]:

@@ -8,7 +8,8 @@ Why these numbers:
   flips and 2-px translations. Small data sets get smaller batches and more epochs so a run
   still takes a few hundred optimizer steps.
 - plain CNNs and timm models from scratch use AdamW + cosine with warm-up, the robust choice
-  across architectures; pretrained models use a 10x smaller lr.
+  across architectures; pretrained models train the new head at that lr and the backbone at
+  0.1x (backbone_lr_scale), after one head-only epoch (freeze_epochs).
 """
 
 from __future__ import annotations
@@ -75,11 +76,19 @@ def resolve(cfg: TrainConfig, *, n_train: int, image_size: int, arch: str) -> Tr
     elif c.optimizer == "sgd":
         defaults = dict(lr=0.1 * c.batch_size / 256, weight_decay=5e-4, label_smoothing=0.1)
     else:  # adam / adamw
-        lr = (1e-4 if pretrained else 1e-3) * math.sqrt(c.batch_size / 128)
+        # pretrained: this is the new head's lr; the backbone gets backbone_lr_scale (0.1) of it
+        lr = 1e-3 * math.sqrt(c.batch_size / 128)
         defaults = dict(lr=lr, weight_decay=0.05 if c.optimizer == "adamw" else 0.0, label_smoothing=0.1)
     for k, v in defaults.items():
         if getattr(c, k) is None:
             setattr(c, k, v)
+    if c.backbone_lr_scale is None:
+        # discriminative lr: pretrained features need small steps, the new head large ones
+        c.backbone_lr_scale = 0.1 if pretrained else 1.0
+    if c.freeze_epochs is None:
+        # fastai's fine_tune: one head-only epoch first, so the random head's large early
+        # gradients never reach (and wreck) the pretrained features
+        c.freeze_epochs = 1 if pretrained and arch.startswith("timm:") and c.epochs >= 3 else 0
     if c.schedule == "auto":
         c.schedule = "onecycle" if fast else "cosine"
     if c.schedule == "onecycle":

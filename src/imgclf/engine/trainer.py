@@ -249,7 +249,7 @@ class Trainer:
         loss_sum, correct, seen_t = stats.tolist()
         seen_t = max(seen_t, 1)
         return {"train_loss": loss_sum / seen_t, "train_acc": correct / seen_t, "lr": self.lr,
-                "images_per_s": seen / max(time.perf_counter() - t0, 1e-9)}
+                "images_per_s": seen_t / max(time.perf_counter() - t0, 1e-9)}  # all ranks together
 
     def _bar(self, epoch: int):
         if not (self.cfg.progress and self.is_main):
