@@ -68,6 +68,10 @@ class DistContext:
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
+            # Every rank waits here until rank 0 has finished its post-training work: a rank
+            # tearing its group down while another still holds it aborted the process now and
+            # then ("terminate called without an active exception").
+            self.barrier()
             dist.destroy_process_group()
 
 
