@@ -319,3 +319,19 @@ def test_pixel_csv_trains_with_explicit_layout(sample_dir, tmp_path, capsys):
 def test_tensorboard_events_written(small_sample, tmp_path):
     res = imgclf.train(data=str(small_sample), project=str(tmp_path), epochs=1, progress=False, batch_size=64)
     assert list((res.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_missing_optional_package_is_one_line(tiny_run, monkeypatch, capsys):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_onnx(name, *args, **kwargs):
+        if name.split(".")[0] in ("onnx", "onnxruntime"):
+            raise ModuleNotFoundError(f"No module named '{name}'", name=name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_onnx)
+    assert main(["export", str(tiny_run), "--format", "onnx"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "imgclf[deploy]" in err[0]

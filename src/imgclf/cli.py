@@ -250,6 +250,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# optional packages -> the extra that installs them
+_EXTRAS = {"onnx": "deploy", "onnxruntime": "deploy", "fastapi": "deploy", "uvicorn": "deploy",
+           "multipart": "deploy", "optuna": "tune", "psycopg2": "tune"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -260,6 +265,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as e:
         print(f"imgclf: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        extra = _EXTRAS.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise  # a missing core dependency is a broken install: keep the traceback
+        print(f"imgclf: error: this command needs the optional package '{e.name}': pip install 'imgclf[{extra}]'",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("imgclf: interrupted (a training run resumes with 'imgclf train --resume RUN')", file=sys.stderr)
