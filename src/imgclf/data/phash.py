@@ -16,6 +16,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from imgclf.data.cache import release_pages
+
 HASH_SIDE = 32  # the DCT input side
 LOW = 8  # 8x8 low frequencies -> 64 bits
 _CHUNK_BYTES = 1 << 26  # decoded pixels processed per batch (bounds RAM whatever the image size)
@@ -72,6 +74,8 @@ def iter_chunks(images: np.ndarray, rows: np.ndarray) -> Iterator[tuple[int, np.
         order = np.argsort(idx, kind="stable")
         batch = np.empty((len(idx),) + images.shape[1:], dtype=np.uint8)
         batch[order] = images[idx[order]]
+        # one pass over a large cache must not leave every page mapped into our RSS
+        release_pages(images)
         yield s, batch
 
 
