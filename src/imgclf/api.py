@@ -62,7 +62,7 @@ def channel_stats(cs: CachedSplit, limit: int = 10_000) -> tuple[list[float], li
         s1 += x.sum(0)
         s2 += (x * x).sum(0)
         n += len(x)
-    release_pages(cs.images)
+        release_pages(cs.images)  # per chunk: 10k 256-px images would otherwise stay mapped (1.9 GB)
     mean = s1 / max(n, 1)
     std = np.sqrt(np.maximum(s2 / max(n, 1) - mean * mean, 0.0))
     return [round(float(m), 4) for m in mean], [round(float(max(s, 1e-3)), 4) for s in std]

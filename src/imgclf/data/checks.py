@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf.data.cache import CachedSplit
+from imgclf.data.cache import CachedSplit, release_pages
 from imgclf.data.phash import equal_groups, hash_images, near_pairs
 from imgclf.data.sources import DataSource, Split
 
@@ -305,8 +305,14 @@ def _duplicates(items: _Items, threshold: int | None, max_images: int | None, rn
         lab = np.asarray(cs.labels)[pos]
         label_of += [bytes(np.ascontiguousarray(x).data) if lab.ndim == 2 else int(x) for x in lab]
 
+    read = [0]
+
     def pixels(g: int) -> np.ndarray:
-        return np.asarray(items.caches[split_of[g]].images[row_of[g]])
+        images = items.caches[split_of[g]].images
+        read[0] += 1
+        if read[0] % 256 == 0:  # a data set full of copies must not map the whole cache into RSS
+            release_pages(images)
+        return np.array(images[row_of[g]])
 
     # exact: equal digests, confirmed byte for byte
     exact_groups: list[np.ndarray] = []
@@ -432,20 +438,37 @@ def _sizes_and_modes(items: _Items, size: int, sample: int, rng) -> tuple[dict, 
 # channel layout of pixel arrays
 
 
+class _Rows:
+    """``images[rows]`` read lazily, a slice at a time (no copy of the whole sample)."""
+
+    def __init__(self, images: np.ndarray, rows: np.ndarray):
+        self.images, self.rows, self.shape = images, rows, (len(rows),) + tuple(images.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, s: slice) -> np.ndarray:
+        return np.asarray(self.images[self.rows[s]])
+
+
 def neighbour_correlation(images: np.ndarray) -> float:
     """Mean Pearson correlation of horizontally and vertically adjacent pixels, per image and
     channel (flat channels left out): about 0.9 for photos, far lower for scrambled pixels."""
-    x = np.asarray(images, dtype=np.float32).transpose(0, 3, 1, 2)  # [N, C, H, W]
-    scores = []
-    for a, b in ((x[..., :, :-1], x[..., :, 1:]), (x[..., :-1, :], x[..., 1:, :])):
-        a = a.reshape(a.shape[0] * a.shape[1], -1)
-        b = b.reshape(b.shape[0] * b.shape[1], -1)
-        a = a - a.mean(axis=1, keepdims=True)
-        b = b - b.mean(axis=1, keepdims=True)
-        den = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
-        ok = den > 1e-6
-        if ok.any():
-            scores.append(float(((a * b).sum(axis=1)[ok] / den[ok]).mean()))
+    sums, counts = [0.0, 0.0], [0, 0]
+    # a few images at a time: 500 images of 256 px as float32 with their shifted copies take 2 GB
+    step = max(1, (8 << 20) // max(1, 4 * int(np.prod(images.shape[1:]))))
+    for i in range(0, len(images), step):
+        x = np.asarray(images[i : i + step], dtype=np.float32).transpose(0, 3, 1, 2)  # [N, C, H, W]
+        for d, (a, b) in enumerate(((x[..., :, :-1], x[..., :, 1:]), (x[..., :-1, :], x[..., 1:, :]))):
+            a = a.reshape(a.shape[0] * a.shape[1], -1)
+            b = b.reshape(b.shape[0] * b.shape[1], -1)
+            a = a - a.mean(axis=1, keepdims=True)
+            b = b - b.mean(axis=1, keepdims=True)
+            den = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
+            ok = den > 1e-6
+            sums[d] += float(((a * b).sum(axis=1)[ok] / den[ok]).sum())
+            counts[d] += int(ok.sum())
+    scores = [s / c for s, c in zip(sums, counts) if c]
     return float(np.mean(scores)) if scores else 1.0
 
 
@@ -466,7 +489,9 @@ def _layout(source: DataSource, items: _Items, rng) -> tuple[dict, list[Finding]
         if cs is None or len(cs.rows) == 0:
             return {}, []
         pick = np.sort(rng.choice(cs.rows, min(_LAYOUT_SAMPLE, len(cs.rows)), replace=False))
-        return {"neighbour_correlation": round(neighbour_correlation(cs.images[pick]), 3)}, []
+        score = neighbour_correlation(_Rows(cs.images, pick))
+        release_pages(cs.images)
+        return {"neighbour_correlation": round(score, 3)}, []
     images = split.images
     if len(images) == 0 or min(images.shape[1:3]) < 4:
         return {}, []

@@ -110,9 +110,10 @@ def split_logits(model, meta: dict, cs, device, precision: str = "auto", limit: 
     if limit is not None and len(rows) > limit:
         pick = np.linspace(0, len(rows) - 1, limit).astype(np.int64)
         rows, labels = rows[pick], labels[pick]
-    images = cs.images[rows] if len(rows) != len(cs.images) else cs.images
     normalize = Normalize(meta["mean"], meta["std"], device)
-    logits = logits_for_array(model, images, normalize, resolve_precision(precision, device), device, tta_level=0)
+    # rows are read from the memory map batch by batch: a copy of a large split would not fit
+    logits = logits_for_array(model, cs.images, normalize, resolve_precision(precision, device), device,
+                              tta_level=0, rows=np.asarray(rows))
     return logits.float(), torch.from_numpy(labels.astype(np.int64))
 
 

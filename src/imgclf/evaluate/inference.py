@@ -34,13 +34,33 @@ def logits_for_loader(model, loader, normalize: Normalize, precision, device, tt
     return torch.cat(outs), torch.cat(labels)
 
 
+# uint8 bytes read per inference batch: bounds memory by the batch, not by the image size
+# (256 images of 256 px as float32 plus a net's activations would take gigabytes).
+_BATCH_BYTES = 12 << 20
+
+
+def auto_batch_size(shape: tuple[int, ...], cap: int = 256) -> int:
+    """Images per inference batch for uint8 images of ``shape`` ([H, W, C])."""
+    return max(1, min(cap, _BATCH_BYTES // max(1, int(np.prod(shape)))))
+
+
 @torch.no_grad()
-def logits_for_array(model, images: np.ndarray, normalize: Normalize, precision, device, *, batch_size: int = 256,
-                     tta_level: int = 0) -> torch.Tensor:
-    """Logits for uint8 NHWC images (a numpy array or memory map)."""
+def logits_for_array(model, images: np.ndarray, normalize: Normalize, precision, device, *,
+                     batch_size: int | None = None, tta_level: int = 0, rows: np.ndarray | None = None) -> torch.Tensor:
+    """Logits for uint8 NHWC images (a numpy array or memory map), of ``images[rows]`` if given.
+
+    A memory map is read a batch at a time and its pages released as it goes, so a pass over
+    a cache larger than RAM keeps the resident set at about one batch.
+    """
+    from imgclf.data.cache import release_pages
+
     model.eval()
+    bs = batch_size or auto_batch_size(images.shape[1:])
+    n = len(images) if rows is None else len(rows)
     outs = []
-    for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.array(images[i : i + batch_size])).to(device)
+    for i in range(0, n, bs):
+        x = np.array(images[i : i + bs] if rows is None else images[rows[i : i + bs]])
+        release_pages(images)
+        x = torch.from_numpy(x).to(device)
         outs.append(forward_tta(model, normalize(x), precision, device, tta_level).cpu())
     return torch.cat(outs) if outs else torch.zeros(0)

@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from imgclf import log
+from imgclf.data.cache import release_pages
 from imgclf.errors import UserError
 
 SAMPLE_LIMIT = 2000  # images per split whose loss is computed: enough to surface the worst ones, fast on CPU
-SAMPLE_BYTES = 256 * 2**20  # and at most this much decoded pixels held at once (large images)
+SAMPLE_BYTES = 64 * 2**20  # and at most this much decoded pixels held at once (large images)
 N_TOP_LOSSES = 12
 N_PAIRS, N_PAIR_EXAMPLES = 6, 4
 N_CAM = 8
@@ -140,6 +141,7 @@ def sample_split(model, meta: dict, name: str, cs, paths: list[str] | None, devi
     rows = cs.rows[pick]
     labels = np.asarray(cs.labels)[pick].astype(np.int64)
     images = np.asarray(cs.images[rows])
+    release_pages(cs.images)
     from types import SimpleNamespace
 
     logits, _ = split_logits(model, meta, SimpleNamespace(rows=np.arange(len(rows)), labels=labels, images=images),
