@@ -1,7 +1,8 @@
 """Load test of `imgclf serve`: 32 concurrent clients posting real CIFAR-10 test images.
 
 The server runs in its own process on loopback; this process is the client (httpx.AsyncClient),
-so client CPU never lands in the server's event loop. Two rounds: batching on (--max-batch 32)
+so client CPU never lands in the server's event loop; the clients are lean keep-alive HTTP/1.1
+connections (see Conn) on uvloop when it is installed. Two rounds: batching on (--max-batch 32)
 and off (--max-batch 1). Prints one JSON line: requests/s, p50/p99 latency and errors for each,
 and the throughput ratio.
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import random
@@ -76,31 +78,76 @@ def start_server(model: str, port: int, max_batch: int, max_wait_ms: float) -> s
     sys.exit("server did not come up in 180 s")
 
 
+class Conn:
+    """One keep-alive HTTP/1.1 connection posting raw image bytes.
+
+    Written by hand (70 lines) because the load generator shares the 2 cores with the server:
+    httpx spends more CPU per request than the server does, and would measure itself.
+    """
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port, self.r, self.w = host, port, None, None
+
+    async def post(self, path: str, body: bytes) -> int:
+        if self.w is None:
+            self.r, self.w = await asyncio.open_connection(self.host, self.port)
+        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: image/jpeg\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        try:
+            self.w.write(head + body)
+            status_line = await self.r.readuntil(b"\r\n")
+            length, close = 0, False
+            while True:
+                line = await self.r.readuntil(b"\r\n")
+                if line == b"\r\n":
+                    break
+                k, _, v = line.decode("latin-1").partition(":")
+                k = k.strip().lower()
+                if k == "content-length":
+                    length = int(v)
+                elif k == "connection" and v.strip().lower() == "close":
+                    close = True
+            await self.r.readexactly(length)
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            self.close()
+            raise
+        if close:
+            self.close()
+        return int(status_line.split()[1])
+
+    def close(self) -> None:
+        if self.w is not None:
+            self.w.close()
+        self.r = self.w = None
+
+
 async def load(url: str, images: list[bytes], clients: int, seconds: float) -> dict:
     latencies: list[float] = []
     errors: dict[str, int] = {}
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as c:
-        async def one(i: int, record: bool) -> None:
-            t0 = time.perf_counter()
-            try:
-                r = await c.post("/v1/predict", content=images[i % len(images)], headers={"content-type": "image/jpeg"})
-                ok = r.status_code == 200
-                key = None if ok else f"HTTP {r.status_code}"
-            except httpx.HTTPError as e:
-                key = type(e).__name__
-            if record:
-                if key is None:
-                    latencies.append(time.perf_counter() - t0)
-                else:
-                    errors[key] = errors.get(key, 0) + 1
+    host, port = url.removeprefix("http://").split(":")
+    conns = [Conn(host, int(port)) for _ in range(clients)]
 
-        async def client(k: int, until: float, record: bool) -> None:
-            i = k * 997
-            while time.perf_counter() < until:
-                await one(i, record)
-                i += 1
+    async def one(conn: Conn, i: int, record: bool) -> None:
+        t0 = time.perf_counter()
+        try:
+            status = await asyncio.wait_for(conn.post("/v1/predict", images[i % len(images)]), 30)
+            key = None if status == 200 else f"HTTP {status}"
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError) as e:
+            conn.close()
+            key = type(e).__name__
+        if record:
+            if key is None:
+                latencies.append(time.perf_counter() - t0)
+            else:
+                errors[key] = errors.get(key, 0) + 1
 
+    async def client(k: int, until: float, record: bool) -> None:
+        i = k * 997
+        while time.perf_counter() < until:
+            await one(conns[k], i, record)
+            i += 1
+
+    async with httpx.AsyncClient(base_url=url, timeout=30) as c:
         warm_until = time.perf_counter() + min(3.0, seconds / 5)
         await asyncio.gather(*(client(k, warm_until, False) for k in range(clients)))
         before = (await c.get("/metrics")).text
@@ -108,6 +155,8 @@ async def load(url: str, images: list[bytes], clients: int, seconds: float) -> d
         await asyncio.gather(*(client(k, t0 + seconds, True) for k in range(clients)))
         elapsed = time.perf_counter() - t0
         after = (await c.get("/metrics")).text
+    for conn in conns:
+        conn.close()
     lat = np.asarray(latencies) * 1000
     passes = _metric(after, "imgclf_batch_size_count") - _metric(before, "imgclf_batch_size_count")
     imgs = _metric(after, "imgclf_batch_size_sum") - _metric(before, "imgclf_batch_size_sum")
@@ -118,6 +167,21 @@ async def load(url: str, images: list[bytes], clients: int, seconds: float) -> d
         "errors": sum(errors.values()), "error_kinds": errors, "requests": len(lat),
         "mean_batch": round(imgs / passes, 2) if passes else None,
     }
+
+
+def _run(coro):
+    # The load generator's own GC pauses would be counted as server latency: collect once, then
+    # keep the collector off while requests are timed.
+    gc.collect()
+    gc.disable()
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+    finally:
+        gc.enable()
 
 
 def _metric(text: str, name: str) -> float:
@@ -158,7 +222,7 @@ def main() -> None:
             proc = start_server(model, port, max_batch, args.max_wait_ms)
             try:
                 out[name] = {"max_batch": max_batch, "max_wait_ms": args.max_wait_ms,
-                             **asyncio.run(load(f"http://127.0.0.1:{port}", images, args.clients, args.seconds))}
+                             **_run(load(f"http://127.0.0.1:{port}", images, args.clients, args.seconds))}
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)

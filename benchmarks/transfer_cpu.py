@@ -31,14 +31,15 @@ TARBALL = REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
 
 
 def measure(sizes: list[int], batch: int = 64, steps: int = 6) -> dict:
-    """Images/s of Lite0 per input size: full fine-tuning, head-only (frozen) and inference."""
+    """Images/s of Lite0 per input size: full fine-tuning, head-only (frozen) and inference, in
+    fp32 and under bf16 autocast (what ``--precision auto`` picks is reported beside them)."""
     from imgclf.engine.trainer import resolve_precision
     from imgclf.models.head import HeadedNet
     from imgclf.models.registry import build_model
 
-    prec = resolve_precision("auto", torch.device("cpu"))
     out = {}
-    for s in sizes:
+    for s, prec_name in [(s, p) for s in sizes for p in ("fp32", "bf16")]:
+        prec = resolve_precision(prec_name, torch.device("cpu"))
         model: HeadedNet = build_model("timm:efficientnet_lite0", 10, s, {"head": [], "small_stem": False,
                                                                           "bn_eps": 1e-3, "pad_type": "same"})
         model.to(memory_format=torch.channels_last)
@@ -62,7 +63,9 @@ def measure(sizes: list[int], batch: int = 64, steps: int = 6) -> dict:
                 loss.backward()
                 opt.step()
             row[mode] = round(batch * steps / (time.perf_counter() - t0), 1)
-        out[s] = row
+        out[f"{s}px_{prec_name}"] = row
+        auto = resolve_precision("auto", torch.device("cpu"), model).dtype
+        out["auto_picks"] = "bf16" if auto == torch.bfloat16 else "fp32"
     return out
 
 
