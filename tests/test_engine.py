@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 import imgclf
 from imgclf.engine.callbacks import EarlyStopping, ReduceOnPlateau
@@ -61,28 +60,3 @@ def test_plateau_schedule_and_early_stopping_in_a_real_run(small_sample, tmp_pat
     lrs = [r["lr"] for r in res.history]
     assert lrs == sorted(lrs, reverse=True)  # only ever reduced
     assert len(res.history) <= 12
-
-
-def test_auto_precision_keeps_depthwise_nets_in_fp32_without_amx(monkeypatch):
-    """AVX512-BF16 without AMX: bf16 for dense convnets, fp32 for depthwise ones (bf16 is ~2x slower
-    for those there); with AMX both get bf16; an explicit choice is never overridden."""
-    import timm
-    from torch import nn
-
-    from imgclf.engine.trainer import resolve_precision
-    from imgclf.models.nets import FastNet
-
-    cpu = torch.device("cpu")
-    dense = FastNet(num_classes=10)
-    depthwise = timm.create_model("efficientnet_lite0", num_classes=10)
-    assert any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in depthwise.modules())
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert resolve_precision("auto", cpu, dense).dtype == torch.bfloat16
-    assert resolve_precision("auto", cpu, depthwise).dtype is None
-    assert resolve_precision("bf16", cpu, depthwise).dtype == torch.bfloat16
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert resolve_precision("auto", cpu, depthwise).dtype == torch.bfloat16
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    assert resolve_precision("auto", cpu, dense).dtype is None
