@@ -204,7 +204,6 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
     log.info(f"model {arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
              f"{cfg.epochs:g} epochs x {trainer.steps_per_epoch} steps of {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr:.3g}, "
              f"{device.type} {trainer.precision.dtype or 'fp32'}")
-    prec_name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[trainer.precision.dtype]
     history = trainer.fit()
     if ddp and not ddp.is_main:  # rank 0 alone writes the model, evaluates and reports
         ddp.close()
@@ -240,10 +239,10 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
     if "val" in cached and not multilabel:  # temperature scaling, stored in model.json for predict
         from imgclf.evaluate.calibrate import calibrate_model
 
-        meta = calibrate_model(run_dir, model, meta, cached["val"], device, prec_name)
+        meta = calibrate_model(run_dir, model, meta, cached["val"], device, cfg.precision)
     eval_split = "test" if "test" in cached else ("val" if "val" in cached else None)
     if eval_split and final_eval:
-        result.test = _evaluate_cached(model, meta, cached[eval_split], src.classes, device, prec_name,
+        result.test = _evaluate_cached(model, meta, cached[eval_split], src.classes, device, cfg.precision,
                                        run_dir, split=eval_split, tta_level=meta["tta_level"], ram_budget=budget)
     _write_plots(run_dir, history, arch, src.name)
     summary = {"train_seconds": round(train_seconds, 1), "weights": used, "epochs": trainer.epoch}
@@ -380,7 +379,7 @@ class Classifier:
         self.image_size: int = meta["image_size"]
         self.resize: str = meta["resize"]
         self.normalize = Normalize(meta["mean"], meta["std"], device)
-        self.precision = resolve_precision("auto", device, self.model)
+        self.precision = resolve_precision("auto", device)
         if device.type == "cpu":
             self.model.to(memory_format=torch.channels_last)
 

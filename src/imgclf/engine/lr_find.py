@@ -76,7 +76,7 @@ def sweep(model, cfg, loader, augment, device, loss_fn=None, *, steps: int = 200
     """
     saved = copy.deepcopy(model.state_dict())
     opt = build_optimizer(model, cfg.model_copy(update={"lr": 1.0}))  # base_lr = each group's lr scale
-    precision = resolve_precision(cfg.precision, device, model)
+    precision = resolve_precision(cfg.precision, device)
     smoothing = cfg.label_smoothing or 0.0
     loss_fn = loss_fn or (lambda logits, target: F.cross_entropy(logits, target, label_smoothing=smoothing))
     g = torch.Generator().manual_seed(cfg.seed)

@@ -38,11 +38,7 @@ class Precision:
         return torch.autocast(device.type, dtype=self.dtype)
 
 
-def has_grouped_convs(model: nn.Module | None) -> bool:
-    return model is not None and any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())
-
-
-def resolve_precision(name: str, device: torch.device, model: nn.Module | None = None) -> Precision:
+def resolve_precision(name: str, device: torch.device) -> Precision:
     if name == "fp32":
         return Precision(None)
     if name == "bf16":
@@ -53,13 +49,8 @@ def resolve_precision(name: str, device: torch.device, model: nn.Module | None =
         return Precision(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     if device.type == "cpu":
         cpu = torch.cpu
-        amx = getattr(cpu, "_is_amx_tile_supported", lambda: False)()
-        fast = amx or getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
-        # Without native bf16 instructions autocast is emulated and slower than fp32. With AVX512-BF16
-        # but no AMX, oneDNN has no fast bf16 depthwise kernel: EfficientNet/MobileNet train ~2x
-        # slower in bf16 than in fp32 (measured on a 2-core Zen 4), while dense convnets gain.
-        if fast and not amx and has_grouped_convs(model):
-            return Precision(None)
+        fast = getattr(cpu, "_is_amx_tile_supported", lambda: False)() or getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+        # Without native bf16 instructions autocast is emulated and slower than fp32.
         return Precision(torch.bfloat16 if fast else None)
     return Precision(None)
 
@@ -102,7 +93,7 @@ class Trainer:
         self.run_dir, self.multilabel, self.is_main = run_dir, multilabel, is_main
         self.flip_mode = flip_mode
         self.class_weights = class_weights
-        self.precision = resolve_precision(cfg.precision, device, model)
+        self.precision = resolve_precision(cfg.precision, device)
         self.forward_model = ddp_model or model
         self.reduce = reduce  # sums a tensor across ranks (distributed), identity otherwise
         if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
