@@ -64,7 +64,7 @@ def measure(sizes: list[int], batch: int = 64, steps: int = 6) -> dict:
                 opt.step()
             row[mode] = round(batch * steps / (time.perf_counter() - t0), 1)
         out[f"{s}px_{prec_name}"] = row
-        auto = resolve_precision("auto", torch.device("cpu"), model).dtype
+        auto = resolve_precision("auto", torch.device("cpu")).dtype
         out["auto_picks"] = "bf16" if auto == torch.bfloat16 else "fp32"
     return out
 
