@@ -66,3 +66,36 @@ def test_release_pages_drops_mapped_cache(tmp_path):
     assert touched - before > 24 << 20  # reading through the map put its pages in our RSS...
     assert released - before < 8 << 20  # ...and releasing took them out again
     assert images[5, 0, 0, 0] == 7  # the data is still there
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RssFile and MADV_DONTNEED are Linux's")
+def test_inference_over_a_memory_map_reads_the_rows_asked_and_keeps_rss_bounded(tmp_path):
+    """Calibration, evaluation and the report run logits_for_array over cache rows: the rows given
+    are the rows scored (in their order), and a pass over 64 MiB of mapped pixels leaves neither
+    the pages nor a copy of the split behind (batches are sized in bytes, pages released)."""
+    import torch
+
+    from imgclf.data.augment import Normalize
+    from imgclf.engine.trainer import Precision
+    from imgclf.evaluate.inference import auto_batch_size, logits_for_array
+
+    path = tmp_path / "cache.npy"
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(1365, 128, 128, 3))  # 64 MiB
+    arr[:] = np.random.default_rng(0).integers(0, 256, arr.shape[1:], dtype=np.uint8)
+    arr[:, 0, 0, 0] = np.arange(len(arr)) % 256  # rows differ
+    arr.flush()
+    del arr
+    images = np.load(path, mmap_mode="r")
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 3))
+    norm = Normalize([0.5] * 3, [0.25] * 3, torch.device("cpu"))
+    rows = np.array([1300, 3, 700, 701, 5])
+    got = logits_for_array(model, images, norm, Precision(None), torch.device("cpu"), rows=rows)
+    ref = logits_for_array(model, np.array(images[rows]), norm, Precision(None), torch.device("cpu"))
+    torch.testing.assert_close(got, ref)
+    assert auto_batch_size((256, 256, 3)) == 64 and auto_batch_size((32, 32, 3)) == 256
+    release_pages(images)
+    before = _rss_file_bytes()
+    out = logits_for_array(model, images, norm, Precision(None), torch.device("cpu"), rows=np.arange(len(images)))
+    assert out.shape == (1365, 3)
+    assert _rss_file_bytes() - before < 16 << 20
