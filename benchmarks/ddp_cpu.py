@@ -11,7 +11,7 @@ for start-up); wall_s includes process start, cache and evaluation. On a 2-core 
 little gain: each of the 2 processes gets 1 thread instead of 1 process getting 2. The point is that
 it runs and matches: float rounding differs between one all-reduced sum and one local sum, and the
 optimizer carries that difference forward, so max_weight_diff grows with the steps (< 1e-4 after the
-few steps of tests/test_distributed.py; 0.014 after these 3 epochs, 36 steps, with top-1 0.310 vs
+few steps of tests/test_distributed.py; 0.014 after these 3 epochs (~35 steps), with top-1 0.310 vs
 0.313 on 2 cores). See docs/distributed.md.
 
 Usage: python benchmarks/ddp_cpu.py [--data DIR] [--epochs 3] [--batch-size 256]
