@@ -11,6 +11,31 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("IMGCLF_SHARED_DATASETS", REPO.parent / "shared" / "datasets"))
+_EXTRACTED: list[str] = []
+
+
+def pytest_configure(config):
+    """Extract the shared CIFAR-10 and coco128 tarballs once per session into IMGCLF_TEST_DATA
+    (train/, test/, coco128/), which test_images.py and test_arrays.py read at import. A folder
+    the user already points IMGCLF_TEST_DATA at is used as it is."""
+    if os.environ.get("IMGCLF_TEST_DATA"):
+        return
+    import tempfile
+
+    dest = Path(tempfile.mkdtemp(prefix="imgclf-test-data-"))
+    for name in ("cifar10-jpeg", "coco128"):
+        tar = SHARED / f"{name}.tar.gz"
+        if tar.exists():
+            with tarfile.open(tar) as t:
+                t.extractall(dest, filter="data")
+    os.environ["IMGCLF_TEST_DATA"] = str(dest)
+    _EXTRACTED.append(str(dest))
+
+
+def pytest_unconfigure(config):
+    for d in _EXTRACTED:
+        shutil.rmtree(d, ignore_errors=True)
+        os.environ.pop("IMGCLF_TEST_DATA", None)
 
 
 @pytest.fixture(autouse=True)

@@ -26,7 +26,7 @@ from imgclf.data.arrays import (
 )
 from imgclf.errors import UserError
 
-DATA = Path(os.environ.get("IMGCLF_TEST_DATA", "/tmp/data"))
+DATA = Path(os.environ.get("IMGCLF_TEST_DATA", "/nonexistent"))  # set by conftest.py
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 pytestmark = pytest.mark.skipif(not (DATA / "train" / "cat").is_dir(), reason=f"no CIFAR JPEGs in {DATA}")

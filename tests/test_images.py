@@ -1,7 +1,8 @@
-"""imgclf.data.images on real files: CIFAR-10 and COCO JPEGs from /tmp/data, re-encoded in tmp_path."""
+"""imgclf.data.images on real files: CIFAR-10 and COCO JPEGs from the shared tarballs, re-encoded in tmp_path."""
 
 from __future__ import annotations
 
+import os
 import pickle
 import struct
 import warnings
@@ -21,11 +22,11 @@ from imgclf.data.images import (
     resize_rgb,
 )
 
-DATA = Path("/tmp/data")
+DATA = Path(os.environ.get("IMGCLF_TEST_DATA", "/nonexistent"))  # set by conftest.py
 CIFAR = sorted((DATA / "train").glob("*/*.jpg"))
 COCO = sorted((DATA / "coco128" / "images").glob("*.jpg"))
 
-pytestmark = pytest.mark.skipif(not (CIFAR and COCO), reason="sample images not found under /tmp/data")
+pytestmark = pytest.mark.skipif(not (CIFAR and COCO), reason=f"no CIFAR/COCO JPEGs under {DATA}: ../shared/datasets is missing")
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
