@@ -14,6 +14,7 @@ evaluation. The pretrained weights come from the efficientnet-lite0-pytorch-mode
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -31,34 +32,43 @@ TARBALL = REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
 
 
 def measure(sizes: list[int], batch: int = 64, steps: int = 6) -> dict:
-    """Images/s of Lite0 per input size: full fine-tuning, head-only (frozen) and inference, in
-    fp32 and under bf16 autocast (what ``--precision auto`` picks is reported beside them)."""
+    """Images/s of Lite0 per input size: full fine-tuning with PyTorch's own depthwise backward
+    (``train_native_dw``) and with imgclf's (``train``, what imgclf uses on the CPU), head-only
+    (frozen) and inference, in fp32 and under bf16 autocast (``auto_picks`` says which
+    ``--precision auto`` takes). The modes alternate within one process, so they share the
+    machine's state; compare them as ratios."""
+    from imgclf.engine.cpu_alloc import tune_cpu_allocator
     from imgclf.engine.trainer import resolve_precision
+    from imgclf.models.depthwise import enable_fast_depthwise
     from imgclf.models.head import HeadedNet
     from imgclf.models.registry import build_model
 
+    tune_cpu_allocator()
     out = {}
     for s, prec_name in [(s, p) for s in sizes for p in ("fp32", "bf16")]:
         prec = resolve_precision(prec_name, torch.device("cpu"))
         model: HeadedNet = build_model("timm:efficientnet_lite0", 10, s, {"head": [], "small_stem": False,
                                                                           "bn_eps": 1e-3, "pad_type": "same"})
         model.to(memory_format=torch.channels_last)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         x = torch.randn(batch, 3, s, s).contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, 10, (batch,))
         row = {}
-        for mode in ("train", "frozen", "infer"):
-            model.freeze_backbone(mode == "frozen")
-            model.train(mode != "infer")
+        fast = copy.deepcopy(model)
+        enable_fast_depthwise(fast)
+        for mode in ("train_native_dw", "train", "frozen", "infer"):
+            net = model if mode == "train_native_dw" else fast
+            opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+            net.freeze_backbone(mode == "frozen")
+            net.train(mode != "infer")
             for i in range(steps + 1):
                 if i == 1:
                     t0 = time.perf_counter()
                 if mode == "infer":
                     with torch.no_grad(), prec.autocast(torch.device("cpu")):
-                        model(x)
+                        net(x)
                     continue
                 with prec.autocast(torch.device("cpu")):
-                    loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+                    loss = torch.nn.functional.cross_entropy(net(x).float(), y)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

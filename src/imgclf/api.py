@@ -21,6 +21,7 @@ from imgclf.data.images import IMAGE_EXTENSIONS, BadImage, load_resized
 from imgclf.data.loader import BatchLoader, default_ram_budget
 from imgclf.data.sources import DataSource, load_source
 from imgclf.engine import recipe
+from imgclf.engine.cpu_alloc import prepare_cpu_training
 from imgclf.engine.trainer import Trainer, resolve_precision, seed_everything
 from imgclf.errors import UserError
 from imgclf.models.registry import arch_args_for_record, build_model, default_normalization, resolve_name
@@ -183,6 +184,7 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+    prepare_cpu_training(model, device)
     spec = AugmentSpec(flip=cfg.flip, translate=cfg.translate or 0, rotate=cfg.rotate, zoom=cfg.zoom, shift=cfg.shift,
                        cutout=cfg.cutout, mixup=cfg.mixup, cutmix=cfg.cutmix)
     augment = BatchAugment(spec, normalize, len(src.classes), multilabel=multilabel)

@@ -34,6 +34,7 @@ def find_lr(config=None, *, steps: int | None = None, lr_start: float = 1e-7, lr
     from imgclf.data.loader import BatchLoader
     from imgclf.data.sources import load_source
     from imgclf.engine import lr_find, recipe
+    from imgclf.engine.cpu_alloc import prepare_cpu_training
     from imgclf.engine.trainer import seed_everything
     from imgclf.errors import UserError
     from imgclf.models import head as transfer
@@ -73,6 +74,7 @@ def find_lr(config=None, *, steps: int | None = None, lr_start: float = 1e-7, lr
         rows = np.sort(cs.rows[: min(2000, len(cs.rows))])
         init(normalize(torch.from_numpy(np.ascontiguousarray(cs.images[rows])).to(device)).cpu())
     model.to(device)
+    prepare_cpu_training(model, device)
     spec = AugmentSpec(flip=cfg.flip, translate=cfg.translate or 0, rotate=cfg.rotate, zoom=cfg.zoom, shift=cfg.shift,
                        cutout=cfg.cutout, mixup=cfg.mixup, cutmix=cfg.cutmix)
     augment = BatchAugment(spec, normalize, len(src.classes))
