@@ -6,7 +6,8 @@ them back on free, so each step touches new zero pages again, and large zero-fil
 backward, padded gradients) run at page-fault speed. With a fixed 32 MiB threshold (glibc's
 maximum), no trimming below 1 GiB and a 256 MiB heap pad, freed blocks are reused instead.
 Measured on the 2-core dev machine, FastNet training step at batch 1024, bf16: 734 -> 818
-images/s (same run, alternating). Peak memory is unchanged: the blocks are reused, not added.
+images/s (same run, alternating). Freed blocks are reused rather than added; up to 1 GiB of
+freed heap may stay mapped (the trim threshold). benchmarks/memory.py was not re-run with it.
 
 Done with ``mallopt`` at run time (the MALLOC_*_ environment variables would need a restart);
 a no-op where the C library is not glibc, or when IMGCLF_NO_MALLOPT=1.
@@ -48,6 +49,6 @@ def prepare_cpu_training(model, device) -> int:
     from imgclf.models.depthwise import enable_fast_depthwise
 
     tune_cpu_allocator()
-    if os.environ.get("IMGCLF_NATIVE_DEPTHWISE") == "1":  # escape hatch, and the benchmarks' baseline
+    if os.environ.get("IMGCLF_NATIVE_DEPTHWISE") == "1":  # escape hatch: PyTorch's own backward
         return 0
     return enable_fast_depthwise(model)
