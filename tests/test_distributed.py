@@ -94,3 +94,16 @@ def test_distributed_resume(runs, small_sample, tmp_path):
 def test_global_batch_must_divide(small_sample, tmp_path):
     with pytest.raises(imgclf.errors.UserError, match="global batch"):
         imgclf.train(**{**_options(small_sample, tmp_path, devices=2), "batch_size": 33})
+
+
+def test_time_limit_two_processes_plan_one_length(small_sample, tmp_path):
+    # both ranks must step the same number of times (a rank that stopped early would hang the
+    # other in its next all-reduce); the budget counts from this call, process start-up included
+    import time
+
+    budget = 40.0
+    t0 = time.perf_counter()
+    res = imgclf.train(**{**_options(small_sample, tmp_path, devices=2), "epochs": None, "time_limit": budget})
+    assert time.perf_counter() - t0 <= budget + 3.0
+    assert res.config.time_limit == budget and len(res.history) == np.ceil(res.config.epochs) >= 2
+    assert (res.run_dir / "model.safetensors").exists() and res.test["n"] == 100

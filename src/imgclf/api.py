@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,35 @@ def _make_run_dir(cfg: TrainConfig, data_name: str, arch: str) -> Path:
     return run
 
 
+def _time_budget(cfg, t_start: float, cached: dict, *, final_eval: bool, run_dir, multilabel: bool):
+    """The --time-limit callback: what has to fit after training is the closing evaluation (test
+    split with its TTA views, calibration or threshold passes on val) plus a margin for writing
+    the model, plots and report."""
+    from imgclf.engine.callbacks import TimeBudget
+
+    n_val = len(cached["val"]) if "val" in cached else 0
+    views = {0: 1, 1: 2, 2: 6}[recipe.tta_level(cfg)]
+    eval_split = "test" if "test" in cached else ("val" if "val" in cached else None)
+    eval_images = (len(cached[eval_split]) * views if eval_split and final_eval else 0) + n_val * (views if multilabel else 1)
+
+    def on_plan(t, before):  # the plan and big corrections are printed; all go to config.yaml
+        if t.is_main and (before is None or abs(t.total_steps - before) > 0.1 * before):
+            msg = (f"time limit {cfg.time_limit:g}s: {'planned' if before is None else 're-planned'} "
+                   f"{cfg.epochs:.1f} epochs ({t.total_steps} steps)")
+            if t.cfg.progress:
+                from tqdm.auto import tqdm
+
+                tqdm.write(f"imgclf: {msg}")  # keeps the progress bar intact
+            else:
+                log.info(msg)
+        if run_dir is not None:
+            dump_yaml(cfg, run_dir / "config.yaml")  # the planned epochs: a repeat runs the same length
+
+    # margin: 2% of the budget + 3 s for the model file, plots and the HTML report
+    return TimeBudget(t_start + cfg.time_limit, eval_images=eval_images, val_images=n_val,
+                      fixed_reserve=3.0 + 0.02 * cfg.time_limit, on_plan=on_plan)
+
+
 def train(config: str | Path | None = None, *, resume: str | Path | None = None, callbacks=None,
           final_eval: bool = True, **options: Any) -> TrainResult:
     """Train a model; every CLI option is a keyword here (``imgclf.train(data='photos/', epochs=5)``).
@@ -86,6 +116,7 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
     ``final_eval=False`` skips the closing test evaluation (sweep trials are judged on val)."""
     log.reset()
     t_start = time.perf_counter()
+    started = time.time()
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").exists():
@@ -101,7 +132,7 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
 
     if cfg.devices > 1 and not distributed.launched():
         return distributed.spawn_train(cfg.devices, device, config=config, resume=resume, callbacks=callbacks,
-                                       options={**options, "final_eval": final_eval})
+                                       options={**options, "final_eval": final_eval}, started=started)
     ddp = distributed.setup(device)  # None unless under torchrun or spawned by --devices
     rank, world = (ddp.rank, ddp.world) if ddp else (0, 1)
     if ddp:
@@ -132,6 +163,7 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
     cached = _cache_splits(src, size, cfg.resize, root, cfg.workers, cfg.progress)
     distributed.main_first_end(ddp)
     n_train = len(cached["train"])
+    user_epochs = cfg.epochs if "epochs" in cfg.model_fields_set else None  # a cap under --time-limit
     cfg = recipe.resolve(cfg, n_train=n_train, image_size=size, arch=arch)
     if multilabel and "monitor" not in cfg.model_fields_set:
         cfg.monitor = "val_map"  # label accuracy rewards predicting nothing on sparse labels
@@ -195,16 +227,32 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
                                  run_dir if rank == 0 else None, world)
         if rank == 0:
             dump_yaml(cfg, run_dir / "config.yaml")
+    budget_cb = []
+    if cfg.time_limit and resume is None:
+        # a spawned rank's budget began at the parent's train() call (passed in the environment)
+        began = t_start - max(0.0, started - float(os.environ.get("IMGCLF_TRAIN_STARTED", started)))
+        budget_cb = [_time_budget(cfg, began, cached, final_eval=final_eval,
+                                  run_dir=run_dir if rank == 0 else None, multilabel=multilabel)]
+    elif cfg.time_limit:  # inert, but in the same callback slot as when the checkpoint was written
+        from imgclf.engine.callbacks import TimeBudget
+
+        budget_cb = [TimeBudget(None)]
+        log.info("time limit: the resumed run keeps the length planned before it stopped")
     trainer = Trainer(model, cfg, train_loader, val_loader, augment, normalize, device, run_dir=run_dir,
-                      callbacks=list(callbacks or []) + transfer_callbacks, flip_mode=recipe.flip_mode(cfg), multilabel=multilabel,
+                      callbacks=budget_cb + list(callbacks or []) + transfer_callbacks, flip_mode=recipe.flip_mode(cfg), multilabel=multilabel,
                       class_weights=class_weights, loss_fn=loss_fn, is_main=rank == 0,
                       ddp_model=distributed.wrap(model, ddp, cfg.sync_bn) if ddp else None,
                       reduce=ddp.reduce if ddp else None)
+    if budget_cb and budget_cb[0].active and user_epochs is not None:
+        budget_cb[0].max_steps = trainer.total_steps  # an explicit --epochs caps the planned length
     if resume is not None:
         trainer.load_checkpoint(run_dir / "last.pt")
+        if cfg.time_limit and rank == 0:  # the plan of the checkpoint, which a later re-plan may have overtaken
+            dump_yaml(cfg, run_dir / "config.yaml")
         log.info(f"resuming at epoch {trainer.epoch + 1} (step {trainer.step}/{trainer.total_steps})")
+    length = f"{cfg.epochs:g} epochs" if not (budget_cb and budget_cb[0].active) else f"time limit {cfg.time_limit:g}s (length planned after {budget_cb[0].window + 1} steps)"
     log.info(f"model {arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
-             f"{cfg.epochs:g} epochs x {trainer.steps_per_epoch} steps of {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr:.3g}, "
+             f"{length} x {trainer.steps_per_epoch} steps of {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr:.3g}, "
              f"{device.type} {trainer.precision.dtype or 'fp32'}")
     history = trainer.fit()
     if ddp and not ddp.is_main:  # rank 0 alone writes the model, evaluates and reports
@@ -212,6 +260,9 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
         return TrainResult(run_dir, history, config=cfg)
     if trainer.stop:
         log.info(trainer.stop)
+    if budget_cb and budget_cb[0].active:
+        log.info(f"time limit {cfg.time_limit:g}s: trained {cfg.epochs:.1f} epochs, "
+                 f"{time.perf_counter() - t_start:.0f}s so far")
     used = "final"
     if val_loader is not None and trainer.best_epoch is not None and (run_dir / "best.safetensors").exists() \
             and trainer.best_epoch != trainer.epoch:

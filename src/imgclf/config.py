@@ -60,6 +60,10 @@ class TrainConfig(BaseModel):
 
     # --- optimisation -----------------------------------------------------------------------
     epochs: float | None = Field(None, gt=0, description="training epochs (fractions allowed)")
+    time_limit: float | str | None = Field(
+        None, description="wall-clock budget for the whole run, e.g. 600, 90s, 10m, 1.5h: the run length is planned "
+        "from the measured step time so training and the final evaluation end within it (--epochs, if given, caps it)"
+    )
     # The GLOBAL batch: with N processes each takes batch_size // N, so the recipe's lr (set for
     # batch_size) needs no rescaling and a run matches a 1-process run (docs/distributed.md).
     batch_size: int | None = Field(None, ge=1, description="images per step (global: split across processes)")
@@ -136,6 +140,22 @@ class TrainConfig(BaseModel):
         if not lr > 0:
             raise ValueError("must be a positive number or 'auto'")
         return lr
+
+    @field_validator("time_limit", mode="before")
+    @classmethod
+    def _seconds(cls, v):
+        # '600' / 600 are seconds; '90s', '10m', '1.5h' carry their unit. Stored as seconds.
+        if v is None:
+            return v
+        text = str(v).strip().lower()
+        scale = {"s": 1, "m": 60, "h": 3600}.get(text[-1:], None)
+        try:
+            secs = float(text[:-1] if scale else text) * (scale or 1)
+        except ValueError:
+            secs = float("nan")
+        if not secs > 0:
+            raise ValueError("must be a positive duration: seconds, or a number ending in s, m or h (10m)")
+        return secs
 
     @field_validator("head", mode="before")
     @classmethod

@@ -19,6 +19,7 @@ import json
 import os
 import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,7 +152,9 @@ def free_port() -> int:
 
 def _worker(local_rank: int, world: int, port: int, call: dict[str, Any], out: str) -> None:
     os.environ.update({"RANK": str(local_rank), "LOCAL_RANK": str(local_rank), "WORLD_SIZE": str(world),
-                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                       # --time-limit counts from the parent's train() call, process start-up included
+                       "IMGCLF_TRAIN_STARTED": str(call["started"])})
     from imgclf.api import train
 
     try:
@@ -165,7 +168,8 @@ def _worker(local_rank: int, world: int, port: int, call: dict[str, Any], out: s
                                                          "test": res.test}, default=str))
 
 
-def spawn_train(n: int, device: torch.device, *, config, resume, callbacks, options: dict[str, Any]):
+def spawn_train(n: int, device: torch.device, *, config, resume, callbacks, options: dict[str, Any],
+                started: float | None = None):
     """Run ``imgclf.train`` in ``n`` processes on this machine; returns rank 0's TrainResult."""
     import torch.multiprocessing as tmp
 
@@ -180,7 +184,7 @@ def spawn_train(n: int, device: torch.device, *, config, resume, callbacks, opti
     if isinstance(batch, int) and batch % n:  # say so before starting n processes
         raise UserError(f"--batch-size {batch} is the global batch and must divide by the {n} processes")
     call = {"config": str(config) if config is not None else None, "resume": str(resume) if resume else None,
-            "callbacks": callbacks, "options": options}
+            "callbacks": callbacks, "options": options, "started": started or time.time()}
     with tempfile.TemporaryDirectory(prefix="imgclf-ddp-") as out:
         try:
             tmp.start_processes(_worker, args=(n, free_port(), call, out), nprocs=n, join=True, start_method="spawn")

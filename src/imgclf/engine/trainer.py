@@ -96,6 +96,7 @@ class Trainer:
         self.precision = resolve_precision(cfg.precision, device)
         self.forward_model = ddp_model or model
         self.reduce = reduce  # sums a tensor across ranks (distributed), identity otherwise
+        self.reduce_world = getattr(train, "world", 1)
         if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
             t0 = time.perf_counter()
             self.forward_model = torch.compile(self.forward_model)
@@ -133,7 +134,8 @@ class Trainer:
             std.append(cb.CSVLogger(self.run_dir / "metrics.csv"))
             if c.tensorboard:
                 std.append(cb.TensorBoard(self.run_dir / "tensorboard"))
-        self.callbacks = std + self.callbacks
+        first = [c for c in self.callbacks if getattr(c, "runs_first", False)]
+        self.callbacks = first + std + [c for c in self.callbacks if c not in first]
 
     def _default_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.multilabel:
@@ -152,6 +154,17 @@ class Trainer:
             g["lr"] = g["base_lr"] * f
         return f
 
+    def set_total_steps(self, n: int) -> None:
+        """Change the planned run length (--time-limit): the schedule stretches, its warm-up keeps
+        its fraction, and cfg.epochs follows so config.yaml and the progress display agree."""
+        n = max(self.step, int(n), 1)
+        frac = self.warmup_steps / max(1, self.total_steps)
+        self.total_steps = n
+        self.warmup_steps = round(frac * n)
+        self.cfg.epochs = round(n / self.steps_per_epoch, 4)
+        if self.cfg.warmup_epochs is not None:
+            self.cfg.warmup_epochs = round(self.warmup_steps / self.steps_per_epoch, 4)
+
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[-1]["lr"]
@@ -160,8 +173,9 @@ class Trainer:
     def fit(self) -> list[dict]:
         for c in self.callbacks:
             c.on_train_start(self)
-        n_epochs = math.ceil(self.cfg.epochs)
-        while self.epoch < n_epochs and self.step < self.total_steps and not self.stop:
+        # the run length may be re-planned while it runs (--time-limit): read it afresh each epoch
+        while self.epoch < math.ceil(self.total_steps / self.steps_per_epoch) and self.step < self.total_steps \
+                and not self.stop:
             epoch = self.epoch
             for c in self.callbacks:
                 c.on_epoch_start(self, epoch)
@@ -171,7 +185,7 @@ class Trainer:
             t0 = time.perf_counter()
             row = {"epoch": epoch + 1, **self.train_epoch(epoch)}
             row["seconds"] = time.perf_counter() - t0
-            last = self.epoch + 1 >= n_epochs or self.step >= self.total_steps
+            last = self.step >= self.total_steps
             if self.val_loader is not None and ((epoch + 1) % self.cfg.eval_every == 0 or last):
                 row.update(self.validate())
             self.epoch = epoch + 1
@@ -328,6 +342,8 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "history": self.history,
             "stop": self.stop,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
         }
 
     def save_checkpoint(self, path: Path) -> None:
@@ -345,6 +361,11 @@ class Trainer:
             c.load_state_dict(st)
         self.step, self.epoch, self.lr_scale = s["step"], s["epoch"], s["lr_scale"]
         self.best, self.best_epoch, self.history, self.stop = s["best"], s["best_epoch"], s["history"], s["stop"]
+        # a planned length (--time-limit) is part of the run: resume ends where the plan said
+        if "total_steps" in s:
+            self.warmup_steps = s["warmup_steps"]
+            self.set_total_steps(s["total_steps"])  # cfg.epochs follows the checkpoint's plan
+            self.warmup_steps = s["warmup_steps"]
 
 
 def seed_everything(seed: int) -> None:

@@ -1,0 +1,94 @@
+"""--time-limit: the run length is planned from the measured step time so the whole train() call,
+closing evaluation included, ends within the budget; on the packaged CIFAR-10 sample."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import time
+
+import pytest
+
+import imgclf
+from imgclf.config import TrainConfig, make_config
+from imgclf.engine.callbacks import Callback
+
+
+def test_time_limit_units():
+    assert [TrainConfig(data="d", time_limit=v).time_limit for v in (600, "600", "90s", "10m", "1.5h")] == [
+        600.0, 600.0, 90.0, 600.0, 5400.0]
+    for bad in ("ten", "0", "-5m", "m"):
+        with pytest.raises(ValueError, match="positive duration"):
+            TrainConfig(data="d", time_limit=bad)
+
+
+def test_cli_bad_time_limit_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "imgclf", "train", "--data", str(tmp_path), "--time-limit", "soon"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    lines = [x for x in r.stderr.strip().splitlines() if x]
+    assert len(lines) == 1 and "time_limit" in lines[0], r.stderr
+
+
+def test_run_fits_the_budget_and_anneals(sample_dir, tmp_path):
+    budget = 30.0
+    t0 = time.perf_counter()
+    res = imgclf.train(data=str(sample_dir), project=str(tmp_path), name="tl", time_limit=budget,
+                       progress=False, tensorboard=False)
+    wall = time.perf_counter() - t0
+    # training, calibration, the TTA test pass, plots and the report all inside the budget
+    # (1.5 s of slack for a noisy machine: the plan is re-made every epoch from measured times)
+    assert wall <= budget + 1.5, wall
+    epochs = res.config.epochs
+    default = make_config(None, data=str(sample_dir))  # what the recipe would have run
+    assert default.time_limit is None
+    assert 1 <= epochs < 30, epochs  # the recipe's length on 2,700 images is ~37 epochs: far over 30 s
+    assert len(res.history) == math.ceil(epochs)
+    assert make_config(res.run_dir / "config.yaml").epochs == epochs  # the plan is in the repeatable config
+    # the schedule was stretched to the planned length, not cut: the last lr is the annealed end
+    # (onecycle ends at 0.07x the peak), not the peak of a run stopped midway
+    assert res.history[-1]["lr"] <= 0.12 * res.config.lr  # (the lr of the last step, 1/50 before the end)
+    assert res.test["top1"] > 0.4  # it learned (chance 0.1)
+
+
+def test_explicit_epochs_cap_the_plan(small_sample, tmp_path):
+    res = imgclf.train(data=str(small_sample), project=str(tmp_path), epochs=2, time_limit="5m",
+                       progress=False, tensorboard=False)
+    assert res.config.epochs == 2 and len(res.history) == 2
+
+
+def test_resume_keeps_the_planned_length(small_sample, tmp_path):
+    class Crash(Callback):
+        def on_epoch_end(self, t, row):
+            if row["epoch"] == 2:
+                raise KeyboardInterrupt
+
+    opts = dict(data=str(small_sample), project=str(tmp_path), time_limit=20, progress=False, tensorboard=False)
+    with pytest.raises(KeyboardInterrupt):
+        imgclf.train(name="cut", callbacks=[Crash()], **opts)
+    assert 2 < make_config(tmp_path / "cut" / "config.yaml").epochs < 100
+    resumed = imgclf.train(resume=tmp_path / "cut", progress=False)
+    # the crash came after the epoch-2 re-plan but before its checkpoint: the run follows the plan
+    # saved in last.pt (epoch 1's), and config.yaml is rewritten to say so
+    planned = make_config(tmp_path / "cut" / "config.yaml").epochs
+    assert resumed.config.epochs == planned
+    assert len(resumed.history) == math.ceil(planned)
+
+
+def test_slower_steps_midway_are_replanned_not_cut(small_sample, tmp_path):
+    # from epoch 3 on every step takes 40 ms longer (what unfreezing a backbone does): the plan
+    # follows within a window, so the run still ends in budget on its annealed schedule rather
+    # than being stopped at the deadline with the lr high
+    class Slower(Callback):
+        def on_step_end(self, t):
+            if t.epoch >= 2:
+                time.sleep(0.04)
+
+    budget = 20.0
+    t0 = time.perf_counter()
+    res = imgclf.train(data=str(small_sample), project=str(tmp_path), time_limit=budget, callbacks=[Slower()],
+                       progress=False, tensorboard=False)
+    assert time.perf_counter() - t0 <= budget + 1.5
+    assert len(res.history) == math.ceil(res.config.epochs)
+    assert res.history[-1]["lr"] <= 0.12 * res.config.lr
