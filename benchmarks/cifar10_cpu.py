@@ -3,10 +3,15 @@ images/s and test top-1. Prints one JSON line.
 
     python benchmarks/cifar10_cpu.py                 # extracts ../shared/datasets/cifar10-jpeg.tar.gz
     python benchmarks/cifar10_cpu.py --data /path/to/cifar10   # train/ and test/ class folders
-    python benchmarks/cifar10_cpu.py --epochs 12 --seed 1      # any train option as --key value
+    python benchmarks/cifar10_cpu.py --epochs 10             # a fixed length instead of the budget
+    python benchmarks/cifar10_cpu.py --time-limit 15m --seed 1  # any train option as --key value
 
-Runs unchanged on a CUDA device (device auto). The cache is fresh for every run so the JPEG
-decoding is part of the measured wall time.
+The target is a wall budget (10 minutes, decoding and the TTA evaluation included), so the default
+recipe runs with ``time_limit=600``: its length is planned from the step time measured on this
+machine (a faster machine trains more epochs, a slower one fewer) and imgclf.train returns within
+it. ``--epochs N`` alone runs exactly N epochs. Runs unchanged on a CUDA device (device auto).
+The cache is fresh for every run so the JPEG decoding is part of the measured wall time.
+Dev machine (2 cores, no AMX): 90.65% in 585.7 s with 9.96 epochs planned.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ def main() -> None:
         except json.JSONDecodeError:
             pass
         overrides[key] = val
+    if "epochs" not in overrides:
+        overrides.setdefault("time_limit", 600)
     tmp = Path(tempfile.mkdtemp(prefix="imgclf-bench-"))
     data = Path(args.data) if args.data else None
     extract_s = 0.0
@@ -67,6 +74,7 @@ def main() -> None:
         "train_loop_seconds": round(train_s, 1),
         "extract_seconds_not_counted": round(extract_s, 1),
         "epochs": res.config.epochs,
+        "time_limit": res.config.time_limit,
         "batch_size": res.config.batch_size,
         "images_per_s": round(n_seen / max(train_s, 1e-9)),
         "test_top1": round(res.test["top1"], 4),

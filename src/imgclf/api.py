@@ -92,7 +92,7 @@ def _time_budget(cfg, t_start: float, cached: dict, *, final_eval: bool, run_dir
     eval_images = (len(cached[eval_split]) * views if eval_split and final_eval else 0) + n_val * (views if multilabel else 1)
 
     def on_plan(t, before):  # the plan and big corrections are printed; all go to config.yaml
-        if t.is_main and (before is None or abs(t.total_steps - before) > 0.1 * before):
+        if t.is_main and (before is None or abs(t.total_steps - before) > 0.25 * before):
             msg = (f"time limit {cfg.time_limit:g}s: {'planned' if before is None else 're-planned'} "
                    f"{cfg.epochs:.1f} epochs ({t.total_steps} steps)")
             if t.cfg.progress:
@@ -250,7 +250,7 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
         if cfg.time_limit and rank == 0:  # the plan of the checkpoint, which a later re-plan may have overtaken
             dump_yaml(cfg, run_dir / "config.yaml")
         log.info(f"resuming at epoch {trainer.epoch + 1} (step {trainer.step}/{trainer.total_steps})")
-    length = f"{cfg.epochs:g} epochs" if not (budget_cb and budget_cb[0].active) else f"time limit {cfg.time_limit:g}s (length planned after {budget_cb[0].window + 1} steps)"
+    length = f"{cfg.epochs:g} epochs" if not (budget_cb and budget_cb[0].active) else f"time limit {cfg.time_limit:g}s (length planned after the first timed steps)"
     log.info(f"model {arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
              f"{length} x {trainer.steps_per_epoch} steps of {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr:.3g}, "
              f"{device.type} {trainer.precision.dtype or 'fp32'}")

@@ -118,23 +118,30 @@ class TimeBudget(Callback):
     """--time-limit: plan the run length so training, validation and the closing evaluation end
     by ``deadline`` (a time.perf_counter() value), whatever the machine.
 
-    Step times are measured in windows of ``window`` steps (an epoch's first step is not timed:
-    it carries shuffling and, at the start, one-off kernel set-up) and smoothed; a window more
-    than 25% off the estimate replaces it, so a phase change such as unfreezing a backbone is
-    picked up within a window. The gap between epochs (validation, checkpoint) is measured too.
-    The length is planned after the first window and re-planned when the estimate moves it by
-    more than 2% (at window ends) or 1% (at epoch ends); the lr schedule stretches with it (the
-    warm-up keeps its fraction). ``max_steps`` (an explicit --epochs) caps the plan. If the
-    deadline comes anyway, the run ends at that step. It runs first among the callbacks, so
-    lookahead sees the final step; ``deadline=None`` makes it inert (a resumed run keeps its plan).
+    Step times are measured in windows (an epoch's first step is not timed: it carries shuffling
+    and, at the start, one-off kernel set-up): the first of ``window`` steps, later ones of at
+    least ``window_s`` seconds, so fast steps are not timed a noisy batch at a time. A window more
+    than 25% off the smoothed estimate replaces it, so a phase change such as unfreezing a
+    backbone is picked up within a window. The gap between epochs (validation, checkpoint) is
+    measured too. The length is planned after the first window and re-planned when the estimate
+    moves it by more than 2% (window ends) or 1% (epoch ends); the lr schedule stretches with it
+    (the warm-up keeps its fraction). ``max_steps`` (an explicit --epochs) caps the plan. If the
+    deadline comes anyway, the run ends there. It runs first among the callbacks, so lookahead
+    sees the final step; ``deadline=None`` makes it inert (a resumed run keeps its plan).
+
+    Distributed: window lengths are step counts and every plan is the mean over the ranks, taken
+    at steps all ranks share, so all ranks always agree on the length (a rank stopping early
+    would hang the others in their next all-reduce).
     """
 
     runs_first = True
 
     def __init__(self, deadline: float | None, *, eval_images: int = 0, val_images: int = 0,
-                 fixed_reserve: float = 0.0, max_steps: int | None = None, window: int = 8, on_plan=None):
+                 fixed_reserve: float = 0.0, max_steps: int | None = None, window: int = 8, window_s: float = 2.0,
+                 on_plan=None):
         self.deadline, self.eval_images, self.val_images = deadline, eval_images, val_images
-        self.fixed_reserve, self.max_steps, self.window, self.on_plan = fixed_reserve, max_steps, window, on_plan
+        self.fixed_reserve, self.max_steps, self.on_plan = fixed_reserve, max_steps, on_plan
+        self.window, self.window_s, self.window_steps = window, window_s, window
         self.active = deadline is not None
         self.planned = False
         self.step_s: float | None = None  # smoothed seconds per training step
@@ -143,12 +150,9 @@ class TimeBudget(Callback):
         self.w_t0: float | None = None  # start of the current timing window
         self.w_steps = 0
 
-    def _forward_s_per_image(self, t) -> float:
-        # a forward pass costs about a third of a training step (forward + backward)
-        return self.step_s / max(1, t.train_loader.batch_size) / 3
-
     def _eval_reserve(self, t) -> float:
-        return self.eval_images * self._forward_s_per_image(t)
+        # the closing evaluation: a forward pass costs about a third of a training step
+        return self.eval_images * self.step_s / max(1, t.train_loader.batch_size) / 3
 
     def _close_window(self, now: float) -> bool:
         if self.w_t0 is None or self.w_steps == 0:
@@ -164,20 +168,32 @@ class TimeBudget(Callback):
     def _plan(self, t, now: float, tolerance: float) -> None:
         gap = self.gap_s
         if gap is None:  # not measured yet: a validation pass
-            gap = self.val_images * self._forward_s_per_image(t)
+            gap = self.val_images * self.step_s / max(1, t.train_loader.batch_size) / 3
         per_step = self.step_s + gap / (t.steps_per_epoch * max(1, t.cfg.eval_every))
-        left = self.deadline - now - self.fixed_reserve - self._eval_reserve(t)
-        n = t.step + max(1, int(left / per_step))
+        reserve = self.fixed_reserve + self._eval_reserve(t)
+        n = t.step + max(1, int((self.deadline - reserve - now) / per_step))
+        late = float(now + 3.0 + self._eval_reserve(t) >= self.deadline)
+        step_s = self.step_s
+        if t.reduce is not None:
+            n, step_s, late = (t.reduce(torch.tensor([n, step_s, late], dtype=torch.float64, device=t.device))
+                               / t.reduce_world).tolist()
+            n = round(n)
         if self.max_steps is not None:
             n = min(n, self.max_steps)
-        if t.reduce is not None:  # every process plans the same length (all call this at the same steps)
-            n = round(t.reduce(torch.tensor(float(n), device=t.device)).item() / t.reduce_world)
-        if not self.planned or abs(n - t.total_steps) > tolerance * t.total_steps:
+        self.window_steps = max(self.window, math.ceil(self.window_s / max(step_s, 1e-6)))
+        if late > 0:
+            self._stop(t)
+        elif not self.planned or abs(n - t.total_steps) > tolerance * t.total_steps:
             before = t.total_steps if self.planned else None
             self.planned = True
             t.set_total_steps(n)
             if self.on_plan is not None:
                 self.on_plan(t, before)
+
+    def _stop(self, t) -> None:
+        if t.step < t.total_steps:
+            t.set_total_steps(t.step)
+            t.stop = "time limit reached: the run ended before its planned length"
 
     def on_epoch_start(self, t, epoch):
         if self.active and self.t_last is not None:
@@ -193,12 +209,11 @@ class TimeBudget(Callback):
             self.w_t0, self.w_steps = now, 0
             return
         self.w_steps += 1
-        if self.w_steps >= self.window and t.step < t.total_steps:
+        if self.w_steps >= self.window_steps and t.step < t.total_steps:
             self._close_window(now)
             self._plan(t, now, 0.02)
-        if self.planned and t.step < t.total_steps and now + 3.0 + self._eval_reserve(t) >= self.deadline:
-            t.set_total_steps(t.step)
-            t.stop = "time limit reached: the run ended before its planned length"
+        elif t.reduce is None and self.planned and now + 3.0 + self._eval_reserve(t) >= self.deadline:
+            self._stop(t)  # one process: checked every step; distributed: at window ends, in _plan
 
     def on_epoch_end(self, t, row):
         if not self.active or t.step >= t.total_steps:
