@@ -92,3 +92,14 @@ def test_slower_steps_midway_are_replanned_not_cut(small_sample, tmp_path):
     assert time.perf_counter() - t0 <= budget + 1.5
     assert len(res.history) == math.ceil(res.config.epochs)
     assert res.history[-1]["lr"] <= 0.12 * res.config.lr
+
+
+def test_budget_spent_by_setup_still_gives_a_model(small_sample, tmp_path, capfd):
+    # 2 s is less than decoding plus the first timed steps: the run stops at the deadline check,
+    # still writes a model and evaluates it, and config.yaml records the length it ran
+    res = imgclf.train(data=str(small_sample), project=str(tmp_path), time_limit=2, progress=False, tensorboard=False)
+    assert "time limit reached" in capfd.readouterr().err
+    assert (res.run_dir / "model.safetensors").exists() and res.test["n"] == 100
+    # planning (and so the deadline check) comes after the first 8 timed steps, inside epoch 1
+    assert len(res.history) == 1
+    assert make_config(res.run_dir / "config.yaml").epochs == res.config.epochs < 1

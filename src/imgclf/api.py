@@ -91,8 +91,8 @@ def _time_budget(cfg, t_start: float, cached: dict, *, final_eval: bool, run_dir
     eval_split = "test" if "test" in cached else ("val" if "val" in cached else None)
     eval_images = (len(cached[eval_split]) * views if eval_split and final_eval else 0) + n_val * (views if multilabel else 1)
 
-    def on_plan(t, before):  # the plan and big corrections are printed; all go to config.yaml
-        if t.is_main and (before is None or abs(t.total_steps - before) > 0.25 * before):
+    def on_plan(t, before, stopped=False):  # the plan and big corrections are printed; all go to config.yaml
+        if t.is_main and not stopped and (before is None or abs(t.total_steps - before) > 0.25 * before):
             msg = (f"time limit {cfg.time_limit:g}s: {'planned' if before is None else 're-planned'} "
                    f"{cfg.epochs:.1f} epochs ({t.total_steps} steps)")
             if t.cfg.progress:

@@ -194,6 +194,8 @@ class TimeBudget(Callback):
         if t.step < t.total_steps:
             t.set_total_steps(t.step)
             t.stop = "time limit reached: the run ended before its planned length"
+            if self.on_plan is not None:
+                self.on_plan(t, None, stopped=True)  # config.yaml records the length actually run
 
     def on_epoch_start(self, t, epoch):
         if self.active and self.t_last is not None:
