@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx  # the test install, .[dev], always has the [deploy] extra
+import onnxruntime as ort
 import pytest
 import torch
-
-onnx = pytest.importorskip("onnx", reason="the [deploy] extra (onnx, onnxruntime) is not installed")
-ort = pytest.importorskip("onnxruntime", reason="the [deploy] extra (onnx, onnxruntime) is not installed")
 
 from imgclf.deploy.export import (  # noqa: E402
     LOGIT_TOLERANCE,

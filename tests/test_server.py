@@ -8,11 +8,10 @@ import re
 import struct
 import zlib
 
+import fastapi  # noqa: F401  (the test install, .[dev], always has the [deploy] extra and httpx)
+import httpx
 import numpy as np
 import pytest
-
-pytest.importorskip("fastapi", reason="the [deploy] extra (fastapi, uvicorn, python-multipart) is not installed")
-httpx = pytest.importorskip("httpx")
 
 from imgclf.deploy.server import ServeConfig, ServerThread, create_app  # noqa: E402
 
@@ -178,7 +177,6 @@ def test_concurrent_requests_are_batched(server, sample_dir):
 
 
 def test_onnx_backend_serves_the_exported_model(tiny_run, tmp_path, sample_dir):
-    pytest.importorskip("onnxruntime")
     from fastapi.testclient import TestClient
 
     from imgclf.deploy.export import export

@@ -11,7 +11,6 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 
-pytest.importorskip("fastapi", reason="the [deploy] extra (fastapi, uvicorn, python-multipart) is not installed")
 
 
 @pytest.fixture(scope="module")
