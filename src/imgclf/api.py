@@ -16,7 +16,7 @@ import torch
 
 from imgclf import log
 from imgclf.config import TrainConfig, dump_yaml, make_config
-from imgclf.data.augment import AugmentSpec, BatchAugment, Normalize
+from imgclf.data.augment import AugmentSpec, BatchAugment, Normalize, tta_views
 from imgclf.data.cache import CachedSplit, build_cache, cache_root, release_pages
 from imgclf.data.images import IMAGE_EXTENSIONS, BadImage, load_resized
 from imgclf.data.loader import BatchLoader, default_ram_budget
@@ -87,7 +87,7 @@ def _time_budget(cfg, t_start: float, cached: dict, *, final_eval: bool, run_dir
     from imgclf.engine.callbacks import TimeBudget
 
     n_val = len(cached["val"]) if "val" in cached else 0
-    views = {0: 1, 1: 2, 2: 6}[recipe.tta_level(cfg)]
+    views = len(tta_views(torch.zeros(1, 3, 4, 4), recipe.tta_level(cfg)))
     eval_split = "test" if "test" in cached else ("val" if "val" in cached else None)
     eval_images = (len(cached[eval_split]) * views if eval_split and final_eval else 0) + n_val * (views if multilabel else 1)
 

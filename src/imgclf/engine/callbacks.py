@@ -206,6 +206,10 @@ class TimeBudget(Callback):
     def on_step_end(self, t):
         if not self.active:
             return
+        if t.device.type == "cuda" and (self.w_t0 is None or self.w_steps + 1 >= self.window_steps):
+            # CUDA steps are queued, not run, when the host returns: time the device's work, at
+            # window edges only (one sync per >= 2 s, nothing inside the window)
+            torch.cuda.synchronize(t.device)
         now = self.t_last = time.perf_counter()
         if self.w_t0 is None:
             self.w_t0, self.w_steps = now, 0
