@@ -95,3 +95,84 @@ def extract_shared(name: str, dest: Path) -> Path:
 @pytest.fixture(scope="session")
 def coco128(tmp_path_factory) -> Path:
     return extract_shared("coco128", tmp_path_factory.mktemp("coco")) / "coco128"
+
+
+# -- a COCO-format data set built from real CIFAR-10 photos ----------------------------------
+
+# coco128's facts that the multi-label tests check; the built set below records its own.
+COCO128_FACTS = {
+    "n_images": 128, "n_empty": 2, "n_categories": 80, "orphan_labels": ["000000000656", "000000000659"],
+    "unlabelled": ["000000000250", "000000000508"], "subset": ["person", "dog", "cat"], "min_classes_with_positives": 11,
+}
+
+
+def make_coco_like(root: Path, sample_dir: Path, n_images: int = 60, seed: int = 0) -> dict:
+    """A COCO-style detection set (images/, annotations/instances_train2017.json, YOLO labels/)
+    whose objects are real CIFAR-10 photos pasted at random sizes onto noisy 96x80 canvases.
+
+    It has what the multi-label tests rely on coco128 for, with the counts recorded, so they
+    run without the shared tarball: category ids with gaps listed out of id order, two
+    categories never used, images with 0-3 objects (two with none), crowd regions (one image
+    whose crowd region is its largest object, one with only a crowd region), and a YOLO side
+    with two label files whose images are missing and no label file for the empty images.
+    """
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    names = sorted(p.name for p in (sample_dir / "train").iterdir()) + ["unicorn", "kraken"]  # last two: unused
+    ids = [1, 2, 3, 5, 7, 8, 11, 13, 17, 18, 20, 23]
+    cats = [{"id": i, "name": n, "supercategory": "thing"} for i, n in zip(ids, names)]
+    photos = {n: sorted((sample_dir / "train" / n).glob("*.jpg")) for n in names[:10]}
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    (root / "annotations").mkdir()
+    W, H = 96, 80
+    images, anns, empty = [], [], []
+    for k in range(n_images):
+        img_id = 7 * k + 9
+        stem = f"{img_id:012d}"
+        canvas = rng.normal(120, 25, (H, W, 3)).clip(0, 255).astype(np.uint8)
+        n_obj = 0 if k in (5, 17) else int(rng.integers(1, 4))
+        objs = []
+        for j in range(n_obj):
+            c = int(rng.integers(0, 10))
+            side = int(rng.integers(14, 48))
+            x, y = int(rng.integers(0, W - side)), int(rng.integers(0, H - side))
+            with Image.open(photos[names[c]][int(rng.integers(0, len(photos[names[c]])))]) as im:
+                canvas[y:y + side, x:x + side] = np.asarray(im.convert("RGB").resize((side, side)))
+            crowd = int((k == 11 and j == 0) or k == 23)
+            if k == 11 and j == 0:  # a crowd region larger than any other object of its image
+                x, y, side = min(x, W - 60), min(y, H - 60), 60
+            objs.append((c, x, y, side, crowd))
+        if not objs:
+            empty.append(stem)
+        Image.fromarray(canvas).save(root / "images" / f"{stem}.jpg", quality=92)
+        images.append({"id": img_id, "file_name": f"{stem}.jpg", "width": W, "height": H})
+        lines = []
+        for c, x, y, side, crowd in objs:
+            anns.append({"id": len(anns) + 1, "image_id": img_id, "category_id": ids[c], "iscrowd": crowd,
+                         "bbox": [x, y, side, side], "area": float(side * side) * 0.8 + len(anns) * 1e-3})
+            lines.append(f"{c} {(x + side / 2) / W:.6f} {(y + side / 2) / H:.6f} {side / W:.6f} {side / H:.6f}")
+        if lines:  # YOLO exports write no label file for an image without objects
+            (root / "labels" / f"{stem}.txt").write_text("\n".join(lines) + "\n")
+    orphans = ["000000099990", "000000099991"]
+    for s in orphans:
+        (root / "labels" / f"{s}.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    order = rng.permutation(len(cats))
+    (root / "annotations" / "instances_train2017.json").write_text(json.dumps(
+        {"images": images, "annotations": anns, "categories": [cats[i] for i in order]}))
+    return {"n_images": n_images, "n_empty": len(empty), "n_categories": len(cats), "orphan_labels": orphans,
+            "unlabelled": empty, "subset": ["airplane", "dog", "cat"], "min_classes_with_positives": 4}
+
+
+@pytest.fixture(scope="session", params=["built", "coco128"])
+def coco(request, tmp_path_factory, sample_dir) -> tuple[Path, dict]:
+    """(root, facts) of a COCO-format set: one built from CIFAR-10 photos (always there) and the
+    real coco128 (when the shared tarball is beside the repository)."""
+    if request.param == "coco128":
+        return request.getfixturevalue("coco128"), COCO128_FACTS
+    root = tmp_path_factory.mktemp("coco-like") / "coco-like"
+    return root, make_coco_like(root, sample_dir)

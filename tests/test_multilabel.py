@@ -1,4 +1,7 @@
-"""Multi-label sources (COCO JSON, YOLO folders, label CSVs), metrics and a short coco128 run."""
+"""Multi-label sources (COCO JSON, YOLO folders, label CSVs), metrics and a short multi-label run.
+
+The COCO tests run twice: on a COCO-format set built from CIFAR-10 photos (conftest.make_coco_like,
+always there) and on the real coco128 (when the shared tarball sits beside the repository)."""
 
 from __future__ import annotations
 
@@ -80,9 +83,10 @@ def test_thresholds_maximise_f1_and_metrics_use_them(fixed_predictions):
 
 
 @pytest.fixture(scope="module")
-def coco_truth(coco128):
+def coco_truth(coco):
     """Non-crowd and crowd objects per file stem, straight from the JSON."""
-    d = json.loads(_coco_json(coco128).read_text())
+    root, _ = coco
+    d = json.loads(_coco_json(root).read_text())
     names = {c["id"]: c["name"] for c in d["categories"]}
     stem = {im["id"]: Path(im["file_name"]).stem for im in d["images"]}
     objs: dict[str, list] = {s: [] for s in stem.values()}
@@ -91,96 +95,114 @@ def coco_truth(coco128):
     return d, objs
 
 
-def test_coco_json_and_yolo_labels_give_identical_targets(coco128, coco_truth, tmp_path):
+def test_coco_json_and_yolo_labels_give_identical_targets(coco, coco_truth, tmp_path):
+    root, facts = coco
     d, _ = coco_truth
-    coco = _load(_coco_json(coco128))
-    # YOLO class i is the i-th COCO category in id order (ids run 1..90 with gaps): a data.yaml
-    # with the names in that order is what a YOLO export ships with.
+    coco_src = _load(_coco_json(root))
+    # YOLO class i is the i-th COCO category in id order (ids have gaps, and the JSON need not
+    # list them in order): a data.yaml with the names in that order is what a YOLO export ships with.
     yolo_root = tmp_path / "yolo"
     yolo_root.mkdir()
-    os.symlink(coco128 / "images", yolo_root / "images")
-    os.symlink(coco128 / "labels", yolo_root / "labels")
+    os.symlink(root / "images", yolo_root / "images")
+    os.symlink(root / "labels", yolo_root / "labels")
     names = [c["name"] for c in sorted(d["categories"], key=lambda c: c["id"])]
     (yolo_root / "data.yaml").write_text(json.dumps({"names": names}))
     yolo = _load(yolo_root)
-    assert coco.task == yolo.task == "multilabel"
-    assert coco.classes == yolo.classes == names
-    a = {Path(p).stem: row for p, row in zip(coco.train.paths, coco.train.labels)}
+    assert coco_src.task == yolo.task == "multilabel"
+    assert coco_src.classes == yolo.classes == names
+    a = {Path(p).stem: row for p, row in zip(coco_src.train.paths, coco_src.train.labels)}
     b = {Path(p).stem: row for p, row in zip(yolo.train.paths, yolo.train.labels)}
     both = sorted(set(a) & set(b))
-    assert len(both) == 128  # images without objects are kept as all-negative in both
+    assert len(both) == facts["n_images"]  # images without objects are kept as all-negative in both
     for s in both:
         np.testing.assert_array_equal(a[s], b[s], err_msg=s)
-    assert coco.train.labels.dtype == np.float32 and coco.train.labels.shape == (128, 80)
-    # coco128's YOLO side has 2 label files without images and 2 images without label files:
-    # one warning line each, with the count and the names
+    assert coco_src.train.labels.dtype == np.float32
+    assert coco_src.train.labels.shape == (facts["n_images"], facts["n_categories"])
+    # label files without images and images without label files: one warning line each, with
+    # the count and the names
     orphans = [p for p in yolo.problems if "have no image" in p]
     unlabelled = [p for p in yolo.problems if "have no label file" in p]
-    assert len(orphans) == 1 and orphans[0].startswith("2 label file(s)") and "000000000656" in orphans[0]
-    assert len(unlabelled) == 1 and unlabelled[0].startswith("2 image(s)") and "000000000250" in unlabelled[0]
+    assert len(orphans) == 1 and orphans[0].startswith(f"{len(facts['orphan_labels'])} label file(s)")
+    assert all(s in orphans[0] for s in facts["orphan_labels"])
+    assert len(unlabelled) == 1 and unlabelled[0].startswith(f"{len(facts['unlabelled'])} image(s)")
+    assert all(s in unlabelled[0] for s in facts["unlabelled"])
 
 
-def test_yolo_without_names_uses_numeric_classes(coco128):
-    yolo = _load(coco128)  # coco128 itself: images/ + labels/, no names file
+def test_yolo_without_names_uses_numeric_classes(coco):
+    root, _ = coco
+    yolo = _load(root)  # images/ + labels/, no names file
     assert yolo.classes[:3] == ["0", "1", "2"]
-    k = 1 + max(int(line.split()[0]) for f in (coco128 / "labels").glob("*.txt") for line in f.read_text().splitlines()
+    k = 1 + max(int(line.split()[0]) for f in (root / "labels").glob("*.txt") for line in f.read_text().splitlines()
                 if line.strip())
     assert len(yolo.classes) == k
-    sub = _load(coco128, classes="0,16")  # --classes works with the numeric names too
-    assert sub.classes == ["0", "16"] and sub.train.labels.shape[1] == 2
+    sub = _load(root, classes="0,2")  # --classes works with the numeric names too
+    assert sub.classes == ["0", "2"] and sub.train.labels.shape[1] == 2
+    full = {Path(p).stem: row for p, row in zip(yolo.train.paths, yolo.train.labels)}
+    for p, row in zip(sub.train.paths, sub.train.labels):
+        np.testing.assert_array_equal(row, full[Path(p).stem][[0, 2]])
 
 
-def test_missing_image_files_are_reported_not_fatal(coco128, tmp_path):
+def test_missing_image_files_are_reported_not_fatal(coco, tmp_path):
+    root, _ = coco
     images = tmp_path / "images"
     images.mkdir()
-    files = sorted((coco128 / "images").glob("*.jpg"))
+    files = sorted((root / "images").glob("*.jpg"))
     for f in files[3:]:
         os.symlink(f, images / f.name)
-    src = _load(_coco_json(coco128), images=str(images))
+    src = _load(_coco_json(root), images=str(images))
     assert len(src.train) == len(files) - 3
     msg = [p for p in src.problems if "are not in" in p]
     assert len(msg) == 1 and msg[0].startswith("3 image(s)") and files[0].name in msg[0]
 
 
-def test_empty_images_kept_or_dropped(coco128):
-    kept = _load(_coco_json(coco128))
-    dropped = _load(_coco_json(coco128), keep_empty=False)
-    assert (kept.train.labels.sum(1) == 0).sum() == 2  # coco128: 126 of 128 images annotated
-    assert len(dropped.train) == 126 and (dropped.train.labels.sum(1) > 0).all()
-    assert any("dropped 2 image(s)" in p for p in dropped.problems)
+def test_empty_images_kept_or_dropped(coco):
+    root, facts = coco
+    kept = _load(_coco_json(root))
+    dropped = _load(_coco_json(root), keep_empty=False)
+    n, empty = facts["n_images"], facts["n_empty"]
+    assert (kept.train.labels.sum(1) == 0).sum() == empty
+    assert len(dropped.train) == n - empty and (dropped.train.labels.sum(1) > 0).all()
+    assert any(f"dropped {empty} image(s)" in p for p in dropped.problems)
 
 
-def test_largest_mode_is_the_class_of_the_largest_object(coco128, coco_truth):
+def test_largest_mode_is_the_class_of_the_largest_object(coco, coco_truth):
+    root, facts = coco
     _, objs = coco_truth
-    src = _load(_coco_json(coco128), label_mode="largest")
+    src = _load(_coco_json(root), label_mode="largest")
     assert src.task == "single" and src.train.labels.dtype == np.int64
-    assert len(src.train) == 126  # an image without objects has no single label
+    assert len(src.train) == facts["n_images"] - facts["n_empty"]  # an image without objects has no single label
+    crowd_decided = 0
     for p, label in zip(src.train.paths, src.train.labels):
         o = objs[Path(p).stem]
         single = [x for x in o if not x[2]] or o  # crowd regions only when nothing else is there
         assert src.classes[label] == max(single, key=lambda x: x[1])[0]
+        crowd_decided += max(o, key=lambda x: x[1])[2] and single is not o
+    assert crowd_decided > 0  # some image's largest region is a crowd, and it was passed over
     assert any("largest" in p for p in src.problems)
 
 
-def test_classes_subset(coco128, coco_truth):
+def test_classes_subset(coco, coco_truth):
+    root, facts = coco
     _, objs = coco_truth
-    src = _load(_coco_json(coco128), classes="person,dog,cat")
-    assert src.classes == ["person", "dog", "cat"] and src.train.labels.shape == (128, 3)
+    three = facts["subset"]
+    src = _load(_coco_json(root), classes=",".join(three))
+    assert src.classes == three and src.train.labels.shape == (facts["n_images"], 3)
     for p, row in zip(src.train.paths, src.train.labels):
         present = {o[0] for o in objs[Path(p).stem]}
         assert [c in present for c in src.classes] == list(row > 0.5)
-    only = _load(_coco_json(coco128), classes="person,dog,cat", keep_empty=False)
+    only = _load(_coco_json(root), classes=",".join(three), keep_empty=False)
     assert (only.train.labels.sum(1) > 0).all()
     assert len(only.train) == int((src.train.labels.sum(1) > 0).sum())
-    largest = _load(_coco_json(coco128), classes="dog,cat", label_mode="largest")
-    assert set(largest.classes[i] for i in largest.train.labels) <= {"dog", "cat"}
+    largest = _load(_coco_json(root), classes=",".join(three[1:]), label_mode="largest")
+    assert set(largest.classes[i] for i in largest.train.labels) <= set(three[1:])
     with pytest.raises(UserError, match="zebra-ish"):
-        _load(_coco_json(coco128), classes="person,zebra-ish")
+        _load(_coco_json(root), classes=f"{three[0]},zebra-ish")
 
 
-def test_label_csv_source(coco128, tmp_path):
+def test_label_csv_source(coco, tmp_path):
+    root, _ = coco
     rows = [("a.jpg", "person|dog"), ("b.jpg", "cat"), ("missing.jpg", "dog"), ("c.jpg", "")]
-    for (name, _), f in zip(rows, sorted((coco128 / "images").glob("*.jpg"))):
+    for (name, _), f in zip(rows, sorted((root / "images").glob("*.jpg"))):
         if name != "missing.jpg":
             os.symlink(f, tmp_path / name)
     with open(tmp_path / "labels.csv", "w", newline="") as f:
@@ -199,32 +221,36 @@ def test_task_multilabel_on_class_folders(small_sample):
     assert (src.train.labels.sum(1) == 1).all() and len(src.val) > 0
 
 
-# -- a short multi-label run on coco128 ------------------------------------------------------
+# -- a short multi-label run -----------------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_coco128_multilabel_run(coco128, tmp_path):
+def test_coco_multilabel_run(coco, tmp_path):
     import imgclf
 
-    res = imgclf.train(data=str(_coco_json(coco128)), image_size=64, epochs=3, val_split=0.3, project=str(tmp_path),
+    root, facts = coco
+    res = imgclf.train(data=str(_coco_json(root)), image_size=64, epochs=3, val_split=0.3, project=str(tmp_path),
                        name="ml", progress=False, tensorboard=False, mixup=0.2)
     run = res.run_dir
     m = json.loads((run / "metrics.json").read_text())
-    assert m["task"] == "multilabel" and m["split"] == "val" and m["n"] == 38
+    n_val = len(load_source(str(_coco_json(root)), val_split=0.3, cache_dir=Path("/nonexistent")).val)
+    assert m["task"] == "multilabel" and m["split"] == "val" and m["n"] == n_val
+    assert 0.25 * facts["n_images"] <= n_val <= 0.35 * facts["n_images"]
     assert 0 < m["map"] <= 1 and 0 < m["map_micro"] <= 1
     aps = [r["ap"] for r in m["per_class"] if r["support"] > 0]
-    assert len(aps) == m["classes_with_positives"] > 10 and all(0 <= a <= 1 for a in aps)
+    assert len(aps) == m["classes_with_positives"] >= facts["min_classes_with_positives"]
+    assert all(0 <= a <= 1 for a in aps)
     assert m["map"] == pytest.approx(np.mean(aps))
     with open(run / "metrics.csv") as f:
         hist = list(csv.DictReader(f))
     assert len(hist) == 3 and all(0 < float(r["val_map"]) <= 1 for r in hist)
     meta = json.loads((run / "model.json").read_text())
-    assert meta["task"] == "multilabel" and len(meta["thresholds"]) == 80
+    assert meta["task"] == "multilabel" and len(meta["thresholds"]) == facts["n_categories"]
     assert (run / "per_class.csv").exists() and (run / "pr_curves.png").exists()
     assert res.config.monitor == "val_map"
 
     clf = imgclf.load(run)
-    img = sorted((coco128 / "images").glob("*.jpg"))[0]
+    img = sorted((root / "images").glob("*.jpg"))[0]
     p = clf.predict([img], top_k=3)[0]
     probs = clf.predict_proba(np.stack([clf.preprocess(img)]))[0]
     assert len(p["top"]) == 3
@@ -232,5 +258,5 @@ def test_coco128_multilabel_run(coco128, tmp_path):
 
     from imgclf.api import evaluate  # imgclf.evaluate is shadowed by the subpackage once it is imported
 
-    ev = evaluate(run, progress=False)  # the whole of coco128 with the run's label options
-    assert ev["task"] == "multilabel" and ev["n"] == 128 and 0 < ev["map"] <= 1
+    ev = evaluate(run, progress=False)  # the whole set with the run's label options
+    assert ev["task"] == "multilabel" and ev["n"] == facts["n_images"] and 0 < ev["map"] <= 1

@@ -126,10 +126,11 @@ def read_coco(json_path: Path, images: str | None, problems: list[str]) -> _Obje
         area = float(a.get("area") or (a["bbox"][2] * a["bbox"][3] if a.get("bbox") else 0.0))
         # A crowd region (iscrowd=1) marks a group of objects the annotators did not separate:
         # the class is present, so it counts for multi-label targets, but its area spans many
-        # objects, so in 'largest' mode it only decides the label when nothing else is annotated
-        # (negative area sorts it after every single object).
+        # objects, so in 'largest' mode it only decides the label when nothing else is annotated:
+        # mapped into (-1, 0), it sorts after every single object and still by its own size
+        # (the largest of several crowd regions wins).
         if a.get("iscrowd"):
-            area = -1.0
+            area = -1.0 / (1.0 + area)
         by_image.setdefault(a["image_id"], []).append((col[a["category_id"]], area))
     paths, objects, missing = [], [], []
     for im in data["images"]:
