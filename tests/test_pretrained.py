@@ -187,3 +187,31 @@ def test_head_and_freeze_options_are_checked(small_sample, tmp_path):
         imgclf.train(data=str(small_sample), model="fastnet", head="64", project=str(tmp_path), progress=False)
     with pytest.raises(UserError, match="--pretrained needs a timm model"):
         imgclf.train(data=str(small_sample), model="fastnet", pretrained=True, project=str(tmp_path), progress=False)
+
+
+def test_freeze_stages_keeps_the_stem_and_first_stages_pretrained(small_sample, tmp_path, capsys):
+    import imgclf
+    from imgclf.runs import load_model
+
+    res = imgclf.train(data=str(small_sample), model="efficientnet_lite0", pretrained=True, image_size=64, epochs=1,
+                       freeze_epochs=0, freeze_stages=3, backbone_lr_scale=1.0, batch_size=64, lr=3e-3,
+                       project=str(tmp_path), name="stages", progress=False, tensorboard=False, tta=False)
+    err = capsys.readouterr().err
+    assert "first 3 backbone stage(s) frozen for the whole run (up to 'blocks.2')" in err
+    model, _ = load_model(res.run_dir)
+    state = map_lite_keys(read_state_dict(_lite_file()), _lite_backbone())
+    frozen = ("conv_stem.", "bn1.", "blocks.0.", "blocks.1.", "blocks.2.")
+    moved = [k for k, v in model.backbone.state_dict().items() if not torch.equal(v, state[k])]
+    assert not [k for k in moved if k.startswith(frozen)]  # BatchNorm running statistics included
+    assert any(k.startswith("blocks.3.") and k.endswith("running_mean") for k in moved)
+    assert any(k.startswith("blocks.6.") and k.endswith("weight") for k in moved)
+
+
+def test_freeze_stages_is_checked(small_sample, tmp_path):
+    import imgclf
+
+    with pytest.raises(UserError, match="--freeze-stages needs a timm backbone with a new head"):
+        imgclf.train(data=str(small_sample), model="fastnet", freeze_stages=2, project=str(tmp_path), progress=False)
+    with pytest.raises(UserError, match=r"--freeze-stages 6: this backbone has 5 stages \(blocks.0, .*blocks.6\)"):
+        imgclf.train(data=str(small_sample), model="efficientnet_lite0", pretrained=True, image_size=32,
+                     freeze_stages=6, project=str(tmp_path), progress=False)

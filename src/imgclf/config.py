@@ -57,6 +57,8 @@ class TrainConfig(BaseModel):
     head_dropout: float = Field(0.2, ge=0, lt=1, description="dropout before each layer of that head")
     freeze_epochs: int | None = Field(None, ge=0, description="epochs training only the head before the backbone")
     backbone_lr_scale: float | None = Field(None, ge=0, description="backbone lr as a fraction of lr (pretrained: 0.1)")
+    freeze_stages: int = Field(0, ge=0, description="stem and first N backbone stages frozen for the whole run "
+                               "(cheaper fine-tuning steps)")
 
     # --- optimisation -----------------------------------------------------------------------
     epochs: float | None = Field(None, gt=0, description="training epochs (fractions allowed)")
