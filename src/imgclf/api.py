@@ -109,11 +109,49 @@ def _time_budget(cfg, t_start: float, cached: dict, *, final_eval: bool, run_dir
                       fixed_reserve=3.0 + 0.02 * cfg.time_limit, on_plan=on_plan)
 
 
+@dataclass
+class _Setup:
+    """What the phases of train() share: resolved config, data, where the run goes, processes."""
+
+    cfg: TrainConfig
+    src: DataSource
+    cached: dict[str, CachedSplit]
+    arch: str
+    size: int
+    source: Any  # models.pretrained.PretrainedInfo | None
+    run_dir: Path
+    device: torch.device
+    ddp: Any  # engine.distributed.DDP | None
+    user_epochs: float | None  # an explicit --epochs: a cap under --time-limit
+
+    @property
+    def rank(self) -> int:
+        return self.ddp.rank if self.ddp else 0
+
+    @property
+    def world(self) -> int:
+        return self.ddp.world if self.ddp else 1
+
+    @property
+    def multilabel(self) -> bool:
+        return self.src.task == "multilabel"
+
+    @property
+    def ram_budget(self) -> int | None:
+        budget = int(self.cfg.ram_budget * 2**30) if self.cfg.ram_budget is not None else None
+        if self.ddp:  # the budget is per machine: each local process keeps its own resident copy
+            budget = (budget if budget is not None else default_ram_budget()) // self.ddp.local_world
+        return budget
+
+
 def train(config: str | Path | None = None, *, resume: str | Path | None = None, callbacks=None,
           final_eval: bool = True, **options: Any) -> TrainResult:
     """Train a model; every CLI option is a keyword here (``imgclf.train(data='photos/', epochs=5)``).
 
-    ``final_eval=False`` skips the closing test evaluation (sweep trials are judged on val)."""
+    ``final_eval=False`` skips the closing test evaluation (sweep trials are judged on val).
+
+    Three phases: data (source, cache, recipe, run folder), model and trainer, and after
+    training the model file, calibration, test evaluation and report."""
     log.reset()
     t_start = time.perf_counter()
     started = time.time()
@@ -134,7 +172,6 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
         return distributed.spawn_train(cfg.devices, device, config=config, resume=resume, callbacks=callbacks,
                                        options={**options, "final_eval": final_eval}, started=started)
     ddp = distributed.setup(device)  # None unless under torchrun or spawned by --devices
-    rank, world = (ddp.rank, ddp.world) if ddp else (0, 1)
     if ddp:
         device = ddp.device
         log.quiet = not ddp.is_main
@@ -142,30 +179,47 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
             raise UserError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU kernel): drop it on CPU")
     seed_everything(cfg.seed)
     torch.set_float32_matmul_precision("high")
+    s = _prepare_data(cfg, run_dir, device, ddp)
+    model, trainer, budget_cb, extra = _build_trainer(s, resume=resume, callbacks=callbacks, final_eval=final_eval,
+                                                      t_start=t_start, started=started)
+    history = trainer.fit()
+    if ddp and not ddp.is_main:  # rank 0 alone writes the model, evaluates and reports
+        ddp.close()
+        return TrainResult(s.run_dir, history, config=s.cfg)
+    if trainer.stop:
+        log.info(trainer.stop)
+    if budget_cb and budget_cb.active:
+        log.info(f"time limit {s.cfg.time_limit:g}s: trained {s.cfg.epochs:.1f} epochs, "
+                 f"{time.perf_counter() - t_start:.0f}s so far")
+    result = _finish(s, model, trainer, history, extra, final_eval=final_eval, t_start=t_start)
+    if ddp:
+        ddp.close()
+    return result
+
+
+def _prepare_data(cfg: TrainConfig, run_dir: Path | None, device: torch.device, ddp) -> _Setup:
+    """Read the source, decode it into the cache, resolve the recipe and make the run folder."""
+    from imgclf.engine import distributed
+    from imgclf.models import pretrained
+
+    rank, world = (ddp.rank, ddp.world) if ddp else (0, 1)
     root = cache_root(cfg.cache_dir)
-
     distributed.main_first_begin(ddp)  # rank 0 reads the source and builds the cache; the others then open it
-
     src = load_source(cfg.data, val_data=cfg.val_data, test_data=cfg.test_data, val_split=cfg.val_split,
                       split_seed=cfg.split_seed, csv_layout=cfg.csv_layout, label_column=cfg.label_column,
                       cache_dir=root, task=cfg.task, label_mode=cfg.label_mode, classes=cfg.classes,
                       images=cfg.images, keep_empty=cfg.keep_empty)
     for p in src.problems:
         log.warn(p)
-    multilabel = src.task == "multilabel"
     arch = resolve_name(cfg.model)
     native = src.train.images.shape[1] if src.train.images is not None else None
-    from imgclf.models import head as transfer
-    from imgclf.models import pretrained
-
     source = pretrained.plan(arch, cfg.weights, cfg.pretrained)  # pretrained weights: input size, mean/std
     size = cfg.image_size or (source.input_size if source else 0) or recipe.auto_image_size(src.train.paths, native)
     cached = _cache_splits(src, size, cfg.resize, root, cfg.workers, cfg.progress)
     distributed.main_first_end(ddp)
-    n_train = len(cached["train"])
-    user_epochs = cfg.epochs if "epochs" in cfg.model_fields_set else None  # a cap under --time-limit
-    cfg = recipe.resolve(cfg, n_train=n_train, image_size=size, arch=arch)
-    if multilabel and "monitor" not in cfg.model_fields_set:
+    user_epochs = cfg.epochs if "epochs" in cfg.model_fields_set else None
+    cfg = recipe.resolve(cfg, n_train=len(cached["train"]), image_size=size, arch=arch)
+    if src.task == "multilabel" and "monitor" not in cfg.model_fields_set:
         cfg.monitor = "val_map"  # label accuracy rewards predicting nothing on sparse labels
     if cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size} is the global batch and must divide by the {world} processes")
@@ -182,22 +236,31 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
         from imgclf.data.checks import check_for_training
 
         check_for_training(src, cached, run_dir)  # one or two lines and RUN/check.json; never fails the run
+    return _Setup(cfg, src, cached, arch, size, source, run_dir, device, ddp, user_epochs)
 
+
+def _build_trainer(s: _Setup, *, resume, callbacks, final_eval: bool, t_start: float, started: float):
+    """The model (pretrained weights, head, freezing), loaders, augmentation, time budget and the
+    Trainer, restored from the checkpoint on --resume. Returns (model, trainer, time budget
+    callback or None, what _finish needs: mean, std, arch_args)."""
+    from imgclf.engine import distributed
+    from imgclf.engine.losses import imbalance_setup
+    from imgclf.models import head as transfer
+
+    cfg, cached, device, ddp, rank, world = s.cfg, s.cached, s.device, s.ddp, s.rank, s.world
+    arch, size, source = s.arch, s.size, s.source
     mean, std = (source.mean, source.std) if source and source.mean else default_normalization(arch)
     if mean is None:
         mean, std = channel_stats(cached["train"])
     arch_args = arch_args_for_record(arch, size, {**transfer.transfer_arch_args(arch, cfg, source), **cfg.model_args})
-    model = build_model(arch, len(src.classes), size, arch_args)
+    model = build_model(arch, len(s.src.classes), size, arch_args)
     transfer_callbacks = transfer.setup_transfer(model, arch, cfg, source, load_weights=resume is None)
-    budget = int(cfg.ram_budget * 2**30) if cfg.ram_budget is not None else None
-    if ddp:  # the budget is per machine: each local process keeps its own resident copy
-        budget = (budget if budget is not None else default_ram_budget()) // ddp.local_world
-    from imgclf.engine.losses import imbalance_setup
-
-    loss_fn, class_weights, sampler = imbalance_setup(cfg, src.classes, np.asarray(cached["train"].labels),
-                                                      multilabel, device)
+    budget = s.ram_budget
+    loss_fn, class_weights, sampler = imbalance_setup(cfg, s.src.classes, np.asarray(cached["train"].labels),
+                                                      s.multilabel, device)
     # The recipe's lr is for the global batch_size; each rank takes an equal share of every
     # global batch (BatchLoader's rank/world shards), so no lr rescaling is applied here.
+    n_train = len(cached["train"])
     train_loader = BatchLoader(cached["train"], cfg.batch_size // world, device, shuffle=True, rank=rank, world=world,
                                drop_last=n_train >= 4 * cfg.batch_size, seed=cfg.seed, ram_budget=budget,
                                sampler=sampler)
@@ -219,85 +282,86 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
     prepare_cpu_training(model, device)
     spec = AugmentSpec(flip=cfg.flip, translate=cfg.translate or 0, rotate=cfg.rotate, zoom=cfg.zoom, shift=cfg.shift,
                        cutout=cfg.cutout, mixup=cfg.mixup, cutmix=cfg.cutmix)
-    augment = BatchAugment(spec, normalize, len(src.classes), multilabel=multilabel)
+    augment = BatchAugment(spec, normalize, len(s.src.classes), multilabel=s.multilabel)
     if cfg.lr == "auto":
         from imgclf.engine.lr_find import lr_for_training
 
-        cfg.lr = lr_for_training(model, cfg, train_loader, augment, device, loss_fn, class_weights, multilabel,
-                                 run_dir if rank == 0 else None, world)
+        cfg.lr = lr_for_training(model, cfg, train_loader, augment, device, loss_fn, class_weights, s.multilabel,
+                                 s.run_dir if rank == 0 else None, world)
         if rank == 0:
-            dump_yaml(cfg, run_dir / "config.yaml")
-    budget_cb = []
+            dump_yaml(cfg, s.run_dir / "config.yaml")
+    budget_cb = None
     if cfg.time_limit and resume is None:
         # a spawned rank's budget began at the parent's train() call (passed in the environment)
         began = t_start - max(0.0, started - float(os.environ.get("IMGCLF_TRAIN_STARTED", started)))
-        budget_cb = [_time_budget(cfg, began, cached, final_eval=final_eval,
-                                  run_dir=run_dir if rank == 0 else None, multilabel=multilabel)]
+        budget_cb = _time_budget(cfg, began, cached, final_eval=final_eval, run_dir=s.run_dir if rank == 0 else None,
+                                 multilabel=s.multilabel)
     elif cfg.time_limit:  # inert, but in the same callback slot as when the checkpoint was written
         from imgclf.engine.callbacks import TimeBudget
 
-        budget_cb = [TimeBudget(None)]
+        budget_cb = TimeBudget(None)
         log.info("time limit: the resumed run keeps the length planned before it stopped")
-    trainer = Trainer(model, cfg, train_loader, val_loader, augment, normalize, device, run_dir=run_dir,
-                      callbacks=budget_cb + list(callbacks or []) + transfer_callbacks, flip_mode=recipe.flip_mode(cfg), multilabel=multilabel,
+    trainer = Trainer(model, cfg, train_loader, val_loader, augment, normalize, device, run_dir=s.run_dir,
+                      callbacks=([budget_cb] if budget_cb else []) + list(callbacks or []) + transfer_callbacks,
+                      flip_mode=recipe.flip_mode(cfg), multilabel=s.multilabel,
                       class_weights=class_weights, loss_fn=loss_fn, is_main=rank == 0,
                       ddp_model=distributed.wrap(model, ddp, cfg.sync_bn) if ddp else None,
                       reduce=ddp.reduce if ddp else None)
-    if budget_cb and budget_cb[0].active and user_epochs is not None:
-        budget_cb[0].max_steps = trainer.total_steps  # an explicit --epochs caps the planned length
+    if budget_cb and budget_cb.active and s.user_epochs is not None:
+        budget_cb.max_steps = trainer.total_steps  # an explicit --epochs caps the planned length
     if resume is not None:
-        trainer.load_checkpoint(run_dir / "last.pt")
+        trainer.load_checkpoint(s.run_dir / "last.pt")
         if cfg.time_limit and rank == 0:  # the plan of the checkpoint, which a later re-plan may have overtaken
-            dump_yaml(cfg, run_dir / "config.yaml")
+            dump_yaml(cfg, s.run_dir / "config.yaml")
         log.info(f"resuming at epoch {trainer.epoch + 1} (step {trainer.step}/{trainer.total_steps})")
-    length = f"{cfg.epochs:g} epochs" if not (budget_cb and budget_cb[0].active) else f"time limit {cfg.time_limit:g}s (length planned after the first timed steps)"
+    length = f"{cfg.epochs:g} epochs" if not (budget_cb and budget_cb.active) else \
+        f"time limit {cfg.time_limit:g}s (length planned after the first timed steps)"
     log.info(f"model {arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
              f"{length} x {trainer.steps_per_epoch} steps of {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr:.3g}, "
              f"{device.type} {trainer.precision.dtype or 'fp32'}")
-    history = trainer.fit()
-    if ddp and not ddp.is_main:  # rank 0 alone writes the model, evaluates and reports
-        ddp.close()
-        return TrainResult(run_dir, history, config=cfg)
-    if trainer.stop:
-        log.info(trainer.stop)
-    if budget_cb and budget_cb[0].active:
-        log.info(f"time limit {cfg.time_limit:g}s: trained {cfg.epochs:.1f} epochs, "
-                 f"{time.perf_counter() - t_start:.0f}s so far")
+    return model, trainer, budget_cb, {"mean": mean, "std": std, "arch_args": arch_args}
+
+
+def _finish(s: _Setup, model, trainer: Trainer, history: list[dict], extra: dict, *, final_eval: bool,
+            t_start: float) -> TrainResult:
+    """After training (rank 0): the best or final weights into model.safetensors + model.json,
+    thresholds or temperature from val, the closing evaluation, plots, summary and report."""
+    cfg, cached, device, run_dir = s.cfg, s.cached, s.device, s.run_dir
     used = "final"
-    if val_loader is not None and trainer.best_epoch is not None and (run_dir / "best.safetensors").exists() \
-            and trainer.best_epoch != trainer.epoch:
+    if trainer.val_loader is not None and trainer.best_epoch is not None \
+            and (run_dir / "best.safetensors").exists() and trainer.best_epoch != trainer.epoch:
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(str(run_dir / "best.safetensors"), device=str(device)))
         used = f"best ({cfg.monitor} at epoch {trainer.best_epoch})"
     meta = {
-        "architecture": arch, "arch_args": arch_args, "classes": src.classes, "task": src.task,
-        "image_size": size, "resize": cfg.resize, "mean": list(mean), "std": list(std),
+        "architecture": s.arch, "arch_args": extra["arch_args"], "classes": s.src.classes, "task": s.src.task,
+        "image_size": s.size, "resize": cfg.resize, "mean": list(extra["mean"]), "std": list(extra["std"]),
         "tta_level": recipe.tta_level(cfg), "temperature": 1.0, "thresholds": None,
         "weights": "model.safetensors", "weights_from": used, "epochs_trained": trainer.epoch,
-        "data": src.origin, "imgclf_version": _version(),
-        "weights_source": source.source if source else None,
+        "data": s.src.origin, "imgclf_version": _version(),
+        "weights_source": s.source.source if s.source else None,
     }
-    if multilabel and val_loader is not None:
+    if s.multilabel and trainer.val_loader is not None:
         from imgclf.evaluate.inference import logits_for_loader
         from imgclf.evaluate.multilabel_metrics import tune_thresholds
 
-        val_logits, val_labels = logits_for_loader(model, val_loader, normalize, trainer.precision, device,
-                                                   tta_level=meta["tta_level"])
+        val_logits, val_labels = logits_for_loader(model, trainer.val_loader, trainer.normalize, trainer.precision,
+                                                   device, tta_level=meta["tta_level"])
         meta["thresholds"] = [round(float(t), 6) for t in
                               tune_thresholds(torch.sigmoid(val_logits).numpy(), val_labels.numpy())]
     write_model(run_dir, model, meta)
     train_seconds = time.perf_counter() - t_start
     result = TrainResult(run_dir, history, config=cfg)
-    if "val" in cached and not multilabel:  # temperature scaling, stored in model.json for predict
+    if "val" in cached and not s.multilabel:  # temperature scaling, stored in model.json for predict
         from imgclf.evaluate.calibrate import calibrate_model
 
         meta = calibrate_model(run_dir, model, meta, cached["val"], device, cfg.precision)
     eval_split = "test" if "test" in cached else ("val" if "val" in cached else None)
     if eval_split and final_eval:
-        result.test = _evaluate_cached(model, meta, cached[eval_split], src.classes, device, cfg.precision,
-                                       run_dir, split=eval_split, tta_level=meta["tta_level"], ram_budget=budget)
-    _write_plots(run_dir, history, arch, src.name)
+        result.test = _evaluate_cached(model, meta, cached[eval_split], s.src.classes, device, cfg.precision,
+                                       run_dir, split=eval_split, tta_level=meta["tta_level"], ram_budget=s.ram_budget)
+    _write_plots(run_dir, history, s.arch, s.src.name)
     summary = {"train_seconds": round(train_seconds, 1), "weights": used, "epochs": trainer.epoch}
     if result.test:
         summary.update({k: result.test[k] for k in result.test
@@ -308,15 +372,13 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
             from imgclf.evaluate.report import write_report
 
             write_report(run_dir, model=model, meta=meta, cached=cached, device=device,
-                         paths={k: s.paths for k, s in src.splits().items()})
+                         paths={k: sp.paths for k, sp in s.src.splits().items()})
         except Exception as e:  # noqa: BLE001
             log.warn(f"report not written ({type(e).__name__}: {e}); retry with 'imgclf report {run_dir}'")
-    if result.test and multilabel:
+    if result.test and s.multilabel:
         log.info(f"{eval_split} mAP {result.test['map']:.4f} (micro {result.test['map_micro']:.4f}); results in {run_dir}")
     elif result.test:
         log.info(f"{eval_split} top-1 {result.test['top1']:.4f} (tta {meta['tta_level']}); results in {run_dir}")
-    if ddp:
-        ddp.close()
     return result
 
 
