@@ -80,16 +80,21 @@ def _make_run_dir(cfg: TrainConfig, data_name: str, arch: str) -> Path:
     return run
 
 
-def _time_budget(cfg, t_start: float, cached: dict, *, final_eval: bool, run_dir, multilabel: bool):
-    """The --time-limit callback: what has to fit after training is the closing evaluation (test
-    split with its TTA views, calibration or threshold passes on val) plus a margin for writing
-    the model, plots and report."""
+def _time_budget(cfg, t_start: float, cached: dict, *, final_eval: bool, run_dir, multilabel: bool, size: int):
+    """The --time-limit callback: what has to fit after training is every forward pass that
+    follows it (the test split with its TTA views; threshold tuning (multi-label, with views)
+    or temperature calibration on val; the report's per-image sections on up to 2000 train
+    and test images each) plus a margin for writing the model, plots and report."""
     from imgclf.engine.callbacks import TimeBudget
+    from imgclf.evaluate.report import SAMPLE_LIMIT
 
     n_val = len(cached["val"]) if "val" in cached else 0
     views = len(tta_views(torch.zeros(1, 3, 4, 4), recipe.tta_level(cfg)))
     eval_split = "test" if "test" in cached else ("val" if "val" in cached else None)
-    eval_images = (len(cached[eval_split]) * views if eval_split and final_eval else 0) + n_val * (views if multilabel else 1)
+    n_eval = len(cached[eval_split]) if eval_split and final_eval else 0
+    after = n_eval * views + n_val * (views if multilabel else 1)
+    if final_eval and not multilabel:  # the report's top losses, confused pairs and Grad-CAM
+        after += min(SAMPLE_LIMIT, len(cached["train"])) + min(SAMPLE_LIMIT, n_eval)
 
     def on_plan(t, before, stopped=False):  # the plan and big corrections are printed; all go to config.yaml
         if t.is_main and not stopped and (before is None or abs(t.total_steps - before) > 0.25 * before):
@@ -105,8 +110,8 @@ def _time_budget(cfg, t_start: float, cached: dict, *, final_eval: bool, run_dir
             dump_yaml(cfg, run_dir / "config.yaml")  # the planned epochs: a repeat runs the same length
 
     # margin: 2% of the budget + 3 s for the model file, plots and the HTML report
-    return TimeBudget(t_start + cfg.time_limit, eval_images=eval_images, val_images=n_val,
-                      fixed_reserve=3.0 + 0.02 * cfg.time_limit, on_plan=on_plan)
+    return TimeBudget(t_start + cfg.time_limit, eval_images=after, val_images=n_val,
+                      fixed_reserve=3.0 + 0.02 * cfg.time_limit, input_shape=(3, size, size), on_plan=on_plan)
 
 
 @dataclass
@@ -295,7 +300,7 @@ def _build_trainer(s: _Setup, *, resume, callbacks, final_eval: bool, t_start: f
         # a spawned rank's budget began at the parent's train() call (passed in the environment)
         began = t_start - max(0.0, started - float(os.environ.get("IMGCLF_TRAIN_STARTED", started)))
         budget_cb = _time_budget(cfg, began, cached, final_eval=final_eval, run_dir=s.run_dir if rank == 0 else None,
-                                 multilabel=s.multilabel)
+                                 multilabel=s.multilabel, size=size)
     elif cfg.time_limit:  # inert, but in the same callback slot as when the checkpoint was written
         from imgclf.engine.callbacks import TimeBudget
 
