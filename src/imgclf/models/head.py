@@ -43,7 +43,7 @@ class HeadedNet(nn.Module):
         self.backbone_frozen = False
         self.backbone_lr_scale = 1.0
         self.frozen_stages = 0
-        self._stage_frozen: list[nn.Module] = []  # leaf modules of the always-frozen first stages
+        self._stage_frozen: list[nn.Module] = []  # the modules of the always-frozen first stages
 
     def forward(self, x):
         return self.head(self.backbone(x))
@@ -187,6 +187,6 @@ def setup_transfer(model: nn.Module, arch: str, cfg, source, *, load_weights: bo
     head_n = sum(p.numel() for p in model.head.parameters())
     if freeze:
         log.info(f"backbone frozen for {freeze} epoch(s): training {head_n:,} of {total:,} parameters (the head), "
-                 f"then all at backbone lr x{model.backbone_lr_scale:g}")
+                 f"then {'the unfrozen stages' if cfg.freeze_stages else 'all'} at backbone lr x{model.backbone_lr_scale:g}")
         return [FreezeBackbone(freeze)]
     return []
