@@ -9,7 +9,9 @@ torch.compile warm-up (reported separately). Prints one JSON line.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import statistics
 import tarfile
 import tempfile
@@ -30,10 +32,13 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--epochs", type=float, default=None)
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--keep", action="store_true", help="keep the temporary data, caches and runs")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/cifar10_gpu.py needs a CUDA GPU (use benchmarks/cifar10_cpu.py on a CPU)")
     tmp = Path(tempfile.mkdtemp(prefix="imgclf-gpu-"))
+    if not args.keep:  # each run leaves up to GBs of decoded cache behind: removed at exit
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     data = Path(args.data) if args.data else None
     if data is None:
         with tarfile.open(TARBALL) as tf:

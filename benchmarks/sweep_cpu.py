@@ -13,10 +13,12 @@ clock starts, so both modes pay only for training.
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime as dt
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -77,8 +79,11 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=1200, help="seconds per mode (default 20 minutes)")
     p.add_argument("--data", help="folder with train/ and test/ (default: extract the shared tarball)")
     p.add_argument("--study", default=str(STUDY), help="study YAML (default: the example)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary data, caches and runs")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="imgclf-sweep-bench-"))
+    if not args.keep:  # each run leaves up to GBs of decoded cache behind: removed at exit
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     data = Path(args.data) if args.data else None
     if data is None:
         with tarfile.open(TARBALL) as tf:

@@ -24,10 +24,12 @@ Measured there, 900-s budget, batch 64, by backbone lr: x0.3 88.3% (877.6 s, 3.6
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import json
 import os
 import platform
+import shutil
 import tarfile
 import tempfile
 import time
@@ -120,6 +122,7 @@ def main() -> None:
     p.add_argument("--measure", help="comma-separated input sizes: print images/s per size and exit")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more imgclf.train options")
+    p.add_argument("--keep", action="store_true", help="keep the temporary data, caches and runs")
     args = p.parse_args()
     info = {"benchmark": "transfer_cpu", "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
@@ -135,6 +138,8 @@ def main() -> None:
         except json.JSONDecodeError:
             extra[k] = v
     tmp = Path(tempfile.mkdtemp(prefix="imgclf-transfer-"))
+    if not args.keep:  # each run leaves up to GBs of decoded cache behind: removed at exit
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     data = Path(args.data) if args.data else None
     if data is None:
         t = time.perf_counter()
