@@ -168,7 +168,7 @@ class TimeBudget(Callback):
         # 96 px is 2.3x slower than one of 64 (activations outgrow the caches)
         c, h, w = self.input_shape
         x = torch.zeros(auto_batch_size((h, w, c)), c, h, w, device=t.device)
-        if t.cfg.channels_last and x.ndim == 4:
+        if t.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         model.eval()
         try:
@@ -206,8 +206,9 @@ class TimeBudget(Callback):
         return True
 
     def _plan(self, t, now: float, tolerance: float) -> None:
-        if self.infer_s is None:
+        if self.infer_s is None and self.input_shape is not None:
             self._measure_inference(t)
+            now = time.perf_counter()  # the measurement's own time is spent too
         gap = self.gap_s
         if gap is None:  # not measured yet: a validation pass
             gap = self.val_images * self._per_image(t)

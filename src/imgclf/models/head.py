@@ -42,7 +42,6 @@ class HeadedNet(nn.Module):
         self.head = nn.Sequential(*layers)
         self.backbone_frozen = False
         self.backbone_lr_scale = 1.0
-        self.frozen_stages = 0
         self._stage_frozen: list[nn.Module] = []  # the modules of the always-frozen first stages
 
     def forward(self, x):
@@ -67,7 +66,6 @@ class HeadedNet(nn.Module):
         96 px: ~1.8x the images/s with 3 of 5 frozen) at a small cost in accuracy.
         """
         n = int(n or 0)
-        self.frozen_stages = n
         self._stage_frozen = []
         if n > 0:
             info = getattr(self.backbone, "feature_info", None)
