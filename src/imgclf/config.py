@@ -22,7 +22,7 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
     # --- data -------------------------------------------------------------------------------
-    data: str = Field(..., description="class-folder tree, CIFAR pickle dir, 'cifar10'/'cifar100', or pixel CSV")
+    data: str = Field(..., description="class-folder tree (or a .zip/.tar.gz of one), CIFAR pickle dir, 'cifar10'/'cifar100', or pixel CSV")
     val_data: str | None = Field(None, description="separate validation data (else a val/ folder or --val-split)")
     test_data: str | None = Field(None, description="separate test data (else a test/ folder, or a CIFAR test batch)")
     val_split: float = Field(0.1, ge=0.0, lt=1.0, description="fraction of train held out when there is no val split")

@@ -133,7 +133,7 @@ class _Items:
 def _items(source: DataSource, cached: dict[str, CachedSplit]) -> _Items:
     splits = source.splits()
     names = [n for n in SPLIT_ORDER if n in cached and n in splits]
-    return _Items(names, [cached[n] for n in names], [splits[n] for n in names], source.origin)
+    return _Items(names, [cached[n] for n in names], [splits[n] for n in names], source.root or source.origin)
 
 
 # ---------------------------------------------------------------------------------------------

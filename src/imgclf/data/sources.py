@@ -48,6 +48,7 @@ class DataSource:
     test: Split | None = None
     task: str = "single"  # "single" | "multilabel"
     problems: list[str] = field(default_factory=list)  # one line each, reported once
+    root: str | None = None  # the folder image paths live under when it is not origin (an archive's)
 
     def splits(self) -> dict[str, Split]:
         return {k: v for k, v in (("train", self.train), ("val", self.val), ("test", self.test)) if v is not None}
@@ -135,7 +136,9 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
 
 
 def _data_name(path: Path) -> str:
-    name = path.stem if path.is_file() else path.name
+    from imgclf.data.archives import archive_stem
+
+    name = archive_stem(path) if path.is_file() else path.name
     if name in ("train", "data", "images", "") and path.parent.name:
         name = path.parent.name
     return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in name) or "data"
@@ -150,7 +153,7 @@ def _from_arrays(ds, origin: str, name: str) -> DataSource:
 
 
 def _load_one(spec: str, *, csv_layout: str, label_column: str, cache_dir: Path, classes=None, ml=None) -> DataSource:
-    from imgclf.data import arrays, multilabel
+    from imgclf.data import archives, arrays, multilabel
 
     if spec.lower() in ("cifar10", "cifar-10", "cifar100", "cifar-100"):
         which = "cifar100" if "100" in spec else "cifar10"
@@ -159,6 +162,11 @@ def _load_one(spec: str, *, csv_layout: str, label_column: str, cache_dir: Path,
     path = Path(spec).expanduser()
     if not path.exists():
         raise UserError(f"--data {spec}: no such file or folder")
+    if path.is_file() and archives.archive_suffix(path):
+        src = _load_one(str(archives.extract_archive(path, cache_dir)), csv_layout=csv_layout,
+                        label_column=label_column, cache_dir=cache_dir, classes=classes, ml=ml)
+        src.name, src.origin, src.root = _data_name(path), str(path), src.origin
+        return src
     kind = multilabel.detect(path)  # COCO JSON, YOLO images/+labels/, CSV of path,label1|label2
     if kind is not None:
         return multilabel.load(path, kind, ml or multilabel.Options(), classes)
@@ -166,7 +174,7 @@ def _load_one(spec: str, *, csv_layout: str, label_column: str, cache_dir: Path,
         if path.suffix.lower() == ".csv":
             ds = arrays.read_pixel_csv(path, label_column=label_column, layout=csv_layout, classes=classes)
             return _from_arrays(ds, str(path), _data_name(path))
-        raise UserError(f"--data {spec}: unsupported file type '{path.suffix}' (expected a folder, a .csv, or cifar10)")
+        raise UserError(f"--data {spec}: unsupported file type '{path.suffix}' (expected a folder, a .csv, an archive (.zip, .tar.gz, ...), or cifar10)")
     if arrays.is_cifar_dir(path):
         return _from_arrays(arrays.read_cifar(path), str(path), _data_name(path))
     train_dir = path / "train" if (path / "train").is_dir() else None

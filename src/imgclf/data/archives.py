@@ -1,0 +1,116 @@
+"""``--data photos.zip`` / ``cifar10-jpeg.tar.gz``: an archive is extracted once into the cache
+and then read like the folder it contains.
+
+Data sets mostly arrive as archives (Kaggle zips, tarballs), and "extract it first" is one more
+step where a half-extracted folder silently trains on part of the data. Here the extraction goes
+to a temporary folder that is renamed into place only when complete, keyed by the archive's
+path, size and modification time, so a later run (or a changed archive) never sees a partial or
+stale copy. Member paths are sanitised by the standard library: tarfile's ``data`` filter
+refuses absolute paths, ``..``, links out of the tree and device files; zipfile strips them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import lzma
+import os
+import shutil
+import tarfile
+import tempfile
+import zipfile
+import zlib
+from pathlib import Path
+
+from imgclf import log
+from imgclf.errors import UserError
+
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+_JUNK = ("__MACOSX",)  # resource forks that macOS's zip tool adds next to the real top folder
+
+
+def archive_suffix(path: Path) -> str | None:
+    name = path.name.lower()
+    return next((s for s in sorted(ARCHIVE_SUFFIXES, key=len, reverse=True) if name.endswith(s)), None)
+
+
+def archive_stem(path: Path) -> str:
+    suffix = archive_suffix(path)
+    return path.name[: -len(suffix)] if suffix else path.stem
+
+
+def _key(path: Path) -> str:
+    st = path.stat()
+    ident = f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def _content_root(folder: Path) -> Path:
+    """An archive that wraps everything in one top folder (``coco128/...``) is read from it."""
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".") and p.name not in _JUNK]
+    if len(entries) == 1 and entries[0].is_dir():
+        return _content_root(entries[0])
+    return folder
+
+
+def _extract(path: Path, dest: Path) -> None:
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+            if bad is not None:
+                raise UserError(f"--data {path}: the archive is corrupt (bad CRC in {bad})")
+            zf.extractall(dest)
+        return
+    with tarfile.open(path) as tf:
+        tf.extractall(dest, filter="data")
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, tarfile.ReadError) and "opened successfully" in str(e):
+        return "neither zip nor tar, or damaged at its start"
+    if isinstance(e, tarfile.FilterError):
+        return f"unsafe member refused: {str(e).splitlines()[0]}"
+    first = str(e).splitlines()[0].rstrip(":") if str(e) else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _remove_stale(parent: Path, older_than_s: float = 3600.0) -> None:
+    """Folders left by an extraction that was killed (an hour old: not one still running)."""
+    import time
+
+    for p in parent.glob(".extract-*"):
+        try:
+            if time.time() - p.stat().st_mtime > older_than_s:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def extract_archive(path: Path, cache_dir: Path) -> Path:
+    """The folder holding ``path``'s contents, extracting it on first use."""
+    target = cache_dir / "archives" / f"{archive_stem(path)}-{_key(path)}"
+    if target.is_dir():
+        return _content_root(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(target.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=target.parent))
+    log.info(f"extracting {path} into {target} (once; later runs reuse it)")
+    try:
+        _extract(path, tmp)
+    except UserError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, OSError, ValueError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno is not None:  # disk full, permissions: not the archive's fault
+            raise UserError(f"--data {path}: cannot extract into {target.parent}: {e.strerror}") from e
+        raise UserError(f"--data {path}: not a readable archive ({_why(e)})") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        os.replace(tmp, target)  # atomic: a killed extraction never looks complete
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not target.is_dir():  # else another process finished the same archive first
+            raise
+    return _content_root(target)

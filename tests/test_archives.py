@@ -1,0 +1,118 @@
+"""--data accepts .zip and .tar.* archives: extracted once into the cache, then read as a folder."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import imgclf
+from imgclf.data.sources import load_source
+from imgclf.errors import UserError
+
+
+def _tar(src: Path, out: Path, arcroot: str = "") -> Path:
+    with tarfile.open(out, "w:gz") as tf:
+        for split in ("train", "test"):
+            tf.add(src / split, arcname=f"{arcroot}{split}")
+    return out
+
+
+def _zip(src: Path, out: Path, arcroot: str = "", junk: bool = False) -> Path:
+    with zipfile.ZipFile(out, "w") as zf:
+        for f in sorted(src.rglob("*.jpg")):
+            zf.write(f, arcname=f"{arcroot}{f.relative_to(src).as_posix()}")
+        if junk:  # what macOS's "Compress" adds beside the real top folder
+            zf.writestr(f"__MACOSX/{arcroot}._train", b"\x00\x05\x16\x07")
+    return out
+
+
+def _signature(src) -> tuple:
+    return (src.classes, len(src.train), len(src.test),
+            sorted(os.path.relpath(p, src.root or src.origin) for p in src.train.paths))
+
+
+def test_tar_and_zip_read_like_the_folder(small_sample, tmp_path):
+    cache = tmp_path / "cache"
+    folder = load_source(str(small_sample), val_split=0.0, cache_dir=cache)
+    tgz = load_source(str(_tar(small_sample, tmp_path / "cifar-small.tar.gz")), val_split=0.0, cache_dir=cache)
+    # one wrapping folder, plus macOS junk beside it: still read from the wrapping folder
+    zp = load_source(str(_zip(small_sample, tmp_path / "Photos.zip", arcroot="photos/", junk=True)),
+                     val_split=0.0, cache_dir=cache)
+    assert _signature(tgz) == _signature(folder) == _signature(zp)
+    assert (len(folder.train), len(folder.test)) == (400, 100)
+    assert tgz.name == "cifar-small" and zp.name == "Photos"
+    assert tgz.origin == str(tmp_path / "cifar-small.tar.gz")  # what the user pointed at is recorded
+    assert Path(zp.train.paths[0]).is_file() and str(cache / "archives") in zp.train.paths[0]
+
+
+def test_extracted_once_and_again_when_the_archive_changes(small_sample, tmp_path):
+    cache = tmp_path / "cache"
+    arc = _tar(small_sample, tmp_path / "d.tar.gz")
+    first = load_source(str(arc), val_split=0.0, cache_dir=cache)
+    marker = Path(first.root) / "train" / "marker.txt"
+    marker.write_text("kept")  # a re-extraction would lose it
+    again = load_source(str(arc), val_split=0.0, cache_dir=cache)
+    assert again.root == first.root and marker.exists()
+    os.utime(arc, ns=(arc.stat().st_atime_ns, arc.stat().st_mtime_ns + 10**9))  # a new download
+    changed = load_source(str(arc), val_split=0.0, cache_dir=cache)
+    assert changed.root != first.root and not (Path(changed.root) / "train" / "marker.txt").exists()
+    assert not list((cache / "archives").glob(".extract-*"))  # nothing half-done left behind
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "bad_crc"])
+def test_broken_archive_is_one_clear_error_and_leaves_nothing(small_sample, tmp_path, damage):
+    cache = tmp_path / "cache"
+    if damage == "bad_crc":
+        arc = _zip(small_sample, tmp_path / "d.zip")
+        data = bytearray(arc.read_bytes())
+        with zipfile.ZipFile(arc) as zf:
+            info = zf.infolist()[3]
+        start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+        data[start + 100] ^= 0xFF  # flip a byte inside a stored member's data
+        arc.write_bytes(bytes(data))
+    else:
+        arc = _tar(small_sample, tmp_path / "d.tar.gz")
+        data = arc.read_bytes()
+        arc.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not an archive" * 100)
+    with pytest.raises(UserError) as e:
+        load_source(str(arc), val_split=0.0, cache_dir=cache)
+    msg = str(e.value)
+    assert "\n" not in msg and str(arc) in msg
+    assert "corrupt" in msg or "not a readable archive" in msg
+    left = list((cache / "archives").iterdir()) if (cache / "archives").exists() else []
+    assert left == []  # no partial folder that a later run could mistake for the data
+
+
+def test_members_escaping_the_folder_are_refused(tmp_path, small_sample):
+    arc = tmp_path / "evil.tar"
+    with tarfile.open(arc, "w") as tf:
+        tf.add(small_sample / "train", arcname="train")
+        payload = b"owned"
+        ti = tarfile.TarInfo("../../escaped.txt")
+        ti.size = len(payload)
+        tf.addfile(ti, io.BytesIO(payload))
+    cache = tmp_path / "deep" / "cache"
+    with pytest.raises(UserError, match="not a readable archive"):
+        load_source(str(arc), val_split=0.0, cache_dir=cache)
+    assert not list(tmp_path.rglob("escaped.txt"))
+
+
+def test_train_on_an_archive_end_to_end(small_sample, tmp_path):
+    arc = _zip(small_sample, tmp_path / "pets.zip")
+    res = imgclf.train(data=str(arc), epochs=1, project=str(tmp_path / "runs"), progress=False, tensorboard=False,
+                       cache_dir=str(tmp_path / "cache"))
+    assert res.run_dir.name.startswith("pets-")
+    cfg = (res.run_dir / "config.yaml").read_text()
+    assert str(arc) in cfg
+    assert res.test is not None and res.test["n"] == 100 and 0.0 <= res.test["top1"] <= 1.0
+    # evaluate takes an archive too; a copy at another path is extracted on its own
+    shutil.copy(arc, tmp_path / "copy.zip")
+    ev = imgclf.evaluate(res.run_dir, str(tmp_path / "copy.zip"), progress=False, cache_dir=str(tmp_path / "cache"))
+    assert ev["n"] == 100 and ev["top1"] == pytest.approx(res.test["top1"], abs=0.011)
+    assert len(list((tmp_path / "cache" / "archives").iterdir())) == 2
