@@ -321,8 +321,10 @@ def _build_trainer(s: _Setup, *, resume, callbacks, final_eval: bool, t_start: f
         log.info(f"resuming at epoch {trainer.epoch + 1} (step {trainer.step}/{trainer.total_steps})")
     length = f"{cfg.epochs:g} epochs" if not (budget_cb and budget_cb.active) else \
         f"time limit {cfg.time_limit:g}s (length planned after the first timed steps)"
+    opt = f"{cfg.optimizer} lr {cfg.lr:.3g}" if cfg.optimizer != "muon" else \
+        f"muon lr {cfg.muon_lr:.3g} (conv filters) + sgd lr {cfg.lr:.3g}"
     log.info(f"model {arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
-             f"{length} x {trainer.steps_per_epoch} steps of {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr:.3g}, "
+             f"{length} x {trainer.steps_per_epoch} steps of {cfg.batch_size}, {opt}, "
              f"{device.type} {trainer.precision.dtype or 'fp32'}")
     return model, trainer, budget_cb, {"mean": mean, "std": std, "arch_args": arch_args}
 

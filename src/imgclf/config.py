@@ -69,12 +69,16 @@ class TrainConfig(BaseModel):
     # The GLOBAL batch: with N processes each takes batch_size // N, so the recipe's lr (set for
     # batch_size) needs no rescaling and a run matches a 1-process run (docs/distributed.md).
     batch_size: int | None = Field(None, ge=1, description="images per step (global: split across processes)")
-    optimizer: Literal["auto", "sgd", "adam", "adamw"] = "auto"
+    optimizer: Literal["auto", "sgd", "adam", "adamw", "muon"] = Field(
+        "auto", description="muon: Muon on conv filters, Nesterov SGD (lr, momentum) on the rest (fastnet default)"
+    )
     lr: float | Literal["auto"] | None = Field(
         None, description="peak learning rate; 'auto': run the lr finder first and use its suggestion"
     )
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     nesterov: bool = Field(True, description="Nesterov momentum for SGD")
+    muon_lr: float | None = Field(None, gt=0, description="Muon's step size for conv filters (fastnet: 0.24)")
+    muon_momentum: float | None = Field(None, ge=0, lt=1, description="Muon's momentum (fastnet: 0.6)")
     beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1")
     beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2")
     eps: float = Field(1e-8, gt=0, description="Adam epsilon")

@@ -95,8 +95,8 @@ def sweep(model, cfg, loader, augment, device, loss_fn=None, *, steps: int = 200
                 if i >= steps:
                     break
                 lr = start * (end / start) ** (i / max(1, steps - 1))
-                for group in opt.param_groups:
-                    group["lr"] = group["base_lr"] * lr
+                for group in opt.param_groups:  # Muon's filter steps keep their own size: --lr is the rest's
+                    group["lr"] = group["base_lr"] * (1.0 if group.get("muon") else lr)
                 xb, target = augment(x, y, g, None)
                 with precision.autocast(device):
                     logits = model(xb)

@@ -4,7 +4,7 @@ model family, the image size and the amount of data. The result is written to co
 Why these numbers:
 - fastnet follows airbench94 (tuned for CIFAR-10 at batch 1024), expressed for a mean loss:
   lr 1.5 per 1024 images (linear scaling), coupled decay 0.00133, Nesterov momentum 0.85,
-  label smoothing 0.2, a triangular schedule (0.2 -> 1 at 23% -> 0.07), lookahead, alternating
+  with airbench94_muon's Muon (lr 0.24, momentum 0.6) on the conv filters, label smoothing 0.2, a triangular schedule (0.2 -> 1 at 23% -> 0.07), lookahead, alternating
   flips and 2-px translations. Small data sets get smaller batches and more epochs so a run
   still takes a few hundred optimizer steps.
 - plain CNNs and timm models from scratch use AdamW + cosine with warm-up, the robust choice
@@ -68,12 +68,18 @@ def resolve(cfg: TrainConfig, *, n_train: int, image_size: int, arch: str) -> Tr
         base_epochs = FASTNET_EPOCHS_50K if fast else (10.0 if pretrained else 30.0)
         c.epochs = float(min(100, max(base_epochs, math.ceil(MIN_STEPS / steps_per_epoch))))
     if c.optimizer == "auto":
-        c.optimizer = "sgd" if fast else "adamw"
-    if fast and c.optimizer == "sgd":
+        c.optimizer = "muon" if fast else "adamw"
+    if c.optimizer == "muon":
+        # airbench94_muon's values for BatchNorm'd convs whose filters Muon renormalises (FastNet,
+        # PlainCNN); Keller Jordan's general defaults otherwise
+        own = arch in ("fastnet", "plaincnn")
+        c.muon_lr = c.muon_lr if c.muon_lr is not None else (0.24 if own else 0.02)
+        c.muon_momentum = c.muon_momentum if c.muon_momentum is not None else (0.6 if own else 0.95)
+    if fast and c.optimizer in ("sgd", "muon"):
         defaults = dict(lr=1.5 * c.batch_size / 1024, weight_decay=0.00133, label_smoothing=0.2)
         if "momentum" not in cfg.model_fields_set:
             c.momentum = 0.85
-    elif c.optimizer == "sgd":
+    elif c.optimizer in ("sgd", "muon"):
         defaults = dict(lr=0.1 * c.batch_size / 256, weight_decay=5e-4, label_smoothing=0.1)
     else:  # adam / adamw
         # pretrained: this is the new head's lr; the backbone gets backbone_lr_scale (0.1) of it

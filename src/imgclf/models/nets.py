@@ -54,6 +54,8 @@ class FastNet(nn.Module):
     which is what lets this small net learn CIFAR-10 in a few epochs.
     """
 
+    muon_normalize = True  # every trained conv feeds a BatchNorm: the filter scale is free (engine/optim.Muon)
+
     def __init__(
         self,
         num_classes: int,
@@ -176,6 +178,7 @@ class PlainCNN(nn.Module):
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
         self.features = nn.Sequential(*layers)
+        self.muon_normalize = batchnorm  # conv -> BN: the filter scale is free (engine/optim.Muon)
         if head == "auto":
             head = "flatten" if size <= 8 else "avg"
         if head == "avg":
