@@ -25,6 +25,7 @@ from imgclf.engine import recipe
 from imgclf.engine.cpu_alloc import prepare_cpu_training
 from imgclf.engine.trainer import Trainer, resolve_precision, seed_everything
 from imgclf.errors import UserError
+from imgclf.evaluate.inference import auto_batch_size
 from imgclf.models.registry import arch_args_for_record, build_model, default_normalization, resolve_name
 from imgclf.runs import load_model, read_meta, resolve_device, write_model
 
@@ -271,7 +272,9 @@ def _build_trainer(s: _Setup, *, resume, callbacks, final_eval: bool, t_start: f
                                sampler=sampler)
     val_loader = None
     if "val" in cached:
-        val_loader = BatchLoader(cached["val"], max(cfg.batch_size, 256), device, shuffle=False, ram_budget=budget,
+        val_bs = max(cfg.batch_size, 256) if device.type != "cpu" else \
+            auto_batch_size(cached["val"].images.shape[1:], device=device)
+        val_loader = BatchLoader(cached["val"], val_bs, device, shuffle=False, ram_budget=budget,
                                  rank=rank, world=world)
     normalize = Normalize(mean, std, device)
     init = getattr(model, "init_from_data", None)
@@ -413,7 +416,8 @@ def _evaluate_cached(model, meta, cs: CachedSplit, classes, device, precision, o
     t0 = time.perf_counter()
     # Streams from the memory map unless the split fits the budget: `cs.images[cs.rows]` would
     # hold the whole split in RAM.
-    loader = BatchLoader(cs, 256, device, shuffle=False, ram_budget=ram_budget)
+    loader = BatchLoader(cs, auto_batch_size(cs.images.shape[1:], device=device), device, shuffle=False,
+                         ram_budget=ram_budget)
     logits, _ = logits_for_loader(model, loader, normalize, prec, device, tta_level=tta_level)
     seconds = time.perf_counter() - t0
     logits = logits / float(meta.get("temperature") or 1.0)

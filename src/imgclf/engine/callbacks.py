@@ -164,10 +164,10 @@ class TimeBudget(Callback):
 
         model = t.model
         was_training = model.training
-        # at the evaluation's own batch size: per image, a CPU forward of 256 Lite0 images at
-        # 96 px is 2.3x slower than one of 64 (activations outgrow the caches)
+        # at the evaluation's own batch size (auto_batch_size): per image, a CPU forward costs up
+        # to several times more at the wrong one
         c, h, w = self.input_shape
-        x = torch.zeros(auto_batch_size((h, w, c)), c, h, w, device=t.device)
+        x = torch.zeros(auto_batch_size((h, w, c), device=t.device), c, h, w, device=t.device)
         if t.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         model.eval()
