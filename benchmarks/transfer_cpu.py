@@ -21,6 +21,7 @@ epochs fit): PRETRAINED_SET. Measured there, 900-s budget, one run each:
 
     all stages trained, batch 64, backbone lr x0.3 / x0.6 / x1.0   88.3% / 90.1% / 90.9% (3.5 epochs)
     backbone x1.0, freeze_stages 3, batch 64                        92.1% (5.7 epochs, 889.9 s)
+      same, with cache-sized CPU evaluation batches (a370a9a)         92.0% (6.4 epochs, 880.7 s)
     backbone x1.0, freeze_stages 3, batch 128                       92.0% (6.4 epochs)
     backbone x1.0, freeze_stages 2, batch 128                       91.8% (5.1 epochs)
     backbone x1.0, freeze_stages 4, batch 64                        90.4% (9.6 epochs; train acc 96.6%)
