@@ -272,8 +272,7 @@ def _build_trainer(s: _Setup, *, resume, callbacks, final_eval: bool, t_start: f
                                sampler=sampler)
     val_loader = None
     if "val" in cached:
-        val_bs = max(cfg.batch_size, 256) if device.type != "cpu" else \
-            auto_batch_size(cached["val"].images.shape[1:], device=device)
+        val_bs = auto_batch_size(cached["val"].images.shape[1:], cap=max(cfg.batch_size, 256), device=device)
         val_loader = BatchLoader(cached["val"], val_bs, device, shuffle=False, ram_budget=budget,
                                  rank=rank, world=world)
     normalize = Normalize(mean, std, device)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imgclf.data import archives
 from imgclf.data.images import IMAGE_EXTENSIONS
 from imgclf.errors import UserError
 
@@ -136,9 +137,7 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
 
 
 def _data_name(path: Path) -> str:
-    from imgclf.data.archives import archive_stem
-
-    name = archive_stem(path) if path.is_file() else path.name
+    name = archives.archive_stem(path) if path.is_file() else path.name
     if name in ("train", "data", "images", "") and path.parent.name:
         name = path.parent.name
     return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in name) or "data"
@@ -153,7 +152,7 @@ def _from_arrays(ds, origin: str, name: str) -> DataSource:
 
 
 def _load_one(spec: str, *, csv_layout: str, label_column: str, cache_dir: Path, classes=None, ml=None) -> DataSource:
-    from imgclf.data import archives, arrays, multilabel
+    from imgclf.data import arrays, multilabel
 
     if spec.lower() in ("cifar10", "cifar-10", "cifar100", "cifar-100"):
         which = "cifar100" if "100" in spec else "cifar10"

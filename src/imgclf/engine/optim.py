@@ -33,9 +33,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, groups: list[dict] | Non
         params = [p for p in g["params"] if p.requires_grad or g.get("keep_frozen")]
         if not params and not g.get("keep_frozen"):
             continue
-        lr = cfg.lr * g.get("lr_scale", 1.0)
+        scale = g.get("lr_scale", 1.0)
         wd = cfg.weight_decay * g.get("wd_scale", 1.0)
-        out.append(dict(params=params, lr=lr, weight_decay=wd, base_lr=lr, name=g.get("name", "")))
+        out.append(dict(params=params, lr=cfg.lr * scale, weight_decay=wd, base_lr=cfg.lr * scale, lr_scale=scale,
+                        name=g.get("name", "")))
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     if cfg.optimizer == "muon":
         normalize = bool(getattr(model, "muon_normalize", False))
@@ -64,7 +65,7 @@ def _split_muon(groups: list[dict], cfg: TrainConfig, normalize: bool) -> list[d
         if filt:
             # the Muon lr is its own scale (an orthogonalised step has a fixed size whatever the
             # loss), so cfg.lr does not enter; a group's lr_scale (e.g. a 0.1x backbone) does
-            lr = cfg.muon_lr * g["base_lr"] / cfg.lr if cfg.lr else cfg.muon_lr
+            lr = cfg.muon_lr * g["lr_scale"]
             wd = 0.0 if normalize else g["weight_decay"]  # renormalised filters need no decay
             out.append({**g, "params": filt, "muon": True, "lr": lr, "base_lr": lr, "weight_decay": wd})
         if rest:  # after the filters: the last group stays the one at cfg.lr, as without Muon
