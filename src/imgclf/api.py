@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -483,6 +484,7 @@ def evaluate(run: str | Path, data: str | None = None, *, tta: bool | None = Non
 
 
 def expand_inputs(items: list[str | Path]) -> list[Path]:
+    """Files as given, folders' images (recursively, sorted); a missing path is an error up front."""
     out: list[Path] = []
     for it in items:
         p = Path(it)
@@ -493,6 +495,25 @@ def expand_inputs(items: list[str | Path]) -> list[Path]:
         else:
             raise UserError(f"{p}: no such file or folder")
     return out
+
+
+def _iter_sources(inputs: list) -> Iterator[tuple[str, Any, str]]:
+    """``(name, source, error)`` for everything ``predict`` was given, lazily: files, folders,
+    archives (.zip/.tar[.gz]: their images are read in place), bytes and arrays. Paths are all
+    checked first, so a typo fails before any work, not after an hour of predictions."""
+    from imgclf.data.archives import archive_suffix, iter_archive_images
+
+    for it in inputs:
+        if isinstance(it, (str, Path)) and not Path(it).exists():
+            raise UserError(f"{it}: no such file or folder")
+    for i, it in enumerate(inputs):
+        if not isinstance(it, (str, Path)):
+            yield f"input{i}", it, ""
+        elif Path(it).is_file() and archive_suffix(Path(it)):
+            yield from iter_archive_images(Path(it), IMAGE_EXTENSIONS)
+        else:
+            for q in expand_inputs([it]):
+                yield str(q), q, ""
 
 
 class Classifier:
@@ -526,35 +547,46 @@ class Classifier:
             return torch.sigmoid(logits).numpy()
         return torch.softmax(logits, 1).numpy()
 
-    def predict(self, inputs, top_k: int = 5, tta: bool = False) -> list[dict]:
-        """Top-k predictions for files, folders, bytes or arrays; unreadable files get an error entry."""
+    def predict(self, inputs, top_k: int = 5, tta: bool = False, chunk: int = 512) -> list[dict]:
+        """Top-k predictions for files, folders, archives, bytes or arrays, in input order; an
+        unreadable image gets an error entry. Images are decoded and classified ``chunk`` at a
+        time, so a folder of any size runs in bounded memory."""
         if isinstance(inputs, (str, Path, bytes, np.ndarray)):
             inputs = [inputs]
-        items: list = []
-        for it in inputs:
-            items += expand_inputs([it]) if isinstance(it, (str, Path)) else [it]
-        arrays, names, results = [], [], []
-        for i, it in enumerate(items):
-            name = str(it) if isinstance(it, (str, Path)) else f"input{i}"
-            try:
-                arrays.append(self.preprocess(it))
-                names.append(name)
-            except BadImage as e:
-                log.warn(str(e))
-                results.append({"input": name, "error": e.reason})
-        if arrays:
-            probs = self.predict_proba(np.stack(arrays), tta=tta)
-            k = min(top_k, len(self.classes))
-            th = self.meta.get("thresholds") if self.meta.get("task") == "multilabel" else None
-            th = np.full(len(self.classes), 0.5) if th is None and self.meta.get("task") == "multilabel" else th
-            for name, p in zip(names, probs):
-                top = np.argsort(-p)[:k]
-                results.append({"input": name, "top": [(self.classes[j], float(p[j])) for j in top]})
-                if th is not None:  # multi-label: every label above its tuned threshold
-                    above = [j for j in np.argsort(-p) if p[j] >= th[j]]
-                    results[-1]["labels"] = [(self.classes[j], float(p[j])) for j in above]
-        order = {str(n): i for i, n in enumerate([str(x) if isinstance(x, (str, Path)) else f"input{j}" for j, x in enumerate(items)])}
-        return sorted(results, key=lambda r: order.get(r["input"], 0))
+        results: list[dict] = []
+        pending: list[tuple[int, np.ndarray]] = []  # (index in results, model input)
+
+        def flush() -> None:
+            if not pending:
+                return
+            probs = self.predict_proba(np.stack([a for _, a in pending]), tta=tta)
+            for (j, _), p in zip(pending, probs):
+                results[j].update(self._top(p, top_k))
+            pending.clear()
+
+        for name, src, err in _iter_sources(list(inputs)):
+            results.append({"input": name})
+            if not err:
+                try:
+                    pending.append((len(results) - 1, self.preprocess(src)))
+                except BadImage as e:
+                    err = e.reason
+            if err:
+                log.warn(f"{name}: {err}")
+                results[-1]["error"] = err
+            if len(pending) >= chunk:
+                flush()
+        flush()
+        return results
+
+    def _top(self, p: np.ndarray, top_k: int) -> dict:
+        top = np.argsort(-p)[: min(top_k, len(self.classes))]
+        out: dict = {"top": [(self.classes[j], float(p[j])) for j in top]}
+        if self.meta.get("task") == "multilabel":  # every label above its tuned threshold
+            th = self.meta.get("thresholds")
+            th = np.full(len(self.classes), 0.5) if th is None else np.asarray(th)
+            out["labels"] = [(self.classes[j], float(p[j])) for j in np.argsort(-p) if p[j] >= th[j]]
+        return out
 
 
 def load(run: str | Path, device: str = "auto") -> Classifier:

@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="classify image files and folders")
     pr.add_argument("run", help="run folder")
-    pr.add_argument("inputs", nargs="+", help="image files or folders")
+    pr.add_argument("inputs", nargs="+", help="image files, folders, or .zip/.tar[.gz] archives of images (read in place)")
     pr.add_argument("--top-k", type=int, default=5)
     pr.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False)
     pr.add_argument("--output", help="write predictions to a .csv or .json file")

@@ -19,6 +19,7 @@ import tarfile
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from imgclf import log
@@ -114,3 +115,42 @@ def extract_archive(path: Path, cache_dir: Path) -> Path:
         if not target.is_dir():  # else another process finished the same archive first
             raise
     return _content_root(target)
+
+
+def iter_archive_images(path: Path, extensions) -> Iterator[tuple[str, bytes | None, str]]:
+    """``(name, data, error)`` for each image member of an archive, read in place (``predict
+    photos.zip``: nothing is extracted). ``name`` is ``<archive>/<member>``; a member that cannot
+    be read has ``data`` None and the reason in ``error``. An archive damaged part-way yields
+    what it could read, then one entry naming the archive and the damage."""
+
+    def wanted(name: str) -> bool:
+        parts = Path(name).parts
+        return Path(name).suffix.lower() in extensions and not any(
+            x in _JUNK or x.startswith(".") for x in parts)
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                for info in sorted(zf.infolist(), key=lambda i: i.filename):
+                    if info.is_dir() or not wanted(info.filename):
+                        continue
+                    try:
+                        yield f"{path}/{info.filename}", zf.read(info), ""
+                    except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # a bad CRC: that member only
+                        yield f"{path}/{info.filename}", None, f"unreadable archive member ({_why(e)})"
+            return
+        # stream mode: members in archive order, each read once, even from a .tar.gz
+        with tarfile.open(path, mode="r|*") as tf:
+            for m in tf:
+                if m.isfile() and wanted(m.name):
+                    f = tf.extractfile(m)
+                    data = f.read() if f is not None else b""
+                    if len(data) < m.size:  # a plain .tar cut short ends without an error of its own
+                        yield f"{path}/{m.name}", None, "cut off: the archive is truncated"
+                        return
+                    yield f"{path}/{m.name}", data, ""
+            # a plain .tar cut between members also ends quietly; a whole one ends in two zero blocks
+            if archive_suffix(path) == ".tar" and path.stat().st_size < tf.offset + 2 * tarfile.BLOCKSIZE:
+                yield str(path), None, "not a readable archive (truncated: no end-of-archive blocks)"
+    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, OSError) as e:
+        yield str(path), None, f"not a readable archive ({_why(e)})"

@@ -1,0 +1,96 @@
+"""predict reads archives in place and classifies any number of images in bounded chunks."""
+
+from __future__ import annotations
+
+import tarfile
+import zipfile
+
+import numpy as np
+import pytest
+
+import imgclf
+from imgclf.cli import main
+from imgclf.errors import UserError
+
+
+def _images(sample_dir, n=12):
+    return sorted((sample_dir / "test").glob("*/*.jpg"))[::37][:n]
+
+
+def test_archive_members_predict_like_the_files(tiny_run, sample_dir, tmp_path):
+    files = _images(sample_dir)
+    zp, tg = tmp_path / "batch.zip", tmp_path / "batch.tar.gz"
+    with zipfile.ZipFile(zp, "w") as zf:
+        for f in files:
+            zf.write(f, arcname=f"photos/{f.parent.name}/{f.name}")
+        zf.writestr("photos/notes.txt", "not an image")  # skipped: not an image suffix
+        zf.writestr("__MACOSX/photos/._x.jpg", b"\x00\x05")  # macOS junk: skipped
+        zf.writestr("photos/broken.jpg", b"\xff\xd8\xff not really a jpeg")
+    with tarfile.open(tg, "w:gz") as tf:
+        for f in files:
+            tf.add(f, arcname=f"{f.parent.name}/{f.name}")
+    clf = imgclf.load(tiny_run)
+    direct = clf.predict(files)
+    from_zip = clf.predict([zp])
+    from_tar = clf.predict(str(tg))
+    assert [r["input"] for r in from_zip] == sorted(
+        [f"{zp}/photos/{f.parent.name}/{f.name}" for f in files] + [f"{zp}/photos/broken.jpg"])
+    bad = [r for r in from_zip if "error" in r]
+    assert [r["input"] for r in bad] == [f"{zp}/photos/broken.jpg"] and "\n" not in bad[0]["error"]
+    def key(name):  # class folder and file name
+        return tuple(name.rsplit("/", 2)[-2:])
+
+    by_member = {key(r["input"]): r["top"] for r in from_zip if "top" in r}
+    for d in direct:  # same bytes, same decoding: the same probabilities
+        name = key(d["input"])
+        assert [c for c, _ in by_member[name]] == [c for c, _ in d["top"]]
+        assert np.allclose([p for _, p in by_member[name]], [p for _, p in d["top"]], atol=1e-5)
+    assert [r["input"].rsplit("/", 1)[-1] for r in from_tar] == [f.name for f in files]
+    assert all("top" in r for r in from_tar)
+
+
+def test_truncated_archive_keeps_what_it_read(tiny_run, sample_dir, tmp_path):
+    files = _images(sample_dir, 40)
+    clf = imgclf.load(tiny_run)
+    for mode in ("w", "w:gz"):
+        tg = tmp_path / ("cut.tar" + (".gz" if mode.endswith("gz") else ""))
+        with tarfile.open(tg, mode) as tf:
+            for f in files:
+                tf.add(f, arcname=f.name)
+        tg.write_bytes(tg.read_bytes()[: tg.stat().st_size // 2 + 300])  # mid-member, as a broken download
+        res = clf.predict([tg])
+        good = [r for r in res if "top" in r]
+        assert 5 < len(good) < len(files), mode  # the first part was classified
+        assert all("error" not in r for r in res[:-1]) and "not a readable archive" in res[-1]["error"], mode
+        assert res[-1]["input"].startswith(str(tg)), mode
+
+
+def test_chunks_give_the_same_answers_in_input_order(tiny_run, sample_dir):
+    files = _images(sample_dir, 20)
+    arr = np.zeros((32, 32, 3), np.uint8)
+    inputs = [files[0], arr, *files[1:10], b"garbage bytes", *files[10:]]
+    clf = imgclf.load(tiny_run)
+    whole = clf.predict(inputs)
+    chunked = clf.predict(inputs, chunk=3)
+    assert [r["input"] for r in chunked] == [r["input"] for r in whole]
+    assert chunked[1]["input"] == "input1" and "error" in chunked[11] and len(chunked) == 22
+    for a, b in zip(whole, chunked):
+        assert ("error" in a) == ("error" in b)
+        if "top" in a:
+            assert np.allclose([p for _, p in a["top"]], [p for _, p in b["top"]], atol=1e-5)
+
+
+def test_missing_path_fails_before_any_work(tiny_run, sample_dir, tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        imgclf.load(tiny_run).predict([_images(sample_dir, 1)[0], tmp_path / "typo.zip"])
+
+
+def test_predict_cli_on_a_zip(tiny_run, sample_dir, tmp_path, capsys):
+    zp = tmp_path / "few.zip"
+    with zipfile.ZipFile(zp, "w") as zf:
+        for f in _images(sample_dir, 3):
+            zf.write(f, arcname=f.name)
+    assert main(["predict", str(tiny_run), str(zp), "--top-k", "2", "--output", str(tmp_path / "p.csv")]) == 0
+    rows = (tmp_path / "p.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[1].startswith(f"{zp}/")
+    assert f"{zp}/" in capsys.readouterr().out
