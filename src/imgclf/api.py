@@ -246,6 +246,20 @@ def _prepare_data(cfg: TrainConfig, run_dir: Path | None, device: torch.device, 
     return _Setup(cfg, src, cached, arch, size, source, run_dir, device, ddp, user_epochs)
 
 
+def _check_early_crop(model: torch.nn.Module, arch: str, crop: int, size: int) -> None:
+    """A net with a fixed-size dense layer (a plain CNN's flatten) cannot train on crops: say so
+    now, not with a shape error in the first step."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, 3, crop, crop))
+    except RuntimeError as e:
+        raise UserError(f"--early-crop {crop}: {arch} only takes {size}-px inputs; use --early-crop 0") from e
+    finally:
+        model.train(was)
+
+
 def _build_trainer(s: _Setup, *, resume, callbacks, final_eval: bool, t_start: float, started: float):
     """The model (pretrained weights, head, freezing), loaders, augmentation, time budget and the
     Trainer, restored from the checkpoint on --resume. Returns (model, trainer, time budget
@@ -261,6 +275,8 @@ def _build_trainer(s: _Setup, *, resume, callbacks, final_eval: bool, t_start: f
         mean, std = channel_stats(cached["train"])
     arch_args = arch_args_for_record(arch, size, {**transfer.transfer_arch_args(arch, cfg, source), **cfg.model_args})
     model = build_model(arch, len(s.src.classes), size, arch_args)
+    if cfg.early_crop:
+        _check_early_crop(model, arch, cfg.early_crop, size)
     transfer_callbacks = transfer.setup_transfer(model, arch, cfg, source, load_weights=resume is None)
     budget = s.ram_budget
     loss_fn, class_weights, sampler = imbalance_setup(cfg, s.src.classes, np.asarray(cached["train"].labels),

@@ -68,12 +68,20 @@ class BatchAugment:
         self.spec, self.normalize, self.num_classes, self.multilabel = spec, normalize, num_classes, multilabel
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, g: torch.Generator, flip_parity: int | None = None,
-                 indices: torch.Tensor | None = None):
+                 indices: torch.Tensor | None = None, crop: int = 0):
+        """``crop``: a random ``crop`` x ``crop`` window of each (translated) image, at the same
+        scale (the trainer's early-crop phase)."""
         s, n, dev = self.spec, x.shape[0], x.device
         if s.translate > 0:
             oy = torch.randint(0, 2 * s.translate + 1, (n,), generator=g, device=g.device).to(dev)
             ox = torch.randint(0, 2 * s.translate + 1, (n,), generator=g, device=g.device).to(dev)
             x = _crop_translate(x, s.translate, oy, ox)
+        if 0 < crop < min(x.shape[1], x.shape[2]):
+            oy = torch.randint(0, x.shape[1] - crop + 1, (n,), generator=g, device=g.device).to(dev)
+            ox = torch.randint(0, x.shape[2] - crop + 1, (n,), generator=g, device=g.device).to(dev)
+            r = torch.arange(crop, device=dev)
+            x = x[torch.arange(n, device=dev).view(n, 1, 1), (oy.view(n, 1) + r).view(n, crop, 1),
+                  (ox.view(n, 1) + r).view(n, 1, crop)]
         if s.flip:
             if flip_parity is None or indices is None:
                 mask = torch.rand(n, generator=g, device=g.device) < 0.5

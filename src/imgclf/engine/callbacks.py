@@ -145,12 +145,25 @@ class TimeBudget(Callback):
         self.input_shape = input_shape  # (C, H, W) of a model input: the forward pass is timed on it
         self.active = deadline is not None
         self.planned = False
-        self.step_s: float | None = None  # smoothed seconds per training step
+        self.step_s: float | None = None  # smoothed seconds per training step on full images
+        self.crop_s: float | None = None  # the same during the early-crop phase (cfg.early_crop)
         self.infer_s: float | None = None  # seconds per image of an evaluation forward pass
         self.gap_s: float | None = None  # seconds between two epochs' steps (validation, checkpoint)
         self.t_last: float | None = None  # end of the last step
         self.w_t0: float | None = None  # start of the current timing window
         self.w_steps = 0
+        self.w_crop = False  # the current window's steps are early-crop steps
+
+    def _full_s(self, t) -> float:
+        if self.step_s is not None:
+            return self.step_s
+        # only crop steps measured yet: a step costs about the pixels it convolves
+        return self.crop_s / ((t.cfg.early_crop or 1) / (t.cfg.image_size or 1)) ** 2
+
+    def _crop_s(self, t) -> float:
+        if self.crop_s is not None:
+            return self.crop_s
+        return self.step_s * ((t.cfg.early_crop or 1) / (t.cfg.image_size or 1)) ** 2
 
     def _measure_inference(self, t) -> None:
         """Time the evaluation's forward pass once: an evaluation-sized batch through the model in
@@ -188,7 +201,7 @@ class TimeBudget(Callback):
 
     def _per_image(self, t) -> float:
         # before (or without) a measurement: a forward pass costs about a third of a training step
-        return self.infer_s if self.infer_s is not None else self.step_s / max(1, t.train_loader.batch_size) / 3
+        return self.infer_s if self.infer_s is not None else self._full_s(t) / max(1, t.train_loader.batch_size) / 3
 
     def _eval_reserve(self, t) -> float:
         # the closing evaluation and report; 10% for loading batches and computing metrics
@@ -198,10 +211,9 @@ class TimeBudget(Callback):
         if self.w_t0 is None or self.w_steps == 0:
             return False
         w = (now - self.w_t0) / self.w_steps
-        if self.step_s is None or abs(w - self.step_s) > 0.25 * self.step_s:
-            self.step_s = w
-        else:
-            self.step_s = 0.7 * self.step_s + 0.3 * w
+        attr = "crop_s" if self.w_crop else "step_s"
+        cur = getattr(self, attr)
+        setattr(self, attr, w if cur is None or abs(w - cur) > 0.25 * cur else 0.7 * cur + 0.3 * w)
         self.w_t0, self.w_steps = now, 0
         return True
 
@@ -212,11 +224,20 @@ class TimeBudget(Callback):
         gap = self.gap_s
         if gap is None:  # not measured yet: a validation pass
             gap = self.val_images * self._per_image(t)
-        per_step = self.step_s + gap / (t.steps_per_epoch * max(1, t.cfg.eval_every))
+        per_gap = gap / (t.steps_per_epoch * max(1, t.cfg.eval_every))
+        s_full = self._full_s(t) + per_gap
         reserve = self.fixed_reserve + self._eval_reserve(t)
-        n = t.step + max(1, int((self.deadline - reserve - now) / per_step))
+        avail = self.deadline - reserve - now
+        n = t.step + max(1, int(avail / s_full))
+        if t.step < t.crop_end:
+            # the first crop_frac of the n steps are crop steps: solve
+            # (f*n - step) * s_crop + (1 - f) * n * s_full = avail for n
+            f, s_crop = t.crop_frac, self._crop_s(t) + per_gap
+            n_crop = int((avail + t.step * s_crop) / (f * s_crop + (1 - f) * s_full))
+            if f * n_crop > t.step:  # else the phase ends now and the rest is full steps (n above)
+                n = max(t.step + 1, n_crop)
         late = float(now + 3.0 + self._eval_reserve(t) >= self.deadline)
-        step_s = self.step_s
+        step_s = self._crop_s(t) if t.crop_size() else self._full_s(t)
         if t.reduce is not None:
             n, step_s, late = (t.reduce(torch.tensor([n, step_s, late], dtype=torch.float64, device=t.device))
                                / t.reduce_world).tolist()
@@ -255,10 +276,15 @@ class TimeBudget(Callback):
             torch.cuda.synchronize(t.device)
         now = self.t_last = time.perf_counter()
         if self.w_t0 is None:
-            self.w_t0, self.w_steps = now, 0
+            self.w_t0, self.w_steps, self.w_crop = now, 0, t.crop_size() > 0
             return
         self.w_steps += 1
-        if self.w_steps >= self.window_steps and t.step < t.total_steps:
+        if (t.crop_size() > 0) != self.w_crop and t.step < t.total_steps:
+            # the next step is of the other phase (early crops end): the window ends with its own
+            self._close_window(now)
+            self.w_crop = not self.w_crop
+            self._plan(t, now, 0.02)
+        elif self.w_steps >= self.window_steps and t.step < t.total_steps:
             self._close_window(now)
             self._plan(t, now, 0.02)
         elif t.reduce is None and self.planned and now + 3.0 + self._eval_reserve(t) >= self.deadline:
@@ -268,7 +294,7 @@ class TimeBudget(Callback):
         if not self.active or t.step >= t.total_steps:
             return
         now = time.perf_counter()
-        if self._close_window(now) or self.step_s is not None:
+        if self._close_window(now) or self.step_s is not None or self.crop_s is not None:
             self._plan(t, now, 0.01)
 
 

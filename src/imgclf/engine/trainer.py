@@ -107,6 +107,10 @@ class Trainer:
         self.steps_per_epoch = len(train)
         self.total_steps = max(1, math.ceil(self.steps_per_epoch * cfg.epochs))
         self.warmup_steps = round((cfg.warmup_epochs or 0) * self.steps_per_epoch)
+        # early crops (cfg.early_crop): steps before crop_end train on crops. The boundary is a
+        # fraction of the plan and moves with it until the run passes it; then it stays put.
+        self.crop_frac = float(cfg.early_crop_fraction or 0.0) if cfg.early_crop else 0.0
+        self.crop_end = round(self.crop_frac * self.total_steps)
         self.step, self.epoch, self.lr_scale = 0, 0, 1.0
         self.history: list[dict] = []
         self.best: float | None = None
@@ -161,9 +165,20 @@ class Trainer:
         frac = self.warmup_steps / max(1, self.total_steps)
         self.total_steps = n
         self.warmup_steps = round(frac * n)
+        if self.step < self.crop_end:  # still cropping: the phase keeps its fraction of the plan
+            self.crop_end = min(n, max(self.step, round(self.crop_frac * n)))
+        if self.crop_frac:  # config.yaml records the phase as run, so the run repeats from it exactly
+            if self.crop_end:
+                self.cfg.early_crop_fraction = min(0.9999, round(self.crop_end / n, 6))
+            else:
+                self.cfg.early_crop = 0
         self.cfg.epochs = round(n / self.steps_per_epoch, 4)
         if self.cfg.warmup_epochs is not None:
             self.cfg.warmup_epochs = round(self.warmup_steps / self.steps_per_epoch, 4)
+
+    def crop_size(self, step: int | None = None) -> int:
+        """Side of the training crops at ``step`` (default: the next one); 0 for full images."""
+        return (self.cfg.early_crop or 0) if (self.step if step is None else step) < self.crop_end else 0
 
     @property
     def lr(self) -> float:
@@ -221,7 +236,7 @@ class Trainer:
             if self.step >= self.total_steps:
                 break
             self._set_lr()
-            xb, target = self.augment(x, y, g, parity, self.train_loader.last_indices)
+            xb, target = self.augment(x, y, g, parity, self.train_loader.last_indices, crop=self.crop_size())
             with self.precision.autocast(dev):
                 logits = model(xb)
             loss = self.loss_fn(logits.float(), target)
@@ -344,6 +359,7 @@ class Trainer:
             "stop": self.stop,
             "total_steps": self.total_steps,
             "warmup_steps": self.warmup_steps,
+            "crop_end": self.crop_end,
         }
 
     def save_checkpoint(self, path: Path) -> None:
@@ -366,6 +382,7 @@ class Trainer:
             self.warmup_steps = s["warmup_steps"]
             self.set_total_steps(s["total_steps"])  # cfg.epochs follows the checkpoint's plan
             self.warmup_steps = s["warmup_steps"]
+            self.crop_end = s.get("crop_end", self.crop_end)
 
 
 def seed_everything(seed: int) -> None:
