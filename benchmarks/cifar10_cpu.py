@@ -11,8 +11,11 @@ recipe runs with ``time_limit=600``: its length is planned from the step time me
 machine (a faster machine trains more epochs, a slower one fewer) and imgclf.train returns within
 it. ``--epochs N`` alone runs exactly N epochs. Runs unchanged on a CUDA device (device auto).
 The cache is fresh for every run so the JPEG decoding is part of the measured wall time.
-Dev machine (2 cores, no AMX): 91.07% in 585.3 s with 10.21 epochs planned (Muon on the conv
-filters; with airbench's SGD for every parameter it was 90.65% in 585.7 s at 9.96 epochs).
+Dev machine (2 cores, no AMX), whose speed drifts 15-20% within an hour, so compare runs made
+back to back: 90.99% / 91.02% (seeds 0 / 1) in 582 s with 10.92 / 11.67 epochs planned, half of
+them on early crops; with ``--early-crop 0`` right after, 90.43% / 90.54% at 8.23 / 8.81 epochs.
+In a faster hour without early crops: 91.07% at 10.21 epochs (Muon on the conv filters; with
+airbench's SGD for every parameter it was 90.65% at 9.96 epochs).
 """
 
 from __future__ import annotations

@@ -38,8 +38,15 @@ def test_recipe_defaults():
                               arch=kw.get("model", "fastnet"))
 
     assert resolved().early_crop == 24 and resolved().early_crop_fraction == 0.5
+    # small data runs many epochs anyway: no crops there
+    from imgclf.engine import recipe
+
+    small = recipe.resolve(make_config(None, data="d"), n_train=2700, image_size=32, arch="fastnet")
+    assert small.early_crop == 0 and small.epochs == 37
     assert resolved(model="plaincnn").early_crop == 0  # a flatten layer needs the full size
     assert resolved(early_crop=0).early_crop == 0  # the user's word stands
+    # without a time limit the cheaper crop epochs buy more of them: the same compute as 10 whole
+    assert resolved().epochs == 12.5 and resolved(early_crop=0).epochs == 10
 
 
 class Shapes(Callback):
@@ -58,8 +65,9 @@ class Shapes(Callback):
 
 def test_first_half_of_the_steps_are_crops(small_sample, tmp_path):
     rec = Shapes()
+    # (set explicitly: the recipe turns crops on only for large data, where epochs are few)
     res = imgclf.train(data=str(small_sample), project=str(tmp_path), epochs=4, batch_size=64, val_split=0.0,
-                       progress=False, tensorboard=False, callbacks=[rec])
+                       early_crop=24, progress=False, tensorboard=False, callbacks=[rec])
     steps = len(rec.sides)
     assert res.config.early_crop == 24
     assert rec.sides == [24] * round(steps / 2) + [32] * (steps - round(steps / 2))
@@ -72,7 +80,7 @@ def test_time_limited_plan_counts_the_cheap_steps(small_sample, tmp_path):
     budget = 25.0
     t0 = time.perf_counter()
     res = imgclf.train(data=str(small_sample), project=str(tmp_path), time_limit=budget, batch_size=32,
-                       progress=False, tensorboard=False, callbacks=[rec])
+                       early_crop=24, progress=False, tensorboard=False, callbacks=[rec])
     assert time.perf_counter() - t0 <= budget + 1.5
     n_crop = sum(s == 24 for s in rec.sides)
     # the boundary is half the plan at the time the run passes it; later re-plans move the end only
@@ -88,7 +96,8 @@ def test_resume_keeps_the_crop_boundary(small_sample, tmp_path):
             if row["epoch"] == 2:  # before epoch 2's checkpoint: resumes at step 6 of the 12 crop steps
                 raise KeyboardInterrupt
 
-    kw = dict(data=str(small_sample), epochs=4, batch_size=64, val_split=0.0, progress=False, tensorboard=False)
+    kw = dict(data=str(small_sample), epochs=4, batch_size=64, val_split=0.0, early_crop=24, progress=False,
+              tensorboard=False)
     whole = imgclf.train(project=str(tmp_path / "a"), name="r", **kw)
     with pytest.raises(KeyboardInterrupt):
         imgclf.train(project=str(tmp_path / "b"), name="r", callbacks=[Crash()], **kw)
