@@ -125,7 +125,9 @@ class TimeBudget(Callback):
     backbone is picked up within a window. The gap between epochs (validation, checkpoint) is
     measured too. The length is planned after the first window and re-planned when the estimate
     moves it by more than 2% (window ends) or 1% (epoch ends); the lr schedule stretches with it
-    (the warm-up keeps its fraction). ``max_steps`` (an explicit --epochs) caps the plan. If the
+    (the warm-up keeps its fraction). Early-crop steps (cfg.early_crop) are timed apart from
+    whole-image ones, and the plan solves for a length whose first early_crop_fraction is crop
+    steps. ``max_steps`` (an explicit --epochs) caps the plan. If the
     deadline comes anyway, the run ends there. It runs first among the callbacks, so lookahead
     sees the final step; ``deadline=None`` makes it inert (a resumed run keeps its plan).
 
@@ -270,7 +272,8 @@ class TimeBudget(Callback):
     def on_step_end(self, t):
         if not self.active:
             return
-        if t.device.type == "cuda" and (self.w_t0 is None or self.w_steps + 1 >= self.window_steps):
+        switch = self.w_t0 is not None and (t.crop_size() > 0) != self.w_crop  # early crops end here
+        if t.device.type == "cuda" and (self.w_t0 is None or switch or self.w_steps + 1 >= self.window_steps):
             # CUDA steps are queued, not run, when the host returns: time the device's work, at
             # window edges only (one sync per >= 2 s, nothing inside the window)
             torch.cuda.synchronize(t.device)
@@ -279,7 +282,7 @@ class TimeBudget(Callback):
             self.w_t0, self.w_steps, self.w_crop = now, 0, t.crop_size() > 0
             return
         self.w_steps += 1
-        if (t.crop_size() > 0) != self.w_crop and t.step < t.total_steps:
+        if switch and t.step < t.total_steps:
             # the next step is of the other phase (early crops end): the window ends with its own
             self._close_window(now)
             self.w_crop = not self.w_crop
