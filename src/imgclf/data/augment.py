@@ -53,11 +53,13 @@ def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
     return torch.where(i >= n, 2 * n - 2 - i, i)
 
 
-def _crop_translate(x: torch.Tensor, pad: int, oy: torch.Tensor, ox: torch.Tensor) -> torch.Tensor:
-    """Per-sample crops of a reflect-padded NHWC batch as one gather (the padding is never built)."""
+def _crop_translate(x: torch.Tensor, pad: int, oy: torch.Tensor, ox: torch.Tensor, size: int = 0) -> torch.Tensor:
+    """Per-sample crops of a reflect-padded NHWC batch as one gather (the padding is never built);
+    ``size`` > 0 takes ``size`` x ``size`` windows instead of the input's own size."""
     n, h, w, _ = x.shape
-    iy = _reflect(oy.view(n, 1) - pad + torch.arange(h, device=x.device), h).view(n, h, 1)
-    ix = _reflect(ox.view(n, 1) - pad + torch.arange(w, device=x.device), w).view(n, 1, w)
+    oh, ow = (size, size) if size else (h, w)
+    iy = _reflect(oy.view(n, 1) - pad + torch.arange(oh, device=x.device), h).view(n, oh, 1)
+    ix = _reflect(ox.view(n, 1) - pad + torch.arange(ow, device=x.device), w).view(n, 1, ow)
     return x[torch.arange(n, device=x.device).view(n, 1, 1), iy, ix]
 
 
@@ -72,16 +74,16 @@ class BatchAugment:
         """``crop``: a random ``crop`` x ``crop`` window of each (translated) image, at the same
         scale (the trainer's early-crop phase)."""
         s, n, dev = self.spec, x.shape[0], x.device
+        crop = crop if 0 < crop < min(x.shape[1], x.shape[2]) else 0
+        oy = ox = torch.zeros(n, dtype=torch.long, device=dev)
         if s.translate > 0:
             oy = torch.randint(0, 2 * s.translate + 1, (n,), generator=g, device=g.device).to(dev)
             ox = torch.randint(0, 2 * s.translate + 1, (n,), generator=g, device=g.device).to(dev)
-            x = _crop_translate(x, s.translate, oy, ox)
-        if 0 < crop < min(x.shape[1], x.shape[2]):
-            oy = torch.randint(0, x.shape[1] - crop + 1, (n,), generator=g, device=g.device).to(dev)
-            ox = torch.randint(0, x.shape[2] - crop + 1, (n,), generator=g, device=g.device).to(dev)
-            r = torch.arange(crop, device=dev)
-            x = x[torch.arange(n, device=dev).view(n, 1, 1), (oy.view(n, 1) + r).view(n, crop, 1),
-                  (ox.view(n, 1) + r).view(n, 1, crop)]
+        if crop:  # the window's offset in the translated image: still one gather for both
+            oy = oy + torch.randint(0, x.shape[1] - crop + 1, (n,), generator=g, device=g.device).to(dev)
+            ox = ox + torch.randint(0, x.shape[2] - crop + 1, (n,), generator=g, device=g.device).to(dev)
+        if s.translate > 0 or crop:
+            x = _crop_translate(x, s.translate, oy, ox, crop)
         if s.flip:
             if flip_parity is None or indices is None:
                 mask = torch.rand(n, generator=g, device=g.device) < 0.5

@@ -176,9 +176,9 @@ class Trainer:
         if self.cfg.warmup_epochs is not None:
             self.cfg.warmup_epochs = round(self.warmup_steps / self.steps_per_epoch, 4)
 
-    def crop_size(self, step: int | None = None) -> int:
-        """Side of the training crops at ``step`` (default: the next one); 0 for full images."""
-        return (self.cfg.early_crop or 0) if (self.step if step is None else step) < self.crop_end else 0
+    def crop_size(self) -> int:
+        """Side of the next step's training crops; 0 for full images."""
+        return (self.cfg.early_crop or 0) if self.step < self.crop_end else 0
 
     @property
     def lr(self) -> float:
