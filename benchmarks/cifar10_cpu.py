@@ -16,6 +16,11 @@ back to back: 90.99% / 91.02% (seeds 0 / 1) in 582 s with 10.92 / 11.67 epochs p
 them on early crops; with ``--early-crop 0`` right after, 90.43% / 90.54% at 8.23 / 8.81 epochs.
 In a faster hour without early crops: 91.07% at 10.21 epochs (Muon on the conv filters; with
 airbench's SGD for every parameter it was 90.65% at 9.96 epochs).
+Where the ceiling is (seed 0, one run each, same hour): the default 90.95% at 11.92 epochs
+(585.5 s); ``--time-limit 900`` 91.40% at 17.90 epochs (874.0 s), so 1.5x the epochs buys
++0.45; ``--model_args '{"width": 1.25}'`` (1.5x the FLOPs) 90.89% at 7.85 epochs. On the first
+run's model, more TTA views (9 or 25 shifts, both mirrors) scored 91.00-91.02% against 90.95%
+for level 2's 6 views, at up to 8x the evaluation time.
 """
 
 from __future__ import annotations
