@@ -46,7 +46,7 @@ def test_recipe_defaults():
     assert resolved(model="plaincnn").early_crop == 0  # a flatten layer needs the full size
     assert resolved(early_crop=0).early_crop == 0  # the user's word stands
     # without a time limit the cheaper crop epochs buy more of them: the same compute as 10 whole
-    assert resolved().epochs == 12.5 and resolved(early_crop=0).epochs == 10
+    assert resolved().epochs == 12.8 and resolved(early_crop=0).epochs == 10
 
 
 class Shapes(Callback):

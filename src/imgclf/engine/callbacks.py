@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from imgclf.engine.recipe import crop_step_cost
+
 
 class Callback:
     def on_train_start(self, t) -> None: ...
@@ -159,13 +161,12 @@ class TimeBudget(Callback):
     def _full_s(self, t) -> float:
         if self.step_s is not None:
             return self.step_s
-        # only crop steps measured yet: a step costs about the pixels it convolves
-        return self.crop_s / ((t.cfg.early_crop or 1) / (t.cfg.image_size or 1)) ** 2
+        return self.crop_s / crop_step_cost(t.cfg.early_crop or 0, t.cfg.image_size or 1)  # only crops timed yet
 
     def _crop_s(self, t) -> float:
         if self.crop_s is not None:
             return self.crop_s
-        return self.step_s * ((t.cfg.early_crop or 1) / (t.cfg.image_size or 1)) ** 2
+        return self.step_s * crop_step_cost(t.cfg.early_crop or 0, t.cfg.image_size or 1)
 
     def _measure_inference(self, t) -> None:
         """Time the evaluation's forward pass once: an evaluation-sized batch through the model in

@@ -57,6 +57,17 @@ def _pow2_floor(x: float) -> int:
     return 2 ** int(math.floor(math.log2(max(x, 1))))
 
 
+def crop_step_cost(crop: int, size: int) -> float:
+    """A training step on ``crop``-px early crops over one on whole ``size``-px images, before
+    either is timed: its pixel share. Measured: FastNet 24 of 32 px at batch 1024, in the
+    benchmark's own timing windows, 0.565x (the pixel share is 0.5625); EfficientNet-Lite0 with 3
+    frozen stages, 96 of 128 px, batch 64: 0.6x; small batches more (FastNet at batch 32: 0.83x,
+    fixed per-step costs dominate). The recipe sizes crop epochs with it; TimeBudget uses it only
+    until both kinds of step are timed. (Forward passes timed at the two sizes were tried instead:
+    they miss the fixed costs too, and guessed no better.)"""
+    return min(1.0, (crop / max(1, size)) ** 2) if crop else 1.0
+
+
 def resolve(cfg: TrainConfig, *, n_train: int, image_size: int, arch: str) -> TrainConfig:
     """Fill every unset option; explicit user values are kept as they are."""
     c = cfg.model_copy()
@@ -72,9 +83,9 @@ def resolve(cfg: TrainConfig, *, n_train: int, image_size: int, arch: str) -> Tr
     if c.early_crop is None:
         # progressive crops (cf. fast.ai's progressive resizing, but at constant scale, so the
         # full-size phase needs no re-adaptation to a new object size): the first half of a
-        # fastnet run sees random 3/4-side crops, whose steps cost ~0.57x. CIFAR-10 in a 600 s
-        # budget (benchmarks/cifar10_cpu.py): 10.9 epochs, 90.99% vs 8.2 epochs, 90.43% without
-        # (seed 1: 91.02% vs 90.54%).
+        # fastnet run sees random 3/4-side crops, whose steps cost ~0.57x (crop_step_cost).
+        # CIFAR-10 in a 600 s budget (benchmarks/cifar10_cpu.py): 10.9 epochs, 90.99% vs 8.2
+        # epochs, 90.43% without (seed 1: 91.02% vs 90.54%).
         # Downscaling instead of cropping (true progressive resizing) gave the same accuracy.
         # Only where the epochs are few (large data): on the 2,700-image packaged sample, where
         # the recipe already runs ~37 epochs, crops were no gain (75.4-76.3% vs 76.5-76.6%, two
@@ -90,9 +101,8 @@ def resolve(cfg: TrainConfig, *, n_train: int, image_size: int, arch: str) -> Tr
         base_epochs = FASTNET_EPOCHS_50K if fast else (10.0 if pretrained else 30.0)
         epochs = max(base_epochs, math.ceil(MIN_STEPS / steps_per_epoch))
         if c.early_crop:
-            # the same compute as whole-image epochs: a crop step costs ~its pixel share plus
-            # a little fixed per-step work (0.6x at 24 of 32 px, measured)
-            f, r = c.early_crop_fraction, min(1.0, (c.early_crop / image_size) ** 2 + 0.04)
+            # the same compute as whole-image epochs
+            f, r = c.early_crop_fraction, crop_step_cost(c.early_crop, image_size)
             epochs = round(epochs / (f * r + 1 - f), 1)
         c.epochs = float(min(100, epochs))
     if c.optimizer == "auto":
