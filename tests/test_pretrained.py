@@ -168,6 +168,46 @@ def test_unfreezing_trains_the_backbone_at_its_own_lr(small_sample, tmp_path):
     assert ratio1 == pytest.approx(0.25) and ratio2 == pytest.approx(0.25)
 
 
+def test_a_fraction_of_an_epoch_frozen_unfreezes_mid_epoch(small_sample, tmp_path):
+    """--freeze-epochs 0.5: the head alone for the first half of epoch 1's steps, then all of it;
+    the boundary is a step number, so a resumed run would meet it at the same step."""
+    import imgclf
+    from imgclf.engine.callbacks import Callback
+
+    class Probe(Callback):
+        def on_train_start(self, t):
+            self.spe, self.trains_backbone = t.steps_per_epoch, []
+            self.handle = t.model.register_forward_pre_hook(
+                lambda m, a: self.trains_backbone.append(m.backbone.conv1.weight.requires_grad) if m.training else None)
+
+        def on_train_end(self, t):
+            self.handle.remove()
+
+    probe = Probe()
+    res = imgclf.train(data=str(small_sample), model="timm:resnet18", model_args={"small_stem": False}, head="",
+                       image_size=32, epochs=2, freeze_epochs=0.5, batch_size=40, val_split=0.0,
+                       project=str(tmp_path), name="half", progress=False, tensorboard=False, tta=False,
+                       callbacks=[probe])
+    n_frozen = round(0.5 * probe.spe)
+    assert probe.spe == 10 and len(probe.trains_backbone) == 20
+    assert probe.trains_backbone == [False] * n_frozen + [True] * (20 - n_frozen)
+    assert res.config.freeze_epochs == 0.5
+
+
+def test_budgeted_fine_tune_freezes_for_steps_not_a_whole_epoch():
+    from imgclf.config import make_config
+    from imgclf.engine import recipe
+
+    def freeze(n_train, **kw):
+        cfg = make_config(None, data="d", pretrained=True, model="timm:efficientnet_lite0", batch_size=64, **kw)
+        return recipe.resolve(cfg, n_train=n_train, image_size=128, arch="timm:efficientnet_lite0").freeze_epochs
+
+    assert freeze(50_000) == freeze(2_000) == 1  # fastai's one head-only epoch when the length is known
+    # a budgeted run: HEAD_ONLY_STEPS of 782 steps per epoch, but never more than one epoch
+    assert freeze(50_000, time_limit=900) == 0.26 and freeze(2_000, time_limit=900) == 1
+    assert freeze(50_000, time_limit=900, freeze_epochs=2) == 2  # the user's word stands
+
+
 def test_pretrained_timm_model_offline_is_one_clear_line(small_sample, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "IMGCLF_CACHE": str(tmp_path / "cache")}
     r = subprocess.run([sys.executable, "-m", "imgclf", "train", "--data", str(small_sample), "--model", "resnet18",

@@ -55,7 +55,8 @@ class TrainConfig(BaseModel):
     weights: str | None = Field(None, description="local weights file (safetensors or state dict) to start from")
     head: list[int] | None = Field(None, description="hidden sizes of a new classifier head on a timm backbone, e.g. 512,256")
     head_dropout: float = Field(0.2, ge=0, lt=1, description="dropout before each layer of that head")
-    freeze_epochs: int | None = Field(None, ge=0, description="epochs training only the head before the backbone")
+    freeze_epochs: float | None = Field(None, ge=0, description="epochs (or a fraction of one) training only the head "
+                                        "before the backbone")
     backbone_lr_scale: float | None = Field(None, ge=0, description="backbone lr as a fraction of lr (pretrained: 0.1)")
     freeze_stages: int = Field(0, ge=0, description="stem and first N backbone stages frozen for the whole run "
                                "(cheaper fine-tuning steps)")

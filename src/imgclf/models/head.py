@@ -112,27 +112,39 @@ class HeadedNet(nn.Module):
 
 
 class FreezeBackbone(Callback):
-    """Backbone frozen for the first ``epochs`` epochs, trained (at its own lr scale) after.
+    """Backbone frozen for the first ``epochs`` epochs (a fraction of one too), trained (at its
+    own lr scale) after.
 
-    Stateless on purpose: whether the backbone is frozen follows from the epoch number alone,
+    Stateless on purpose: whether the backbone is frozen follows from the step number alone,
     so a resumed run is in the same state as an uninterrupted one.
     """
 
-    def __init__(self, epochs: int):
+    def __init__(self, epochs: float):
         self.epochs = epochs
 
-    def on_train_start(self, t):
-        t.model.freeze_backbone(t.epoch < self.epochs)
+    def _frozen(self, t) -> bool:
+        return t.step < round(self.epochs * t.steps_per_epoch)
 
-    def on_epoch_start(self, t, epoch):
-        frozen = epoch < self.epochs
+    def _apply(self, t) -> None:
+        frozen = self._frozen(t)
         if frozen != t.model.backbone_frozen:
             t.model.freeze_backbone(frozen)
             if not frozen:
                 from imgclf import log
 
-                log.info(f"epoch {epoch + 1}: backbone unfrozen ({t.model.trainable_parameters() / 1e6:.2f}M trainable "
-                         f"params, backbone lr x{t.model.backbone_lr_scale:g})")
+                log.info(f"step {t.step} (epoch {t.step / t.steps_per_epoch:.2f}): backbone unfrozen "
+                         f"({t.model.trainable_parameters() / 1e6:.2f}M trainable params, "
+                         f"backbone lr x{t.model.backbone_lr_scale:g})")
+
+    def on_train_start(self, t):
+        t.model.freeze_backbone(self._frozen(t))
+
+    def on_epoch_start(self, t, epoch):
+        self._apply(t)
+
+    def on_step_end(self, t):
+        if t.step % t.steps_per_epoch:  # a fractional epoch ends mid-epoch; whole ones at the next start
+            self._apply(t)
 
     def on_train_end(self, t):
         t.model.freeze_backbone(False)
@@ -184,7 +196,7 @@ def setup_transfer(model: nn.Module, arch: str, cfg, source, *, load_weights: bo
     total = sum(p.numel() for p in model.parameters())
     head_n = sum(p.numel() for p in model.head.parameters())
     if freeze:
-        log.info(f"backbone frozen for {freeze} epoch(s): training {head_n:,} of {total:,} parameters (the head), "
+        log.info(f"backbone frozen for {freeze:g} epoch(s): training {head_n:,} of {total:,} parameters (the head), "
                  f"then {'the unfrozen stages' if cfg.freeze_stages else 'all'} at backbone lr x{model.backbone_lr_scale:g}")
         return [FreezeBackbone(freeze)]
     return []
