@@ -14,6 +14,9 @@ the weights after 2 epochs (22 steps) agree to ~1e-6; the test allows 1e-4.
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -81,8 +84,11 @@ def test_two_processes_match_one(runs):
 @pytest.mark.slow
 def test_distributed_resume(runs, small_sample, tmp_path):
     _, two, _ = runs
+    litter = set(Path(tempfile.gettempdir()).glob("pytorch-errorfile-*"))
     with pytest.raises(Exception, match="simulated crash"):
         imgclf.train(**_options(small_sample, tmp_path, devices=2, name="crashed"), callbacks=[Crash(2)])
+    # the workers' tracebacks reached the parent and nothing was left in the temp folder
+    assert set(Path(tempfile.gettempdir()).glob("pytorch-errorfile-*")) == litter
     run = tmp_path / "crashed"
     assert (run / "last.pt").exists() and not (run / "model.safetensors").exists()
     res = imgclf.train(resume=run, progress=False)

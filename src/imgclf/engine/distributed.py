@@ -186,6 +186,9 @@ def spawn_train(n: int, device: torch.device, *, config, resume, callbacks, opti
     call = {"config": str(config) if config is not None else None, "resume": str(resume) if resume else None,
             "callbacks": callbacks, "options": options, "started": started or time.time()}
     with tempfile.TemporaryDirectory(prefix="imgclf-ddp-") as out:
+        # torch names a pytorch-errorfile-*.pickle per worker in the temp folder and leaves the
+        # ones a failed worker wrote behind: make them here, in a folder that is removed
+        saved, tempfile.tempdir = tempfile.tempdir, out
         try:
             tmp.start_processes(_worker, args=(n, free_port(), call, out), nprocs=n, join=True, start_method="spawn")
         except (tmp.ProcessExitedException, tmp.ProcessRaisedException):
@@ -193,6 +196,8 @@ def spawn_train(n: int, device: torch.device, *, config, resume, callbacks, opti
             if errors:
                 raise UserError(errors[0].read_text()) from None
             raise
+        finally:
+            tempfile.tempdir = saved
         r = json.loads(Path(out, "result.json").read_text())
     run_dir = Path(r["run_dir"])
     return TrainResult(run_dir, r["history"], test=r["test"], config=make_config(run_dir / "config.yaml"))
