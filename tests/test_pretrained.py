@@ -194,6 +194,36 @@ def test_a_fraction_of_an_epoch_frozen_unfreezes_mid_epoch(small_sample, tmp_pat
     assert res.config.freeze_epochs == 0.5
 
 
+def test_time_limited_fine_tune_plans_past_the_head_only_phase(sample_dir, tmp_path):
+    """The first plan is made from head-only steps, several times cheaper than the steps after
+    unfreezing: it must not take them for the run's step time (that planned 5x the length the
+    run then had, and stretched the lr schedule to match), and the run still ends in budget."""
+    import time
+
+    import imgclf
+    from imgclf.engine.callbacks import Callback
+
+    class Plans(Callback):
+        def on_train_start(self, t):
+            self.initial, self.plans, self.steps = t.total_steps, [], 0
+
+        def on_step_end(self, t):
+            self.steps += 1
+            if t.total_steps != (self.plans[-1][1] if self.plans else self.initial):
+                self.plans.append((t.step, t.total_steps, t.model.backbone_frozen))
+
+    probe, budget = Plans(), 20.0
+    t0 = time.perf_counter()
+    imgclf.train(data=str(sample_dir), model="timm:resnet18", model_args={"small_stem": False}, head="",
+                 image_size=32, time_limit=budget, freeze_epochs=1, batch_size=32, val_split=0.0,
+                 project=str(tmp_path), progress=False, tensorboard=False, tta=False, callbacks=[probe])
+    assert time.perf_counter() - t0 <= budget + 1.5
+    first_step, first_plan, frozen = probe.plans[0]
+    assert frozen and first_step < 93  # planned while the head trained alone (93 steps per epoch)
+    assert probe.steps > 93  # the backbone did train
+    assert 0.5 * probe.steps <= first_plan <= 2.0 * probe.steps, (probe.plans, probe.steps)
+
+
 def test_budgeted_fine_tune_freezes_for_steps_not_a_whole_epoch():
     from imgclf.config import make_config
     from imgclf.engine import recipe

@@ -111,6 +111,9 @@ class Trainer:
         # fraction of the plan and moves with it until the run passes it; then it stays put.
         self.crop_frac = float(cfg.early_crop_fraction or 0.0) if cfg.early_crop else 0.0
         self.crop_end = round(self.crop_frac * self.total_steps)
+        # steps before frozen_end train a new head on a frozen backbone (set by models.head's
+        # FreezeBackbone); TimeBudget times them apart, as it does early crops
+        self.frozen_end = 0
         self.step, self.epoch, self.lr_scale = 0, 0, 1.0
         self.history: list[dict] = []
         self.best: float | None = None

@@ -123,7 +123,7 @@ class FreezeBackbone(Callback):
         self.epochs = epochs
 
     def _frozen(self, t) -> bool:
-        return t.step < round(self.epochs * t.steps_per_epoch)
+        return t.step < t.frozen_end
 
     def _apply(self, t) -> None:
         frozen = self._frozen(t)
@@ -137,6 +137,7 @@ class FreezeBackbone(Callback):
                          f"backbone lr x{t.model.backbone_lr_scale:g})")
 
     def on_train_start(self, t):
+        t.frozen_end = round(self.epochs * t.steps_per_epoch)
         t.model.freeze_backbone(self._frozen(t))
 
     def on_epoch_start(self, t, epoch):
