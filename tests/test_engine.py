@@ -15,6 +15,7 @@ from imgclf.engine.schedule import lr_factor
 class _T:
     stop = None
     lr_scale = 1.0
+    settling = False
 
 
 def test_onecycle_is_the_airbench_triangle():
@@ -41,6 +42,27 @@ def test_early_stopping_waits_for_patience():
     for loss in (1.0, 0.9, 0.95, 0.8, 0.85):
         es2.on_epoch_end(t2, {"val_loss": loss})
     assert t2.stop is None
+
+
+def test_warm_up_and_early_crop_epochs_are_not_counted_as_plateaus():
+    """The full CIFAR-10 run's first validation scores, the first four on crops (crop_end 2204
+    steps, 551 per epoch), then the rest: patience 2 must not stop it at epoch 4 or cut its lr."""
+    from imgclf.engine.trainer import Trainer
+
+    t = _T()
+    t.warmup_steps, t.crop_end = 1300, 2204
+    es, rp = EarlyStopping("val_acc", patience=2), ReduceOnPlateau("val_acc", patience=1, factor=0.5)
+    for epoch, acc in enumerate((0.598, 0.642, 0.587, 0.479, 0.642, 0.688, 0.756), start=1):
+        t.step = 551 * epoch
+        t.settling = Trainer.settling.fget(t)
+        assert t.settling == (epoch <= 4)
+        es.on_epoch_end(t, {"val_acc": acc})
+        rp.on_epoch_end(t, {"val_acc": acc})
+    assert t.stop is None and t.lr_scale == 1.0
+    for acc in (0.75, 0.74):  # two epochs without improvement past the settling phase
+        t.step += 551
+        es.on_epoch_end(t, {"val_acc": acc})
+    assert t.stop is not None
 
 
 def test_plateau_reduces_lr_after_patience():

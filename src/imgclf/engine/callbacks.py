@@ -38,11 +38,15 @@ def _better(monitor: str, value: float, best: float | None) -> bool:
 
 
 class EarlyStopping(Callback):
+    """Stop after ``patience`` epochs without improvement, counted from the first epoch that ends
+    past the warm-up and the early crops (t.settling; cf. Keras's start_from_epoch): a patience of
+    2 stopped the default CIFAR-10 recipe at epoch 4 of 13, on crops at peak lr."""
+
     def __init__(self, monitor: str, patience: int):
         self.monitor, self.patience, self.best, self.bad = monitor, patience, None, 0
 
     def on_epoch_end(self, t, row):
-        if self.monitor not in row:
+        if self.monitor not in row or t.settling:
             return
         if _better(self.monitor, row[self.monitor], self.best):
             self.best, self.bad = row[self.monitor], 0
@@ -59,14 +63,15 @@ class EarlyStopping(Callback):
 
 
 class ReduceOnPlateau(Callback):
-    """Multiply the lr by ``factor`` after ``patience`` epochs without improvement."""
+    """Multiply the lr by ``factor`` after ``patience`` epochs without improvement (counted as
+    EarlyStopping counts them: not during the warm-up or the early crops)."""
 
     def __init__(self, monitor: str, patience: int, factor: float, min_factor: float = 1e-4):
         self.monitor, self.patience, self.factor, self.min_factor = monitor, patience, factor, min_factor
         self.best, self.bad = None, 0
 
     def on_epoch_end(self, t, row):
-        if self.monitor not in row:
+        if self.monitor not in row or t.settling:
             return
         if _better(self.monitor, row[self.monitor], self.best):
             self.best, self.bad = row[self.monitor], 0
