@@ -33,6 +33,8 @@ head-only epoch unless said:
     from scratch, all defaults                                      46.3% (2.75 epochs, 862.1 s)
     backbone x1.0, freeze_stages 3, batch 64, 160 px (1 head-only epoch)  91.0% (2.4 epochs, 868.6 s)
     same at 128 px, --set freeze_epochs=0.25 (now the recipe's 0.26)       92.3% (3.25 epochs, 886.6 s)
+    the recipe's 0.26 head-only epochs, planner aware of them, 128 px       92.2% (3.02 epochs, 877.2 s)
+    same at 96 px                                                           91.9% (5.91 epochs, 889.1 s)
 """
 
 from __future__ import annotations
