@@ -45,22 +45,23 @@ def test_early_stopping_waits_for_patience():
 
 
 def test_warm_up_and_early_crop_epochs_are_not_counted_as_plateaus():
-    """The full CIFAR-10 run's first validation scores, the first four on crops (crop_end 2204
-    steps, 551 per epoch), then the rest: patience 2 must not stop it at epoch 4 or cut its lr."""
+    """The untimed default run on the full CIFAR-10 copy (43 steps per epoch, warm-up 127 steps,
+    crops until step 276 of 551) and its recorded validation scores: patience 2 must not stop it
+    at epoch 4, nor a plateau schedule cut its lr, while its steps are warm-up or crops."""
     from imgclf.engine.trainer import Trainer
 
     t = _T()
-    t.warmup_steps, t.crop_end = 1300, 2204
+    t.warmup_steps, t.crop_end = 127, 276
     es, rp = EarlyStopping("val_acc", patience=2), ReduceOnPlateau("val_acc", patience=1, factor=0.5)
-    for epoch, acc in enumerate((0.598, 0.642, 0.587, 0.479, 0.642, 0.688, 0.756), start=1):
-        t.step = 551 * epoch
+    for epoch, acc in enumerate((0.598, 0.642, 0.587, 0.479, 0.642, 0.688, 0.756, 0.783, 0.834), start=1):
+        t.step = 43 * epoch
         t.settling = Trainer.settling.fget(t)
-        assert t.settling == (epoch <= 4)
+        assert t.settling == (epoch <= 6)
         es.on_epoch_end(t, {"val_acc": acc})
         rp.on_epoch_end(t, {"val_acc": acc})
     assert t.stop is None and t.lr_scale == 1.0
-    for acc in (0.75, 0.74):  # two epochs without improvement past the settling phase
-        t.step += 551
+    for acc in (0.83, 0.82):  # two epochs without improvement past the settling phase
+        t.step += 43
         es.on_epoch_end(t, {"val_acc": acc})
     assert t.stop is not None
 
