@@ -113,3 +113,13 @@ def test_time_limit_two_processes_plan_one_length(small_sample, tmp_path):
     assert time.perf_counter() - t0 <= budget + 3.0
     assert res.config.time_limit == budget and len(res.history) == np.ceil(res.config.epochs) >= 2
     assert (res.run_dir / "model.safetensors").exists() and res.test["n"] == 100
+
+
+def test_head_only_phase_in_two_processes(small_sample, tmp_path):
+    # DDP registers the backbone's parameters as trained; FreezeBackbone then freezes them for
+    # the first epoch, so their gradients never arrive: DDP must be told to expect that, or the
+    # second step fails ("Expected to have finished reduction in the prior iteration")
+    res = imgclf.train(data=str(small_sample), model="timm:resnet18", head=[32], freeze_epochs=1, epochs=2,
+                       batch_size=32, image_size=32, precision="fp32", tta=False, tensorboard=False,
+                       progress=False, project=str(tmp_path), devices=2)
+    assert len(res.history) == 2 and res.test["n"] == 100

@@ -555,6 +555,15 @@ def test_bomb_limit_checked_before_decoding(coco_path: Path, monkeypatch: pytest
     assert decoded == [(640, 480)]
 
 
+def test_pixel_limit_applies_to_the_reduced_jpeg_decode(coco_path: Path) -> None:
+    # a photo over the limit that JPEG decodes at 1/8 scale (a 108-MP phone photo for a 224-px
+    # cache) is not a bomb: only the decoded pixels count
+    limit = 640 * 480 // 4
+    with pytest.raises(BadImage, match="image too large: 640x480"):
+        load_rgb(coco_path, max_pixels=limit)  # a full decode
+    assert load_resized(coco_path, 32, max_pixels=limit).shape == (32, 32, 3)
+
+
 def test_bomb_header_above_default_limit(tmp_path: Path) -> None:
     # 10000x10000 grey is over the default limit but under PIL's hard 2x one: PIL only warns
     path = tmp_path / "bomb.png"

@@ -133,3 +133,54 @@ def test_closing_evaluation_is_budgeted_from_measured_inference(small_sample, tm
     assert wall <= budget + 1.5, wall
     # it trained (~1 epoch of 360 images; less on a slow, busy machine), then evaluated, in the budget
     assert res.config.epochs > 0.3 and res.test is not None
+
+
+def test_validation_time_is_not_taken_for_step_time(small_sample, tmp_path, monkeypatch):
+    # a slow validation (1 s per epoch here; 5k images on the full data) sits between an epoch's
+    # last step and the epoch-end re-plan: counted as step time, it inflated the step estimate
+    # and shrank the plan at every epoch end
+    from imgclf.engine.callbacks import TimeBudget
+    from imgclf.engine.trainer import Trainer
+
+    validate = Trainer.validate
+
+    def slow_validate(self):
+        time.sleep(1.0)
+        return validate(self)
+
+    monkeypatch.setattr(Trainer, "validate", slow_validate)
+
+    class Watch(Callback):
+        def __init__(self):
+            self.step_ends, self.estimates = [], []
+
+        def on_epoch_start(self, t, epoch):
+            self.step_ends.append([])
+
+        def on_step_end(self, t):
+            self.step_ends[-1].append(time.perf_counter())
+
+        def on_epoch_end(self, t, row):  # after TimeBudget's re-plan (it runs first)
+            budget = next(c for c in t.callbacks if isinstance(c, TimeBudget))
+            self.estimates.append(budget.step_s)
+
+    w = Watch()
+    res = imgclf.train(data=str(small_sample), project=str(tmp_path), time_limit=20, val_split=0.2, callbacks=[w],
+                       progress=False, tensorboard=False)
+    gaps = [b - a for ends in w.step_ends for a, b in zip(ends, ends[1:])]
+    real = float(sorted(gaps)[len(gaps) // 2])
+    est = [e for e in w.estimates if e is not None]
+    assert est and max(est) < 1.5 * real, (est, real)
+    assert len(res.history) == math.ceil(res.config.epochs) >= 3
+
+
+def test_one_step_epochs_are_timed_too(small_sample, tmp_path):
+    # 400 images in batches of 512: one step per epoch, so no timing window ever held a step
+    # and the run ignored its budget (the recipe's 100 epochs)
+    budget = 15.0
+    t0 = time.perf_counter()
+    res = imgclf.train(data=str(small_sample / "train"), project=str(tmp_path), time_limit=budget, val_split=0,
+                       batch_size=512, progress=False, tensorboard=False)
+    assert time.perf_counter() - t0 <= budget + 1.5
+    assert 2 <= res.config.epochs < 100 and len(res.history) == math.ceil(res.config.epochs)
+

@@ -164,6 +164,9 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
     started = time.time()
     if resume is not None:
         run_dir = Path(resume)
+        extra = sorted(set(options) - {"progress", "device"}) + (["config"] if config is not None else [])
+        if extra:  # silently training the saved config instead would be worse
+            raise UserError(f"resume continues a run with its saved config; drop: {', '.join(extra)}")
         if not (run_dir / "config.yaml").exists():
             raise UserError(f"--resume {run_dir}: not a run folder (no config.yaml)")
         if not (run_dir / "last.pt").exists():
@@ -218,6 +221,15 @@ def _prepare_data(cfg: TrainConfig, run_dir: Path | None, device: torch.device, 
                       images=cfg.images, keep_empty=cfg.keep_empty)
     for p in src.problems:
         log.warn(p)
+    if src.task == "single" and len(src.classes) < 2:
+        raise UserError(f"--data {cfg.data}: only one class ({', '.join(src.classes)}) in {src.origin}; a classifier "
+                        "needs two or more: point --data at the folder that holds the class folders")
+    if src.task == "single" and cfg.monitor == "val_map":
+        raise UserError("--monitor val_map is for multi-label data; use val_acc or val_loss")
+    if src.val is None and (cfg.early_stopping or cfg.schedule == "plateau"):
+        what = "--early-stopping" if cfg.early_stopping else "--schedule plateau"
+        raise UserError(f"{what} watches validation scores, and this run has no validation data: "
+                        "set --val-split (e.g. 0.1) or give --val-data")
     arch = resolve_name(cfg.model)
     native = src.train.images.shape[1] if src.train.images is not None else None
     source = pretrained.plan(arch, cfg.weights, cfg.pretrained)  # pretrained weights: input size, mean/std
@@ -329,7 +341,7 @@ def _build_trainer(s: _Setup, *, resume, callbacks, final_eval: bool, t_start: f
                       callbacks=([budget_cb] if budget_cb else []) + list(callbacks or []) + transfer_callbacks,
                       flip_mode=recipe.flip_mode(cfg), multilabel=s.multilabel,
                       class_weights=class_weights, loss_fn=loss_fn, is_main=rank == 0,
-                      ddp_model=distributed.wrap(model, ddp, cfg.sync_bn) if ddp else None,
+                      ddp_model=distributed.wrap(model, ddp, cfg.sync_bn, bool(cfg.freeze_epochs)) if ddp else None,
                       reduce=ddp.reduce if ddp else None)
     if budget_cb and budget_cb.active and s.user_epochs is not None:
         budget_cb.max_steps = trainer.total_steps  # an explicit --epochs caps the planned length
@@ -465,12 +477,24 @@ def evaluate(run: str | Path, data: str | None = None, *, tta: bool | None = Non
         run_cfg = make_config(run_dir / "config.yaml")
         label_opts = dict(task=run_cfg.task, label_mode=run_cfg.label_mode, classes=run_cfg.classes,
                           keep_empty=run_cfg.keep_empty, images=run_cfg.images if data is None else None)
-    if data is None:
+    own = data is None
+    if own:
         cfg = make_config(run_dir / "config.yaml")
         data = cfg.test_data or cfg.data
     src = load_source(data, val_split=0.0, cache_dir=root, **label_opts)
     split = src.test if src.test is not None else src.train
     which = "test" if src.test is not None else "all"
+    if own and not cfg.test_data and src.test is None:
+        # the run's data has no test split: score its held-out validation split, rebuilt as
+        # training made it, never the images it trained on
+        from imgclf.evaluate.calibrate import source_from_config
+
+        src = source_from_config(cfg, root)
+        if src.val is None:
+            raise UserError(f"{run_dir}: its data ({data}) has no test split and the run held out no validation "
+                            "split: pass --data with test images")
+        split, which = src.val, "val"
+        log.info(f"{data} has no test split: evaluating on the run's validation split ({len(split)} images)")
     missing = sorted(set(src.classes) - set(meta["classes"]))
     if missing:
         raise UserError(f"{data} has classes the model was not trained on: {', '.join(missing[:10])}")
@@ -505,7 +529,9 @@ def expand_inputs(items: list[str | Path]) -> list[Path]:
     for it in items:
         p = Path(it)
         if p.is_dir():
-            out += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTENSIONS and q.is_file())
+            # hidden files and macOS's ._name resource forks and __MACOSX folders are not images
+            out += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTENSIONS and q.is_file()
+                          and not any(x.startswith(".") or x == "__MACOSX" for x in q.relative_to(p).parts))
         elif p.exists():
             out.append(p)
         else:

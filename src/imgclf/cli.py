@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="top-1/top-5, per-class P/R/F1 and the confusion matrix on test data")
     e.add_argument("run", help="run folder")
-    e.add_argument("--data", help="test data (default: the run's own test split)")
+    e.add_argument("--data", help="test data (default: the run's own test split, else its validation split)")
     e.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="test-time augmentation (default: the run's setting)")
     e.add_argument("--device", default="auto")
     e.add_argument("--out", help="folder for the figures (default: RUN/eval-<data>)")
@@ -152,7 +152,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     opts = _train_options(args)
     if args.resume:
-        extra = set(opts) - {"progress", "device"}
+        extra = set(opts) - {"progress", "device"} | ({"config"} if args.config else set())
         if extra:
             raise UserError(f"--resume continues a run with its saved config; drop: {', '.join('--' + k.replace('_', '-') for k in sorted(extra))}")
         res = train(resume=args.resume, **opts)

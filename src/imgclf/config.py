@@ -9,6 +9,7 @@ in a YAML file (``rotate: 10``) and in a sweep's search space, with no dotted pa
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -227,4 +228,9 @@ def make_config(file: str | Path | None = None, **overrides: Any) -> TrainConfig
 
 
 def dump_yaml(cfg: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    # rewritten mid-run at every re-plan: a kill while writing must not leave a half file that
+    # --resume would read
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    os.replace(tmp, path)

@@ -13,6 +13,7 @@ import mmap
 import multiprocessing as mp
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from imgclf.data.sources import Split
 
 CACHE_VERSION = 1
 _CHUNK = 256
+ARRAYS_IN_RAM = 1 << 30  # in-memory sources (CIFAR, pixel CSVs) resized beyond this go to a disk cache
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
@@ -52,7 +54,11 @@ def _fingerprint(split: Split, size: int, policy: str) -> str:
     h.update(f"v{CACHE_VERSION}|{size}|{policy}|".encode())
     if split.paths is not None:
         for p in split.paths:
-            st = os.stat(p)
+            try:
+                st = os.stat(p)
+            except OSError:  # a dangling link, a file deleted since the scan: decoding reports it
+                h.update(f"{p}\tmissing\n".encode())
+                continue
             h.update(f"{os.path.realpath(p)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     else:
         h.update(np.ascontiguousarray(split.images).data)
@@ -116,25 +122,68 @@ def build_cache(
         # In-memory arrays already at the target size: nothing to decode or store.
         rows = np.arange(len(split), dtype=np.int64)
         return CachedSplit(np.ascontiguousarray(split.images), rows, split.labels, [])
-    if split.images is not None:
-        # Arrays (pickles, CSVs) are already in RAM; resizing them is cheap, so no disk cache.
-        out = np.stack([resize_rgb(im, size, policy) for im in split.images]) if len(split) else np.zeros((0, size, size, 3), np.uint8)
-        return CachedSplit(out, np.arange(len(split), dtype=np.int64), split.labels, [])
+    rows_all = np.arange(len(split), dtype=np.int64)
+    if split.images is not None and len(split) * size * size * 3 <= ARRAYS_IN_RAM:
+        # Arrays (pickles, CSVs) are already in RAM and resizing them is cheap: no disk cache.
+        # Filled in place: np.stack of a list would hold every image twice at the peak.
+        out = np.empty((len(split), size, size, 3), np.uint8)
+        for i, im in enumerate(split.images):
+            out[i] = resize_rgb(im, size, policy)
+        return CachedSplit(out, rows_all, split.labels, [])
 
     root.mkdir(parents=True, exist_ok=True)
+    _remove_stale(root)
     key = _fingerprint(split, size, policy)
     npy, meta_path = root / f"{key}.npy", root / f"{key}.json"
+    if split.images is not None:
+        # CIFAR upscaled for a pretrained net (50k images at 224 px: 7.5 GB): to a memory-mapped
+        # file like decoded images, which later runs reuse and the loader pages in as it can
+        if not npy.exists():
+            tmp = npy.with_name(npy.stem + f".{os.getpid()}.tmp.npy")
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(split), size, size, 3))
+            with _progress(len(split), "resizing", progress) as bar:
+                for i, im in enumerate(split.images):
+                    out[i] = resize_rgb(im, size, policy)
+                    bar.update(1)
+            out.flush()
+            del out
+            os.replace(tmp, npy)
+        return CachedSplit(np.load(npy, mmap_mode="r"), rows_all, split.labels, [])
     if npy.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
     else:
         meta = _build(split.paths, size, policy, npy, workers, progress, desc)
-        tmp = meta_path.with_suffix(".json.tmp")
+        tmp = meta_path.with_name(f"{key}.{os.getpid()}.tmp.json")  # one per process: runs may share a cache
         tmp.write_text(json.dumps(meta))
         os.replace(tmp, meta_path)
     images = np.load(npy, mmap_mode="r")
     bad = {i for i, _ in meta["bad"]}
     rows = np.asarray([i for i in range(len(split)) if i not in bad], dtype=np.int64)
     return CachedSplit(images, rows, split.labels[rows], [msg for _, msg in meta["bad"]])
+
+
+def _remove_stale(root: Path) -> None:
+    """Temporary files of killed builds (``<key>.<pid>.tmp.*``): each can be gigabytes. Removed
+    when their process is gone and they are an hour old (a cache on a shared disk may be built by
+    another machine, whose pids mean nothing here)."""
+    old = time.time() - 3600
+    for f in root.glob("*.tmp.*"):
+        parts = f.name.split(".")
+        try:
+            if len(parts) >= 4 and parts[1].isdigit() and not _alive(int(parts[1])) and f.stat().st_mtime < old:
+                f.unlink()
+        except OSError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _build(paths: list[str], size: int, policy: str, npy: Path, workers: int, progress: bool, desc: str) -> dict:

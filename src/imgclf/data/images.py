@@ -150,13 +150,14 @@ def _decode(source: str | os.PathLike | bytes, max_pixels: int, draft: tuple[int
         warnings.simplefilter("ignore")
         img = _identify(fp, name, max_pixels)
         width, height = img.size
-        # before load(): the whole point is not to allocate/decode a bomb's pixels
-        if width * height > max_pixels:
-            raise BadImage(name, f"image too large: {width}x{height} pixels exceeds limit of {max_pixels}")
         if draft is not None:
             # only JPEG (and MPO, the multi-picture JPEG many cameras write) can decode at
-            # reduced scale; for every other format draft() is a no-op
+            # reduced scale (down to 1/8 a side); for every other format draft() is a no-op
             img.draft(None, _draft_request(img.size, *draft))
+        # before load(): the whole point is not to allocate/decode a bomb's pixels. The limit is
+        # on the pixels decoded, so a 108-MP phone photo that decodes at 1/8 scale is fine.
+        if img.size[0] * img.size[1] > max_pixels:
+            raise BadImage(name, f"image too large: {width}x{height} pixels exceeds limit of {max_pixels}")
         try:
             # never ImageFile.LOAD_TRUNCATED_IMAGES: a cut-off file must be reported, not grey-filled
             img.load()

@@ -342,7 +342,14 @@ def _load_csv(path: Path, opts: Options, classes: list[str] | None, problems: li
     found = sorted({t for ls in labels for t in ls})
     cls = classes if classes is not None else _class_list(found, opts, str(path))
     index = {c: i for i, c in enumerate(cls)}
-    single = opts.task == "single" or (opts.task == "auto" and all(len(ls) == 1 for ls in labels))
+    # auto: single-label when every labelled row has one label. Rows left blank are then more
+    # likely unlabelled than "none of the classes": they are dropped, and the message says how
+    # to keep them as negatives.
+    single = opts.task == "single" or (opts.task == "auto" and all(len(ls) <= 1 for ls in labels)
+                                       and any(labels))
+    if single and opts.task == "auto" and not all(labels):
+        problems.append(f"{path}: {sum(not ls for ls in labels)} row(s) have no label: skipped "
+                        "(--task multilabel keeps them as images of none of the classes)")
     if single:
         bad = [p for p, ls in zip(paths, labels) if sum(t in index for t in ls) != 1]
         if bad and opts.task == "single":

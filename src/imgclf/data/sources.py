@@ -16,8 +16,13 @@ from imgclf.data import archives
 from imgclf.data.images import IMAGE_EXTENSIONS
 from imgclf.errors import UserError
 
-VAL_NAMES = ("val", "valid", "validation")
-TEST_NAMES = ("test",)
+# split folders, matched case-insensitively and also as the last part of a name: Training/ +
+# Test/ (Fruits-360), Training/ + Testing/ (Kaggle's brain MRI), seg_train/ + seg_test/ (Intel
+# scenes). Taken as classes, such folders train a model to tell the splits apart.
+TRAIN_NAMES = ("train", "training")
+VAL_NAMES = ("val", "valid", "validation", "dev")
+TEST_NAMES = ("test", "testing")
+_DOC_SUFFIXES = {".txt", ".md", ".pdf", ".html", ".htm", ".rst", ".license"}
 
 
 @dataclass
@@ -110,11 +115,47 @@ def scan_class_folders(root: Path, classes: list[str] | None = None) -> tuple[li
     return classes, Split(labels=np.asarray(labels, dtype=np.int64), paths=paths), problems
 
 
-def _named_subdir(root: Path, names: tuple[str, ...]) -> Path | None:
-    for n in names:
-        if (root / n).is_dir():
-            return root / n
+def _split_key(name: str, names: tuple[str, ...]) -> int | None:
+    """Rank of ``names`` that folder ``name`` matches (``Training``, ``seg_train``), else None."""
+    low = name.lower()
+    for cand in (low, low.rsplit("_", 1)[-1], low.rsplit("-", 1)[-1], low.rsplit(" ", 1)[-1]):
+        if cand in names:
+            return names.index(cand)
     return None
+
+
+def _named_subdir(root: Path, names: tuple[str, ...], problems: list[str] | None = None) -> Path | None:
+    hits = sorted((k, d.name != d.name.lower(), d.name, d) for d in _class_dirs(root)
+                  if (k := _split_key(d.name, names)) is not None)
+    if not hits:
+        return None
+    if problems is not None and len(hits) > 1:
+        problems.append(f"{root}: several {names[0]} folders ({', '.join(h[2] for h in hits)}): "
+                        f"{hits[0][2]} used, the others ignored")
+    return hits[0][3]
+
+
+def _train_subdir(root: Path) -> Path | None:
+    """The train split folder, if ``root`` is split into train/(val/)(test/). A folder named like
+    a split that holds images directly, not class folders, is a class (a vehicles set's train/)."""
+    d = _named_subdir(root, TRAIN_NAMES)
+    if d is None or not _class_dirs(d):
+        return None
+    return d
+
+
+def _unwrap(root: Path) -> Path:
+    """A folder holding one folder and at most a README or a licence (Kaggle's PetImages/ next to
+    a pdf and a txt) is read from that folder, if it holds folders in turn."""
+    entries = [p for p in root.iterdir() if not p.name.startswith(".") and p.name not in archives._JUNK]
+    dirs = [p for p in entries if p.is_dir()]
+    if (len(dirs) == 1 and all(p.suffix.lower() in _DOC_SUFFIXES for p in entries if not p.is_dir())
+            and _class_dirs(dirs[0])):
+        from imgclf import log
+
+        log.info(f"{root} holds only {dirs[0].name}/: reading the data from {dirs[0]}")
+        return _unwrap(dirs[0])
+    return root
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -166,6 +207,8 @@ def _load_one(spec: str, *, csv_layout: str, label_column: str, cache_dir: Path,
                         label_column=label_column, cache_dir=cache_dir, classes=classes, ml=ml)
         src.name, src.origin, src.root = _data_name(path), str(path), src.origin
         return src
+    if path.is_dir():
+        path = _unwrap(path)
     kind = multilabel.detect(path)  # COCO JSON, YOLO images/+labels/, CSV of path,label1|label2
     if kind is not None:
         return multilabel.load(path, kind, ml or multilabel.Options(), classes)
@@ -176,19 +219,49 @@ def _load_one(spec: str, *, csv_layout: str, label_column: str, cache_dir: Path,
         raise UserError(f"--data {spec}: unsupported file type '{path.suffix}' (expected a folder, a .csv, an archive (.zip, .tar.gz, ...), or cifar10)")
     if arrays.is_cifar_dir(path):
         return _from_arrays(arrays.read_cifar(path), str(path), _data_name(path))
-    train_dir = path / "train" if (path / "train").is_dir() else None
+    train_dir = _train_subdir(path)
     if train_dir is None:
         cls, split, problems = scan_class_folders(path, classes)
         return DataSource(name=_data_name(path), origin=str(path), classes=cls, train=split, problems=problems)
     cls, train, problems = scan_class_folders(train_dir, classes)
     src = DataSource(name=_data_name(path), origin=str(path), classes=cls, train=train, problems=problems)
+    used = {train_dir}
     for attr, names in (("val", VAL_NAMES), ("test", TEST_NAMES)):
-        d = _named_subdir(path, names)
+        d = _named_subdir(path, names, src.problems)
         if d is not None:
             _, split, probs = scan_class_folders(d, cls)
             setattr(src, attr, split)
             src.problems.extend(probs)
+            used.add(d)
+    other = [d.name for d in _class_dirs(path) if d not in used and _split_key(d.name, TRAIN_NAMES) is None
+             and _split_key(d.name, VAL_NAMES) is None and _split_key(d.name, TEST_NAMES) is None]
+    if other:  # seg_pred/ (unlabelled), extras/: beside the splits they are not classes
+        src.problems.append(f"{path}: folder(s) {', '.join(other[:5])} ignored (not a train/val/test split)")
     return src
+
+
+def _align(other: DataSource, classes: list[str]) -> DataSource:
+    """Val/test data read with its own class list, restricted to ``classes`` (the training data's
+    --classes subset) and re-indexed to their order."""
+    from imgclf.data import multilabel
+
+    present = [c for c in classes if c in other.classes]
+    missing = [c for c in classes if c not in other.classes]
+    if not present:
+        raise UserError(f"{other.origin}: none of the classes {', '.join(classes[:5])} are in it")
+    other = multilabel.select_classes(other, present)
+    to = np.asarray([classes.index(c) for c in present], dtype=np.int64)
+    s = other.train
+    if s.labels.ndim == 2:
+        full = np.zeros((len(s), len(classes)), dtype=np.float32)
+        full[:, to] = s.labels
+        s.labels = full
+    else:
+        s.labels = to[s.labels]
+    other.classes = list(classes)
+    if missing:
+        other.problems.append(f"{other.origin} has no images of class(es): {', '.join(missing[:10])}")
+    return other
 
 
 def load_source(
@@ -218,7 +291,9 @@ def load_source(
     src = multilabel.select_classes(_load_one(data, **kw), subset)
     for attr, spec in (("val", val_data), ("test", test_data)):
         if spec:
-            other = _load_one(spec, classes=src.classes, **kw)
+            # with --classes, the other data keeps its own class list and is cut down to the subset
+            other = (_align(_load_one(spec, **kw), src.classes) if subset
+                     else _load_one(spec, classes=src.classes, **kw))
             if other.classes != src.classes:
                 raise UserError(f"{spec}: its classes {other.classes[:5]}... differ from the training data's")
             setattr(src, attr, other.train)

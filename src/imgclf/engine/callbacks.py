@@ -174,6 +174,8 @@ class TimeBudget(Callback):
         self.w_steps = 0
         self.w_kind = "step"  # the current window's kind of step: "step" (full), "crop" or "frozen"
         self.lead_in = 0  # steps left untimed at the start of a new phase
+        self.e_t0: float | None = None  # the current epoch's start and steps so far
+        self.e_steps = 0
 
     def _full_s(self, t) -> float:
         if self.step_s is not None:
@@ -301,6 +303,7 @@ class TimeBudget(Callback):
             gap = time.perf_counter() - self.t_last
             self.gap_s = gap if self.gap_s is None else 0.5 * (self.gap_s + gap)
         self.w_t0, self.w_steps = None, 0  # a window never spans an epoch boundary
+        self.e_t0, self.e_steps = time.perf_counter(), 0
 
     def on_step_end(self, t):
         if not self.active:
@@ -313,6 +316,7 @@ class TimeBudget(Callback):
             # window edges only (one sync per >= 2 s, nothing inside the window)
             torch.cuda.synchronize(t.device)
         now = self.t_last = time.perf_counter()
+        self.e_steps += 1
         if self.w_t0 is None:
             if self.lead_in > 0:
                 self.lead_in -= 1
@@ -344,7 +348,14 @@ class TimeBudget(Callback):
         if not self.active or t.step >= t.total_steps:
             return
         now = time.perf_counter()
-        if self._close_window(now) or any(v is not None for v in (self.step_s, self.crop_s, self.frozen_s)):
+        # The window ends at the epoch's last step, not now: validation ran in between, and it is
+        # already counted (gap_s). Ended now, a window of the epoch's last 2 steps took the 5k-image
+        # validation as step time, and the plan shrank at every epoch end.
+        closed = self._close_window(self.t_last)
+        if not closed and self.e_steps and all(v is None for v in (self.step_s, self.crop_s, self.frozen_s)):
+            # epochs too short to hold a window (one step each): time whole epochs instead
+            setattr(self, f"{self._kind(t)}_s", (self.t_last - self.e_t0) / self.e_steps)
+        if closed or any(v is not None for v in (self.step_s, self.crop_s, self.frozen_s)):
             self._plan(t, now, 0.01)
 
 
@@ -374,7 +385,9 @@ class TensorBoard(Callback):
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is a dependency, but never fail a run over logging
             return
-        self.writer = SummaryWriter(str(self.logdir), purge_step=t.epoch if t.epoch else None)
+        # scalars are logged at 1-based epochs: a run resumed after epoch k hides what a killed
+        # run logged past k (steps >= k + 1) and keeps epoch k's own points
+        self.writer = SummaryWriter(str(self.logdir), purge_step=t.epoch + 1 if t.epoch else None)
 
     def on_epoch_end(self, t, row):
         if self.writer is None:

@@ -127,8 +127,10 @@ def main_first_end(ctx: DistContext | None) -> None:
         ctx.barrier()
 
 
-def wrap(model: torch.nn.Module, ctx: DistContext, sync_bn: bool) -> torch.nn.Module:
-    """The DDP wrapper used for the forward pass; it averages gradients across ranks."""
+def wrap(model: torch.nn.Module, ctx: DistContext, sync_bn: bool, frozen_phase: bool = False) -> torch.nn.Module:
+    """The DDP wrapper used for the forward pass; it averages gradients across ranks.
+    ``frozen_phase``: the backbone is frozen for the first steps (--freeze-epochs), after DDP
+    has registered its parameters as trained."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     if sync_bn:
@@ -136,7 +138,8 @@ def wrap(model: torch.nn.Module, ctx: DistContext, sync_bn: bool) -> torch.nn.Mo
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     # Models that freeze parameters between epochs (fastnet's stem bias) leave them without a
     # gradient later on, which DDP only tolerates when told to look for unused parameters.
-    unused = callable(getattr(model, "on_epoch_start", None))
+    # The same holds for a backbone frozen after wrapping (FreezeBackbone, head-only phase).
+    unused = frozen_phase or callable(getattr(model, "on_epoch_start", None))
     return DDP(model, device_ids=ids, find_unused_parameters=unused)
 
 

@@ -57,7 +57,10 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
 
 def atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())  # else a power cut can leave the renamed file empty
     os.replace(tmp, path)
 
 

@@ -1,0 +1,184 @@
+"""Folder layouts and settings users bring that are not train/val/test + class folders, and the
+run-level checks around them: split folders named Training/ or seg_train/, a data set wrapped in
+one more folder, one class, --classes with separate val data, macOS debris, evaluate on a run
+without a test split. Built from the packaged CIFAR-10 sample's real photos."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import imgclf
+from imgclf.data.sources import load_source
+from imgclf.errors import UserError
+
+QUICK = dict(epochs=1, progress=False, tensorboard=False, batch_size=64)
+
+
+def _copy_classes(src: Path, dst: Path, classes: list[str], n: int) -> None:
+    for c in classes:
+        (dst / c).mkdir(parents=True)
+        for f in sorted((src / c).glob("*.jpg"))[:n]:
+            shutil.copy(f, dst / c / f.name)
+
+
+@pytest.mark.parametrize("train_name,test_name", [("Training", "Test"), ("Training", "Testing"),
+                                                  ("seg_train", "seg_test")])
+def test_split_folders_with_other_names_are_splits_not_classes(small_sample, tmp_path, train_name, test_name):
+    root = tmp_path / "set"
+    _copy_classes(small_sample / "train", root / train_name, ["cat", "dog", "ship"], 8)
+    _copy_classes(small_sample / "test", root / test_name, ["cat", "dog", "ship"], 3)
+    (root / "seg_pred").mkdir()  # Intel scenes' unlabelled images
+    shutil.copy(next((small_sample / "test" / "cat").glob("*.jpg")), root / "seg_pred" / "x.jpg")
+    src = load_source(str(root), val_split=0, cache_dir=tmp_path / "c")
+    assert src.classes == ["cat", "dog", "ship"]
+    assert len(src.train) == 24 and len(src.test) == 9
+    assert all(f"/{train_name}/" in p for p in src.train.paths)
+    assert any("seg_pred" in p and "ignored" in p for p in src.problems)
+
+
+def test_a_class_named_train_is_a_class(small_sample, tmp_path):
+    # a vehicles set whose classes include "train": that folder holds images, not class folders
+    root = tmp_path / "vehicles"
+    _copy_classes(small_sample / "train", root, ["automobile", "truck"], 5)
+    (root / "train").mkdir()
+    for f in sorted((small_sample / "train" / "ship").glob("*.jpg"))[:5]:
+        shutil.copy(f, root / "train" / f.name)
+    src = load_source(str(root), val_split=0, cache_dir=tmp_path / "c")
+    assert src.classes == ["automobile", "train", "truck"] and src.test is None
+
+
+def test_one_wrapping_folder_is_looked_through(small_sample, tmp_path):
+    # Kaggle's cats-vs-dogs: PetImages/{Cat,Dog} next to a licence pdf and a readme
+    root = tmp_path / "kaggle"
+    _copy_classes(small_sample / "train", root / "PetImages", ["cat", "dog"], 6)
+    (root / "readme[1].txt").write_text("hello")
+    (root / "MSR-LA - 3467.pdf").write_bytes(b"%PDF-1.4")
+    src = load_source(str(root), val_split=0, cache_dir=tmp_path / "c")
+    assert src.classes == ["cat", "dog"] and len(src.train) == 12
+
+
+def test_one_class_is_a_one_line_error_before_any_work(small_sample, tmp_path):
+    root = tmp_path / "only"
+    _copy_classes(small_sample / "train", root, ["cat"], 6)
+    with pytest.raises(UserError, match="only one class .cat.") as e:
+        imgclf.train(data=str(root), project=str(tmp_path / "runs"), **QUICK)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_classes_subset_with_separate_val_data(small_sample, tmp_path):
+    _copy_classes(small_sample / "train", tmp_path / "tr", ["bird", "cat", "dog", "ship"], 6)
+    _copy_classes(small_sample / "test", tmp_path / "va", ["bird", "cat", "dog", "ship"], 3)
+    src = load_source(str(tmp_path / "tr"), val_data=str(tmp_path / "va"), classes="ship,cat",
+                      cache_dir=tmp_path / "c")
+    assert src.classes == ["ship", "cat"]
+    assert len(src.val) == 6
+    # labels follow the training data's (subset) order, by name
+    for p, y in zip(src.val.paths, src.val.labels):
+        assert Path(p).parent.name == src.classes[y]
+    # a val folder missing one of the classes is a warning, not an error
+    shutil.rmtree(tmp_path / "va" / "cat")
+    src = load_source(str(tmp_path / "tr"), val_data=str(tmp_path / "va"), classes="ship,cat",
+                      cache_dir=tmp_path / "c")
+    assert len(src.val) == 3 and (src.val.labels == 0).all()
+    assert any("no images of class(es): cat" in p for p in src.problems)
+
+
+def test_label_csv_with_a_blank_row_stays_single_label(small_sample, tmp_path):
+    files = sorted((small_sample / "train" / "cat").glob("*.jpg"))[:3] + \
+        sorted((small_sample / "train" / "dog").glob("*.jpg"))[:3]
+    rows = [(str(f), f.parent.name) for f in files]
+    rows[2] = (rows[2][0], "")
+    with open(tmp_path / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label"])
+        w.writerows(rows)
+    src = load_source(str(tmp_path / "labels.csv"), val_split=0, cache_dir=tmp_path / "c")
+    assert src.task == "single" and src.classes == ["cat", "dog"]
+    assert src.train.labels.tolist() == [0, 0, 1, 1, 1]
+    assert any("1 row(s) have no label" in p for p in src.problems)
+    ml = load_source(str(tmp_path / "labels.csv"), val_split=0, cache_dir=tmp_path / "c", task="multilabel")
+    assert ml.task == "multilabel" and len(ml.train) == 6 and ml.train.labels[2].sum() == 0
+
+
+def test_predict_on_a_folder_skips_macos_debris(tiny_run, small_sample, tmp_path):
+    from imgclf.api import expand_inputs
+
+    d = tmp_path / "photos"
+    (d / "__MACOSX").mkdir(parents=True)
+    good = sorted((small_sample / "test" / "cat").glob("*.jpg"))[:2]
+    for f in good:
+        shutil.copy(f, d / f.name)
+        (d / f"._{f.name}").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # a resource fork
+        (d / "__MACOSX" / f"._{f.name}").write_bytes(b"\x00\x05\x16\x07")
+    assert [p.name for p in expand_inputs([d])] == [f.name for f in good]
+    rows = imgclf.load(tiny_run).predict([d])
+    assert len(rows) == 2 and all(not r.get("error") for r in rows)
+
+
+def test_evaluate_without_a_test_split_scores_the_held_out_val_split(small_sample, tmp_path):
+    flat = tmp_path / "flat"
+    _copy_classes(small_sample / "train", flat, ["cat", "dog", "ship"], 20)
+    res = imgclf.train(data=str(flat), project=str(tmp_path / "runs"), name="r", val_split=0.25, **QUICK)
+    m = imgclf.evaluate(res.run_dir, progress=False)
+    held = load_source(str(flat), val_split=0.25, split_seed=res.config.split_seed, cache_dir=tmp_path / "c").val
+    assert m["split"] == "val" and m["n"] == len(held) == 15
+    none = imgclf.train(data=str(flat), project=str(tmp_path / "runs"), name="n", val_split=0, **QUICK)
+    with pytest.raises(UserError, match="no test split"):
+        imgclf.evaluate(none.run_dir, progress=False)
+    # a folder given with --data is scored whole, as before
+    assert imgclf.evaluate(none.run_dir, str(flat), progress=False)["split"] == "all"
+
+
+def test_settings_that_need_validation_data_say_so(small_sample, tmp_path):
+    for bad, match in ((dict(early_stopping=3), "--early-stopping"), (dict(schedule="plateau"), "plateau"),
+                       (dict(monitor="val_map", val_split=0.2), "multi-label")):
+        kw = {**dict(val_split=0), **bad}
+        with pytest.raises(UserError, match=match):
+            imgclf.train(data=str(small_sample / "train"), project=str(tmp_path / "runs"), **{**QUICK, **kw})
+
+
+def test_resume_with_new_options_is_refused(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    with pytest.raises(UserError, match="drop: epochs"):
+        imgclf.train(resume=run, epochs=30)
+
+
+def test_killed_cache_builds_are_cleaned_up(small_sample, tmp_path):
+    from imgclf.data.cache import build_cache
+
+    root = tmp_path / "cache"
+    root.mkdir()
+    dead = root / "0123abcd.999999999.tmp.npy"  # no such pid
+    young = root / "4567ef01.999999999.tmp.npy"
+    for f in (dead, young):
+        f.write_bytes(b"x" * 1000)
+    os.utime(dead, (1e9, 1e9))  # 2001
+    src = load_source(str(small_sample / "test"), val_split=0, cache_dir=tmp_path)
+    build_cache(src.train, 32, "stretch", root, progress=False)
+    assert not dead.exists() and young.exists()  # a young one may be another machine's build
+
+
+def test_large_in_memory_arrays_resize_into_a_disk_cache(monkeypatch, tmp_path):
+    from imgclf.data import cache
+    from imgclf.data.sources import Split
+
+    rng = np.random.default_rng(0)
+    split = Split(labels=np.arange(6) % 2, images=rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
+    small = cache.build_cache(split, 48, "stretch", tmp_path / "a", progress=False)
+    monkeypatch.setattr(cache, "ARRAYS_IN_RAM", 1000)
+    big = cache.build_cache(split, 48, "stretch", tmp_path / "b", progress=False)
+    assert isinstance(big.images, np.memmap) and not isinstance(small.images, np.memmap)
+    np.testing.assert_array_equal(np.asarray(big.images), small.images)
+    assert len(list((tmp_path / "b").glob("*.npy"))) == 1
+    calls = []
+    monkeypatch.setattr(cache, "resize_rgb", lambda *a: calls.append(1))
+    again = cache.build_cache(split, 48, "stretch", tmp_path / "b", progress=False)  # reused, not resized
+    assert not calls and np.array_equal(np.asarray(again.images), small.images)
