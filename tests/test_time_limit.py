@@ -184,3 +184,42 @@ def test_one_step_epochs_are_timed_too(small_sample, tmp_path):
     assert time.perf_counter() - t0 <= budget + 1.5
     assert 2 <= res.config.epochs < 100 and len(res.history) == math.ceil(res.config.epochs)
 
+
+def test_budget_width_picks_the_widest_net_that_still_gets_enough_epochs():
+    from imgclf.engine.recipe import budget_width
+
+    cost = {1.0: 1.15, 1.25: 1.58, 1.5: 2.2}  # seconds per step at batch 1024, as on the dev machine
+    timed = []
+
+    def step_s(w):
+        timed.append(w)
+        return cost[w]
+
+    # 600 s on the dev machine: ~13 epochs at width 1, so a 1.25x wider net would get < 11: not
+    # even timed
+    assert budget_width(step_s, 560, 48, 0.78)[0] == 1.0 and timed == [1.0]
+    timed.clear()
+    # a machine 1.4x faster (or a 900-s budget here): 19 epochs at width 1, 13.9 at 1.25, 10 at 1.5
+    width, epochs = budget_width(step_s, 820, 48, 0.78)
+    assert width == 1.25 and timed == [1.0, 1.25, 1.5]
+    assert epochs[1.25] == pytest.approx(13.87, abs=0.01) and epochs[1.5] < 11
+    timed.clear()
+    assert budget_width(step_s, 2000, 48, 0.78)[0] == 1.5  # a GPU's budget
+
+
+def test_time_limited_fastnet_records_the_width_it_chose(small_sample, tmp_path, monkeypatch, capfd):
+    # early crops on (the large-data recipe) and a bar every width clears: the widest is chosen
+    # from timed steps, and config.yaml and model.json both say so, so a repeat builds the same net
+    import json
+
+    from imgclf.engine import recipe
+
+    monkeypatch.setattr(recipe, "BUDGET_MIN_EPOCHS", 0.5)
+    budget = 25.0
+    t0 = time.perf_counter()
+    res = imgclf.train(data=str(small_sample), project=str(tmp_path), time_limit=budget, early_crop=24,
+                       progress=False, tensorboard=False)
+    assert time.perf_counter() - t0 <= budget + 1.5
+    assert "fastnet width 1.5" in capfd.readouterr().err
+    assert make_config(res.run_dir / "config.yaml").model_args == {"width": 1.5}
+    assert json.loads((res.run_dir / "model.json").read_text())["arch_args"]["width"] == 1.5

@@ -272,6 +272,74 @@ def _check_early_crop(model: torch.nn.Module, arch: str, crop: int, size: int) -
         model.train(was)
 
 
+def _budget_start(t_start: float, started: float) -> float:
+    """When --time-limit's clock started (perf_counter): a spawned rank's budget began at the
+    parent's train() call, passed in the environment."""
+    return t_start - max(0.0, started - float(os.environ.get("IMGCLF_TRAIN_STARTED", started)))
+
+
+def _fastnet_width_for_budget(s: _Setup, began: float) -> None:
+    """--time-limit on large data: a machine fast enough for many epochs gets a wider FastNet
+    (recipe.budget_width), chosen from a few training steps timed here at the run's batch and
+    image size (~1 s each on a 2-core CPU; a GPU's are milliseconds). Recorded in model_args, so
+    the run's config.yaml repeats and resumes it."""
+    from imgclf.engine.optim import build_optimizer
+    from imgclf.models.nets import FastNet
+
+    cfg, size, device = s.cfg, s.size, s.device
+    precision = resolve_precision(cfg.precision, device)
+    n = len(s.src.classes)
+
+    def step_s(width: float) -> float:
+        model = FastNet(n, size, width=width).to(device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        opt = build_optimizer(model, cfg)
+        x = torch.randn(cfg.batch_size, 3, size, size, device=device)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, n, (cfg.batch_size,), device=device)
+        times = []
+        for _ in range(3):  # the first sets up kernels and the optimizer's state: not timed
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            with precision.autocast(device):
+                loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        return min(times[1:])
+
+    n_train = len(s.cached["train"])
+    spe = max(1, n_train // cfg.batch_size if n_train >= 4 * cfg.batch_size else -(-n_train // cfg.batch_size))
+    f = cfg.early_crop_fraction or 0.0
+    crop_factor = f * recipe.crop_step_cost(cfg.early_crop, size) + 1 - f
+    # what follows training (the test pass with TTA views, the report) at ~1/3 of a step per image,
+    # and TimeBudget's margin of 2% + 3 s
+    n_eval = sum(len(v) for k, v in s.cached.items() if k != "train")
+    views = len(tta_views(torch.zeros(1, 3, 4, 4), recipe.tta_level(cfg)))
+
+    def avail(s1: float) -> float:
+        after = (n_eval * views + 2 * 2000) * s1 / cfg.batch_size / 3
+        return began + cfg.time_limit * 0.98 - 3.0 - after - time.perf_counter()
+
+    t0 = time.perf_counter()
+    # the probe's random weights and inputs must not move the run's own random stream (--seed)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        s1 = step_s(1.0)
+        width, epochs = recipe.budget_width(lambda w: s1 if w == 1.0 else step_s(w), avail(s1), spe, crop_factor)
+    if width != 1.0:
+        cfg.model_args = {**cfg.model_args, "width": width}
+        if s.run_dir is not None:
+            dump_yaml(cfg, s.run_dir / "config.yaml")
+    log.info(f"time limit: fastnet width {width:g} (" + ", ".join(f"~{e:.1f} epochs at width {w:g}" for w, e in
+             epochs.items()) + f"; steps timed in {time.perf_counter() - t0:.1f}s)")
+
+
 def _build_trainer(s: _Setup, *, resume, callbacks, final_eval: bool, t_start: float, started: float):
     """The model (pretrained weights, head, freezing), loaders, augmentation, time budget and the
     Trainer, restored from the checkpoint on --resume. Returns (model, trainer, time budget
@@ -285,6 +353,9 @@ def _build_trainer(s: _Setup, *, resume, callbacks, final_eval: bool, t_start: f
     mean, std = (source.mean, source.std) if source and source.mean else default_normalization(arch)
     if mean is None:
         mean, std = channel_stats(cached["train"])
+    if (arch == "fastnet" and cfg.time_limit and resume is None and world == 1 and cfg.early_crop
+            and "width" not in cfg.model_args):
+        _fastnet_width_for_budget(s, began=_budget_start(t_start, started))
     arch_args = arch_args_for_record(arch, size, {**transfer.transfer_arch_args(arch, cfg, source), **cfg.model_args})
     model = build_model(arch, len(s.src.classes), size, arch_args)
     if cfg.early_crop:
@@ -328,9 +399,7 @@ def _build_trainer(s: _Setup, *, resume, callbacks, final_eval: bool, t_start: f
             dump_yaml(cfg, s.run_dir / "config.yaml")
     budget_cb = None
     if cfg.time_limit and resume is None:
-        # a spawned rank's budget began at the parent's train() call (passed in the environment)
-        began = t_start - max(0.0, started - float(os.environ.get("IMGCLF_TRAIN_STARTED", started)))
-        budget_cb = _time_budget(cfg, began, cached, final_eval=final_eval, run_dir=s.run_dir if rank == 0 else None,
+        budget_cb = _time_budget(cfg, _budget_start(t_start, started), cached, final_eval=final_eval, run_dir=s.run_dir if rank == 0 else None,
                                  multilabel=s.multilabel, size=size)
     elif cfg.time_limit:  # inert, but in the same callback slot as when the checkpoint was written
         from imgclf.engine.callbacks import TimeBudget
