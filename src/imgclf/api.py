@@ -280,30 +280,35 @@ def _budget_start(t_start: float, started: float) -> float:
 
 def _fastnet_width_for_budget(s: _Setup, began: float) -> None:
     """--time-limit on large data: a machine fast enough for many epochs gets a wider FastNet
-    (recipe.budget_width), chosen from a few training steps timed here at the run's batch and
-    image size (~1 s each on a 2-core CPU; a GPU's are milliseconds). Recorded in model_args, so
-    the run's config.yaml repeats and resumes it."""
+    (recipe.budget_width), chosen from width 1's training steps timed here at the run's image
+    size (~2 s on a 2-core CPU, milliseconds on a GPU). Recorded in model_args, so the run's
+    config.yaml repeats and resumes it."""
     from imgclf.engine.optim import build_optimizer
     from imgclf.models.nets import FastNet
 
     cfg, size, device = s.cfg, s.size, s.device
     precision = resolve_precision(cfg.precision, device)
     n = len(s.src.classes)
-
-    def step_s(width: float) -> float:
-        model = FastNet(n, size, width=width).to(device)
+    # a quarter batch: per image it costs what a whole one does (1.33 s vs 1.29 s per 1024
+    # CIFAR-10 images here) and settles in 2 steps instead of 4 (the first steps of a new net
+    # set up kernels and memory)
+    b = min(cfg.batch_size, 256)
+    t0 = time.perf_counter()
+    # the probe's random weights and inputs must not move the run's own random stream (--seed)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model = FastNet(n, size).to(device)
+        x = torch.randn(b, 3, size, size, device=device)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
-        opt = build_optimizer(model, cfg)
-        x = torch.randn(cfg.batch_size, 3, size, size, device=device)
-        if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        y = torch.randint(0, n, (cfg.batch_size,), device=device)
+        prepare_cpu_training(model, device)
+        opt = build_optimizer(model, cfg)
+        y = torch.randint(0, n, (b,), device=device)
         times = []
-        for _ in range(3):  # the first sets up kernels and the optimizer's state: not timed
+        for _ in range(5):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
+            t1 = time.perf_counter()
             with precision.autocast(device):
                 loss = torch.nn.functional.cross_entropy(model(x).float(), y)
             loss.backward()
@@ -311,33 +316,27 @@ def _fastnet_width_for_budget(s: _Setup, began: float) -> None:
             opt.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t0)
-        return min(times[1:])
+            times.append(time.perf_counter() - t1)
+        del model, opt, x
+    s1 = min(times[2:]) * cfg.batch_size / b
 
     n_train = len(s.cached["train"])
     spe = max(1, n_train // cfg.batch_size if n_train >= 4 * cfg.batch_size else -(-n_train // cfg.batch_size))
     f = cfg.early_crop_fraction or 0.0
     crop_factor = f * recipe.crop_step_cost(cfg.early_crop, size) + 1 - f
-    # what follows training (the test pass with TTA views, the report) at ~1/3 of a step per image,
-    # and TimeBudget's margin of 2% + 3 s
+    # what follows training (the test pass with TTA views, the report's 2 x 2000 images) at ~1/3
+    # of a step per image, and TimeBudget's margin of 2% + 3 s
     n_eval = sum(len(v) for k, v in s.cached.items() if k != "train")
     views = len(tta_views(torch.zeros(1, 3, 4, 4), recipe.tta_level(cfg)))
-
-    def avail(s1: float) -> float:
-        after = (n_eval * views + 2 * 2000) * s1 / cfg.batch_size / 3
-        return began + cfg.time_limit * 0.98 - 3.0 - after - time.perf_counter()
-
-    t0 = time.perf_counter()
-    # the probe's random weights and inputs must not move the run's own random stream (--seed)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        s1 = step_s(1.0)
-        width, epochs = recipe.budget_width(lambda w: s1 if w == 1.0 else step_s(w), avail(s1), spe, crop_factor)
+    after = (n_eval * views + 2 * 2000) * s1 / cfg.batch_size / 3
+    avail = began + cfg.time_limit * 0.98 - 3.0 - after - time.perf_counter()
+    width, epochs = recipe.budget_width(lambda w: s1 * recipe.WIDTH_STEP_COST[w], avail, spe, crop_factor)
     if width != 1.0:
         cfg.model_args = {**cfg.model_args, "width": width}
         if s.run_dir is not None:
             dump_yaml(cfg, s.run_dir / "config.yaml")
     log.info(f"time limit: fastnet width {width:g} (" + ", ".join(f"~{e:.1f} epochs at width {w:g}" for w, e in
-             epochs.items()) + f"; steps timed in {time.perf_counter() - t0:.1f}s)")
+             epochs.items()) + f"; width 1 timed in {time.perf_counter() - t0:.1f}s)")
 
 
 def _build_trainer(s: _Setup, *, resume, callbacks, final_eval: bool, t_start: float, started: float):
