@@ -23,7 +23,11 @@ run's model, more TTA views (9 or 25 shifts, both mirrors) scored 91.00-91.02% a
 for level 2's 6 views, at up to 8x the evaluation time. Later, in one hour: the default
 91.00% at 11.98 epochs (578.9 s); ``--early-crop-fraction 0.7`` (more, cheaper epochs) 90.69% at
 13.17 epochs (584.2 s); ``--ema 0.98`` (weight averaging on top of lookahead) 90.67% at 12.08
-epochs (90.35% without TTA, against the default's 90.18%).
+epochs (90.35% without TTA, against the default's 90.18%). A longer budget is better spent on a
+wider net (``--time-limit 900``, one hour): width 1.0 91.30% at 16.88 epochs, width 1.25 91.72% at
+12.27, width 1.5 91.07% at 7.71; so under --time-limit the recipe now times width 1 and takes the
+widest net that still gets 11 epochs. At that head: the default (600 s) kept width 1, 90.92% at
+11.88 epochs in 584.0 s; ``--time-limit 900`` chose width 1.25, 91.47% at 11.77 epochs in 868.4 s.
 """
 
 from __future__ import annotations
