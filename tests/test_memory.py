@@ -101,3 +101,17 @@ def test_inference_over_a_memory_map_reads_the_rows_asked_and_keeps_rss_bounded(
     out = logits_for_array(model, images, norm, Precision(None), torch.device("cpu"), rows=np.arange(len(images)))
     assert out.shape == (1365, 3)
     assert _rss_file_bytes() - before < 16 << 20
+
+
+def test_gpu_residency_is_bounded_by_the_gpu_not_the_host(monkeypatch):
+    # a 64-GB host and a 16-GB card with 10 GB free: images kept on the card take at most 40% of
+    # its free memory; on the CPU the host budget alone counts. (mem_get_info is stubbed: no
+    # GPU here, and the rule is arithmetic on what CUDA reports.)
+    import torch
+
+    from imgclf.data.loader import resident_budget
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 << 30, 16 << 30))
+    assert resident_budget(torch.device("cuda", 0), 32 << 30) == int(0.4 * (10 << 30))
+    assert resident_budget(torch.device("cuda", 0), 1 << 30) == 1 << 30
+    assert resident_budget(torch.device("cpu"), 32 << 30) == 32 << 30

@@ -34,6 +34,17 @@ def default_ram_budget() -> int:
     return free_ram_bytes() // 2
 
 
+def resident_budget(device: torch.device, ram_budget: int | None) -> int:
+    """Bytes of images a loader may hold on ``device``: half the free RAM (or --ram-budget), and
+    on a GPU at most 40% of its free memory, leaving the rest to the model's activations (100k
+    images at 224 px are 15 GB: resident on a 64-GB host, out of memory on a 16-GB card). The
+    train loader takes its share first, so the val loader sees what is left."""
+    budget = default_ram_budget() if ram_budget is None else ram_budget
+    if device.type == "cuda":
+        budget = min(budget, int(0.4 * torch.cuda.mem_get_info(device)[0]))
+    return budget
+
+
 class BatchLoader:
     """Yields ``(uint8 NHWC images, labels)`` on ``device``.
 
@@ -62,8 +73,7 @@ class BatchLoader:
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
         self.rank, self.world, self.prefetch = rank, world, prefetch
         self.sampler = sampler  # e.g. data.sampler.BalancedSampler: order(epoch) -> indices
-        budget = default_ram_budget() if ram_budget is None else ram_budget
-        self.resident = data.nbytes <= budget
+        self.resident = data.nbytes <= resident_budget(device, ram_budget)
         labels = torch.from_numpy(np.ascontiguousarray(data.labels))
         self.labels = labels.to(device)
         self.images: torch.Tensor | None = None
