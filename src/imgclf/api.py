@@ -88,15 +88,9 @@ def _time_budget(cfg, t_start: float, cached: dict, *, final_eval: bool, run_dir
     or temperature calibration on val; the report's per-image sections on up to 2000 train
     and test images each) plus a margin for writing the model, plots and report."""
     from imgclf.engine.callbacks import TimeBudget
-    from imgclf.evaluate.report import SAMPLE_LIMIT
 
     n_val = len(cached["val"]) if "val" in cached else 0
-    views = len(tta_views(torch.zeros(1, 3, 4, 4), recipe.tta_level(cfg)))
-    eval_split = "test" if "test" in cached else ("val" if "val" in cached else None)
-    n_eval = len(cached[eval_split]) if eval_split and final_eval else 0
-    after = n_eval * views + n_val * (views if multilabel else 1)
-    if final_eval and not multilabel:  # the report's top losses, confused pairs and Grad-CAM
-        after += min(SAMPLE_LIMIT, len(cached["train"])) + min(SAMPLE_LIMIT, n_eval)
+    after = _images_after_training(cfg, cached, final_eval=final_eval, multilabel=multilabel)
 
     def on_plan(t, before, stopped=False):  # the plan and big corrections are printed; all go to config.yaml
         if t.is_main and not stopped and (before is None or abs(t.total_steps - before) > 0.25 * before):
@@ -111,9 +105,34 @@ def _time_budget(cfg, t_start: float, cached: dict, *, final_eval: bool, run_dir
         if run_dir is not None:
             dump_yaml(cfg, run_dir / "config.yaml")  # the planned epochs: a repeat runs the same length
 
-    # margin: 2% of the budget + 3 s for the model file, plots and the HTML report
     return TimeBudget(t_start + cfg.time_limit, eval_images=after, val_images=n_val,
-                      fixed_reserve=3.0 + 0.02 * cfg.time_limit, input_shape=(3, size, size), on_plan=on_plan)
+                      fixed_reserve=_writing_reserve(cfg), input_shape=(3, size, size), on_plan=on_plan)
+
+
+def _images_after_training(cfg, cached: dict, *, final_eval: bool, multilabel: bool) -> int:
+    """Forward passes (images x views) that follow training: the test split with its TTA views;
+    threshold tuning (multi-label, with views) or temperature calibration on val; the report's
+    per-image sections on up to 2000 train and test images each."""
+    from imgclf.evaluate.report import SAMPLE_LIMIT
+
+    n_val = len(cached["val"]) if "val" in cached else 0
+    views = len(tta_views(torch.zeros(1, 3, 4, 4), recipe.tta_level(cfg)))
+    eval_split = "test" if "test" in cached else ("val" if "val" in cached else None)
+    n_eval = len(cached[eval_split]) if eval_split and final_eval else 0
+    after = n_eval * views + n_val * (views if multilabel else 1)
+    if final_eval and not multilabel:  # the report's top losses, confused pairs and Grad-CAM
+        after += min(SAMPLE_LIMIT, len(cached["train"])) + min(SAMPLE_LIMIT, n_eval)
+    return after
+
+
+def _writing_reserve(cfg) -> float:
+    """The budget's margin for writing the model file, plots and the HTML report."""
+    return 3.0 + 0.02 * cfg.time_limit
+
+
+def _drop_last(n_train: int, batch_size: int) -> bool:
+    """A ragged last batch is dropped only where it is a small part of an epoch."""
+    return n_train >= 4 * batch_size
 
 
 @dataclass
@@ -278,7 +297,7 @@ def _budget_start(t_start: float, started: float) -> float:
     return t_start - max(0.0, started - float(os.environ.get("IMGCLF_TRAIN_STARTED", started)))
 
 
-def _fastnet_width_for_budget(s: _Setup, began: float) -> None:
+def _fastnet_width_for_budget(s: _Setup, began: float, final_eval: bool) -> None:
     """--time-limit on large data: a machine fast enough for many epochs gets a wider FastNet
     (recipe.budget_width), chosen from width 1's training steps timed here at the run's image
     size (~2 s on a 2-core CPU, milliseconds on a GPU). Recorded in model_args, so the run's
@@ -321,15 +340,14 @@ def _fastnet_width_for_budget(s: _Setup, began: float) -> None:
     s1 = min(times[2:]) * cfg.batch_size / b
 
     n_train = len(s.cached["train"])
-    spe = max(1, n_train // cfg.batch_size if n_train >= 4 * cfg.batch_size else -(-n_train // cfg.batch_size))
+    spe = max(1, n_train // cfg.batch_size if _drop_last(n_train, cfg.batch_size) else -(-n_train // cfg.batch_size))
     f = cfg.early_crop_fraction or 0.0
     crop_factor = f * recipe.crop_step_cost(cfg.early_crop, size) + 1 - f
-    # what follows training (the test pass with TTA views, the report's 2 x 2000 images) at ~1/3
-    # of a step per image, and TimeBudget's margin of 2% + 3 s
-    n_eval = sum(len(v) for k, v in s.cached.items() if k != "train")
-    views = len(tta_views(torch.zeros(1, 3, 4, 4), recipe.tta_level(cfg)))
-    after = (n_eval * views + 2 * 2000) * s1 / cfg.batch_size / 3
-    avail = began + cfg.time_limit * 0.98 - 3.0 - after - time.perf_counter()
+    # what TimeBudget reserves, with an evaluation forward pass at ~1/3 of a training step per
+    # image (its own guess until it has timed one)
+    after = _images_after_training(cfg, s.cached, final_eval=final_eval, multilabel=s.multilabel)
+    reserve = _writing_reserve(cfg) + 1.1 * after * s1 / cfg.batch_size / 3
+    avail = began + cfg.time_limit - reserve - time.perf_counter()
     width, epochs = recipe.budget_width(lambda w: s1 * recipe.WIDTH_STEP_COST[w], avail, spe, crop_factor)
     if width != 1.0:
         cfg.model_args = {**cfg.model_args, "width": width}
@@ -354,7 +372,7 @@ def _build_trainer(s: _Setup, *, resume, callbacks, final_eval: bool, t_start: f
         mean, std = channel_stats(cached["train"])
     if (arch == "fastnet" and cfg.time_limit and resume is None and world == 1 and cfg.early_crop
             and "width" not in cfg.model_args):
-        _fastnet_width_for_budget(s, began=_budget_start(t_start, started))
+        _fastnet_width_for_budget(s, began=_budget_start(t_start, started), final_eval=final_eval)
     arch_args = arch_args_for_record(arch, size, {**transfer.transfer_arch_args(arch, cfg, source), **cfg.model_args})
     model = build_model(arch, len(s.src.classes), size, arch_args)
     if cfg.early_crop:
@@ -367,7 +385,7 @@ def _build_trainer(s: _Setup, *, resume, callbacks, final_eval: bool, t_start: f
     # global batch (BatchLoader's rank/world shards), so no lr rescaling is applied here.
     n_train = len(cached["train"])
     train_loader = BatchLoader(cached["train"], cfg.batch_size // world, device, shuffle=True, rank=rank, world=world,
-                               drop_last=n_train >= 4 * cfg.batch_size, seed=cfg.seed, ram_budget=budget,
+                               drop_last=_drop_last(n_train, cfg.batch_size), seed=cfg.seed, ram_budget=budget,
                                sampler=sampler)
     val_loader = None
     if "val" in cached:

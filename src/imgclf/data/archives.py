@@ -74,16 +74,36 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
-def _remove_stale(parent: Path, older_than_s: float = 3600.0) -> None:
-    """Folders left by an extraction that was killed (an hour old: not one still running)."""
+def remove_stale(parent: Path, pattern: str, older_than_s: float = 3600.0) -> None:
+    """Temporary files or folders left by a killed extraction (``.extract-*``) or cache build
+    (``<key>.<pid>.tmp.npy``, each up to gigabytes): an hour untouched, not one still being
+    written, and where the name carries the writer's pid, that process gone. (A cache on a
+    shared disk may be built by another machine, whose pids mean nothing here: hence the age.)"""
     import time
 
-    for p in parent.glob(".extract-*"):
+    for p in parent.glob(pattern):
         try:
-            if time.time() - p.stat().st_mtime > older_than_s:
+            if time.time() - p.stat().st_mtime <= older_than_s:
+                continue
+            parts = p.name.split(".")
+            if len(parts) >= 4 and parts[1].isdigit() and _alive(int(parts[1])):
+                continue
+            if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink()
         except OSError:
             pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def extract_archive(path: Path, cache_dir: Path) -> Path:
@@ -92,7 +112,7 @@ def extract_archive(path: Path, cache_dir: Path) -> Path:
     if target.is_dir():
         return _content_root(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(target.parent)
+    remove_stale(target.parent, ".extract-*")
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=target.parent))
     log.info(f"extracting {path} into {target} (once; later runs reuse it)")
     try:

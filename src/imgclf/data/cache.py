@@ -13,12 +13,12 @@ import mmap
 import multiprocessing as mp
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from imgclf.data.archives import remove_stale
 from imgclf.data.images import BadImage, load_resized, resize_rgb
 from imgclf.data.sources import Split
 
@@ -132,7 +132,7 @@ def build_cache(
         return CachedSplit(out, rows_all, split.labels, [])
 
     root.mkdir(parents=True, exist_ok=True)
-    _remove_stale(root)
+    remove_stale(root, "*.tmp.*")
     key = _fingerprint(split, size, policy)
     npy, meta_path = root / f"{key}.npy", root / f"{key}.json"
     if split.images is not None:
@@ -160,30 +160,6 @@ def build_cache(
     bad = {i for i, _ in meta["bad"]}
     rows = np.asarray([i for i in range(len(split)) if i not in bad], dtype=np.int64)
     return CachedSplit(images, rows, split.labels[rows], [msg for _, msg in meta["bad"]])
-
-
-def _remove_stale(root: Path) -> None:
-    """Temporary files of killed builds (``<key>.<pid>.tmp.*``): each can be gigabytes. Removed
-    when their process is gone and they are an hour old (a cache on a shared disk may be built by
-    another machine, whose pids mean nothing here)."""
-    old = time.time() - 3600
-    for f in root.glob("*.tmp.*"):
-        parts = f.name.split(".")
-        try:
-            if len(parts) >= 4 and parts[1].isdigit() and not _alive(int(parts[1])) and f.stat().st_mtime < old:
-                f.unlink()
-        except OSError:
-            pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def _build(paths: list[str], size: int, policy: str, npy: Path, workers: int, progress: bool, desc: str) -> dict:
