@@ -169,8 +169,10 @@ def test_validation_time_is_not_taken_for_step_time(small_sample, tmp_path, monk
                        progress=False, tensorboard=False)
     gaps = [b - a for ends in w.step_ends for a, b in zip(ends, ends[1:])]
     real = float(sorted(gaps)[len(gaps) // 2])
-    est = [e for e in w.estimates if e is not None]
-    assert est and max(est) < 1.5 * real, (est, real)
+    est = sorted(e for e in w.estimates if e is not None)
+    # the bug inflated every epoch's estimate (1 s over ~10 steps: ~2x); the median keeps one
+    # noisy window on a busy machine (seen: 1.51x once) from failing the test
+    assert est and est[len(est) // 2] < 1.4 * real, (est, real)
     assert len(res.history) == math.ceil(res.config.epochs) >= 3
 
 
@@ -220,6 +222,7 @@ def test_time_limited_fastnet_records_the_width_it_chose(small_sample, tmp_path,
     res = imgclf.train(data=str(small_sample), project=str(tmp_path), time_limit=budget, early_crop=24,
                        progress=False, tensorboard=False)
     assert time.perf_counter() - t0 <= budget + 1.5
-    assert "fastnet width 1.5" in capfd.readouterr().err
+    err = capfd.readouterr().err
+    assert "fastnet width 1.5" in err and "3 width(s) timed" in err  # each width's steps timed, none assumed
     assert make_config(res.run_dir / "config.yaml").model_args == {"width": 1.5}
     assert json.loads((res.run_dir / "model.json").read_text())["arch_args"]["width"] == 1.5

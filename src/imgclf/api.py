@@ -297,25 +297,21 @@ def _budget_start(t_start: float, started: float) -> float:
     return t_start - max(0.0, started - float(os.environ.get("IMGCLF_TRAIN_STARTED", started)))
 
 
-def _fastnet_width_for_budget(s: _Setup, began: float, final_eval: bool) -> None:
-    """--time-limit on large data: a machine fast enough for many epochs gets a wider FastNet
-    (recipe.budget_width), chosen from width 1's training steps timed here at the run's image
-    size (~2 s on a 2-core CPU, milliseconds on a GPU). Recorded in model_args, so the run's
-    config.yaml repeats and resumes it."""
+def _fastnet_step_seconds(s: _Setup, width: float, precision) -> float:
+    """Seconds per training step of a fresh FastNet of ``width`` at the run's batch and image
+    size, timed on the run's device with the run's optimizer and precision."""
     from imgclf.engine.optim import build_optimizer
     from imgclf.models.nets import FastNet
 
     cfg, size, device = s.cfg, s.size, s.device
-    precision = resolve_precision(cfg.precision, device)
     n = len(s.src.classes)
     # a quarter batch: per image it costs what a whole one does (1.33 s vs 1.29 s per 1024
     # CIFAR-10 images here) and settles in 2 steps instead of 4 (the first steps of a new net
     # set up kernels and memory)
     b = min(cfg.batch_size, 256)
-    t0 = time.perf_counter()
     # the probe's random weights and inputs must not move the run's own random stream (--seed)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        model = FastNet(n, size).to(device)
+        model = FastNet(n, size, width=width).to(device)
         x = torch.randn(b, 3, size, size, device=device)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -337,24 +333,44 @@ def _fastnet_width_for_budget(s: _Setup, began: float, final_eval: bool) -> None
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - t1)
         del model, opt, x
-    s1 = min(times[2:]) * cfg.batch_size / b
+    return min(times[2:]) * cfg.batch_size / b
 
+
+def _fastnet_width_for_budget(s: _Setup, began: float, final_eval: bool) -> None:
+    """--time-limit on large data: a machine fast enough for many epochs gets a wider FastNet
+    (recipe.budget_width), chosen from training steps timed here at the run's image size (~4 s
+    per width on a 2-core CPU, milliseconds on a GPU). A wider net is timed only where width 1
+    leaves enough epochs that it could qualify: how much wider nets cost depends on the machine
+    (a GPU or an AMX CPU runs them relatively cheaper than this 2-core dev CPU). Recorded in
+    model_args, so the run's config.yaml repeats and resumes it."""
+    cfg, size = s.cfg, s.size
+    precision = resolve_precision(cfg.precision, s.device)
+    t0 = time.perf_counter()
+    steps: dict[float, float] = {}
+
+    def step_s(w: float) -> float:
+        if w not in steps:
+            steps[w] = _fastnet_step_seconds(s, w, precision)
+        return steps[w]
+
+    s1 = step_s(1.0)
     n_train = len(s.cached["train"])
     spe = max(1, n_train // cfg.batch_size if _drop_last(n_train, cfg.batch_size) else -(-n_train // cfg.batch_size))
     f = cfg.early_crop_fraction or 0.0
     crop_factor = f * recipe.crop_step_cost(cfg.early_crop, size) + 1 - f
     # what TimeBudget reserves, with an evaluation forward pass at ~1/3 of a training step per
-    # image (its own guess until it has timed one)
+    # image (its own guess until it has timed one). A wider net's own probe (seconds) is not
+    # deducted: TimeBudget plans the run's length from the clock afterwards.
     after = _images_after_training(cfg, s.cached, final_eval=final_eval, multilabel=s.multilabel)
     reserve = _writing_reserve(cfg) + 1.1 * after * s1 / cfg.batch_size / 3
     avail = began + cfg.time_limit - reserve - time.perf_counter()
-    width, epochs = recipe.budget_width(lambda w: s1 * recipe.WIDTH_STEP_COST[w], avail, spe, crop_factor)
+    width, epochs = recipe.budget_width(step_s, avail, spe, crop_factor)
     if width != 1.0:
         cfg.model_args = {**cfg.model_args, "width": width}
         if s.run_dir is not None:
             dump_yaml(cfg, s.run_dir / "config.yaml")
     log.info(f"time limit: fastnet width {width:g} (" + ", ".join(f"~{e:.1f} epochs at width {w:g}" for w, e in
-             epochs.items()) + f"; width 1 timed in {time.perf_counter() - t0:.1f}s)")
+             epochs.items()) + f"; {len(steps)} width(s) timed in {time.perf_counter() - t0:.1f}s)")
 
 
 def _build_trainer(s: _Setup, *, resume, callbacks, final_eval: bool, t_start: float, started: float):

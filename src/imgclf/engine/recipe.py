@@ -78,18 +78,14 @@ def crop_step_cost(crop: int, size: int) -> float:
 # 900-s case in 600 s.
 BUDGET_WIDTHS = (1.0, 1.25, 1.5)
 BUDGET_MIN_EPOCHS = 11.0
-# A wider FastNet's training step over width 1's, from the epochs those runs fitted in 900 s
-# (16.9 / 12.3 and 16.9 / 7.7). Only width 1 is timed before training (timing a wider net
-# costs seconds more); on a GPU wider nets are relatively cheaper, so these err towards narrow.
-WIDTH_STEP_COST = {1.0: 1.0, 1.25: 1.37, 1.5: 2.19}
 
 
 def budget_width(step_s, avail_s: float, steps_per_epoch: int, crop_factor: float,
                  widths: tuple[float, ...] = BUDGET_WIDTHS, min_epochs: float | None = None):
-    """The widest FastNet whose training steps (``step_s(width)``: seconds on this machine)
-    still leave ``min_epochs`` in ``avail_s``; returns (width, {width: epochs}). A width is
-    asked for only if the last one left enough epochs that it could qualify (its steps cost at
-    least width/last as much)."""
+    """The widest FastNet whose training steps (``step_s(width)``: seconds timed on this machine;
+    how much a wider net costs depends on the machine) still leave ``min_epochs`` in
+    ``avail_s``; returns (width, {width: epochs}). A width is asked for (timed) only if the last
+    one left enough epochs that it could qualify (its steps cost at least width/last as much)."""
     min_epochs = BUDGET_MIN_EPOCHS if min_epochs is None else min_epochs
     chosen, epochs = widths[0], {}
     for i, w in enumerate(widths):
