@@ -76,6 +76,40 @@ def test_folder_split_is_stratified_and_fixed(small_sample, tmp_path):
     assert len(a.test) == 100 and set(a.train.paths).isdisjoint(a.val.paths)
 
 
+def test_val_split_stays_put_when_images_are_added_or_the_folder_moves(small_sample, tmp_path):
+    # each image's side of the hold-out comes from its own name: one new cat moves at most the
+    # cats at the boundary, no other class's split, and a moved copy of the data splits the same
+    flat = tmp_path / "flat"
+    shutil.copytree(small_sample / "train", flat)
+    before = load_source(str(flat), val_split=0.2, split_seed=0, cache_dir=tmp_path / "c")
+    other_seed = load_source(str(flat), val_split=0.2, split_seed=1, cache_dir=tmp_path / "c")
+    assert set(other_seed.val.paths) != set(before.val.paths)
+    shutil.copy(small_sample / "test" / "cat" / sorted(p.name for p in (small_sample / "test" / "cat").iterdir())[0],
+                flat / "cat" / "added.jpg")
+    after = load_source(str(flat), val_split=0.2, split_seed=0, cache_dir=tmp_path / "c")
+    old_val, new_val = set(before.val.paths), set(after.val.paths)
+    assert {p for p in old_val ^ new_val if "/cat/" not in p} == set()
+    assert len(old_val - new_val) <= 1 and len(new_val - old_val) <= 2
+    assert np.bincount(after.val.labels).tolist() == [8] * 10  # still 20% of each class (41 cats -> 8)
+    moved = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(flat, moved)
+    again = load_source(str(moved), val_split=0.2, split_seed=0, cache_dir=tmp_path / "c")
+    assert [os.path.relpath(p, moved) for p in again.val.paths] == [os.path.relpath(p, flat) for p in after.val.paths]
+
+
+def test_multilabel_hold_out_is_by_name_too():
+    from imgclf.data.sources import stratified_split
+
+    labels = np.zeros((200, 3), np.float32)
+    keys = [f"img{i:03d}.jpg" for i in range(200)]
+    tr, va = stratified_split(labels, 0.1, 0, keys)
+    assert len(va) == 20 and len(np.intersect1d(tr, va)) == 0 and len(tr) + len(va) == 200
+    # the same images without the first ten rows: whichever of them were held out stay held out
+    tr2, va2 = stratified_split(labels[10:], 0.1, 0, keys[10:])
+    held, now = {keys[i] for i in va} - set(keys[:10]), {keys[10 + i] for i in va2}
+    assert held <= now or now <= held  # both are the head of one hash order
+
+
 def test_cache_decodes_once_and_is_keyed_by_size(small_sample, tmp_path, monkeypatch):
     src = load_source(str(small_sample), val_split=0, cache_dir=tmp_path)
     first = build_cache(src.test, 32, "stretch", tmp_path, progress=False)
@@ -203,6 +237,30 @@ def test_resume_after_interrupt_ends_like_an_uninterrupted_run(small_sample, tmp
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert len(resumed.history) == 3
+
+
+def test_resume_says_when_the_data_changed(small_sample, tmp_path, capfd):
+    from imgclf.engine.callbacks import Callback
+
+    data = tmp_path / "data"
+    shutil.copytree(small_sample / "train", data)
+
+    class Crash(Callback):
+        def on_epoch_end(self, t, row):
+            if row["epoch"] == 2:  # after epoch 1's checkpoint
+                raise KeyboardInterrupt
+
+    opts = {**FAST, "epochs": 3}
+    with pytest.raises(KeyboardInterrupt):
+        imgclf.train(data=str(data), project=str(tmp_path), name="cut", callbacks=[Crash()], **opts)
+    capfd.readouterr()
+    same = tmp_path / "same"
+    shutil.copytree(tmp_path / "cut", same)
+    imgclf.train(resume=same, progress=False)
+    assert "data changed" not in capfd.readouterr().err
+    (data / "cat" / sorted(os.listdir(data / "cat"))[0]).unlink()
+    imgclf.train(resume=tmp_path / "cut", progress=False)
+    assert "the data changed since this run started (train 360 -> 359 images, val 40 -> 40)" in capfd.readouterr().err
 
 
 @pytest.mark.slow

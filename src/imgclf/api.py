@@ -21,7 +21,7 @@ from imgclf.data.augment import AugmentSpec, BatchAugment, Normalize, tta_views
 from imgclf.data.cache import CachedSplit, build_cache, cache_root, release_pages
 from imgclf.data.images import IMAGE_EXTENSIONS, BadImage, load_resized
 from imgclf.data.loader import BatchLoader, default_ram_budget
-from imgclf.data.sources import DataSource, load_source
+from imgclf.data.sources import DataSource, load_source, membership
 from imgclf.engine import recipe
 from imgclf.engine.cpu_alloc import prepare_cpu_training
 from imgclf.engine.trainer import Trainer, resolve_precision, seed_everything
@@ -447,8 +447,15 @@ def _build_trainer(s: _Setup, *, resume, callbacks, final_eval: bool, t_start: f
                       reduce=ddp.reduce if ddp else None)
     if budget_cb and budget_cb.active and s.user_epochs is not None:
         budget_cb.max_steps = trainer.total_steps  # an explicit --epochs caps the planned length
+    trainer.data_id = membership(s.src)
     if resume is not None:
         trainer.load_checkpoint(s.run_dir / "last.pt")
+        was = trainer.resumed_data
+        if rank == 0 and was is not None and was["digest"] != trainer.data_id["digest"]:
+            now = trainer.data_id
+            log.warn(f"--resume: the data changed since this run started (train {was['train']} -> {now['train']} "
+                     f"images, val {was['val']} -> {now['val']}): training goes on with the data as it is now, "
+                     "so scores before and after this point are not comparable")
         if cfg.time_limit and rank == 0:  # the plan of the checkpoint, which a later re-plan may have overtaken
             dump_yaml(cfg, s.run_dir / "config.yaml")
         log.info(f"resuming at epoch {trainer.epoch + 1} (step {trainer.step}/{trainer.total_steps})")

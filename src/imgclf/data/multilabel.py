@@ -405,10 +405,3 @@ def to_multilabel(src: DataSource) -> DataSource:
     return src
 
 
-def random_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Plain random hold-out for multi-hot labels (per-class stratification has no single class)."""
-    idx = np.random.default_rng(seed).permutation(n)
-    k = int(round(n * fraction))
-    if fraction > 0 and n >= 2:
-        k = min(max(k, 1), n - 1)
-    return np.sort(idx[k:]), np.sort(idx[:k])

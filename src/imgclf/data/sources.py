@@ -158,16 +158,66 @@ def _unwrap(root: Path) -> Path:
     return root
 
 
-def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out ``fraction`` of every class (at least one image of classes with 2+ images)."""
-    rng = np.random.default_rng(seed)
-    train_idx, val_idx = [], []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        rng.shuffle(idx)
-        k = int(round(len(idx) * fraction))
-        if fraction > 0 and len(idx) >= 2:
-            k = min(max(k, 1), len(idx) - 1)
+def split_keys(split: Split) -> list[str]:
+    """What names each sample for the validation hold-out: its path below the folder all the
+    training images share (so moving or re-extracting the data keeps the split), or its row."""
+    if split.paths is None:
+        return [str(i) for i in range(len(split))]
+    try:
+        root = os.path.commonpath(split.paths) if len(split.paths) > 1 else os.path.dirname(split.paths[0])
+    except ValueError:  # paths on different drives (Windows): no common folder
+        return list(split.paths)
+    return [os.path.relpath(p, root).replace(os.sep, "/") for p in split.paths]
+
+
+def membership(src: DataSource) -> dict:
+    """Which images are in train and val (names and labels, not pixels), as counts and a digest:
+    --resume compares it with the run's checkpoint to say when the data changed underneath."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    out: dict = {}
+    for name in ("train", "val"):
+        split = getattr(src, name)
+        out[name] = len(split) if split is not None else 0
+        if split is not None:
+            h.update(f"{name}\0".encode() + "\0".join(split_keys(split)).encode())
+            h.update(np.ascontiguousarray(split.labels).tobytes())
+    out["digest"] = h.hexdigest()
+    return out
+
+
+def _hash_order(keys: list[str], seed: int) -> np.ndarray:
+    # Each sample's place comes from a hash of (seed, its own name), not from one shuffle of the
+    # whole list: adding, removing or renaming images moves at most the images concerned across
+    # the train/val boundary, where a seeded permutation reshuffles every later class (cf. the
+    # hash-of-identifier split in Geron's Hands-On ML, ch. 2). blake2b: stable across
+    # processes and Python versions, unlike hash().
+    import hashlib
+
+    digests = [int.from_bytes(hashlib.blake2b(f"{seed}\0{k}".encode(), digest_size=8).digest(), "little")
+               for k in keys]
+    return np.argsort(np.array(digests, dtype=np.uint64), kind="stable")
+
+
+def _held_out(n: int, fraction: float) -> int:
+    k = int(round(n * fraction))
+    if fraction > 0 and n >= 2:
+        k = min(max(k, 1), n - 1)  # at least one image of a class with 2+, never all of it
+    return k
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int,
+                     keys: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out ``fraction`` of every class (at least one image of classes with 2+ images), or of
+    all samples for multi-hot labels (no single class to stratify by). Which samples: see
+    _hash_order (``keys`` name them; row numbers by default)."""
+    keys = [str(i) for i in range(len(labels))] if keys is None else keys
+    groups = [np.arange(len(labels))] if labels.ndim == 2 else [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    train_idx, val_idx = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for idx in groups:
+        idx = idx[_hash_order([keys[i] for i in idx], seed)]
+        k = _held_out(len(idx), fraction)
         val_idx.append(idx[:k])
         train_idx.append(idx[k:])
     return np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(val_idx))
@@ -303,9 +353,7 @@ def load_source(
     elif task == "single" and src.task == "multilabel":
         raise UserError(f"--data {data} has several labels per image: drop --task single (or use --label-mode largest)")
     if src.val is None and val_split > 0:
-        split_fn = multilabel.random_split if src.train.labels.ndim == 2 else None
-        tr, va = (split_fn(len(src.train), val_split, split_seed) if split_fn
-                  else stratified_split(src.train.labels, val_split, split_seed))
+        tr, va = stratified_split(src.train.labels, val_split, split_seed, split_keys(src.train))
         if len(va) == 0:
             src.problems.append("too few images to hold out a validation split: training without one")
         else:

@@ -100,6 +100,10 @@ class Trainer:
         self.forward_model = ddp_model or model
         self.reduce = reduce  # sums a tensor across ranks (distributed), identity otherwise
         self.reduce_world = getattr(train, "world", 1)
+        # which images the run trains and validates on (sources.membership), kept in checkpoints
+        # so --resume can say when the data changed underneath it; what it found: resumed_data
+        self.data_id: dict | None = None
+        self.resumed_data: dict | None = None
         if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
             t0 = time.perf_counter()
             self.forward_model = torch.compile(self.forward_model)
@@ -374,6 +378,7 @@ class Trainer:
             "total_steps": self.total_steps,
             "warmup_steps": self.warmup_steps,
             "crop_end": self.crop_end,
+            "data": self.data_id,
         }
 
     def save_checkpoint(self, path: Path) -> None:
@@ -391,6 +396,7 @@ class Trainer:
             c.load_state_dict(st)
         self.step, self.epoch, self.lr_scale = s["step"], s["epoch"], s["lr_scale"]
         self.best, self.best_epoch, self.history, self.stop = s["best"], s["best_epoch"], s["history"], s["stop"]
+        self.resumed_data = s.get("data")
         # a planned length (--time-limit) is part of the run: resume ends where the plan said
         if "total_steps" in s:
             self.warmup_steps = s["warmup_steps"]
