@@ -48,7 +48,9 @@ def test_run_fits_the_budget_and_anneals(sample_dir, tmp_path):
     assert make_config(res.run_dir / "config.yaml").epochs == epochs  # the plan is in the repeatable config
     # the schedule was stretched to the planned length, not cut: the last lr is the annealed end
     # (onecycle ends at 0.07x the peak), not the peak of a run stopped midway
-    assert res.history[-1]["lr"] <= 0.12 * res.config.lr  # (the lr of the last step, 1/50 before the end)
+    # (the lr of the last step: 0.09x with ~50 steps; 0.19x where a slow machine fits one 10-step
+    # epoch; a run stopped midway would sit near the peak)
+    assert res.history[-1]["lr"] <= 0.25 * res.config.lr
     assert res.test["top1"] > 0.4  # it learned (chance 0.1)
 
 
