@@ -255,6 +255,14 @@ def test_coco_multilabel_run(coco, tmp_path):
     probs = clf.predict_proba(np.stack([clf.preprocess(img)]))[0]
     assert len(p["top"]) == 3
     assert [c for c, _ in p["labels"]] == [clf.classes[j] for j in np.argsort(-probs) if probs[j] >= meta["thresholds"][j]]
+    # thresholds tuned for single-view scores (predict's default, the server, exports) and for the
+    # run's TTA views (evaluate, predict --tta): each set of scores meets its own
+    assert meta["tta_level"] == 2 and len(meta["thresholds_tta"]) == facts["n_categories"]
+    assert meta["thresholds_tta"] != meta["thresholds"]
+    p_tta = clf.predict([img], top_k=3, tta=True)[0]
+    probs_tta = clf.predict_proba(np.stack([clf.preprocess(img)]), tta=True)[0]
+    assert [c for c, _ in p_tta["labels"]] == [clf.classes[j] for j in np.argsort(-probs_tta)
+                                                if probs_tta[j] >= meta["thresholds_tta"][j]]
 
     from imgclf.api import evaluate  # imgclf.evaluate is shadowed by the subpackage once it is imported
 

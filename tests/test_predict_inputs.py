@@ -94,3 +94,65 @@ def test_predict_cli_on_a_zip(tiny_run, sample_dir, tmp_path, capsys):
     rows = (tmp_path / "p.csv").read_text().splitlines()
     assert len(rows) == 4 and rows[1].startswith(f"{zp}/")
     assert f"{zp}/" in capsys.readouterr().out
+
+
+def test_in_memory_images_of_any_layout_predict_like_the_file(tiny_run, sample_dir):
+    # arrays as people hold them (grey, RGBA, 16-bit, float in [0, 1], a PIL image, an N x H x W x C
+    # batch) are converted the way training converted files, and a bad one is one error entry
+    from PIL import Image
+
+    f = _images(sample_dir, 1)[0]
+    rgb = np.asarray(Image.open(f).convert("RGB"))
+    clf = imgclf.load(tiny_run)
+    ref = clf.predict([f])[0]["top"]
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    same = [rgb, rgba, rgb.astype(np.uint16) * 257, rgb.astype(np.float32) / 255, Image.open(f)]
+    out = clf.predict(same + [np.zeros((4, 4, 2), np.uint8)])
+    for r in out[:5]:
+        assert [c for c, _ in r["top"]] == [c for c, _ in ref]
+        assert np.allclose([p for _, p in r["top"]], [p for _, p in ref], atol=0.02), r["input"]
+    assert "HxWx4; got shape (4, 4, 2)" in out[5]["error"]
+    grey = clf.predict(np.asarray(Image.open(f).convert("L")))
+    assert len(grey) == 1 and "error" not in grey[0]
+    batch = clf.predict(np.stack([rgb, rgb]))
+    assert len(batch) == 2 and batch[0]["top"] == batch[1]["top"]
+
+
+def test_predict_folder_follows_links_and_an_empty_folder_is_an_error(tiny_run, sample_dir, tmp_path, capsys):
+    import os
+
+    files = _images(sample_dir, 3)
+    real = tmp_path / "elsewhere" / "cats"
+    real.mkdir(parents=True)
+    for f in files:
+        (real / f.name).write_bytes(f.read_bytes())
+    top = tmp_path / "photos"
+    top.mkdir()
+    os.symlink(real, top / "cats")
+    assert len(imgclf.load(tiny_run).predict([top])) == 3
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    assert main(["predict", str(tiny_run), str(empty)]) == 2
+    assert "no images in" in capsys.readouterr().err
+
+
+def test_predict_cli_keeps_names_that_are_not_utf8(tiny_run, sample_dir, tmp_path, capsysbinary):
+    import os
+
+    f = _images(sample_dir, 1)[0]
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    raw = os.path.join(os.fsencode(folder), b"caf\xe9.jpg")  # Latin-1 name: not valid UTF-8
+    with open(raw, "wb") as out:
+        out.write(f.read_bytes())
+    csv_path = tmp_path / "p.csv"
+    assert main(["predict", str(tiny_run), str(folder), "--output", str(csv_path)]) == 0
+    assert b"caf\xe9.jpg" in csv_path.read_bytes()  # the file's own bytes, usable to open it again
+    assert b"caf\\udce9.jpg" in capsysbinary.readouterr().out
+
+
+def test_cli_options_are_not_abbreviated(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--data", "x", "--warmup", "2"])
+    assert "unrecognized arguments: --warmup" in capsys.readouterr().err

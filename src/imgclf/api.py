@@ -116,10 +116,11 @@ def _images_after_training(cfg, cached: dict, *, final_eval: bool, multilabel: b
     from imgclf.evaluate.report import SAMPLE_LIMIT
 
     n_val = len(cached["val"]) if "val" in cached else 0
-    views = len(tta_views(torch.zeros(1, 3, 4, 4), recipe.tta_level(cfg)))
+    views = len(tta_views(torch.zeros(1, 3, 4, 4), recipe.tta_level(cfg), cfg.flip))
     eval_split = "test" if "test" in cached else ("val" if "val" in cached else None)
     n_eval = len(cached[eval_split]) if eval_split and final_eval else 0
-    after = n_eval * views + n_val * (views if multilabel else 1)
+    # multi-label: val scored once for single-view thresholds and once with the views
+    after = n_eval * views + n_val * ((1 + (views if views > 1 else 0)) if multilabel else 1)
     if final_eval and not multilabel:  # the report's top losses, confused pairs and Grad-CAM
         after += min(SAMPLE_LIMIT, len(cached["train"])) + min(SAMPLE_LIMIT, n_eval)
     return after
@@ -130,9 +131,12 @@ def _writing_reserve(cfg) -> float:
     return 3.0 + 0.02 * cfg.time_limit
 
 
-def _drop_last(n_train: int, batch_size: int) -> bool:
-    """A ragged last batch is dropped only where it is a small part of an epoch."""
-    return n_train >= 4 * batch_size
+def _drop_last(n_train: int, batch_size: int, world: int = 1) -> bool:
+    """A ragged last batch is dropped where it is a small part of an epoch, and always where it
+    would hold one image: BatchNorm cannot train on a batch of one ("Expected more than 1
+    value per channel" from timm nets whose last norm sees 1x1 maps)."""
+    per_rank, b = n_train // world, max(1, batch_size // world)
+    return n_train >= 4 * batch_size or per_rank % b == 1
 
 
 @dataclass
@@ -245,6 +249,12 @@ def _prepare_data(cfg: TrainConfig, run_dir: Path | None, device: torch.device, 
                         "needs two or more: point --data at the folder that holds the class folders")
     if src.task == "single" and cfg.monitor == "val_map":
         raise UserError("--monitor val_map is for multi-label data; use val_acc or val_loss")
+    if src.task == "multilabel" and cfg.label_smoothing:
+        log.warn(f"--label-smoothing {cfg.label_smoothing:g} is ignored: it applies to single-label losses, and "
+                 "multi-label runs train each label with its own sigmoid (see --loss asl for noisy labels)")
+    if cfg.sampler == "balanced" and (cfg.class_weights or "").strip().lower() == "balanced":
+        raise UserError("--sampler balanced and --class-weights balanced each correct the imbalance; together "
+                        "they over-correct (weights ~1/count^2): pick one")
     if src.val is None and (cfg.early_stopping or cfg.schedule == "plateau"):
         what = "--early-stopping" if cfg.early_stopping else "--schedule plateau"
         raise UserError(f"{what} watches validation scores, and this run has no validation data: "
@@ -256,7 +266,10 @@ def _prepare_data(cfg: TrainConfig, run_dir: Path | None, device: torch.device, 
     cached = _cache_splits(src, size, cfg.resize, root, cfg.workers, cfg.progress)
     distributed.main_first_end(ddp)
     user_epochs = cfg.epochs if "epochs" in cfg.model_fields_set else None
-    cfg = recipe.resolve(cfg, n_train=len(cached["train"]), image_size=size, arch=arch)
+    cfg = recipe.resolve(cfg, n_train=len(cached["train"]), image_size=size, arch=arch,
+                         multilabel=src.task == "multilabel")
+    if cfg.translate and cfg.translate >= size:  # reflect padding wider than the image cannot be made
+        raise UserError(f"--translate {cfg.translate} must be smaller than the image size ({size} px)")
     if src.task == "multilabel" and "monitor" not in cfg.model_fields_set:
         cfg.monitor = "val_map"  # label accuracy rewards predicting nothing on sparse labels
     if cfg.batch_size % world:
@@ -401,11 +414,13 @@ def _build_trainer(s: _Setup, *, resume, callbacks, final_eval: bool, t_start: f
     # global batch (BatchLoader's rank/world shards), so no lr rescaling is applied here.
     n_train = len(cached["train"])
     train_loader = BatchLoader(cached["train"], cfg.batch_size // world, device, shuffle=True, rank=rank, world=world,
-                               drop_last=_drop_last(n_train, cfg.batch_size), seed=cfg.seed, ram_budget=budget,
+                               drop_last=_drop_last(n_train, cfg.batch_size, world), seed=cfg.seed, ram_budget=budget,
                                sampler=sampler)
     val_loader = None
     if "val" in cached:
         val_bs = auto_batch_size(cached["val"].images.shape[1:], cap=max(cfg.batch_size, 256), device=device)
+        if budget is not None and train_loader.resident:  # an explicit budget is shared, not given twice
+            budget = max(0, budget - cached["train"].nbytes)
         val_loader = BatchLoader(cached["val"], val_bs, device, shuffle=False, ram_budget=budget,
                                  rank=rank, world=world)
     normalize = Normalize(mean, std, device)
@@ -484,7 +499,7 @@ def _finish(s: _Setup, model, trainer: Trainer, history: list[dict], extra: dict
     meta = {
         "architecture": s.arch, "arch_args": extra["arch_args"], "classes": s.src.classes, "task": s.src.task,
         "image_size": s.size, "resize": cfg.resize, "mean": list(extra["mean"]), "std": list(extra["std"]),
-        "tta_level": recipe.tta_level(cfg), "temperature": 1.0, "thresholds": None,
+        "tta_level": recipe.tta_level(cfg), "tta_flip": cfg.flip, "temperature": 1.0, "thresholds": None,
         "weights": "model.safetensors", "weights_from": used, "epochs_trained": trainer.epoch,
         "data": s.src.origin, "imgclf_version": _version(),
         "weights_source": s.source.source if s.source else None,
@@ -493,10 +508,15 @@ def _finish(s: _Setup, model, trainer: Trainer, history: list[dict], extra: dict
         from imgclf.evaluate.inference import logits_for_loader
         from imgclf.evaluate.multilabel_metrics import tune_thresholds
 
-        val_logits, val_labels = logits_for_loader(model, trainer.val_loader, trainer.normalize, trainer.precision,
-                                                   device, tta_level=meta["tta_level"])
-        meta["thresholds"] = [round(float(t), 6) for t in
-                              tune_thresholds(torch.sigmoid(val_logits).numpy(), val_labels.numpy())]
+        # thresholds for single-view scores (predict's default, the server, exported models) and,
+        # where the run has TTA, for its averaged views (evaluate): the two score scales differ
+        for key, level in (("thresholds", 0), ("thresholds_tta", meta["tta_level"])):
+            if key == "thresholds_tta" and level == 0:
+                break
+            val_logits, val_labels = logits_for_loader(model, trainer.val_loader, trainer.normalize,
+                                                       trainer.precision, device, tta_level=level, tta_flip=cfg.flip)
+            meta[key] = [round(float(t), 6) for t in
+                         tune_thresholds(torch.sigmoid(val_logits).numpy(), val_labels.numpy())]
     write_model(run_dir, model, meta)
     train_seconds = time.perf_counter() - t_start
     result = TrainResult(run_dir, history, config=cfg)
@@ -542,6 +562,20 @@ def _write_plots(run_dir: Path, history: list[dict], arch: str, data_name: str) 
         plot_curves(history, run_dir / "curves.png", title=f"{data_name} - {arch}")
 
 
+def thresholds_for(meta: dict, tta_level: int) -> list[float] | None:
+    """A multi-label run's tuned thresholds for scores made with (tta_level > 0) or without TTA."""
+    return (meta.get("thresholds_tta") if tta_level else None) or meta.get("thresholds")
+
+
+def _tta_level_for(meta: dict, tta: bool | None) -> int:
+    """The test-time views for evaluate (tta=None: the run's own) and predict: --tta on a run
+    trained without TTA still gets the mirror (level 1), in both commands alike."""
+    if tta is False:
+        return 0
+    level = meta.get("tta_level", 0)
+    return max(level, 1) if tta else level
+
+
 def _evaluate_cached(model, meta, cs: CachedSplit, classes, device, precision, out_dir: Path, *, split: str,
                      tta_level: int, prefix: str = "", ram_budget: int | None = None) -> dict:
     from imgclf.evaluate.inference import logits_for_loader
@@ -555,13 +589,14 @@ def _evaluate_cached(model, meta, cs: CachedSplit, classes, device, precision, o
     # hold the whole split in RAM.
     loader = BatchLoader(cs, auto_batch_size(cs.images.shape[1:], device=device), device, shuffle=False,
                          ram_budget=ram_budget)
-    logits, _ = logits_for_loader(model, loader, normalize, prec, device, tta_level=tta_level)
+    logits, _ = logits_for_loader(model, loader, normalize, prec, device, tta_level=tta_level,
+                                  tta_flip=meta.get("tta_flip", True))
     seconds = time.perf_counter() - t0
     logits = logits / float(meta.get("temperature") or 1.0)
     if meta.get("task") == "multilabel":
         from imgclf.evaluate.multilabel_metrics import evaluate_multilabel
 
-        return evaluate_multilabel(logits, np.asarray(cs.labels), classes, meta.get("thresholds"), out_dir,
+        return evaluate_multilabel(logits, np.asarray(cs.labels), classes, thresholds_for(meta, tta_level), out_dir,
                                    split=split, prefix=prefix,
                                    extra={"tta_level": tta_level, "eval_seconds": round(seconds, 2)})
     m = classification_metrics(logits, torch.from_numpy(np.asarray(cs.labels)), classes)
@@ -579,8 +614,10 @@ def evaluate(run: str | Path, data: str | None = None, *, tta: bool | None = Non
     """Evaluate a trained run on ``data`` (a folder, CSV, pickle dir; its test/ split if it has one)."""
     device_t = resolve_device(device)
     model, meta = load_model(run, device_t)
+    from imgclf.evaluate.calibrate import run_cache_root, source_from_config
+
     run_dir, _ = read_meta(run)
-    root = cache_root(cache_dir)
+    root = run_cache_root(run_dir, cache_dir)
     label_opts: dict[str, Any] = {}
     if (run_dir / "config.yaml").exists():  # read labels the way training did (COCO/YOLO modes, --classes)
         run_cfg = make_config(run_dir / "config.yaml")
@@ -591,13 +628,14 @@ def evaluate(run: str | Path, data: str | None = None, *, tta: bool | None = Non
         cfg = make_config(run_dir / "config.yaml")
         data = cfg.test_data or cfg.data
     src = load_source(data, val_split=0.0, cache_dir=root, **label_opts)
-    split = src.test if src.test is not None else src.train
-    which = "test" if src.test is not None else "all"
+    # a test split if there is one, else a val/ folder (the held-out part), else every image
+    split, which = next((sp, k) for sp, k in ((src.test, "test"), (src.val, "val"), (src.train, "all"))
+                        if sp is not None)
+    if not own and which == "val":
+        log.info(f"{data} has no test split: evaluating on its validation split ({len(split)} images)")
     if own and not cfg.test_data and src.test is None:
         # the run's data has no test split: score its held-out validation split, rebuilt as
         # training made it, never the images it trained on
-        from imgclf.evaluate.calibrate import source_from_config
-
         src = source_from_config(cfg, root)
         if src.val is None:
             raise UserError(f"{run_dir}: its data ({data}) has no test split and the run held out no validation "
@@ -619,9 +657,9 @@ def evaluate(run: str | Path, data: str | None = None, *, tta: bool | None = Non
     cs = build_cache(split, meta["image_size"], meta["resize"], root / "images", progress=progress, desc="decoding")
     for p in cs.problems:
         log.warn(f"skipped unreadable image {p}")
-    level = meta.get("tta_level", 0) if tta is None or tta else 0
-    if tta and level == 0:
-        level = 1
+    if len(cs) == 0:
+        raise UserError(f"no readable images to evaluate on in {data} ({which} split)")
+    level = _tta_level_for(meta, tta)
     out_dir = Path(out) if out else run_dir / f"eval-{src.name}"
     m = _evaluate_cached(model, meta, cs, meta["classes"], device_t, "auto", out_dir, split=which, tta_level=level)
     m["out_dir"] = str(out_dir)
@@ -638,9 +676,14 @@ def expand_inputs(items: list[str | Path]) -> list[Path]:
     for it in items:
         p = Path(it)
         if p.is_dir():
-            # hidden files and macOS's ._name resource forks and __MACOSX folders are not images
-            out += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTENSIONS and q.is_file()
-                          and not any(x.startswith(".") or x == "__MACOSX" for x in q.relative_to(p).parts))
+            # hidden files and macOS's ._name resource forks and __MACOSX folders are not images;
+            # linked folders are followed, as training's folder reader does (Path.rglob does not)
+            found = []
+            for dirpath, dirnames, filenames in os.walk(p, followlinks=True):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__MACOSX"]
+                found += [Path(dirpath, f) for f in filenames
+                          if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+            out += sorted(q for q in found if q.is_file())
         elif p.exists():
             out.append(p)
         else:
@@ -680,19 +723,23 @@ class Classifier:
         if device.type == "cpu":
             self.model.to(memory_format=torch.channels_last)
 
-    def preprocess(self, source) -> np.ndarray:
-        """Path, bytes or HxWx3 uint8 array -> the model's input (size x size x 3 uint8)."""
-        if isinstance(source, np.ndarray):
-            from imgclf.data.images import resize_rgb
+    def preprocess(self, source, name: str = "<array>") -> np.ndarray:
+        """Path, bytes, PIL image or numpy array (HxW, HxWx1/3/4; uint8, uint16 or float) -> the
+        model's input (size x size x 3 uint8), converted as training converted its files."""
+        from PIL import Image
 
-            return resize_rgb(source, self.image_size, self.resize)
+        if isinstance(source, np.ndarray | Image.Image):
+            from imgclf.data.images import image_to_rgb, resize_rgb
+
+            return resize_rgb(image_to_rgb(source, name), self.image_size, self.resize)
         return load_resized(source if isinstance(source, bytes) else str(source), self.image_size, self.resize)
 
     def predict_proba(self, images: np.ndarray, tta: bool = False) -> np.ndarray:
         from imgclf.evaluate.inference import logits_for_array
 
-        level = self.meta.get("tta_level", 1) if tta else 0
-        logits = logits_for_array(self.model, images, self.normalize, self.precision, self.device, tta_level=level)
+        level = _tta_level_for(self.meta, tta)
+        logits = logits_for_array(self.model, images, self.normalize, self.precision, self.device, tta_level=level,
+                                  tta_flip=self.meta.get("tta_flip", True))
         logits = logits / float(self.meta.get("temperature") or 1.0)
         if self.meta.get("task") == "multilabel":
             return torch.sigmoid(logits).numpy()
@@ -702,7 +749,11 @@ class Classifier:
         """Top-k predictions for files, folders, archives, bytes or arrays, in input order; an
         unreadable image gets an error entry. Images are decoded and classified ``chunk`` at a
         time, so a folder of any size runs in bounded memory."""
-        if isinstance(inputs, (str, Path, bytes, np.ndarray)):
+        from PIL import Image
+
+        if isinstance(inputs, np.ndarray) and inputs.ndim == 4:
+            inputs = list(inputs)  # a batch, N x H x W x C, as Keras' predict takes it
+        elif isinstance(inputs, str | Path | bytes | np.ndarray | Image.Image):
             inputs = [inputs]
         results: list[dict] = []
         pending: list[tuple[int, np.ndarray]] = []  # (index in results, model input)
@@ -711,15 +762,16 @@ class Classifier:
             if not pending:
                 return
             probs = self.predict_proba(np.stack([a for _, a in pending]), tta=tta)
+            th = thresholds_for(self.meta, _tta_level_for(self.meta, tta))
             for (j, _), p in zip(pending, probs):
-                results[j].update(self._top(p, top_k))
+                results[j].update(self._top(p, top_k, th))
             pending.clear()
 
         for name, src, err in _iter_sources(list(inputs)):
             results.append({"input": name})
             if not err:
                 try:
-                    pending.append((len(results) - 1, self.preprocess(src)))
+                    pending.append((len(results) - 1, self.preprocess(src, name)))
                 except BadImage as e:
                     err = e.reason
             if err:
@@ -730,11 +782,10 @@ class Classifier:
         flush()
         return results
 
-    def _top(self, p: np.ndarray, top_k: int) -> dict:
+    def _top(self, p: np.ndarray, top_k: int, th: list[float] | None) -> dict:
         top = np.argsort(-p)[: min(top_k, len(self.classes))]
         out: dict = {"top": [(self.classes[j], float(p[j])) for j in top]}
         if self.meta.get("task") == "multilabel":  # every label above its tuned threshold
-            th = self.meta.get("thresholds")
             th = np.full(len(self.classes), 0.5) if th is None else np.asarray(th)
             out["labels"] = [(self.classes[j], float(p[j])) for j in np.argsort(-p) if p[j] >= th[j]]
         return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import sys
 import types
@@ -78,11 +79,15 @@ def add_config_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="imgclf", description="Train, evaluate, tune, explain, export and serve image classifiers.")
+    # no abbreviated options: argparse would silently read '--warmup 2' as --warmup-epochs, and a
+    # script's abbreviation breaks the day another option shares its prefix
+    p = argparse.ArgumentParser(prog="imgclf", description="Train, evaluate, tune, explain, export and serve image classifiers.",
+                                allow_abbrev=False)
     from imgclf import __version__
 
     p.add_argument("--version", action="version", version=f"imgclf {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND",
+                           parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False))
 
     t = sub.add_parser("train", help="train a model (a run folder holds everything it produced)")
     t.add_argument("--config", help="YAML file of options; command-line options override it")
@@ -206,10 +211,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from imgclf.api import load
+    from imgclf.data.images import IMAGE_EXTENSIONS
 
     clf = load(args.run, args.device)
     preds = clf.predict(args.inputs, top_k=args.top_k, tta=args.tta)
+    if not preds:
+        raise UserError(f"no images in {', '.join(map(str, args.inputs))} (extensions read: "
+                        f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
     k = min(args.top_k, len(clf.classes))
+    multilabel = clf.meta.get("task") == "multilabel"
+    if args.output:  # written before anything is printed: a terminal that cannot show a name loses nothing
+        out = Path(args.output)
+        if out.suffix.lower() == ".json":
+            out.write_text(json.dumps(preds, indent=2))
+        else:
+            # file names that are not UTF-8 (Linux hands them over as lone surrogates) are
+            # written back as the bytes they were
+            with open(out, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+                w = csv.writer(f)
+                w.writerow(["input", "error"] + (["labels"] if multilabel else [])
+                           + [x for i in range(1, k + 1) for x in (f"class{i}", f"prob{i}")])
+                for r in preds:
+                    row = [r["input"], r.get("error", "")]
+                    if multilabel:  # the labels above their tuned thresholds: the model's answer
+                        row.append("|".join(c for c, _ in r.get("labels", [])))
+                    for c, p in r.get("top", []):
+                        row += [c, f"{p:.6f}"]
+                    w.writerow(row)
     for r in preds:
         if "error" in r:
             print(f"{r['input']}\tERROR {r['error']}")
@@ -217,18 +245,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"{r['input']}\t" + "  ".join(f"{c} {p:.3f}" for c, p in r["top"])
                   + ("\tlabels: " + (", ".join(c for c, _ in r["labels"]) or "-") if "labels" in r else ""))
     if args.output:
-        out = Path(args.output)
-        if out.suffix.lower() == ".json":
-            out.write_text(json.dumps(preds, indent=2))
-        else:
-            with open(out, "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(["input", "error"] + [x for i in range(1, k + 1) for x in (f"class{i}", f"prob{i}")])
-                for r in preds:
-                    row = [r["input"], r.get("error", "")]
-                    for c, p in r.get("top", []):
-                        row += [c, f"{p:.6f}"]
-                    w.writerow(row)
         print(f"wrote {out}")
     return 0 if all("error" not in r for r in preds) else 1
 
@@ -256,6 +272,9 @@ _EXTRAS = {"onnx": "deploy", "onnxruntime": "deploy", "fastapi": "deploy", "uvic
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):  # a file name the terminal cannot show is escaped, not a crash
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

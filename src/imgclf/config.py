@@ -170,6 +170,14 @@ class TrainConfig(BaseModel):
             raise ValueError("must be a positive duration: seconds, or a number ending in s, m or h (10m)")
         return secs
 
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _class_list(cls, v):
+        # a YAML list (classes: [person, dog]) means what --classes person,dog does
+        if isinstance(v, list | tuple):
+            return ",".join(str(c).strip() for c in v)
+        return v
+
     @field_validator("head", mode="before")
     @classmethod
     def _head_sizes(cls, v):

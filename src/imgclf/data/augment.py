@@ -124,7 +124,8 @@ class BatchAugment:
         cx = torch.randint(0, w, (n,), generator=g, device=g.device).to(x.device).view(n, 1, 1)
         yy = torch.arange(h, device=x.device).view(1, h, 1)
         xx = torch.arange(w, device=x.device).view(1, 1, w)
-        inside = ((yy - cy).abs() <= size // 2) & ((xx - cx).abs() <= size // 2)
+        y0, x0 = cy - size // 2, cx - size // 2  # a size x size square centred on (cy, cx), cut at the edges
+        inside = (yy >= y0) & (yy < y0 + size) & (xx >= x0) & (xx < x0 + size)
         return x.masked_fill(inside.unsqueeze(1), 0.0)  # 0 is the mean after normalisation
 
     def _mix(self, x: torch.Tensor, y: torch.Tensor, g: torch.Generator):
@@ -150,17 +151,20 @@ class BatchAugment:
         return x, onehot * lam + onehot[perm] * (1 - lam)
 
 
-def tta_views(x: torch.Tensor, level: int) -> list[tuple[torch.Tensor, float]]:
+def tta_views(x: torch.Tensor, level: int, flip: bool = True) -> list[tuple[torch.Tensor, float]]:
     """Test-time views of a normalised NCHW batch with their weights.
 
     level 1: identity + mirror; level 2 adds 1-px translations (both mirrored), the airbench
-    scheme that is worth a few tenths of a point on small images.
+    scheme that is worth a few tenths of a point on small images. ``flip=False`` (a model
+    trained without flips: digits, text, arrows, where a mirror image may be another class)
+    leaves the mirrored views out.
     """
-    views = [(x, 0.5), (x.flip(3), 0.5)] if level >= 1 else [(x, 1.0)]
+    mirrors = (lambda v: [v, v.flip(3)]) if flip else (lambda v: [v])
+    views = [(v, 1.0 / len(mirrors(x))) for v in mirrors(x)] if level >= 1 else [(x, 1.0)]
     if level >= 2:
         views = [(v, w * 0.5) for v, w in views]
         h, w = x.shape[2:]
         xp = F.pad(x, (1,) * 4, mode="reflect")
         for v in (xp[:, :, 0:h, 0:w], xp[:, :, 2 : h + 2, 2 : w + 2]):
-            views += [(v, 0.125), (v.flip(3), 0.125)]
+            views += [(m, 0.25 / len(mirrors(v))) for m in mirrors(v)]
     return views

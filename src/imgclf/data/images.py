@@ -115,6 +115,34 @@ def resize_rgb(img: np.ndarray, size: int, policy: str = "stretch") -> np.ndarra
     return _resize_pil(Image.fromarray(np.ascontiguousarray(img)), size, policy)
 
 
+def image_to_rgb(image, name: str = "<array>") -> np.ndarray:
+    """An in-memory image -> HxWx3 uint8 RGB, converted as decoded files are: a PIL image of any
+    mode (EXIF orientation applied), or a numpy array HxW (grey), HxWx1, HxWx3 or HxWx4 (RGBA:
+    alpha on white) of uint8, uint16 (high byte) or float ([0, 1] or [0, 255]). Raises
+    :class:`BadImage` for anything else."""
+    if isinstance(image, Image.Image):
+        try:
+            return _as_array(_to_rgb(_apply_orientation(image)))
+        except Exception as e:  # noqa: BLE001 - a PIL image that will not convert is one bad input
+            raise BadImage(name, f"cannot convert PIL mode {image.mode}: {e}") from e
+    if not isinstance(image, np.ndarray):
+        raise BadImage(name, f"not an image: {type(image).__name__}")
+    a = image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image
+    if a.ndim == 3 and a.shape[2] == 3 and a.dtype == np.uint8:
+        return np.ascontiguousarray(a)
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))) or 0 in a.shape:
+        raise BadImage(name, f"an image array is HxW, HxWx1, HxWx3 or HxWx4; got shape {image.shape}")
+    if a.dtype == np.uint16:
+        a = (a >> 8).astype(np.uint8)
+    elif a.dtype.kind == "f":
+        a = _float_to_uint8(a)
+    elif a.dtype == np.bool_:
+        a = a.astype(np.uint8) * 255
+    elif a.dtype != np.uint8:
+        raise BadImage(name, f"unsupported image array dtype {a.dtype}")
+    return _as_array(_to_rgb(Image.fromarray(np.ascontiguousarray(a))))
+
+
 def load_resized(
     source: str | os.PathLike | bytes,
     size: int,

@@ -79,8 +79,10 @@ class BatchLoader:
         self.images: torch.Tensor | None = None
         self.last_indices: torch.Tensor | None = None  # dataset indices of the batch just yielded
         if self.resident:
-            imgs = data.images if _is_all(data.rows, len(data.images)) else data.images[data.rows]
-            self.images = torch.from_numpy(np.array(imgs)).to(device)  # a real copy: RAM, not the page cache
+            # a real copy in RAM, not the page cache: np.array of the whole map, or the fancy
+            # index of its usable rows, which copies already (np.array of it would copy twice)
+            imgs = np.array(data.images) if _is_all(data.rows, len(data.images)) else data.images[data.rows]
+            self.images = torch.from_numpy(imgs).to(device)
 
     @property
     def num_samples(self) -> int:

@@ -127,6 +127,22 @@ def main_first_end(ctx: DistContext | None) -> None:
         ctx.barrier()
 
 
+def convert_sync_bn(model: torch.nn.Module) -> torch.nn.Module:
+    """BatchNorm layers -> SyncBatchNorm, in place. timm's converter, because timm's nets fuse the
+    activation into BatchNormAct2d, which torch's converter turns into a plain SyncBatchNorm that
+    drops the activation (EfficientNet, MobileNet: every ReLU6/SiLU gone in training). Frozen
+    stages (--freeze-stages) are then re-resolved, so they keep the live layers in eval mode."""
+    try:
+        from timm.layers import convert_sync_batchnorm
+    except ImportError:  # a net without timm layers
+        convert_sync_batchnorm = torch.nn.SyncBatchNorm.convert_sync_batchnorm
+    model = convert_sync_batchnorm(model)
+    refresh = getattr(model, "refresh_frozen_stages", None)
+    if callable(refresh):
+        refresh()
+    return model
+
+
 def wrap(model: torch.nn.Module, ctx: DistContext, sync_bn: bool, frozen_phase: bool = False) -> torch.nn.Module:
     """The DDP wrapper used for the forward pass; it averages gradients across ranks.
     ``frozen_phase``: the backbone is frozen for the first steps (--freeze-epochs), after DDP
@@ -134,7 +150,7 @@ def wrap(model: torch.nn.Module, ctx: DistContext, sync_bn: bool, frozen_phase: 
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     if sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = convert_sync_bn(model)
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     # Models that freeze parameters between epochs (fastnet's stem bias) leave them without a
     # gradient later on, which DDP only tolerates when told to look for unused parameters.

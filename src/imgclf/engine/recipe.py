@@ -99,7 +99,7 @@ def budget_width(step_s, avail_s: float, steps_per_epoch: int, crop_factor: floa
     return chosen, epochs
 
 
-def resolve(cfg: TrainConfig, *, n_train: int, image_size: int, arch: str) -> TrainConfig:
+def resolve(cfg: TrainConfig, *, n_train: int, image_size: int, arch: str, multilabel: bool = False) -> TrainConfig:
     """Fill every unset option; explicit user values are kept as they are."""
     c = cfg.model_copy()
     c.image_size = image_size
@@ -154,6 +154,8 @@ def resolve(cfg: TrainConfig, *, n_train: int, image_size: int, arch: str) -> Tr
         # pretrained: this is the new head's lr; the backbone gets backbone_lr_scale (0.1) of it
         lr = 1e-3 * math.sqrt(c.batch_size / 128)
         defaults = dict(lr=lr, weight_decay=0.05 if c.optimizer == "adamw" else 0.0, label_smoothing=0.1)
+    if multilabel:
+        defaults["label_smoothing"] = 0.0  # the multi-label losses have none: config.yaml says so
     for k, v in defaults.items():
         if getattr(c, k) is None:
             setattr(c, k, v)
@@ -195,8 +197,11 @@ def flip_mode(cfg: TrainConfig) -> str:
 def tta_level(cfg: TrainConfig) -> int:
     if not cfg.tta:
         return 0
-    # 1-px shifts only make sense on small images; on large ones a flip is the useful view
-    return 2 if (cfg.image_size or 224) <= 64 else 1
+    # 1-px shifts only make sense on small images; on large ones a flip is the useful view, and
+    # a model trained without flips gets none (tta_views)
+    if (cfg.image_size or 224) <= 64:
+        return 2
+    return 1 if cfg.flip else 0
 
 
 def default_run_name(project: Path, data_name: str, arch: str) -> str:

@@ -129,9 +129,8 @@ class Trainer:
         self.callbacks = list(callbacks or [])
         self.ema: torch.optim.swa_utils.AveragedModel | None = None
         if cfg.ema:
-            self.ema = torch.optim.swa_utils.AveragedModel(
-                model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema), use_buffers=True
-            )
+            self.ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=_ema_with_warmup(cfg.ema),
+                                                           use_buffers=True)
         self._add_standard_callbacks()
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -329,7 +328,9 @@ class Trainer:
         model = self.eval_model()
         logits, labels = logits_for_loader(model, self.val_loader, self.normalize, self.precision, self.device)
         if self.multilabel:
-            loss = F.binary_cross_entropy_with_logits(logits, labels.float())
+            # summed over labels, averaged over images: the scale of the training loss
+            # (losses.MultiLabelLoss), so train_loss and val_loss can be read side by side
+            loss = F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none").sum(1).mean()
             acc = ((logits > 0) == (labels > 0.5)).float().mean()
         else:
             loss = F.cross_entropy(logits, labels)
@@ -403,6 +404,24 @@ class Trainer:
             self.set_total_steps(s["total_steps"])  # cfg.epochs follows the checkpoint's plan
             self.warmup_steps = s["warmup_steps"]
             self.crop_end = s.get("crop_end", self.crop_end)
+
+
+def _ema_with_warmup(decay: float):
+    """EMA update whose decay ramps up as min(decay, (1 + n) / (10 + n)) over the n updates so far
+    (TensorFlow's ExponentialMovingAverage num_updates rule; timm's ModelEmaV3 warms up too).
+    torch's get_ema_multi_avg_fn uses the full decay from the first step: at 0.999 a 600-step
+    run ends with over half its average still the step-1 network, and that average is what
+    is validated and saved. n is AveragedModel's own counter, so a resumed run continues it;
+    the decay stays a tensor (no host sync per step on a GPU)."""
+
+    @torch.no_grad()
+    def update(ema_params, params, num_averaged):
+        n = num_averaged.float()
+        d = torch.clamp((1 + n) / (10 + n), max=decay)
+        for e, p in zip(ema_params, params):
+            e.lerp_(p, (1 - d).to(e.dtype) if e.is_floating_point() else 1.0)
+
+    return update
 
 
 def seed_everything(seed: int) -> None:

@@ -147,11 +147,22 @@ def source_from_config(cfg, root: Path):
     return load_source(cfg.data, cache_dir=root, **kw)
 
 
+def run_cache_root(run_dir: Path, cache_dir: str | None = None) -> Path:
+    """The cache folder for re-reading a run's data: the one given, else the one the run trained
+    with (--cache-dir: a CIFAR download or decoded images already there), else the default."""
+    from imgclf.config import make_config
+    from imgclf.data.cache import cache_root
+
+    if cache_dir is None and (Path(run_dir) / "config.yaml").exists():
+        cache_dir = make_config(Path(run_dir) / "config.yaml").cache_dir
+    return cache_root(cache_dir)
+
+
 def calibrate_run(run: str | Path, data: str | None = None, *, device: str = "auto", progress: bool = True,
                   cache_dir: str | None = None) -> dict:
     """Refit the temperature of a finished run on its validation split (or on ``data``)."""
     from imgclf.config import make_config
-    from imgclf.data.cache import build_cache, cache_root
+    from imgclf.data.cache import build_cache
     from imgclf.data.sources import load_source
     from imgclf.runs import load_model, read_meta, resolve_device
 
@@ -160,7 +171,7 @@ def calibrate_run(run: str | Path, data: str | None = None, *, device: str = "au
     model, meta = load_model(run_dir, dev)
     if meta.get("task", "single") != "single":
         raise UserError(f"{run_dir}: temperature scaling applies to single-label runs only")
-    root = cache_root(cache_dir)
+    root = run_cache_root(run_dir, cache_dir)
     if data is None:
         src = source_from_config(make_config(run_dir / "config.yaml"), root)
         if src.val is None:

@@ -188,13 +188,18 @@ def explain(run: str | Path, images: list[str | Path], *, layer: str | None = No
             continue
         x = clf.normalize(torch.from_numpy(view[None]).to(clf.device))
         heat, logits = cam(x, None if target is None else [target])
-        probs = torch.softmax(logits / temperature, 1)[0]
+        scaled = logits / temperature
+        # a multi-label model's scores are independent sigmoids, as predict reports them
+        probs = (torch.sigmoid(scaled) if clf.meta.get("task") == "multilabel" else torch.softmax(scaled, 1))[0]
         top = probs.topk(min(top_k, len(clf.classes)))
         tops = [(clf.classes[int(j)], float(p)) for p, j in zip(top.values, top.indices)]
         shown = class_name if target is not None else tops[0][0]
         title = f"{f.name}: " + ", ".join(f"{c} {p:.2f}" for c, p in tops) + f"\nGrad-CAM for '{shown}' at {cam.layer}"
         png = explanation_png(_display_image(clf, f, view), heat[0], title)
         stem = f.stem if f.stem not in used else f"{f.parent.name}_{f.stem}"
+        base, n = stem, 2
+        while stem in used:  # train/cat/1.jpg, val/cat/1.jpg, test/cat/1.jpg: one file each
+            stem, n = f"{base}_{n}", n + 1
         used.add(stem)
         dest = out_dir / f"{stem}_gradcam.png"
         dest.write_bytes(png)

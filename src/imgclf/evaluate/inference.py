@@ -10,10 +10,11 @@ from imgclf.data.augment import Normalize, tta_views
 
 
 @torch.no_grad()
-def forward_tta(model: nn.Module, x: torch.Tensor, precision, device: torch.device, tta_level: int = 0) -> torch.Tensor:
+def forward_tta(model: nn.Module, x: torch.Tensor, precision, device: torch.device, tta_level: int = 0,
+                tta_flip: bool = True) -> torch.Tensor:
     """Logits of a normalised NCHW batch, averaged over the test-time views."""
     out = None
-    for view, w in tta_views(x, tta_level):
+    for view, w in tta_views(x, tta_level, tta_flip):
         with precision.autocast(device):
             y = model(view.contiguous(memory_format=torch.channels_last)).float()
         out = y * w if out is None else out + y * w
@@ -21,12 +22,13 @@ def forward_tta(model: nn.Module, x: torch.Tensor, precision, device: torch.devi
 
 
 @torch.no_grad()
-def logits_for_loader(model, loader, normalize: Normalize, precision, device, tta_level: int = 0):
+def logits_for_loader(model, loader, normalize: Normalize, precision, device, tta_level: int = 0,
+                      tta_flip: bool = True):
     was_training = model.training
     model.eval()
     outs, labels = [], []
     for x, y in loader.epoch(0):
-        outs.append(forward_tta(model, normalize(x), precision, device, tta_level).cpu())
+        outs.append(forward_tta(model, normalize(x), precision, device, tta_level, tta_flip).cpu())
         labels.append(y.cpu())
     model.train(was_training)
     if not outs:
@@ -59,7 +61,8 @@ def auto_batch_size(shape: tuple[int, ...], cap: int = 256, device: torch.device
 
 @torch.no_grad()
 def logits_for_array(model, images: np.ndarray, normalize: Normalize, precision, device, *,
-                     batch_size: int | None = None, tta_level: int = 0, rows: np.ndarray | None = None) -> torch.Tensor:
+                     batch_size: int | None = None, tta_level: int = 0, rows: np.ndarray | None = None,
+                     tta_flip: bool = True) -> torch.Tensor:
     """Logits for uint8 NHWC images (a numpy array or memory map), of ``images[rows]`` if given.
 
     A memory map is read a batch at a time and its pages released as it goes, so a pass over
@@ -75,5 +78,5 @@ def logits_for_array(model, images: np.ndarray, normalize: Normalize, precision,
         x = np.array(images[i : i + bs] if rows is None else images[rows[i : i + bs]])
         release_pages(images)
         x = torch.from_numpy(x).to(device)
-        outs.append(forward_tta(model, normalize(x), precision, device, tta_level).cpu())
+        outs.append(forward_tta(model, normalize(x), precision, device, tta_level, tta_flip).cpu())
     return torch.cat(outs) if outs else torch.zeros(0)

@@ -29,13 +29,16 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
     recall = np.divide(tp, support, out=np.zeros(c), where=support > 0)
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(c), where=(precision + recall) > 0)
     present = support > 0
+    # macro F1 as scikit-learn computes it: over the classes in the labels or the predictions, so
+    # predicting a class that has no test images costs (its F1 is 0) instead of going unseen
+    seen = present | (predicted > 0)
     n = max(len(labels_np), 1)
     return {
         "n": int(len(labels_np)),
         "top1": float((pred == labels_np).mean()) if len(labels_np) else float("nan"),
         f"top{k}": float((topk == labels_np[:, None]).any(1).mean()) if len(labels_np) else float("nan"),
         "balanced_accuracy": float(recall[present].mean()) if present.any() else float("nan"),
-        "macro_f1": float(f1[present].mean()) if present.any() else float("nan"),
+        "macro_f1": float(f1[seen].mean()) if present.any() else float("nan"),
         "nll": float(F.cross_entropy(logits.float(), labels.long()).item()) if len(labels_np) else float("nan"),
         "per_class": [
             {"class": classes[i], "precision": float(precision[i]), "recall": float(recall[i]),

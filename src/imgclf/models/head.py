@@ -66,10 +66,17 @@ class HeadedNet(nn.Module):
         96 px: ~1.8x the images/s with 3 of 5 frozen) at a small cost in accuracy.
         """
         n = int(n or 0)
+        self.frozen_stages = n
         self._stage_frozen = []
         if n > 0:
             info = getattr(self.backbone, "feature_info", None)
             stages = [f["module"] for f in info] if isinstance(info, list) else []
+            mods = dict(self.backbone.named_modules())
+            first = mods.get(stages[0]) if stages else None
+            if first is not None and not any(first.children()) and not any(True for _ in first.parameters()):
+                # ResNet-style nets list the stem's end ('act1', a bare activation) as level 0; it
+                # is no stage (and is frozen with stage 1 anyway): --freeze-stages 1 is layer1
+                stages = stages[1:]
             if not stages:
                 raise UserError(f"--freeze-stages: {type(self.backbone).__name__} does not list its stages")
             if n > len(stages):
@@ -80,13 +87,16 @@ class HeadedNet(nn.Module):
             # registration order is the forward order (stem, stage 1, stage 2, ...)
             names = [name for name, _ in self.backbone.named_modules()]
             end = max(i for i, name in enumerate(names) if name == last or name.startswith(last + "."))
-            mods = dict(self.backbone.named_modules())
             # modules holding weights or statistics themselves (BatchNormAct2d has an act child):
             # a plain container registered before its children ('blocks') spans later stages too
             self._stage_frozen = [m for m in (mods[name] for name in names[1:end + 1])
                                   if not any(m.children()) or any(True for _ in m.parameters(recurse=False))
                                   or any(True for _ in m.buffers(recurse=False))]
         self.freeze_backbone(self.backbone_frozen)
+
+    def refresh_frozen_stages(self) -> None:
+        """Re-resolve the frozen stages' modules after layers were swapped (SyncBatchNorm)."""
+        self.freeze_stages(getattr(self, "frozen_stages", 0))
 
     def train(self, mode: bool = True):
         super().train(mode)

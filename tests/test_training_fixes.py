@@ -1,0 +1,121 @@
+"""Training details a careful user relies on: EMA warm-up, cutout size, loss scales, batches of
+one, sync-BN on timm nets, what freezing a stage means, settings that contradict each other."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import imgclf
+from imgclf.data.augment import AugmentSpec, BatchAugment, Normalize
+from imgclf.errors import UserError
+from imgclf.models.head import HeadedNet
+
+FAST = dict(epochs=1, progress=False, tensorboard=False, batch_size=64)
+
+
+def test_ema_warms_up_so_a_short_run_does_not_keep_its_first_steps():
+    from imgclf.engine.trainer import _ema_with_warmup
+
+    model = torch.nn.Linear(4, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=_ema_with_warmup(0.999), use_buffers=True)
+    ema.update_parameters(model)  # the first update copies the step-1 weights (zeros)
+    with torch.no_grad():
+        model.weight.fill_(1.0)  # then training moves them
+    for _ in range(20):
+        ema.update_parameters(model)
+    # warm-up decays (1+n)/(10+n), n = 1..20: the average has moved ~70% of the way; torch's fixed
+    # 0.999 would have moved 1 - 0.999^20 = 2%, and after a 600-step run still hold 55% of step 1
+    assert float(ema.module.weight.detach().mean()) > 0.6
+    for _ in range(5000):
+        ema.update_parameters(model)
+    assert float(ema.module.weight.detach().mean()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_cutout_erases_a_square_of_exactly_the_given_side():
+    spec = AugmentSpec(flip=False, translate=0, cutout=8)
+    aug = BatchAugment(spec, Normalize([0.5] * 3, [0.25] * 3, torch.device("cpu")), num_classes=10)
+    x = torch.ones(64, 3, 32, 32)
+    g = torch.Generator().manual_seed(0)
+    out = aug._cutout(x, g)
+    erased = (out[:, 0] == 0).sum((1, 2))
+    # squares centred well inside the image are 8 x 8; those near an edge are cut by it
+    assert erased.max().item() == 64 and (erased <= 64).all()
+
+
+def test_one_image_left_for_a_last_batch_is_dropped():
+    from imgclf.api import _drop_last
+
+    assert _drop_last(129, 64) and _drop_last(1000, 64)  # 129 = 2 x 64 + 1; and large data
+    assert not _drop_last(130, 64)  # a last batch of 2 trains fine
+    assert _drop_last(258, 128, world=2)  # 129 per rank in batches of 64: 1 left on each rank
+
+
+def test_multilabel_val_loss_is_on_the_training_loss_scale(small_sample, tmp_path):
+    res = imgclf.train(data=str(small_sample), project=str(tmp_path), task="multilabel", epochs=2,
+                       progress=False, tensorboard=False, batch_size=64)
+    last = res.history[-1]
+    # both summed over the 10 labels: a mean over labels would read ~10x smaller
+    assert 0.3 < last["val_loss"] / last["train_loss"] < 3, last
+    assert res.config.label_smoothing == 0.0  # multi-label losses have none: config.yaml says so
+
+
+def test_settings_that_contradict_each_other_fail_or_warn_up_front(small_sample, tmp_path, capfd):
+    with pytest.raises(UserError, match="over-correct"):
+        imgclf.train(data=str(small_sample), project=str(tmp_path), sampler="balanced", class_weights="balanced",
+                     **FAST)
+    with pytest.raises(UserError, match="--translate 32 must be smaller than the image size"):
+        imgclf.train(data=str(small_sample), project=str(tmp_path), translate=32, **FAST)
+    imgclf.train(data=str(small_sample), project=str(tmp_path), task="multilabel", label_smoothing=0.1, **FAST)
+    assert "--label-smoothing 0.1 is ignored" in capfd.readouterr().err
+
+
+def _headed(name: str, n_stages: int) -> HeadedNet:
+    backbone = timm.create_model(name, pretrained=False, num_classes=0)
+    net = HeadedNet(backbone, backbone.num_features, 10)
+    net.freeze_stages(n_stages)
+    return net
+
+
+def test_freeze_stages_counts_resnet_layers_not_its_stem():
+    net = _headed("resnet18", 1)
+    frozen = {n for n, p in net.backbone.named_parameters() if not p.requires_grad}
+    assert any(n.startswith("layer1.") for n in frozen) and "conv1.weight" in frozen
+    assert not any(n.startswith("layer2.") for n in frozen)
+    with pytest.raises(UserError, match=r"this backbone has 4 stages \(layer1, layer2, layer3, layer4\)"):
+        _headed("resnet18", 5)
+
+
+def test_sync_bn_keeps_timm_activations_and_frozen_stages_live():
+    from timm.layers import BatchNormAct2d
+
+    from imgclf.engine.distributed import convert_sync_bn
+
+    net = _headed("efficientnet_lite0", 2)
+    acts = [type(m.act).__name__ for m in net.modules() if isinstance(m, BatchNormAct2d)]
+    net = convert_sync_bn(net)
+    synced = [m for m in net.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
+    assert synced and [type(getattr(m, "act", None)).__name__ for m in synced] == acts  # ReLU6 kept
+    live = {id(m) for m in net.modules()}
+    assert net._stage_frozen and all(id(m) in live for m in net._stage_frozen)
+    net.train()
+    assert all(not m.training for m in net._stage_frozen)
+
+
+def test_an_explicit_ram_budget_is_shared_by_train_and_val(small_sample, tmp_path, monkeypatch):
+    from imgclf.data import loader
+
+    made = []
+    real = loader.BatchLoader.__init__
+
+    def spy(self, data, *a, **k):
+        real(self, data, *a, **k)
+        made.append((data.nbytes, k.get("ram_budget"), self.resident))
+
+    monkeypatch.setattr(loader.BatchLoader, "__init__", spy)
+    # 200 + 200 images at 32 px (0.6 MB each) and a 1.2-MB budget: val gets what train left
+    imgclf.train(data=str(small_sample), project=str(tmp_path), ram_budget=1.2 / 1024, val_split=0.5, **FAST)
+    (train_bytes, train_budget, train_res), (val_bytes, val_budget, _) = made[:2]
+    assert train_res and val_budget == train_budget - train_bytes
