@@ -153,8 +153,8 @@ def test_short_weighted_run(imbalanced, tmp_path):
     import imgclf
 
     res = imgclf.train(data=str(imbalanced), epochs=1, project=str(tmp_path), name="w", progress=False,
-                       tensorboard=False, tta=False, class_weights="balanced", sampler="balanced")
+                       tensorboard=False, tta=False, class_weights=f"{RARE}=2", sampler="balanced")
     assert res.test["n"] == 1000 and 0 <= res.test["balanced_accuracy"] <= 1
     assert next(r for r in res.test["per_class"] if r["class"] == RARE)["support"] == 100
     cfg = (res.run_dir / "config.yaml").read_text()
-    assert "class_weights: balanced" in cfg and "sampler: balanced" in cfg
+    assert f"class_weights: {RARE}=2" in cfg and "sampler: balanced" in cfg

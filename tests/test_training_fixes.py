@@ -119,3 +119,11 @@ def test_an_explicit_ram_budget_is_shared_by_train_and_val(small_sample, tmp_pat
     imgclf.train(data=str(small_sample), project=str(tmp_path), ram_budget=1.2 / 1024, val_split=0.5, **FAST)
     (train_bytes, train_budget, train_res), (val_bytes, val_budget, _) = made[:2]
     assert train_res and val_budget == train_budget - train_bytes
+
+
+def test_vit_position_embedding_takes_no_decay_and_freezes_with_the_first_stages():
+    net = _headed("vit_tiny_patch16_224", 2)
+    no_decay = {id(p) for g in net.param_groups() if g.get("wd_scale") == 0.0 for p in g["params"]}
+    assert id(net.backbone.pos_embed) in no_decay and id(net.backbone.cls_token) in no_decay
+    assert not net.backbone.pos_embed.requires_grad and not net.backbone.patch_embed.proj.weight.requires_grad
+    assert net.backbone.blocks[-1].mlp.fc1.weight.requires_grad

@@ -127,8 +127,9 @@ def _images_after_training(cfg, cached: dict, *, final_eval: bool, multilabel: b
 
 
 def _writing_reserve(cfg) -> float:
-    """The budget's margin for writing the model file, plots and the HTML report."""
-    return 3.0 + 0.02 * cfg.time_limit
+    """The budget's margin for writing the model file, plots and the HTML report, and with
+    --devices N for the spawned processes' shut-down and join (~1-2 s on a 2-core CPU)."""
+    return 3.0 + 0.02 * cfg.time_limit + (2.0 if cfg.devices > 1 else 0.0)
 
 
 def _drop_last(n_train: int, batch_size: int, world: int = 1) -> bool:
@@ -261,7 +262,13 @@ def _prepare_data(cfg: TrainConfig, run_dir: Path | None, device: torch.device, 
                         "set --val-split (e.g. 0.1) or give --val-data")
     arch = resolve_name(cfg.model)
     native = src.train.images.shape[1] if src.train.images is not None else None
-    source = pretrained.plan(arch, cfg.weights, cfg.pretrained)  # pretrained weights: input size, mean/std
+    recorded = run_dir / "pretrained.json" if run_dir is not None else None
+    if recorded is not None and recorded.is_file():
+        # --resume: the source the run started from, not a new look (the lite package may be gone,
+        # a relative --weights path may not resolve from here): same net, same normalisation
+        source = pretrained.info_from_json(json.loads(recorded.read_text()))
+    else:
+        source = pretrained.plan(arch, cfg.weights, cfg.pretrained)  # pretrained weights: input size, mean/std
     size = cfg.image_size or (source.input_size if source else 0) or recipe.auto_image_size(src.train.paths, native)
     cached = _cache_splits(src, size, cfg.resize, root, cfg.workers, cfg.progress)
     distributed.main_first_end(ddp)
@@ -280,6 +287,12 @@ def _prepare_data(cfg: TrainConfig, run_dir: Path | None, device: torch.device, 
         run_dir = Path(ddp.broadcast_str(str(run_dir)))
     if rank == 0:
         dump_yaml(cfg, run_dir / "config.yaml")
+        if recorded is None:  # a new run (--exist-ok may reuse a folder: its old record goes)
+            (run_dir / "pretrained.json").unlink(missing_ok=True)
+            if source is not None:
+                tmp = run_dir / "pretrained.json.tmp"
+                tmp.write_text(json.dumps(pretrained.info_to_json(source), indent=2))
+                os.replace(tmp, run_dir / "pretrained.json")
     log.info(f"run folder {run_dir}")
     log.info(f"data {src.origin}: {len(src.classes)} classes, " + ", ".join(f"{k} {len(v)}" for k, v in cached.items())
              + f"; {size}px {cfg.resize}")

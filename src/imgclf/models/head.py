@@ -54,6 +54,9 @@ class HeadedNet(nn.Module):
         for m in self._stage_frozen:
             for p in m.parameters(recurse=False):
                 p.requires_grad_(False)
+        if self._stage_frozen:  # a ViT's position embedding and class token belong to its input end
+            for p in self.backbone.parameters(recurse=False):
+                p.requires_grad_(False)
         self.train(self.training)
 
     def freeze_stages(self, n: int) -> None:
@@ -109,9 +112,12 @@ class HeadedNet(nn.Module):
     def param_groups(self) -> list[dict]:
         """Backbone and head in separate groups (discriminative lr); no decay on biases and norms."""
         groups = []
+        # timm's own list of parameters that take no decay (a ViT's pos_embed, cls_token)
+        named = getattr(self.backbone, "no_weight_decay", None)
+        skip = {id(p) for n, p in self.backbone.named_parameters() if n in (set(named()) if callable(named) else ())}
         for name, module, scale in (("backbone", self.backbone, self.backbone_lr_scale), ("head", self.head, 1.0)):
-            decay = [p for p in module.parameters() if p.ndim > 1]
-            no_decay = [p for p in module.parameters() if p.ndim <= 1]
+            decay = [p for p in module.parameters() if p.ndim > 1 and id(p) not in skip]
+            no_decay = [p for p in module.parameters() if p.ndim <= 1 or id(p) in skip]
             # keep_frozen: the frozen backbone stays in the optimizer, ready for unfreezing
             groups += [dict(params=ps, lr_scale=scale, name=f"{name}{suffix}", keep_frozen=True, **wd)
                        for ps, suffix, wd in ((decay, "", {}), (no_decay, "_no_decay", {"wd_scale": 0.0})) if ps]

