@@ -79,7 +79,25 @@ def _make_run_dir(cfg: TrainConfig, data_name: str, arch: str) -> Path:
     if run.exists() and any(run.iterdir()) and not cfg.exist_ok:
         raise UserError(f"run folder {run} already exists: choose another --name, pass --exist-ok, or --resume {run}")
     run.mkdir(parents=True, exist_ok=True)
+    _clear_outputs(run)
     return run
+
+
+# what a run writes; a new run reusing a folder (--exist-ok) starts without the old ones, so
+# the report, compare and predict never show the previous run's model or figures as its own
+_RUN_OUTPUTS = ("model.safetensors", "model.json", "best.safetensors", "last.pt", "metrics.csv", "metrics.json",
+                "summary.json", "report.html", "curves.png", "confusion.png", "confusion.csv", "per_class.csv",
+                "pr_curves.png", "check.json", "samples.png", "pretrained.json", "lr_find.json", "lr_find.png")
+
+
+def _clear_outputs(run: Path) -> None:
+    import shutil
+
+    for name in _RUN_OUTPUTS:
+        (run / name).unlink(missing_ok=True)
+    for d in [run / "tensorboard", run / "explain", *run.glob("eval-*")]:
+        if d.is_dir():
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _time_budget(cfg, t_start: float, cached: dict, *, final_eval: bool, run_dir, multilabel: bool, size: int):
@@ -287,12 +305,10 @@ def _prepare_data(cfg: TrainConfig, run_dir: Path | None, device: torch.device, 
         run_dir = Path(ddp.broadcast_str(str(run_dir)))
     if rank == 0:
         dump_yaml(cfg, run_dir / "config.yaml")
-        if recorded is None:  # a new run (--exist-ok may reuse a folder: its old record goes)
-            (run_dir / "pretrained.json").unlink(missing_ok=True)
-            if source is not None:
-                tmp = run_dir / "pretrained.json.tmp"
-                tmp.write_text(json.dumps(pretrained.info_to_json(source), indent=2))
-                os.replace(tmp, run_dir / "pretrained.json")
+        if recorded is None and source is not None:  # a new run (an old folder was cleared)
+            tmp = run_dir / "pretrained.json.tmp"
+            tmp.write_text(json.dumps(pretrained.info_to_json(source), indent=2))
+            os.replace(tmp, run_dir / "pretrained.json")
     log.info(f"run folder {run_dir}")
     log.info(f"data {src.origin}: {len(src.classes)} classes, " + ", ".join(f"{k} {len(v)}" for k, v in cached.items())
              + f"; {size}px {cfg.resize}")

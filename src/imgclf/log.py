@@ -8,10 +8,19 @@ _seen: set[str] = set()
 quiet = False  # set on the non-zero ranks of a distributed run: one voice, rank 0's
 
 
+def _emit(line: str) -> None:
+    from tqdm import tqdm
+
+    if getattr(tqdm, "_instances", None):  # a live bar: print above it, keeping it intact
+        tqdm.write(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr, flush=True)
+
+
 def info(msg: str) -> None:
     if quiet:
         return
-    print(f"imgclf: {msg}", file=sys.stderr, flush=True)
+    _emit(f"imgclf: {msg}")
 
 
 def warn(msg: str, once: bool = True) -> None:
@@ -19,7 +28,7 @@ def warn(msg: str, once: bool = True) -> None:
     if quiet or (once and msg in _seen):
         return
     _seen.add(msg)
-    print(f"imgclf: warning: {msg}", file=sys.stderr, flush=True)
+    _emit(f"imgclf: warning: {msg}")
 
 
 def reset() -> None:

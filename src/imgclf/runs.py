@@ -82,4 +82,9 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise UserError(f"unknown device '{name}' (use auto, cpu, cuda, cuda:N or mps)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device '{name}' requested but no CUDA GPU is available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"device '{name}': this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                        f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UserError(f"device '{name}' requested but MPS is not available on this machine")
     return dev

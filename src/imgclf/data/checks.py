@@ -323,7 +323,8 @@ def _duplicates(items: _Items, threshold: int | None, max_images: int | None, rn
             same = [g for g in rest if g == rest[0] or np.array_equal(pixels(g), ref)]
             if len(same) > 1:
                 exact_groups.append(np.asarray(same))
-            rest = [g for g in rest if g not in same]
+            taken = set(same)  # a set: 10k copies of one image must not cost 10k^2 list scans
+            rest = [g for g in rest if g not in taken]
     group_id = np.full(len(ph), -1, dtype=np.int64)
     for k, g in enumerate(exact_groups):
         group_id[g] = k

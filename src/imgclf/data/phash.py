@@ -148,6 +148,7 @@ def _bands(bits: int, n_bands: int) -> list[tuple[int, int]]:
 
 
 _SMALL_GROUP = 64  # band buckets up to this size are paired by the vectorised offset loop
+_STAR_GROUP = 1000  # identical hashes beyond this many are reported as a star, not all pairs
 
 
 def near_pairs(hashes: np.ndarray, threshold: int, max_pairs: int = 1_000_000) -> np.ndarray:
@@ -161,7 +162,30 @@ def near_pairs(hashes: np.ndarray, threshold: int, max_pairs: int = 1_000_000) -
     if n < 2:
         return np.zeros((0, 3), dtype=np.int64)
     h = hashes.astype(np.uint64)
+    # Thousands of images with one hash (a "photo unavailable" placeholder, empty camera-trap
+    # frames) would pair k^2/2 ways in every band (5,000: 62M pairs, GBs): such a group is
+    # searched through its first member alone and reported as a star (first, other) of k - 1
+    # pairs at distance 0. Smaller groups keep every pair.
+    uniq, inverse, counts = np.unique(h, return_inverse=True, return_counts=True)
+    if counts.max() > _STAR_GROUP:
+        order = np.argsort(inverse, kind="stable")
+        firsts = np.r_[0, np.cumsum(counts)[:-1]]
+        stars, keep = [], np.ones(n, dtype=bool)
+        for g in np.flatnonzero(counts > _STAR_GROUP):
+            members = order[firsts[g]: firsts[g] + counts[g]]
+            keep[members[1:]] = False
+            stars.append(np.stack([np.full(len(members) - 1, members[0]), members[1:],
+                                   np.zeros(len(members) - 1, dtype=np.int64)], axis=1))
+        idx = np.flatnonzero(keep)
+        sub = near_pairs(hashes[idx], threshold, max_pairs)
+        sub = np.stack([idx[sub[:, 0]], idx[sub[:, 1]], sub[:, 2]], axis=1) if len(sub) else sub
+        pairs = np.concatenate([sub, *stars]).astype(np.int64)
+        pairs[:, :2] = np.sort(pairs[:, :2], axis=1)
+        if len(pairs) > max_pairs:
+            pairs = pairs[np.argsort(pairs[:, 2], kind="stable")[:max_pairs]]
+        return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
     found: list[np.ndarray] = []
+    n_found = 0
     for shift, width in _bands(64, threshold + 1):
         key = (h >> np.uint64(shift)) & np.uint64((1 << width) - 1)
         order = np.argsort(key, kind="stable")
@@ -182,11 +206,14 @@ def near_pairs(hashes: np.ndarray, threshold: int, max_pairs: int = 1_000_000) -
         for s, size in zip(starts[sizes > _SMALL_GROUP], sizes[sizes > _SMALL_GROUP]):
             members = order[s : s + size]
             for r in range(0, size, 1024):
+                if n_found > 4 * max_pairs:  # near-identical frames by the thousand: enough found
+                    break
                 rows = members[r : r + 1024]
                 dist = np.bitwise_count(h[rows, None] ^ h[None, members])
                 ii, jj = np.nonzero(dist <= threshold)
                 keep = r + ii < jj
                 found.append(_close(h, rows[ii[keep]], members[jj[keep]], threshold))
+                n_found += len(found[-1])
     pairs = np.concatenate(found) if found else np.zeros((0, 3), dtype=np.int64)
     if len(pairs) == 0:
         return pairs

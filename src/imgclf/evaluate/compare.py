@@ -108,10 +108,12 @@ def curve_figures(infos: list[dict], labels: list[str]) -> dict[str, object]:
 
 def _fmt(v) -> str:
     if isinstance(v, float):
+        if v != 0 and abs(v) < 1e-3:  # an lr of 1e-5 against 3e-5 must not read 0.0000 twice
+            return f"{v:.4g}"
         return f"{v:.4f}" if abs(v) < 1e4 else f"{v:.0f}"
     if isinstance(v, (list, dict)):
         return json.dumps(v)
-    return "" if v is None else str(v)
+    return "" if v is None else str(v)  # (config values of other types are shown as written)
 
 
 def compare_runs(runs: list[str | Path], out: str | Path | None = None) -> dict:

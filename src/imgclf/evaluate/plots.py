@@ -15,17 +15,20 @@ def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
     """Loss and accuracy per epoch (train and val) and the learning rate."""
     ep = [r["epoch"] for r in history]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, key in zip(axes[:2], ("loss", "acc")):
-        for split, style in (("train", "-"), ("val", "-o")):
+    # multi-label runs: mAP is the figure that moves (label accuracy sits near 1 on sparse labels)
+    second = "map" if any("val_map" in r for r in history) else "acc"
+    few = len(ep) < 30  # markers: a single epoch is a point, which a plain line would not draw
+    for ax, key in zip(axes[:2], ("loss", second)):
+        for split, style in (("train", "-o" if few else "-"), ("val", "-o")):
             pts = [(r["epoch"], r[f"{split}_{key}"]) for r in history if f"{split}_{key}" in r and r[f"{split}_{key}"] == r[f"{split}_{key}"]]
             if pts:
                 x, y = zip(*pts)
                 ax.plot(x, y, style, label=split, markersize=3)
         ax.set_xlabel("epoch")
-        ax.set_ylabel("accuracy" if key == "acc" else "loss")
+        ax.set_ylabel({"acc": "accuracy", "map": "mAP"}.get(key, "loss"))
         ax.grid(alpha=0.3)
         ax.legend()
-    axes[2].plot(ep, [r.get("lr", np.nan) for r in history])
+    axes[2].plot(ep, [r.get("lr", np.nan) for r in history], "-o" if few else "-", markersize=3)
     axes[2].set_xlabel("epoch")
     axes[2].set_ylabel("learning rate (end of epoch)")
     axes[2].grid(alpha=0.3)
@@ -43,8 +46,14 @@ def plot_confusion(cm, classes: list[str], path: Path, title: str = "confusion m
     size = min(4 + 0.45 * n, 30)
     fig, ax = plt.subplots(figsize=(size, size))
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), classes, rotation=90 if n > 6 else 45, ha="right" if n <= 6 else "center")
-    ax.set_yticks(range(n), classes)
+    if n <= 120:
+        font = 10 if n <= 40 else 6
+        ax.set_xticks(range(n), classes, rotation=90 if n > 6 else 45, ha="right" if n <= 6 else "center",
+                      fontsize=font)
+        ax.set_yticks(range(n), classes, fontsize=font)
+    else:  # hundreds of names would merge into a black band: the cells carry the picture, confusion.csv the names
+        ax.set_xticks([])
+        ax.set_yticks([])
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     if n <= 30:

@@ -216,7 +216,9 @@ def section_config(run_dir: Path, meta: dict) -> str | None:
                             "epochs_trained", "data", "imgclf_version") if k in meta]
     body = "<h3>model</h3>" + _table(model_rows, cls="kv")
     if isinstance(cfg, dict):
-        rows = [[k, json.dumps(v) if isinstance(v, (list, dict)) else ("" if v is None else v)] for k, v in cfg.items()]
+        # options as configured (lr 3e-05, ema 0.99995): _table's 4 decimals are for figures
+        rows = [[k, json.dumps(v) if isinstance(v, (list, dict)) else ("" if v is None else
+                 (f"{v:g}" if isinstance(v, float) else v))] for k, v in cfg.items()]
         body += f"<details><summary>training options ({len(rows)})</summary>{_table(rows, cls='kv')}</details>"
     return body
 
