@@ -118,3 +118,29 @@ def test_log_lines_go_above_a_live_progress_bar(capsys):
     assert "imgclf: unfreezing the backbone\n" in err
     # tqdm.write clears the bar's line first, so the message starts its own line
     assert "\rimgclf: unfreezing" in err or "\nimgclf: unfreezing" in err
+
+
+def test_near_threshold_out_of_range_is_one_line(small_sample, tmp_path, capsys):
+    from imgclf.cli import main
+
+    assert main(["check", "--data", str(small_sample), "--near-threshold", "64", "--out", str(tmp_path / "c")]) == 2
+    assert "--near-threshold 64: expected 0..16" in capsys.readouterr().err
+
+
+def test_distributed_validation_shards_cover_every_image_once():
+    import torch
+
+    from imgclf.data.cache import CachedSplit
+    from imgclf.data.loader import BatchLoader
+
+    n = 41  # not a multiple of the 2 ranks: the old shards left image 40 out
+    data = CachedSplit(np.zeros((n, 4, 4, 3), np.uint8), np.arange(n), np.arange(n) % 3, [])
+    seen = []
+    for rank in (0, 1):
+        val = BatchLoader(data, 8, torch.device("cpu"), shuffle=False, rank=rank, world=2)
+        idx = val.order(0).tolist()
+        assert len(idx) == val.num_samples
+        seen += idx
+    assert sorted(seen) == list(range(n))
+    train = [BatchLoader(data, 8, torch.device("cpu"), shuffle=True, rank=r, world=2) for r in (0, 1)]
+    assert len(train[0].order(0)) == len(train[1].order(0)) == 20  # training shards stay equal

@@ -22,6 +22,7 @@ import numpy as np
 from imgclf.data.cache import CachedSplit, release_pages
 from imgclf.data.phash import equal_groups, hash_images, near_pairs
 from imgclf.data.sources import DataSource, Split
+from imgclf.errors import UserError
 
 SEVERITIES = ("error", "warning", "info")
 SPLIT_ORDER = ("train", "val", "test")
@@ -172,6 +173,10 @@ def run_checks(
     report.stats["layout"] = layout_stats
     report.findings += layout_findings
     # Perceptual hashes of scrambled pixels match by accident; exact copies stay exact.
+    if near_threshold is not None and not 0 <= near_threshold <= 16:
+        # the band search splits 64 bits into threshold + 1 bands: past 16 every band is a few
+        # bits wide and all images pair up; below 0 nothing would be searched at all
+        raise UserError(f"--near-threshold {near_threshold}: expected 0..16 bits of 64 (default {NEAR_THRESHOLD})")
     dup_findings, dup_stats = _duplicates(items, near_threshold if not layout_findings else None, max_images, rng)
     report.findings += dup_findings
     report.stats["duplicates"] = dup_stats

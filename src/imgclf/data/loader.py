@@ -85,9 +85,16 @@ class BatchLoader:
             self.images = torch.from_numpy(imgs).to(device)
 
     @property
+    def _equal_shards(self) -> bool:
+        # training: every rank takes the same number of steps (a rank with one more would wait in
+        # an all-reduce the others never join); evaluation: every image once, shards may differ by one
+        return self.shuffle or self.sampler is not None or self.drop_last
+
+    @property
     def num_samples(self) -> int:
-        n = len(self.data) // self.world if self.world > 1 else len(self.data)
-        return n
+        if self.world == 1:
+            return len(self.data)
+        return len(self.data) // self.world if self._equal_shards else len(range(self.rank, len(self.data), self.world))
 
     def __len__(self) -> int:
         n = self.num_samples
@@ -103,8 +110,10 @@ class BatchLoader:
         else:
             idx = torch.arange(n)
         if self.world > 1:
-            per = n // self.world  # equal shards: every rank takes the same number of steps
-            idx = idx[: per * self.world][self.rank :: self.world]
+            if self._equal_shards:
+                per = n // self.world
+                idx = idx[: per * self.world]
+            idx = idx[self.rank :: self.world]
         return idx
 
     def epoch(self, epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
