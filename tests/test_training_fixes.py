@@ -51,6 +51,7 @@ def test_one_image_left_for_a_last_batch_is_dropped():
     assert _drop_last(129, 64) and _drop_last(1000, 64)  # 129 = 2 x 64 + 1; and large data
     assert not _drop_last(130, 64)  # a last batch of 2 trains fine
     assert _drop_last(258, 128, world=2)  # 129 per rank in batches of 64: 1 left on each rank
+    assert not _drop_last(1, 16)  # a single image is a batch of one or nothing at all: kept
 
 
 def test_multilabel_val_loss_is_on_the_training_loss_scale(small_sample, tmp_path):

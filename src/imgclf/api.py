@@ -155,7 +155,7 @@ def _drop_last(n_train: int, batch_size: int, world: int = 1) -> bool:
     would hold one image: BatchNorm cannot train on a batch of one ("Expected more than 1
     value per channel" from timm nets whose last norm sees 1x1 maps)."""
     per_rank, b = n_train // world, max(1, batch_size // world)
-    return n_train >= 4 * batch_size or per_rank % b == 1
+    return n_train >= 4 * batch_size or (per_rank > b and per_rank % b == 1)  # a full batch stays
 
 
 @dataclass
