@@ -77,10 +77,8 @@ def test_study_report_and_best_config(small_sample, tmp_path, capsys):
     assert page.count("data:image/png;base64,") >= 4 + 2  # one plot per parameter + parallel + curves
     for t in trials:
         assert f"<td>{t.number}</td>" in page
-    if sum(t.state.name == "COMPLETE" for t in trials) >= 4:  # fANOVA's bar chart, else the reason why not
-        assert 'alt="parameter importance"' in page and "needs at least" not in page
-    else:
-        assert "needs at least 4 completed trials" in page
+    # 4 searched parameters: fANOVA needs 2 * 4 + 2 completed trials (test_report_from_trial_configs draws it)
+    assert "needs at least 10 completed trials" in page and 'alt="parameter importance"' not in page
 
     best = max((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: t.value)
     cfg = make_config(spec.study_dir / "best.yaml")
@@ -159,9 +157,210 @@ def test_study_file_errors_are_one_line(small_sample, tmp_path):
         ({"pruner": "hyperband"}, "unknown pruner"),
         ({"base": {"model": "plaincnn", "name": "x", "data": "d"}}, "set by the sweep"),
     ]
+    base = {"data": str(small_sample), "model": "plaincnn", "model_args": dict(TINY)}
+    cases += [
+        ({"metric": "val_accuracy"}, "metric 'val_accuracy' is not a score a trial writes; use one of val_acc, val_loss"),
+        ({"base": {**base, "monitor": "val_loss"}}, "monitor val_loss differs from the study's metric val_acc"),
+        ({"metric": "val_loss", "space": {"monitor": "val_acc"}}, "monitor val_acc differs from the study's metric val_loss"),
+        ({"base": {**base, "devices": 2}}, "sweep --workers N"),
+        ({"space": {"mixup": {"low": 0.0, "high": 1.0, "step": 0}}, "sampler": "grid"}, "'step' must be above 0 (got 0)"),
+        ({"space": {"lr": {"low": 1e-4, "high": 1e-2, "step": -1e-3}}}, "'step' must be above 0"),
+        ({"space": {"batch_size": {"low": 16, "high": 64, "step": 0.5}}}, "whole-number 'step' (got 0.5)"),
+        ({"space": {"batch_size": {"low": 16.5, "high": 64}}}, "whole-number ends"),
+        ({"space": {"beta1": {"min": 0.8, "max": 0.9}}}, "space 'beta1': 'max' without 'low'/'high'"),
+        ({"space": {"model_args.dropout": {"value": 0.3, "log": True}}}, "'log' without 'low'/'high'"),
+        ({"space": {"model_args.kernel_size": {"low": 3, "high": 5}}}, "add 'type: int'"),
+        ({"n_trials": None}, "give n_trials or timeout"),
+    ]
     for over, msg in cases:
         path = write_study(tmp_path, small_sample, **over)
-        with pytest.raises(UserError, match=re.escape(msg)):
+        with pytest.raises(UserError, match=re.escape(msg)) as info:
             spec = sweep.load_spec(path)
             sweep.make_sampler(spec, sweep.Space(spec))
             sweep.make_pruner(spec)
+        assert "\n" not in str(info.value)
+    # valid neighbours of those cases
+    for over in ({"n_trials": None, "timeout": 60}, {"n_trials": None, "sampler": "grid", "space": {"lr": {"choices": [1e-3]}}},
+                 {"base": {**base, "monitor": "val_acc"}}, {"metric": "train_loss", "base": {**base, "monitor": "val_loss"}},
+                 {"space": {"model_args.kernel_size": {"low": 3, "high": 5, "type": "int"}}},
+                 {"space": {"model_args": {"dropout": 0.1}}}):
+        sweep.load_spec(write_study(tmp_path, small_sample, **over))
+
+
+def test_range_kind_follows_the_option():
+    kinds = {
+        ("mixup", (0, 1), None): "float",  # int ends, float option: not just 0 and 1
+        ("rotate", (0, 30), None): "float",
+        ("batch_size", (16, 64), None): "int",
+        ("epochs", (1, 3), None): "float",
+        ("lr", (1, 2), None): "float",  # float | 'auto' | None
+        ("model_args.dropout", (0, 1), None): "float",
+        ("model_args.depth", (2, 6), "int"): "int",
+        ("mixup", (0, 4), "int"): "int",  # an explicit type wins
+        ("batch_size", (16, 64), "float"): "float",
+    }
+    for (name, (lo, hi), typ), kind in kinds.items():
+        spec = {"low": lo, "high": hi, **({"type": typ} if typ else {})}
+        assert sweep.parse_param(name, spec).kind == kind, name
+
+
+def test_trials_follow_the_study_metric(small_sample, tmp_path):
+    spec = sweep.load_spec(write_study(tmp_path, small_sample, metric="val_loss"))
+    assert sweep.Space(spec).options({})["monitor"] == "val_loss"
+    spec = sweep.load_spec(write_study(tmp_path, small_sample, metric="train_acc"))
+    assert "monitor" not in sweep.Space(spec).options({})  # not a monitor: the run keeps its own
+
+
+# ---------------------------------------------------------------------------------------------
+# study bookkeeping, with a fake train() that writes a run folder in milliseconds
+
+
+def fake_train(monkeypatch, fail_on: set[int] | None = None, interrupt: bool = False) -> list[dict]:
+    """Replace imgclf.api.train: writes config.yaml and metrics.csv, reports one epoch whose
+    val_acc peaks at lr = 1e-3; returns the options of every call."""
+    import math
+    from types import SimpleNamespace
+
+    import imgclf.api
+    from imgclf.config import TrainConfig, dump_yaml
+
+    calls: list[dict] = []
+
+    def train(callbacks=(), final_eval=True, project=None, name=None, exist_ok=False, **opts):
+        calls.append(dict(opts, name=name))
+        if interrupt:
+            raise KeyboardInterrupt
+        if fail_on and int(name) in fail_on:
+            raise RuntimeError("boom")
+        run = Path(project) / name
+        run.mkdir(parents=True, exist_ok=True)
+        cfg = TrainConfig(**opts, project=project, name=name, exist_ok=exist_ok)
+        dump_yaml(cfg, run / "config.yaml")
+        acc = 0.9 - 0.1 * abs(math.log10(float(cfg.lr)) + 3)
+        row = {"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "val_loss": 1 - acc, "val_acc": acc}
+        (run / "metrics.csv").write_text(",".join(row) + "\n" + ",".join(map(str, row.values())) + "\n")
+        t = SimpleNamespace(cfg=SimpleNamespace(epochs=1), stop=None)
+        for cb in callbacks:
+            cb.on_epoch_end(t, row)
+        return SimpleNamespace(history=[row])
+
+    monkeypatch.setattr(imgclf.api, "train", train)
+    return calls
+
+
+def lr_study(tmp_path, data, **over) -> Path:
+    return write_study(tmp_path, data, pruner="none", space={"lr": {"low": 1e-4, "high": 1e-2, "log": True}}, **over)
+
+
+def test_resume_refuses_another_metric_or_direction(small_sample, tmp_path, capsys):
+    from imgclf import log
+
+    path = lr_study(tmp_path, small_sample)
+    spec = sweep.load_spec(path)
+    spec.study_dir.mkdir(parents=True)
+    study = sweep.open_study(spec, heartbeat=False)
+    assert study.user_attrs["imgclf_metric"] == "val_acc" and study.user_attrs["imgclf_direction"] == "maximize"
+    with pytest.raises(UserError, match="started to maximize val_acc, and this file asks to minimize val_loss"):
+        sweep.open_study(sweep.load_spec(path, metric="val_loss"), heartbeat=False)
+    with pytest.raises(UserError, match="started to maximize val_acc, and this file asks to minimize val_acc"):
+        sweep.open_study(sweep.load_spec(path, direction="minimize"), heartbeat=False)
+    with pytest.raises(UserError, match="started to maximize val_acc, and this file asks to maximize val_map"):
+        sweep.open_study(sweep.load_spec(path, metric="val_map"), heartbeat=False)
+    log.reset()
+    capsys.readouterr()
+    sweep.open_study(spec, heartbeat=False, warn=True)
+    assert "changed" not in capsys.readouterr().err
+    changed = sweep.load_spec(path, base={**spec.base, "epochs": 3})
+    sweep.open_study(changed, heartbeat=False, warn=True)  # allowed, but said
+    assert "base or space changed since the study began" in capsys.readouterr().err
+
+
+def test_new_study_keeps_off_an_old_studys_trial_folders(small_sample, tmp_path, monkeypatch):
+    calls = fake_train(monkeypatch)
+    spec = sweep.load_spec(lr_study(tmp_path, small_sample, n_trials=2))
+    trials = spec.study_dir / "trials"
+    (trials / "0").mkdir(parents=True)
+    (trials / "0" / "error.txt").write_text("from before")  # a folder without a study: taken, stale error dropped
+    sweep.run_study(spec)
+    assert len(calls) == 2 and not (trials / "0" / "error.txt").exists()
+    sid = sweep.study_id(sweep.open_study(spec, heartbeat=False))
+    assert {sweep.read_marker(trials / n)["study_id"] for n in ("0", "1")} == {sid}
+    before = (trials / "0" / "config.yaml").read_text()
+
+    (spec.study_dir / "study.db").unlink()  # a new study of the same name would restart at trial 0
+    with pytest.raises(UserError, match="holds trial 0 of another study 's'"):
+        sweep.run_study(spec)
+    assert len(calls) == 2 and (trials / "0" / "config.yaml").read_text() == before
+
+
+def test_changed_space_fails_the_trial_with_its_reason(small_sample, tmp_path, monkeypatch):
+    fake_train(monkeypatch)
+    path = write_study(tmp_path, small_sample, pruner="none", n_trials=1, space={"lr": {"choices": [1e-3, 2e-3]}})
+    sweep.run_study(sweep.load_spec(path))
+    spec = sweep.load_spec(write_study(tmp_path, small_sample, pruner="none", n_trials=2,
+                                       space={"lr": {"choices": [1e-3, 5e-3]}}))
+    sweep.run_study(spec)
+    t = trials_of(spec)[1]
+    assert t.state.name == "FAIL" and "search space changed since study 's' began" in t.user_attrs["error"]
+    assert "CategoricalDistribution" in (spec.study_dir / "trials" / "1" / "error.txt").read_text()
+
+
+def test_failed_trials_always_leave_error_txt(small_sample, tmp_path, monkeypatch):
+    fake_train(monkeypatch, fail_on={0})
+    # trial 0 raises; trial 1 trains but never reports the metric (single-label rows have no val_map)
+    spec = sweep.load_spec(lr_study(tmp_path, small_sample, n_trials=2, metric="val_map"))
+    sweep.run_study(spec)
+    trials = trials_of(spec)
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
+    assert "boom" in trials[0].user_attrs["error"] and "never reported" in trials[1].user_attrs["error"]
+    for t in trials:
+        assert (spec.study_dir / "trials" / str(t.number) / "error.txt").exists()
+
+
+def test_ctrl_c_requeues_a_retried_trial(small_sample, tmp_path, monkeypatch):
+    fake_train(monkeypatch, interrupt=True)
+    spec = sweep.load_spec(lr_study(tmp_path, small_sample))
+    spec.study_dir.mkdir(parents=True)
+    sweep.open_study(spec, heartbeat=False).enqueue_trial({"lr": 1.5e-3})  # as a retry is queued
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_worker(spec)
+    trials = trials_of(spec)
+    assert [t.state.name for t in trials] == ["FAIL", "WAITING"]
+    assert trials[1].params == {"lr": 1.5e-3} and trials[1].system_attrs["failed_trial"] == 0
+    assert sweep.counted(trials[1]) and not sweep.counted(trials[0])
+
+
+def test_report_from_trial_configs(small_sample, tmp_path, monkeypatch):
+    fake_train(monkeypatch)
+    from imgclf.tune.report import write_report
+
+    path = lr_study(tmp_path, small_sample, n_trials=3)
+    spec = sweep.load_spec(path)
+    sweep.run_study(spec)
+    write_report(spec.study_dir)
+    page = (spec.study_dir / "report.html").read_text()
+    assert "needs at least 4 completed trials for 1 parameter (this study has 3)" in page
+    assert 'alt="parameter importance"' not in page
+    sweep.run_study(sweep.load_spec(path, n_trials=4))
+
+    # the study file changed after the trials: best.yaml is what the best trial trained with
+    saved = yaml.safe_load((spec.study_dir / "study.yaml").read_text())
+    saved["base"]["batch_size"] = 64
+    (spec.study_dir / "study.yaml").write_text(yaml.safe_dump(saved))
+    res = write_report(spec.study_dir)
+    page = (spec.study_dir / "report.html").read_text()
+    assert 'alt="parameter importance"' in page and "from 4 completed trials" in page
+    best = yaml.safe_load((spec.study_dir / "best.yaml").read_text())
+    assert best["batch_size"] == 32 and best["monitor"] == "val_acc"
+    assert not {"project", "name", "exist_ok", "progress", "tensorboard"} & set(best)
+    assert best["lr"] == pytest.approx(trials_of(spec)[res["best_trial"]].params["lr"])
+    assert make_config(spec.study_dir / "best.yaml").project == "runs"
+    assert not list(spec.study_dir.glob("*.tmp"))
+
+    # a best config that would not train is refused before anything is written
+    good = (spec.study_dir / "best.yaml").read_text()
+    cfg_path = spec.study_dir / "trials" / str(res["best_trial"]) / "config.yaml"
+    cfg_path.write_text(cfg_path.read_text().replace("batch_size: 32", "batch_size: 0"))
+    with pytest.raises(UserError, match="best.yaml: option 'batch_size'"):
+        write_report(spec.study_dir)
+    assert (spec.study_dir / "best.yaml").read_text() == good

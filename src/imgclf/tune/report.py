@@ -13,16 +13,24 @@ import csv
 import html
 import io
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
-from imgclf.config import load_yaml, make_config
+from imgclf.config import TrainConfig, format_validation_error, load_yaml
 from imgclf.errors import UserError
+from imgclf.tune import sweep
 from imgclf.tune.sweep import Param, Space, StudySpec, make_storage
 
 MIN_TRIALS_FOR_IMPORTANCE = 4  # fANOVA's forest on fewer completed trials is noise
+
+
+def min_trials_for_importance(n_params: int) -> int:
+    """Completed trials fANOVA needs: a few per searched parameter, and never fewer than 4."""
+    return max(MIN_TRIALS_FOR_IMPORTANCE, 2 * n_params + 2)
 
 _STATE_COLOR = {"COMPLETE": "#1f77b4", "PRUNED": "#999999", "FAIL": "#d62728", "RUNNING": "#2ca02c", "WAITING": "#bcbd22"}
 
@@ -105,11 +113,12 @@ def read_curve(run_dir: Path, metric: str) -> tuple[list[float], list[float]]:
 # figures
 
 
-def importance(study, n_complete: int) -> tuple[dict[str, float] | None, str]:
+def importance(study, n_complete: int, n_params: int = 1) -> tuple[dict[str, float] | None, str]:
     """fANOVA importance, or None and the reason it cannot be computed yet."""
-    if n_complete < MIN_TRIALS_FOR_IMPORTANCE:
-        return None, (f"parameter importance needs at least {MIN_TRIALS_FOR_IMPORTANCE} completed trials "
-                      f"(this study has {n_complete}); run more trials")
+    need = min_trials_for_importance(n_params)
+    if n_complete < need:
+        return None, (f"parameter importance needs at least {need} completed trials for {n_params} parameter"
+                      f"{'s' if n_params != 1 else ''} (this study has {n_complete}); run more trials")
     import optuna
 
     try:
@@ -270,13 +279,48 @@ def plot_curves(study_dir: Path, trials, metric: str, best_number: int | None) -
 # best config
 
 
-def write_best_config(spec: StudySpec, space: Space, best, path: Path) -> dict[str, Any]:
-    """Base options + the best trial's parameters, checked by loading it as `imgclf train` would."""
-    opts = space.options(best.params)
-    head = (f"# best trial {best.number} of study '{spec.name}': {spec.metric} {best.value:.4f}\n"
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def best_options(spec: StudySpec, space: Space, best, study_dir: Path, sid: str | None) -> tuple[dict[str, Any], str]:
+    """What the best trial trained with: its run folder's config.yaml (the options as resolved by
+    the run, whatever study.yaml says now) without the keys the sweep set for it; else, when the
+    folder is not here (or is another study's), the study's base with the trial's parameters.
+    Returns the options and where they came from."""
+    run_dir = study_dir / best.user_attrs.get("run_dir", f"trials/{best.number}")
+    marker = sweep.read_marker(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if cfg_path.is_file() and (marker is None or sid is None or marker.get("study_id") == sid):
+        try:
+            opts = load_yaml(cfg_path)
+        except UserError:
+            opts = None
+        if opts:
+            study_set = space.options(best.params)
+            for k in sweep._SWEEP_OWNED:
+                opts.pop(k, None)
+            for k, v in sweep._TRIAL_DEFAULTS.items():  # the sweep's trial defaults, unless the study chose them
+                if k not in study_set and opts.get(k) == v:
+                    opts.pop(k)
+            return opts, f"{cfg_path.relative_to(study_dir)}"
+    return space.options(best.params), "study.yaml with the trial's parameters"
+
+
+def write_best_config(spec: StudySpec, space: Space, best, path: Path, study_dir: Path | None = None,
+                      sid: str | None = None) -> dict[str, Any]:
+    """The best trial's options, checked as `imgclf train --config` would read them, then written."""
+    opts, source = best_options(spec, space, best, study_dir if study_dir is not None else path.parent, sid)
+    head = (f"# best trial {best.number} of study '{spec.name}': {spec.metric} {best.value:.4f} (from {source})\n"
             f"# imgclf train --config {path.name}\n")
-    path.write_text(head + yaml.safe_dump(opts, sort_keys=False))
-    make_config(path)  # raises a UserError if it would not train
+    body = yaml.safe_dump(opts, sort_keys=False)
+    try:  # before writing: a best.yaml that would not train is never left behind
+        TrainConfig(**{str(k).replace("-", "_"): v for k, v in (yaml.safe_load(body) or {}).items()})
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, str(path))) from None
+    _write_atomic(path, head + body)
     return opts
 
 
@@ -335,6 +379,7 @@ def _trial_table(trials, space: Space, best_number: int | None) -> str:
 def write_report(study_dir: str | Path, storage: str | None = None, out: str | Path | None = None) -> dict[str, Any]:
     spec, study = load_study_dir(study_dir, storage)
     d = Path(study_dir)
+    sid = sweep.study_id(study)
     space = Space(spec)
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
     complete = [t for t in trials if t.state.name == "COMPLETE"]
@@ -352,7 +397,7 @@ def write_report(study_dir: str | Path, storage: str | None = None, out: str | P
 
     if best is not None:
         best_path = d / "best.yaml"
-        opts = write_best_config(spec, space, best, best_path)
+        opts = write_best_config(spec, space, best, best_path, d, sid)
         result.update(best_yaml=str(best_path), best_trial=best.number, best_value=best.value)
         parts.append(f"<h2>Best: trial {best.number}, {html.escape(spec.metric)} {best.value:.4f}</h2>"
                      f"<p>Written to <code>{html.escape(str(best_path))}</code>; train it with "
@@ -363,10 +408,15 @@ def write_report(study_dir: str | Path, storage: str | None = None, out: str | P
 
     parts.append("<h2>Trials</h2>" + _trial_table(trials, space, best_number))
 
-    imp, why = importance(study, len(complete)) if space.params else (None, "the study has no searched parameters")
+    imp, why = (importance(study, len(complete), len(space.params)) if space.params
+                else (None, "the study has no searched parameters"))
     result["importance"] = {k: float(v) for k, v in imp.items()} if imp else None
     parts.append("<h2>What mattered: parameter importance (fANOVA)</h2>")
-    parts.append(_img(plot_importance(imp), "parameter importance") if imp else f"<p class=note>{html.escape(why)}</p>")
+    if imp:
+        parts.append(_img(plot_importance(imp), "parameter importance")
+                     + f"<p class=note>from {len(complete)} completed trials</p>")
+    else:
+        parts.append(f"<p class=note>{html.escape(why)}</p>")
 
     params = list(space.params.values())
     if imp:  # most important first
@@ -385,6 +435,6 @@ def write_report(study_dir: str | Path, storage: str | None = None, out: str | P
     page = (f"<!doctype html><html><head><meta charset=utf-8><title>study {html.escape(spec.name)}</title>"
             f"<style>{_CSS}</style></head><body>" + "\n".join(parts) + "</body></html>")
     out_path = Path(out) if out else d / "report.html"
-    out_path.write_text(page)
+    _write_atomic(out_path, page)
     result["html"] = str(out_path)
     return result

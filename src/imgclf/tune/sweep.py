@@ -12,16 +12,28 @@ A study file::
       schedule: cosine                   # a fixed value
     sampler: tpe                         # grid | random | tpe (or {type: tpe, n_startup_trials: 5})
     pruner: median                       # median | halving | none (or {type: halving, reduction_factor: 3})
-    n_trials: 30                         # and/or timeout: 1200 (seconds)
-    metric: val_acc                      # direction follows the metric unless given
+    n_trials: 30                         # and/or timeout: 1200 (seconds); one is needed unless grid
+    metric: val_acc                      # val_acc, val_loss, val_map, train_loss or train_acc;
+                                         # direction follows the metric unless given
+
+A range is a float or int range as its train option is (``mixup {low: 0, high: 1}`` draws
+floats, ``batch_size {low: 32, high: 256, step: 32}`` ints); ``model_args.*`` ranges are floats
+unless ``type: int`` is given, and an explicit ``type`` always wins. Trials keep the weights of
+their best epoch by the study's metric (``monitor`` follows it when it is val_acc, val_loss or
+val_map). A trial is one process: ``devices`` > 1 is refused, ``--workers`` runs trials side by side.
 
 Budget: ``n_trials`` counts the trials of the study (every worker, every restart), so a killed
 study started again runs only what is missing. Trials that were running when their process
-died are failed by Optuna's heartbeat and queued again with the same parameters.
+died are failed by Optuna's heartbeat and queued again with the same parameters, as is the
+trial stopped by Ctrl-C. A study resumed with another metric or direction is refused (Optuna
+keeps the first direction); one resumed with another base or space gets a warning. Each trial
+folder holds ``study.json`` naming its study, so a new study (a new storage, a deleted study.db)
+refuses to overwrite an old study's trial folders.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -31,6 +43,8 @@ import subprocess
 import sys
 import time
 import traceback
+import typing
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +64,17 @@ _SWEEP_OWNED = ("project", "name", "exist_ok")
 # and TensorBoard is one more writer per trial that a study's report replaces.
 _TRIAL_DEFAULTS = {"progress": False, "tensorboard": False}
 _MAX_CONSECUTIVE_FAILURES = 5
+# What a study may optimise: the metrics.csv columns a run writes per epoch (engine/trainer.py)
+# that score a model (lr, images_per_s and seconds are columns too, but say nothing of one).
+METRICS = ("val_acc", "val_loss", "val_map", "train_loss", "train_acc")
+# Of those, the ones a run can follow (TrainConfig.monitor): best weights, early stopping, plateau.
+MONITORS = typing.get_args(TrainConfig.model_fields["monitor"].annotation)
+# Study identity kept in the storage (Optuna user attrs) and beside each trial's run folder.
+_ATTR_METRIC, _ATTR_DIRECTION, _ATTR_SETTINGS, _ATTR_ID = ("imgclf_metric", "imgclf_direction",
+                                                            "imgclf_settings", "imgclf_study_id")
+TRIAL_MARKER = "study.json"
+# Keys a fixed value in the space may not hold: typos of a range (min/max) or range-only keys.
+_RANGE_TYPOS = ("log", "step", "type", "min", "max", "lo", "hi")
 
 
 class StudySpec(BaseModel):
@@ -128,8 +153,27 @@ def _number(name: str, key: str, v) -> float:
         raise UserError(f"space '{name}': '{key}' must be a number, got {v!r}") from None
 
 
+def _field_kind(name: str) -> str | None:
+    """'float' or 'int' from a TrainConfig field's annotation (float wins: lr is float | 'auto');
+    None for other fields."""
+    field = TrainConfig.model_fields.get(name)
+    if field is None:
+        return None
+    args = typing.get_args(field.annotation) or (field.annotation,)
+    if float in args:
+        return "float"
+    if int in args:
+        return "int"
+    return None
+
+
 def parse_param(name: str, spec) -> Param | None:
     """A range/choices mapping -> Param; anything else is a fixed value (None)."""
+    if isinstance(spec, dict) and name != "model_args" and not ({"low", "high", "choices"} & set(spec)):
+        typo = next((k for k in spec if k in _RANGE_TYPOS), None)
+        if typo is not None:
+            raise UserError(f"space '{name}': '{typo}' without 'low'/'high': a range is given as "
+                            f"{{low: ..., high: ...}} (or 'choices: [...]', or a fixed 'value')")
     if not isinstance(spec, dict) or not ({"low", "high", "choices"} & set(spec)):
         return None
     if "value" in spec:
@@ -149,16 +193,29 @@ def parse_param(name: str, spec) -> Param | None:
     if "low" not in spec or "high" not in spec:
         raise UserError(f"space '{name}': a range needs both 'low' and 'high'")
     low, high = _number(name, "low", spec["low"]), _number(name, "high", spec["high"])
-    kind = spec.get("type") or ("int" if all(isinstance(spec[k], int) and not isinstance(spec[k], bool)
-                                            for k in ("low", "high")) else "float")
+    # An explicit type wins; else the train option's own type (mixup {low: 0, high: 1} is a float
+    # range); model arguments are floats unless 'type: int' says otherwise.
+    kind = spec.get("type")
+    if kind is None:
+        if name.startswith("model_args."):
+            kind = "float"
+        else:
+            kind = _field_kind(name) or ("int" if all(isinstance(spec[k], int) and not isinstance(spec[k], bool)
+                                                      for k in ("low", "high")) else "float")
     if kind not in ("int", "float"):
         raise UserError(f"space '{name}': type must be int or float for a range, got {kind!r}")
     if not low < high:
         raise UserError(f"space '{name}': low ({low}) must be below high ({high})")
+    if kind == "int" and not (low.is_integer() and high.is_integer()):
+        raise UserError(f"space '{name}': an int range needs whole-number ends (got low {low:g}, high {high:g})")
     log_scale = bool(spec.get("log", False))
     if log_scale and low <= 0:
         raise UserError(f"space '{name}': a log range needs low > 0 (got {low}); use e.g. low: 1.0e-6")
     step = _number(name, "step", spec["step"]) if spec.get("step") is not None else None
+    if step is not None and not step > 0:
+        raise UserError(f"space '{name}': 'step' must be above 0 (got {step:g})")
+    if step is not None and kind == "int" and not step.is_integer():
+        raise UserError(f"space '{name}': an int range needs a whole-number 'step' (got {step:g})")
     if step is not None and log_scale:
         raise UserError(f"space '{name}': 'step' and 'log' cannot be combined")
     return Param(name, kind, low=low, high=high, log=log_scale, step=step)
@@ -182,6 +239,8 @@ class Space:
 
     def __init__(self, spec: StudySpec):
         self.base = {str(k).replace("-", "_"): v for k, v in spec.base.items()}
+        # the run follows the study's metric (best weights, early stopping) where it can
+        self.monitor = spec.metric if spec.metric in MONITORS else None
         self.params: dict[str, Param] = {}
         self.fixed: dict[str, Any] = {}
         for k in self.base:
@@ -209,6 +268,8 @@ class Space:
                 opts[k] = v
         if model_args:
             opts["model_args"] = model_args
+        if self.monitor is not None and "monitor" not in opts:
+            opts["monitor"] = self.monitor
         return opts
 
     def validate(self) -> None:
@@ -222,13 +283,25 @@ class Space:
                            {p.name: p.high if p.kind == "float" else int(p.high)}]
         if "data" not in self.base and "data" not in self.fixed:
             raise UserError("study: base needs 'data' (the training data every trial uses)")
+        if self.monitor is not None:
+            if "monitor" in self.params:
+                raise UserError(f"study: 'monitor' cannot be searched: trials follow the study's metric "
+                                f"({self.monitor}) for their best weights; remove it from space")
+            set_to = self.fixed.get("monitor", self.base.get("monitor", self.monitor))
+            if set_to != self.monitor:
+                raise UserError(f"study: monitor {set_to} differs from the study's metric {self.monitor}: trials "
+                                f"would keep the weights best by {set_to} but be judged by {self.monitor}; drop "
+                                f"monitor (trials follow the metric) or set it to {self.monitor}")
         for probe in probes:
             opts = self.options(probe)
             try:
-                TrainConfig(**opts)
+                cfg = TrainConfig(**opts)
             except ValidationError as e:
                 where = f"space value {probe}" if probe else "base"
                 raise UserError(format_validation_error(e, f"study {where}")) from None
+            if cfg.devices > 1:
+                raise UserError(f"study: devices {cfg.devices}: a trial is one process (pruning would not reach "
+                                f"the spawned ones); run trials side by side with 'imgclf sweep --workers N' instead")
         self._check_model_args()
 
     def _check_model_args(self) -> None:
@@ -249,6 +322,10 @@ class Space:
                 if bad:
                     allowed = ", ".join(p for p in sig if p not in ("self", "num_classes", "image_size"))
                     raise UserError(f"study: model_args {', '.join(bad)} not known to {arch}; it takes: {allowed}")
+                for p in self.params.values():  # model_args ranges are floats unless 'type: int'
+                    arg = p.name.split(".", 1)[1] if p.name.startswith("model_args.") else None
+                    if p.kind == "float" and arg in sig and sig[arg].annotation in (int, "int"):
+                        raise UserError(f"space '{p.name}': {arch} takes a whole number; add 'type: int' to the range")
 
 
 def load_spec(path: str | Path, **overrides: Any) -> StudySpec:
@@ -262,8 +339,16 @@ def load_spec(path: str | Path, **overrides: Any) -> StudySpec:
         raise UserError(format_validation_error(e, str(path)).replace("unknown option", "unknown study key")) from None
     if data is not None:
         spec.base = {**spec.base, "data": str(data)}
+    if spec.metric not in METRICS:
+        raise UserError(f"{path}: metric '{spec.metric}' is not a score a trial writes; use one of {', '.join(METRICS)}")
+    if spec.n_trials is None and spec.timeout is None and _sampler_kind(spec) != "grid":
+        raise UserError(f"{path}: give n_trials or timeout (or both): a {_sampler_kind(spec)} study has no end of its own")
     Space(spec).validate()
     return spec
+
+
+def _sampler_kind(spec: StudySpec) -> str:
+    return spec.sampler if isinstance(spec.sampler, str) else spec.sampler.get("type", "tpe")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,10 +363,10 @@ def _optuna():
     return optuna
 
 
-def _retry_callback():
+def _retry_callback(max_retry: int | None = 2):
     optuna = _optuna()
     cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
-    return cls(max_retry=2)
+    return cls(max_retry=max_retry)
 
 
 def make_storage(url: str, heartbeat: int | None = 10):
@@ -358,19 +443,86 @@ def make_pruner(spec: StudySpec):
 
 
 def grid_size(space: Space, spec: StudySpec) -> int | None:
-    kind = spec.sampler if isinstance(spec.sampler, str) else spec.sampler.get("type", "tpe")
-    if kind != "grid":
+    if _sampler_kind(spec) != "grid":
         return None
     return math.prod(len(p.grid()) for p in space.params.values())
 
 
-def open_study(spec: StudySpec, worker: int = 0, heartbeat: bool = True):
+def settings_hash(spec: StudySpec) -> str:
+    """A digest of what every trial trains with (base and space): a resumed study warns when it changed."""
+    blob = json.dumps({"base": spec.base, "space": spec.space}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def open_study(spec: StudySpec, worker: int = 0, heartbeat: bool = True, warn: bool = False):
+    """Create or load the study. A new study records its metric, direction, settings digest and a
+    random id (its identity beside each trial folder); a loaded one must have the same metric and
+    direction (Optuna would keep the stored direction), and ``warn`` says so if the settings changed."""
     optuna = _optuna()
     space = Space(spec)
     storage = make_storage(spec.storage_url, spec.heartbeat if heartbeat else None)
-    return optuna.create_study(storage=storage, study_name=spec.name, direction=spec.resolved_direction,
-                               sampler=make_sampler(spec, space, worker), pruner=make_pruner(spec),
-                               load_if_exists=True)
+    study = optuna.create_study(storage=storage, study_name=spec.name, direction=spec.resolved_direction,
+                                sampler=make_sampler(spec, space, worker), pruner=make_pruner(spec),
+                                load_if_exists=True)
+    attrs = study.user_attrs
+    had, want = study.direction.name.lower(), spec.resolved_direction
+    had_metric = attrs.get(_ATTR_METRIC)
+    if had != want or (had_metric is not None and had_metric != spec.metric):
+        raise UserError(f"study '{spec.name}' was started to {had} {had_metric or 'its metric'}, and this file asks to "
+                        f"{want} {spec.metric}: Optuna keeps a study's direction, so start a new study (another name) "
+                        f"or put metric/direction back")
+    if _ATTR_ID not in attrs:  # a new study (or one from before these records)
+        study.set_user_attr(_ATTR_METRIC, spec.metric)
+        study.set_user_attr(_ATTR_DIRECTION, want)
+        study.set_user_attr(_ATTR_SETTINGS, settings_hash(spec))
+        study.set_user_attr(_ATTR_ID, uuid.uuid4().hex)
+    elif warn and attrs.get(_ATTR_SETTINGS) != settings_hash(spec):
+        log.warn(f"study '{spec.name}': base or space changed since the study began, so its trials did not all "
+                 f"train alike and their scores may not compare; a new search wants a new study name")
+    return study
+
+
+def study_id(study) -> str | None:
+    return study.user_attrs.get(_ATTR_ID)
+
+
+def read_marker(run_dir: Path) -> dict | None:
+    """The study a trial folder belongs to (written before its trial trains), or None."""
+    try:
+        m = json.loads((run_dir / TRIAL_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) else None
+
+
+def _write_marker(run_dir: Path, spec: StudySpec, sid: str | None, number: int) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / (TRIAL_MARKER + ".tmp")
+    tmp.write_text(json.dumps({"study": spec.name, "study_id": sid, "trial": number,
+                               "storage": _redact(spec.storage_url)}))
+    os.replace(tmp, run_dir / TRIAL_MARKER)
+
+
+def _foreign(run_dir: Path, spec: StudySpec, sid: str | None) -> str | None:
+    """Why ``run_dir`` may not take a trial of this study (it holds another study's), or None."""
+    m = read_marker(run_dir)
+    if m is None or sid is None or m.get("study_id") == sid:
+        return None
+    return (f"{run_dir} holds trial {m.get('trial', '?')} of another study '{m.get('study', '?')}' "
+            f"(storage {m.get('storage', '?')}), not of study '{spec.name}' in {_redact(spec.storage_url)}: "
+            f"move {run_dir.parent} away, or give this study another name or directory")
+
+
+def check_trial_folders(spec: StudySpec, sid: str | None) -> None:
+    """Refuse to start when the trial folders belong to another study (a new storage, a deleted
+    study.db): its trial numbers start at 0 again and would overwrite them."""
+    trials = spec.study_dir / "trials"
+    if not trials.is_dir():
+        return
+    for d in sorted(trials.iterdir()):
+        why = _foreign(d, spec, sid) if d.is_dir() else None
+        if why:
+            raise UserError(why)
 
 
 def counted(trial) -> bool:
@@ -414,39 +566,61 @@ def _short(params: dict[str, Any]) -> str:
     return ", ".join(f"{k.removeprefix('model_args.')}={fmt(v)}" for k, v in params.items())
 
 
-def make_objective(spec: StudySpec, space: Space):
+_SPACE_CHANGED = ("dynamic value space", "different distribution kind", "different log configuration")
+
+
+def make_objective(spec: StudySpec, space: Space, current: dict | None = None):
+    """``current["number"]``: the trial being run, for a worker to queue it again on Ctrl-C."""
     trials_dir = spec.study_dir / "trials"
 
     def objective(trial) -> float:
         optuna = _optuna()
-        params = {k: p.suggest(trial) for k, p in space.params.items()}
-        opts = {**_TRIAL_DEFAULTS, **space.options(params)}
+        if current is not None:
+            current["number"] = trial.number
         run_dir = trials_dir / str(trial.number)
         trial.set_user_attr("run_dir", f"trials/{trial.number}")
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         pruning = PruneOnMetric(trial, spec.metric)
         from imgclf.api import train
 
-        log.info(f"trial {trial.number}: {_short(params) or 'base options'}")
+        ours = True  # whether run_dir is this study's to write error.txt into
         try:
+            sid = study_id(trial.study) if hasattr(trial, "study") else None
+            why = _foreign(run_dir, spec, sid)
+            if why:
+                ours = False
+                raise UserError(why)
+            try:
+                params = {k: p.suggest(trial) for k, p in space.params.items()}
+            except ValueError as e:
+                if not any(m in str(e) for m in _SPACE_CHANGED):
+                    raise
+                raise UserError(f"the search space changed since study '{spec.name}' began ({e}); a new space "
+                                f"wants a new study: give it another name") from None
+            opts = {**_TRIAL_DEFAULTS, **space.options(params)}
+            log.info(f"trial {trial.number}: {_short(params) or 'base options'}")
+            _write_marker(run_dir, spec, sid, trial.number)
+            (run_dir / "error.txt").unlink(missing_ok=True)  # from an earlier attempt at this folder
             res = train(callbacks=[pruning], final_eval=False, project=str(trials_dir), name=str(trial.number),
                         exist_ok=True, **opts)
+            values = [float(r[spec.metric]) for r in res.history if spec.metric in r]
+            values = [v for v in values if not math.isnan(v)]
+            trial.set_user_attr("epochs", len(res.history))
+            if pruning.pruned_at is not None:
+                raise optuna.TrialPruned(f"pruned at epoch {pruning.pruned_at}")
+            if not values:
+                raise UserError(f"metric '{spec.metric}' was never reported: the data needs a validation split "
+                                f"(val_split > 0 or a val/ folder), and metric must be a metrics.csv column such as "
+                                f"val_acc")
+        except optuna.TrialPruned:
+            raise
         except Exception as e:
             msg = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
             trial.set_user_attr("error", msg.splitlines()[0][:500] if msg else type(e).__name__)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "error.txt").write_text(traceback.format_exc())
+            if ours:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / "error.txt").write_text(traceback.format_exc())
             raise
-        values = [float(r[spec.metric]) for r in res.history if spec.metric in r]
-        values = [v for v in values if not math.isnan(v)]
-        trial.set_user_attr("epochs", len(res.history))
-        if pruning.pruned_at is not None:
-            raise optuna.TrialPruned(f"pruned at epoch {pruning.pruned_at}")
-        if not values:
-            msg = (f"metric '{spec.metric}' was never reported: the data needs a validation split "
-                   f"(val_split > 0 or a val/ folder), and metric must be a metrics.csv column such as val_acc")
-            trial.set_user_attr("error", msg)
-            raise UserError(msg)
         # the run keeps the weights of its best epoch, so that epoch's value is the trial's
         return max(values) if spec.resolved_direction == "maximize" else min(values)
 
@@ -474,8 +648,10 @@ def run_worker(spec: StudySpec, worker: int = 0) -> None:
     optuna = _optuna()
     space = Space(spec)
     study = open_study(spec, worker)
+    check_trial_folders(spec, study_id(study))
     study.sampler = make_sampler(spec, space, worker, done=len(study.get_trials(deepcopy=False)))
-    objective = make_objective(spec, space)
+    current: dict[str, int] = {}
+    objective = make_objective(spec, space, current)
     limit = spec.n_trials
     gs = grid_size(space, spec)
     if gs is not None:
@@ -497,15 +673,17 @@ def run_worker(spec: StudySpec, worker: int = 0) -> None:
             continue
         before = {t.number for t in trials}
         finished: list = []
+        current.clear()
         try:
             study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[lambda _s, t, out=finished: out.append(t)])
         except KeyboardInterrupt:
-            # Optuna has FAILED the trial; queue its parameters again so that a restart redoes it
+            # Optuna has FAILED the trial; queue its parameters again so that a restart redoes it.
+            # The trial may be a queued one (a retry), whose number was already in the study.
             me = f"{socket.gethostname()}:{os.getpid()}"
             for t in study.get_trials(deepcopy=False):
-                if (t.number not in before and t.state.name == "FAIL" and "error" not in t.user_attrs
-                        and t.user_attrs.get("worker") == me):
-                    _retry_callback()(study, t)
+                mine = t.number == current.get("number") or (t.number not in before and t.user_attrs.get("worker") == me)
+                if mine and t.state.name == "FAIL" and "error" not in t.user_attrs:
+                    _retry_callback(max_retry=None)(study, t)
             raise
         if not finished:
             continue
@@ -513,8 +691,10 @@ def run_worker(spec: StudySpec, worker: int = 0) -> None:
         _report_trial(last, spec.metric)
         failures = failures + 1 if last.state.name == "FAIL" else 0
         if failures >= _MAX_CONSECUTIVE_FAILURES:
+            err = spec.study_dir / "trials" / str(last.number) / "error.txt"
+            see = f" (see {err})" if err.exists() else ""
             raise UserError(f"{failures} trials in a row failed, the last with: {last.user_attrs.get('error')}; "
-                            f"fix the study (see {spec.study_dir}/trials/{last.number}/error.txt)")
+                            f"fix the study{see}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -561,7 +741,8 @@ def _first_trial_started(spec: StudySpec, since: float) -> bool:
 def run_study(spec: StudySpec, workers: int = 1) -> dict:
     """Run (or resume) the study with ``workers`` processes; returns the summary."""
     spec.study_dir.mkdir(parents=True, exist_ok=True)
-    open_study(spec, heartbeat=False)  # create it once here, not racing in every worker
+    study = open_study(spec, heartbeat=False, warn=True)  # create it once here, not racing in every worker
+    check_trial_folders(spec, study_id(study))
     path = write_spec(spec)
     log.info(f"study {spec.name}: storage {_redact(spec.storage_url)}, trials in {spec.study_dir / 'trials'}")
     if workers <= 1:
