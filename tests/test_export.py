@@ -44,6 +44,17 @@ def test_fastnet_onnx_parity_metadata_and_dynamic_batch(tiny_run, tmp_path, caps
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert json.loads(props["classes"]) == run_meta["classes"] and json.loads(props["resize"]) == run_meta["resize"]
     assert "softmax" in meta["outputs"]["probs"]
+    # enough to reproduce the resize without imgclf, from images.py's own constants
+    from imgclf.data.images import LETTERBOX_FILL
+
+    details = meta["resize_details"]
+    assert details["policy"] == run_meta["resize"] and details["interpolation"] == "bicubic"
+    assert details["letterbox_fill"] == [LETTERBOX_FILL] * 3 and details["alpha_background"] == [255, 255, 255]
+    assert "centred" in details["letterbox_position"] and "centre" in details["crop"]
+    assert details["exif_orientation"].startswith("applied") and "high byte" in details["sixteen_bit"]
+    assert json.loads(props["resize_details"]) == details
+    assert set(report["batch_sizes"]) == {"64", "1", "3"} and all(b["passed"] for b in report["batch_sizes"].values())
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporary file left
 
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     (inp,) = sess.get_inputs()
@@ -129,11 +140,62 @@ def test_parity_check_catches_a_wrong_graph(tiny_run):
     assert not report["passed"] and report["max_abs_logit_diff"] > report["tolerance"]
 
 
+def test_parity_check_catches_a_baked_batch_size(tiny_run):
+    from imgclf.deploy.export import reference_outputs
+    from imgclf.runs import load_model
+
+    model, meta = load_model(tiny_run)
+    images, _ = parity_images_for(tiny_run, meta, 2)
+
+    def batch_of_two_only(imgs):  # as if the trace's example batch (2) were baked into the graph
+        if len(imgs) != 2:
+            raise RuntimeError(f"Got invalid dimensions for input: images, index 0 Got: {len(imgs)} Expected: 2")
+        return reference_outputs(model, meta, imgs)
+
+    report = check_parity(model, meta, images, batch_of_two_only)
+    assert report["n"] == 2 and report["top1_agree"] == 2  # the parity set alone would pass
+    assert not report["passed"] and not report["batch_sizes"]["1"]["passed"]
+    assert "Expected: 2" in report["batch_sizes"]["3"]["error"]
+
+
+def test_failed_or_interrupted_export_never_replaces_the_file(tiny_run, tmp_path, monkeypatch):
+    import imgclf.deploy.export as ex
+    from imgclf.errors import UserError
+
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"the previous, good export")
+    monkeypatch.setattr(ex, "LOGIT_TOLERANCE", -1.0)  # nothing can pass
+    with pytest.raises(UserError, match=r"model.onnx is unchanged, the failed export is kept as .*model\.failed\.onnx"):
+        export(tiny_run, "onnx", out, parity_images=4, verbose=False)
+    assert out.read_bytes() == b"the previous, good export"
+    failed = json.loads((tmp_path / "model.failed.onnx.parity.json").read_text())
+    assert not failed["passed"] and failed["file"] == str(tmp_path / "model.failed.onnx")
+    assert read_onnx_metadata(tmp_path / "model.failed.onnx")["classes"][0] == "airplane"
+    assert (tmp_path / "model.failed.onnx.json").exists() and not (tmp_path / "model.onnx.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.failed.onnx", "model.failed.onnx.json",
+                                                          "model.failed.onnx.parity.json", "model.onnx"]
+
+    def interrupted(wrapped, example, path, opset, xmeta):
+        path.write_bytes(b"half a model")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ex, "_export_onnx", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export(tiny_run, "onnx", tmp_path / "new.onnx", verbose=False)
+    assert not [p for p in tmp_path.iterdir() if "new" in p.name]
+
+
 def test_export_user_errors(tiny_run, tmp_path):
     from imgclf.errors import UserError
 
     with pytest.raises(UserError, match="unknown export format"):
         export(tiny_run, "tflite")
+    for n in (0, -5):
+        with pytest.raises(UserError, match="--parity-images must be >= 1"):
+            export(tiny_run, "onnx", tmp_path / "p.onnx", parity_images=n)
+    assert not (tmp_path / "p.onnx").exists()  # refused before anything is written
+    with pytest.raises(UserError, match="is a directory"):
+        export(tiny_run, "torchscript", tmp_path)
     with pytest.raises(UserError, match="no such run folder"):
         export(tmp_path / "missing", "onnx")
     bogus = tmp_path / "x.onnx"

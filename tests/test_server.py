@@ -136,6 +136,7 @@ def test_model_description_and_page(client, tiny_run):
     page = client.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert 'id="file"' in page.text
+    assert "max_body_mb" in page.text  # an oversized file is refused on the page with the server's message
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page.text)  # no CDN, no external fonts
 
 
@@ -227,3 +228,161 @@ def test_cli_refuses_what_it_cannot_serve(tmp_path, capsys):
     assert "serve a run folder" in capsys.readouterr().err
     assert main(["serve", str(tmp_path / "nothing")]) == 2
     assert "no such run folder or ONNX file" in capsys.readouterr().err
+
+
+def _png(width: int, height: int) -> bytes:
+    """A small-bytes 1-bit PNG: its compressed size says nothing about its pixel count."""
+    return bomb_png(width, height)
+
+
+def test_decoding_is_inline_or_pooled_by_header_pixels_and_a_request_has_a_pixel_budget(monkeypatch):
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from imgclf.deploy import server as srv
+
+    threads = []
+    real = srv.load_resized
+
+    def spy(*a, **kw):
+        threads.append(threading.current_thread().name)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(srv, "load_resized", spy)
+    big, small = _png(1000, 1000), _png(8, 8)
+    assert len(big) < srv.INLINE_DECODE_BYTES  # the old rule (compressed size) decoded it on the event loop
+    with TestClient(create_app(ServeConfig(model="stub", max_pixels=2_500_000), backend=_FixedMultilabel())) as c:
+        for body, pooled in ((small, False), (big, True)):
+            threads.clear()
+            r = c.post("/v1/predict", content=body, headers={"content-type": "image/png"})
+            assert r.status_code == 200, r.text
+            assert [t.startswith("imgclf-decode") for t in threads] == [pooled], threads
+        # each image under --max-pixels, together over it: refused from the headers, nothing decoded
+        threads.clear()
+        r = c.post("/v1/predict", files=[("files", (f"{i}.png", big, "image/png")) for i in range(3)])
+        assert r.status_code == 413 and "3000000 pixels, over the per-request limit of 2500000" in r.json()["error"]
+        assert threads == []
+
+
+class _Blocking(_FixedMultilabel):
+    """Blocks inside the forward pass (after the warm-up call) until released."""
+
+    def __init__(self):
+        import threading
+
+        self.armed, self.entered, self.release = False, threading.Event(), threading.Event()
+
+    def probs(self, images):
+        if self.armed:
+            self.entered.set()
+            assert self.release.wait(30)
+        return super().probs(images)
+
+
+def test_images_in_flight_are_capped_with_503_and_retry_after(jpeg):
+    import threading
+
+    backend = _Blocking()
+    app = create_app(ServeConfig(model="stub", max_images=2, max_in_flight=2, max_wait_ms=0), backend=backend)
+    backend.armed = True
+    with ServerThread(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        first = {}
+        t = threading.Thread(target=lambda: first.update(r=c.post("/v1/predict", content=jpeg,
+                                                                    headers={"content-type": "image/jpeg"})))
+        t.start()
+        try:
+            assert backend.entered.wait(30)
+            # one image in flight: a second fits, two more do not
+            two = [("files", (f"{i}.jpg", jpeg, "image/jpeg")) for i in range(2)]
+            r = c.post("/v1/predict", files=two)
+            assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+            assert "server busy: 1 images in flight (limit 2" in r.json()["error"]
+        finally:
+            backend.release.set()
+            t.join(30)
+        assert first["r"].status_code == 200
+        assert c.post("/v1/predict", files=two).status_code == 200  # the slots came back
+        assert app.state.in_flight["images"] == 0
+
+
+def test_collector_survives_a_stacking_error_and_healthz_reports_a_dead_one(jpeg):
+    from concurrent.futures import Future
+
+    from fastapi.testclient import TestClient
+
+    from imgclf.deploy.server import Batcher, Metrics
+
+    async def go():
+        b = Batcher(_FixedMultilabel(), max_batch=8, max_wait_s=0.01, metrics=Metrics())
+        b.start()
+        try:  # two shapes in one batch: np.stack raises outside the model call
+            with pytest.raises(ValueError):
+                await asyncio.wait_for(b.submit([np.zeros((16, 16, 3), np.uint8), np.zeros((8, 8, 3), np.uint8)]), 10)
+            assert b.problem() is None
+            (p,) = await asyncio.wait_for(b.submit([np.zeros((16, 16, 3), np.uint8)]), 10)
+            assert p.shape == (4,)
+        finally:
+            await b.stop()
+
+    asyncio.run(go())
+
+    with TestClient(create_app(ServeConfig(model="stub"), backend=_FixedMultilabel())) as c:
+        batcher = c.app.state.batcher
+        assert c.get("/healthz").status_code == 200
+        alive, dead = batcher.task, Future()
+        dead.set_exception(RuntimeError("boom"))
+        batcher.task = dead
+        try:
+            r = c.get("/healthz")
+            assert r.status_code == 503 and "batch collector died (RuntimeError: boom)" in r.json()["error"]
+            r = c.post("/v1/predict", content=jpeg, headers={"content-type": "image/jpeg"})
+            assert r.status_code == 503 and "batch collector died" in r.json()["error"]
+        finally:
+            batcher.task = alive
+
+
+def test_options_are_checked_with_one_line_errors(client, jpeg):
+    from imgclf.errors import UserError
+
+    for bad, text in [(dict(decode_threads=-1), "--decode-threads must be >= 0"), (dict(top_k=0), "--top-k must be >= 1"),
+                      (dict(top_k=-3), "--top-k must be >= 1"), (dict(max_images=0), "max_images"),
+                      (dict(max_in_flight=-1), "--max-in-flight"), (dict(max_images=8, max_in_flight=4), "--max-in-flight")]:
+        with pytest.raises(UserError, match=text):
+            create_app(ServeConfig(model="stub", **bad), backend=_FixedMultilabel())
+    for k in ("0", "-1"):
+        r = client.post("/v1/predict", params={"top_k": k}, content=jpeg, headers={"content-type": "image/jpeg"})
+        assert r.status_code == 422 and "top_k" in r.json()["error"]
+
+
+def test_worker_factory_sets_torch_threads(tiny_run, monkeypatch):
+    import torch
+
+    from imgclf.deploy import server as srv
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.setenv(srv._ENV, json.dumps({"model": str(tiny_run), "threads": 1}))
+    srv.app_from_env()
+    assert calls == [1]
+
+
+def test_client_gone_before_a_response_is_499_not_500(server):
+    import socket
+    import time
+
+    url, _ = server
+    host, port = url.split("//")[1].split(":")
+    before = httpx.get(url + "/metrics").text
+    labels = dict(path="/v1/predict", method="POST")
+    with socket.create_connection((host, int(port))) as s:  # half a body, then gone
+        s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 1000\r\n\r\n"
+                  + b"\xff" * 10)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        after = httpx.get(url + "/metrics").text
+        if metric(after, "imgclf_requests_total", **labels, status=499) > metric(before, "imgclf_requests_total", **labels, status=499):
+            break
+        time.sleep(0.05)
+    assert metric(after, "imgclf_requests_total", **labels, status=499) == metric(before, "imgclf_requests_total", **labels, status=499) + 1
+    assert metric(after, "imgclf_requests_total", **labels, status=500) == metric(before, "imgclf_requests_total", **labels, status=500)

@@ -39,6 +39,8 @@ def add_serve(sub) -> None:
     p.add_argument("--max-pixels", type=int, default=d.max_pixels, help="largest decoded image (width x height)")
     p.add_argument("--top-k", type=int, default=d.top_k, help="default number of classes returned")
     p.add_argument("--decode-threads", type=int, default=0, help="threads decoding images (0: auto)")
+    p.add_argument("--max-in-flight", type=int, default=d.max_in_flight,
+                   help="images decoding or waiting at once; more gets 503 + Retry-After (0: 4 x images per request)")
     p.add_argument("--threads", type=int, default=0, help="inference threads (0: cpus - 1, at least 1)")
     p.add_argument("--workers", type=int, default=1,
                    help="server processes (each loads the model and batches on its own; 1 is best on few cores)")
@@ -52,7 +54,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = ServeConfig(model=args.model, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                       max_body_mb=args.max_body_mb, max_pixels=args.max_pixels, top_k=args.top_k,
-                      decode_threads=args.decode_threads, device=args.device, threads=args.threads)
+                      decode_threads=args.decode_threads, device=args.device, threads=args.threads,
+                      max_in_flight=args.max_in_flight)
     serve(cfg, host=args.host, port=args.port, workers=args.workers, log_level=args.log_level)
     return 0
 

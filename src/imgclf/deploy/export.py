@@ -8,12 +8,18 @@ softmax (single-label) or sigmoid (multi-label). Outputs: ``logits`` (raw) and `
 
 Every export runs a parity check on real images: exported vs PyTorch (both fp32, no autocast),
 same top-1 for every image and logits within ``LOGIT_TOLERANCE`` (relative to the largest
-reference logit). The figures are printed and saved as ``FILE.parity.json``.
+reference logit), also at batch sizes 1 and 3 (the trace's example batch is 2, so a batch size
+baked into the graph cannot pass). The figures are printed and saved as ``FILE.parity.json``.
+
+The files are written under temporary names beside ``FILE`` and moved into place only once
+parity passed: a failed export never replaces ``FILE`` (the default serving path) and is kept as
+``NAME.failed.SUFFIX`` for inspection; an interrupted one leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -23,7 +29,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from imgclf.data.images import BadImage, load_resized, resize_rgb
+from imgclf.data.images import (
+    _DRAFT_MARGIN,
+    _REDUCING_GAP,
+    LETTERBOX_FILL,
+    BadImage,
+    load_resized,
+    resize_rgb,
+)
 from imgclf.errors import UserError
 from imgclf.runs import load_model, read_meta
 
@@ -32,6 +45,8 @@ FORMATS = ("onnx", "torchscript")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 DEFAULT_OPSET = 17  # onnxruntime >= 1.14 runs it; every op FastNet/ResNets need exists there
 PARITY_IMAGES = 64
+TRACE_BATCH = 2  # the example batch the graph is traced with
+CHECK_BATCHES = (1, 3)  # batch sizes other than TRACE_BATCH every export is also checked at
 # fp32 vs fp32 through different kernels: differences are ~1e-5 of the logit scale; 1e-3 of it
 # leaves room for kernel-order rounding but catches any real preprocessing or graph mistake.
 LOGIT_TOLERANCE = 1e-3
@@ -59,6 +74,41 @@ class Preprocessed(nn.Module):
         return logits, probs
 
 
+# What imgclf.data.images does, for a deployment that has to reproduce it without imgclf. Values
+# come from that module's constants where it has one (the interpolation and the white alpha
+# background are written inline there).
+RESIZE_RULES = {
+    "stretch": "resize to size x size, aspect ratio ignored",
+    "crop": "scale so the shorter side is size, keep the centred size x size square: the source box is the "
+            "centred square of side min(w, h) at ((w - side) / 2, (h - side) / 2), fractional, resampled in one pass",
+    "letterbox": "scale so the longer side is size (scale = size / max(w, h), new side = max(1, round(side * scale))), "
+                 "paste centred at ((size - new_w) // 2, (size - new_h) // 2) on a size x size canvas of the fill colour",
+}
+
+
+def resize_details(policy: str) -> dict[str, Any]:
+    return {
+        "policy": policy,
+        "rule": RESIZE_RULES.get(policy, "unknown policy"),
+        "interpolation": "bicubic",
+        "interpolation_detail": f"PIL Image.resize(..., Image.Resampling.BICUBIC, reducing_gap={_REDUCING_GAP:g}): "
+                                f"a shrink by more than {_REDUCING_GAP:g}x first does an integer box reduction",
+        "jpeg_draft": f"JPEGs are decoded at reduced DCT scale (PIL Image.draft, down to 1/8 a side) while keeping at "
+                      f"least {_DRAFT_MARGIN:g}x the final size; other formats decode at full size",
+        "letterbox_fill": [LETTERBOX_FILL] * 3,
+        "letterbox_position": "centred; the odd pixel of padding goes to the bottom/right",
+        "crop": "centre (no resize before the crop; one resample of the centred square)",
+        "exif_orientation": "applied (EXIF Orientation tag 2-8, PIL ImageOps.exif_transpose) before resizing",
+        "alpha_background": [255, 255, 255],
+        "alpha": "RGBA/LA/PA and palette or tRNS transparency are composited on the alpha_background colour",
+        "sixteen_bit": "high byte (value >> 8: 65535 -> 255, 32768 -> 128); 32-bit integer data outside 0..65535 "
+                       "is min-max stretched to 0..255",
+        "float": "[0, 1] -> round(x * 255); [0, 255] -> round(x); otherwise min-max stretched to 0..255",
+        "frames": "the first frame of animated / multi-page files",
+        "other_modes": "1, L, P, CMYK, YCbCr, LAB, ... -> RGB with PIL Image.convert('RGB')",
+    }
+
+
 def export_metadata(meta: dict[str, Any], run_dir: Path, how: str) -> dict[str, Any]:
     multilabel = meta.get("task") == "multilabel"
     size = int(meta["image_size"])
@@ -72,6 +122,7 @@ def export_metadata(meta: dict[str, Any], run_dir: Path, how: str) -> dict[str, 
         "task": meta.get("task", "single"),
         "image_size": size,
         "resize": meta["resize"],
+        "resize_details": resize_details(meta["resize"]),
         "mean": list(meta["mean"]),
         "std": list(meta["std"]),
         "temperature": temperature,
@@ -79,7 +130,8 @@ def export_metadata(meta: dict[str, Any], run_dir: Path, how: str) -> dict[str, 
         "input": {
             "name": "images", "dtype": "uint8", "layout": "NHWC", "channels": "RGB", "shape": ["batch", size, size, 3],
             "preprocessing_outside_graph": f"decode to RGB and resize to {size}x{size} with policy "
-                                           f"'{meta['resize']}' (imgclf.data.images.load_resized)",
+                                           f"'{meta['resize']}' (imgclf.data.images.load_resized; every detail "
+                                           "in resize_details)",
             "preprocessing_in_graph": "uint8 -> float32, (x / 255 - mean) / std",
         },
         "outputs": {
@@ -96,50 +148,89 @@ def default_out(run_dir: Path, fmt: str) -> Path:
     return run_dir / f"model{SUFFIX[fmt]}"
 
 
+def failed_out(out: Path, fmt: str) -> Path:
+    """Where an export that failed parity is kept: model.onnx -> model.failed.onnx."""
+    suffix = SUFFIX[fmt] if out.name.lower().endswith(SUFFIX[fmt]) and out.name != SUFFIX[fmt] else out.suffix
+    return out.with_name(out.name[: len(out.name) - len(suffix)] + ".failed" + suffix)
+
+
+def _companions(path: Path) -> tuple[Path, Path]:
+    """The metadata sidecar and the parity figures of an exported file."""
+    return path.with_name(path.name + ".json"), path.with_name(path.name + ".parity.json")
+
+
 def export(run: str | Path, fmt: str = "onnx", out: str | Path | None = None, *, opset: int = DEFAULT_OPSET,
            parity_images: int = PARITY_IMAGES, verbose: bool = True) -> dict[str, Any]:
     """Export ``run`` and run the parity check. Returns the parity report (with the file paths).
 
-    Raises UserError when the exported model disagrees with PyTorch (the files stay for inspection).
+    Raises UserError when the exported model disagrees with PyTorch: ``out`` is then left as it
+    was and the failed export is kept as ``failed_out(out)`` (+ its .json and .parity.json).
     """
     if fmt not in FORMATS:
         raise UserError(f"unknown export format '{fmt}': use one of {', '.join(FORMATS)}")
+    if parity_images < 1:
+        raise UserError(f"--parity-images must be >= 1, got {parity_images}")
     run_dir, meta = read_meta(run)
+    out = Path(out) if out else default_out(run_dir, fmt)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory: give the file to write (e.g. {out / ('model' + SUFFIX[fmt])})")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create its folder ({e.strerror or e})") from None
     model, meta = load_model(run_dir, "cpu")
     model.float().eval()
-    out = Path(out) if out else default_out(run_dir, fmt)
-    out.parent.mkdir(parents=True, exist_ok=True)
     wrapped = Preprocessed(model, meta["mean"], meta["std"], meta.get("temperature") or 1.0,
                            meta.get("task") == "multilabel").eval()
     size = int(meta["image_size"])
-    example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
-    t0 = time.perf_counter()
-    if fmt == "onnx":
-        how = f"torch.onnx.export TorchScript-based exporter (dynamo=False), opset {opset}, dynamic batch"
-        xmeta = export_metadata(meta, run_dir, how)
-        _export_onnx(wrapped, example, out, opset, xmeta)
-    else:
-        how = "torch.jit.trace, dynamic batch (checked by the parity run at another batch size)"
-        xmeta = export_metadata(meta, run_dir, how)
-        _export_torchscript(wrapped, example, out, xmeta)
-    export_seconds = time.perf_counter() - t0
-    sidecar = out.with_name(out.name + ".json")
-    sidecar.write_text(json.dumps(xmeta, indent=2))
+    example = torch.zeros(TRACE_BATCH, size, size, 3, dtype=torch.uint8)
+    # written beside OUT under temporary names (same folder: os.replace is atomic) and moved into
+    # place only once parity passed
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp_sidecar, tmp_parity = _companions(tmp)
+    try:
+        t0 = time.perf_counter()
+        if fmt == "onnx":
+            how = f"torch.onnx.export TorchScript-based exporter (dynamo=False), opset {opset}, dynamic batch"
+            xmeta = export_metadata(meta, run_dir, how)
+            _export_onnx(wrapped, example, tmp, opset, xmeta)
+        else:
+            how = (f"torch.jit.trace at batch {TRACE_BATCH}, dynamic batch (checked by the parity run at batch "
+                   f"sizes {', '.join(map(str, CHECK_BATCHES))})")
+            xmeta = export_metadata(meta, run_dir, how)
+            _export_torchscript(wrapped, example, tmp, xmeta)
+        export_seconds = time.perf_counter() - t0
+        tmp_sidecar.write_text(json.dumps(xmeta, indent=2))
 
-    images, source = parity_images_for(run_dir, meta, parity_images)
-    run_exported = _onnx_runner(out) if fmt == "onnx" else _torchscript_runner(out)
-    report = check_parity(model, meta, images, run_exported)
-    report.update({"format": fmt, "file": str(out), "metadata": str(sidecar), "images_from": source,
-                   "export_seconds": round(export_seconds, 2), "exported_with": how})
-    parity_path = out.with_name(out.name + ".parity.json")
-    parity_path.write_text(json.dumps(report, indent=2))
+        images, source = parity_images_for(run_dir, meta, parity_images)
+        run_exported = _onnx_runner(tmp) if fmt == "onnx" else _torchscript_runner(tmp)
+        report = check_parity(model, meta, images, run_exported)
+        final = out if report["passed"] else failed_out(out, fmt)
+        sidecar, parity_path = _companions(final)
+        report.update({"format": fmt, "file": str(final), "metadata": str(sidecar), "images_from": source,
+                       "export_seconds": round(export_seconds, 2), "exported_with": how})
+        tmp_parity.write_text(json.dumps(report, indent=2))
+        # the model last: whoever sees it also finds its sidecar and figures
+        os.replace(tmp_sidecar, sidecar)
+        os.replace(tmp_parity, parity_path)
+        os.replace(tmp, final)
+    finally:
+        for p in (tmp, tmp_sidecar, tmp_parity):  # an interrupted or failed export leaves no half-written file
+            p.unlink(missing_ok=True)
     report["parity_file"] = str(parity_path)
+    if report["passed"]:  # a failed attempt from before is history now
+        for p in (failed_out(out, fmt), *_companions(failed_out(out, fmt))):
+            p.unlink(missing_ok=True)
     if verbose:
         print(format_report(report))
     if not report["passed"]:
-        raise UserError(f"parity check failed for {out}: {report['top1_agree']}/{report['n']} top-1 agree, "
-                        f"max |logit diff| {report['max_abs_logit_diff']:.3g} > tolerance {report['tolerance']:.3g} "
-                        f"(details in {parity_path})")
+        bad = [b for b, r in report["batch_sizes"].items() if not r["passed"]]
+        at_batch = (f", but wrong at batch size(s) {', '.join(bad)} (a batch size baked into the graph?)"
+                    if bad and report["batch_sizes"][str(report["n"])]["passed"] else "")
+        raise UserError(f"parity check failed: {report['top1_agree']}/{report['n']} top-1 agree, "
+                        f"max |logit diff| {report['max_abs_logit_diff']:.3g} (tolerance {report['tolerance']:.3g})"
+                        f"{at_batch}; {out} {'is unchanged' if out.exists() else 'was not written'}, the failed "
+                        f"export is kept as {final} (details in {parity_path})")
     return report
 
 
@@ -148,8 +239,9 @@ def format_report(r: dict[str, Any]) -> str:
     return (f"exported {r['file']} ({r['format']}, {r['export_seconds']}s)\n"
             f"parity {verdict} on {r['n']} images from {r['images_from']}: top-1 agree {r['top1_agree']}/{r['n']}, "
             f"max |logit diff| {r['max_abs_logit_diff']:.2e} (tolerance {r['tolerance']:.2e}), "
-            f"max |prob diff| {r['max_abs_prob_diff']:.2e}\n"
-            f"metadata {r['metadata']}; parity figures {r['file']}.parity.json")
+            f"max |prob diff| {r['max_abs_prob_diff']:.2e}; batch sizes "
+            + ", ".join(f"{b} {'ok' if c['passed'] else 'FAILED'}" for b, c in r["batch_sizes"].items()) + "\n"
+            f"metadata {r['metadata']}; parity figures {r['parity_file']}")
 
 
 # --- exporters --------------------------------------------------------------------------------
@@ -175,8 +267,9 @@ def _export_onnx(wrapped: nn.Module, example: torch.Tensor, out: Path, opset: in
                             f"{str(e).splitlines()[0][:300]} (try another --opset or --format torchscript)") from None
     proto = onnx.load(str(out))
     del proto.metadata_props[:]
-    entries = {META_KEY: xmeta, **{k: xmeta[k] for k in ("classes", "task", "image_size", "resize", "mean", "std",
-                                                          "temperature", "thresholds", "input", "outputs")}}
+    entries = {META_KEY: xmeta, **{k: xmeta[k] for k in ("classes", "task", "image_size", "resize", "resize_details",
+                                                          "mean", "std", "temperature", "thresholds", "input",
+                                                          "outputs")}}
     for key, value in entries.items():
         p = proto.metadata_props.add()
         p.key, p.value = key, json.dumps(value)
@@ -259,6 +352,22 @@ def check_parity(model: nn.Module, meta: dict, images: np.ndarray, run_exported)
     tol = LOGIT_TOLERANCE * max(1.0, float(np.abs(ref_logits).max()))
     agree = int((got_logits.argmax(1) == ref_logits.argmax(1)).sum())
     n = len(images)
+    # the same images again at batch sizes other than the trace's: a graph with the example's batch
+    # size baked in fails here even when the parity set happens to be that size
+    batches = {str(n): {"max_abs_logit_diff": float(diff.max()), "passed": bool(diff.max() <= tol)}}
+    for b in CHECK_BATCHES:
+        if str(b) in batches:
+            continue
+        idx = np.arange(b) % n
+        try:
+            got_b, _ = run_exported(np.ascontiguousarray(images[idx]))
+            got_b = np.asarray(got_b, dtype=np.float64)
+            if got_b.shape != ref_logits[idx].shape:
+                raise ValueError(f"logits of shape {got_b.shape}, expected {ref_logits[idx].shape}")
+            d = float(np.abs(got_b - ref_logits[idx]).max())
+            batches[str(b)] = {"max_abs_logit_diff": d, "passed": bool(d <= tol)}
+        except Exception as e:  # e.g. onnxruntime or TorchScript refusing the shape
+            batches[str(b)] = {"error": (str(e).splitlines() or [type(e).__name__])[0][:300], "passed": False}
     return {
         "n": n,
         "top1_agree": agree,
@@ -268,7 +377,8 @@ def check_parity(model: nn.Module, meta: dict, images: np.ndarray, run_exported)
         "max_abs_prob_diff": float(np.abs(got_probs.astype(np.float64) - ref_probs).max()),
         "tolerance": tol,
         "tolerance_rule": f"max |logit diff| <= {LOGIT_TOLERANCE:g} * max(1, max |reference logit|); fp32 both sides",
-        "passed": bool(agree == n and diff.max() <= tol),
+        "batch_sizes": batches,
+        "passed": bool(agree == n and all(r["passed"] for r in batches.values())),
     }
 
 

@@ -1,8 +1,10 @@
 """HTTP server for a trained run or an exported ONNX file: FastAPI + uvicorn.
 
 Request path: the body is read under a size limit (ASGI middleware, before any parsing) ->
-images are decoded and resized in a thread pool (PIL never runs on the event loop) -> each image
-joins an asyncio queue -> one collector takes up to ``max_batch`` images, waiting at most
+each image's header is read (size only, nothing decoded) to enforce the per-request pixel budget
+and the in-flight cap -> images are decoded and resized in a thread pool (only a request whose
+images total at most ``INLINE_DECODE_PIXELS`` decodes on the event loop) -> each image joins an
+asyncio queue -> one collector takes up to ``max_batch`` images, waiting at most
 ``max_wait_ms`` for company -> a single inference thread runs the batch -> futures resolve.
 Requests that arrive together therefore share one forward pass.
 
@@ -13,6 +15,7 @@ Bad input is always a 4xx with ``{"error": "..."}``; model files are read withou
 
 import asyncio
 import gc
+import io
 import json
 import os
 import time
@@ -24,12 +27,17 @@ from typing import Any
 
 import numpy as np
 
-from imgclf.data.images import BadImage, load_resized
+from imgclf.data.images import BadImage, _draft_request, load_resized
 from imgclf.errors import UserError
 
 STATIC = Path(__file__).parent / "static"
 MB = 1 << 20
-INLINE_DECODE_BYTES = 16 * 1024  # request bodies up to this are decoded on the event loop
+# A request is decoded on the event loop only when all its images together are at most this many
+# pixels (read from the headers, never from the compressed size: a 5 KB PNG can be 40 MP) and its
+# body at most INLINE_DECODE_BYTES; anything more goes to the decode thread pool.
+INLINE_DECODE_PIXELS = 256 * 256
+INLINE_DECODE_BYTES = 16 * 1024
+RETRY_AFTER_S = 1  # the Retry-After of a 503 "busy"
 
 
 @dataclass
@@ -44,6 +52,10 @@ class ServeConfig:
     top_k: int = 5
     device: str = "cpu"
     threads: int = 0  # inference threads; 0: cpus - 1, leaving a core to the event loop (HTTP parsing)
+    max_in_flight: int = 0  # images being decoded, queued or classified at once; 0: 4 * max_images
+
+    def in_flight_limit(self) -> int:
+        return self.max_in_flight or 4 * self.max_images
 
     def check(self) -> None:
         if self.max_batch < 1:
@@ -54,6 +66,15 @@ class ServeConfig:
             raise UserError(f"--max-body-mb must be > 0, got {self.max_body_mb}")
         if self.max_pixels < 1:
             raise UserError(f"--max-pixels must be >= 1, got {self.max_pixels}")
+        if self.max_images < 1:
+            raise UserError(f"max_images (images per request) must be >= 1, got {self.max_images}")
+        if self.decode_threads < 0:
+            raise UserError(f"--decode-threads must be >= 0 (0: auto), got {self.decode_threads}")
+        if self.top_k < 1:
+            raise UserError(f"--top-k must be >= 1, got {self.top_k}")
+        if self.max_in_flight < 0 or 0 < self.max_in_flight < self.max_images:
+            raise UserError(f"--max-in-flight must be 0 (auto) or >= the images per request ({self.max_images}), "
+                            f"got {self.max_in_flight}")
 
 
 # --- backends ---------------------------------------------------------------------------------
@@ -194,7 +215,7 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
-        status = 500
+        status = None
 
         async def send_status(message):
             nonlocal status
@@ -204,8 +225,12 @@ class MetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_status)
+        except Exception:
+            status = status or 500
+            raise
         finally:
-            self.metrics.observe_request(scope["path"], scope["method"], status, time.perf_counter() - t0)
+            # no response at all: the client left first (nginx's 499), not a server error
+            self.metrics.observe_request(scope["path"], scope["method"], status or 499, time.perf_counter() - t0)
 
 
 class BodyLimitMiddleware:
@@ -259,7 +284,8 @@ class BodyLimitMiddleware:
 
 
 class Batcher:
-    """An asyncio queue of single images and one collector feeding one inference thread."""
+    """An asyncio queue of single images and one collector feeding one inference thread. The
+    queue itself is unbounded: the app caps the images in flight before anything is queued."""
 
     def __init__(self, backend, max_batch: int, max_wait_s: float, metrics: Metrics):
         self.backend, self.max_batch, self.max_wait_s, self.metrics = backend, max_batch, max_wait_s, metrics
@@ -272,6 +298,20 @@ class Batcher:
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._collect())
 
+    def problem(self) -> str | None:
+        """None while the collector runs, else why no request can be answered."""
+        if self.task is None:
+            return "the batch collector has not started"
+        if not self.task.done():
+            return None
+        if self.task.cancelled():
+            return "the batch collector was stopped"
+        exc = self.task.exception()
+        if exc is None:
+            return "the batch collector returned"
+        text = (str(exc).splitlines() or [""])[0][:200]
+        return f"the batch collector died ({type(exc).__name__}{': ' + text if text else ''})"
+
     async def stop(self) -> None:
         if self.task:
             self.task.cancel()
@@ -279,9 +319,14 @@ class Batcher:
                 await self.task
             except asyncio.CancelledError:
                 pass
+            except Exception:  # it had died already: problem() says so, /healthz reported it
+                pass
         self.pool.shutdown(wait=True)
 
     async def submit(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        problem = self.problem()
+        if problem:  # nothing would ever answer these futures
+            raise BadRequest(503, f"server unavailable: {problem}")
         loop = asyncio.get_running_loop()
         futures = []
         for img in images:
@@ -292,42 +337,58 @@ class Batcher:
             self.full.set()
         return list(await asyncio.gather(*futures))
 
+    @staticmethod
+    def _fail(batch: list, exc: BaseException) -> None:
+        for _, fut in batch:
+            if not fut.done():
+                fut.set_exception(exc)
+
     async def _collect(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [await self.queue.get()]
-            if self.max_batch > 1 and self.max_wait_s > 0 and self.queue.qsize() < self.max_batch - 1:
-                self.full.clear()
+        batch: list = []
+        try:
+            while True:
+                batch = [await self.queue.get()]
                 try:
-                    await asyncio.wait_for(self.full.wait(), self.max_wait_s)
-                except TimeoutError:
-                    pass
-            while len(batch) < self.max_batch and not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-            batch = [(img, fut) for img, fut in batch if not fut.done()]  # clients that left
-            if not batch:
-                continue
+                    await self._run(batch)
+                except Exception as e:  # a model (or stacking) failure fails these requests, not the server
+                    self._fail(batch, e)
+        finally:
+            # cancelled (shutdown) or died on something worse: nobody else will answer these
+            gone = RuntimeError("the batch collector stopped")
+            self._fail(batch, gone)
+            while not self.queue.empty():
+                self._fail([self.queue.get_nowait()], gone)
+
+    async def _run(self, batch: list) -> None:
+        loop = asyncio.get_running_loop()
+        if self.max_batch > 1 and self.max_wait_s > 0 and self.queue.qsize() < self.max_batch - 1:
+            self.full.clear()
             try:
-                probs = await loop.run_in_executor(self.pool, self.backend.probs, np.stack([b[0] for b in batch]))
-            except Exception as e:  # a model failure fails these requests, not the server
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(e)
-                continue
-            self.metrics.batch.observe(len(batch))
-            self.metrics.images += len(batch)
-            for (_, fut), p in zip(batch, probs):
-                if not fut.done():
-                    fut.set_result(p)
+                await asyncio.wait_for(self.full.wait(), self.max_wait_s)
+            except TimeoutError:
+                pass
+        while len(batch) < self.max_batch and not self.queue.empty():
+            batch.append(self.queue.get_nowait())
+        batch[:] = [(img, fut) for img, fut in batch if not fut.done()]  # clients that left
+        if not batch:
+            return
+        probs = await loop.run_in_executor(self.pool, self.backend.probs, np.stack([b[0] for b in batch]))
+        if len(probs) != len(batch):
+            raise RuntimeError(f"the backend returned {len(probs)} rows for {len(batch)} images")
+        self.metrics.batch.observe(len(batch))
+        self.metrics.images += len(batch)
+        for (_, fut), p in zip(batch, probs):
+            if not fut.done():
+                fut.set_result(p)
 
 
 # --- the app ----------------------------------------------------------------------------------
 
 
 class BadRequest(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, headers
 
 
 def _thresholds(meta: dict, classes: list[str]) -> np.ndarray:
@@ -403,7 +464,7 @@ def create_app(cfg: ServeConfig, backend=None):
 
     @app.exception_handler(BadRequest)
     async def bad_request(request, exc):
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
 
     @app.get("/", include_in_schema=False)
     async def index():
@@ -411,6 +472,9 @@ def create_app(cfg: ServeConfig, backend=None):
 
     @app.get("/healthz")
     async def healthz():
+        problem = batcher.problem()
+        if problem:
+            return JSONResponse({"status": "unavailable", "error": problem}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/v1/model")
@@ -423,6 +487,23 @@ def create_app(cfg: ServeConfig, backend=None):
 
     def decode(item: tuple[str, bytes]) -> np.ndarray:
         return load_resized(item[1], size, policy, max_pixels=cfg.max_pixels)
+
+    def decoded_pixels(data: bytes) -> int | None:
+        """Pixels load_resized will decode (JPEG draft scale included), from the header alone;
+        None when PIL cannot even open it (decode then reports why, cheaply)."""
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.draft(None, _draft_request(img.size, size, policy))  # JPEG only; a no-op elsewhere
+                w, h = img.size
+        except Exception:
+            return None
+        return w * h
+
+    in_flight = {"images": 0}  # images decoding, queued or being classified
+    app.state.in_flight = in_flight
+    in_flight_limit = cfg.in_flight_limit()
 
     async def read_images(request: Request) -> list[tuple[str, bytes]]:
         ctype = request.headers.get("content-type", "")
@@ -454,26 +535,43 @@ def create_app(cfg: ServeConfig, backend=None):
         items = await read_images(request)
         if len(items) > cfg.max_images:
             raise BadRequest(400, f"too many images in one request: {len(items)} > {cfg.max_images}")
-        if sum(len(b) for _, b in items) <= INLINE_DECODE_BYTES:
-            # a thumbnail-sized JPEG decodes in tens of microseconds, less than the hop to a thread
-            decoded = []
-            for it in items:
-                try:
-                    decoded.append(decode(it))
-                except BadImage as e:
-                    decoded.append(e)
-        else:
-            loop = asyncio.get_running_loop()
-            decoded = await asyncio.gather(*(loop.run_in_executor(decode_pool, decode, it) for it in items),
-                                           return_exceptions=True)
-        for i, (name, res) in enumerate(zip((n for n, _ in items), decoded)):
-            if isinstance(res, BadImage):
-                where = f"image {i} ('{name}')" if len(items) > 1 or name != "body" else "the request body"
-                status = 413 if res.reason.startswith("image too large") else 400
-                raise BadRequest(status, f"{where}: {res.reason}")
-            if isinstance(res, BaseException):
-                raise res
-        probs = await batcher.submit(list(decoded))
+        pixels = [decoded_pixels(b) for _, b in items]
+        # an image over --max-pixels on its own is refused by decode before any pixel is decoded
+        # (with its own message), so it does not count; everything else would be decoded
+        total = sum(p for p in pixels if p is not None and p <= cfg.max_pixels)
+        if total > cfg.max_pixels:
+            raise BadRequest(413, f"images too large together: the {len(items)} images in this request total {total} "
+                                  f"pixels, over the per-request limit of {cfg.max_pixels} (server option "
+                                  "--max-pixels); send them in several requests")
+        if in_flight["images"] + len(items) > in_flight_limit:
+            raise BadRequest(503, f"server busy: {in_flight['images']} images in flight (limit {in_flight_limit}, "
+                                  f"server option --max-in-flight); retry in {RETRY_AFTER_S} s",
+                             headers={"Retry-After": str(RETRY_AFTER_S)})
+        in_flight["images"] += len(items)
+        try:
+            if (None not in pixels and sum(pixels) <= INLINE_DECODE_PIXELS
+                    and sum(len(b) for _, b in items) <= INLINE_DECODE_BYTES):
+                # a thumbnail decodes in tens of microseconds, less than the hop to a thread
+                decoded = []
+                for it in items:
+                    try:
+                        decoded.append(decode(it))
+                    except BadImage as e:
+                        decoded.append(e)
+            else:
+                loop = asyncio.get_running_loop()
+                decoded = await asyncio.gather(*(loop.run_in_executor(decode_pool, decode, it) for it in items),
+                                               return_exceptions=True)
+            for i, (name, res) in enumerate(zip((n for n, _ in items), decoded)):
+                if isinstance(res, BadImage):
+                    where = f"image {i} ('{name}')" if len(items) > 1 or name != "body" else "the request body"
+                    status = 413 if res.reason.startswith("image too large") else 400
+                    raise BadRequest(status, f"{where}: {res.reason}")
+                if isinstance(res, BaseException):
+                    raise res
+            probs = await batcher.submit(list(decoded))
+        finally:
+            in_flight["images"] -= len(items)
         k = min(top_k, len(classes))
         preds = []
         for (name, _), p in zip(items, probs):
@@ -507,9 +605,20 @@ def create_app(cfg: ServeConfig, backend=None):
 _ENV = "IMGCLF_SERVE_CONFIG"
 
 
+def _set_torch_threads(cfg: ServeConfig) -> None:
+    if cfg.device == "cpu":
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+
+
 def app_from_env():
-    """uvicorn factory for --workers > 1 (each worker process loads its own model)."""
-    return create_app(ServeConfig(**json.loads(os.environ[_ENV])))
+    """uvicorn factory for --workers > 1 (each worker process loads its own model). Each worker is
+    a process of its own: torch's thread count set in the parent does not reach it."""
+    cfg = ServeConfig(**json.loads(os.environ[_ENV]))
+    cfg.threads = inference_threads(cfg.threads)
+    _set_torch_threads(cfg)
+    return create_app(cfg)
 
 
 def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, log_level: str = "warning") -> None:
@@ -520,10 +629,7 @@ def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, workers: 
     # not in create_app (which tests and notebooks call in-process). On a busy machine, OpenMP
     # threads beyond the free cores spin and cost more CPU than they return.
     cfg.threads = inference_threads(cfg.threads)
-    if cfg.device == "cpu":
-        import torch
-
-        torch.set_num_threads(cfg.threads)
+    _set_torch_threads(cfg)
     if workers > 1:
         load_backend(cfg.model, cfg.device)  # fail here, once, with a clear line, not in every worker
         os.environ[_ENV] = json.dumps(asdict(cfg))
