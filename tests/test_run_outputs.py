@@ -81,7 +81,8 @@ def test_exist_ok_starts_the_reused_folder_without_the_old_runs_results(tmp_path
     run = tmp_path / "runs" / "r"
     (run / "tensorboard").mkdir(parents=True)
     (run / "eval-test").mkdir()
-    for f in ("model.json", "model.safetensors", "metrics.json", "confusion.png", "report.html", "notes.txt"):
+    for f in ("model.json", "model.safetensors", "metrics.json", "confusion.png", "report.html", "notes.txt",
+              "model.onnx", "model.onnx.json", "model.onnx.parity.json", "model.torchscript.pt"):
         (run / f).write_text("old")
     cfg = TrainConfig(data="x", project=str(tmp_path / "runs"), name="r", exist_ok=True)
     assert _make_run_dir(cfg, "x", "fastnet") == run

@@ -228,3 +228,17 @@ def test_time_limited_fastnet_records_the_width_it_chose(small_sample, tmp_path,
     assert "fastnet width 1.5" in err and "3 width(s) timed" in err  # each width's steps timed, none assumed
     assert make_config(res.run_dir / "config.yaml").model_args == {"width": 1.5}
     assert json.loads((res.run_dir / "model.json").read_text())["arch_args"]["width"] == 1.5
+
+
+def test_time_limited_fastnet_with_lr_auto(small_sample, tmp_path):
+    # the width probe runs before the lr finder has chosen the lr: it must not need one, and the
+    # finder's sweep is paid for inside the same budget
+    budget = 40.0
+    t0 = time.perf_counter()
+    res = imgclf.train(data=str(small_sample), project=str(tmp_path), time_limit=budget, early_crop=24, lr="auto",
+                       progress=False, tensorboard=False)
+    took = time.perf_counter() - t0
+    assert took <= budget + 1.5, f"{took:.1f}s"
+    cfg = make_config(res.run_dir / "config.yaml")
+    assert isinstance(cfg.lr, float) and (res.run_dir / "lr_find.json").exists()
+    assert res.test["top1"] > 0.2

@@ -128,3 +128,35 @@ def test_vit_position_embedding_takes_no_decay_and_freezes_with_the_first_stages
     assert id(net.backbone.pos_embed) in no_decay and id(net.backbone.cls_token) in no_decay
     assert not net.backbone.pos_embed.requires_grad and not net.backbone.patch_embed.proj.weight.requires_grad
     assert net.backbone.blocks[-1].mlp.fc1.weight.requires_grad
+
+
+def test_resume_on_a_different_number_of_processes_continues_the_same_run(small_sample, tmp_path):
+    # a 1-process run killed after its first epoch, resumed with --devices 2 (a bigger machine):
+    # the global batch and the shuffle order are the run's own, so it ends where the
+    # uninterrupted 1-process run does (the set-up of tests/test_distributed.py: fp32, SGD, no
+    # BatchNorm and no random augmentation, so only float rounding differs)
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from imgclf.config import make_config
+    from imgclf.engine.callbacks import Callback
+
+    opts = dict(data=str(small_sample), model="plaincnn", image_size=32, epochs=2, batch_size=32,
+                model_args={"channels": [8, 16], "dense": [], "dropout": 0.0, "batchnorm": False},
+                precision="fp32", flip=False, translate=0, tta=False, tensorboard=False, progress=False,
+                optimizer="sgd", project=str(tmp_path))
+
+    class Crash(Callback):
+        def on_epoch_start(self, t, epoch):
+            if epoch == 1:
+                raise RuntimeError("simulated crash")
+
+    whole = imgclf.train(**opts, name="whole")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        imgclf.train(**opts, name="killed", callbacks=[Crash()])
+    with pytest.raises(UserError, match="does not divide"):
+        imgclf.train(resume=tmp_path / "killed", devices=3, progress=False)
+    res = imgclf.train(resume=tmp_path / "killed", devices=2, progress=False)
+    assert len(res.history) == 2 and make_config(res.run_dir / "config.yaml").devices == 2
+    a, b = load_file(str(whole.run_dir / "model.safetensors")), load_file(str(res.run_dir / "model.safetensors"))
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) < 1e-6

@@ -90,11 +90,22 @@ _RUN_OUTPUTS = ("model.safetensors", "model.json", "best.safetensors", "last.pt"
                 "pr_curves.png", "check.json", "samples.png", "pretrained.json", "lr_find.json", "lr_find.png")
 
 
+def _distributed_launched() -> bool:
+    from imgclf.engine import distributed
+
+    return distributed.launched()
+
+
 def _clear_outputs(run: Path) -> None:
     import shutil
 
     for name in _RUN_OUTPUTS:
         (run / name).unlink(missing_ok=True)
+    # exported models (imgclf export: model.onnx, model.torchscript.pt, their .json sidecars and
+    # parity figures, a failed export's copy) hold the old weights: serving one would be wrong
+    for f in [*run.glob("model.onnx*"), *run.glob("model.torchscript.pt*"), *run.glob("model.failed*")]:
+        if f.is_file():
+            f.unlink()
     for d in [run / "tensorboard", run / "explain", *run.glob("eval-*")]:
         if d.is_dir():
             shutil.rmtree(d, ignore_errors=True)
@@ -206,14 +217,24 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
     started = time.time()
     if resume is not None:
         run_dir = Path(resume)
-        extra = sorted(set(options) - {"progress", "device"}) + (["config"] if config is not None else [])
+        # what may differ on the machine a run resumes on; everything else is the run's own
+        own = {"progress", "device", "devices"}
+        extra = sorted(set(options) - own) + (["config"] if config is not None else [])
         if extra:  # silently training the saved config instead would be worse
             raise UserError(f"resume continues a run with its saved config; drop: {', '.join(extra)}")
         if not (run_dir / "config.yaml").exists():
             raise UserError(f"--resume {run_dir}: not a run folder (no config.yaml)")
         if not (run_dir / "last.pt").exists():
             raise UserError(f"--resume {run_dir}: no checkpoint (last.pt) to resume from")
-        cfg = make_config(run_dir / "config.yaml", **{k: v for k, v in options.items() if k in ("progress", "device")})
+        saved_devices = make_config(run_dir / "config.yaml").devices
+        cfg = make_config(run_dir / "config.yaml", **{k: v for k, v in options.items() if k in own})
+        if cfg.devices != saved_devices and not _distributed_launched():
+            # the global batch stays the same, so each process takes batch_size / devices
+            if cfg.batch_size and cfg.batch_size % cfg.devices:
+                raise UserError(f"--devices {cfg.devices}: the run's global batch {cfg.batch_size} does not divide "
+                                f"by {cfg.devices} processes")
+            log.info(f"--resume: {saved_devices} -> {cfg.devices} process(es)")
+            dump_yaml(cfg, run_dir / "config.yaml")  # a later --resume keeps the new number
     else:
         cfg = make_config(config, **options)
         run_dir = None
@@ -359,7 +380,8 @@ def _fastnet_step_seconds(s: _Setup, width: float, precision) -> float:
             model.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
         prepare_cpu_training(model, device)
-        opt = build_optimizer(model, cfg)
+        # the lr does not change a step's time; under --lr auto it is not known yet
+        opt = build_optimizer(model, cfg if cfg.lr != "auto" else cfg.model_copy(update={"lr": 1.0}))
         y = torch.randint(0, n, (b,), device=device)
         times = []
         for _ in range(5):
@@ -405,6 +427,10 @@ def _fastnet_width_for_budget(s: _Setup, began: float, final_eval: bool) -> None
     # deducted: TimeBudget plans the run's length from the clock afterwards.
     after = _images_after_training(cfg, s.cached, final_eval=final_eval, multilabel=s.multilabel)
     reserve = _writing_reserve(cfg) + 1.1 * after * s1 / cfg.batch_size / 3
+    if cfg.lr == "auto":  # the lr finder's sweep runs before training, on the clock
+        from imgclf.engine.lr_find import default_steps
+
+        reserve += default_steps(range(spe)) * s1
     avail = began + cfg.time_limit - reserve - time.perf_counter()
     width, epochs = recipe.budget_width(step_s, avail, spe, crop_factor)
     if width != 1.0:
@@ -538,11 +564,15 @@ def _finish(s: _Setup, model, trainer: Trainer, history: list[dict], extra: dict
         from imgclf.evaluate.multilabel_metrics import tune_thresholds
 
         # thresholds for single-view scores (predict's default, the server, exported models) and,
-        # where the run has TTA, for its averaged views (evaluate): the two score scales differ
+        # where the run has TTA, for its averaged views (evaluate): the two score scales differ.
+        # Tuned on the whole val split: a distributed run's own val loader holds rank 0's shard.
+        vl = trainer.val_loader
+        if vl.world > 1:
+            vl = BatchLoader(cached["val"], vl.batch_size, device, shuffle=False, ram_budget=s.ram_budget)
         for key, level in (("thresholds", 0), ("thresholds_tta", meta["tta_level"])):
             if key == "thresholds_tta" and level == 0:
                 break
-            val_logits, val_labels = logits_for_loader(model, trainer.val_loader, trainer.normalize,
+            val_logits, val_labels = logits_for_loader(model, vl, trainer.normalize,
                                                        trainer.precision, device, tta_level=level, tta_flip=cfg.flip)
             meta[key] = [round(float(t), 6) for t in
                          tune_thresholds(torch.sigmoid(val_logits).numpy(), val_labels.numpy())]

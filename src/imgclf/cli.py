@@ -10,6 +10,7 @@ import argparse
 import csv
 import functools
 import json
+import os
 import sys
 import types
 import typing
@@ -157,7 +158,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     opts = _train_options(args)
     if args.resume:
-        extra = set(opts) - {"progress", "device"} | ({"config"} if args.config else set())
+        extra = set(opts) - {"progress", "device", "devices"} | ({"config"} if args.config else set())
         if extra:
             raise UserError(f"--resume continues a run with its saved config; drop: {', '.join('--' + k.replace('_', '-') for k in sorted(extra))}")
         res = train(resume=args.resume, **opts)
@@ -165,6 +166,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if "data" not in opts and not args.config:
             raise UserError("train needs --data (a folder, a CSV, a CIFAR pickle folder or 'cifar10') or --config")
         res = train(args.config, **opts)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun every rank runs this: rank 0 speaks
+        return 0
     print(f"run folder: {res.run_dir}")
     if res.test:
         _print_metrics(res.test)
