@@ -308,6 +308,24 @@ def test_unknown_model_is_user_error(capsys, small_sample):
     assert "unknown model" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name, meant", [("resnt50", "resnet50"), ("timm:resnet-50", "timm:resnet50"),
+                                         ("fastnt", "fastnet")])
+def test_model_name_typos_get_close_names(name, meant):
+    from imgclf.models.registry import resolve_name
+
+    with pytest.raises(UserError) as e:
+        resolve_name(name)
+    assert "did you mean" in str(e.value) and meant in str(e.value).split("did you mean")[1]
+
+
+def test_timm_rejecting_model_arguments_is_user_error():
+    from imgclf.models.registry import build_model
+
+    # timm asserts on the pooling type: an AssertionError from create_model was a traceback
+    with pytest.raises(UserError, match="timm:resnet18: bad model arguments .*global_pool"):
+        build_model("timm:resnet18", 10, 32, {"global_pool": "bogus"})
+
+
 # --- evaluate and predict ----------------------------------------------------------------------------
 
 

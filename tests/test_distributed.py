@@ -14,6 +14,7 @@ the weights after 2 epochs (22 steps) agree to ~1e-6; the test allows 1e-4.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -127,3 +128,126 @@ def test_head_only_phase_in_two_processes(small_sample, tmp_path):
                        batch_size=32, image_size=32, precision="fp32", tta=False, tensorboard=False,
                        progress=False, project=str(tmp_path), devices=2)
     assert len(res.history) == 2 and res.test["n"] == 100
+
+
+# -- multi-label validation: mAP over the whole val split on every rank --------------------------
+
+
+def _gather_worker(rank: int, port: int, out: str) -> None:
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from imgclf.engine.distributed import gather_rows
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        rows = torch.arange(3 - rank, dtype=torch.float32).view(-1, 1).repeat(1, 4) + 10 * rank  # 3 rows, then 2
+        got = gather_rows(rows, torch.device("cpu"))
+        torch.save(got, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_rows_joins_unequal_shards_in_rank_order(tmp_path):
+    import torch
+    import torch.multiprocessing as tmp
+
+    from imgclf.engine.distributed import free_port
+
+    tmp.start_processes(_gather_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    expected = torch.tensor([[0.0] * 4, [1.0] * 4, [2.0] * 4, [10.0] * 4, [11.0] * 4])
+    for rank in (0, 1):
+        assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt"), expected)
+
+
+class RecordValMap(Callback):
+    """Writes each rank's val_map, and on rank 0 the mAP of the same weights on the whole val split."""
+
+    def __init__(self, out: str):
+        self.out = out
+
+    def on_epoch_end(self, t, row):
+        import json
+
+        import torch
+
+        from imgclf.data.loader import BatchLoader
+        from imgclf.evaluate.inference import logits_for_loader
+        from imgclf.evaluate.multilabel_metrics import mean_average_precision
+
+        rank = t.train_loader.rank
+        rec = {"val_map": row["val_map"]}
+        if rank == 0:
+            whole = BatchLoader(t.val_loader.data, 64, t.device, shuffle=False)
+            logits, labels = logits_for_loader(t.eval_model(), whole, t.normalize, t.precision, t.device)
+            rec["whole"] = mean_average_precision(torch.sigmoid(logits).numpy(), labels.numpy())
+        Path(self.out, f"rank{rank}.json").write_text(json.dumps(rec))
+
+
+def test_multilabel_val_map_is_the_whole_val_splits_on_every_rank(small_sample, tmp_path):
+    # val_map is the multi-label monitor (early stopping, plateau, best checkpoint): a rank
+    # scoring only its own shard took its own decisions, and the ranks hung or drifted apart
+    import json
+
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    imgclf.train(**{**_options(small_sample, tmp_path / "runs", devices=2), "epochs": 1, "task": "multilabel"},
+                 callbacks=[RecordValMap(str(rec))], final_eval=False)
+    r0, r1 = (json.loads((rec / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["val_map"] == pytest.approx(r1["val_map"], abs=1e-9)
+    assert r0["val_map"] == pytest.approx(r0["whole"], abs=1e-6)
+
+
+# -- joining the process group, and the workers' errors ------------------------------------------
+
+
+def test_rendezvous_failures_are_one_line_errors_naming_the_address(monkeypatch):
+    import socket
+
+    import torch
+
+    from imgclf.engine import distributed
+
+    threads = torch.get_num_threads()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("MASTER_PORT", str(port))
+        monkeypatch.delenv("MASTER_ADDR", raising=False)
+        try:
+            with pytest.raises(imgclf.errors.UserError, match="MASTER_ADDR"):
+                distributed.setup(torch.device("cpu"))
+            monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+            with pytest.raises(imgclf.errors.UserError) as e:  # rank 0 cannot listen on a port in use
+                distributed.setup(torch.device("cpu"))
+        finally:
+            torch.set_num_threads(threads)
+    assert f"127.0.0.1:{port}" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_workers_missing_package_reaches_the_parent_as_such(monkeypatch, tmp_path):
+    # the CLI's install hint needs the ModuleNotFoundError and its name, not a UserError of its text
+    import os
+
+    import imgclf.api
+    from imgclf.engine import distributed
+
+    def train(*a, **k):
+        raise ModuleNotFoundError("No module named 'onnxscript'", name="onnxscript")
+
+    monkeypatch.setattr(imgclf.api, "train", train)
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+              "IMGCLF_TRAIN_STARTED"):
+        monkeypatch.setenv(k, os.environ.get(k, ""))  # _worker sets them: restored after the test
+    call = {"config": None, "resume": None, "callbacks": None, "options": {}, "started": 0.0}
+    with pytest.raises(SystemExit):
+        distributed._worker(1, 2, 1, call, str(tmp_path))
+    err = distributed._worker_error(json.loads((tmp_path / "error1.json").read_text()))
+    assert type(err) is ModuleNotFoundError and err.name == "onnxscript"
+    assert type(distributed._worker_error({"kind": "user", "message": "bad"})) is imgclf.errors.UserError

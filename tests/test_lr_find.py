@@ -59,3 +59,204 @@ def test_train_lr_auto_uses_and_records_the_suggestion(small_sample, tmp_path):
     assert peaks[0] == pytest.approx(cfg["lr"])
     assert (res.run_dir / "lr_find.png").exists()
     assert res.test["top1"] > 0.1
+
+
+# -- the sweep's guards and its training step ---------------------------------------------------
+
+
+class _Loader:
+    """A stand-in BatchLoader: ``n`` fixed batches of 8 random 4-feature rows per epoch."""
+
+    batch_size = 8
+
+    def __init__(self, n: int = 4, classes: int = 3):
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        self.batches = [(torch.randn(8, 4, generator=g), torch.randint(0, classes, (8,), generator=g))
+                        for _ in range(n)]
+
+    def __len__(self):
+        return len(self.batches)
+
+    def epoch(self, epoch: int = 0):
+        yield from self.batches
+
+
+def _sweep(loader, steps=8, loss_fn=None, entry="lr-find", **cfg_options):
+    import torch
+
+    from imgclf.config import make_config
+    from imgclf.engine.lr_find import sweep
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    cfg = make_config(None, data="unused", optimizer="sgd", momentum=0.9, weight_decay=0.0, label_smoothing=0.0,
+                      backbone_lr_scale=1.0, precision="fp32", **cfg_options)
+    res = sweep(model, cfg, loader, lambda x, y, g, parity: (x, y), torch.device("cpu"), loss_fn,
+                steps=steps, start=1e-4, end=1e-1, entry=entry)
+    return model, res
+
+
+def test_descent_problem_flags_rising_and_flat_curves():
+    from imgclf.engine.lr_find import descent_problem
+
+    lrs = list(np.geomspace(1e-7, 10, 100))
+    falling = [2.3 - 1.5 * i / 70 if i < 70 else 0.8 + 0.2 * (i - 70) for i in range(100)]
+    assert descent_problem(lrs, smooth(falling)) == ""
+    rising = [2.3 + 0.01 * i for i in range(100)]
+    assert "lowest at the start" in descent_problem(lrs, smooth(rising))
+    flat = [2.3 - 0.0005 * i for i in range(100)]  # a 2% fall
+    assert "fell only" in descent_problem(lrs, smooth(flat))
+
+
+def test_lr_find_command_says_when_the_curve_never_fell(small_sample, tmp_path, capsys):
+    # lrs far too small to move the loss: the old rule silently suggested ~lr_start
+    from imgclf.cli import main
+
+    out = tmp_path / "flat.png"
+    rc = main(["lr-find", "--data", str(small_sample), "--steps", "8", "--lr-start", "1e-9", "--lr-end", "1e-8",
+               "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no descent" in err and "--lr-end" in err and err.count("\n") == 1
+    assert out.exists() and "no_descent" in json.loads(out.with_suffix(".json").read_text())
+
+
+def test_lr_for_training_raises_no_descent_for_the_train_path_to_catch(tmp_path):
+    import torch
+
+    from imgclf.config import make_config
+    from imgclf.engine.lr_find import NoDescentError, lr_for_training
+    from imgclf.errors import UserError
+
+    cfg = make_config(None, data="unused", optimizer="sgd", momentum=0.9, weight_decay=0.0, label_smoothing=0.0,
+                      backbone_lr_scale=1.0, precision="fp32", progress=False, freeze_epochs=0)
+
+    def rising(logits, target):  # a loss that only grows with the step count
+        rising.n += 1
+        return logits.sum() * 0 + rising.n
+    rising.n = 0
+    with pytest.raises(NoDescentError) as e:
+        lr_for_training(torch.nn.Linear(4, 3), cfg, _Loader(), lambda x, y, g, p: (x, y), torch.device("cpu"),
+                        rising, None, False, tmp_path)
+    assert isinstance(e.value, UserError) and e.value.reason and e.value.result.lrs
+    assert "--lr a number" in str(e.value) and "--lr-start/--lr-end" in str(e.value)  # lr-find's options, named as such
+    assert (tmp_path / "lr_find.png").exists()  # written before the error: it shows the curve
+
+
+def test_sweep_stops_when_an_epoch_gives_no_batch():
+    from imgclf.errors import UserError
+
+    with pytest.raises(UserError, match="no batch"):
+        _sweep(_Loader(n=0))
+
+
+def test_lr_find_with_a_batch_larger_than_the_train_split(small_sample):
+    # drop_last=True made the loader empty and the sweep loop forever; training's rule keeps the batch
+    from imgclf.engine.lr_find import NoDescentError
+    from imgclf.models.commands import find_lr
+
+    try:
+        res = find_lr(data=str(small_sample), batch_size=1024, steps=6, out=None, progress=False)
+    except NoDescentError as e:
+        res = e.result
+    assert len(res.lrs) == 6 and res.extras.get("batch_size", 1024) == 1024
+
+
+def test_lr_find_sweeps_the_set_up_train_uses(small_sample):
+    # multi-label data with mixup: multi-hot targets, mixed as multi-hot, under the multi-label loss
+    # (it was cross-entropy on float targets, and BatchAugment one-hot encoded them: a traceback)
+    from imgclf.engine.lr_find import NoDescentError
+    from imgclf.errors import UserError
+    from imgclf.models.commands import find_lr
+
+    try:
+        res = find_lr(data=str(small_sample), task="multilabel", mixup=0.2, steps=6, out=None, progress=False)
+    except NoDescentError as e:
+        res = e.result
+    assert len(res.lrs) == 6 and all(np.isfinite(res.losses))
+    # --loss goes through train's imbalance_setup: its checks apply here too
+    with pytest.raises(UserError, match="--loss bce is for multi-label data"):
+        find_lr(data=str(small_sample), loss="bce", steps=6, out=None, progress=False)
+
+
+def test_steps_below_five_are_refused_up_front(small_sample, capsys):
+    from imgclf.cli import main
+
+    assert main(["lr-find", "--data", str(small_sample), "--steps", "3", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--steps 3" in err and "at least 5" in err and "not finite" not in err
+
+
+def test_too_few_usable_steps_are_worded_for_each_entry_point():
+    from imgclf.errors import UserError
+
+    def nan_loss(logits, target):
+        return logits.sum() * float("nan")
+
+    with pytest.raises(UserError, match="lower --lr-start"):
+        _sweep(_Loader(), loss_fn=nan_loss)
+    with pytest.raises(UserError) as e:
+        _sweep(_Loader(), loss_fn=nan_loss, entry="train")
+    assert "--lr a number instead of auto" in str(e.value) and "--lr-start" not in str(e.value)
+
+
+def test_sweep_step_has_the_trainers_l2_and_clipping(monkeypatch):
+    import torch
+    import torch.nn.functional as F
+
+    from imgclf.engine.optim import l2_penalty
+
+    loader = _Loader()
+    torch.manual_seed(0)
+    fresh = torch.nn.Linear(4, 3)
+    x, y = loader.batches[0]
+    with torch.no_grad():
+        expected = float(F.cross_entropy(fresh(x), y) + 0.5 * l2_penalty(fresh))
+    calls = []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, m, *a, **k: calls.append(m) or clip(p, m, *a, **k))
+    model, res = _sweep(loader, l2=0.5, clip_grad=0.25)
+    assert res.losses[0] == pytest.approx(expected, rel=1e-5)  # the first step's loss includes the penalty
+    assert calls == [0.25] * 8
+
+
+def test_sweep_drops_the_steps_the_fp16_scaler_skips():
+    # step 3's gradients overflow (a finite loss): GradScaler skips that step, as in training,
+    # and the curve leaves it out; without the scaler the inf/nan gradients reach the weights
+    import torch
+
+    from imgclf.config import make_config
+    from imgclf.engine.lr_find import sweep
+
+    step = {"n": 0}
+
+    def loss_fn(logits, target):
+        step["n"] += 1
+        if step["n"] == 3:
+            logits.register_hook(lambda g: g * float("inf"))
+        return torch.nn.functional.cross_entropy(logits, target)
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    cfg = make_config(None, data="unused", optimizer="sgd", momentum=0.9, weight_decay=0.0, label_smoothing=0.0,
+                      backbone_lr_scale=1.0, precision="fp16")
+    res = sweep(model, cfg, _Loader(), lambda x, y, g, p: (x, y), torch.device("cpu"), loss_fn, steps=8,
+                start=1e-4, end=1e-1)
+    assert len(res.lrs) == 7 and all(np.isfinite(res.losses)) and not res.stopped
+
+
+def test_train_lr_auto_falls_back_to_the_recipe_lr_when_the_curve_never_fell(small_sample, tmp_path, monkeypatch,
+                                                                              capfd):
+    import yaml
+
+    import imgclf
+    from imgclf.engine import lr_find
+
+    monkeypatch.setattr(lr_find, "descent_problem", lambda lrs, sm: "the loss only rose")
+    res = imgclf.train(data=str(small_sample), lr="auto", epochs=1, project=str(tmp_path), name="flat",
+                       progress=False, tensorboard=False, tta=False)
+    cfg = yaml.safe_load((res.run_dir / "config.yaml").read_text())
+    assert cfg["lr"] == pytest.approx(1.5 * cfg["batch_size"] / 1024)  # fastnet's recipe lr, not ~lr_start
+    assert "training with the recipe's lr" in capfd.readouterr().err
+    assert (res.run_dir / "lr_find.png").exists() and len(res.history) == 1

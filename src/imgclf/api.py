@@ -494,10 +494,15 @@ def _build_trainer(s: _Setup, *, resume, callbacks, final_eval: bool, t_start: f
                        cutout=cfg.cutout, mixup=cfg.mixup, cutmix=cfg.cutmix)
     augment = BatchAugment(spec, normalize, len(s.src.classes), multilabel=s.multilabel)
     if cfg.lr == "auto":
-        from imgclf.engine.lr_find import lr_for_training
+        from imgclf.engine.lr_find import NoDescentError, lr_for_training
 
-        cfg.lr = lr_for_training(model, cfg, train_loader, augment, device, loss_fn, class_weights, s.multilabel,
-                                 s.run_dir if rank == 0 else None, world)
+        try:
+            cfg.lr = lr_for_training(model, cfg, train_loader, augment, device, loss_fn, class_weights,
+                                     s.multilabel, s.run_dir if rank == 0 else None, world)
+        except NoDescentError as e:  # a curve that never fell names no lr: the recipe's is the safe one
+            cfg.lr = recipe.resolve(cfg.model_copy(update={"lr": None}), n_train=n_train, image_size=size,
+                                    arch=arch, multilabel=s.multilabel).lr
+            log.warn(f"--lr auto: {e.reason}; training with the recipe's lr {cfg.lr:.3g} instead (see lr_find.png)")
         if rank == 0:
             dump_yaml(cfg, s.run_dir / "config.yaml")
     budget_cb = None

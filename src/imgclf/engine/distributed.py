@@ -51,6 +51,10 @@ class DistContext:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
+    def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows of ``t`` in rank order, on every rank (Trainer.validate's mAP)."""
+        return gather_rows(t, self.device)
+
     def barrier(self) -> None:
         if self.device.type == "cuda":
             dist.barrier(device_ids=[self.device.index])
@@ -74,6 +78,24 @@ class DistContext:
             # then ("terminate called without an active exception").
             self.barrier()
             dist.destroy_process_group()
+
+
+def gather_rows(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The rows (dim 0) of ``t`` from every rank of the process group, concatenated in rank
+    order and returned on every rank, on ``t``'s device. Shards may differ in length (validation
+    shards differ by up to one image): each is padded to the longest for all_gather, then cut."""
+    world = dist.get_world_size()
+    x = t.to(device).contiguous()
+    n = torch.tensor([x.shape[0]], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    lengths = [int(v.item()) for v in sizes]
+    longest = max(lengths)
+    if x.shape[0] < longest:
+        x = torch.cat([x, x.new_zeros((longest - x.shape[0], *x.shape[1:]))])
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x)
+    return torch.cat([p[:k] for p, k in zip(parts, lengths)]).to(t.device)
 
 
 def launched() -> bool:
@@ -110,8 +132,19 @@ def setup(device: torch.device) -> DistContext | None:
         raise UserError(f"distributed training runs on CPU (gloo) or CUDA (NCCL), not on {device.type}")
     owns = not dist.is_initialized()
     if owns:
-        # a generous timeout: rank 0 may spend a long time decoding the cache while others wait
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(hours=2))
+        addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+        where = f"{addr or '(MASTER_ADDR not set)'}:{port or '(MASTER_PORT not set)'}"
+        if not addr or not port:
+            raise UserError(f"process {rank} of {world} cannot join the process group at {where}: set MASTER_ADDR and "
+                            "MASTER_PORT (torchrun sets them), or start the processes with --devices N")
+        try:
+            # a generous timeout: rank 0 may spend a long time decoding the cache while others wait
+            dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(hours=2))
+        except (RuntimeError, ValueError) as e:  # DistNetworkError/DistStoreError are RuntimeErrors
+            first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            raise UserError(f"process {rank} of {world} could not join the process group at {where} ({backend}): "
+                            f"{first} (another process may hold the port, or the address is unreachable: "
+                            "try another MASTER_PORT)") from None
     return DistContext(rank, world, local_rank, local_world, device, owns)
 
 
@@ -178,13 +211,23 @@ def _worker(local_rank: int, world: int, port: int, call: dict[str, Any], out: s
 
     try:
         res = train(call["config"], resume=call["resume"], callbacks=call["callbacks"], **call["options"])
-    except UserError as e:
-        # the parent turns this back into a one-line error; a non-zero exit stops the other ranks
-        Path(out, f"error{local_rank}.txt").write_text(str(e))
+    except (UserError, ModuleNotFoundError) as e:
+        # the parent raises it again (a one-line error; a missing optional package keeps its name,
+        # so the CLI's install hint names it); a non-zero exit stops the other ranks
+        kind = "module" if isinstance(e, ModuleNotFoundError) else "user"
+        Path(out, f"error{local_rank}.json").write_text(json.dumps({"kind": kind, "message": str(e),
+                                                                   "name": getattr(e, "name", None)}))
         raise SystemExit(2) from None
     if local_rank == 0:
         Path(out, "result.json").write_text(json.dumps({"run_dir": str(res.run_dir), "history": res.history,
                                                          "test": res.test}, default=str))
+
+
+def _worker_error(e: dict) -> Exception:
+    """A worker's error file back as the exception the worker raised (UserError or ModuleNotFoundError)."""
+    if e.get("kind") == "module":
+        return ModuleNotFoundError(e["message"], name=e.get("name"))
+    return UserError(e["message"])
 
 
 def spawn_train(n: int, device: torch.device, *, config, resume, callbacks, options: dict[str, Any],
@@ -211,9 +254,9 @@ def spawn_train(n: int, device: torch.device, *, config, resume, callbacks, opti
         try:
             tmp.start_processes(_worker, args=(n, free_port(), call, out), nprocs=n, join=True, start_method="spawn")
         except (tmp.ProcessExitedException, tmp.ProcessRaisedException):
-            errors = sorted(Path(out).glob("error*.txt"))
+            errors = sorted(Path(out).glob("error*.json"))
             if errors:
-                raise UserError(errors[0].read_text()) from None
+                raise _worker_error(json.loads(errors[0].read_text())) from None
             raise
         finally:
             tempfile.tempdir = saved

@@ -23,8 +23,33 @@ import torch
 import torch.nn.functional as F
 
 from imgclf import log
-from imgclf.engine.optim import build_optimizer
+from imgclf.engine.optim import build_optimizer, l2_penalty
 from imgclf.engine.trainer import resolve_precision
+from imgclf.errors import UserError
+
+MIN_STEPS = 5  # fewer usable points than this make no curve
+MIN_DROP = 0.03  # a smoothed loss falling less than 3% from its start has no descent to read
+
+
+class NoDescentError(UserError):
+    """The lr finder's smoothed loss never fell (its minimum lies at the start of the sweep, or it
+    dropped less than MIN_DROP), so its suggestion would be ~lr_start, at which nothing trains.
+    ``train --lr auto`` catches it and falls back to the recipe's lr; ``reason`` says what was
+    seen (no advice), ``result`` is the sweep (already plotted)."""
+
+    def __init__(self, message: str, result, reason: str):
+        super().__init__(message)
+        self.result, self.reason = result, reason
+
+
+# what the user of each entry point can change when the sweep gives nothing to read
+_ADVICE = {
+    "lr-find": {"few": "lower --lr-start, or check the data",
+                "flat": "sweep another range with --lr-start/--lr-end (a higher --lr-end if the loss never "
+                        "moved, a lower --lr-start if it rose from the first step)"},
+    "train": {"few": "give --lr a number instead of auto, or check the data",
+              "flat": "run 'imgclf lr-find' with another --lr-start/--lr-end, or give --lr a number"},
+}
 
 
 @dataclass
@@ -38,10 +63,14 @@ class LRFind:
     method: str = "min/10"
     stopped: str = ""
     extras: dict = field(default_factory=dict)
+    no_descent: str = ""  # why the curve has no descent to suggest from ('' when it has): see descent_problem()
 
     def as_dict(self) -> dict:
-        return {"suggestion": self.suggestion, "method": self.method, "min_loss_lr": self.min_lr,
-                "steepest_lr": self.steepest, "steps": len(self.lrs), "stopped": self.stopped}
+        out = {"suggestion": self.suggestion, "method": self.method, "min_loss_lr": self.min_lr,
+               "steepest_lr": self.steepest, "steps": len(self.lrs), "stopped": self.stopped}
+        if self.no_descent:
+            out["no_descent"] = self.no_descent
+        return out
 
 
 def smooth(losses: list[float], beta: float = 0.9) -> list[float]:
@@ -51,6 +80,22 @@ def smooth(losses: list[float], beta: float = 0.9) -> list[float]:
         avg = beta * avg + (1 - beta) * v
         out.append(avg / (1 - beta ** (i + 1)))
     return out
+
+
+def descent_problem(lrs: list[float], smoothed: list[float]) -> str:
+    """Why the curve shows no descent to read a suggestion from ('' if it does): its minimum lies in
+    the first ~10% of the points looked at, or the smoothed loss fell less than MIN_DROP from
+    its start to its minimum."""
+    skip = min(len(lrs) // 10, 5)
+    i_min = skip + int(np.argmin(smoothed[skip:]))
+    first = smoothed[skip]
+    if i_min - skip < max(1, math.ceil(0.1 * (len(lrs) - skip))):
+        return f"the smoothed loss was lowest at the start of the sweep (lr {lrs[i_min]:.2g}) and never fell"
+    drop = (first - smoothed[i_min]) / max(abs(first), 1e-12)
+    if drop < MIN_DROP:
+        return (f"the smoothed loss fell only {100 * drop:.1f}% (from {first:.4g} to {smoothed[i_min]:.4g} "
+                f"at lr {lrs[i_min]:.2g})")
+    return ""
 
 
 def suggest(lrs: list[float], smoothed: list[float]) -> tuple[float, float | None, float]:
@@ -67,13 +112,20 @@ def suggest(lrs: list[float], smoothed: list[float]) -> tuple[float, float | Non
 
 
 def sweep(model, cfg, loader, augment, device, loss_fn=None, *, steps: int = 200, start: float = 1e-7,
-          end: float = 10.0, diverge: float = 4.0, progress: bool = False) -> LRFind:
+          end: float = 10.0, diverge: float = 4.0, progress: bool = False, entry: str = "lr-find") -> LRFind:
     """Exponential lr sweep over ``steps`` optimizer steps (fewer if the loss diverges).
 
     ``cfg`` is the resolved training config: its optimizer, momentum/betas, weight decay and
     the model's own parameter groups (e.g. a 0.1x backbone) are used, so the suggestion is the
-    peak lr of exactly that training set-up. Weights (and BatchNorm statistics) are restored.
+    peak lr of exactly that training set-up. Each step is the trainer's: the l2 penalty, the
+    fp16 GradScaler (a step it skips for overflowing gradients gives no point on the curve)
+    and gradient clipping. Weights (and BatchNorm statistics) are restored.
+
+    A curve without descent is returned with ``no_descent`` set (the caller plots it, then
+    raises: :func:`check_descent`). ``entry`` ('lr-find' or 'train') words the advice of errors.
     """
+    if steps < MIN_STEPS:
+        raise UserError(f"lr finder: {steps} steps are too few for a curve: sweep at least {MIN_STEPS}")
     saved = copy.deepcopy(model.state_dict())
     opt = build_optimizer(model, cfg.model_copy(update={"lr": 1.0}))  # base_lr = each group's lr scale
     precision = resolve_precision(cfg.precision, device)
@@ -87,10 +139,13 @@ def sweep(model, cfg, loader, augment, device, loss_fn=None, *, steps: int = 200
 
         bar = tqdm(total=steps, desc="lr sweep", unit="step", leave=False, dynamic_ncols=True)
     model.train()
-    epoch = 0
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.dtype == torch.float16)
+    epoch, usable = 0, []  # usable: the finite losses of the steps the optimizer took
     try:
         while len(lrs) < steps and not stopped:
+            batches = 0
             for x, y in loader.epoch(10_000 + epoch):  # its own shuffle: not the training run's epoch 0
+                batches += 1
                 i = len(lrs)
                 if i >= steps:
                     break
@@ -101,20 +156,38 @@ def sweep(model, cfg, loader, augment, device, loss_fn=None, *, steps: int = 200
                 with precision.autocast(device):
                     logits = model(xb)
                 loss = loss_fn(logits.float(), target)
+                if cfg.l2 > 0:  # as the trainer's step does (trainer.train_epoch)
+                    loss = loss + cfg.l2 * l2_penalty(model)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                scaler.scale(loss).backward()
+                if cfg.clip_grad:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                scale = scaler.get_scale()
+                scaler.step(opt)
+                scaler.update()
                 value = float(loss.detach())
+                skipped = scaler.is_enabled() and scaler.get_scale() < scale  # inf/nan gradients: no step
                 lrs.append(lr)
-                losses.append(value)
-                sm = smooth(losses)[-1]
+                losses.append(value if not skipped else math.nan)
+                if bar is not None:
+                    bar.update(1)
+                if not math.isfinite(value):
+                    stopped = f"stopped at lr {lr:.3g}: loss diverged"
+                    break
+                if skipped:
+                    continue
+                usable.append(value)
+                sm = smooth(usable)[-1]
                 best = min(best, sm)
                 if bar is not None:
                     bar.set_postfix(lr=f"{lr:.2g}", loss=f"{sm:.3f}", refresh=False)
-                    bar.update(1)
-                if not math.isfinite(value) or (i > steps // 10 and sm > diverge * best):
+                if i > steps // 10 and sm > diverge * best:
                     stopped = f"stopped at lr {lr:.3g}: loss diverged"
                     break
+            if not batches:
+                raise UserError(f"lr finder: the training data gave no batch of {loader.batch_size}: "
+                                "lower --batch-size or add training images")
             epoch += 1
     finally:
         if bar is not None:
@@ -122,13 +195,20 @@ def sweep(model, cfg, loader, augment, device, loss_fn=None, *, steps: int = 200
         model.load_state_dict(saved)
     finite = [i for i, v in enumerate(losses) if math.isfinite(v)]
     lrs, losses = [lrs[i] for i in finite], [losses[i] for i in finite]
-    if len(lrs) < 5:
-        from imgclf.errors import UserError
-
-        raise UserError("lr finder: fewer than 5 usable steps (the loss was not finite): lower --lr-start or check the data")
+    if len(lrs) < MIN_STEPS:
+        raise UserError(f"lr finder: fewer than {MIN_STEPS} usable steps (the loss diverged or was not finite "
+                        f"from the start): {_ADVICE[entry]['few']}")
     sm = smooth(losses)
     suggestion, steepest, min_lr = suggest(lrs, sm)
-    return LRFind(lrs, losses, sm, suggestion, steepest, min_lr, stopped=stopped)
+    return LRFind(lrs, losses, sm, suggestion, steepest, min_lr, stopped=stopped, no_descent=descent_problem(lrs, sm))
+
+
+def check_descent(res: LRFind, entry: str = "lr-find", plot_path: Path | None = None) -> None:
+    """Raise NoDescentError if the sweep's curve never fell (after the caller has plotted it)."""
+    if res.no_descent:
+        where = f" (plot: {plot_path})" if plot_path is not None else ""
+        raise NoDescentError(f"lr finder: the loss curve has no descent to suggest an lr from: {res.no_descent}"
+                             f"{where}; {_ADVICE[entry]['flat']}", res, res.no_descent)
 
 
 def plot(res: LRFind, path: Path, title: str = "learning-rate finder") -> None:
@@ -163,36 +243,48 @@ def default_steps(loader) -> int:
     return int(max(30, min(200, 2 * len(loader))))
 
 
+def sweep_loss(cfg, loss_fn, class_weights, multilabel: bool):
+    """The training run's loss (what Trainer uses): ``loss_fn`` from losses.imbalance_setup, or
+    the trainer's default with its class weights and label smoothing."""
+    if loss_fn is not None:
+        return loss_fn
+    if multilabel:
+        def fn(logits, target):
+            return F.binary_cross_entropy_with_logits(logits, target.float())
+    else:
+        smoothing = cfg.label_smoothing or 0.0
+
+        def fn(logits, target):
+            return F.cross_entropy(logits, target, label_smoothing=smoothing, weight=class_weights)
+    return fn
+
+
 def lr_for_training(model, cfg, loader, augment, device, loss_fn, class_weights, multilabel: bool,
                     run_dir: Path | None, world: int = 1) -> float:
-    """``train --lr auto``: sweep with the run's own set-up, save lr_find.png, return the suggestion."""
-    from imgclf.errors import UserError
+    """``train --lr auto``: sweep with the run's own set-up, save lr_find.png, return the suggestion.
 
+    Raises NoDescentError (after writing the plot) when the curve never fell: the caller falls
+    back to the recipe's lr."""
     if world > 1:
         raise UserError("--lr auto runs the lr finder in one process: run 'imgclf lr-find' first and pass --lr VALUE")
-    fn = loss_fn
-    if fn is None:
-        smoothing = cfg.label_smoothing or 0.0
-        if multilabel:
-            def fn(logits, target):
-                return F.binary_cross_entropy_with_logits(logits, target.float())
-        else:
-            def fn(logits, target):
-                return F.cross_entropy(logits, target, label_smoothing=smoothing, weight=class_weights)
+    fn = sweep_loss(cfg, loss_fn, class_weights, multilabel)
     frozen = getattr(model, "freeze_backbone", None)
     if callable(frozen) and (cfg.freeze_epochs or 0) > 0:
         model.freeze_backbone(True)  # the peak lr of the first (head-only) phase
     try:
-        res = sweep(model, cfg, loader, augment, device, fn, steps=default_steps(loader), progress=cfg.progress)
+        res = sweep(model, cfg, loader, augment, device, fn, steps=default_steps(loader), progress=cfg.progress,
+                    entry="train")
     finally:
         if callable(frozen):
             model.freeze_backbone(False)
+    png = run_dir / "lr_find.png" if run_dir is not None else None
     if run_dir is not None:
-        plot(res, run_dir / "lr_find.png", title=f"lr finder: {cfg.model}")
+        plot(res, png, title=f"lr finder: {cfg.model}")
         import json
 
         (run_dir / "lr_find.json").write_text(json.dumps(res.as_dict(), indent=2))
+    check_descent(res, "train", png)
     log.info(f"lr finder: suggested lr {res.suggestion:.3g} (minimum of the smoothed loss at {res.min_lr:.3g} / 10"
              + (f"; steepest descent at {res.steepest:.3g}" if res.steepest else "") + ")"
-             + (f"; plot {run_dir / 'lr_find.png'}" if run_dir is not None else ""))
+             + (f"; plot {png}" if png is not None else ""))
     return float(f"{res.suggestion:.3g}")

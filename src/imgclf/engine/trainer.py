@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -343,9 +344,17 @@ class Trainer:
         if self.multilabel:
             from imgclf.evaluate.multilabel_metrics import mean_average_precision
 
-            # label accuracy is ~1 for any model on sparse labels; mAP is the figure that moves
-            # (computed on this rank's shard when distributed)
-            out["val_map"] = mean_average_precision(torch.sigmoid(logits).numpy(), labels.numpy())
+            # label accuracy is ~1 for any model on sparse labels; mAP is the figure that moves.
+            # mAP is no sum over images: distributed, every rank gathers all shards' scores and
+            # computes it over the whole val split, so early stopping, plateau and best-checkpoint
+            # decisions (it is the multi-label monitor) are the same on every rank
+            scores, truth = torch.sigmoid(logits), labels
+            if self.reduce is not None and dist.is_available() and dist.is_initialized() \
+                    and dist.get_world_size() > 1:
+                from imgclf.engine.distributed import gather_rows
+
+                scores, truth = gather_rows(scores, self.device), gather_rows(truth, self.device)
+            out["val_map"] = mean_average_precision(scores.numpy(), truth.numpy())
         return out
 
     def _track_best(self, row: dict) -> None:

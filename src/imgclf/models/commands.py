@@ -27,7 +27,7 @@ def find_lr(config=None, *, steps: int | None = None, lr_start: float = 1e-7, lr
     import torch
 
     from imgclf import log
-    from imgclf.api import _cache_splits, channel_stats
+    from imgclf.api import _cache_splits, _drop_last, channel_stats
     from imgclf.config import make_config
     from imgclf.data.augment import AugmentSpec, BatchAugment, Normalize
     from imgclf.data.cache import cache_root
@@ -35,6 +35,7 @@ def find_lr(config=None, *, steps: int | None = None, lr_start: float = 1e-7, lr
     from imgclf.data.sources import load_source
     from imgclf.engine import lr_find, recipe
     from imgclf.engine.cpu_alloc import prepare_cpu_training
+    from imgclf.engine.losses import imbalance_setup
     from imgclf.engine.trainer import seed_everything
     from imgclf.errors import UserError
     from imgclf.models import head as transfer
@@ -44,28 +45,39 @@ def find_lr(config=None, *, steps: int | None = None, lr_start: float = 1e-7, lr
 
     if lr_start <= 0 or lr_end <= lr_start:
         raise UserError(f"--lr-start {lr_start} and --lr-end {lr_end}: need 0 < start < end")
+    if steps is not None and steps < lr_find.MIN_STEPS:
+        raise UserError(f"--steps {steps}: the sweep needs at least {lr_find.MIN_STEPS} steps")
     cfg = make_config(config, **options)
     if "data" not in cfg.model_fields_set and not config:
         raise UserError("lr-find needs --data")
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     root = cache_root(cfg.cache_dir)
+    # the data, recipe, loss, sampler and augmentation as api.train sets them up (_prepare_data, _build_trainer)
     src = load_source(cfg.data, val_data=cfg.val_data, test_data=cfg.test_data, val_split=cfg.val_split,
                       split_seed=cfg.split_seed, csv_layout=cfg.csv_layout, label_column=cfg.label_column,
-                      cache_dir=root)
+                      cache_dir=root, task=cfg.task, label_mode=cfg.label_mode, classes=cfg.classes,
+                      images=cfg.images, keep_empty=cfg.keep_empty)
+    for p in src.problems:
+        log.warn(p)
+    multilabel = src.task == "multilabel"
     arch = resolve_name(cfg.model)
     source = pretrained.plan(arch, cfg.weights, cfg.pretrained)
     native = src.train.images.shape[1] if src.train.images is not None else None
     size = cfg.image_size or (source.input_size if source else 0) or recipe.auto_image_size(src.train.paths, native)
     cached = {"train": _cache_splits(src, size, cfg.resize, root, cfg.workers, cfg.progress)["train"]}
-    cfg = recipe.resolve(cfg, n_train=len(cached["train"]), image_size=size, arch=arch)
+    cfg = recipe.resolve(cfg, n_train=len(cached["train"]), image_size=size, arch=arch, multilabel=multilabel)
     mean, std = (source.mean, source.std) if source and source.mean else default_normalization(arch)
     if mean is None:
         mean, std = channel_stats(cached["train"])
     arch_args = arch_args_for_record(arch, size, {**transfer.transfer_arch_args(arch, cfg, source), **cfg.model_args})
     model = build_model(arch, len(src.classes), size, arch_args)
     transfer.setup_transfer(model, arch, cfg, source)
-    loader = BatchLoader(cached["train"], cfg.batch_size, device, shuffle=True, drop_last=True, seed=cfg.seed,
+    loss_fn, class_weights, sampler = imbalance_setup(cfg, src.classes, np.asarray(cached["train"].labels),
+                                                      multilabel, device)
+    n_train = len(cached["train"])
+    loader = BatchLoader(cached["train"], cfg.batch_size, device, shuffle=True,
+                         drop_last=_drop_last(n_train, cfg.batch_size), seed=cfg.seed, sampler=sampler,
                          ram_budget=int(cfg.ram_budget * 2**30) if cfg.ram_budget is not None else None)
     normalize = Normalize(mean, std, device)
     init = getattr(model, "init_from_data", None)
@@ -77,18 +89,20 @@ def find_lr(config=None, *, steps: int | None = None, lr_start: float = 1e-7, lr
     prepare_cpu_training(model, device)
     spec = AugmentSpec(flip=cfg.flip, translate=cfg.translate or 0, rotate=cfg.rotate, zoom=cfg.zoom, shift=cfg.shift,
                        cutout=cfg.cutout, mixup=cfg.mixup, cutmix=cfg.cutmix)
-    augment = BatchAugment(spec, normalize, len(src.classes))
+    augment = BatchAugment(spec, normalize, len(src.classes), multilabel=multilabel)
     if (cfg.freeze_epochs or 0) > 0 and hasattr(model, "freeze_backbone"):
         model.freeze_backbone(True)  # the lr of the first, head-only phase
     n = steps or lr_find.default_steps(loader)
-    res = lr_find.sweep(model, cfg, loader, augment, device, steps=n, start=lr_start, end=lr_end,
-                        progress=cfg.progress)
+    loss = lr_find.sweep_loss(cfg, loss_fn, class_weights, multilabel)
+    res = lr_find.sweep(model, cfg, loader, augment, device, loss, steps=n, start=lr_start, end=lr_end,
+                        progress=cfg.progress, entry="lr-find")
     res.extras = {"model": arch, "optimizer": cfg.optimizer, "batch_size": cfg.batch_size, "image_size": size,
                   "frozen_backbone": bool(getattr(model, "backbone_frozen", False))}
     if out:
         out = Path(out)
         lr_find.plot(res, out, title=f"lr finder: {arch}, {cfg.optimizer}, batch {cfg.batch_size}, {size}px")
         out.with_suffix(".json").write_text(json.dumps({**res.as_dict(), **res.extras}, indent=2))
+    lr_find.check_descent(res, "lr-find", out or None)
     log.info(res.stopped or f"swept {len(res.lrs)} steps")
     return res
 

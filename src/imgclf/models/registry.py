@@ -29,17 +29,30 @@ def resolve_name(name: str) -> str:
 
     if timm.is_model(name):
         return f"timm:{name}"
-    close = timm.list_models(f"*{name}*")[:5]
-    hint = f" (timm has: {', '.join(close)})" if close else ""
+    close = _close_names(name, [*OWN_MODELS, *timm.list_models()]) or timm.list_models(f"*{name}*")[:5]
+    hint = f" (did you mean: {', '.join(close)}?)" if close else ""
     raise UserError(f"unknown model '{name}': use fastnet, plaincnn or timm:<name>{hint}")
+
+
+def _close_names(name: str, names: list[str]) -> list[str]:
+    """Up to 5 names that a typo of ``name`` may have meant (case and '-'/'_' ignored)."""
+    import difflib
+
+    key = lambda n: n.lower().replace("-", "_")  # noqa: E731
+    by_key: dict[str, str] = {}
+    for n in names:
+        by_key.setdefault(key(n), n)
+    return [by_key[k] for k in difflib.get_close_matches(key(name), list(by_key), n=5, cutoff=0.6)]
 
 
 def _check_timm(name: str) -> None:
     import timm
 
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:6]
-        hint = f"; similar: {', '.join(close)}" if close else ""
+        close = [f"timm:{n}" for n in _close_names(name, timm.list_models())]
+        close = close or [f"timm:{n}" for n in timm.list_models(f"*{name.split('_')[0]}*")[:5]]
+        own = _close_names(name, list(OWN_MODELS))
+        hint = f"; did you mean: {', '.join((own + close)[:5])}?" if own or close else ""
         raise UserError(f"timm has no model '{name}'{hint}")
 
 
@@ -95,13 +108,16 @@ def build_model(arch: str, num_classes: int, image_size: int, args: dict[str, An
         # a new head (models.head.HeadedNet) replaces timm's classifier: transfer learning
         head, head_dropout = args.pop("head", None), float(args.pop("head_dropout", 0.0))
         n_out = 0 if head is not None else num_classes
+        bad = (TypeError, ValueError, AssertionError)  # what timm's constructors raise for unusable arguments
         try:
-            model = timm.create_model(name, pretrained=False, num_classes=n_out, img_size=image_size, **args)
-        except TypeError:  # CNNs take any input size and have no img_size argument
             try:
+                model = timm.create_model(name, pretrained=False, num_classes=n_out, img_size=image_size, **args)
+            except TypeError:  # CNNs take any input size and have no img_size argument
                 model = timm.create_model(name, pretrained=False, num_classes=n_out, **args)
-            except TypeError as e:
-                raise UserError(f"{arch}: bad model arguments {args}: {e}") from None
+        except bad as e:
+            what = f"bad model arguments {args}" if args else f"cannot be built for {image_size}-px images"
+            first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            raise UserError(f"{arch}: {what}: {first}") from None
         if small is None or small:
             small_input_stem(model, image_size)
         if head is not None:
