@@ -431,3 +431,17 @@ def test_missing_optional_package_is_one_line(tiny_run, monkeypatch, capsys):
     assert main(["export", str(tiny_run), "--format", "onnx"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "imgclf[deploy]" in err[0]
+
+
+@pytest.mark.parametrize("missing, hint", [("optuna", "pip install 'imgclf[tune]'"),
+                                           ("psycopg2", "pip install psycopg2-binary")])
+def test_a_missing_optional_package_names_what_installs_it(monkeypatch, capsys, missing, hint):
+    from imgclf import cli
+
+    def needs(args):
+        raise ModuleNotFoundError(f"No module named '{missing}'", name=missing)
+
+    monkeypatch.setattr(cli, "cmd_train", needs)
+    assert cli.main(["train", "--data", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(hint) and len(err.splitlines()) == 1

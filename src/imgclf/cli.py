@@ -269,9 +269,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-# optional packages -> the extra that installs them
+# optional packages -> the extra that installs them (or the pip install line, where no extra does)
 _EXTRAS = {"onnx": "deploy", "onnxruntime": "deploy", "fastapi": "deploy", "uvicorn": "deploy",
-           "multipart": "deploy", "optuna": "tune", "psycopg2": "tune"}
+           "multipart": "deploy", "optuna": "tune", "psycopg2": "pip install psycopg2-binary",
+           "psycopg": "pip install psycopg2-binary"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,8 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         extra = _EXTRAS.get((e.name or "").split(".")[0])
         if extra is None:
             raise  # a missing core dependency is a broken install: keep the traceback
-        print(f"imgclf: error: this command needs the optional package '{e.name}': pip install 'imgclf[{extra}]'",
-              file=sys.stderr)
+        how = extra if extra.startswith("pip ") else f"pip install 'imgclf[{extra}]'"
+        print(f"imgclf: error: this command needs the optional package '{e.name}': {how}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("imgclf: interrupted (a training run resumes with 'imgclf train --resume RUN')", file=sys.stderr)
