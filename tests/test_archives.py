@@ -110,7 +110,7 @@ def test_train_on_an_archive_end_to_end(small_sample, tmp_path):
     assert res.run_dir.name.startswith("pets-")
     cfg = (res.run_dir / "config.yaml").read_text()
     assert str(arc) in cfg
-    assert res.test is not None and res.test["n"] == 100 and 0.0 <= res.test["top1"] <= 1.0
+    assert res.test is not None and res.test["n"] == 100 and res.test["top1"] > 0.2  # 0.3 measured, chance 0.1
     # evaluate takes an archive too; a copy at another path is extracted on its own
     shutil.copy(arc, tmp_path / "copy.zip")
     ev = imgclf.evaluate(res.run_dir, str(tmp_path / "copy.zip"), progress=False, cache_dir=str(tmp_path / "cache"))

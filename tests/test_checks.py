@@ -207,5 +207,8 @@ def test_train_runs_the_check(tiny_run):
     report = json.loads((tiny_run / "check.json").read_text())
     assert report["serious"] is False
     # the sample's one true near-duplicate pair (train/frog/0178.jpg ~ 0204.jpg) stays within train
-    assert _kinds(report) in ([], ["near_duplicate"])
+    assert _kinds(report) == ["near_duplicate"]
+    pair = report["findings"][0]
+    assert sorted(p.rsplit("/", 2)[-2] + "/" + p.rsplit("/", 1)[-1] for p in pair["paths"]) == \
+        ["frog/0178.jpg", "frog/0204.jpg"] and pair["details"]["splits"] == ["train", "train"]
     assert (tiny_run / "samples.png").exists()

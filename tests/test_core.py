@@ -191,9 +191,17 @@ def test_augment_normalises_and_keeps_labels():
     assert torch.allclose(out, torch.full_like(out, 2.0))
     aug = BatchAugment(AugmentSpec(flip=True, translate=1, rotate=10, zoom=0.1, cutout=2, mixup=0.2), norm, 10)
     g = torch.Generator().manual_seed(0)
-    xb, yb = aug(torch.randint(0, 255, (16, 8, 8, 3), dtype=torch.uint8), torch.arange(16) % 10, g)
+    y = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3])
+    xb, yb = aug(torch.randint(0, 255, (16, 8, 8, 3), dtype=torch.uint8), y, g)
     assert xb.shape == (16, 3, 8, 8) and yb.shape == (16, 10)
     assert torch.allclose(yb.sum(1), torch.ones(16))
+    # mixup pairs each image with one partner of the same batch: a row holds its own class
+    # (always some mass) and at most one other, and the batch's mass per class is its count
+    assert (yb[torch.arange(16), y] > 0).all() and ((yb > 1e-6).sum(1) <= 2).all()
+    assert torch.allclose(yb.sum(0), torch.bincount(y, minlength=10).float(), atol=1e-5)
+    # without mixing the labels come back as they went in
+    plain = BatchAugment(AugmentSpec(flip=True, translate=1, rotate=10, zoom=0.1, cutout=2), norm, 10)
+    assert torch.equal(plain(torch.randint(0, 255, (16, 8, 8, 3), dtype=torch.uint8), y, g)[1], y)
 
 
 # --- training, run folder, resume ----------------------------------------------------------------------

@@ -80,6 +80,19 @@ def test_plateau_schedule_and_early_stopping_in_a_real_run(small_sample, tmp_pat
                        model_args={"channels": [8, 16], "dense": [32]}, schedule="plateau", plateau_patience=0,
                        plateau_factor=0.5, early_stopping=2, monitor="val_loss", epochs=12, lr=0.05,
                        optimizer="sgd", batch_size=32, progress=False, tensorboard=False)
+    # replay both rules from the recorded val_loss: patience 0 halves the lr after every epoch
+    # that did not improve on the best; two such epochs in a row end the run there
     lrs = [r["lr"] for r in res.history]
-    assert lrs == sorted(lrs, reverse=True)  # only ever reduced
-    assert len(res.history) <= 12
+    best, lr, bad = math.inf, lrs[0], 0
+    for i, row in enumerate(res.history):
+        assert lrs[i] == pytest.approx(lr), f"epoch {i + 1}"
+        if row["val_loss"] < best:
+            best, bad = row["val_loss"], 0
+        else:
+            lr, bad = lr * 0.5, bad + 1
+        if bad == 2:
+            assert i == len(res.history) - 1, f"did not stop after epoch {i + 1}"
+            break
+    else:
+        assert len(res.history) == 12
+    assert min(lrs) < lrs[0]  # the rule fired at least once (so the replay checked a reduction)

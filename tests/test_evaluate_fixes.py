@@ -43,11 +43,24 @@ def test_a_run_without_flips_is_evaluated_and_predicted_without_mirrors(small_sa
     assert seen and not any(seen)
 
 
-def test_predict_tta_on_a_run_trained_without_tta_matches_evaluate(tiny_run):
+def test_predict_tta_on_a_run_trained_without_tta_matches_evaluate(tiny_run, sample_dir, tmp_path):
     from imgclf.api import _tta_level_for
 
     assert [_tta_level_for({"tta_level": 0}, t) for t in (None, True, False)] == [0, 1, 0]
     assert [_tta_level_for({"tta_level": 2}, t) for t in (None, True, False)] == [2, 2, 0]
+    # a run trained with --no-tta (model.json's tta_level 0): predict --tta and evaluate --tta
+    # take the same views, so they score the test split alike, and differently from one view
+    run = tmp_path / "no-tta"
+    shutil.copytree(tiny_run, run)
+    meta = json.loads((run / "model.json").read_text())
+    (run / "model.json").write_text(json.dumps({**meta, "tta_level": 0}))
+    m = imgclf.evaluate(run, str(sample_dir), tta=True, progress=False)
+    files = sorted((sample_dir / "test").glob("*/*.jpg"))
+    clf = imgclf.load(run)
+    with_tta, plain = clf.predict(files, top_k=1, tta=True), clf.predict(files, top_k=1)
+    hits = np.mean([r["top"][0][0] == f.parent.name for r, f in zip(with_tta, files)])
+    assert m["n"] == len(files) and hits == pytest.approx(m["top1"], abs=2 / len(files))
+    assert any(a["top"][0][1] != pytest.approx(b["top"][0][1], abs=1e-4) for a, b in zip(with_tta, plain))
 
 
 def test_macro_f1_counts_predicted_classes_that_have_no_test_images():

@@ -42,11 +42,13 @@ def test_unknown_layer_is_a_one_line_error_listing_candidates(tiny_run, sample_d
     assert "\n" not in msg and "unknown layer 'layer9'" in msg and "layers.2" in msg and "whiten" in msg
 
 
-def test_unknown_class_is_a_user_error(tiny_run, sample_dir, tmp_path):
+def test_unknown_class_is_a_user_error(tiny_run, sample_dir, tmp_path, capsys):
     from imgclf.cli import main
 
     assert main(["explain", str(tiny_run), str(_images(sample_dir, 1)[0]), "--class", "unicorn",
                  "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unicorn" in err and "airplane" in err  # names the run's classes
 
 
 def test_explain_command(tiny_run, sample_dir, tmp_path, capsys):

@@ -656,18 +656,18 @@ def test_crop_tall_keeps_centre() -> None:
 
 
 @pytest.mark.parametrize(
-    ("img", "size", "policy"),
+    ("img", "size", "policy", "says"),
     [
-        (np.zeros((8, 8), np.uint8), 4, "stretch"),
-        (np.zeros((8, 8, 4), np.uint8), 4, "stretch"),
-        (np.zeros((8, 8, 3), np.float32), 4, "stretch"),
-        (np.zeros((0, 8, 3), np.uint8), 4, "stretch"),
-        (np.zeros((8, 8, 3), np.uint8), 0, "stretch"),
-        (np.zeros((8, 8, 3), np.uint8), 4, "pad"),
+        (np.zeros((8, 8), np.uint8), 4, "stretch", "expects an HxWx3 uint8 array"),
+        (np.zeros((8, 8, 4), np.uint8), 4, "stretch", "expects an HxWx3 uint8 array"),
+        (np.zeros((8, 8, 3), np.float32), 4, "stretch", "expects an HxWx3 uint8 array"),
+        (np.zeros((0, 8, 3), np.uint8), 4, "stretch", "empty image"),
+        (np.zeros((8, 8, 3), np.uint8), 0, "stretch", "size must be a positive integer"),
+        (np.zeros((8, 8, 3), np.uint8), 4, "pad", "unknown resize policy"),
     ],
 )
-def test_resize_rejects_bad_arguments(img: np.ndarray, size: int, policy: str) -> None:
-    with pytest.raises(ValueError):
+def test_resize_rejects_bad_arguments(img: np.ndarray, size: int, policy: str, says: str) -> None:
+    with pytest.raises(ValueError, match=says):  # resize_rgb's own check, not one of PIL's
         resize_rgb(img, size, policy)
 
 

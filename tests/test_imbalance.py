@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -151,10 +152,27 @@ def test_multilabel_losses():
 def test_short_weighted_run(imbalanced, tmp_path):
     """The whole path: config -> weighted CE + balanced sampler in the trainer -> per-class recall."""
     import imgclf
+    from imgclf.data.sampler import BalancedSampler
+    from imgclf.engine.callbacks import Callback
 
+    class Seen(Callback):  # what the trainer was given, and the classes of the first epoch's draw
+        def on_train_start(self, t):
+            self.weights, self.sampler = t.class_weights, t.train_loader.sampler
+            labels = np.asarray(t.train_loader.data.labels)
+            self.drawn = labels[t.train_loader.sampler.order(0)]
+
+    seen = Seen()
     res = imgclf.train(data=str(imbalanced), epochs=1, project=str(tmp_path), name="w", progress=False,
-                       tensorboard=False, tta=False, class_weights=f"{RARE}=2", sampler="balanced")
-    assert res.test["n"] == 1000 and 0 <= res.test["balanced_accuracy"] <= 1
+                       tensorboard=False, tta=False, class_weights=f"{RARE}=2", sampler="balanced",
+                       callbacks=[seen])
+    classes = json.loads((res.run_dir / "model.json").read_text())["classes"]
+    rare = classes.index(RARE)
+    assert isinstance(seen.sampler, BalancedSampler)
+    w = seen.weights.cpu().numpy()
+    assert w[rare] == pytest.approx(2.0) and np.allclose(np.delete(w, rare), 1.0)
+    # deer is 2% of the images but ~10% of a balanced epoch's draws
+    assert 0.07 < np.mean(seen.drawn == rare) < 0.13
+    assert res.test["n"] == 1000
     assert next(r for r in res.test["per_class"] if r["class"] == RARE)["support"] == 100
     cfg = (res.run_dir / "config.yaml").read_text()
     assert f"class_weights: {RARE}=2" in cfg and "sampler: balanced" in cfg

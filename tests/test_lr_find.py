@@ -58,7 +58,7 @@ def test_train_lr_auto_uses_and_records_the_suggestion(small_sample, tmp_path):
     assert isinstance(cfg["lr"], float) and cfg["lr"] == pytest.approx(found["suggestion"], rel=1e-2)
     assert peaks[0] == pytest.approx(cfg["lr"])
     assert (res.run_dir / "lr_find.png").exists()
-    assert res.test["top1"] > 0.1
+    assert res.test["top1"] > 0.18  # one epoch at the suggested lr: 0.25 measured (chance 0.1)
 
 
 # -- the sweep's guards and its training step ---------------------------------------------------

