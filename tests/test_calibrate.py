@@ -112,3 +112,33 @@ def test_calibrate_rejects_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["calibrate", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert "no such run folder" in err and len(err.strip().splitlines()) == 1
+
+
+def test_tta_scores_get_their_own_temperature(tiny_run, sample_dir, tmp_path):
+    # averaging test-time views shrinks the logits: a run with TTA fits a second temperature on
+    # its val split's averaged views, and evaluate (the run's views) and predict --tta use it
+    import imgclf
+    from imgclf.api import temperature_for
+    from imgclf.config import make_config
+    from imgclf.data.cache import build_cache
+    from imgclf.evaluate.calibrate import run_cache_root
+    from imgclf.runs import load_model
+
+    meta = json.loads((tiny_run / "model.json").read_text())
+    assert meta["tta_level"] == 2 and meta["calibration"]["tta_level"] == 2
+    assert meta["temperature_tta"] == meta["calibration"]["temperature_tta"] != meta["temperature"]
+    assert meta["calibration"]["ece_after_tta"] < meta["calibration"]["ece_before_tta"]
+    model, meta = load_model(tiny_run, torch.device("cpu"))
+    src = source_from_config(make_config(tiny_run / "config.yaml"), run_cache_root(tiny_run))
+    cs = build_cache(src.val, meta["image_size"], meta["resize"], run_cache_root(tiny_run) / "images", progress=False)
+    z, y = split_logits(model, meta, cs, torch.device("cpu"), tta_level=2)
+    assert fit_temperature(z, y) == pytest.approx(meta["temperature_tta"], rel=1e-3)
+    assert [temperature_for(meta, level) for level in (0, 1, 2)] == \
+        [meta["temperature"], meta["temperature"], meta["temperature_tta"]]  # level 1 was not fitted
+    # evaluate's NLL is that of the TTA logits divided by the TTA temperature
+    m = imgclf.evaluate(tiny_run, str(sample_dir), progress=False, out=tmp_path)
+    test = build_cache(src.test, meta["image_size"], meta["resize"], run_cache_root(tiny_run) / "images",
+                       progress=False)
+    zt, yt = split_logits(model, meta, test, torch.device("cpu"), tta_level=2)
+    nll = torch.nn.functional.cross_entropy(zt / meta["temperature_tta"], yt).item()
+    assert m["tta_level"] == 2 and m["nll"] == pytest.approx(nll, rel=2e-3)

@@ -124,14 +124,15 @@ class SlowInference(Callback):
 
 
 def test_closing_evaluation_is_budgeted_from_measured_inference(small_sample, tmp_path):
-    budget = 40.0
+    budget = 50.0
     t0 = time.perf_counter()
     res = imgclf.train(data=str(small_sample), project=str(tmp_path), name="slow-eval", time_limit=budget,
                        progress=False, tensorboard=False, callbacks=[SlowInference()])
     wall = time.perf_counter() - t0
-    # ~1,100 forward passes follow training (100 test images x 6 TTA views, 40 val images for
-    # calibration, 460 for the report's sections): ~23 s here. A reserve guessed from the
-    # training step (a third of a step per image, ~1.3 ms) would count ~1.5 s and overrun by ~20 s.
+    # ~1,340 forward passes follow training (100 test images x 6 TTA views, 40 val images x 7 for
+    # the single-view and TTA temperatures, 460 for the report's sections): ~27 s here. A reserve
+    # guessed from the training step (a third of a step per image, ~1.3 ms) would count ~2 s and
+    # overrun by ~25 s.
     assert wall <= budget + 1.5, wall
     # it trained (~1 epoch of 360 images; less on a slow, busy machine), then evaluated, in the budget
     assert res.config.epochs > 0.3 and res.test is not None

@@ -114,7 +114,7 @@ def _clear_outputs(run: Path) -> None:
 def _time_budget(cfg, t_start: float, cached: dict, *, final_eval: bool, run_dir, multilabel: bool, size: int):
     """The --time-limit callback: what has to fit after training is every forward pass that
     follows it (the test split with its TTA views; threshold tuning (multi-label, with views)
-    or temperature calibration on val; the report's per-image sections on up to 2000 train
+    or temperature calibration on val, with views; the report's per-image sections on up to 2000 train
     and test images each) plus a margin for writing the model, plots and report."""
     from imgclf.engine.callbacks import TimeBudget
 
@@ -140,7 +140,7 @@ def _time_budget(cfg, t_start: float, cached: dict, *, final_eval: bool, run_dir
 
 def _images_after_training(cfg, cached: dict, *, final_eval: bool, multilabel: bool) -> int:
     """Forward passes (images x views) that follow training: the test split with its TTA views;
-    threshold tuning (multi-label, with views) or temperature calibration on val; the report's
+    threshold tuning (multi-label) or temperature calibration on val, with views; the report's
     per-image sections on up to 2000 train and test images each."""
     from imgclf.evaluate.report import SAMPLE_LIMIT
 
@@ -148,8 +148,8 @@ def _images_after_training(cfg, cached: dict, *, final_eval: bool, multilabel: b
     views = len(tta_views(torch.zeros(1, 3, 4, 4), recipe.tta_level(cfg), cfg.flip))
     eval_split = "test" if "test" in cached else ("val" if "val" in cached else None)
     n_eval = len(cached[eval_split]) if eval_split and final_eval else 0
-    # multi-label: val scored once for single-view thresholds and once with the views
-    after = n_eval * views + n_val * ((1 + (views if views > 1 else 0)) if multilabel else 1)
+    # val scored once for single-view thresholds / temperature and once with the views
+    after = n_eval * views + n_val * (1 + (views if views > 1 else 0))
     if final_eval and not multilabel:  # the report's top losses, confused pairs and Grad-CAM
         after += min(SAMPLE_LIMIT, len(cached["train"])) + min(SAMPLE_LIMIT, n_eval)
     return after
@@ -631,6 +631,14 @@ def thresholds_for(meta: dict, tta_level: int) -> list[float] | None:
     return (meta.get("thresholds_tta") if tta_level else None) or meta.get("thresholds")
 
 
+def temperature_for(meta: dict, tta_level: int) -> float:
+    """The fitted temperature for scores made with the run's own TTA views or with one view (a
+    level the run was not calibrated for, e.g. predict --tta on a run without TTA, takes the
+    single-view one)."""
+    t = meta.get("temperature_tta") if tta_level and tta_level == meta.get("tta_level") else None
+    return float(t or meta.get("temperature") or 1.0)
+
+
 def _tta_level_for(meta: dict, tta: bool | None) -> int:
     """The test-time views for evaluate (tta=None: the run's own) and predict: --tta on a run
     trained without TTA still gets the mirror (level 1), in both commands alike."""
@@ -656,7 +664,7 @@ def _evaluate_cached(model, meta, cs: CachedSplit, classes, device, precision, o
     logits, _ = logits_for_loader(model, loader, normalize, prec, device, tta_level=tta_level,
                                   tta_flip=meta.get("tta_flip", True))
     seconds = time.perf_counter() - t0
-    logits = logits / float(meta.get("temperature") or 1.0)
+    logits = logits / temperature_for(meta, tta_level)
     if meta.get("task") == "multilabel":
         from imgclf.evaluate.multilabel_metrics import evaluate_multilabel
 
@@ -804,7 +812,7 @@ class Classifier:
         level = _tta_level_for(self.meta, tta)
         logits = logits_for_array(self.model, images, self.normalize, self.precision, self.device, tta_level=level,
                                   tta_flip=self.meta.get("tta_flip", True))
-        logits = logits / float(self.meta.get("temperature") or 1.0)
+        logits = logits / temperature_for(self.meta, level)
         if self.meta.get("task") == "multilabel":
             return torch.sigmoid(logits).numpy()
         return torch.softmax(logits, 1).numpy()

@@ -99,8 +99,10 @@ def calibration_record(logits: torch.Tensor, labels: torch.Tensor, temperature: 
     }
 
 
-def split_logits(model, meta: dict, cs, device, precision: str = "auto", limit: int | None = None):
-    """Logits (no TTA: the way ``predict`` sees images) and labels of a cached split."""
+def split_logits(model, meta: dict, cs, device, precision: str = "auto", limit: int | None = None,
+                 tta_level: int = 0):
+    """Logits and labels of a cached split: single views (the way ``predict`` sees images) or
+    the averaged test-time views of ``tta_level`` (the way ``evaluate`` does)."""
     from imgclf.data.augment import Normalize
     from imgclf.engine.trainer import resolve_precision
     from imgclf.evaluate.inference import logits_for_array
@@ -113,12 +115,16 @@ def split_logits(model, meta: dict, cs, device, precision: str = "auto", limit: 
     normalize = Normalize(meta["mean"], meta["std"], device)
     # rows are read from the memory map batch by batch: a copy of a large split would not fit
     logits = logits_for_array(model, cs.images, normalize, resolve_precision(precision, device), device,
-                              tta_level=0, rows=np.asarray(rows))
+                              tta_level=tta_level, tta_flip=meta.get("tta_flip", True), rows=np.asarray(rows))
     return logits.float(), torch.from_numpy(labels.astype(np.int64))
 
 
 def calibrate_model(run_dir: Path, model, meta: dict, cs, device, precision: str = "auto", split: str = "val") -> dict:
-    """Fit T on a cached split, store it in ``run_dir/model.json``; returns the updated meta."""
+    """Fit T on a cached split, store it in ``run_dir/model.json``; returns the updated meta.
+
+    A run with test-time augmentation gets a second temperature for its averaged views
+    (``temperature_tta``, used by evaluate and predict --tta): averaging views shrinks the
+    logits, so the single-view T would leave TTA scores under-confident."""
     from imgclf.runs import write_meta
 
     if meta.get("task", "single") != "single":
@@ -128,9 +134,18 @@ def calibrate_model(run_dir: Path, model, meta: dict, cs, device, precision: str
     t = fit_temperature(logits, labels)
     rec = calibration_record(logits, labels, t, split)
     meta = {**meta, "temperature": rec["temperature"], "calibration": rec}
+    meta.pop("temperature_tta", None)
+    level = int(meta.get("tta_level") or 0)
+    if level:
+        tta_logits, _ = split_logits(model, meta, cs, device, precision, tta_level=level)
+        tta = calibration_record(tta_logits, labels, fit_temperature(tta_logits, labels), split)
+        meta["temperature_tta"] = tta["temperature"]
+        rec.update({"tta_level": level, **{f"{k}_tta": v for k, v in tta.items() if k not in ("split", "n", "bins")}})
     write_meta(run_dir, meta)
+    tta_note = (f"; with TTA views {meta['temperature_tta']:.3f}, ECE {rec['ece_before_tta']:.4f} -> "
+                f"{rec['ece_after_tta']:.4f}") if level else ""
     log.info(f"calibration on {split} (n={rec['n']}): temperature {t:.3f}, ECE {rec['ece_before']:.4f} -> "
-             f"{rec['ece_after']:.4f}, NLL {rec['nll_before']:.4f} -> {rec['nll_after']:.4f} "
+             f"{rec['ece_after']:.4f}, NLL {rec['nll_before']:.4f} -> {rec['nll_after']:.4f}{tta_note} "
              f"({time.perf_counter() - t0:.1f}s)")
     return meta
 

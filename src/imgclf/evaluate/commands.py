@@ -60,6 +60,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     rec = calibrate_run(args.run, args.data, device=args.device)
     print(f"temperature {rec['temperature']:.4f} fitted on {rec['split']} (n={rec['n']}): "
           f"ECE {rec['ece_before']:.4f} -> {rec['ece_after']:.4f}, NLL {rec['nll_before']:.4f} -> {rec['nll_after']:.4f}")
+    if "temperature_tta" in rec:
+        print(f"with the run's test-time views (level {rec['tta_level']}): temperature {rec['temperature_tta']:.4f}, "
+              f"ECE {rec['ece_before_tta']:.4f} -> {rec['ece_after_tta']:.4f}")
     print(f"stored in {args.run}/model.json (used by predict, evaluate and serve)")
     return 0
 
