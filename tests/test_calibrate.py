@@ -142,3 +142,15 @@ def test_tta_scores_get_their_own_temperature(tiny_run, sample_dir, tmp_path):
     zt, yt = split_logits(model, meta, test, torch.device("cpu"), tta_level=2)
     nll = torch.nn.functional.cross_entropy(zt / meta["temperature_tta"], yt).item()
     assert m["tta_level"] == 2 and m["nll"] == pytest.approx(nll, rel=2e-3)
+
+
+def test_tta_temperature_is_fitted_on_a_bounded_sample(tiny_run, tmp_path, monkeypatch):
+    # views x images is paid for inside a --time-limit budget: the TTA fit takes at most
+    # TTA_FIT_LIMIT val images, evenly spaced; the single-view fit keeps them all
+    from imgclf.evaluate import calibrate
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    monkeypatch.setattr(calibrate, "TTA_FIT_LIMIT", 100)
+    rec = calibrate.calibrate_run(run, device="cpu", progress=False)
+    assert rec["n"] == 300 and rec["n_tta"] == 100 and rec["temperature_tta"] > 0

@@ -148,8 +148,12 @@ def _images_after_training(cfg, cached: dict, *, final_eval: bool, multilabel: b
     views = len(tta_views(torch.zeros(1, 3, 4, 4), recipe.tta_level(cfg), cfg.flip))
     eval_split = "test" if "test" in cached else ("val" if "val" in cached else None)
     n_eval = len(cached[eval_split]) if eval_split and final_eval else 0
-    # val scored once for single-view thresholds / temperature and once with the views
-    after = n_eval * views + n_val * (1 + (views if views > 1 else 0))
+    # val scored once for single-view thresholds / temperature and once with the views (the TTA
+    # temperature on at most TTA_FIT_LIMIT of them)
+    from imgclf.evaluate.calibrate import TTA_FIT_LIMIT
+
+    n_val_views = n_val if multilabel else min(n_val, TTA_FIT_LIMIT)
+    after = n_eval * views + n_val + (n_val_views * views if views > 1 else 0)
     if final_eval and not multilabel:  # the report's top losses, confused pairs and Grad-CAM
         after += min(SAMPLE_LIMIT, len(cached["train"])) + min(SAMPLE_LIMIT, n_eval)
     return after
