@@ -35,6 +35,8 @@ RESIZE_POLICIES = ("stretch", "crop", "letterbox")
 DEFAULT_MAX_PIXELS = 89_478_485
 
 LETTERBOX_FILL = 114  # YOLO's padding grey: mid-range, so padding is not mistaken for content
+RESAMPLE = Image.Resampling.BICUBIC  # every resize (export.py records it for deployments)
+ALPHA_BACKGROUND = (255, 255, 255)  # transparency is composited on white
 
 # A resize that shrinks by more than this factor first does a cheap integer box reduction
 # (PIL's reducing_gap); 3.0 is what PIL documents as indistinguishable from a full resample.
@@ -299,7 +301,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         # Transparent pixels go on white rather than black: most product/clip-art style images
         # with alpha are shown on white, and a black background would be a spurious cue for the
         # classifier. This is a choice, not a standard; any fixed colour keeps results stable.
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background = Image.new("RGB", rgba.size, ALPHA_BACKGROUND)
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     # 1, L, P, CMYK (PIL already undoes Adobe's inverted JPEG CMYK), YCbCr, LAB, HSV, RGBX ...
@@ -360,7 +362,7 @@ def _resize_pil(img: Image.Image, size: int, policy: str) -> np.ndarray:
     size = int(size)
     width, height = img.size
     if policy == "stretch":
-        return _as_array(img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=_REDUCING_GAP))
+        return _as_array(img.resize((size, size), RESAMPLE, reducing_gap=_REDUCING_GAP))
     if policy == "crop":
         # resample only the centred square of the source (box is in source pixels, may be
         # fractional): one pass, no intermediate full-size resize to crop from
@@ -368,7 +370,7 @@ def _resize_pil(img: Image.Image, size: int, policy: str) -> np.ndarray:
         left, top = (width - side) / 2, (height - side) / 2
         box = (left, top, left + side, top + side)
         return _as_array(
-            img.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=_REDUCING_GAP)
+            img.resize((size, size), RESAMPLE, box=box, reducing_gap=_REDUCING_GAP)
         )
     scale = size / max(width, height)
     new_w = min(size, max(1, round(width * scale)))
@@ -378,7 +380,7 @@ def _resize_pil(img: Image.Image, size: int, policy: str) -> np.ndarray:
     resized = (
         img
         if (new_w, new_h) == img.size
-        else img.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=_REDUCING_GAP)
+        else img.resize((new_w, new_h), RESAMPLE, reducing_gap=_REDUCING_GAP)
     )
     out[top : top + new_h, left : left + new_w] = np.asarray(resized)
     return out

@@ -32,7 +32,9 @@ from torch import nn
 from imgclf.data.images import (
     _DRAFT_MARGIN,
     _REDUCING_GAP,
+    ALPHA_BACKGROUND,
     LETTERBOX_FILL,
+    RESAMPLE,
     BadImage,
     load_resized,
     resize_rgb,
@@ -74,9 +76,8 @@ class Preprocessed(nn.Module):
         return logits, probs
 
 
-# What imgclf.data.images does, for a deployment that has to reproduce it without imgclf. Values
-# come from that module's constants where it has one (the interpolation and the white alpha
-# background are written inline there).
+# What imgclf.data.images does, for a deployment that has to reproduce it without imgclf. The
+# values come from that module's constants; the prose describes its code.
 RESIZE_RULES = {
     "stretch": "resize to size x size, aspect ratio ignored",
     "crop": "scale so the shorter side is size, keep the centred size x size square: the source box is the "
@@ -90,8 +91,8 @@ def resize_details(policy: str) -> dict[str, Any]:
     return {
         "policy": policy,
         "rule": RESIZE_RULES.get(policy, "unknown policy"),
-        "interpolation": "bicubic",
-        "interpolation_detail": f"PIL Image.resize(..., Image.Resampling.BICUBIC, reducing_gap={_REDUCING_GAP:g}): "
+        "interpolation": RESAMPLE.name.lower(),
+        "interpolation_detail": f"PIL Image.resize(..., Image.Resampling.{RESAMPLE.name}, reducing_gap={_REDUCING_GAP:g}): "
                                 f"a shrink by more than {_REDUCING_GAP:g}x first does an integer box reduction",
         "jpeg_draft": f"JPEGs are decoded at reduced DCT scale (PIL Image.draft, down to 1/8 a side) while keeping at "
                       f"least {_DRAFT_MARGIN:g}x the final size; other formats decode at full size",
@@ -99,7 +100,7 @@ def resize_details(policy: str) -> dict[str, Any]:
         "letterbox_position": "centred; the odd pixel of padding goes to the bottom/right",
         "crop": "centre (no resize before the crop; one resample of the centred square)",
         "exif_orientation": "applied (EXIF Orientation tag 2-8, PIL ImageOps.exif_transpose) before resizing",
-        "alpha_background": [255, 255, 255],
+        "alpha_background": list(ALPHA_BACKGROUND),
         "alpha": "RGBA/LA/PA and palette or tRNS transparency are composited on the alpha_background colour",
         "sixteen_bit": "high byte (value >> 8: 65535 -> 255, 32768 -> 128); 32-bit integer data outside 0..65535 "
                        "is min-max stretched to 0..255",

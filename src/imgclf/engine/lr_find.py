@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from imgclf import log
 from imgclf.engine.optim import build_optimizer, l2_penalty
-from imgclf.engine.trainer import resolve_precision
+from imgclf.engine.trainer import resolve_precision, training_loss
 from imgclf.errors import UserError
 
 MIN_STEPS = 5  # fewer usable points than this make no curve
@@ -243,22 +243,6 @@ def default_steps(loader) -> int:
     return int(max(30, min(200, 2 * len(loader))))
 
 
-def sweep_loss(cfg, loss_fn, class_weights, multilabel: bool):
-    """The training run's loss (what Trainer uses): ``loss_fn`` from losses.imbalance_setup, or
-    the trainer's default with its class weights and label smoothing."""
-    if loss_fn is not None:
-        return loss_fn
-    if multilabel:
-        def fn(logits, target):
-            return F.binary_cross_entropy_with_logits(logits, target.float())
-    else:
-        smoothing = cfg.label_smoothing or 0.0
-
-        def fn(logits, target):
-            return F.cross_entropy(logits, target, label_smoothing=smoothing, weight=class_weights)
-    return fn
-
-
 def lr_for_training(model, cfg, loader, augment, device, loss_fn, class_weights, multilabel: bool,
                     run_dir: Path | None, world: int = 1) -> float:
     """``train --lr auto``: sweep with the run's own set-up, save lr_find.png, return the suggestion.
@@ -267,7 +251,7 @@ def lr_for_training(model, cfg, loader, augment, device, loss_fn, class_weights,
     back to the recipe's lr."""
     if world > 1:
         raise UserError("--lr auto runs the lr finder in one process: run 'imgclf lr-find' first and pass --lr VALUE")
-    fn = sweep_loss(cfg, loss_fn, class_weights, multilabel)
+    fn = training_loss(cfg, loss_fn, class_weights, multilabel)
     frozen = getattr(model, "freeze_backbone", None)
     if callable(frozen) and (cfg.freeze_epochs or 0) > 0:
         model.freeze_backbone(True)  # the peak lr of the first (head-only) phase

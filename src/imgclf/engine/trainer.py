@@ -69,6 +69,23 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: fl
     return F.cross_entropy(logits, target, label_smoothing=smoothing, weight=weight)
 
 
+def training_loss(cfg, loss_fn, class_weights, multilabel: bool):
+    """The loss a run trains with (the Trainer's, and the lr finder's sweep of it): ``loss_fn``
+    from losses.imbalance_setup when the config asks for one, else cross-entropy with the run's
+    label smoothing and class weights (BCE on multi-label data)."""
+    if loss_fn is not None:
+        return loss_fn
+    if multilabel:
+        def bce(logits, target):
+            return F.binary_cross_entropy_with_logits(logits, target.float())
+        return bce
+    smoothing = cfg.label_smoothing or 0.0
+
+    def ce(logits, target):
+        return soft_cross_entropy(logits, target, smoothing, class_weights)
+    return ce
+
+
 class Trainer:
     """Fits ``model`` with the resolved ``cfg``. ``run_dir`` None: nothing is written."""
 
@@ -109,7 +126,7 @@ class Trainer:
             t0 = time.perf_counter()
             self.forward_model = torch.compile(self.forward_model)
             self.compile_seconds = time.perf_counter() - t0
-        self.loss_fn = loss_fn or self._default_loss
+        self.loss_fn = training_loss(cfg, loss_fn, class_weights, multilabel)
         self.optimizer = build_optimizer(model, cfg)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision.dtype == torch.float16)
         self.steps_per_epoch = len(train)
@@ -150,11 +167,6 @@ class Trainer:
                 std.append(cb.TensorBoard(self.run_dir / "tensorboard"))
         first = [c for c in self.callbacks if getattr(c, "runs_first", False)]
         self.callbacks = first + std + [c for c in self.callbacks if c not in first]
-
-    def _default_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if self.multilabel:
-            return F.binary_cross_entropy_with_logits(logits, target.float())
-        return soft_cross_entropy(logits, target, self.cfg.label_smoothing or 0.0, self.class_weights)
 
     def _set_lr(self):
         c = self.cfg

@@ -36,7 +36,7 @@ def find_lr(config=None, *, steps: int | None = None, lr_start: float = 1e-7, lr
     from imgclf.engine import lr_find, recipe
     from imgclf.engine.cpu_alloc import prepare_cpu_training
     from imgclf.engine.losses import imbalance_setup
-    from imgclf.engine.trainer import seed_everything
+    from imgclf.engine.trainer import seed_everything, training_loss
     from imgclf.errors import UserError
     from imgclf.models import head as transfer
     from imgclf.models import pretrained
@@ -93,7 +93,7 @@ def find_lr(config=None, *, steps: int | None = None, lr_start: float = 1e-7, lr
     if (cfg.freeze_epochs or 0) > 0 and hasattr(model, "freeze_backbone"):
         model.freeze_backbone(True)  # the lr of the first, head-only phase
     n = steps or lr_find.default_steps(loader)
-    loss = lr_find.sweep_loss(cfg, loss_fn, class_weights, multilabel)
+    loss = training_loss(cfg, loss_fn, class_weights, multilabel)
     res = lr_find.sweep(model, cfg, loader, augment, device, loss, steps=n, start=lr_start, end=lr_end,
                         progress=cfg.progress, entry="lr-find")
     res.extras = {"model": arch, "optimizer": cfg.optimizer, "batch_size": cfg.batch_size, "image_size": size,
