@@ -365,3 +365,51 @@ def test_resume_uses_the_source_the_run_started_from(small_sample, tmp_path, mon
     res = imgclf.train(resume=tmp_path / "ft", progress=False)
     meta = json.loads((res.run_dir / "model.json").read_text())
     assert meta["mean"] == recorded["mean"] and meta["arch_args"]["bn_eps"] == 1e-3
+
+
+def test_weights_by_url_are_downloaded_once_checked_and_reused(tmp_path, monkeypatch):
+    import hashlib
+    import http.server
+    import threading
+
+    import timm
+
+    src = timm.create_model("resnet18", num_classes=10)
+    site = tmp_path / "site"
+    site.mkdir()
+    torch.save(src.state_dict(), site / "model.pt")
+    digest = hashlib.sha256((site / "model.pt").read_bytes()).hexdigest()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, directory=str(site), **k)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/model.pt"
+    try:
+        with pytest.raises(UserError, match="invalid hash value"):
+            pretrained.plan("timm:resnet18", url + "#sha256=" + "0" * 16, False)
+        checkpoints = tmp_path / "torch-home" / "hub" / "checkpoints"
+        assert not any(checkpoints.iterdir())  # a download that failed its check is not kept
+        info = pretrained.plan("timm:resnet18", f"{url}#sha256={digest[:16]}", False)
+    finally:
+        server.shutdown()
+        server.server_close()
+    cached = Path(info.source[len("file:"):])
+    assert cached.parent == checkpoints and cached.name.endswith("-model.pt")
+    assert cached.read_bytes() == (site / "model.pt").read_bytes()
+    target = timm.create_model("resnet18", num_classes=0)
+    pretrained.load_pretrained(target, "timm:resnet18", info)
+    assert torch.equal(target.conv1.weight, src.conv1.weight)
+    # the server is gone: the same URL is read from the cache, checked again
+    assert pretrained.plan("timm:resnet18", url, False).source == info.source
+    assert pretrained.plan("timm:resnet18", f"{url}#sha256={digest}", False).source == info.source
+    with pytest.raises(UserError, match=r"--weights http://127\.0\.0\.1:\d+/other\.pt: could not download it \("):
+        pretrained.plan("timm:resnet18", url.replace("model.pt", "other.pt"), False)
+    with pytest.raises(UserError, match="#sha256=HEX"):
+        pretrained.plan("timm:resnet18", url + "#md5=abc", False)

@@ -53,7 +53,7 @@ class TrainConfig(BaseModel):
     model: str = Field("auto", description="fastnet, plaincnn, or timm:<name> (default: fastnet)")
     model_args: dict[str, Any] = Field(default_factory=dict, description="extra model arguments, e.g. width=1.5")
     pretrained: bool = Field(False, description="start from pretrained weights (timm models)")
-    weights: str | None = Field(None, description="local weights file (safetensors or state dict) to start from")
+    weights: str | None = Field(None, description="weights to start from: a safetensors or state-dict file, or an http(s) URL (downloaded once; URL#sha256=HEX is checked)")
     head: list[int] | None = Field(None, description="hidden sizes of a new classifier head on a timm backbone, e.g. 512,256")
     head_dropout: float = Field(0.2, ge=0, lt=1, description="dropout before each layer of that head")
     freeze_epochs: float | None = Field(None, ge=0, description="epochs (or a fraction of one) training only the head "

