@@ -67,10 +67,12 @@ def test_warm_up_and_early_crop_epochs_are_not_counted_as_plateaus():
 
 
 def test_plateau_reduces_lr_after_patience():
-    t, rp = _T(), ReduceOnPlateau("val_loss", patience=1, factor=0.5)
-    for loss in (1.0, 1.1, 1.2):
-        rp.on_epoch_end(t, {"val_loss": loss})
-    assert t.lr_scale == 0.5
+    t, rp = _T(), ReduceOnPlateau("val_loss", patience=2, factor=0.5)
+    rp.on_epoch_end(t, {"val_loss": 1.0})
+    rp.on_epoch_end(t, {"val_loss": 1.1})
+    assert t.lr_scale == 1.0  # one bad epoch of the two it waits for
+    rp.on_epoch_end(t, {"val_loss": 1.2})
+    assert t.lr_scale == 0.5  # the 2nd bad epoch in a row drops it (as Keras and EarlyStopping count)
     rp.on_epoch_end(t, {"val_loss": 0.5})
     assert t.lr_scale == 0.5 and not math.isnan(rp.best)
 

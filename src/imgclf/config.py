@@ -93,7 +93,7 @@ class TrainConfig(BaseModel):
     lr_end_factor: float | None = Field(None, ge=0, le=1, description="lr at the end as a fraction of the peak")
     step_epochs: float = Field(30, gt=0, description="'step' schedule: epochs between drops")
     gamma: float = Field(0.1, gt=0, le=1, description="'step' schedule: factor per drop")
-    plateau_patience: int = Field(2, ge=0, description="'plateau': epochs without improvement before a drop")
+    plateau_patience: int = Field(2, ge=0, description="'plateau': drop the lr on this many epochs in a row without improvement (Keras's count)")
     plateau_factor: float = Field(0.2, gt=0, lt=1, description="'plateau': factor per drop")
     early_stopping: int = Field(0, ge=0, description="stop after this many epochs without improvement, counted after the lr warm-up and early crops (0: off)")
     monitor: Literal["val_acc", "val_loss", "val_map"] = Field("val_acc", description="metric for early stopping, plateau, best (multi-label default: val_map)")

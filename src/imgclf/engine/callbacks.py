@@ -63,8 +63,10 @@ class EarlyStopping(Callback):
 
 
 class ReduceOnPlateau(Callback):
-    """Multiply the lr by ``factor`` after ``patience`` epochs without improvement (counted as
-    EarlyStopping counts them: not during the warm-up or the early crops)."""
+    """Multiply the lr by ``factor`` once ``patience`` epochs in a row have not improved (counted
+    as EarlyStopping counts them: not during the warm-up or the early crops). Keras's rule, and
+    EarlyStopping's: patience 2 drops the lr on the 2nd bad epoch (torch's ReduceLROnPlateau
+    waits for the 3rd); a patience of 0 is treated as 1."""
 
     def __init__(self, monitor: str, patience: int, factor: float, min_factor: float = 1e-4):
         self.monitor, self.patience, self.factor, self.min_factor = monitor, patience, factor, min_factor
@@ -77,7 +79,7 @@ class ReduceOnPlateau(Callback):
             self.best, self.bad = row[self.monitor], 0
             return
         self.bad += 1
-        if self.bad > self.patience:
+        if self.bad >= max(1, self.patience):
             t.lr_scale = max(self.min_factor, t.lr_scale * self.factor)
             self.bad = 0
 
