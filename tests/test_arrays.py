@@ -479,7 +479,7 @@ def test_csv_image_shape_override(tmp_path):
     rgb = write_csv(tmp_path / "rgb.csv", [0], np.arange(24).reshape(1, 24))
     out = read_pixel_csv(rgb, image_shape=(2, 4), layout="planar").train.images
     np.testing.assert_array_equal(out[0, :, :, 1], np.arange(8, 16).reshape(2, 4))
-    with pytest.raises(DataError, match="image_shape 3x3 needs 9"):
+    with pytest.raises(DataError, match="--csv-shape 3x3 needs 9"):
         read_pixel_csv(path, image_shape=(3, 3))
 
 
@@ -529,3 +529,54 @@ def test_csv_other_errors(tmp_path):
     with pytest.raises(DataError, match="empty label"):
         (tmp_path / "nolab.csv").write_text("label,a,b,c,d\n,1,2,3,4\n")
         read_pixel_csv(tmp_path / "nolab.csv")
+
+
+def test_csv_shape_option_for_non_square_images(tmp_path):
+    # 48x64 grey faces, as exported from a numpy array: 3072 columns, which read as a square
+    # image would be 3x32x32 RGB. The old message sent users to an option that did not exist.
+    rng = np.random.default_rng(0)
+    faces = rng.integers(0, 256, (4, 48, 64), dtype=np.uint8)
+    path = write_csv(tmp_path / "faces.csv", [0, 1, 0, 1], faces.reshape(4, -1))
+    with pytest.raises(DataError, match=r"channel order cannot be guessed.*not 32x32 RGB, give their shape with --csv-shape HxW"):
+        read_pixel_csv(path)
+    odd = write_csv(tmp_path / "odd.csv", [0, 1], faces[:2, :, :50].reshape(2, -1))  # 2400 columns
+    with pytest.raises(DataError, match=r"give the image shape with --csv-shape HxW, e.g. --csv-shape 48x64"):
+        read_pixel_csv(odd)
+    for shape in ("48x64", "48 X 64", "48x64x1", (48, 64)):
+        ds = read_pixel_csv(path, image_shape=shape)
+        np.testing.assert_array_equal(ds.train.images[..., 1], faces)
+    with pytest.raises(DataError, match=r"--csv-shape 48x64x3 needs 9216; fix --csv-shape 48x64x3"):
+        read_pixel_csv(path, image_shape="48x64x3")
+    for bad in ("48by64", "48x64x2", "0x64", "48"):
+        with pytest.raises(DataError, match=r"is not an image shape; expected --csv-shape HxW"):
+            read_pixel_csv(path, image_shape=bad)
+    rgb = write_csv(tmp_path / "rgb.csv", [0, 1], rng.integers(0, 256, (2, 2 * 4 * 3)))
+    assert read_pixel_csv(rgb, image_shape="2x4x3", layout="interleaved").train.images.shape == (2, 2, 4, 3)
+
+    # and from the command line / a YAML file, through load_source as training reads data
+    from imgclf.cli import build_parser
+    from imgclf.config import make_config
+    from imgclf.data.sources import load_source
+
+    args = build_parser().parse_args(["check", "--data", str(path), "--csv-shape", "48x64"])
+    cfg = make_config(data=args.data, csv_shape=args.csv_shape)
+    src = load_source(cfg.data, csv_shape=cfg.csv_shape, val_split=0, cache_dir=tmp_path / "c")
+    assert src.train.images.shape == (4, 48, 64, 3)
+
+
+@pytest.mark.parametrize("index_header", ["", "Unnamed: 0", "id", "ID"])
+def test_csv_index_and_id_columns_are_not_pixels(tmp_path, real, capsys, index_header):
+    # pandas' df.to_csv() writes its index first, headed ""; Kaggle files carry an id column
+    gray = real[0][:6, :28, :28, 0]
+    pix = gray.reshape(6, -1)
+    header = [index_header, "label"] + [f"pixel{i}" for i in range(784)]
+    path = tmp_path / "train.csv"
+    with open(path, "w") as f:
+        f.write(",".join(header) + "\n")
+        for i, (lab, row) in enumerate(zip(real[1][:6], pix, strict=True)):
+            f.write(",".join([str(1000 + i) if index_header else str(i), str(lab), *map(str, row)]) + "\n")
+    ds = read_pixel_csv(path)
+    assert ds.train.images.shape == (6, 28, 28, 3)
+    np.testing.assert_array_equal(ds.train.images[..., 0], gray)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "column 1" in err[0] and "row ids, not pixels: not read" in err[0]

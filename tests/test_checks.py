@@ -212,3 +212,18 @@ def test_train_runs_the_check(tiny_run):
     assert sorted(p.rsplit("/", 2)[-2] + "/" + p.rsplit("/", 1)[-1] for p in pair["paths"]) == \
         ["frog/0178.jpg", "frog/0204.jpg"] and pair["details"]["splits"] == ["train", "train"]
     assert (tiny_run / "samples.png").exists()
+
+
+def test_printed_report_shows_names_with_brackets_as_written(capsys):
+    # file and class names are the user's text: "[/x]" used to raise rich's MarkupError and
+    # "[bold]" vanished into styling
+    from imgclf.data.checks import CheckReport, Finding
+    from imgclf.data.commands import print_report
+
+    report = CheckReport(data="shots [2024]/[bold]", classes=["a", "b"], image_size=32, findings=[
+        Finding("duplicate", "warning", "train/[/x]/img[1].jpg and train/b/[bold]copy.jpg are the same picture")])
+    print_report(report, {"train": [0] * 4})
+    out = capsys.readouterr().out
+    assert "shots [2024]/[bold]" in out
+    flat = "".join(out.split())  # the table folds long findings over lines
+    assert "train/[/x]/img[1].jpg" in flat and "train/b/[bold]copy.jpg" in flat

@@ -400,6 +400,24 @@ def test_pixel_csv_trains_with_explicit_layout(sample_dir, tmp_path, capsys):
     assert np.array_equal(ds.train.images[0], np.asarray(Image.open(first).convert("RGB")))
 
 
+def test_non_square_pixel_csv_trains_with_csv_shape(sample_dir, tmp_path):
+    # grey 24x40 images (a pandas export with its index column): --csv-shape reaches training
+    rows = []
+    for cdir in sorted((sample_dir / "train").iterdir())[:3]:
+        for f in sorted(cdir.glob("*.jpg"))[:20]:
+            px = np.asarray(Image.open(f).convert("L").resize((40, 24))).reshape(-1)
+            rows.append(f"{len(rows)},{cdir.name}," + ",".join(map(str, px.tolist())))
+    csv_path = tmp_path / "grey.csv"
+    csv_path.write_text(",label," + ",".join(f"p{i}" for i in range(960)) + "\n" + "\n".join(rows) + "\n")
+    args = ["train", "--data", str(csv_path), "--project", str(tmp_path), "--name", "grey", "--epochs", "1",
+            "--no-progress", "--no-tensorboard"]
+    assert main(args) == 2  # 960 columns: neither a square grey nor a square RGB image
+    assert main([*args, "--csv-shape", "24x40", "--exist-ok"]) == 0
+    meta = json.loads((tmp_path / "grey" / "model.json").read_text())
+    assert meta["classes"] == sorted(d.name for d in (sample_dir / "train").iterdir())[:3]
+    assert make_config(tmp_path / "grey" / "config.yaml").csv_shape == "24x40"
+
+
 def test_tensorboard_events_written(small_sample, tmp_path):
     res = imgclf.train(data=str(small_sample), project=str(tmp_path), epochs=1, progress=False, batch_size=64)
     assert list((res.run_dir / "tensorboard").glob("events.out.tfevents.*"))

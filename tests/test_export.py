@@ -45,13 +45,13 @@ def test_fastnet_onnx_parity_metadata_and_dynamic_batch(tiny_run, tmp_path, caps
     assert json.loads(props["classes"]) == run_meta["classes"] and json.loads(props["resize"]) == run_meta["resize"]
     assert "softmax" in meta["outputs"]["probs"]
     # enough to reproduce the resize without imgclf, from images.py's own constants
-    from imgclf.data.images import LETTERBOX_FILL
+    from imgclf.data.images import LETTERBOX_FILL, SIXTEEN_BIT_RULE
 
     details = meta["resize_details"]
     assert details["policy"] == run_meta["resize"] and details["interpolation"] == "bicubic"
     assert details["letterbox_fill"] == [LETTERBOX_FILL] * 3 and details["alpha_background"] == [255, 255, 255]
     assert "centred" in details["letterbox_position"] and "centre" in details["crop"]
-    assert details["exif_orientation"].startswith("applied") and "high byte" in details["sixteen_bit"]
+    assert details["exif_orientation"].startswith("applied") and details["sixteen_bit"] == SIXTEEN_BIT_RULE
     assert json.loads(props["resize_details"]) == details
     assert set(report["batch_sizes"]) == {"64", "1", "3"} and all(b["passed"] for b in report["batch_sizes"].values())
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary file left

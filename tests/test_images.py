@@ -110,9 +110,16 @@ def _assert_rgb(arr: np.ndarray, shape: tuple[int, int]) -> None:
 
 
 def test_image_extensions() -> None:
+    from imgclf.data import images
+
     assert IMAGE_EXTENSIONS == frozenset(
-        {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+        {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+        | ({".avif"} if images.AVIF_READABLE else set())
+        | ({".heic", ".heif"} if images.HEIF_READABLE else set())
     )
+    # every picture format is either read or named with what to do about it
+    for ext in (".avif", ".heic", ".heif"):
+        assert (ext in IMAGE_EXTENSIONS) != (ext in images.UNREADABLE_IMAGE_EXTENSIONS)
     assert RESIZE_POLICIES == ("stretch", "crop", "letterbox")
 
 
@@ -282,9 +289,41 @@ def test_16bit_grey_png_scales_not_clips(tmp_path: Path, grey: np.ndarray) -> No
         assert im.mode == "I;16"
     out = load_rgb(path)
     _assert_rgb(out, grey.shape)
-    assert tuple(out[0, :4, 0]) == (255, 128, 0, 0)
-    np.testing.assert_array_equal(out[1:, :, 1], grey[1:])
+    assert tuple(out[0, :4, 0]) == (255, 128, 1, 0)  # round(v * 255 / 65535)
+    expected = np.round(a16.astype(np.float64) * 255 / 65535)
+    np.testing.assert_array_equal(out[..., 1], expected)
     assert (out[..., 0] == out[..., 2]).all()
+
+
+@pytest.mark.parametrize("bits", [8, 10, 12, 14])
+def test_16bit_png_of_fewer_bits_uses_its_real_depth(tmp_path: Path, grey: np.ndarray, bits: int) -> None:
+    # cv2.imwrite of a uint16 array of 8-bit values, or a 10/12/14-bit sensor's frames, in a 16-bit
+    # PNG: keeping the high byte made them black (8 bits) or 0..15 (12 bits)
+    full = (1 << bits) - 1
+    a16 = np.round(grey.astype(np.float64) * full / 255).astype(np.uint16)
+    a16[0, 0] = full  # the sensor's white somewhere in the frame
+    path = tmp_path / f"grey{bits}in16.png"
+    Image.fromarray(a16).save(path)
+    with Image.open(path) as im:
+        assert im.mode == "I;16"
+    out = load_rgb(path)[..., 0].astype(int)
+    assert out[0, 0] == 255
+    assert np.abs(out.ravel()[1:] - grey.astype(int).ravel()[1:]).max() <= 1
+    # the same through an in-memory uint16 array (predict/serve on arrays)
+    from imgclf.data.images import image_to_rgb
+
+    np.testing.assert_array_equal(image_to_rgb(a16)[..., 2], out)
+
+
+def test_16bit_depth_is_rounded_up_to_a_sensor_depth(tmp_path: Path, grey: np.ndarray) -> None:
+    # a dim 12-bit frame (largest value 3000) is read as 12-bit, not stretched to white
+    a16 = (grey.astype(np.uint32) * 3000 // 255).astype(np.uint16)
+    a16[0, 0] = 3000
+    path = tmp_path / "dim12.png"
+    Image.fromarray(a16).save(path)
+    out = load_rgb(path)[..., 0]
+    assert out[0, 0] == round(3000 * 255 / 4095)
+    np.testing.assert_array_equal(out, np.floor(a16.astype(np.float64) * 255 / 4095 + 0.5))
 
 
 def test_16bit_grey_png_with_colour_key(tmp_path: Path, grey: np.ndarray) -> None:
@@ -484,6 +523,27 @@ def test_not_an_image(tmp_path: Path) -> None:
     err = _bad(path)
     assert err.reason == "not an image file (cannot identify format)"
     assert str(err) == f"{path}: not an image file (cannot identify format)"
+
+
+def test_heic_without_a_decoder_says_what_reads_it(tmp_path: Path, photo: np.ndarray, monkeypatch) -> None:
+    from imgclf.data import images
+
+    assert images.AVIF_READABLE, "Pillow >= 11.3 wheels decode AVIF: pip install -U pillow"
+    # a machine without pillow-heif, whether or not this one has it: PIL without its HEIF opener
+    # (plugins load lazily and register into Image.ID: load them all first, or the ones loaded
+    # during the test would vanish with the patched list)
+    Image.init()
+    monkeypatch.setattr(Image, "ID", [i for i in Image.ID if i != "HEIF"])
+    monkeypatch.setitem(images.UNREADABLE_IMAGE_EXTENSIONS, ".heic", "pip install pillow-heif to read them")
+    # an iPhone photo handed to predict or the server: HEIF (AVIF's container) with brand 'heic'
+    Image.fromarray(photo).save(tmp_path / "x.avif")
+    data = (tmp_path / "x.avif").read_bytes()
+    assert data[4:12] == b"ftypavif"
+    path = tmp_path / "IMG_0001.HEIC"
+    path.write_bytes(data[:8] + b"heic" + data[12:])
+    assert _bad(path).reason == "HEIC image: pip install pillow-heif to read them"
+    path.write_bytes(data[:40])  # a cut-off AVIF is still a broken file
+    assert _bad(path).reason == "truncated or corrupt image data"
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.9])

@@ -21,7 +21,7 @@ from imgclf.data.augment import AugmentSpec, BatchAugment, Normalize, tta_views
 from imgclf.data.cache import CachedSplit, build_cache, cache_root, release_pages
 from imgclf.data.images import IMAGE_EXTENSIONS, BadImage, load_resized
 from imgclf.data.loader import BatchLoader, default_ram_budget
-from imgclf.data.sources import DataSource, load_source, membership
+from imgclf.data.sources import DataSource, Skipped, list_images, load_source, membership, skip_notes
 from imgclf.engine import recipe
 from imgclf.engine.cpu_alloc import prepare_cpu_training
 from imgclf.engine.trainer import Trainer, resolve_precision, seed_everything
@@ -283,8 +283,8 @@ def _prepare_data(cfg: TrainConfig, run_dir: Path | None, device: torch.device, 
     root = cache_root(cfg.cache_dir)
     distributed.main_first_begin(ddp)  # rank 0 reads the source and builds the cache; the others then open it
     src = load_source(cfg.data, val_data=cfg.val_data, test_data=cfg.test_data, val_split=cfg.val_split,
-                      split_seed=cfg.split_seed, csv_layout=cfg.csv_layout, label_column=cfg.label_column,
-                      cache_dir=root, task=cfg.task, label_mode=cfg.label_mode, classes=cfg.classes,
+                      split_seed=cfg.split_seed, csv_layout=cfg.csv_layout, csv_shape=cfg.csv_shape,
+                      label_column=cfg.label_column, cache_dir=root, task=cfg.task, label_mode=cfg.label_mode, classes=cfg.classes,
                       images=cfg.images, keep_empty=cfg.keep_empty)
     for p in src.problems:
         log.warn(p)
@@ -752,13 +752,12 @@ def expand_inputs(items: list[str | Path]) -> list[Path]:
     for it in items:
         p = Path(it)
         if p.is_dir():
-            # hidden files and macOS's ._name resource forks and __MACOSX folders are not images;
-            # linked folders are followed, as training's folder reader does (Path.rglob does not)
-            found = []
-            for dirpath, dirnames, filenames in os.walk(p, followlinks=True):
-                dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__MACOSX"]
-                found += [Path(dirpath, f) for f in filenames
-                          if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+            # training's folder reader: links followed but not loops; hidden files, macOS's
+            # resource forks and NAS thumbnail folders skipped; formats it cannot read counted
+            skipped = Skipped()
+            found = [Path(f) for f in list_images(p, skipped)]
+            for note in skip_notes(p, skipped):
+                log.warn(note)
             out += sorted(q for q in found if q.is_file())
         elif p.exists():
             out.append(p)

@@ -31,6 +31,9 @@ class TrainConfig(BaseModel):
     csv_layout: Literal["auto", "planar", "interleaved", "gray"] = Field(
         "auto", description="pixel order of a CSV: planar R..G..B.. (CIFAR) or interleaved RGBRGB.."
     )
+    csv_shape: str | None = Field(
+        None, description="image shape of a pixel CSV whose images are not square: HxW, e.g. 48x64 (or 48x64x3, 48x64x1)"
+    )
     label_column: str = Field("label", description="label column of a pixel CSV")
     image_size: int | None = Field(None, ge=8, le=2048, description="square input size (default: from the data)")
     resize: Literal["stretch", "crop", "letterbox"] = Field("stretch", description="how images reach image_size")

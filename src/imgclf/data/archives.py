@@ -11,6 +11,7 @@ refuses absolute paths, ``..``, links out of the tree and device files; zipfile 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import lzma
 import os
@@ -26,7 +27,33 @@ from imgclf import log
 from imgclf.errors import UserError
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
-_JUNK = ("__MACOSX",)  # resource forks that macOS's zip tool adds next to the real top folder
+# Folders that hold nobody's data, matched case-insensitively wherever they appear: resource forks
+# that macOS's zip tool adds (__MACOSX), Python's __pycache__, and NAS debris. Synology puts an
+# @eaDir beside every photo, holding real JPEG thumbnails of it (a.jpg/SYNOPHOTO_THUMB_M.jpg):
+# read as data, each photo would train several times over. #recycle/@Recycle are the NAS
+# recycle bins (deleted images), #snapshot/@Recently-Snapshot read-only snapshots (copies),
+# .@__thumb QNAP's thumbnails; $RECYCLE.BIN, System Volume Information and lost+found are what
+# Windows and ext4 leave at the top of a disk a data set may sit on.
+JUNK_DIRS = frozenset({
+    "__macosx", "__pycache__", "@eadir", "#recycle", "#snapshot", ".@__thumb", "@recycle",
+    "@recently-snapshot", "$recycle.bin", "system volume information", "lost+found",
+})
+
+
+def is_junk(name: str) -> bool:
+    return name.lower() in JUNK_DIRS
+
+
+def utf8_bytes(text: str) -> bytes:
+    """``text`` as UTF-8 for hashing, whatever it holds. A file name that is not valid UTF-8
+    (Latin-1 or GBK names copied from an old disk or a Windows zip) reaches Python with lone
+    surrogates in it (os.listdir's surrogateescape), which str.encode() refuses; surrogatepass
+    writes them as bytes instead, and every other name hashes exactly as it always did."""
+    return text.encode("utf-8", "surrogatepass")
+
+
+# How to move the cache (see cache.cache_root), for messages about a cache folder that cannot be written.
+CACHE_ELSEWHERE = "point the cache at another folder with IMGCLF_CACHE=DIR or --cache-dir DIR"
 
 
 def archive_suffix(path: Path) -> str | None:
@@ -42,12 +69,12 @@ def archive_stem(path: Path) -> str:
 def _key(path: Path) -> str:
     st = path.stat()
     ident = f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}"
-    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+    return hashlib.sha256(utf8_bytes(ident)).hexdigest()[:16]
 
 
 def _content_root(folder: Path) -> Path:
     """An archive that wraps everything in one top folder (``coco128/...``) is read from it."""
-    entries = [p for p in folder.iterdir() if not p.name.startswith(".") and p.name not in _JUNK]
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".") and not is_junk(p.name)]
     if len(entries) == 1 and entries[0].is_dir():
         return _content_root(entries[0])
     return folder
@@ -76,24 +103,47 @@ def _why(e: BaseException) -> str:
 
 def remove_stale(parent: Path, pattern: str, older_than_s: float = 3600.0) -> None:
     """Temporary files or folders left by a killed extraction (``.extract-*``) or cache build
-    (``<key>.<pid>.tmp.npy``, each up to gigabytes): an hour untouched, not one still being
-    written, and where the name carries the writer's pid, that process gone. (A cache on a
-    shared disk may be built by another machine, whose pids mean nothing here: hence the age.)"""
+    (``<key>.<pid>.<random>.tmp.npy``, each up to gigabytes): an hour untouched, and no process
+    provably still writing it. A cache build holds an flock on its temporary file (locked_temp),
+    which the kernel drops when the process dies, so a file nobody has locked is dead on this
+    host and, on a shared disk whose locks reach every client (local disks, NFSv4), on any host.
+    A pid alone proves nothing there: two containers sharing a cache volume both run as pid 1,
+    which is alive in each forever. The age is for disks whose locks do not travel (SMB)."""
     import time
 
     for p in parent.glob(pattern):
         try:
             if time.time() - p.stat().st_mtime <= older_than_s:
                 continue
-            parts = p.name.split(".")
-            if len(parts) >= 4 and parts[1].isdigit() and _alive(int(parts[1])):
-                continue
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink()
+                continue
+            if _locked(p):
+                continue
+            parts = p.name.split(".")
+            # <key>.<pid>.tmp.npy: written by an older imgclf, which took no lock; its pid is all there is
+            if len(parts) == 4 and parts[1].isdigit() and _alive(int(parts[1])):
+                continue
+            p.unlink()
         except OSError:
             pass
+
+
+def _locked(path: Path) -> bool:
+    """Whether a live process holds an flock on ``path`` (see remove_stale)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: a file still open there cannot be deleted anyway
+        return False
+    with open(path, "rb") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:  # a file system without locks: nothing to learn from it
+            return False
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
 
 
 def _alive(pid: int) -> bool:
@@ -106,14 +156,46 @@ def _alive(pid: int) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def locked_temp(folder: Path, stem: str, suffix: str) -> Iterator[Path]:
+    """A new, empty, uniquely named ``<stem>.<pid>.<random>.tmp<suffix>`` in ``folder``, locked
+    (flock) until the block ends, and removed if the block fails; the block renames it into place.
+    The random part keeps two writers of one key apart even when both are pid 1 in containers
+    sharing the folder; the lock tells remove_stale the file is still being written."""
+    import uuid
+
+    path = folder / f"{stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{suffix}"
+    # os.open, not mkstemp: mkstemp's 0600 would leave the finished cache unreadable to the other
+    # users (or containers) of a shared cache; here the umask decides, as for any file
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (ImportError, OSError):  # Windows, or a file system without locks: the age guard remains
+            pass
+        yield path
+    except BaseException:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
+    finally:
+        os.close(fd)  # forked decode workers hold the lock too, until they exit
+
+
 def extract_archive(path: Path, cache_dir: Path) -> Path:
     """The folder holding ``path``'s contents, extracting it on first use."""
     target = cache_dir / "archives" / f"{archive_stem(path)}-{_key(path)}"
     if target.is_dir():
         return _content_root(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(target.parent, ".extract-*")
-    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(target.parent, ".extract-*")
+        tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=target.parent))
+    except OSError as e:  # read-only disk, someone else's folder, a file where the folder should be
+        raise UserError(f"--data {path}: cannot extract into {target.parent}: {e.strerror or e}; "
+                        f"{CACHE_ELSEWHERE}") from None
     log.info(f"extracting {path} into {target} (once; later runs reuse it)")
     try:
         _extract(path, tmp)
@@ -123,7 +205,8 @@ def extract_archive(path: Path, cache_dir: Path) -> Path:
     except (tarfile.TarError, zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, OSError, ValueError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno is not None:  # disk full, permissions: not the archive's fault
-            raise UserError(f"--data {path}: cannot extract into {target.parent}: {e.strerror}") from e
+            raise UserError(f"--data {path}: cannot extract into {target.parent}: {e.strerror}; "
+                            f"{CACHE_ELSEWHERE}") from e
         raise UserError(f"--data {path}: not a readable archive ({_why(e)})") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -146,7 +229,7 @@ def iter_archive_images(path: Path, extensions) -> Iterator[tuple[str, bytes | N
     def wanted(name: str) -> bool:
         parts = Path(name).parts
         return Path(name).suffix.lower() in extensions and not any(
-            x in _JUNK or x.startswith(".") for x in parts)
+            is_junk(x) or x.startswith(".") for x in parts)
 
     try:
         if zipfile.is_zipfile(path):

@@ -33,6 +33,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from imgclf import log
 from imgclf.errors import UserError
 
 __all__ = [
@@ -485,41 +486,72 @@ def _isqrt_exact(n: int) -> int | None:
     return r if r > 0 and r * r == n else None
 
 
+_SHAPE_RE = re.compile(r"\s*(\d+)\s*[x×*,]\s*(\d+)\s*(?:[x×*,]\s*(\d+)\s*)?", re.IGNORECASE)
+_SHAPE_HELP = "--csv-shape HxW, e.g. --csv-shape 48x64 (or HxWxC with C 1 or 3: 48x64x3)"
+
+
+def parse_csv_shape(shape) -> tuple[int, int, int | None] | None:
+    """``--csv-shape`` ("48x64", "48x64x3", "48x64x1") or ``image_shape`` ((48, 64), (48, 64, 3))
+    -> (height, width, channels or None)."""
+    if shape is None:
+        return None
+    if isinstance(shape, str):
+        m = _SHAPE_RE.fullmatch(shape)
+        dims = [int(g) for g in m.groups() if g is not None] if m else []
+    else:
+        try:
+            dims = [int(v) for v in shape]
+        except (TypeError, ValueError):
+            dims = []
+    if len(dims) not in (2, 3) or min(dims) <= 0 or (len(dims) == 3 and dims[2] not in (1, 3)):
+        raise DataError(f"--csv-shape {shape!r} is not an image shape; expected {_SHAPE_HELP}")
+    return dims[0], dims[1], (dims[2] if len(dims) == 3 else None)
+
+
 def _resolve_layout(n_pix: int, layout: str, image_shape, file: Path) -> tuple[str, int, int]:
     opt = "pass layout='planar' or 'interleaved' (CLI: --csv-layout planar|interleaved)"
-    if image_shape is not None:
-        try:
-            h, w = (int(v) for v in image_shape)
-        except (TypeError, ValueError):
-            raise DataError(f"image_shape must be (height, width), not {image_shape!r}") from None
-        if h <= 0 or w <= 0:
-            raise DataError(f"image_shape must be positive, not {image_shape!r}")
-        if n_pix == h * w:
+    shape = parse_csv_shape(image_shape)
+    if shape is not None:
+        h, w, c = shape
+        given = f"--csv-shape {h}x{w}" + (f"x{c}" if c else "")
+        if n_pix == h * w and c in (None, 1):
             if layout in ("auto", "gray"):
                 return "gray", h, w
             raise DataError(f"{file} has {n_pix} = {h}x{w} pixel columns, one channel, but layout is "
                             f"{layout!r}; use layout='gray' or 'auto'")
-        if n_pix == 3 * h * w:
+        if n_pix == 3 * h * w and c in (None, 3):
             if layout == "auto":
                 raise DataError(f"{file} has {n_pix} = 3x{h}x{w} pixel columns and their channel order "
                                 f"cannot be guessed; {opt}")
             if layout == "gray":
                 raise DataError(f"{file} has {n_pix} = 3x{h}x{w} pixel columns (RGB), not {h}x{w} gray; {opt}")
             return layout, h, w
-        raise DataError(f"{file} has {n_pix} pixel columns but image_shape {h}x{w} needs {h * w} (gray) "
-                        f"or {3 * h * w} (RGB); fix image_shape")
+        needs = {None: f"{h * w} (gray) or {3 * h * w} (RGB)", 1: f"{h * w}", 3: f"{3 * h * w}"}[c]
+        raise DataError(f"{file} has {n_pix} pixel columns but {given} needs {needs}; fix {given}")
     side = _isqrt_exact(n_pix)
     side3 = _isqrt_exact(n_pix // 3) if n_pix % 3 == 0 else None
     if layout in ("auto", "gray") and side:
         return "gray", side, side
     if layout == "auto" and side3:
         raise DataError(f"{file} has {n_pix} = 3x{side3}x{side3} pixel columns and their channel order "
-                        f"cannot be guessed; {opt}")
+                        f"cannot be guessed; {opt}; if the images are not {side3}x{side3} RGB, give their "
+                        f"shape with --csv-shape HxW")
     if layout in ("planar", "interleaved") and side3:
         return layout, side3, side3
     want = "HxW" if layout in ("auto", "gray") else "3xHxW"
     raise DataError(f"{file} has {n_pix} pixel columns, which is not {want} for a square image "
-                    f"(layout {layout!r}); pass image_shape=(height, width)")
+                    f"(layout {layout!r}); give the image shape with {_SHAPE_HELP}")
+
+
+# A row index is not a pixel: pandas' df.to_csv() writes one first, headed "" (or "Unnamed: 0"
+# once the file has been read and written again), and Kaggle files carry an id column. Counted
+# as pixels they break the pixel count (785 columns, not 784) or shift every image by one.
+_INDEX_NAMES = ("", "unnamed: 0")
+
+
+def _index_columns(header: list[str], label_idx: int) -> list[int]:
+    return [i for i, h in enumerate(header)
+            if i != label_idx and ((i == 0 and h.lower() in _INDEX_NAMES) or h.lower() == "id")]
 
 
 def _label_index(header: list[str], label_column, file: Path) -> int:
@@ -557,12 +589,12 @@ def _label_of(line: str, idx: int, ncols: int) -> str:
 class _PixelReader:
     """Chunked conversion of CSV rows to uint8 pixels with precise, line-numbered errors."""
 
-    def __init__(self, file: Path, header: list[str], label_idx: int):
+    def __init__(self, file: Path, header: list[str], label_idx: int, skip: tuple[int, ...] = ()):
         self.file = file
         self.header = header
         self.ncols = len(header)
         self.label_idx = label_idx
-        self.pix_cols = [i for i in range(self.ncols) if i != label_idx]
+        self.pix_cols = [i for i in range(self.ncols) if i != label_idx and i not in skip]
         self.float_mode = False
         self.int_max = 0  # largest value seen while in integer mode
         self.chunks: list[np.ndarray] = []
@@ -683,7 +715,7 @@ def read_pixel_csv(
     *,
     label_column: str | int = "label",
     layout: str = "auto",
-    image_shape: tuple[int, int] | None = None,
+    image_shape: tuple[int, ...] | str | None = None,
     classes: list[str] | None = None,
 ) -> ArrayDataset:
     """Read a CSV of pixels: a header row, one label column, the rest pixel values.
@@ -701,7 +733,10 @@ def read_pixel_csv(
       replicated to RGB), or ``"auto"``: gray when the pixel count is a perfect square; for 3xHxW
       columns ``auto`` refuses to guess and raises :class:`DataError` asking for planar or
       interleaved, since reading one as the other silently scrambles every image.
-    * ``image_shape=(H, W)`` replaces the square-image assumption.
+    * ``image_shape``: ``(H, W)`` or ``"HxW"`` (CLI: ``--csv-shape 48x64``) replaces the
+      square-image assumption; ``(H, W, C)`` / ``"HxWxC"`` also fixes the channel count (1 or 3).
+    * A leading unnamed column (pandas' index: header ``""`` or ``"Unnamed: 0"``) and an ``id``
+      column hold row ids, not pixels, and are not read.
 
     Returns an :class:`ArrayDataset` with ``test=None``. Rows are parsed in chunks with
     ``numpy.loadtxt`` (a 10,000 x 3,072 CSV reads in about a second per core).
@@ -725,11 +760,15 @@ def read_pixel_csv(
                 raise DataError(f"{file} has no header row (its first line is numbers); add one, e.g. "
                                 "label,pixel0,pixel1,...")
             label_idx = _label_index(header, label_column, file)
-            n_pix = len(header) - 1
+            index_cols = _index_columns(header, label_idx)
+            if index_cols:
+                log.info(f"{file}: {' and '.join(_column_desc(header, i) for i in index_cols)} "
+                         f"{'holds' if len(index_cols) == 1 else 'hold'} row ids, not pixels: not read")
+            n_pix = len(header) - 1 - len(index_cols)
             if n_pix < 1:
                 raise DataError(f"{file} has only a label column and no pixel columns")
             kind, h, w = _resolve_layout(n_pix, layout, image_shape, file)
-            reader = _PixelReader(file, header, label_idx)
+            reader = _PixelReader(file, header, label_idx, tuple(index_cols))
             rows_per_chunk = max(1, _CSV_CHUNK_VALUES // len(header))
             lines: list[str] = []
             linenos: list[int] = []

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf.data.archives import remove_stale
+from imgclf.data.archives import CACHE_ELSEWHERE, locked_temp, remove_stale, utf8_bytes
 from imgclf.data.images import BadImage, load_resized, resize_rgb
 from imgclf.data.sources import Split
+from imgclf.errors import UserError
 
 CACHE_VERSION = 1
 _CHUNK = 256
@@ -51,15 +52,15 @@ class CachedSplit:
 
 def _fingerprint(split: Split, size: int, policy: str) -> str:
     h = hashlib.blake2b(digest_size=16)
-    h.update(f"v{CACHE_VERSION}|{size}|{policy}|".encode())
+    h.update(utf8_bytes(f"v{CACHE_VERSION}|{size}|{policy}|"))
     if split.paths is not None:
         for p in split.paths:
             try:
                 st = os.stat(p)
             except OSError:  # a dangling link, a file deleted since the scan: decoding reports it
-                h.update(f"{p}\tmissing\n".encode())
+                h.update(utf8_bytes(f"{p}\tmissing\n"))
                 continue
-            h.update(f"{os.path.realpath(p)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+            h.update(utf8_bytes(f"{os.path.realpath(p)}\t{st.st_size}\t{st.st_mtime_ns}\n"))
     else:
         h.update(np.ascontiguousarray(split.images).data)
     return h.hexdigest()
@@ -122,66 +123,118 @@ def build_cache(
         # In-memory arrays already at the target size: nothing to decode or store.
         rows = np.arange(len(split), dtype=np.int64)
         return CachedSplit(np.ascontiguousarray(split.images), rows, split.labels, [])
-    rows_all = np.arange(len(split), dtype=np.int64)
     if split.images is not None and len(split) * size * size * 3 <= ARRAYS_IN_RAM:
         # Arrays (pickles, CSVs) are already in RAM and resizing them is cheap: no disk cache.
         # Filled in place: np.stack of a list would hold every image twice at the peak.
         out = np.empty((len(split), size, size, 3), np.uint8)
         for i, im in enumerate(split.images):
             out[i] = resize_rgb(im, size, policy)
-        return CachedSplit(out, rows_all, split.labels, [])
+        return CachedSplit(out, np.arange(len(split), dtype=np.int64), split.labels, [])
 
+    try:
+        return _build_on_disk(split, size, policy, root, workers, progress, desc)
+    except OSError as e:
+        # a read-only disk, someone else's folder, a disk that filled up anyway: one line, not a traceback
+        raise UserError(f"cannot use the decoded-image cache folder {root}: {e.strerror or e}; {CACHE_ELSEWHERE}") from None
+
+
+def _build_on_disk(split: Split, size: int, policy: str, root: Path, workers: int, progress: bool,
+                   desc: str) -> CachedSplit:
     root.mkdir(parents=True, exist_ok=True)
     remove_stale(root, "*.tmp.*")
     key = _fingerprint(split, size, policy)
     npy, meta_path = root / f"{key}.npy", root / f"{key}.json"
+    rows_all = np.arange(len(split), dtype=np.int64)
     if split.images is not None:
         # CIFAR upscaled for a pretrained net (50k images at 224 px: 7.5 GB): to a memory-mapped
         # file like decoded images, which later runs reuse and the loader pages in as it can
         if not npy.exists():
-            tmp = npy.with_name(npy.stem + f".{os.getpid()}.tmp.npy")
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(split), size, size, 3))
-            with _progress(len(split), "resizing", progress) as bar:
-                for i, im in enumerate(split.images):
-                    out[i] = resize_rgb(im, size, policy)
-                    bar.update(1)
-            out.flush()
-            del out
-            os.replace(tmp, npy)
+            _check_space(root, len(split), size)
+            with locked_temp(root, key, ".npy") as tmp:
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(split), size, size, 3))
+                with _progress(len(split), "resizing", progress) as bar:
+                    for i, im in enumerate(split.images):
+                        out[i] = resize_rgb(im, size, policy)
+                        bar.update(1)
+                out.flush()
+                del out
+                os.replace(tmp, npy)
         return CachedSplit(np.load(npy, mmap_mode="r"), rows_all, split.labels, [])
     if npy.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
     else:
         meta = _build(split.paths, size, policy, npy, workers, progress, desc)
-        tmp = meta_path.with_name(f"{key}.{os.getpid()}.tmp.json")  # one per process: runs may share a cache
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, meta_path)
+        with locked_temp(root, key, ".json") as tmp:  # one per writer: runs may share a cache
+            tmp.write_text(json.dumps(meta))
+            os.replace(tmp, meta_path)
     images = np.load(npy, mmap_mode="r")
     bad = {i for i, _ in meta["bad"]}
     rows = np.asarray([i for i in range(len(split)) if i not in bad], dtype=np.int64)
     return CachedSplit(images, rows, split.labels[rows], [msg for _, msg in meta["bad"]])
 
 
+_SPACE_MARGIN = 64 << 20  # the .json beside it, and the disk's own reserve: full is full before 0
+
+
+def _check_space(root: Path, n: int, size: int) -> None:
+    """The cache file is sparse: creating it takes no space, and the disk fills while workers write
+    into the memory map, where a full disk is a SIGBUS ("Bus error"), not an exception: the process
+    dies (or a pool worker does, and the pool waits forever for its result). So: ask first."""
+    import shutil
+
+    need = n * size * size * 3 + _SPACE_MARGIN
+    free = shutil.disk_usage(root).free
+    if free < need:
+        raise UserError(f"the decoded-image cache needs {_gib(need)} in {root} but the disk has {_gib(free)} free: "
+                        f"free some space, or {CACHE_ELSEWHERE}")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
 def _build(paths: list[str], size: int, policy: str, npy: Path, workers: int, progress: bool, desc: str) -> dict:
     n = len(paths)
-    tmp = npy.with_name(npy.stem + f".{os.getpid()}.tmp.npy")
-    np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, size, size, 3)).flush()
-    chunks = [(s, paths[s : s + _CHUNK]) for s in range(0, n, _CHUNK)]
-    workers = workers or os.cpu_count() or 1
-    bad: list[tuple[int, str]] = []
-    with _progress(n, desc, progress) as bar:
-        if workers == 1 or n <= 2 * _CHUNK:
-            _init_worker(str(tmp), size, policy)
-            for c in chunks:
-                bad += _decode_chunk(c)
-                bar.update(len(c[1]))
-            _W.clear()
-        else:
-            # fork: children only run PIL/numpy, and it avoids re-importing torch in each worker.
-            ctx = mp.get_context("fork")
-            with ctx.Pool(min(workers, len(chunks)), _init_worker, (str(tmp), size, policy)) as pool:
-                for (_, c), b in zip(chunks, pool.imap(_decode_chunk, chunks)):
-                    bad += b
-                    bar.update(len(c))
-    os.replace(tmp, npy)  # atomic: a killed build never leaves a half-written cache behind
+    _check_space(npy.parent, n, size)
+    with locked_temp(npy.parent, npy.stem, ".npy") as tmp:
+        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, size, size, 3)).flush()
+        chunks = [(s, paths[s : s + _CHUNK]) for s in range(0, n, _CHUNK)]
+        workers = workers or os.cpu_count() or 1
+        bad: list[tuple[int, str]] = []
+        with _progress(n, desc, progress) as bar:
+            if workers == 1 or n <= 2 * _CHUNK:
+                _init_worker(str(tmp), size, policy)
+                try:
+                    for c in chunks:
+                        bad += _decode_chunk(c)
+                        bar.update(len(c[1]))
+                finally:
+                    _W.clear()
+            else:
+                bad += _decode_in_pool(chunks, min(workers, len(chunks)), str(tmp), size, policy, bar)
+        os.replace(tmp, npy)  # atomic: a killed build never leaves a half-written cache behind
     return {"n": n, "size": size, "policy": policy, "bad": sorted(bad)}
+
+
+def _decode_in_pool(chunks, workers: int, out_path: str, size: int, policy: str, bar) -> list[tuple[int, str]]:
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    bad: list[tuple[int, str]] = []
+    # fork: children only run PIL/numpy, and it avoids re-importing torch in each worker.
+    # ProcessPoolExecutor, not multiprocessing.Pool: when a worker dies (the OOM killer, a SIGBUS
+    # from a disk that filled after all) Pool silently replaces it and waits forever for the lost
+    # chunk; the executor raises BrokenProcessPool.
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_worker,
+                               initargs=(out_path, size, policy))
+    try:
+        for (_, c), b in zip(chunks, pool.map(_decode_chunk, chunks)):
+            bad += b
+            bar.update(len(c))
+    except BrokenProcessPool:
+        raise UserError(f"a process decoding images into {Path(out_path).parent} died (out of memory, or the "
+                        f"disk filled up); try --workers 1, or {CACHE_ELSEWHERE}") from None
+    finally:
+        # on Ctrl-C or an error, drop the chunks not started rather than decode them all first
+        pool.shutdown(wait=True, cancel_futures=True)
+    return bad

@@ -9,7 +9,7 @@ from imgclf.config import TrainConfig
 
 # The options of 'train' that decide what is read and how it is decoded: the same values give the
 # same splits and the same cache keys, so a check before training decodes nothing twice.
-DATA_OPTIONS = ("data", "val_data", "test_data", "val_split", "split_seed", "csv_layout", "label_column",
+DATA_OPTIONS = ("data", "val_data", "test_data", "val_split", "split_seed", "csv_layout", "csv_shape", "label_column",
                 "image_size", "resize", "cache_dir", "workers", "task", "label_mode", "classes", "images",
                 "keep_empty", "progress")
 
@@ -51,8 +51,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     cfg = make_config(**opts)  # the same validation, defaults and messages as 'train'
     root = cache_root(cfg.cache_dir)
     src = load_source(cfg.data, val_data=cfg.val_data, test_data=cfg.test_data, val_split=cfg.val_split,
-                      split_seed=cfg.split_seed, csv_layout=cfg.csv_layout, label_column=cfg.label_column,
-                      cache_dir=root, task=cfg.task, label_mode=cfg.label_mode, classes=cfg.classes,
+                      split_seed=cfg.split_seed, csv_layout=cfg.csv_layout, csv_shape=cfg.csv_shape,
+                      label_column=cfg.label_column, cache_dir=root, task=cfg.task, label_mode=cfg.label_mode, classes=cfg.classes,
                       images=cfg.images, keep_empty=cfg.keep_empty)
     native = src.train.images.shape[1] if src.train.images is not None else None
     size = cfg.image_size or recipe.auto_image_size(src.train.paths, native)
@@ -71,11 +71,14 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def print_report(report, cached) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(soft_wrap=False)
     sizes = ", ".join(f"{n} {len(cs)}" for n, cs in cached.items())
-    console.print(f"[bold]{report.data}[/bold]: {len(report.classes)} classes, {sizes} readable images, "
+    # paths and class names are the user's text, not markup: "[bold]" or "img[/1].jpg" in a name
+    # would be styled away, or raise rich's MarkupError
+    console.print(f"[bold]{escape(str(report.data))}[/bold]: {len(report.classes)} classes, {sizes} readable images, "
                   f"{report.image_size}px; checked in {report.seconds:.1f} s", highlight=False)
     if not report.findings:
         console.print("[green]no problems found[/green]")
@@ -86,7 +89,7 @@ def print_report(report, cached) -> None:
     table.add_column("kind")
     table.add_column("finding", overflow="fold")
     for f in report.findings:
-        table.add_row(f"[{style[f.severity]}]{f.severity}[/]", f.kind, f.message)
+        table.add_row(f"[{style[f.severity]}]{f.severity}[/]", f.kind, escape(f.message))
     console.print(table)
 
 

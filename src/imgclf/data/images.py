@@ -20,14 +20,66 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
     "RESIZE_POLICIES",
+    "SIXTEEN_BIT_RULE",
+    "UNREADABLE_IMAGE_EXTENSIONS",
     "load_resized",
     "load_rgb",
     "resize_rgb",
 ]
 
+
+def _heif_opener() -> bool:
+    """Register pillow-heif's HEIC/HEIF decoder with PIL when it is installed (optional: iPhones
+    save photos as .heic, but libheif is a large native dependency most users never need)."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    try:
+        pillow_heif.register_heif_opener()
+    except Exception:  # noqa: BLE001 - a broken install reads as "not installed", with the same hint
+        return False
+    return True
+
+
+def _avif_decoder() -> bool:
+    """Pillow >= 11.3 ships an AVIF decoder in its wheels; older ones (or builds without libavif)
+    do not know the name, or have no such module."""
+    from PIL import features
+
+    try:
+        return bool(features.check_module("avif"))
+    except (ValueError, ImportError):
+        return False
+
+
+HEIF_READABLE = _heif_opener()
+AVIF_READABLE = _avif_decoder()
+
+# .jfif and .jpe are JPEG's other extensions (what Windows and some browsers save), not other formats.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+    | ({".avif"} if AVIF_READABLE else set())
+    | ({".heic", ".heif"} if HEIF_READABLE else set())
 )
+
+# Extensions of pictures that cannot be read here, with what to do about them: a folder scan
+# counts them and says so once, where skipping them silently would quietly shrink a class.
+_RAW_HINT = "camera raw files: convert them to JPEG or PNG"
+UNREADABLE_IMAGE_EXTENSIONS: dict[str, str] = {
+    ext: hint
+    for ext, hint in {
+        ".heic": "pip install pillow-heif to read them",
+        ".heif": "pip install pillow-heif to read them",
+        ".avif": "this Pillow has no AVIF decoder: pip install -U pillow to read them",
+        ".jxl": "JPEG XL is not supported: convert them to JPEG or PNG",
+        ".svg": "vector drawings are not supported: render them to PNG",
+        ".psd": "Photoshop files are not read: export them to PNG",
+        **dict.fromkeys((".dng", ".cr2", ".cr3", ".nef", ".nrw", ".arw", ".orf", ".rw2", ".raf", ".pef",
+                         ".srw"), _RAW_HINT),
+    }.items()
+    if ext not in IMAGE_EXTENSIONS
+}
 
 RESIZE_POLICIES = ("stretch", "crop", "letterbox")
 
@@ -63,8 +115,18 @@ _MAGIC = (
     b"P5",
     b"P6",
 )
+# AVIF and HEIC are ISO-BMFF files: a 'ftyp' box at offset 4 names the brand (mif1/msf1: any HEIF)
+_BMFF_BRANDS = (b"avif", b"avis", b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
 
 _SIXTEEN_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N")
+_BIT_DEPTHS = (8, 10, 12, 14, 16)  # the sample depths 16-bit containers really hold
+
+# What 16-bit (and in-range 32-bit integer) data becomes; deploy/export.py records it.
+SIXTEEN_BIT_RULE = (
+    "per image: bits = the smallest of 8, 10, 12, 14, 16 that holds the image's largest value, then "
+    "round(value * 255 / (2**bits - 1)) (16-bit: 65535 -> 255; 12-bit: 4095 -> 255; 8-bit values "
+    "stored in 16 bits stay as they are); 32-bit integer data outside 0..65535 is min-max stretched to 0..255"
+)
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
@@ -120,8 +182,8 @@ def resize_rgb(img: np.ndarray, size: int, policy: str = "stretch") -> np.ndarra
 def image_to_rgb(image, name: str = "<array>") -> np.ndarray:
     """An in-memory image -> HxWx3 uint8 RGB, converted as decoded files are: a PIL image of any
     mode (EXIF orientation applied), or a numpy array HxW (grey), HxWx1, HxWx3 or HxWx4 (RGBA:
-    alpha on white) of uint8, uint16 (high byte) or float ([0, 1] or [0, 255]). Raises
-    :class:`BadImage` for anything else."""
+    alpha on white) of uint8, uint16 (scaled by the bit depth it uses, see SIXTEEN_BIT_RULE) or
+    float ([0, 1] or [0, 255]). Raises :class:`BadImage` for anything else."""
     if isinstance(image, Image.Image):
         try:
             return _as_array(_to_rgb(_apply_orientation(image)))
@@ -135,7 +197,7 @@ def image_to_rgb(image, name: str = "<array>") -> np.ndarray:
     if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))) or 0 in a.shape:
         raise BadImage(name, f"an image array is HxW, HxWx1, HxWx3 or HxWx4; got shape {image.shape}")
     if a.dtype == np.uint16:
-        a = (a >> 8).astype(np.uint8)
+        a = _depth_to_uint8(a)
     elif a.dtype.kind == "f":
         a = _float_to_uint8(a)
     elif a.dtype == np.bool_:
@@ -242,6 +304,11 @@ def _identify(fp: io.BufferedIOBase, name: str, max_pixels: int) -> Image.Image:
     except UnidentifiedImageError as exc:
         fp.seek(0)
         head = fp.read(16)
+        if head[4:8] == b"ftyp" and head[8:12] in _BMFF_BRANDS:
+            ext = ".avif" if head[8:12] in (b"avif", b"avis") else ".heic"
+            if ext in UNREADABLE_IMAGE_EXTENSIONS:  # a phone photo, not a broken file: say what reads it
+                raise BadImage(name, f"{ext[1:].upper()} image: {UNREADABLE_IMAGE_EXTENSIONS[ext]}") from exc
+            raise BadImage(name, "truncated or corrupt image data") from exc
         if head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
             raise BadImage(name, "truncated or corrupt image data") from exc
         raise BadImage(name, "not an image file (cannot identify format)") from exc
@@ -313,9 +380,25 @@ def _high_range_to_uint8(img: Image.Image) -> np.ndarray:
     if img.mode == "I" and (values.size == 0 or values.min() < 0 or values.max() > 65535):
         # genuine 32-bit data has no fixed white point: stretch its own range
         return _stretch_to_uint8(values.astype(np.float64))
-    # 16-bit data (I;16*, and mode I as PIL opens 16-bit PNG/PGM): keep the high byte, so
-    # 65535 -> 255 and 32768 -> 128, like every 8-bit export of it would
-    return (values.astype(np.uint32) >> 8).astype(np.uint8)
+    # 16-bit data (I;16*, and mode I as PIL opens 16-bit PNG/PGM/TIFF)
+    return _depth_to_uint8(values)
+
+
+def _depth_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Integers 0..65535 -> uint8, scaled by the bit depth the image really uses (SIXTEEN_BIT_RULE).
+
+    A 16-bit container rarely holds 16 bits: cv2.imwrite of a uint16 array of 8-bit values,
+    medical and machine-vision sensors of 10 or 12 bits. Keeping the high byte made the first
+    all black and 12-bit data 0..15. The depth is inferred per image from its largest value,
+    rounded up to a depth sensors have: a true 16-bit photo has highlights far above 4095, so it
+    still maps 65535 to 255, while a 12-bit image maps 4095 to 255. (PNG's sBIT chunk would say
+    the depth outright, but PIL does not parse it, and cv2 and most sensors do not write it.)
+    """
+    peak = int(values.max()) if values.size else 0
+    bits = next(b for b in _BIT_DEPTHS if peak < 1 << b)
+    full = (1 << bits) - 1
+    # integer round-half-up of value * 255 / full: exact, and uint32 holds 65535 * 255
+    return ((values.astype(np.uint32) * 255 + full // 2) // full).astype(np.uint8)
 
 
 def _float_to_uint8(values: np.ndarray) -> np.ndarray:

@@ -6,14 +6,16 @@ and says clearly what is wrong: missing folders, empty classes, class sets that 
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from imgclf.data import archives
-from imgclf.data.images import IMAGE_EXTENSIONS
+from imgclf.data.images import IMAGE_EXTENSIONS, UNREADABLE_IMAGE_EXTENSIONS
 from imgclf.errors import UserError
 
 # split folders, matched case-insensitively and also as the last part of a name: Training/ +
@@ -64,20 +66,88 @@ class DataSource:
 # class-folder trees
 
 
-def _list_images(folder: Path) -> list[str]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(
-            os.path.join(dirpath, f)
-            for f in sorted(filenames)
-            if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
-        )
+@dataclass
+class Skipped:
+    """What a folder scan passed over, reported once per scan (see skip_notes)."""
+
+    unreadable: Counter = field(default_factory=Counter)  # extension -> files of a format not read here
+    repeats: list[str] = field(default_factory=list)  # folders reached again through a link
+    errors: list[str] = field(default_factory=list)  # folders that could not be listed
+
+
+def list_images(folder: Path, skipped: Skipped | None = None) -> list[str]:
+    skipped = Skipped() if skipped is None else skipped
+    out: list[str] = []
+    # os.walk follows links (a class folder may gather photos from elsewhere) but, unlike find -L,
+    # not loops: a link back up the tree (class/2019/loop -> ..) read every image about 40 times,
+    # until the path grew too long. Folders are told apart by (device, inode), whatever the path
+    # that reaches them; the class folder's ancestors count as seen, so a link up to the data
+    # root does not read the other classes' images under this one.
+    # (A file system that reports inode 0 for everything tells nothing apart: not tracked there.)
+    seen = set()
+    for parent in Path(folder).resolve().parents:
+        with contextlib.suppress(OSError):
+            st = parent.stat()
+            seen.add((st.st_dev, st.st_ino or object()))
+    for dirpath, dirnames, filenames in os.walk(
+            folder, followlinks=True, onerror=lambda e: skipped.errors.append(f"{e.filename}: {e.strerror}")):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            continue
+        key = (st.st_dev, st.st_ino or object())
+        if key in seen:
+            dirnames[:] = []
+            skipped.repeats.append(dirpath)
+            continue
+        seen.add(key)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not archives.is_junk(d))
+        for f in sorted(filenames):
+            if f.startswith("."):
+                continue
+            ext = os.path.splitext(f)[1].lower()
+            if ext in IMAGE_EXTENSIONS:
+                out.append(os.path.join(dirpath, f))
+            elif ext in UNREADABLE_IMAGE_EXTENSIONS:
+                skipped.unreadable[ext] += 1
     return out
 
 
+def skip_notes(root: Path, skipped: Skipped) -> list[str]:
+    """One line per kind of thing a scan of ``root`` passed over."""
+    notes = []
+    by_hint: dict[str, list[str]] = {}
+    for ext, n in sorted(skipped.unreadable.items()):
+        by_hint.setdefault(UNREADABLE_IMAGE_EXTENSIONS[ext], []).append(f"{n} {ext}")
+    for hint, counts in by_hint.items():
+        notes.append(f"{root}: {', '.join(counts)} file(s) skipped: {hint}")
+    if skipped.repeats:
+        notes.append(f"{root}: {len(skipped.repeats)} folder link(s) lead back to folders already read "
+                     f"(e.g. {skipped.repeats[0]}): each folder is read once")
+    if skipped.errors:
+        notes.append(f"{root}: {len(skipped.errors)} folder(s) could not be read and were skipped "
+                     f"(e.g. {skipped.errors[0]})")
+    return notes
+
+
 def _class_dirs(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
+    # Names starting with "_" used to be skipped too, to pass over __MACOSX and __pycache__; that
+    # also dropped real classes such as _background or _other without a word (torchvision's
+    # ImageFolder and Keras read them as classes). Debris is now skipped by name (is_junk).
+    return sorted(p for p in root.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and not archives.is_junk(p.name))
+
+
+def _class_name(folder: str) -> str:
+    """A class folder's name as a class name. A name that is not valid UTF-8 (a Latin-1 or GBK
+    folder from an old disk) comes from os.listdir with surrogate escapes, which no UTF-8 file
+    (model.json, the confusion matrix CSV, the report) can hold; its bytes are written as \\xNN
+    instead. Guessing the legacy encoding would be wrong as often as right."""
+    try:
+        folder.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(folder).decode("utf-8", "backslashreplace")
+    return folder
 
 
 def scan_class_folders(root: Path, classes: list[str] | None = None) -> tuple[list[str], Split, list[str]]:
@@ -87,14 +157,25 @@ def scan_class_folders(root: Path, classes: list[str] | None = None) -> tuple[li
     if not dirs:
         raise UserError(f"{root} holds no class folders: expected {root}/<class name>/<images>")
     found: dict[str, list[str]] = {}
+    skipped = Skipped()
+    escaped = []
     for d in dirs:
-        files = _list_images(d)
+        files = list_images(d, skipped)
         if not files:
             problems.append(f"class folder {d} has no images: class skipped")
             continue
-        found[d.name] = files
+        name = _class_name(d.name)
+        if name != d.name:
+            escaped.append(name)
+        found[name] = files
+    notes = skip_notes(root, skipped)
+    if escaped:
+        notes.append(f"{root}: class folder name(s) {', '.join(escaped[:5])} are not UTF-8 and are shown with "
+                     "\\x escapes; rename the folders to see the names as written")
     if not found:
-        raise UserError(f"no images found under {root} (extensions: {' '.join(sorted(IMAGE_EXTENSIONS))})")
+        why = f"; {'; '.join(notes)}" if notes else ""
+        raise UserError(f"no images found under {root} (extensions: {' '.join(sorted(IMAGE_EXTENSIONS))}){why}")
+    problems.extend(notes)
     if classes is None:
         classes = sorted(found)
     else:
@@ -147,7 +228,7 @@ def _train_subdir(root: Path) -> Path | None:
 def _unwrap(root: Path) -> Path:
     """A folder holding one folder and at most a README or a licence (Kaggle's PetImages/ next to
     a pdf and a txt) is read from that folder, if it holds folders in turn."""
-    entries = [p for p in root.iterdir() if not p.name.startswith(".") and p.name not in archives._JUNK]
+    entries = [p for p in root.iterdir() if not p.name.startswith(".") and not archives.is_junk(p.name)]
     dirs = [p for p in entries if p.is_dir()]
     if (len(dirs) == 1 and all(p.suffix.lower() in _DOC_SUFFIXES for p in entries if not p.is_dir())
             and _class_dirs(dirs[0])):
@@ -181,7 +262,7 @@ def membership(src: DataSource) -> dict:
         split = getattr(src, name)
         out[name] = len(split) if split is not None else 0
         if split is not None:
-            h.update(f"{name}\0".encode() + "\0".join(split_keys(split)).encode())
+            h.update(archives.utf8_bytes(f"{name}\0" + "\0".join(split_keys(split))))
             h.update(np.ascontiguousarray(split.labels).tobytes())
     out["digest"] = h.hexdigest()
     return out
@@ -195,7 +276,7 @@ def _hash_order(keys: list[str], seed: int) -> np.ndarray:
     # processes and Python versions, unlike hash().
     import hashlib
 
-    digests = [int.from_bytes(hashlib.blake2b(f"{seed}\0{k}".encode(), digest_size=8).digest(), "little")
+    digests = [int.from_bytes(hashlib.blake2b(archives.utf8_bytes(f"{seed}\0{k}"), digest_size=8).digest(), "little")
                for k in keys]
     return np.argsort(np.array(digests, dtype=np.uint64), kind="stable")
 
@@ -242,7 +323,8 @@ def _from_arrays(ds, origin: str, name: str) -> DataSource:
     return DataSource(name=name, origin=origin, classes=list(ds.classes), train=train, test=test)
 
 
-def _load_one(spec: str, *, csv_layout: str, label_column: str, cache_dir: Path, classes=None, ml=None) -> DataSource:
+def _load_one(spec: str, *, csv_layout: str, label_column: str, cache_dir: Path, classes=None, ml=None,
+              csv_shape: str | None = None) -> DataSource:
     from imgclf.data import arrays, multilabel
 
     if spec.lower() in ("cifar10", "cifar-10", "cifar100", "cifar-100"):
@@ -254,7 +336,7 @@ def _load_one(spec: str, *, csv_layout: str, label_column: str, cache_dir: Path,
         raise UserError(f"--data {spec}: no such file or folder")
     if path.is_file() and archives.archive_suffix(path):
         src = _load_one(str(archives.extract_archive(path, cache_dir)), csv_layout=csv_layout,
-                        label_column=label_column, cache_dir=cache_dir, classes=classes, ml=ml)
+                        label_column=label_column, cache_dir=cache_dir, classes=classes, ml=ml, csv_shape=csv_shape)
         src.name, src.origin, src.root = _data_name(path), str(path), src.origin
         return src
     if path.is_dir():
@@ -264,7 +346,8 @@ def _load_one(spec: str, *, csv_layout: str, label_column: str, cache_dir: Path,
         return multilabel.load(path, kind, ml or multilabel.Options(), classes)
     if path.is_file():
         if path.suffix.lower() == ".csv":
-            ds = arrays.read_pixel_csv(path, label_column=label_column, layout=csv_layout, classes=classes)
+            ds = arrays.read_pixel_csv(path, label_column=label_column, layout=csv_layout, image_shape=csv_shape,
+                                       classes=classes)
             return _from_arrays(ds, str(path), _data_name(path))
         raise UserError(f"--data {spec}: unsupported file type '{path.suffix}' (expected a folder, a .csv, an archive (.zip, .tar.gz, ...), or cifar10)")
     if arrays.is_cifar_dir(path):
@@ -278,7 +361,14 @@ def _load_one(spec: str, *, csv_layout: str, label_column: str, cache_dir: Path,
     used = {train_dir}
     for attr, names in (("val", VAL_NAMES), ("test", TEST_NAMES)):
         d = _named_subdir(path, names, src.problems)
-        if d is not None:
+        if d is not None and not _class_dirs(d):
+            # Kaggle's train/<class>/ + test/*.png: the test images are the ones to predict, with no
+            # labels to score against. Stopping the run over them helps nobody; saying so does.
+            n = len(list_images(d))
+            src.problems.append(f"{d}: {n} unlabelled images and no class folders; ignored as a {attr} split"
+                                + (f" (to label them: imgclf predict RUN {d})" if n else ""))
+            used.add(d)
+        elif d is not None:
             _, split, probs = scan_class_folders(d, cls)
             setattr(src, attr, split)
             src.problems.extend(probs)
@@ -322,6 +412,7 @@ def load_source(
     val_split: float = 0.1,
     split_seed: int = 0,
     csv_layout: str = "auto",
+    csv_shape: str | None = None,
     label_column: str = "label",
     cache_dir: Path,
     task: str = "auto",
@@ -337,7 +428,7 @@ def load_source(
     if task == "multilabel" and label_mode == "largest":
         raise UserError("--label-mode largest gives one label per image: use it without --task multilabel")
     ml = multilabel.Options(task=task, label_mode=label_mode, subset=subset, images=images, keep_empty=keep_empty)
-    kw = dict(csv_layout=csv_layout, label_column=label_column, cache_dir=cache_dir, ml=ml)
+    kw = dict(csv_layout=csv_layout, csv_shape=csv_shape, label_column=label_column, cache_dir=cache_dir, ml=ml)
     src = multilabel.select_classes(_load_one(data, **kw), subset)
     for attr, spec in (("val", val_data), ("test", test_data)):
         if spec:

@@ -35,6 +35,7 @@ from imgclf.data.images import (
     ALPHA_BACKGROUND,
     LETTERBOX_FILL,
     RESAMPLE,
+    SIXTEEN_BIT_RULE,
     BadImage,
     load_resized,
     resize_rgb,
@@ -102,8 +103,7 @@ def resize_details(policy: str) -> dict[str, Any]:
         "exif_orientation": "applied (EXIF Orientation tag 2-8, PIL ImageOps.exif_transpose) before resizing",
         "alpha_background": list(ALPHA_BACKGROUND),
         "alpha": "RGBA/LA/PA and palette or tRNS transparency are composited on the alpha_background colour",
-        "sixteen_bit": "high byte (value >> 8: 65535 -> 255, 32768 -> 128); 32-bit integer data outside 0..65535 "
-                       "is min-max stretched to 0..255",
+        "sixteen_bit": SIXTEEN_BIT_RULE,
         "float": "[0, 1] -> round(x * 255); [0, 255] -> round(x); otherwise min-max stretched to 0..255",
         "frames": "the first frame of animated / multi-page files",
         "other_modes": "1, L, P, CMYK, YCbCr, LAB, ... -> RGB with PIL Image.convert('RGB')",

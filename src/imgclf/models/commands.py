@@ -55,8 +55,8 @@ def find_lr(config=None, *, steps: int | None = None, lr_start: float = 1e-7, lr
     root = cache_root(cfg.cache_dir)
     # the data, recipe, loss, sampler and augmentation as api.train sets them up (_prepare_data, _build_trainer)
     src = load_source(cfg.data, val_data=cfg.val_data, test_data=cfg.test_data, val_split=cfg.val_split,
-                      split_seed=cfg.split_seed, csv_layout=cfg.csv_layout, label_column=cfg.label_column,
-                      cache_dir=root, task=cfg.task, label_mode=cfg.label_mode, classes=cfg.classes,
+                      split_seed=cfg.split_seed, csv_layout=cfg.csv_layout, csv_shape=cfg.csv_shape,
+                      label_column=cfg.label_column, cache_dir=root, task=cfg.task, label_mode=cfg.label_mode, classes=cfg.classes,
                       images=cfg.images, keep_empty=cfg.keep_empty)
     for p in src.problems:
         log.warn(p)
