@@ -59,6 +59,23 @@ def test_latin1_and_gbk_names_train_split_and_cache(sample_dir, tmp_path):
     assert cs.images[cs.rows].reshape(8, -1).std(axis=1).min() > 5  # decoded photos, not blanks
 
 
+def test_accented_class_names_from_a_mac_match_the_same_names_made_on_linux(sample_dir, tmp_path):
+    import unicodedata
+
+    composed, decomposed = "café", unicodedata.normalize("NFD", "café")
+    assert composed != decomposed and len(decomposed) == 5
+    root = tmp_path / "d"
+    _class_tree(sample_dir, root / "train", {"cat": 3})
+    _class_tree(sample_dir, root / "test", {"cat": 2})
+    (root / "train" / "cat").rename(root / "train" / decomposed)  # copied from macOS: decomposed
+    (root / "test" / "cat").rename(root / "test" / composed)  # typed on Linux: composed
+    _class_tree(sample_dir, root / "train", {"dog": 3})
+    _class_tree(sample_dir, root / "test", {"dog": 2})
+    src = load_source(str(root), val_split=0, cache_dir=tmp_path / "c")
+    assert src.classes == [composed, "dog"] and not [p for p in src.problems if "escape" in p]
+    assert list(src.test.labels).count(0) == 2 and list(src.train.labels).count(0) == 3
+
+
 # -- 3. photo formats ------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,12 +143,16 @@ def _class_name(folder: str) -> str:
     """A class folder's name as a class name. A name that is not valid UTF-8 (a Latin-1 or GBK
     folder from an old disk) comes from os.listdir with surrogate escapes, which no UTF-8 file
     (model.json, the confusion matrix CSV, the report) can hold; its bytes are written as \\xNN
-    instead. Guessing the legacy encoding would be wrong as often as right."""
+    instead. Guessing the legacy encoding would be wrong as often as right.
+
+    Names are compared in Unicode's composed form (NFC): macOS writes "café" decomposed (e +
+    combining accent), so a train/ copied from a Mac and a test/ made on Linux would otherwise
+    hold two different classes that print alike, and the test split would be refused."""
     try:
         folder.encode("utf-8")
     except UnicodeEncodeError:
         return os.fsencode(folder).decode("utf-8", "backslashreplace")
-    return folder
+    return unicodedata.normalize("NFC", folder)
 
 
 def scan_class_folders(root: Path, classes: list[str] | None = None) -> tuple[list[str], Split, list[str]]:
@@ -165,9 +170,9 @@ def scan_class_folders(root: Path, classes: list[str] | None = None) -> tuple[li
             problems.append(f"class folder {d} has no images: class skipped")
             continue
         name = _class_name(d.name)
-        if name != d.name:
+        if name != unicodedata.normalize("NFC", d.name):  # not UTF-8: shown with \x escapes
             escaped.append(name)
-        found[name] = files
+        found.setdefault(name, []).extend(files)  # "café" composed and decomposed: one class
     notes = skip_notes(root, skipped)
     if escaped:
         notes.append(f"{root}: class folder name(s) {', '.join(escaped[:5])} are not UTF-8 and are shown with "
