@@ -76,6 +76,17 @@ def test_accented_class_names_from_a_mac_match_the_same_names_made_on_linux(samp
     assert list(src.test.labels).count(0) == 2 and list(src.train.labels).count(0) == 3
 
 
+def test_images_outside_any_class_folder_are_reported_not_dropped_silently(sample_dir, tmp_path):
+    root = _class_tree(sample_dir, tmp_path / "d", {"cat": 3, "dog": 3})
+    shutil.copy(_photos(sample_dir, "cat", 4)[3], root / "unsorted.jpg")
+    (root / "notes.txt").write_text("not an image")
+    src = load_source(str(root), val_split=0, cache_dir=tmp_path / "c")
+    assert len(src.train) == 6
+    (note,) = [p for p in src.problems if "outside any class folder" in p]
+    assert note == f"{root}: 1 image(s) outside any class folder (e.g. unsorted.jpg) are not used; " \
+                   "move them into the folder of their class"
+
+
 # -- 3. photo formats ------------------------------------------------------------------------
 
 

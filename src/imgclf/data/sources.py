@@ -174,6 +174,12 @@ def scan_class_folders(root: Path, classes: list[str] | None = None) -> tuple[li
             escaped.append(name)
         found.setdefault(name, []).extend(files)  # "café" composed and decomposed: one class
     notes = skip_notes(root, skipped)
+    with contextlib.suppress(OSError):
+        loose = [f for f in os.listdir(root) if not f.startswith(".") and os.path.splitext(f)[1].lower()
+                 in IMAGE_EXTENSIONS and os.path.isfile(os.path.join(root, f))]
+        if loose:  # a class is its folder: these have none, and were left out without a word
+            notes.append(f"{root}: {len(loose)} image(s) outside any class folder (e.g. {loose[0]}) are not used; "
+                         "move them into the folder of their class")
     if escaped:
         notes.append(f"{root}: class folder name(s) {', '.join(escaped[:5])} are not UTF-8 and are shown with "
                      "\\x escapes; rename the folders to see the names as written")
