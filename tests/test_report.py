@@ -84,3 +84,16 @@ def test_report_command(tiny_run, tmp_path, capsys):
     assert main(["report", str(tiny_run), "--out", str(out), "--device", "cpu"]) == 0
     assert str(out) in capsys.readouterr().out
     assert '<section id="gradcam">' in out.read_text()
+
+
+def test_names_that_are_not_utf8_are_shown_escaped(tiny_run, tmp_path):
+    # a Latin-1 folder name arrives from os.listdir as a lone surrogate; the report used to fail
+    # to encode and leave report.html.tmp behind
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    meta = json.loads((run / "model.json").read_text())
+    meta["data"] = "/photos/caf\udce9"
+    (run / "model.json").write_text(json.dumps(meta))
+    doc = write_report(run, device="cpu").read_text(encoding="utf-8")
+    assert "/photos/caf\\xe9" in doc
+    assert [p.name for p in run.glob("report.html*")] == ["report.html"]

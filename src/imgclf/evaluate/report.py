@@ -13,6 +13,7 @@ import csv
 import html
 import io
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -468,7 +469,13 @@ def write_report(run: str | Path, *, model=None, meta: dict | None = None, cache
     dest = Path(out) if out else run_dir / "report.html"
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".tmp")
-    tmp.write_text(doc, encoding="utf-8")
-    tmp.replace(dest)
+    # a file name that is not UTF-8 (Latin-1/GBK, from os.listdir's surrogateescape) reaches the
+    # captions as lone surrogates, which UTF-8 cannot hold: shown as \xNN, as class names are
+    doc = re.sub("[\udc80-\udcff]", lambda m: f"\\x{ord(m.group()) - 0xDC00:02x}", doc)
+    try:
+        tmp.write_text(doc, encoding="utf-8")
+        tmp.replace(dest)
+    finally:
+        tmp.unlink(missing_ok=True)
     log.info(f"report {dest} ({len(doc) / 1e6:.1f} MB, {time.perf_counter() - t0:.1f}s)")
     return dest
