@@ -52,6 +52,12 @@ def utf8_bytes(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
+def shown_name(text: str) -> str:
+    """``text`` with the bytes of a name that is not UTF-8 (os.listdir's lone surrogates, which no
+    UTF-8 file can hold) written as \\xNN; every other character as it is."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 # How to move the cache (see cache.cache_root), for messages about a cache folder that cannot be written.
 CACHE_ELSEWHERE = "point the cache at another folder with IMGCLF_CACHE=DIR or --cache-dir DIR"
 

@@ -325,12 +325,10 @@ def read_cifar(path, *, label: str = "fine") -> ArrayDataset:
 # download
 
 
-def _md5(file: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def file_digest(path: Path, algorithm: str) -> str:
+    """Hex digest of a file, read in blocks (hashlib.file_digest, Python 3.11+)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, lambda: hashlib.new(algorithm, usedforsecurity=False)).hexdigest()
 
 
 def _offline_error(src: CifarSource, root: Path, reason: str) -> DataError:
@@ -464,7 +462,7 @@ def download_cifar(name: str, root) -> Path:
                         "choose a writable cache folder") from None
     archive = root / src.filename
     if archive.is_file():
-        got = _md5(archive)
+        got = file_digest(archive, "md5")
         if got != src.md5:
             raise DataError(f"{archive} has md5 {got}, not the official {src.md5} (damaged or not "
                             "the official file); delete it and run again")

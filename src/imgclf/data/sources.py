@@ -151,7 +151,7 @@ def _class_name(folder: str) -> str:
     try:
         folder.encode("utf-8")
     except UnicodeEncodeError:
-        return os.fsencode(folder).decode("utf-8", "backslashreplace")
+        return archives.shown_name(folder)
     return unicodedata.normalize("NFC", folder)
 
 

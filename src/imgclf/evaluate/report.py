@@ -13,7 +13,6 @@ import csv
 import html
 import io
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from imgclf import log
+from imgclf.data.archives import shown_name
 from imgclf.data.cache import release_pages
 from imgclf.errors import UserError
 
@@ -471,7 +471,7 @@ def write_report(run: str | Path, *, model=None, meta: dict | None = None, cache
     tmp = dest.with_name(dest.name + ".tmp")
     # a file name that is not UTF-8 (Latin-1/GBK, from os.listdir's surrogateescape) reaches the
     # captions as lone surrogates, which UTF-8 cannot hold: shown as \xNN, as class names are
-    doc = re.sub("[\udc80-\udcff]", lambda m: f"\\x{ord(m.group()) - 0xDC00:02x}", doc)
+    doc = shown_name(doc)
     try:
         tmp.write_text(doc, encoding="utf-8")
         tmp.replace(dest)

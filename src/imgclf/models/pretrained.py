@@ -110,6 +110,8 @@ def fetch_weights(url: str) -> Path:
     import urllib.error
     import urllib.parse
 
+    from imgclf.data.arrays import file_digest
+
     base, _, fragment = url.partition("#")
     want = None
     if fragment:
@@ -122,7 +124,7 @@ def fetch_weights(url: str) -> Path:
     tag = hashlib.sha256(base.encode()).hexdigest()[:10]
     dest = Path(torch.hub.get_dir()) / "checkpoints" / f"{tag}-{name}"
     if dest.is_file():
-        if want is None or _sha256(dest).startswith(want):
+        if want is None or file_digest(dest, "sha256").startswith(want):
             return dest
         log.warn(f"--weights: {dest} does not match sha256 {want}; downloading it again")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -137,16 +139,6 @@ def fetch_weights(url: str) -> Path:
         raise UserError(f"--weights {base}: could not download it ({reason}); download it elsewhere and "
                         "pass --weights FILE") from None
     return dest
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def plan(arch: str, weights: str | None, pretrained: bool) -> PretrainedInfo | None:
