@@ -98,3 +98,26 @@ def test_plateau_schedule_and_early_stopping_in_a_real_run(small_sample, tmp_pat
     else:
         assert len(res.history) == 12
     assert min(lrs) < lrs[0]  # the rule fired at least once (so the replay checked a reduction)
+
+
+def test_fastnet_gradients_stay_bounded_on_flat_colour_images():
+    """Flat patches leave 18 of the whitening stem's 24 channels constant (its bias alone), and
+    the Dirac-initialised convs copy them into every group: BatchNorm then sees zero-variance
+    channels, whose backward multiplies the gradient by 1/sqrt(eps) per layer. At eps 1e-12 a
+    bf16 step gave the (SGD-trained) stem bias a gradient of ~1e28; the next step overflowed."""
+    import torch
+    import torch.nn.functional as F
+
+    from imgclf.models.nets import FastNet
+
+    torch.manual_seed(0)
+    net = FastNet(3, 32)
+    x = ((torch.rand(48, 3, 1, 1) - 0.5) / 0.29).expand(48, 3, 32, 32).contiguous()  # normalised flat colours
+    net.init_from_data(x)
+    x = x[:16, :, :24, :24].contiguous()  # one batch of early crops, as the first steps train
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x)
+    F.cross_entropy(out.float(), torch.arange(16) % 3).backward()
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert net.whiten.bias.grad.abs().max() < 1e3

@@ -364,3 +364,19 @@ def test_report_from_trial_configs(small_sample, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="best.yaml: option 'batch_size'"):
         write_report(spec.study_dir)
     assert (spec.study_dir / "best.yaml").read_text() == good
+
+
+def test_study_key_typos_suggest_the_study_key(small_sample, tmp_path):
+    # a misspelt top-level key is a study key, not a train option: 'imgclf train --help' does not list them
+    path = write_study(tmp_path, small_sample)
+    text = path.read_text().replace("n_trials:", "n_trails:")
+    path.write_text(text)
+    with pytest.raises(UserError, match=r"unknown study key 'n_trails'; did you mean 'n_trials'\?$") as info:
+        sweep.load_spec(path)
+    assert "\n" not in str(info.value)
+    # a train option at the top level belongs under base: or space:
+    with pytest.raises(UserError, match=r"unknown study key 'lr'; train options go under 'base:'"):
+        sweep.load_spec(write_study(tmp_path, small_sample, lr=0.01))
+    # nothing close: the study keys are listed
+    with pytest.raises(UserError, match=r"unknown study key 'zzz'; the study keys are name, directory, .*n_trials"):
+        sweep.load_spec(write_study(tmp_path, small_sample, zzz=1))

@@ -19,7 +19,7 @@ def test_time_limit_units():
     assert [TrainConfig(data="d", time_limit=v).time_limit for v in (600, "600", "90s", "10m", "1.5h")] == [
         600.0, 600.0, 90.0, 600.0, 5400.0]
     for bad in ("ten", "0", "-5m", "m"):
-        with pytest.raises(ValueError, match="positive duration"):
+        with pytest.raises(ValueError, match="positive finite duration"):
             TrainConfig(data="d", time_limit=bad)
 
 

@@ -9,6 +9,7 @@ import torch
 
 import imgclf
 from imgclf.data.augment import AugmentSpec, BatchAugment, Normalize
+from imgclf.engine import callbacks as cb
 from imgclf.errors import UserError
 from imgclf.models.head import HeadedNet
 
@@ -160,3 +161,81 @@ def test_resume_on_a_different_number_of_processes_continues_the_same_run(small_
     assert len(res.history) == 2 and make_config(res.run_dir / "config.yaml").devices == 2
     a, b = load_file(str(whole.run_dir / "model.safetensors")), load_file(str(res.run_dir / "model.safetensors"))
     assert max(float(np.abs(a[k] - b[k]).max()) for k in a) < 1e-6
+
+
+def _flat_colour_data(root, n_per_class: int = 18):
+    """Each image one random RGB colour, 3 classes: a degenerate but legal data set (blank scans,
+    solid-colour product shots, masks): every 2x2 patch is flat, so the patch covariance behind
+    fastnet's whitening stem has rank 3 of 12."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b", "c"):
+        (root / c).mkdir(parents=True)
+        for i in range(n_per_class):
+            Image.new("RGB", (32, 32), tuple(int(v) for v in rng.integers(0, 256, 3))).save(root / c / f"{i}.png")
+    return root
+
+
+def test_flat_colour_images_train_to_finite_losses(tmp_path):
+    import math
+
+    data = _flat_colour_data(tmp_path / "flat")
+    # the defaults (fastnet, muon, lookahead), in bf16 as auto picks on CPUs with native bf16 and
+    # on GPUs: with BatchNorm eps 1e-12 the loss was nan from epoch 1 and a nan model was written
+    res = imgclf.train(data=str(data), project=str(tmp_path / "runs"), epochs=2, precision="bf16",
+                       progress=False, tensorboard=False, final_eval=False)
+    losses = [r[k] for r in res.history for k in ("train_loss", "val_loss")]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses), res.history
+    # and not merely finite: 3 indistinguishable classes, so about ln 3, not the 1e7 of a net
+    # whose BatchNorm shifts were blown up by amplified gradients
+    assert all(v < 3 for v in losses), res.history
+
+
+class _PoisonAfterFirstEpoch(cb.Callback):
+    """Makes the second epoch's loss nan, deterministically: the weights go nan before it."""
+
+    def on_epoch_start(self, t, epoch):
+        if epoch == 1:
+            with torch.no_grad():
+                t.model.head.weight.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("progress", [False, True])  # the end-of-epoch check, and the progress bar's
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, progress):
+    import math
+
+    data = _flat_colour_data(tmp_path / "flat", n_per_class=12)
+    run = tmp_path / "runs" / "nan"
+    with pytest.raises(UserError, match=r"diverged in epoch 2 .*lower --lr .*last\.pt keeps the last good epoch") \
+            as info:
+        imgclf.train(data=str(data), project=str(tmp_path / "runs"), name="nan", epochs=3, precision="fp32",
+                     progress=progress, tensorboard=False, callbacks=[_PoisonAfterFirstEpoch()])
+    assert "\n" not in str(info.value)
+    assert "--precision fp32" not in str(info.value)  # the run is fp32 already
+    assert not (run / "model.safetensors").exists()  # no worthless model
+    ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 1 and len(ckpt["history"]) == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert all(math.isfinite(r["train_loss"]) for r in ckpt["history"])
+
+
+def test_an_overflowing_lr_fails_in_epoch_1_and_names_bf16(tmp_path):
+    data = _flat_colour_data(tmp_path / "flat", n_per_class=12)
+    with pytest.raises(UserError, match=r"diverged in epoch 1 .*lower --lr \(it is 1e\+30\).*--precision fp32"):
+        imgclf.train(data=str(data), project=str(tmp_path / "runs"), epochs=1, optimizer="sgd", lr=1e30,
+                     precision="bf16", progress=False, tensorboard=False)
+
+
+@pytest.mark.parametrize("option, value", [
+    ("lr", "inf"), ("lr", float("nan")), ("time_limit", "inf"), ("time_limit", "infm"), ("weight_decay", float("inf")),
+    ("momentum", float("nan")), ("beta2", "nan"), ("eps", "inf"), ("ram_budget", float("inf")), ("epochs", "inf"),
+    ("mixup", float("inf")), ("clip_grad", float("inf")),
+])
+def test_float_options_must_be_finite(option, value):
+    from imgclf.config import make_config
+
+    with pytest.raises(UserError, match=rf"option '{option}': .*finite") as info:
+        make_config(data="d", **{option: value})
+    assert "\n" not in str(info.value)

@@ -9,7 +9,9 @@ in a YAML file (``rotate: 10``) and in a sweep's search space, with no dotted pa
 from __future__ import annotations
 
 import difflib
+import math
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +22,10 @@ from imgclf.errors import UserError
 
 
 class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # allow_inf_nan=False: no float option means anything at inf or nan, and inf passes ge/gt
+    # bounds ('--weight-decay inf' would make nan weights, '--ram-budget inf' an OverflowError mid-run)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(),
+                              allow_inf_nan=False)
 
     # --- data -------------------------------------------------------------------------------
     data: str = Field(..., description="class-folder tree (or a .zip/.tar.gz of one), CIFAR pickle dir, 'cifar10'/'cifar100', or pixel CSV")
@@ -153,8 +158,8 @@ class TrainConfig(BaseModel):
             lr = float(v)
         except (TypeError, ValueError):
             lr = float("nan")
-        if not lr > 0:
-            raise ValueError("must be a positive number or 'auto'")
+        if not (lr > 0 and math.isfinite(lr)):  # inf trains to nan weights
+            raise ValueError("must be a positive finite number or 'auto'")
         return lr
 
     @field_validator("time_limit", mode="before")
@@ -169,8 +174,8 @@ class TrainConfig(BaseModel):
             secs = float(text[:-1] if scale else text) * (scale or 1)
         except ValueError:
             secs = float("nan")
-        if not secs > 0:
-            raise ValueError("must be a positive duration: seconds, or a number ending in s, m or h (10m)")
+        if not (secs > 0 and math.isfinite(secs)):  # inf: an OverflowError once the run is planned
+            raise ValueError("must be a positive finite duration: seconds, or a number ending in s, m or h (10m)")
         return secs
 
     @field_validator("classes", mode="before")
@@ -194,18 +199,23 @@ def option_help() -> dict[str, str]:
     return {name: (f.description or "") for name, f in TrainConfig.model_fields.items()}
 
 
-def _suggest(key: str) -> str:
-    close = difflib.get_close_matches(key, TrainConfig.model_fields.keys(), n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else "; run 'imgclf train --help' for the options"
+def suggest_key(key: str, known: Iterable[str] | None = None,
+                fallback: str = "; run 'imgclf train --help' for the options") -> str:
+    """'; did you mean ...?' for the closest of ``known`` (default: the train options)."""
+    known = TrainConfig.model_fields.keys() if known is None else known
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else fallback
 
 
-def format_validation_error(err: ValidationError, origin: str) -> str:
-    """One line per problem, naming the key: what users need to fix a config."""
+def format_validation_error(err: ValidationError, origin: str, *, noun: str = "option",
+                            suggest: Callable[[str], str] = suggest_key) -> str:
+    """One line per problem, naming the key: what users need to fix a config. Other files with
+    their own keys (sweep files) pass their ``noun`` and ``suggest``."""
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<config>"
         if e["type"] == "extra_forbidden":
-            lines.append(f"{origin}: unknown option '{key}'{_suggest(key)}")
+            lines.append(f"{origin}: unknown {noun} '{key}'{suggest(key)}")
         elif e["type"] == "missing":
             lines.append(f"{origin}: option '{key}' is required")
         else:

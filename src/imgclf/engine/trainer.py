@@ -27,6 +27,7 @@ from imgclf.data.loader import BatchLoader
 from imgclf.engine import callbacks as cb
 from imgclf.engine.optim import build_optimizer, l2_penalty
 from imgclf.engine.schedule import lr_factor
+from imgclf.errors import UserError
 
 
 @dataclass
@@ -229,6 +230,9 @@ class Trainer:
                 hook(epoch)
             t0 = time.perf_counter()
             row = {"epoch": epoch + 1, **self.train_epoch(epoch)}
+            # before validation, callbacks and the checkpoint: last.pt keeps the last good epoch and
+            # no model is written from nan weights (the epoch's loss is on the host already)
+            self._check_finite(row["train_loss"], epoch)
             row["seconds"] = time.perf_counter() - t0
             last = self.step >= self.total_steps
             if self.val_loader is not None and ((epoch + 1) % self.cfg.eval_every == 0 or last):
@@ -296,7 +300,11 @@ class Trainer:
             if bar is not None and (i % 10 == 0 or i == self.steps_per_epoch - 1):
                 # the only host syncs in the step, and only every 10 steps, for the display
                 el = time.perf_counter() - t0
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
+                shown = loss_sum.item() / seen
+                if self.reduce_world == 1 and not math.isfinite(shown):
+                    bar.close()  # stop at once; distributed, the ranks stop together at the epoch's end
+                    self._check_finite(shown, epoch)
+                bar.set_postfix(loss=f"{shown:.3f}", acc=f"{correct.item() / seen:.3f}",
                                 img_s=f"{seen / max(el, 1e-9):.0f}", lr=f"{self.lr:.3g}", refresh=False)
             if bar is not None:
                 bar.update(1)
@@ -309,6 +317,19 @@ class Trainer:
         seen_t = max(seen_t, 1)
         return {"train_loss": loss_sum / seen_t, "train_acc": correct / seen_t, "lr": self.lr,
                 "images_per_s": seen_t / max(time.perf_counter() - t0, 1e-9)}  # all ranks together
+
+    def _check_finite(self, loss: float, epoch: int) -> None:
+        if math.isfinite(loss):
+            return
+        c = self.cfg
+        hint = f"lower --lr (it is {c.lr:g})" if isinstance(c.lr, float) else "set a lower --lr"
+        if c.optimizer == "muon" and c.muon_lr:
+            hint += f" or --muon-lr (it is {c.muon_lr:g})"
+        if self.precision.dtype is not None:  # bf16/fp16 overflow where fp32 would not
+            hint += f", or use --precision fp32 (this run is {str(self.precision.dtype).removeprefix('torch.')})"
+        saved = "; last.pt keeps the last good epoch" if self.epoch and self.run_dir is not None else ""
+        raise UserError(f"training diverged in epoch {epoch + 1} (by step {self.step}): the training loss is {loss} "
+                        f"(not a finite number); {hint}{saved}")
 
     def _bar(self, epoch: int):
         if not (self.cfg.progress and self.is_main):

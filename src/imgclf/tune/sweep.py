@@ -54,7 +54,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from imgclf import log
-from imgclf.config import TrainConfig, format_validation_error, load_yaml
+from imgclf.config import TrainConfig, format_validation_error, load_yaml, suggest_key
 from imgclf.engine.callbacks import Callback
 from imgclf.errors import UserError
 
@@ -227,10 +227,7 @@ def _check_key(key: str, where: str) -> None:
     if key in _SWEEP_OWNED:
         raise UserError(f"{where}: '{key}' is set by the sweep (trials go to studies/<name>/trials/<n>); remove it")
     if key not in TrainConfig.model_fields:
-        import difflib
-
-        close = difflib.get_close_matches(key, TrainConfig.model_fields.keys(), n=1, cutoff=0.6)
-        hint = f"; did you mean '{close[0]}'?" if close else "; see 'imgclf train --help' (model arguments: model_args.<name>)"
+        hint = suggest_key(key, fallback="; see 'imgclf train --help' (model arguments: model_args.<name>)")
         raise UserError(f"{where}: unknown train option '{key}'{hint}")
 
 
@@ -328,6 +325,14 @@ class Space:
                         raise UserError(f"space '{p.name}': {arch} takes a whole number; add 'type: int' to the range")
 
 
+def _study_key_hint(key: str) -> str:
+    # the study's own keys first (n_trails -> n_trials); the train options' help would not list them
+    if key in TrainConfig.model_fields:  # a train option at the top level
+        return f"; train options go under 'base:' (fixed) or 'space:' (searched), e.g. base: {{{key}: ...}}"
+    return suggest_key(key, StudySpec.model_fields.keys(),
+                       fallback=f"; the study keys are {', '.join(StudySpec.model_fields)}")
+
+
 def load_spec(path: str | Path, **overrides: Any) -> StudySpec:
     """Read a study YAML; ``overrides`` (None: keep) replace top-level keys, ``data`` the base's."""
     raw = load_yaml(path)
@@ -336,7 +341,7 @@ def load_spec(path: str | Path, **overrides: Any) -> StudySpec:
     try:
         spec = StudySpec(**raw)
     except ValidationError as e:
-        raise UserError(format_validation_error(e, str(path)).replace("unknown option", "unknown study key")) from None
+        raise UserError(format_validation_error(e, str(path), noun="study key", suggest=_study_key_hint)) from None
     if data is not None:
         spec.base = {**spec.base, "data": str(data)}
     if spec.metric not in METRICS:
