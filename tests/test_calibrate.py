@@ -154,3 +154,75 @@ def test_tta_temperature_is_fitted_on_a_bounded_sample(tiny_run, tmp_path, monke
     monkeypatch.setattr(calibrate, "TTA_FIT_LIMIT", 100)
     rec = calibrate.calibrate_run(run, device="cpu", progress=False)
     assert rec["n"] == 300 and rec["n_tta"] == 100 and rec["temperature_tta"] > 0
+
+
+def _copy_run(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    return run
+
+
+def test_calibrate_data_fits_on_its_val_else_its_test_split_not_the_training_images(tiny_run, sample_dir, tmp_path,
+                                                                                   capsys):
+    # the sample has train/ (what the run learned) and test/: the temperature is fitted on test/
+    from imgclf.cli import main
+    from imgclf.evaluate.calibrate import calibrate_run
+
+    run = _copy_run(tiny_run, tmp_path)
+    assert main(["calibrate", str(run), "--data", str(sample_dir), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert f"fitted on test split of {sample_dir} (n=1000)" in out
+    # a val/ folder is preferred to test/: that is what a temperature is fitted on
+    root = tmp_path / "with_val"
+    for cdir in sorted((sample_dir / "test").iterdir()):
+        (root / "val" / cdir.name).mkdir(parents=True)
+        for f in sorted(cdir.glob("*.jpg"))[:5]:
+            shutil.copy(f, root / "val" / cdir.name / f.name)
+    for split in ("train", "test"):
+        (root / split).symlink_to(sample_dir / split, target_is_directory=True)
+    rec = calibrate_run(run, str(root), device="cpu", progress=False)
+    assert rec["split"] == f"val split of {root}" and rec["n"] == 50
+    assert json.loads((run / "model.json").read_text())["calibration"]["split"] == rec["split"]
+
+
+def test_calibrate_on_the_runs_own_training_data_uses_its_held_out_split_or_warns(tiny_run, sample_dir, tmp_path,
+                                                                                 capsys):
+    import yaml
+
+    from imgclf.evaluate.calibrate import calibrate_run
+
+    run = _copy_run(tiny_run, tmp_path)
+    train = sample_dir / "train"  # class folders only: no val/ or test/ to fall back on
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["data"] = str(train)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    # the run held out 10% for validation: that part is what calibration gets, as evaluate does
+    rec = calibrate_run(run, str(train), device="cpu", progress=False)
+    assert rec["split"] == f"the run's validation split of {train}" and rec["n"] == 300
+    assert "warning" not in capsys.readouterr().err
+    # held out nothing: every image is a training image; it goes ahead, saying so on one line
+    cfg["val_split"] = 0.0
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    rec = calibrate_run(run, str(train), device="cpu", progress=False)
+    assert rec["split"] == f"all of {train}" and rec["n"] == 3000
+    err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(err) == 1 and "trained on" in err[0] and "training images" in err[0]
+
+
+def test_calibrate_removes_the_runs_exports_that_hold_the_old_temperature(tiny_run, sample_dir, tmp_path, capsys):
+    from imgclf.cli import main
+    from imgclf.deploy.export import export, read_onnx_metadata
+
+    run = _copy_run(tiny_run, tmp_path)
+    export(run, "onnx", parity_images=4, verbose=False)
+    old = read_onnx_metadata(run / "model.onnx")["temperature"]
+    elsewhere = tmp_path / "kept.onnx"  # an export outside the run folder is the user's to manage
+    elsewhere.write_bytes(b"an export elsewhere")
+    (run / "model.torchscript.pt").write_bytes(b"a TorchScript export")
+    assert main(["calibrate", str(run), "--data", str(sample_dir), "--device", "cpu"]) == 0
+    new = json.loads((run / "model.json").read_text())["temperature"]
+    assert new != pytest.approx(old, rel=1e-3)  # the stale file would have served the old one
+    assert not [p.name for p in run.iterdir() if p.name.startswith(("model.onnx", "model.torchscript"))]
+    assert elsewhere.exists()
+    err = [line for line in capsys.readouterr().err.splitlines() if "removed" in line]
+    assert len(err) == 1 and "model.onnx" in err[0] and "model.torchscript.pt" in err[0] and "imgclf export" in err[0]

@@ -87,3 +87,16 @@ def test_a_model_without_feature_maps_is_refused():
     mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
     with pytest.raises(UserError, match="convolutional feature map"):
         find_target_layer(mlp, 8, "cpu")
+
+
+def test_out_naming_an_existing_file_is_a_one_line_error(tiny_run, sample_dir, tmp_path, capsys):
+    from imgclf.cli import main
+
+    taken = tmp_path / "notes.txt"
+    taken.write_text("not a folder")
+    with pytest.raises(UserError, match="is a file: name a folder"):
+        explain(tiny_run, _images(sample_dir, 1), out=taken, device="cpu")
+    assert main(["explain", str(tiny_run), str(_images(sample_dir, 1)[0]), "--out", str(taken)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "notes.txt" in err
+    assert taken.read_text() == "not a folder"

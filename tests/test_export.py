@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx  # the test install, .[dev], always has the [deploy] extra
@@ -202,3 +203,37 @@ def test_export_user_errors(tiny_run, tmp_path):
     bogus.write_bytes(b"not onnx")
     with pytest.raises(UserError, match="not a readable ONNX file|no imgclf metadata"):
         read_onnx_metadata(bogus)
+
+
+def test_export_out_must_match_the_format_and_be_writable(tiny_run, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from imgclf.errors import UserError
+
+    # a TorchScript zip named .onnx (or an ONNX named .pt) only fails later, obscurely, in serve
+    for fmt, name, hint in [("torchscript", "x.onnx", "x.torchscript.pt"), ("onnx", "x.pt", "x.onnx"),
+                            ("onnx", "x.pth", "x.onnx"), ("onnx", "x.torchscript", "x.onnx"),
+                            ("onnx", "m.torchscript.pt", "m.onnx")]:
+        with pytest.raises(UserError, match=rf"is for .*--format is {fmt}: name it {re.escape(hint)}") as e:
+            export(tiny_run, fmt, tmp_path / name)
+        assert "\n" not in str(e.value) and not (tmp_path / name).exists()
+    assert not list(tmp_path.iterdir())
+
+    # a folder that cannot take a file is an I/O error, said before any work, not an opset problem
+    (tmp_path / "afile").write_bytes(b"")
+    with pytest.raises(UserError, match="cannot write there"):
+        export(tiny_run, "onnx", tmp_path / "afile" / "x.onnx")
+    if os.path.isdir("/proc"):
+        with pytest.raises(UserError, match=r"--out /proc/x.onnx: cannot write there") as e:
+            export(tiny_run, "onnx", "/proc/x.onnx")
+        assert "opset" not in str(e.value)
+
+    # the disk failing during the export (full, gone read-only) is reported as what it is
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(args[2]))
+
+    monkeypatch.setattr(torch.onnx, "export", disk_full)
+    with pytest.raises(UserError, match=r"I/O error, No space left on device") as e:
+        export(tiny_run, "onnx", tmp_path / "y.onnx", parity_images=4, verbose=False)
+    assert "opset" not in str(e.value) and not [p for p in tmp_path.iterdir() if "y.onnx" in p.name]

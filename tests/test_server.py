@@ -386,3 +386,83 @@ def test_client_gone_before_a_response_is_499_not_500(server):
         time.sleep(0.05)
     assert metric(after, "imgclf_requests_total", **labels, status=499) == metric(before, "imgclf_requests_total", **labels, status=499) + 1
     assert metric(after, "imgclf_requests_total", **labels, status=500) == metric(before, "imgclf_requests_total", **labels, status=500)
+
+
+def test_serve_refuses_a_port_out_of_range_or_in_use_in_one_line(tiny_run, capsys):
+    import socket
+
+    from imgclf.cli import main
+
+    for port in ("99999", "65536", "-1"):  # 99999 used to listen on 99999 % 65536 while printing 99999
+        assert main(["serve", str(tiny_run), "--port", port]) == 2
+        cap = capsys.readouterr()
+        assert "--port must be 0-65535" in cap.err and len(cap.err.strip().splitlines()) == 1
+        assert "serving" not in cap.out
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(tiny_run), "--port", str(port)]) == 2
+    cap = capsys.readouterr()
+    assert f"cannot listen on 127.0.0.1:{port}: the port is in use" in cap.err
+    assert len(cap.err.strip().splitlines()) == 1 and "serving" not in cap.out  # no start announced
+
+
+def test_serving_line_is_printed_once_the_port_is_listening(tiny_run, monkeypatch, capsys):
+    import socket
+
+    import torch
+    import uvicorn
+
+    from imgclf.deploy.server import serve
+
+    seen = {}
+
+    def fake_run(self, sockets=None):  # stands in for the server loop: what holds at that moment
+        seen["out"] = capsys.readouterr().out
+        seen["port"] = sockets[0].getsockname()[1] if sockets else None
+        if seen["port"]:
+            with socket.create_connection(("127.0.0.1", seen["port"]), timeout=5):
+                seen["connected"] = True  # queued by the listening socket, as uvicorn will accept it
+
+    monkeypatch.setattr(uvicorn.Server, "run", fake_run)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # serve() owns the process; a test does not
+    serve(ServeConfig(model=str(tiny_run), threads=1), port=0)  # port 0: the OS picks; the line says which
+    assert seen["port"] and seen.get("connected")
+    assert f"at http://127.0.0.1:{seen['port']}/" in seen["out"]
+
+
+def test_onnx_on_cuda_uses_the_cuda_provider_or_refuses_in_one_line(tiny_run, tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    from imgclf.deploy.export import export
+    from imgclf.deploy.server import load_backend
+    from imgclf.errors import UserError
+
+    onnx_file = tmp_path / "tiny.onnx"
+    export(tiny_run, "onnx", onnx_file, parity_images=4, verbose=False)
+    # an onnxruntime without CUDA (the plain `onnxruntime` package) used to serve on the CPU, silently
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(UserError, match="this onnxruntime has no CUDA provider.*onnxruntime-gpu") as e:
+        load_backend(onnx_file, "cuda")
+    assert "\n" not in str(e.value)
+    assert load_backend(onnx_file, "cpu").sess.get_providers() == ["CPUExecutionProvider"]
+
+    made = []
+
+    class Session:  # onnxruntime-gpu's session, as far as the backend sees it
+        def __init__(self, path, opts, providers):
+            made.append(providers)
+            self.started = [p if isinstance(p, str) else p[0] for p in providers]
+
+        def get_providers(self):
+            return self.started
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", Session)
+    load_backend(onnx_file, "cuda:1")
+    assert made[-1] == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    # listed but unable to start (CUDA libraries missing): onnxruntime would drop it to the CPU
+    monkeypatch.setattr(Session, "get_providers", lambda self: ["CPUExecutionProvider"])
+    with pytest.raises(UserError, match="could not start its CUDA provider"):
+        load_backend(onnx_file, "cuda")

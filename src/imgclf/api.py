@@ -28,7 +28,7 @@ from imgclf.engine.trainer import Trainer, resolve_precision, seed_everything
 from imgclf.errors import UserError
 from imgclf.evaluate.inference import auto_batch_size
 from imgclf.models.registry import arch_args_for_record, build_model, default_normalization, resolve_name
-from imgclf.runs import load_model, read_meta, resolve_device, write_model
+from imgclf.runs import load_model, read_meta, remove_exports, resolve_device, write_model
 
 
 @dataclass
@@ -101,11 +101,7 @@ def _clear_outputs(run: Path) -> None:
 
     for name in _RUN_OUTPUTS:
         (run / name).unlink(missing_ok=True)
-    # exported models (imgclf export: model.onnx, model.torchscript.pt, their .json sidecars and
-    # parity figures, a failed export's copy) hold the old weights: serving one would be wrong
-    for f in [*run.glob("model.onnx*"), *run.glob("model.torchscript.pt*"), *run.glob("model.failed*")]:
-        if f.is_file():
-            f.unlink()
+    remove_exports(run)  # they hold the old weights
     for d in [run / "tensorboard", run / "explain", *run.glob("eval-*")]:
         if d.is_dir():
             shutil.rmtree(d, ignore_errors=True)

@@ -35,6 +35,20 @@ def write_meta(run_dir: Path, meta: dict[str, Any]) -> None:
     tmp.replace(run_dir / "model.json")
 
 
+def remove_exports(run_dir: Path) -> list[Path]:
+    """Delete the exported models in ``run_dir`` (imgclf export: model.onnx, model.torchscript.pt,
+    their .json sidecars and parity figures, a failed export's copy): they embed the weights and
+    temperature they were exported with, so after a retrain or a refit serving one would disagree
+    with ``predict``. Exports elsewhere are the user's."""
+    removed = []
+    for f in sorted({*run_dir.glob("model.onnx*"), *run_dir.glob("model.torchscript.pt*"),
+                     *run_dir.glob("model.failed*")}):
+        if f.is_file():
+            f.unlink()
+            removed.append(f)
+    return removed
+
+
 def read_meta(run: str | Path) -> tuple[Path, dict[str, Any]]:
     run = Path(run)
     meta_path = run / "model.json" if run.is_dir() else run.with_name("model.json")

@@ -32,7 +32,7 @@ def add_serve(sub) -> None:
     p = sub.add_parser("serve", help="HTTP server with a web page: POST /v1/predict, GET /v1/model, /healthz, /metrics")
     p.add_argument("model", metavar="RUN_OR_ONNX", help="run folder or .onnx file from 'imgclf export'")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on, 0-65535 (0: any free port)")
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="images per forward pass at most")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, help="how long a request waits for others to batch with")
     p.add_argument("--max-body-mb", type=float, default=d.max_body_mb, help="request body limit")
@@ -44,7 +44,8 @@ def add_serve(sub) -> None:
     p.add_argument("--threads", type=int, default=0, help="inference threads (0: cpus - 1, at least 1)")
     p.add_argument("--workers", type=int, default=1,
                    help="server processes (each loads the model and batches on its own; 1 is best on few cores)")
-    p.add_argument("--device", default="cpu", help="device for a run folder (cpu, cuda)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda: a run folder runs on torch's device, an .onnx on "
+                                                   "onnxruntime's CUDA provider (needs onnxruntime-gpu)")
     p.add_argument("--log-level", default="warning")
     p.set_defaults(func=cmd_serve)
 

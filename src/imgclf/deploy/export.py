@@ -160,6 +160,31 @@ def _companions(path: Path) -> tuple[Path, Path]:
     return path.with_name(path.name + ".json"), path.with_name(path.name + ".parity.json")
 
 
+# Suffixes that name the other format: a TorchScript zip called .onnx (or the reverse) is only
+# found out when something tries to load it, far from here. Any other suffix is the user's choice.
+FOREIGN_SUFFIXES = {"onnx": (".pt", ".pth", ".torchscript"), "torchscript": (".onnx",)}
+
+
+def _check_out(out: Path, fmt: str) -> None:
+    """Refuse an --out that names the other format or cannot be written, before any work."""
+    if out.suffix.lower() in FOREIGN_SUFFIXES[fmt]:
+        other = "torchscript" if fmt == "onnx" else "onnx"
+        stem = out.name[: -len(SUFFIX[other])] if out.name.lower().endswith(SUFFIX[other]) else out.stem
+        raise UserError(f"--out {out}: a {out.suffix} name is for {other}, but --format is {fmt}: name it "
+                        f"{stem + SUFFIX[fmt]} or pass --format {other}")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory: give the file to write (e.g. {out / ('model' + SUFFIX[fmt])})")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # a real file in the real folder: permission bits alone miss read-only mounts, /proc and
+        # root (who passes every access() check)
+        probe = out.with_name(f".{out.name}.probe-{os.getpid()}")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+
+
 def export(run: str | Path, fmt: str = "onnx", out: str | Path | None = None, *, opset: int = DEFAULT_OPSET,
            parity_images: int = PARITY_IMAGES, verbose: bool = True) -> dict[str, Any]:
     """Export ``run`` and run the parity check. Returns the parity report (with the file paths).
@@ -173,12 +198,7 @@ def export(run: str | Path, fmt: str = "onnx", out: str | Path | None = None, *,
         raise UserError(f"--parity-images must be >= 1, got {parity_images}")
     run_dir, meta = read_meta(run)
     out = Path(out) if out else default_out(run_dir, fmt)
-    if out.is_dir():
-        raise UserError(f"--out {out} is a directory: give the file to write (e.g. {out / ('model' + SUFFIX[fmt])})")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot create its folder ({e.strerror or e})") from None
+    _check_out(out, fmt)
     model, meta = load_model(run_dir, "cpu")
     model.float().eval()
     wrapped = Preprocessed(model, meta["mean"], meta["std"], meta.get("temperature") or 1.0,
@@ -215,6 +235,9 @@ def export(run: str | Path, fmt: str = "onnx", out: str | Path | None = None, *,
         os.replace(tmp_sidecar, sidecar)
         os.replace(tmp_parity, parity_path)
         os.replace(tmp, final)
+    except OSError as e:  # the disk, not the exporter: a full disk or a folder gone read-only meanwhile
+        where = f" ({e.filename})" if e.filename else ""
+        raise UserError(f"export to {out} failed: I/O error, {e.strerror or e}{where}") from None
     finally:
         for p in (tmp, tmp_sidecar, tmp_parity):  # an interrupted or failed export leaves no half-written file
             p.unlink(missing_ok=True)
@@ -263,6 +286,8 @@ def _export_onnx(wrapped: nn.Module, example: torch.Tensor, out: Path, opset: in
                 dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}, "probs": {0: "batch"}},
                 do_constant_folding=True,
             )
+        except OSError:
+            raise  # writing the file failed: an I/O error, reported as one by export(), not an opset problem
         except Exception as e:  # an op the exporter cannot express is the user's architecture choice
             raise UserError(f"ONNX export of {xmeta['architecture']} failed at opset {opset}: "
                             f"{str(e).splitlines()[0][:300]} (try another --opset or --format torchscript)") from None

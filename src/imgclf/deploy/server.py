@@ -102,22 +102,47 @@ class OnnxBackend:
 
     kind = "onnx"
 
-    def __init__(self, path: str | Path, threads: int = 0):
+    def __init__(self, path: str | Path, threads: int = 0, device: str = "cpu"):
         import onnxruntime as ort
 
         from imgclf.deploy.export import read_onnx_metadata
 
         self.meta = read_onnx_metadata(path)
+        providers = onnx_providers(device)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads  # 0: onnxruntime's default (one per physical core)
         try:
-            self.sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            self.sess = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as e:
             raise UserError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})") from None
+        # onnxruntime drops a provider it cannot start (CUDA or cuDNN libraries missing) with only a
+        # log line and runs on the CPU: asked for CUDA, that would be a silent CPU server
+        if len(providers) > 1 and "CUDAExecutionProvider" not in self.sess.get_providers():
+            raise UserError(f"--device {device}: onnxruntime could not start its CUDA provider (are the CUDA and "
+                            "cuDNN libraries onnxruntime-gpu needs installed?); use --device cpu to serve on the CPU")
         self.source = str(path)
 
     def probs(self, images: np.ndarray) -> np.ndarray:
         return self.sess.run(["probs"], {"images": images})[0]
+
+
+def onnx_providers(device: str = "cpu") -> list:
+    """onnxruntime's execution providers for --device: cpu, cuda[:N], or auto (CUDA when offered)."""
+    import onnxruntime as ort
+
+    dev = str(device or "cpu").lower()
+    available = ort.get_available_providers()
+    if dev == "auto":
+        dev = "cuda" if "CUDAExecutionProvider" in available else "cpu"
+    if dev == "cpu":
+        return ["CPUExecutionProvider"]
+    kind, _, index = dev.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise UserError(f"--device {device}: an ONNX model is served on cpu, cuda or cuda:N")
+    if "CUDAExecutionProvider" not in available:
+        raise UserError(f"--device {device}: this onnxruntime has no CUDA provider (it has {', '.join(available)}): "
+                        "install the onnxruntime-gpu package, or serve with --device cpu")
+    return [("CUDAExecutionProvider", {"device_id": int(index or 0)}), "CPUExecutionProvider"]
 
 
 def inference_threads(requested: int = 0) -> int:
@@ -129,7 +154,7 @@ def load_backend(path: str | Path, device: str = "cpu", threads: int = 0):
     if p.is_dir():
         return TorchBackend(p, device)
     if p.suffix.lower() == ".onnx" and p.is_file():
-        return OnnxBackend(p, threads)
+        return OnnxBackend(p, threads, device)
     if not p.exists():
         raise UserError(f"{p}: no such run folder or ONNX file")
     raise UserError(f"{p}: serve a run folder (model.json + model.safetensors) or an .onnx file from 'imgclf export'")
@@ -621,10 +646,39 @@ def app_from_env():
     return create_app(cfg)
 
 
+def listen_socket(host: str, port: int):
+    """A socket bound to host:port, so a taken port is a one-line error before the model loads and
+    the "serving at" line is printed only for an address the server really holds. Bound the way
+    uvicorn binds its own (SO_REUSEADDR, IPv6 for a host with ':')."""
+    import errno
+    import socket
+
+    if not 0 <= port <= 65535:  # the OS would take 99999 as 99999 % 65536 or refuse with a traceback
+        raise UserError(f"--port must be 0-65535, got {port}")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        why = "the port is in use: pick another --port" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+        raise UserError(f"cannot listen on {host}:{port}: {why}") from None
+    return sock
+
+
 def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, log_level: str = "warning") -> None:
+    cfg.check()
+    sock = listen_socket(host, port)
+    try:
+        _serve_on(sock, cfg, host, workers, log_level)
+    finally:
+        sock.close()
+
+
+def _serve_on(sock, cfg: ServeConfig, host: str, workers: int, log_level: str) -> None:
     import uvicorn
 
-    cfg.check()
+    port = sock.getsockname()[1]  # the real one when --port 0 asked the OS to pick
     # A server process owns its cores: torch's thread count is process-wide, so it is set here and
     # not in create_app (which tests and notebooks call in-process). On a busy machine, OpenMP
     # threads beyond the free cores spin and cost more CPU than they return.
@@ -633,15 +687,24 @@ def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, workers: 
     if workers > 1:
         load_backend(cfg.model, cfg.device)  # fail here, once, with a clear line, not in every worker
         os.environ[_ENV] = json.dumps(asdict(cfg))
+        # uvicorn's supervisor binds the port itself (its API for a given socket changes between
+        # versions): ours only proved the port free, and is let go the moment before
+        sock.close()
         print(f"imgclf serving {cfg.model} at http://{host}:{port}/ with {workers} worker processes")
         uvicorn.run("imgclf.deploy.server:app_from_env", factory=True, host=host, port=port, workers=workers,
                     log_level=log_level, access_log=False)
         return
     app = create_app(cfg)
     info = app.state.info
+    sock.listen(2048)  # from here connections queue until the server accepts them: it is serving
     print(f"imgclf serving {cfg.model} ({info['backend']}, {len(info['classes'])} classes, {info['image_size']}px "
-          f"{info['resize']}) at http://{host}:{port}/  batching up to {cfg.max_batch} within {cfg.max_wait_ms:g} ms")
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+          f"{info['resize']}) at http://{host}:{port}/  batching up to {cfg.max_batch} within {cfg.max_wait_ms:g} ms",
+          flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False))
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # as uvicorn.run: Ctrl-C during start-up or shutdown is a normal exit
+        pass
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -179,13 +179,29 @@ def run_cache_root(run_dir: Path, cache_dir: str | None = None) -> Path:
     return cache_root(cache_dir)
 
 
+# Calibrating fits T on a split the model did not learn from: a folder's val/ first (what the
+# temperature is meant for), else its test/; only a folder with neither is used whole.
+CALIBRATION_SPLITS = ("val", "test")
+
+
+def _same_data(a: str | Path | None, b: str | Path | None) -> bool:
+    """Whether two --data values name the same place (a path compared resolved, else the text)."""
+    if not a or not b:
+        return False
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except OSError:
+        return str(a) == str(b)
+
+
 def calibrate_run(run: str | Path, data: str | None = None, *, device: str = "auto", progress: bool = True,
                   cache_dir: str | None = None) -> dict:
-    """Refit the temperature of a finished run on its validation split (or on ``data``)."""
+    """Refit the temperature of a finished run on its validation split (or on ``data``: its val/
+    split, else its test/ split, else all of it)."""
     from imgclf.config import make_config
     from imgclf.data.cache import build_cache
     from imgclf.data.sources import load_source
-    from imgclf.runs import load_model, read_meta, resolve_device
+    from imgclf.runs import load_model, read_meta, remove_exports, resolve_device
 
     dev = resolve_device(device)
     run_dir, _ = read_meta(run)
@@ -193,23 +209,41 @@ def calibrate_run(run: str | Path, data: str | None = None, *, device: str = "au
     if meta.get("task", "single") != "single":
         raise UserError(f"{run_dir}: temperature scaling applies to single-label runs only")
     root = run_cache_root(run_dir, cache_dir)
+    cfg = make_config(run_dir / "config.yaml") if (run_dir / "config.yaml").exists() else None
     if data is None:
-        src = source_from_config(make_config(run_dir / "config.yaml"), root)
+        if cfg is None:
+            raise UserError(f"{run_dir} has no config.yaml: pass --data DIR with held-out labelled images")
+        src = source_from_config(cfg, root)
         if src.val is None:
             raise UserError(f"{run_dir} was trained without a validation split: pass --data DIR with held-out "
                             "labelled images to calibrate on")
         split, name = src.val, "val"
     else:
         src = load_source(data, val_split=0.0, cache_dir=root)
-        split, name = (src.val, "val") if src.val is not None else (src.train, "all")
+        split, which = next(((getattr(src, k), k) for k in CALIBRATION_SPLITS if getattr(src, k) is not None),
+                            (src.train, "all"))
+        name = f"{which} split of {data}" if which != "all" else f"all of {data}"
+        if which == "all" and cfg is not None and _same_data(data, cfg.data):
+            # the run's own data, with no val/ or test/ folder: its images are the ones the model
+            # learned, except the validation split training held out (rebuilt as evaluate does)
+            own = source_from_config(cfg, root)
+            if own.val is not None:
+                src, split, name = own, own.val, f"the run's validation split of {data}"
+            else:
+                log.warn(f"{data} is the data {run_dir.name} was trained on and has no val/ or test/ split: the "
+                         "temperature is fitted on training images and will come out too low (overconfident)")
         missing = sorted(set(src.classes) - set(meta["classes"]))
         if missing:
             raise UserError(f"{data} has classes the model was not trained on: {', '.join(missing[:10])}")
         remap = np.asarray([meta["classes"].index(c) for c in src.classes], dtype=np.int64)
         split.labels = remap[split.labels]
-        name = f"{name} of {data}"
     cs = build_cache(split, meta["image_size"], meta["resize"], root / "images", progress=progress,
                      desc="decoding")
     if len(cs) == 0:
         raise UserError(f"no readable images to calibrate on in {data or run_dir}")
-    return calibrate_model(run_dir, model, meta, cs, dev, "auto", split=name)["calibration"]
+    rec = calibrate_model(run_dir, model, meta, cs, dev, "auto", split=name)["calibration"]
+    removed = remove_exports(run_dir)
+    if removed:
+        log.warn(f"removed {', '.join(f.name for f in removed)} from {run_dir}: exported with the old temperature; "
+                 f"re-run 'imgclf export {run_dir}'")
+    return rec

@@ -49,7 +49,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def add_calibrate(sub) -> None:
     p = sub.add_parser("calibrate", help="refit the temperature (confidence calibration) of a trained run")
     p.add_argument("run", help="run folder")
-    p.add_argument("--data", help="held-out labelled images to fit on (default: the run's validation split)")
+    p.add_argument("--data", help="held-out labelled images to fit on: its val/ split, else its test/ split, else all "
+                                   "of it (default: the run's validation split)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_calibrate)
 

@@ -166,6 +166,9 @@ def explain(run: str | Path, images: list[str | Path], *, layer: str | None = No
     from imgclf.runs import read_meta
 
     run_dir, _ = read_meta(run)
+    out_dir = Path(out) if out else run_dir / "explain"
+    if out_dir.exists() and not out_dir.is_dir():  # before the model loads: a typo costs nothing
+        raise UserError(f"--out {out_dir} is a file: name a folder for the PNGs")
     clf = load(run, device)
     files = expand_inputs(list(images))
     if not files:
@@ -176,8 +179,10 @@ def explain(run: str | Path, images: list[str | Path], *, layer: str | None = No
             raise UserError(f"unknown class '{class_name}': the model's classes are {', '.join(clf.classes[:30])}")
         target = clf.classes.index(class_name)
     cam = GradCAM(clf.model, clf.image_size, clf.device, layer)
-    out_dir = Path(out) if out else run_dir / "explain"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:  # created once the class and layer are known good: a typo there leaves no empty folder
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out_dir}: cannot create the folder ({e.strerror or e})") from None
     temperature = float(clf.meta.get("temperature") or 1.0)
     results, used = [], set()
     for f in files:
@@ -202,7 +207,10 @@ def explain(run: str | Path, images: list[str | Path], *, layer: str | None = No
             stem, n = f"{base}_{n}", n + 1
         used.add(stem)
         dest = out_dir / f"{stem}_gradcam.png"
-        dest.write_bytes(png)
+        try:
+            dest.write_bytes(png)
+        except OSError as e:  # a full disk or a folder gone read-only: the PNGs written so far stay
+            raise UserError(f"cannot write {dest} ({e.strerror or e})") from None
         results.append({"input": str(f), "output": str(dest), "top": tops, "class": shown, "layer": cam.layer,
                         "heatmap": heat[0]})
     return results
