@@ -72,6 +72,70 @@ def channel_stats(cs: CachedSplit, limit: int = 10_000) -> tuple[list[float], li
     return [round(float(m), 4) for m in mean], [round(float(max(s, 1e-3)), 4) for s in std]
 
 
+_PATH_OPTIONS = ("data", "val_data", "test_data", "images", "weights", "cache_dir")
+
+
+def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Local paths as absolute ones, so config.yaml (which evaluate, calibrate, export and
+    --resume read back) means the same files from any working directory. Names that are not
+    local paths ('cifar10', URLs) stay as given."""
+    for key in _PATH_OPTIONS:
+        v = getattr(cfg, key, None)
+        if isinstance(v, str) and v and "://" not in v and Path(v).expanduser().exists():
+            setattr(cfg, key, os.path.abspath(os.path.expanduser(v)))  # abspath: the user's symlinks stay
+    return cfg
+
+
+def _check_project(cfg: TrainConfig) -> None:
+    """The runs folder and the run's name, checked before any image is decoded: a decode of a
+    large data set that ends in 'cannot create the run folder' wastes it."""
+    if cfg.name is not None and (not cfg.name.strip() or Path(cfg.name).name != cfg.name or cfg.name in (".", "..")):
+        raise UserError(f"--name {cfg.name!r}: a run name is one folder name (no '/'); use --project for where "
+                        "runs go")
+    where = Path(os.path.abspath(cfg.project))
+    while not where.exists() and where != where.parent:  # the folder that will hold it, if not made yet
+        where = where.parent
+    problem = None
+    if not where.is_dir():
+        problem = f"{where} is not a folder"
+    else:
+        probe = where / f".imgclf-{os.getpid()}.probe"
+        try:  # a real write, not os.access: root passes access checks on read-only mounts
+            probe.touch()
+            probe.unlink()
+        except OSError as exc:
+            problem = exc.strerror or type(exc).__name__
+    if problem:
+        raise UserError(f"--project {cfg.project}: cannot make run folders there ({problem})")
+
+
+def _stopped_early(run: Path | None, exc: BaseException, *, new: bool) -> None:
+    """Training ended by an exception (a bad option found while building the model, Ctrl-C, a
+    non-finite loss). With a checkpoint the run resumes; a new run without one holds nothing
+    worth keeping, and its folder would block the same command run again (the name exists,
+    and --resume finds nothing), so the files it wrote are removed (anything else stays)."""
+    import shutil
+
+    if run is None or not run.is_dir():
+        return
+    if (run / "last.pt").exists():
+        if isinstance(exc, KeyboardInterrupt):
+            log.info(f"stopped: continue with 'imgclf train --resume {run}'")
+        return
+    if not new:
+        return
+    if isinstance(exc, KeyboardInterrupt):
+        log.info(f"stopped before the first checkpoint: {run} removed (nothing to resume)")
+    for name in (*_RUN_OUTPUTS, "config.yaml"):
+        (run / name).unlink(missing_ok=True)
+    for name in ("tensorboard",):
+        shutil.rmtree(run / name, ignore_errors=True)
+    try:
+        run.rmdir()  # only if empty: files the user put there stay
+    except OSError:
+        pass
+
+
 def _make_run_dir(cfg: TrainConfig, data_name: str, arch: str) -> Path:
     project = Path(cfg.project)
     name = cfg.name or recipe.default_run_name(project, data_name, arch)
@@ -225,7 +289,8 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
         if not (run_dir / "config.yaml").exists():
             raise UserError(f"--resume {run_dir}: not a run folder (no config.yaml)")
         if not (run_dir / "last.pt").exists():
-            raise UserError(f"--resume {run_dir}: no checkpoint (last.pt) to resume from")
+            raise UserError(f"--resume {run_dir}: it stopped before its first checkpoint, so there is nothing to "
+                            "resume; run the same 'imgclf train' command again with --exist-ok")
         saved_devices = make_config(run_dir / "config.yaml").devices
         cfg = make_config(run_dir / "config.yaml", **{k: v for k, v in options.items() if k in own})
         if cfg.devices != saved_devices and not _distributed_launched():
@@ -236,7 +301,8 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
             log.info(f"--resume: {saved_devices} -> {cfg.devices} process(es)")
             dump_yaml(cfg, run_dir / "config.yaml")  # a later --resume keeps the new number
     else:
-        cfg = make_config(config, **options)
+        cfg = _absolute_paths(make_config(config, **options))
+        _check_project(cfg)
         run_dir = None
     device = resolve_device(cfg.device)
     from imgclf.engine import distributed
@@ -253,9 +319,14 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
     seed_everything(cfg.seed)
     torch.set_float32_matmul_precision("high")
     s = _prepare_data(cfg, run_dir, device, ddp)
-    model, trainer, budget_cb, extra = _build_trainer(s, resume=resume, callbacks=callbacks, final_eval=final_eval,
-                                                      t_start=t_start, started=started)
-    history = trainer.fit()
+    try:
+        model, trainer, budget_cb, extra = _build_trainer(s, resume=resume, callbacks=callbacks,
+                                                          final_eval=final_eval, t_start=t_start, started=started)
+        history = trainer.fit()
+    except BaseException as exc:
+        if ddp is None or ddp.is_main:
+            _stopped_early(s.run_dir, exc, new=resume is None)
+        raise
     if ddp and not ddp.is_main:  # rank 0 alone writes the model, evaluates and reports
         ddp.close()
         return TrainResult(s.run_dir, history, config=s.cfg)
@@ -268,6 +339,20 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
     if ddp:
         ddp.close()
     return result
+
+
+def _changed_classes(checkpoint: Path, classes: list[str]) -> str:
+    """--resume on data whose classes changed: the message, naming the difference when the
+    checkpoint recorded its classes."""
+    was = (torch.load(checkpoint, map_location="cpu", weights_only=True).get("data") or {}).get("classes")
+    if not was:
+        return (f"--resume {checkpoint.parent}: the data now has {len(classes)} classes, not the number the run "
+                "was trained on: restore the class folders, or start a new run")
+    added, gone = sorted(set(classes) - set(was)), sorted(set(was) - set(classes))
+    diff = "; ".join(x for x in (f"added {', '.join(added)}" if added else "",
+                                 f"missing {', '.join(gone)}" if gone else "") if x)
+    return (f"--resume {checkpoint.parent}: the classes changed since this run started ({diff}): restore them, "
+            "or start a new run")
 
 
 def _prepare_data(cfg: TrainConfig, run_dir: Path | None, device: torch.device, ddp) -> _Setup:
@@ -524,7 +609,13 @@ def _build_trainer(s: _Setup, *, resume, callbacks, final_eval: bool, t_start: f
         budget_cb.max_steps = trainer.total_steps  # an explicit --epochs caps the planned length
     trainer.data_id = membership(s.src)
     if resume is not None:
-        trainer.load_checkpoint(s.run_dir / "last.pt")
+        try:
+            trainer.load_checkpoint(s.run_dir / "last.pt")
+        except RuntimeError as exc:
+            if "size mismatch" not in str(exc):
+                raise
+            raise UserError(_changed_classes(s.run_dir / "last.pt", s.src.classes)) from None
+        extra_prior = sum(float(r.get("seconds") or 0) for r in trainer.history)
         was = trainer.resumed_data
         if rank == 0 and was is not None and was["digest"] != trainer.data_id["digest"]:
             now = trainer.data_id
@@ -541,7 +632,8 @@ def _build_trainer(s: _Setup, *, resume, callbacks, final_eval: bool, t_start: f
     log.info(f"model {arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
              f"{length} x {trainer.steps_per_epoch} steps of {cfg.batch_size}, {opt}, "
              f"{device.type} {trainer.precision.dtype or 'fp32'}")
-    return model, trainer, budget_cb, {"mean": mean, "std": std, "arch_args": arch_args}
+    return model, trainer, budget_cb, {"mean": mean, "std": std, "arch_args": arch_args,
+                                       "prior_seconds": extra_prior if resume is not None else 0.0}
 
 
 def _finish(s: _Setup, model, trainer: Trainer, history: list[dict], extra: dict, *, final_eval: bool,
@@ -582,7 +674,8 @@ def _finish(s: _Setup, model, trainer: Trainer, history: list[dict], extra: dict
             meta[key] = [round(float(t), 6) for t in
                          tune_thresholds(torch.sigmoid(val_logits).numpy(), val_labels.numpy())]
     write_model(run_dir, model, meta)
-    train_seconds = time.perf_counter() - t_start
+    # a resumed run's epochs before the resume count too (their processes' set-up time is not known)
+    train_seconds = time.perf_counter() - t_start + extra.get("prior_seconds", 0.0)
     result = TrainResult(run_dir, history, config=cfg)
     if "val" in cached and not s.multilabel:  # temperature scaling, stored in model.json for predict
         from imgclf.evaluate.calibrate import calibrate_model
@@ -686,6 +779,8 @@ def evaluate(run: str | Path, data: str | None = None, *, tta: bool | None = Non
     """Evaluate a trained run on ``data`` (a folder, CSV, pickle dir; its test/ split if it has one)."""
     device_t = resolve_device(device)
     model, meta = load_model(run, device_t)
+    if device_t.type == "cpu":  # the layout training validated and tested in: bf16 kernels round alike
+        model.to(memory_format=torch.channels_last)
     from imgclf.evaluate.calibrate import run_cache_root, source_from_config
 
     run_dir, _ = read_meta(run)
@@ -762,6 +857,50 @@ def expand_inputs(items: list[str | Path]) -> list[Path]:
     return out
 
 
+def _tensor_to_hwc(t: torch.Tensor) -> np.ndarray:
+    """One image tensor as an array: channels first (C x H x W, torchvision's layout) when its
+    first dimension is 1, 3 or 4, else as numpy arrays are read."""
+    a = t.detach().cpu()
+    a = (a.float() if a.is_floating_point() and a.dtype != torch.float64 else a).numpy()
+    return a.transpose(1, 2, 0) if a.ndim == 3 and a.shape[0] in (1, 3, 4) else a
+
+
+def _input_list(inputs) -> list:
+    """What ``predict`` was given, as a list of single inputs. Arrays are read as Keras and PIL
+    lay them out (N x H x W x C, one H x W x C image, N x H x W grey images as in MNIST's
+    ``x_test``); channels-first layouts are accepted where no other reading is possible
+    (N x C x H x W) and torch tensors are channels-first as torchvision makes them."""
+    from PIL import Image
+
+    if isinstance(inputs, torch.Tensor):
+        t = inputs.detach().cpu()
+        if t.ndim == 4:
+            return [_tensor_to_hwc(x) for x in t]
+        if t.ndim == 3 and t.shape[0] not in (1, 3, 4) and t.shape[2] not in (1, 3, 4):
+            return [_tensor_to_hwc(x) for x in t]  # N x H x W grey images
+        return [_tensor_to_hwc(t)]
+    if isinstance(inputs, np.ndarray):
+        channels = (1, 3, 4)
+        if inputs.ndim == 4:
+            if inputs.shape[1] in channels and inputs.shape[3] not in channels:
+                inputs = inputs.transpose(0, 2, 3, 1)  # N x C x H x W: no other reading is possible
+            return list(inputs)
+        if inputs.ndim == 3 and inputs.shape[2] not in channels:
+            if inputs.shape[0] in channels:
+                raise UserError(f"an array of shape {inputs.shape} is ambiguous: pass arr.transpose(1, 2, 0) "
+                                f"for one channels-first image, or arr[..., None] for {inputs.shape[0]} grey images")
+            return list(inputs)  # N x H x W grey images
+        return [inputs]
+    if isinstance(inputs, str | Path | bytes | Image.Image):
+        return [inputs]
+    if isinstance(inputs, list | tuple) and inputs and isinstance(inputs[0], list | tuple):
+        try:  # nested lists of numbers (an array's .tolist()) are that array
+            return _input_list(np.asarray(inputs))
+        except ValueError as exc:
+            raise UserError(f"nested lists that are not one array ({exc}): pass numpy arrays") from None
+    return list(inputs)
+
+
 def _iter_sources(inputs: list) -> Iterator[tuple[str, Any, str]]:
     """``(name, source, error)`` for everything ``predict`` was given, lazily: files, folders,
     archives (.zip/.tar[.gz]: their images are read in place), bytes and arrays. Paths are all
@@ -799,15 +938,38 @@ class Classifier:
         model's input (size x size x 3 uint8), converted as training converted its files."""
         from PIL import Image
 
+        if isinstance(source, torch.Tensor):
+            source = _tensor_to_hwc(source)
         if isinstance(source, np.ndarray | Image.Image):
             from imgclf.data.images import image_to_rgb, resize_rgb
 
             return resize_rgb(image_to_rgb(source, name), self.image_size, self.resize)
+        if not isinstance(source, str | bytes | os.PathLike):
+            # str() of a list would be "read" as a file name: say what was given instead
+            raise BadImage(name, f"not an image: {type(source).__name__} (pass a file, bytes, a PIL image "
+                                 "or a numpy array)")
         return load_resized(source if isinstance(source, bytes) else str(source), self.image_size, self.resize)
 
-    def predict_proba(self, images: np.ndarray, tta: bool = False) -> np.ndarray:
+    def predict_proba(self, images, tta: bool = False) -> np.ndarray:
+        """Class probabilities, N x classes, for anything ``predict`` reads; an image that cannot
+        be read raises :class:`ValueError` (``predict`` reports it per image instead)."""
         from imgclf.evaluate.inference import logits_for_array
 
+        s = self.image_size
+        if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.shape[1:] == (s, s, 3)):
+            # anything but model-ready pixels is converted as predict converts it: a float, grey or
+            # differently sized array fed to the net as it is would give wrong probabilities silently
+            batch = []
+            for name, src, err in _iter_sources(_input_list(images)):
+                try:
+                    if err:
+                        raise BadImage(name, err)
+                    batch.append(self.preprocess(src, name))
+                except BadImage as e:
+                    raise ValueError(str(e)) from None
+            images = np.stack(batch) if batch else np.zeros((0, s, s, 3), np.uint8)
+        if not len(images):
+            return np.zeros((0, len(self.classes)), np.float32)
         level = _tta_level_for(self.meta, tta)
         logits = logits_for_array(self.model, images, self.normalize, self.precision, self.device, tta_level=level,
                                   tta_flip=self.meta.get("tta_flip", True))
@@ -820,12 +982,9 @@ class Classifier:
         """Top-k predictions for files, folders, archives, bytes or arrays, in input order; an
         unreadable image gets an error entry. Images are decoded and classified ``chunk`` at a
         time, so a folder of any size runs in bounded memory."""
-        from PIL import Image
-
-        if isinstance(inputs, np.ndarray) and inputs.ndim == 4:
-            inputs = list(inputs)  # a batch, N x H x W x C, as Keras' predict takes it
-        elif isinstance(inputs, str | Path | bytes | np.ndarray | Image.Image):
-            inputs = [inputs]
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        inputs = _input_list(inputs)
         results: list[dict] = []
         pending: list[tuple[int, np.ndarray]] = []  # (index in results, model input)
 

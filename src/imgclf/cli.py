@@ -107,9 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="classify image files and folders")
     pr.add_argument("run", help="run folder")
     pr.add_argument("inputs", nargs="+", help="image files, folders, or .zip/.tar[.gz] archives of images (read in place)")
-    pr.add_argument("--top-k", type=int, default=5)
+    pr.add_argument("--top-k", type=_positive_int, default=5, help="classes per image (default 5)")
     pr.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False)
-    pr.add_argument("--output", help="write predictions to a .csv or .json file")
+    pr.add_argument("--output", help="write predictions to a .csv or .json file (its folder is made if missing)")
     pr.add_argument("--device", default="auto")
     pr.set_defaults(func=cmd_predict)
 
@@ -132,6 +132,35 @@ EXTENSION_MODULES = (
     "imgclf.deploy.commands",  # export, serve
     "imgclf.tune.commands",  # sweep, sweep-report
 )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {n}")
+    return n
+
+
+def _output_file(text: str) -> Path:
+    """--output checked before any image is read: a bad path found after classifying a large
+    folder would lose every prediction."""
+    out = Path(text)
+    if out.is_dir():
+        raise UserError(f"--output {text}: is a folder; name a .csv or .json file")
+    if out.suffix.lower() not in (".csv", ".json"):
+        raise UserError(f"--output {text}: name a .csv or .json file")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # a real write, not os.access: root passes access checks on read-only mounts
+        probe = out.parent / f".{out.name}.{os.getpid()}.probe"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"--output {text}: cannot write there ({exc.strerror or exc})") from None
+    return out
 
 
 def _extension_commands():
@@ -216,6 +245,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from imgclf.api import load
     from imgclf.data.images import IMAGE_EXTENSIONS
 
+    out = _output_file(args.output) if args.output else None
     clf = load(args.run, args.device)
     preds = clf.predict(args.inputs, top_k=args.top_k, tta=args.tta)
     if not preds:
@@ -223,8 +253,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                         f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
     k = min(args.top_k, len(clf.classes))
     multilabel = clf.meta.get("task") == "multilabel"
-    if args.output:  # written before anything is printed: a terminal that cannot show a name loses nothing
-        out = Path(args.output)
+    if out:  # written before anything is printed: a terminal that cannot show a name loses nothing
         if out.suffix.lower() == ".json":
             out.write_text(json.dumps(preds, indent=2))
         else:
@@ -247,7 +276,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         else:
             print(f"{r['input']}\t" + "  ".join(f"{c} {p:.3f}" for c, p in r["top"])
                   + ("\tlabels: " + (", ".join(c for c, _ in r["labels"]) or "-") if "labels" in r else ""))
-    if args.output:
+    if out:
         print(f"wrote {out}")
     return 0 if all("error" not in r for r in preds) else 1
 
@@ -297,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"imgclf: error: this command needs the optional package '{e.name}': {how}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("imgclf: interrupted (a training run resumes with 'imgclf train --resume RUN')", file=sys.stderr)
+        print("imgclf: interrupted", file=sys.stderr)
         return 130
 
 

@@ -55,7 +55,15 @@ def read_meta(run: str | Path) -> tuple[Path, dict[str, Any]]:
     if not meta_path.exists():
         if not run.exists():
             raise UserError(f"{run}: no such run folder")
-        raise UserError(f"{run} has no model.json: not a finished imgclf run (resume it with 'imgclf train --resume {run}')")
+        if not run.is_dir():
+            raise UserError(f"{run}: not a run folder (the first argument is the folder 'imgclf train' made)")
+        if (run / "last.pt").exists():
+            raise UserError(f"{run} has no model.json: training stopped before it finished "
+                            f"(resume it with 'imgclf train --resume {run}')")
+        if (run / "config.yaml").exists():
+            raise UserError(f"{run} has no model.json: training stopped before its first checkpoint "
+                            f"(train again with the same options, adding --exist-ok)")
+        raise UserError(f"{run}: not an imgclf run folder (no model.json)")
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
@@ -72,11 +80,18 @@ def load_model(run: str | Path, device: str | torch.device = "cpu") -> tuple[nn.
     from imgclf.models.registry import build_model
 
     run_dir, meta = read_meta(run)
+    lacking = [k for k in ("architecture", "classes", "image_size") if k not in meta]
+    if lacking:
+        raise UserError(f"{run_dir / 'model.json'} is incomplete: no {', '.join(lacking)}")
     model = build_model(meta["architecture"], len(meta["classes"]), meta["image_size"], meta.get("arch_args", {}))
     weights = run_dir / meta.get("weights", "model.safetensors")
     if not weights.exists():
         raise UserError(f"{run_dir}: weights file {weights.name} is missing")
-    state = load_file(str(weights), device=str(device))
+    try:
+        state = load_file(str(weights), device=str(device))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise UserError(f"{weights}: cannot read the weights ({str(exc).splitlines()[0][:120]}); the file is "
+                        "damaged or incomplete") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(f"{weights}: weights do not match the architecture in model.json "

@@ -182,8 +182,8 @@ def resize_rgb(img: np.ndarray, size: int, policy: str = "stretch") -> np.ndarra
 def image_to_rgb(image, name: str = "<array>") -> np.ndarray:
     """An in-memory image -> HxWx3 uint8 RGB, converted as decoded files are: a PIL image of any
     mode (EXIF orientation applied), or a numpy array HxW (grey), HxWx1, HxWx3 or HxWx4 (RGBA:
-    alpha on white) of uint8, uint16 (scaled by the bit depth it uses, see SIXTEEN_BIT_RULE) or
-    float ([0, 1] or [0, 255]). Raises :class:`BadImage` for anything else."""
+    alpha on white) of uint8, other integers in 0..255, uint16 (scaled by the bit depth it uses, see
+    SIXTEEN_BIT_RULE) or float ([0, 1], [0, 255] or [-1, 1]). Raises :class:`BadImage` for anything else."""
     if isinstance(image, Image.Image):
         try:
             return _as_array(_to_rgb(_apply_orientation(image)))
@@ -199,9 +199,14 @@ def image_to_rgb(image, name: str = "<array>") -> np.ndarray:
     if a.dtype == np.uint16:
         a = _depth_to_uint8(a)
     elif a.dtype.kind == "f":
-        a = _float_to_uint8(a)
+        a = _float_array_to_uint8(a, name)
     elif a.dtype == np.bool_:
         a = a.astype(np.uint8) * 255
+    elif a.dtype.kind in "iu" and a.dtype != np.uint8:  # int32/int64: np.asarray of Python ints
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi > 255:
+            raise BadImage(name, f"integer image values span [{lo}, {hi}]: pass 0..255 (or uint16 data as uint16)")
+        a = a.astype(np.uint8)
     elif a.dtype != np.uint8:
         raise BadImage(name, f"unsupported image array dtype {a.dtype}")
     return _as_array(_to_rgb(Image.fromarray(np.ascontiguousarray(a))))
@@ -409,6 +414,24 @@ def _float_to_uint8(values: np.ndarray) -> np.ndarray:
     if lo >= 0.0 and hi <= 255.0:
         return np.round(values).astype(np.uint8)  # float-typed 8-bit data
     return _stretch_to_uint8(values)
+
+
+def _float_array_to_uint8(values: np.ndarray, name: str) -> np.ndarray:
+    """A float array handed in by a user: [0, 1], [0, 255], or [-1, 1] (Keras' and TF's
+    ``preprocess_input`` "tf" mode, torchvision's Normalize(0.5, 0.5)). Anything else is mean/std
+    normalised data whose statistics are unknown here: stretching it per image (as float TIFF
+    files are) would give plausible-looking but wrong predictions, so it is refused."""
+    if not np.isfinite(values).all():
+        raise BadImage(name, "float image array holds NaN or infinite values")
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if lo < 0.0:
+        if lo >= -1.0 and hi <= 1.0:
+            return np.round((values.astype(np.float64) + 1.0) * 127.5).astype(np.uint8)
+        raise BadImage(name, f"float image values span [{lo:.3g}, {hi:.3g}]: pass pixels in 0..1, 0..255 or "
+                             "-1..1 (undo any mean/std normalisation first)")
+    if hi > 255.0:
+        raise BadImage(name, f"float image values reach {hi:.3g}: pass pixels in 0..1 or 0..255")
+    return _float_to_uint8(values)
 
 
 def _stretch_to_uint8(values: np.ndarray) -> np.ndarray:

@@ -276,6 +276,7 @@ def membership(src: DataSource) -> dict:
             h.update(archives.utf8_bytes(f"{name}\0" + "\0".join(split_keys(split))))
             h.update(np.ascontiguousarray(split.labels).tobytes())
     out["digest"] = h.hexdigest()
+    out["classes"] = list(src.classes)  # --resume names what changed when a class was added or removed
     return out
 
 
@@ -415,12 +416,15 @@ def _align(other: DataSource, classes: list[str]) -> DataSource:
     return other
 
 
+DEFAULT_VAL_SPLIT = 0.1  # config.py's default too
+
+
 def load_source(
     data: str,
     *,
     val_data: str | None = None,
     test_data: str | None = None,
-    val_split: float = 0.1,
+    val_split: float = DEFAULT_VAL_SPLIT,
     split_seed: int = 0,
     csv_layout: str = "auto",
     csv_shape: str | None = None,
@@ -454,6 +458,9 @@ def load_source(
         src = multilabel.to_multilabel(src)
     elif task == "single" and src.task == "multilabel":
         raise UserError(f"--data {data} has several labels per image: drop --task single (or use --label-mode largest)")
+    if src.val is not None and val_split not in (0, DEFAULT_VAL_SPLIT):
+        where = f"--val-data {val_data}" if val_data else "its val folder"
+        src.problems.append(f"--val-split {val_split:g} is not used: the data has validation images ({where})")
     if src.val is None and val_split > 0:
         tr, va = stratified_split(src.train.labels, val_split, split_seed, split_keys(src.train))
         if len(va) == 0:
