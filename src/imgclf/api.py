@@ -28,6 +28,7 @@ from imgclf.engine.trainer import Trainer, resolve_precision, seed_everything
 from imgclf.errors import UserError
 from imgclf.evaluate.inference import auto_batch_size
 from imgclf.models.registry import arch_args_for_record, build_model, default_normalization, resolve_name
+from imgclf.paths import write_problem
 from imgclf.runs import load_model, read_meta, remove_exports, resolve_device, write_model
 
 
@@ -92,19 +93,7 @@ def _check_project(cfg: TrainConfig) -> None:
     if cfg.name is not None and (not cfg.name.strip() or Path(cfg.name).name != cfg.name or cfg.name in (".", "..")):
         raise UserError(f"--name {cfg.name!r}: a run name is one folder name (no '/'); use --project for where "
                         "runs go")
-    where = Path(os.path.abspath(cfg.project))
-    while not where.exists() and where != where.parent:  # the folder that will hold it, if not made yet
-        where = where.parent
-    problem = None
-    if not where.is_dir():
-        problem = f"{where} is not a folder"
-    else:
-        probe = where / f".imgclf-{os.getpid()}.probe"
-        try:  # a real write, not os.access: root passes access checks on read-only mounts
-            probe.touch()
-            probe.unlink()
-        except OSError as exc:
-            problem = exc.strerror or type(exc).__name__
+    problem = write_problem(Path(cfg.project), create=False)  # made later, once the data is read
     if problem:
         raise UserError(f"--project {cfg.project}: cannot make run folders there ({problem})")
 
@@ -128,8 +117,7 @@ def _stopped_early(run: Path | None, exc: BaseException, *, new: bool) -> None:
         log.info(f"stopped before the first checkpoint: {run} removed (nothing to resume)")
     for name in (*_RUN_OUTPUTS, "config.yaml"):
         (run / name).unlink(missing_ok=True)
-    for name in ("tensorboard",):
-        shutil.rmtree(run / name, ignore_errors=True)
+    shutil.rmtree(run / "tensorboard", ignore_errors=True)
     try:
         run.rmdir()  # only if empty: files the user put there stay
     except OSError:

@@ -152,14 +152,11 @@ def _output_file(text: str) -> Path:
         raise UserError(f"--output {text}: is a folder; name a .csv or .json file")
     if out.suffix.lower() not in (".csv", ".json"):
         raise UserError(f"--output {text}: name a .csv or .json file")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        # a real write, not os.access: root passes access checks on read-only mounts
-        probe = out.parent / f".{out.name}.{os.getpid()}.probe"
-        probe.touch()
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"--output {text}: cannot write there ({exc.strerror or exc})") from None
+    from imgclf.paths import write_problem
+
+    problem = write_problem(out.parent, create=True)
+    if problem:
+        raise UserError(f"--output {text}: cannot write there ({problem})")
     return out
 
 

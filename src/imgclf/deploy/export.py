@@ -41,6 +41,7 @@ from imgclf.data.images import (
     resize_rgb,
 )
 from imgclf.errors import UserError
+from imgclf.paths import write_problem
 from imgclf.runs import load_model, read_meta
 
 EXPORT_FORMAT = "imgclf.export/1"
@@ -174,15 +175,9 @@ def _check_out(out: Path, fmt: str) -> None:
                         f"{stem + SUFFIX[fmt]} or pass --format {other}")
     if out.is_dir():
         raise UserError(f"--out {out} is a directory: give the file to write (e.g. {out / ('model' + SUFFIX[fmt])})")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        # a real file in the real folder: permission bits alone miss read-only mounts, /proc and
-        # root (who passes every access() check)
-        probe = out.with_name(f".{out.name}.probe-{os.getpid()}")
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    problem = write_problem(out.parent, create=True)
+    if problem:
+        raise UserError(f"--out {out}: cannot write there ({problem})")
 
 
 def export(run: str | Path, fmt: str = "onnx", out: str | Path | None = None, *, opset: int = DEFAULT_OPSET,

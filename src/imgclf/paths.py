@@ -1,0 +1,28 @@
+"""Where a command will write, checked before any work: a long decode or a folder of
+predictions that ends in 'cannot write there' wastes it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def write_problem(folder: Path, *, create: bool) -> str | None:
+    """Why files cannot be written in ``folder``; None when they can. ``create`` makes a missing
+    folder; otherwise the nearest existing parent (which would hold it) is tried. A real file is
+    written and removed: access() passes root everywhere, and read-only mounts and /proc keep
+    permission bits that say writable."""
+    where = Path(os.path.abspath(folder))
+    try:
+        if create:
+            where.mkdir(parents=True, exist_ok=True)
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        if not where.is_dir():
+            return f"{where} is not a folder"
+        probe = where / f".imgclf-{os.getpid()}.probe"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return None
