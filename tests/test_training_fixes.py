@@ -239,3 +239,34 @@ def test_float_options_must_be_finite(option, value):
     with pytest.raises(UserError, match=rf"option '{option}': .*finite") as info:
         make_config(data="d", **{option: value})
     assert "\n" not in str(info.value)
+
+
+def test_lookahead_on_a_run_shorter_than_one_pull_keeps_what_it_trained():
+    from types import SimpleNamespace
+
+    # a handful of images gives 1-4 steps in all: the slow copy was never pulled, and ending on it
+    # handed back the untrained initial weights
+    model = torch.nn.Linear(4, 2)
+    t = SimpleNamespace(model=model, step=0, total_steps=3)
+    la = cb.Lookahead()
+    la.on_train_start(t)
+    init = model.weight.detach().clone()
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            model.weight.add_(1.0)  # what the optimiser step did
+        t.step = step
+        la.on_step_end(t)
+    assert torch.equal(model.weight, init + 3)
+    # a run of 10 steps ends on the slow copy: pulled at step 5, then taken at the end
+    model = torch.nn.Linear(4, 2)
+    t = SimpleNamespace(model=model, step=0, total_steps=10)
+    la = cb.Lookahead()
+    la.on_train_start(t)
+    init = model.weight.detach().clone()
+    for step in range(1, 11):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        t.step = step
+        la.on_step_end(t)
+    # pulled at steps 5 and 10 (decays 0.774 x 0.125 and 0.774: 4.52, then 5.65), then taken
+    assert float((model.weight - init).mean()) == pytest.approx(5.65, abs=0.01)

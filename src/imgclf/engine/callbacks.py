@@ -92,7 +92,8 @@ class ReduceOnPlateau(Callback):
 
 class Lookahead(Callback):
     """airbench's lookahead: every 5 steps pull the weights towards a slow copy whose pull
-    weakens as training ends; the run ends on the slow copy."""
+    weakens as training ends; the run ends on the slow copy (a run of under 5 steps on its own
+    weights)."""
 
     def __init__(self, every: int = 5):
         self.every, self.slow = every, None
@@ -105,10 +106,12 @@ class Lookahead(Callback):
             self.slow = [v.detach().clone() for v in self._params(t)]
 
     def on_step_end(self, t):
+        if t.step % self.every == 0:
+            self._sync(t, 0.95**5 * (min(t.step, t.total_steps) / t.total_steps) ** 3)
         if t.step >= t.total_steps:
-            self._sync(t, 1.0)  # the run ends on the slow weights (validated like any epoch)
-        elif t.step % self.every == 0:
-            self._sync(t, 0.95**5 * (t.step / t.total_steps) ** 3)
+            # the run ends on the slow weights (validated like any epoch); a run shorter than one
+            # pull never moved them off the initial weights, so it keeps what it trained instead
+            self._sync(t, 1.0 if t.step >= self.every else 0.0)
 
     def _sync(self, t, decay: float):
         with torch.no_grad():
