@@ -86,6 +86,8 @@ def test_bad_inputs_are_4xx_with_json_errors_then_good_request_succeeds(client, 
     (pred,) = r.json()["predictions"]
     assert pred["filename"] == "cat.jpg" and len(pred["top"]) == 5
     assert client.get("/healthz").json() == {"status": "ok"}
+    # probes that send HEAD (uptime checkers, some load balancers) get 200, not 405
+    assert client.head("/healthz").status_code == 200 and client.head("/").status_code == 200
 
 
 def test_streamed_body_over_limit_is_refused_while_reading(client):

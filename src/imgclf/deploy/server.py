@@ -491,11 +491,12 @@ def create_app(cfg: ServeConfig, backend=None):
     async def bad_request(request, exc):
         return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
 
-    @app.get("/", include_in_schema=False)
+    # HEAD as well as GET: uptime checkers and load balancers often probe with HEAD
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index():
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz():
         problem = batcher.problem()
         if problem:
