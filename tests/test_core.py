@@ -60,6 +60,18 @@ def test_cli_values_override_yaml(tmp_path):
     assert c.epochs == 7 and c.lr == 0.5
 
 
+def test_a_bad_override_is_not_blamed_on_the_file(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("data: a\nepochs: 3\n")
+    # a bad command-line value (or one --resume passes on) used to read "run.yaml: option 'epochs'"
+    with pytest.raises(UserError) as e:
+        make_config(cfg, epochs=0)
+    assert str(e.value).startswith("config: option 'epochs'") and "run.yaml" not in str(e.value)
+    cfg.write_text("data: a\nepochs: 0\n")
+    with pytest.raises(UserError, match=r"^.*run\.yaml: option 'epochs'"):
+        make_config(cfg, lr=0.1)
+
+
 def test_wrong_data_path_is_user_error(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "nope")]) == 2
     assert "no such file or folder" in capsys.readouterr().err

@@ -207,19 +207,22 @@ def suggest_key(key: str, known: Iterable[str] | None = None,
     return f"; did you mean '{close[0]}'?" if close else fallback
 
 
-def format_validation_error(err: ValidationError, origin: str, *, noun: str = "option",
+def format_validation_error(err: ValidationError, origin: str | Callable[[str], str], *, noun: str = "option",
                             suggest: Callable[[str], str] = suggest_key) -> str:
-    """One line per problem, naming the key: what users need to fix a config. Other files with
-    their own keys (sweep files) pass their ``noun`` and ``suggest``."""
+    """One line per problem, naming the key: what users need to fix a config. ``origin`` names
+    where the values came from (or maps a key to that). Other files with their own keys (sweep
+    files) pass their ``noun`` and ``suggest``."""
     lines = []
+    where = origin if callable(origin) else (lambda key: origin)
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<config>"
+        src = where(key)
         if e["type"] == "extra_forbidden":
-            lines.append(f"{origin}: unknown {noun} '{key}'{suggest(key)}")
+            lines.append(f"{src}: unknown {noun} '{key}'{suggest(key)}")
         elif e["type"] == "missing":
-            lines.append(f"{origin}: option '{key}' is required")
+            lines.append(f"{src}: option '{key}' is required")
         else:
-            lines.append(f"{origin}: option '{key}': {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"{src}: option '{key}': {e['msg']} (got {e.get('input')!r})")
     return lines[0] if len(lines) == 1 else "; ".join(lines)
 
 
@@ -241,11 +244,16 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def make_config(file: str | Path | None = None, **overrides: Any) -> TrainConfig:
     """Build a config from an optional YAML file plus overrides (overrides win)."""
     values: dict[str, Any] = load_yaml(file) if file else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    values.update(given)
     try:
         return TrainConfig(**values)
     except ValidationError as e:
-        raise UserError(format_validation_error(e, str(file) if file else "config")) from None
+        # a bad command-line value is not the file's fault: each problem names where it came from
+        def origin(key: str) -> str:
+            return str(file) if file and key.split(".")[0] not in given else "config"
+
+        raise UserError(format_validation_error(e, origin)) from None
 
 
 def dump_yaml(cfg: TrainConfig, path: str | Path) -> None:
