@@ -201,3 +201,16 @@ def test_val_split_beside_a_val_folder_is_reported_unused(small_sample, tmp_path
     assert len(src.val) == len(list((data / "val").rglob("*.jpg")))
     assert any("--val-split 0.3 is not used" in p for p in src.problems)
     assert not any("--val-split" in p for p in load_source(str(data), cache_dir=tmp_path / "cache").problems)  # the default says nothing
+
+
+def test_evaluate_names_the_model_class_a_misnamed_folder_means(tiny_run, sample_dir, tmp_path):
+    classes = json.loads((tiny_run / "model.json").read_text())["classes"]
+    data = tmp_path / "t"
+    for c, as_ in ((classes[0], classes[0].capitalize()), (classes[1], classes[1] + "s"), (classes[2], "zebra")):
+        shutil.copytree(sample_dir / "test" / c, data / as_)
+    with pytest.raises(UserError) as info:
+        imgclf.evaluate(tiny_run, str(data), progress=False)
+    msg = str(info.value)
+    assert f"{classes[0].capitalize()} (the model has {classes[0]})" in msg
+    assert f"{classes[1]}s (the model has {classes[1]})" in msg
+    assert "zebra," not in msg and "zebra;" in msg and "\n" not in msg  # no near name: listed as it is

@@ -769,7 +769,7 @@ def evaluate(run: str | Path, data: str | None = None, *, tta: bool | None = Non
     model, meta = load_model(run, device_t)
     if device_t.type == "cpu":  # the layout training validated and tested in: bf16 kernels round alike
         model.to(memory_format=torch.channels_last)
-    from imgclf.evaluate.calibrate import run_cache_root, source_from_config
+    from imgclf.evaluate.calibrate import check_classes, run_cache_root, source_from_config
 
     run_dir, _ = read_meta(run)
     root = run_cache_root(run_dir, cache_dir)
@@ -797,9 +797,7 @@ def evaluate(run: str | Path, data: str | None = None, *, tta: bool | None = Non
                             "split: pass --data with test images")
         split, which = src.val, "val"
         log.info(f"{data} has no test split: evaluating on the run's validation split ({len(split)} images)")
-    missing = sorted(set(src.classes) - set(meta["classes"]))
-    if missing:
-        raise UserError(f"{data} has classes the model was not trained on: {', '.join(missing[:10])}")
+    check_classes(data, src.classes, meta["classes"])
     remap = np.asarray([meta["classes"].index(c) for c in src.classes], dtype=np.int64)
     if meta.get("task") == "multilabel":
         labels = split.labels if split.labels.ndim == 2 else np.eye(len(src.classes), dtype=np.float32)[split.labels]

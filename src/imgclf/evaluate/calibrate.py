@@ -156,6 +156,24 @@ def calibrate_model(run_dir: Path, model, meta: dict, cs, device, precision: str
     return meta
 
 
+def check_classes(data, classes: list[str], model_classes: list[str]) -> None:
+    """Data to score must hold only classes the model knows; a folder named 'Cat' for the model's
+    'cat' (or 'trucks' for 'truck') gets the name it should have."""
+    import difflib
+
+    missing = sorted(set(classes) - set(model_classes))
+    if not missing:
+        return
+    by_case = {c.casefold(): c for c in model_classes}
+    hints = []
+    for m in missing[:10]:
+        near = by_case.get(m.casefold()) or next(iter(difflib.get_close_matches(m, model_classes, n=1, cutoff=0.8)), None)
+        hints.append(f"{m} (the model has {near})" if near else m)
+    more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+    raise UserError(f"{data} has classes the model was not trained on: {', '.join(hints)}{more}; "
+                    "class folder names must match the model's exactly")
+
+
 def source_from_config(cfg, root: Path):
     """The data source exactly as training read it (same splits, seeds and label options)."""
     import inspect
@@ -232,9 +250,7 @@ def calibrate_run(run: str | Path, data: str | None = None, *, device: str = "au
             else:
                 log.warn(f"{data} is the data {run_dir.name} was trained on and has no val/ or test/ split: the "
                          "temperature is fitted on training images and will come out too low (overconfident)")
-        missing = sorted(set(src.classes) - set(meta["classes"]))
-        if missing:
-            raise UserError(f"{data} has classes the model was not trained on: {', '.join(missing[:10])}")
+        check_classes(data, src.classes, meta["classes"])
         remap = np.asarray([meta["classes"].index(c) for c in src.classes], dtype=np.int64)
         split.labels = remap[split.labels]
     cs = build_cache(split, meta["image_size"], meta["resize"], root / "images", progress=progress,
