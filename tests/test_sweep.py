@@ -171,6 +171,10 @@ def test_study_file_errors_are_one_line(small_sample, tmp_path):
         ({"space": {"model_args.dropout": {"value": 0.3, "log": True}}}, "'log' without 'low'/'high'"),
         ({"space": {"model_args.kernel_size": {"low": 3, "high": 5}}}, "add 'type: int'"),
         ({"n_trials": None}, "give n_trials or timeout"),
+        # a quoted boolean is a non-empty string, which used to mean log (and refuse low: 0)
+        ({"space": {"lr": {"low": 0, "high": 1e-2, "log": "false"}}}, "space 'lr': 'log' must be true or false, got 'false'"),
+        ({"space": {"lr": {"low": 1e-4, "high": 1e-2, "log": "true"}}}, "'log' must be true or false, got 'true'"),
+        ({"space": {"lr": {"low": 1e-4, "high": 1e-2, "log": 1}}}, "'log' must be true or false, got 1"),
     ]
     for over, msg in cases:
         path = write_study(tmp_path, small_sample, **over)
@@ -238,6 +242,8 @@ def fake_train(monkeypatch, fail_on: set[int] | None = None, interrupt: bool = F
         dump_yaml(cfg, run / "config.yaml")
         acc = 0.9 - 0.1 * abs(math.log10(float(cfg.lr)) + 3)
         row = {"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "val_loss": 1 - acc, "val_acc": acc}
+        if cfg.task == "multilabel":  # as the trainer: mAP on multi-label data only
+            row["val_map"] = acc
         (run / "metrics.csv").write_text(",".join(row) + "\n" + ",".join(map(str, row.values())) + "\n")
         t = SimpleNamespace(cfg=SimpleNamespace(epochs=1), stop=None)
         for cb in callbacks:
@@ -293,13 +299,42 @@ def test_new_study_keeps_off_an_old_studys_trial_folders(small_sample, tmp_path,
     assert len(calls) == 2 and (trials / "0" / "config.yaml").read_text() == before
 
 
-def test_changed_space_fails_the_trial_with_its_reason(small_sample, tmp_path, monkeypatch):
+def test_changed_space_is_refused_before_any_trial(small_sample, tmp_path, monkeypatch, capsys):
+    calls = fake_train(monkeypatch)
+    path = write_study(tmp_path, small_sample, pruner="none", n_trials=1, space={"lr": {"low": 1e-4, "high": 1e-2, "log": True}})
+    assert main(["sweep", str(path)]) == 0
+    # a log float range turned into choices: Optuna refuses the parameter in every trial, which used
+    # to fail each of them (using up n_trials) and exit 0
+    path = write_study(tmp_path, small_sample, pruner="none", n_trials=3, space={"lr": {"choices": [1e-3, 1e-2]}})
+    capsys.readouterr()
+    assert main(["sweep", str(path)]) == 2
+    [err] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("imgclf: error:")]
+    assert "space 'lr': choices [0.001, 0.01], but study 's' drew it from a float range (log)" in err
+    assert "give the study a new name, or delete" in err
+    assert len(calls) == 1 and len(trials_of(sweep.load_spec(path))) == 1
+    # other changes Optuna refuses: the log scale, another choice list; a new range is allowed
+    for space, msg in (({"lr": {"low": 1e-4, "high": 1e-2}}, "a float range, but study 's' drew it from a float range (log)"),
+                       ({"lr": {"low": 1e-5, "high": 1e-1, "log": True}, "beta1": {"choices": [0.9]}}, None)):
+        spec = sweep.load_spec(write_study(tmp_path, small_sample, pruner="none", n_trials=2, space=space))
+        if msg:
+            with pytest.raises(UserError, match=re.escape(msg)):
+                sweep.run_study(spec)
+        else:
+            assert sweep.run_study(spec)["complete"] == 2
+    spec = sweep.load_spec(write_study(tmp_path, small_sample, pruner="none", n_trials=3, space={"beta1": {"choices": [0.8]}}))
+    with pytest.raises(UserError, match=re.escape("space 'beta1': choices [0.8], but study 's' drew it from choices [0.9]")):
+        sweep.run_study(spec)
+
+
+def test_changed_space_seen_in_a_trial_fails_it_with_its_reason(small_sample, tmp_path, monkeypatch):
+    # a worker that skips the check (another machine changed the study meanwhile) still says why
     fake_train(monkeypatch)
     path = write_study(tmp_path, small_sample, pruner="none", n_trials=1, space={"lr": {"choices": [1e-3, 2e-3]}})
     sweep.run_study(sweep.load_spec(path))
     spec = sweep.load_spec(write_study(tmp_path, small_sample, pruner="none", n_trials=2,
                                        space={"lr": {"choices": [1e-3, 5e-3]}}))
-    sweep.run_study(spec)
+    with pytest.raises(UserError, match="5 trials in a row failed, the last with: the search space changed"):
+        sweep.run_worker(spec)
     t = trials_of(spec)[1]
     assert t.state.name == "FAIL" and "search space changed since study 's' began" in t.user_attrs["error"]
     assert "CategoricalDistribution" in (spec.study_dir / "trials" / "1" / "error.txt").read_text()
@@ -307,14 +342,66 @@ def test_changed_space_fails_the_trial_with_its_reason(small_sample, tmp_path, m
 
 def test_failed_trials_always_leave_error_txt(small_sample, tmp_path, monkeypatch):
     fake_train(monkeypatch, fail_on={0})
-    # trial 0 raises; trial 1 trains but never reports the metric (single-label rows have no val_map)
+    # trial 0 raises; the others train but never report the metric (single-label rows have no val_map;
+    # run_study refuses that metric up front, a worker alone does not look at the data)
     spec = sweep.load_spec(lr_study(tmp_path, small_sample, n_trials=2, metric="val_map"))
-    sweep.run_study(spec)
+    spec.study_dir.mkdir(parents=True)
+    with pytest.raises(UserError, match="5 trials in a row failed, the last with: metric 'val_map' was never reported"):
+        sweep.run_worker(spec)
     trials = trials_of(spec)
-    assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
+    assert [t.state.name for t in trials] == ["FAIL"] * 5
     assert "boom" in trials[0].user_attrs["error"] and "never reported" in trials[1].user_attrs["error"]
     for t in trials:
         assert (spec.study_dir / "trials" / str(t.number) / "error.txt").exists()
+
+
+def test_metric_the_data_cannot_produce_is_refused_before_any_trial(small_sample, tmp_path, monkeypatch, capsys):
+    calls = fake_train(monkeypatch)
+    # every trial used to fail with "--monitor val_map is for multi-label data", and the sweep exited 0
+    path = lr_study(tmp_path, small_sample, n_trials=2, metric="val_map")
+    assert main(["sweep", str(path)]) == 2
+    [err] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("imgclf: error:")]
+    assert "metric val_map is for multi-label data" in err and calls == []
+    base = {"data": str(small_sample), "model": "plaincnn", "epochs": 1, "image_size": 32, "model_args": TINY}
+    # no validation images: no val_ metric is ever written
+    with pytest.raises(UserError, match="metric val_loss needs validation images"):
+        sweep.run_study(sweep.load_spec(lr_study(tmp_path, small_sample, n_trials=2, metric="val_loss",
+                                                 base={**base, "val_split": 0}, name="v")))
+    assert calls == []
+    # the neighbours that work: multi-label data (task: multilabel), a train_ metric without validation
+    sweep.run_study(sweep.load_spec(lr_study(tmp_path, small_sample, n_trials=1, metric="val_map",
+                                             base={**base, "task": "multilabel"})))
+    sweep.run_study(sweep.load_spec(lr_study(tmp_path, small_sample, n_trials=1, metric="train_loss",
+                                             base={**base, "val_split": 0}, name="t")))
+    assert len(calls) == 2
+
+
+def test_failed_trials_do_not_use_up_n_trials(small_sample, tmp_path, monkeypatch, capsys):
+    calls = fake_train(monkeypatch, fail_on={1})
+    path = lr_study(tmp_path, small_sample, n_trials=3)
+    assert main(["sweep", str(path)]) == 0
+    spec = sweep.load_spec(path)
+    assert [t.state.name for t in trials_of(spec)] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert len(calls) == 4
+    assert main(["sweep", str(path)]) == 0 and len(calls) == 4  # the budget is met: nothing more runs
+
+
+def test_sweep_whose_trials_all_fail_exits_non_zero(small_sample, tmp_path, monkeypatch, capsys):
+    calls = fake_train(monkeypatch, fail_on=set(range(10_000)))
+    # a grid ends when every point was tried; both failed: no result, so not a success
+    path = write_study(tmp_path, small_sample, sampler="grid", pruner="none", n_trials=None,
+                       space={"lr": {"choices": [1e-3, 2e-3]}})
+    assert main(["sweep", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "imgclf: error: no trial finished: the 2 trials this sweep ran failed, the last with: RuntimeError: boom" in err
+    assert len(calls) == 2
+    # failing trials do not run for ever: 5 in a row end the study, whatever n_trials says
+    assert main(["sweep", str(lr_study(tmp_path, small_sample, n_trials=20, name="r"))]) == 2
+    assert "5 trials in a row failed" in capsys.readouterr().err and len(calls) == 2 + 5
+    # a timeout with only failures is refused too
+    monkeypatch.setattr(sweep, "_MAX_CONSECUTIVE_FAILURES", 100)
+    assert main(["sweep", str(lr_study(tmp_path, small_sample, n_trials=None, timeout=0.5, name="t"))]) == 1
+    assert "no trial finished" in capsys.readouterr().err
 
 
 def test_ctrl_c_requeues_a_retried_trial(small_sample, tmp_path, monkeypatch):
@@ -380,3 +467,46 @@ def test_study_key_typos_suggest_the_study_key(small_sample, tmp_path):
     # nothing close: the study keys are listed
     with pytest.raises(UserError, match=r"unknown study key 'zzz'; the study keys are name, directory, .*n_trials"):
         sweep.load_spec(write_study(tmp_path, small_sample, zzz=1))
+
+
+def test_bad_command_line_values_name_their_flag(small_sample, tmp_path, capsys):
+    path = write_study(tmp_path, small_sample)
+    for argv, flag in ((["--n-trials", "0"], "--n-trials: option 'n_trials'"), (["--timeout", "-1"], "--timeout: option 'timeout'")):
+        assert main(["sweep", str(path), *argv]) == 2
+        err = capsys.readouterr().err
+        assert f"imgclf: error: {flag}" in err and str(path) not in err  # it used to blame the file
+    # the file's own bad value still names the file, even beside a good flag
+    path = write_study(tmp_path, small_sample, n_trials=0)
+    with pytest.raises(UserError, match=re.escape(f"{path}: option 'n_trials'")):
+        sweep.load_spec(path, timeout=60)
+
+
+def test_summary_shows_list_choices_as_values(small_sample, tmp_path, monkeypatch, capsys):
+    fake_train(monkeypatch)
+    path = write_study(tmp_path, small_sample, pruner="none", n_trials=2,
+                       space={"lr": {"low": 1e-4, "high": 1e-2, "log": True}, "model_args.dense": {"choices": [[32], [16]]}})
+    assert main(["sweep", str(path)]) == 0
+    import json
+
+    summary = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert summary["best_params"]["model_args.dense"] in ([32], [16])  # it printed the JSON text "[32]"
+    from imgclf.tune.report import write_report
+
+    write_report(sweep.load_spec(path).study_dir)
+    best = yaml.safe_load((sweep.load_spec(path).study_dir / "best.yaml").read_text())
+    assert best["model_args"]["dense"] == summary["best_params"]["model_args.dense"]
+
+
+def test_report_of_a_study_without_finished_trials_warns_nothing(small_sample, tmp_path, monkeypatch):
+    import warnings
+
+    fake_train(monkeypatch, fail_on=set(range(100)))
+    spec = sweep.load_spec(write_study(tmp_path, small_sample, pruner="none", sampler="grid", n_trials=None,
+                                       space={"lr": {"choices": [1e-3, 2e-3]}}))
+    sweep.run_study(spec)
+    from imgclf.tune.report import write_report
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "No artists with labels found to put in legend"
+        res = write_report(spec.study_dir)
+    assert res["fail"] == 2 and "best_yaml" not in res

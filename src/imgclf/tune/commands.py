@@ -41,6 +41,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 130
     print(json.dumps(summary))
     print(f"report: imgclf sweep-report {spec.study_dir}")
+    if summary.get("error"):  # every trial this sweep ran failed: scripts must not read that as success
+        print(f"imgclf: error: {summary['error']}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -179,7 +179,8 @@ def plot_param(p: Param, trials, metric: str, best_number: int | None) -> str:
     ax.set_xlabel(p.name.removeprefix("model_args.") + (" (model_args)" if p.name.startswith("model_args.") else ""))
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="best")
+    if ax.get_legend_handles_labels()[0]:  # no finished trial: an empty legend only warns
+        ax.legend(fontsize=6, loc="best")
     return _png(fig)
 
 

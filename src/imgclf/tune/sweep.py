@@ -22,11 +22,14 @@ unless ``type: int`` is given, and an explicit ``type`` always wins. Trials keep
 their best epoch by the study's metric (``monitor`` follows it when it is val_acc, val_loss or
 val_map). A trial is one process: ``devices`` > 1 is refused, ``--workers`` runs trials side by side.
 
-Budget: ``n_trials`` counts the trials of the study (every worker, every restart), so a killed
-study started again runs only what is missing. Trials that were running when their process
+Budget: ``n_trials`` counts the finished (complete or pruned) trials of the study (every worker,
+every restart), so a killed study started again runs only what is missing. Failed trials do not
+count; 5 failures in a row end the study, and a grid point that failed is not tried again. A
+sweep whose trials all failed exits non-zero. Trials that were running when their process
 died are failed by Optuna's heartbeat and queued again with the same parameters, as is the
 trial stopped by Ctrl-C. A study resumed with another metric or direction is refused (Optuna
-keeps the first direction); one resumed with another base or space gets a warning. Each trial
+keeps the first direction), as is one whose searched parameter changed kind, log scale or
+choices; one resumed with another base or space otherwise gets a warning. Each trial
 folder holds ``study.json`` naming its study, so a new study (a new storage, a deleted study.db)
 refuses to overwrite an old study's trial folders.
 """
@@ -208,7 +211,9 @@ def parse_param(name: str, spec) -> Param | None:
         raise UserError(f"space '{name}': low ({low}) must be below high ({high})")
     if kind == "int" and not (low.is_integer() and high.is_integer()):
         raise UserError(f"space '{name}': an int range needs whole-number ends (got low {low:g}, high {high:g})")
-    log_scale = bool(spec.get("log", False))
+    log_scale = spec.get("log", False)
+    if not isinstance(log_scale, bool):  # bool("false") is True: a quoted value would silently mean log
+        raise UserError(f"space '{name}': 'log' must be true or false, got {log_scale!r}")
     if log_scale and low <= 0:
         raise UserError(f"space '{name}': a log range needs low > 0 (got {low}); use e.g. low: 1.0e-6")
     step = _number(name, "step", spec["step"]) if spec.get("step") is not None else None
@@ -337,11 +342,17 @@ def load_spec(path: str | Path, **overrides: Any) -> StudySpec:
     """Read a study YAML; ``overrides`` (None: keep) replace top-level keys, ``data`` the base's."""
     raw = load_yaml(path)
     data = overrides.pop("data", None)
-    raw.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    raw.update(given)
     try:
         spec = StudySpec(**raw)
     except ValidationError as e:
-        raise UserError(format_validation_error(e, str(path), noun="study key", suggest=_study_key_hint)) from None
+        # a bad command-line value (--n-trials 0) is not the file's fault: name the flag it came from
+        def origin(key: str) -> str:
+            top = key.split(".")[0]
+            return "--" + top.replace("_", "-") if top in given else str(path)
+
+        raise UserError(format_validation_error(e, origin, noun="study key", suggest=_study_key_hint)) from None
     if data is not None:
         spec.base = {**spec.base, "data": str(data)}
     if spec.metric not in METRICS:
@@ -462,7 +473,8 @@ def settings_hash(spec: StudySpec) -> str:
 def open_study(spec: StudySpec, worker: int = 0, heartbeat: bool = True, warn: bool = False):
     """Create or load the study. A new study records its metric, direction, settings digest and a
     random id (its identity beside each trial folder); a loaded one must have the same metric and
-    direction (Optuna would keep the stored direction), and ``warn`` says so if the settings changed."""
+    direction (Optuna would keep the stored direction); with ``warn`` (the sweep's start), the space
+    must suit the study's trials (check_space), and a change of settings is said."""
     optuna = _optuna()
     space = Space(spec)
     storage = make_storage(spec.storage_url, spec.heartbeat if heartbeat else None)
@@ -476,6 +488,8 @@ def open_study(spec: StudySpec, worker: int = 0, heartbeat: bool = True, warn: b
         raise UserError(f"study '{spec.name}' was started to {had} {had_metric or 'its metric'}, and this file asks to "
                         f"{want} {spec.metric}: Optuna keeps a study's direction, so start a new study (another name) "
                         f"or put metric/direction back")
+    if warn:  # the sweep's own open: a space its trials cannot draw is an error, not this warning
+        check_space(study, space, spec)
     if _ATTR_ID not in attrs:  # a new study (or one from before these records)
         study.set_user_attr(_ATTR_METRIC, spec.metric)
         study.set_user_attr(_ATTR_DIRECTION, want)
@@ -485,6 +499,71 @@ def open_study(spec: StudySpec, worker: int = 0, heartbeat: bool = True, warn: b
         log.warn(f"study '{spec.name}': base or space changed since the study began, so its trials did not all "
                  f"train alike and their scores may not compare; a new search wants a new study name")
     return study
+
+
+def _distribution(p: Param):
+    """The Optuna distribution ``p.suggest`` records for the parameter."""
+    d = _optuna().distributions
+    if p.kind == "float":
+        return d.FloatDistribution(p.low, p.high, log=p.log, step=p.step)
+    if p.kind == "int":
+        return d.IntDistribution(int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
+    return d.CategoricalDistribution(p.choices)
+
+
+def _describe_distribution(dist) -> str:
+    if hasattr(dist, "choices"):
+        return "choices [" + ", ".join(str(c) for c in dist.choices) + "]"
+    kind = "an int" if type(dist).__name__.startswith("Int") else "a float"
+    return f"{kind} range" + (" (log)" if dist.log else "")
+
+
+def check_space(study, space: Space, spec: StudySpec) -> None:
+    """Refuse, before any trial, a space whose parameter Optuna cannot take in this study: one that
+    changed kind, log scale or choices since its trials drew it. Every trial would fail on it."""
+    from optuna.distributions import check_distribution_compatibility
+
+    new = {name: _distribution(p) for name, p in space.params.items()}
+    for t in study.get_trials(deepcopy=False):
+        for name, old in t.distributions.items():
+            if name not in new:
+                continue
+            try:
+                check_distribution_compatibility(old, new[name])
+            except ValueError:
+                where = f"delete {spec.study_dir}" if spec.storage is None else "delete it from its storage"
+                raise UserError(f"space '{name}': {_describe_distribution(new[name])}, but study '{spec.name}' "
+                                f"drew it from {_describe_distribution(old)} (trial {t.number}), and a study cannot "
+                                f"change that: give the study a new name, or {where} to start over") from None
+
+
+# Train options that decide what the data is (its task, whether it has validation images).
+_DATA_KEYS = ("data", "val_data", "val_split", "split_seed", "task", "label_mode", "classes", "images",
+              "csv_layout", "csv_shape", "label_column", "keep_empty")
+
+
+def check_data(spec: StudySpec, space: Space) -> None:
+    """Refuse, before any trial, a metric the data cannot produce: val_map on single-label data (the
+    trainer refuses --monitor val_map there), or a val_ metric without validation images. The data
+    is read only when such a metric could be missing, and not when the space searches data options."""
+    if not spec.metric.startswith("val_") or any(k in space.params for k in _DATA_KEYS):
+        return
+    cfg = TrainConfig(**space.options({}))  # validated by load_spec
+    if spec.metric != "val_map" and (cfg.val_split > 0 or cfg.val_data):
+        return  # a val/ folder is read only when there is no split
+    from imgclf.data.cache import cache_root
+    from imgclf.data.sources import load_source
+
+    src = load_source(cfg.data, val_data=cfg.val_data, test_data=None, val_split=cfg.val_split,
+                      split_seed=cfg.split_seed, csv_layout=cfg.csv_layout, csv_shape=cfg.csv_shape,
+                      label_column=cfg.label_column, cache_dir=cache_root(cfg.cache_dir), task=cfg.task,
+                      label_mode=cfg.label_mode, classes=cfg.classes, images=cfg.images, keep_empty=cfg.keep_empty)
+    if spec.metric == "val_map" and src.task == "single":
+        raise UserError(f"study: metric val_map is for multi-label data, and {cfg.data} has one label per image: "
+                        f"use val_acc or val_loss")
+    if src.val is None:
+        raise UserError(f"study: metric {spec.metric} needs validation images, and {cfg.data} has none (no val "
+                        f"folder, val_split 0): set val_split in base (e.g. 0.1), or use a train_ metric")
 
 
 def study_id(study) -> str | None:
@@ -531,10 +610,17 @@ def check_trial_folders(spec: StudySpec, sid: str | None) -> None:
 
 
 def counted(trial) -> bool:
-    """Whether a trial uses up the budget. A trial failed because its process died (no error
-    recorded) is not counted: Optuna's heartbeat queues it again with the same parameters."""
-    name = trial.state.name
-    return name in ("COMPLETE", "PRUNED", "RUNNING", "WAITING") or (name == "FAIL" and "error" in trial.user_attrs)
+    """Whether a trial uses up n_trials: one that finished (complete or pruned) or may still
+    (running, or queued again). Failed trials are not: n_trials is the number of results the user
+    asked for, and a run of failures ends the study instead (_MAX_CONSECUTIVE_FAILURES). A trial
+    whose process died (no error recorded) comes back as a queued retry, which is counted."""
+    return trial.state.name in ("COMPLETE", "PRUNED", "RUNNING", "WAITING")
+
+
+def attempted(trial) -> bool:
+    """Whether a trial used up a grid point: counted, or failed with an error (a grid point that
+    fails is not tried again, or a failing point would be drawn for ever)."""
+    return counted(trial) or (trial.state.name == "FAIL" and "error" in trial.user_attrs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -648,8 +734,9 @@ def _report_trial(t, metric: str) -> None:
 
 
 def run_worker(spec: StudySpec, worker: int = 0) -> None:
-    """Run trials one at a time until n_trials are counted in the study, the timeout passes, or
-    (grid) every point is done. Safe to run in many processes at once on one storage."""
+    """Run trials one at a time until n_trials are counted in the study, the timeout passes,
+    (grid) every point is done, or too many trials in a row fail. Safe to run in many processes
+    at once on one storage."""
     optuna = _optuna()
     space = Space(spec)
     study = open_study(spec, worker)
@@ -657,17 +744,19 @@ def run_worker(spec: StudySpec, worker: int = 0) -> None:
     study.sampler = make_sampler(spec, space, worker, done=len(study.get_trials(deepcopy=False)))
     current: dict[str, int] = {}
     objective = make_objective(spec, space, current)
-    limit = spec.n_trials
     gs = grid_size(space, spec)
-    if gs is not None:
-        limit = gs if limit is None else min(limit, gs)
+
+    def budget_used(trials) -> bool:
+        return ((spec.n_trials is not None and sum(map(counted, trials)) >= spec.n_trials)
+                or (gs is not None and sum(map(attempted, trials)) >= gs))
+
     deadline = time.monotonic() + spec.timeout if spec.timeout else None
     failures, said_waiting = 0, False
     while deadline is None or time.monotonic() < deadline:
         optuna.storages.fail_stale_trials(study)
         trials = study.get_trials(deepcopy=False)
         waiting = any(t.state.name == "WAITING" for t in trials)
-        if limit is not None and sum(map(counted, trials)) >= limit and not waiting:
+        if budget_used(trials) and not waiting:
             if not any(t.state.name == "RUNNING" for t in trials):
                 break
             # Others' trials are running: wait, since a dead worker's trial comes back as WAITING.
@@ -748,11 +837,14 @@ def run_study(spec: StudySpec, workers: int = 1) -> dict:
     spec.study_dir.mkdir(parents=True, exist_ok=True)
     study = open_study(spec, heartbeat=False, warn=True)  # create it once here, not racing in every worker
     check_trial_folders(spec, study_id(study))
+    check_data(spec, Space(spec))
+    before = {t.number for t in study.get_trials(deepcopy=False)}
+    host = socket.gethostname()
     path = write_spec(spec)
     log.info(f"study {spec.name}: storage {_redact(spec.storage_url)}, trials in {spec.study_dir / 'trials'}")
     if workers <= 1:
         run_worker(spec)
-        return summarize(spec)
+        return summarize(spec, before, {f"{host}:{os.getpid()}"})
     env = dict(os.environ)
     threads = max(1, (os.cpu_count() or 1) // workers)
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -777,16 +869,32 @@ def run_study(spec: StudySpec, workers: int = 1) -> dict:
     bad = [c for c in codes if c != 0]
     if bad:
         raise UserError(f"{len(bad)} of {workers} workers exited with an error (status {bad[0]}); see their messages above")
-    return summarize(spec)
+    return summarize(spec, before, {f"{host}:{p.pid}" for p in procs})
 
 
-def summarize(spec: StudySpec) -> dict:
+def summarize(spec: StudySpec, before: set[int] | None = None, workers: set[str] | None = None) -> dict:
+    """The study's counts and best trial. With ``before`` (the trial numbers before this run) and
+    ``workers`` (this run's worker ids), ``error`` says why this run failed when none of the trials
+    it ran finished and some failed: the sweep then exits non-zero."""
     study = open_study(spec, heartbeat=False)
-    trials = study.get_trials(deepcopy=False)
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
     states = {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
     out: dict[str, Any] = {"study": spec.name, "trials": len(trials), **{k.lower(): v for k, v in states.items()}}
     done = [t for t in trials if t.state.name == "COMPLETE"]
     if done:
         best = study.best_trial
-        out.update(best_trial=best.number, best_value=best.value, best_params=best.params)
+        params = Space(spec).params
+        # list/dict choices are stored as JSON strings (Optuna keeps scalars): show the values
+        shown = {k: params[k].decode(v) if k in params and v in (params[k].choices or ()) else v
+                 for k, v in best.params.items()}
+        out.update(best_trial=best.number, best_value=best.value, best_params=shown)
+    if before is not None:
+        mine = [t for t in trials if t.number not in before and t.user_attrs.get("worker") in (workers or ())]
+        failed = [t for t in mine if t.state.name == "FAIL" and "error" in t.user_attrs]
+        if failed and not any(t.state.name in ("COMPLETE", "PRUNED") for t in mine):
+            last = failed[-1]
+            err = spec.study_dir / "trials" / str(last.number) / "error.txt"
+            see = f" (see {err})" if err.exists() else ""
+            out["error"] = (f"no trial finished: the {len(failed)} trial{'s' if len(failed) > 1 else ''} this sweep ran "
+                            f"failed, the last with: {last.user_attrs['error']}{see}")
     return out
