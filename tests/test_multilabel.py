@@ -128,14 +128,17 @@ def test_coco_json_and_yolo_labels_give_identical_targets(coco, coco_truth, tmp_
     assert all(s in unlabelled[0] for s in facts["unlabelled"])
 
 
-def test_yolo_without_names_uses_numeric_classes(coco):
+def test_yolo_without_names_uses_numeric_classes(coco, tmp_path):
     root, _ = coco
-    yolo = _load(root)  # images/ + labels/, no names file
+    # images/ + labels/ alone: no names file, and no COCO JSON beside them to name the ids
+    os.symlink(root / "images", tmp_path / "images")
+    os.symlink(root / "labels", tmp_path / "labels")
+    yolo = _load(tmp_path)
     assert yolo.classes[:3] == ["0", "1", "2"]
     k = 1 + max(int(line.split()[0]) for f in (root / "labels").glob("*.txt") for line in f.read_text().splitlines()
                 if line.strip())
     assert len(yolo.classes) == k
-    sub = _load(root, classes="0,2")  # --classes works with the numeric names too
+    sub = _load(tmp_path, classes="0,2")  # --classes works with the numeric names too
     assert sub.classes == ["0", "2"] and sub.train.labels.shape[1] == 2
     full = {Path(p).stem: row for p, row in zip(yolo.train.paths, yolo.train.labels)}
     for p, row in zip(sub.train.paths, sub.train.labels):

@@ -1,4 +1,5 @@
-"""Multi-label sources: COCO instances JSON, YOLO label folders and ``path,label1|label2`` CSVs.
+"""Multi-label sources: COCO instances JSON, YOLO label folders (images/ + labels/, or Roboflow's
+train/images + train/labels) and CSVs of ``path,label1|label2`` or one 0/1 column per class.
 
 Each becomes a :class:`DataSource` whose labels are multi-hot float32 ``[N, C]`` (task
 "multilabel") or, in ``largest`` mode, the class of each image's largest object (task "single").
@@ -11,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +73,16 @@ def _csv_header(path: Path) -> list[str]:
         return []
 
 
+# YOLO split folders: images/<split>/ + labels/<split>/ (Ultralytics) or <split>/images/ +
+# <split>/labels/ (Roboflow's export)
+YOLO_SPLITS = (("train", ("train",)), ("val", ("val", "valid", "validation")), ("test", ("test",)))
+
+
+def _split_first_yolo(root: Path) -> bool:
+    """Roboflow's layout: train/images/ + train/labels/ (+ valid/, test/, data.yaml)."""
+    return (root / "train" / "images").is_dir() and (root / "train" / "labels").is_dir()
+
+
 def detect(path: Path) -> str | None:
     """'coco', 'yolo', 'csv' (multi-label CSV) or None (not a multi-label source)."""
     if path.is_file():
@@ -79,7 +91,7 @@ def detect(path: Path) -> str | None:
         if path.suffix.lower() == ".csv" and any(h in PATH_COLUMNS for h in _csv_header(path)):
             return "csv"
         return None
-    if path.is_dir() and (path / "images").is_dir() and (path / "labels").is_dir():
+    if path.is_dir() and (((path / "images").is_dir() and (path / "labels").is_dir()) or _split_first_yolo(path)):
         return "yolo"
     return None
 
@@ -94,13 +106,23 @@ def _coco_image_dir(json_path: Path, data: dict, images: str | None) -> Path:
         if not d.is_dir():
             raise UserError(f"--images {images}: no such folder")
         return d
-    first = next((im["file_name"] for im in data.get("images", [])), None)
+    # The folder holding most of a sample of the listed files: testing only the first one sent
+    # a set whose first image is missing looking elsewhere (and failing) though the rest were there.
+    sample = [im["file_name"] for im in data.get("images", [])[:20] if isinstance(im, dict) and "file_name" in im]
     split = json_path.stem.split("_")[-1]  # instances_train2017 -> train2017
     root = json_path.parent.parent if json_path.parent.name == "annotations" else json_path.parent
     candidates = [root / "images" / split, root / "images", root / split, json_path.parent / "images", json_path.parent]
+    best, hits = None, 0
     for d in candidates:
-        if d.is_dir() and (first is None or (d / first).exists()):
+        if not d.is_dir():
+            continue
+        if not sample:
             return d
+        n = sum((d / f).exists() for f in sample)
+        if n > hits:
+            best, hits = d, n
+    if best is not None:
+        return best
     raise UserError(f"{json_path}: cannot find its image folder (tried {', '.join(str(c) for c in candidates[:3])}); "
                     "pass it with --images FOLDER")
 
@@ -160,7 +182,13 @@ def _yolo_names(root: Path) -> list[str] | None:
             except yaml.YAMLError as e:
                 raise UserError(f"{f} is not valid YAML ({e})") from None
             if isinstance(names, dict):  # Ultralytics style {0: person, 1: bicycle}
-                return [str(names[k]) for k in sorted(names, key=int)]
+                try:
+                    ids = sorted(names, key=int)
+                except (TypeError, ValueError):
+                    raise UserError(f"{f}: names must be a list or map class ids 0, 1, 2, ... to names") from None
+                if [int(k) for k in ids] != list(range(len(ids))):  # a gap would shift every later name
+                    raise UserError(f"{f}: the names' class ids are not 0..{len(ids) - 1} (got {_few(ids, 5)})")
+                return [str(names[k]) for k in ids]
             if isinstance(names, list):
                 return [str(n) for n in names]
     for name in ("classes.txt", "names.txt", "obj.names", "names"):
@@ -191,20 +219,47 @@ def _yolo_pairs(images: Path, labels: Path, problems: list[str]) -> tuple[list[s
 
 
 def yolo_splits(root: Path) -> dict[str, tuple[Path, Path]]:
-    """{'train'|'val'|'test': (images dir, labels dir)}; a flat images/ + labels/ is 'train'."""
+    """{'train'|'val'|'test': (images dir, labels dir)}; a flat images/ + labels/ is 'train'.
+    Both images/<split>/ + labels/<split>/ and <split>/images/ + <split>/labels/ are read."""
     img, lab = root / "images", root / "labels"
+    flat = img.is_dir() and lab.is_dir()
     out = {}
-    for split, names in (("train", ("train",)), ("val", ("val", "valid", "validation")), ("test", ("test",))):
+    for split, names in YOLO_SPLITS:
         for n in names:
-            if (img / n).is_dir() and (lab / n).is_dir():
-                out[split] = (img / n, lab / n)
+            i, la = (img / n, lab / n) if flat else (root / n / "images", root / n / "labels")
+            if i.is_dir() and la.is_dir():
+                out[split] = (i, la)
                 break
     return out or {"train": (img, lab)}
+
+
+_BOX_TOLERANCE = 0.01  # exporters round (1.0000002, -1e-7): not worth a warning
+
+
+def _yolo_box(vals: list[float]) -> tuple[float, float] | str:
+    """Width and height of a line's box (cx cy w h) or of a segment's polygon (x1 y1 x2 y2 ...),
+    or why the line is not a YOLO box."""
+    if len(vals) == 4:
+        w, h = vals[2], vals[3]
+    elif len(vals) >= 6 and len(vals) % 2 == 0:  # YOLO segmentation: the polygon's bounding box
+        w, h = max(vals[0::2]) - min(vals[0::2]), max(vals[1::2]) - min(vals[1::2])
+    else:
+        return "not 5 values (class cx cy w h) nor a polygon (class x1 y1 x2 y2 x3 y3 ...)"
+    if not all(-_BOX_TOLERANCE <= v <= 1 + _BOX_TOLERANCE for v in vals):  # also NaN and inf
+        return "coordinates outside 0..1 (YOLO coordinates are fractions of the image size)"
+    if not (w > 0 and h > 0):
+        return "zero or negative width or height"
+    return w, h
 
 
 def read_yolo(images: Path, labels: Path, names: list[str] | None, problems: list[str]) -> _Objects:
     paths, label_files = _yolo_pairs(images, labels, problems)
     objects: list[list[tuple[int, float]]] = []
+    # A wrong class id or a word where a number belongs is fatal (a names file that does not fit,
+    # or not YOLO labels at all); a line with a bad box is skipped with a warning, since in
+    # 'largest' mode a bogus box would decide the image's label.
+    bad: dict[str, list[str]] = {}
+    n_lines = 0
     for lf in label_files:
         objs = []
         if lf is not None:
@@ -212,36 +267,152 @@ def read_yolo(images: Path, labels: Path, names: list[str] | None, problems: lis
                 parts = line.split()
                 if not parts:
                     continue
+                n_lines += 1
                 try:
-                    cls = int(parts[0])
-                    w, h = (float(parts[3]), float(parts[4])) if len(parts) >= 5 else (0.0, 0.0)
+                    cid = float(parts[0])
+                    vals = [float(v) for v in parts[1:]]
                 except ValueError:
                     raise UserError(f"{lf}:{n}: expected 'class cx cy w h', got '{line.strip()}'") from None
-                if cls < 0 or (names is not None and cls >= len(names)):
-                    raise UserError(f"{lf}:{n}: class id {cls} is outside the {len(names or [])} class names")
-                objs.append((cls, w * h))
+                if not cid.is_integer():
+                    raise UserError(f"{lf}:{n}: class id {parts[0]} is not a whole number")
+                cls = int(cid)  # "3" or "3.0" (written by np.savetxt)
+                if cls < 0:
+                    raise UserError(f"{lf}:{n}: class id {cls} is negative; YOLO class ids count from 0")
+                if names is not None and cls >= len(names):
+                    raise UserError(f"{lf}:{n}: class id {cls} is outside the {len(names)} class names "
+                                    f"(ids 0..{len(names) - 1})")
+                box = _yolo_box(vals)
+                if isinstance(box, str):
+                    bad.setdefault(box, []).append(f"{lf.relative_to(labels)}:{n}")
+                    continue
+                objs.append((cls, box[0] * box[1]))
         objects.append(objs)
-    if names is None:
+    if bad:
+        n_bad = sum(len(v) for v in bad.values())
+        why = "; ".join(f"{k} ({len(v)}, e.g. {', '.join(v[:2])})" for k, v in bad.items())
+        if 2 * n_bad > n_lines:  # most of it: not a few stray lines but labels in another format
+            raise UserError(f"{labels}: {n_bad} of {n_lines} label lines are not YOLO boxes: {why}")
+        problems.append(f"{labels}: {n_bad} of {n_lines} label line(s) skipped, not YOLO boxes: {why}")
+    if names is None:  # load() names them (and checks the ids) over all splits
         k = 1 + max((c for objs in objects for c, _ in objs), default=-1)
         names = [str(i) for i in range(k)]
     return _Objects(paths, objects, names)
+
+
+def _id_ranges(ids: list[int], k: int = 6) -> str:
+    """[1, 2, 3, 7, 81, ..., 199] -> '1-3, 7, 81-199'."""
+    runs: list[list[int]] = []
+    for i in ids:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    text = ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in runs[:k])
+    return text + (f", ... ({len(runs) - k} more ranges)" if len(runs) > k else "")
+
+
+_COCO_NAMES_MAX_BYTES = 200 << 20  # instances_train2017.json (450 MB) would take a minute to compare
+
+
+def _names_from_coco(root: Path, parts: dict[str, _Objects], problems: list[str]) -> list[str] | None:
+    """Class names for YOLO labels without a names file, from a COCO instances JSON beside them
+    (coco128, Ultralytics' COCO download), when its categories in id order give the label files'
+    class ids: checked on the images both describe, so a JSON of another numbering is not used."""
+    from imgclf import log
+
+    # instances_*.json first: captions_ and person_keypoints_ files sit beside them in COCO
+    jsons = sorted((p for d in (root / "annotations", root) if d.is_dir() for p in d.glob("*.json")),
+                   key=lambda p: (not p.name.startswith("instances"), str(p)))
+    yolo = {Path(p).stem: {c for c, _ in objs} for o in parts.values() for p, objs in zip(o.paths, o.objects)}
+    top = max((c for ids in yolo.values() for c in ids), default=-1)
+    lead = f"{root}: no names file, so the classes are the label files' numbers"
+    unused: list[str] = []  # why each COCO JSON found was not used; reported when none was
+    for jp in jsons:
+        use = f"pass --data {jp} to read its annotations, or add a names file (data.yaml with names:, or classes.txt)"
+        try:
+            if jp.stat().st_size > _COCO_NAMES_MAX_BYTES:
+                unused.append(f"{lead}; {jp} may hold their names but is too large to compare: {use}")
+                continue
+            data = json.loads(jp.read_text())
+            cats = sorted(data["categories"], key=lambda c: c["id"])
+            col = {c["id"]: i for i, c in enumerate(cats)}
+            stem = {im["id"]: Path(im["file_name"]).stem for im in data["images"]}
+            coco: dict[str, set] = {s: set() for s in stem.values()}
+            for a in data.get("annotations", []):
+                coco.setdefault(stem.get(a["image_id"], ""), set()).add(col.get(a["category_id"], -1))
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError):
+            continue  # not a COCO instances file
+        both = [s for s in yolo if s in coco and (yolo[s] or coco[s])]
+        agree = sum(yolo[s] == coco[s] for s in both)
+        if both and top < len(cats) and agree >= 0.9 * len(both):
+            log.info(f"{root}: no names file beside the YOLO labels: class names taken from {jp} (its categories "
+                     f"in id order; they match the labels' class ids on {agree} of {len(both)} images)")
+            return [str(c["name"]) for c in cats]
+        why = (f"they match the class ids on only {agree} of {len(both)} images" if both
+               else "it describes none of these images")
+        unused.append(f"{lead}; {jp} has category names, but {why}: {use}")
+    problems.extend(unused[:1])
+    return None
+
+
+def _yolo_classes(root: Path, parts: dict[str, _Objects], problems: list[str], training: bool) -> list[str]:
+    """Class names of YOLO labels without a names file: a COCO JSON's beside them, else the ids."""
+    names = _names_from_coco(root, parts, problems)
+    if names is not None:
+        return names
+    used = sorted({c for o in parts.values() for objs in o.objects for c, _ in objs})
+    k = used[-1] + 1 if used else 0
+    if training and len(used) < k:
+        # without names every id up to the largest is a class: one stray 200 made 201 classes
+        never = sorted(set(range(k)) - set(used))
+        where = next((Path(p).name for o in parts.values() for p, objs in zip(o.paths, o.objects)
+                      if any(c == k - 1 for c, _ in objs)), "?")
+        problems.append(f"{root}: class ids run to {k - 1} (in the labels of {where}) but only {len(used)} distinct "
+                        f"ids are used: ids {_id_ranges(never)} never appear, yet each becomes a class; add a names "
+                        "file (data.yaml with names:, or classes.txt), or correct the stray ids")
+    return [str(i) for i in range(k)]
 
 
 # ---------------------------------------------------------------------------------------------
 # CSV of path,label1|label2
 
 
-def read_label_csv(path: Path, problems: list[str]) -> tuple[list[str], list[list[str]]]:
+_FLAG_VALUES = {"", "0", "1", "0.0", "1.0"}
+
+
+def _indicator_columns(path: Path, rows: list[list[str]], pcol: int) -> list[int]:
+    """The columns of a one-hot CSV (path,person,dog,cat with 0/1 cells), or a UserError saying
+    what layouts are read."""
+    header = rows[0]
+    others = [i for i in range(len(header)) if i != pcol]
+    data = [r for r in rows[1:] if r and pcol < len(r) and r[pcol].strip()]
+    not_flags = [header[i].strip() or f"column {i + 1}" for i in others
+                 if any(i < len(r) and r[i].strip() not in _FLAG_VALUES for r in data)]
+    names = [header[i].strip() for i in others]
+    if not_flags or not all(names):
+        raise UserError(f"{path}: no label column (name one of {', '.join(LABEL_COLUMNS)}, holding label1|label2), "
+                        f"and its other columns are not one 0/1 column per class either "
+                        f"({_few(not_flags) if not_flags else 'a column has no name'})")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UserError(f"{path}: class column(s) {', '.join(dup)} appear more than once")
+    return others
+
+
+def read_label_csv(path: Path, problems: list[str]) -> tuple[list[str], list[list[str]], list[str] | None]:
+    """(paths, labels per row, the class columns of a one-hot CSV or None)."""
     with open(path, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.reader(f))
     header = [h.strip().lower() for h in rows[0]]
     pcol = next(header.index(h) for h in PATH_COLUMNS if h in header)
     lcol = next((header.index(h) for h in LABEL_COLUMNS if h in header), None)
+    flags: list[int] | None = None
     if lcol is None:
         others = [i for i in range(len(header)) if i != pcol]
-        if len(others) != 1:
-            raise UserError(f"{path}: no label column (name one of {', '.join(LABEL_COLUMNS)})")
-        lcol = others[0]
+        if len(others) == 1:
+            lcol = others[0]
+        else:  # path,person,dog,cat with 0/1 rows: one indicator column per class
+            flags = _indicator_columns(path, rows, pcol)
     paths, labels, missing = [], [], []
     for row in rows[1:]:
         if not row or not row[pcol].strip():
@@ -252,11 +423,95 @@ def read_label_csv(path: Path, problems: list[str]) -> tuple[list[str], list[lis
             missing.append(row[pcol].strip())
             continue
         paths.append(str(p))
+        if flags is not None:
+            labels.append([rows[0][i].strip() for i in flags if i < len(row) and row[i].strip() in ("1", "1.0")])
+            continue
         text = row[lcol] if lcol < len(row) else ""
         labels.append([t.strip() for t in text.split(LABEL_SEP) if t.strip()])
     if missing:
         problems.append(f"{len(missing)} image file(s) named in {path.name} do not exist: {_few(missing)}; skipped")
-    return paths, labels
+    return paths, labels, [rows[0][i].strip() for i in flags] if flags is not None else None
+
+
+def _one_edit(a: str, b: str) -> bool:
+    """Whether ``a`` is a likely typo of ``b``: two neighbouring letters swapped (dgo), or one left
+    out or added (persn). Edits that mostly make other real words are not counted: a changed
+    letter under 7 letters (cat, car; horse, house), a letter added or dropped at the start
+    (corn, acorn) or in names under 4 letters (sea, seal). COCO's and CIFAR-10/100's names then
+    hold no such pair."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        d = [i for i in range(len(a)) if a[i] != b[i]]
+        if len(d) == 2 and d[1] == d[0] + 1 and a[d[0]] == b[d[1]] and a[d[1]] == b[d[0]]:
+            return len(a) >= 3
+        return len(d) == 1 and len(a) >= 7
+    short, long_ = (a, b) if len(a) < len(b) else (b, a)
+    i = next((k for k in range(len(short)) if short[k] != long_[k]), len(short))
+    return short[i:] == long_[i + 1:] and i > 0 and len(short) >= 4
+
+
+def _deletions(t: str) -> set[str]:
+    return {t} | {t[:i] + t[i + 1:] for i in range(len(t))}
+
+
+def _near(name: str, classes: list[str]) -> str | None:
+    """A class ``name`` was probably meant to be (case, one typo, or difflib's closest)."""
+    import difflib
+
+    key = " ".join(name.split()).casefold()
+    return (next((c for c in classes if " ".join(c.split()).casefold() == key), None)
+            or next((c for c in classes if _one_edit(name, c)), None)
+            or next(iter(difflib.get_close_matches(name, classes, n=1, cutoff=0.75)), None))
+
+
+def _name_problems(path: Path, labels: list[list[str]], training: bool, columns: bool = False) -> list[str]:
+    """Class names a CSV most likely did not mean: another separator than '|' (person;dog is one
+    class), and in training data the same name written twice (Person, person) or a rare typo of
+    a frequent name (persn beside person), each of which silently became a class of its own."""
+    out = []
+    count = Counter(t for ls in labels for t in ls)
+    if not columns and not any(len(ls) > 1 for ls in labels):
+        for sep in (";", ","):
+            hits = [t for t in count if sep in t]
+            pieces = {p.strip() for t in hits for p in t.split(sep)}
+            # a comma can be part of a name (ImageNet's 'tench, Tinca tinca'): only when its
+            # pieces are labels of their own, or shared by several labels, is it a separator
+            shared = Counter(p.strip() for t in hits for p in set(t.split(sep)))
+            if hits and (sep == ";" or pieces & set(count) or any(n > 1 for n in shared.values())):
+                n = sum(count[t] for t in hits)
+                out.append(f"{path}: {n} label(s) hold '{sep}' (e.g. '{hits[0]}') and none '|': the labels of a row "
+                           f"are separated by '|' (a|b), so '{hits[0]}' is read as one class; write "
+                           f"'{LABEL_SEP.join(p.strip() for p in hits[0].split(sep))}' for several labels")
+                break
+    if not training or len(count) < 2:
+        return out
+    pairs = []
+    by_key: dict[str, list[str]] = {}
+    for t in count:
+        by_key.setdefault(" ".join(t.split()).casefold(), []).append(t)
+    for group in by_key.values():
+        if len(group) > 1:
+            group.sort(key=lambda t: -count[t])
+            pairs += [(t, group[0]) for t in group[1:]]
+    # A typo is rare beside what it misspells (10x fewer rows). Names one edit apart share a
+    # one-letter deletion, so only those are compared: linear in the number of names.
+    by_deletion: dict[str, list[str]] = {}
+    for t in count:
+        for k in _deletions(t):
+            by_deletion.setdefault(k, []).append(t)
+    for t in sorted(count, key=lambda t: (count[t], t)):
+        near = [f for k in _deletions(t) for f in by_deletion[k] if count[f] >= 10 * count[t] and _one_edit(t, f)]
+        if near:
+            f = max(near, key=lambda f: (count[f], f))
+            if (t, f) not in pairs:
+                pairs.append((t, f))
+    if pairs:
+        shown = ", ".join(f"'{a}' ({count[a]} row(s)) beside '{b}' ({count[b]})" for a, b in pairs[:5])
+        more = f" and {len(pairs) - 5} more" if len(pairs) > 5 else ""
+        out.append(f"{path}: class names that look like another class written differently: {shown}{more}; "
+                   "each is a class of its own: write them the same way if they are one")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,10 +568,10 @@ def load(path: Path, kind: str, opts: Options, classes: list[str] | None = None)
     else:
         names = _yolo_names(path)
         parts = {s: read_yolo(i, lab, names, problems) for s, (i, lab) in yolo_splits(path).items()}
-        if names is None:  # numeric names: size them by the largest id of any split
-            k = max(len(o.classes) for o in parts.values())
+        if names is None:  # one class list for every split: ids up to the largest of any split
+            names = _yolo_classes(path, parts, problems, training=classes is None)
             for o in parts.values():
-                o.classes = [str(i) for i in range(k)]
+                o.classes = names
         name = _data_name(path)
     found = parts["train"].classes
     cls = classes if classes is not None else _class_list(found, opts, str(path))
@@ -336,17 +591,34 @@ def load(path: Path, kind: str, opts: Options, classes: list[str] | None = None)
 def _load_csv(path: Path, opts: Options, classes: list[str] | None, problems: list[str]) -> DataSource:
     from imgclf.data.sources import _data_name
 
-    paths, labels = read_label_csv(path, problems)
+    paths, labels, columns = read_label_csv(path, problems)
     if not paths:
         raise UserError(f"{path}: no rows with an existing image file")
-    found = sorted({t for ls in labels for t in ls})
+    found = columns if columns is not None else sorted({t for ls in labels for t in ls})
+    problems.extend(_name_problems(path, labels, training=classes is None, columns=columns is not None))
     cls = classes if classes is not None else _class_list(found, opts, str(path))
     index = {c: i for i, c in enumerate(cls)}
     # auto: single-label when every labelled row has one label. Rows left blank are then more
     # likely unlabelled than "none of the classes": they are dropped, and the message says how
-    # to keep them as negatives.
-    single = opts.task == "single" or (opts.task == "auto" and all(len(ls) <= 1 for ls in labels)
-                                       and any(labels))
+    # to keep them as negatives. In a one-hot CSV a row of 0s says "none": multi-label.
+    if columns is not None:
+        single = opts.task == "single" or (opts.task == "auto" and all(len(ls) == 1 for ls in labels))
+    else:
+        single = opts.task == "single" or (opts.task == "auto" and all(len(ls) <= 1 for ls in labels)
+                                           and any(labels))
+    if classes is not None and opts.subset is None:
+        # val/test data: a label training does not have (a typo: persn, dgo) cannot be scored
+        unknown = Counter(t for ls in labels for t in ls if t not in index)
+        if unknown:
+            emptied = sum(1 for ls in labels if ls and not any(t in index for t in ls))
+            names = []
+            for t, n in unknown.most_common(5):
+                near = _near(t, cls)
+                names.append(f"'{t}' ({n} row(s){f'; training has {near!r}' if near else ''})")
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            left = "dropped" if single else "left with no label (all-negative)"
+            problems.append(f"{path}: labels the training data does not have are ignored: {', '.join(names)}{more}; "
+                            f"{emptied} of {len(labels)} row(s) are {left}")
     if single and opts.task == "auto" and not all(labels):
         problems.append(f"{path}: {sum(not ls for ls in labels)} row(s) have no label: skipped "
                         "(--task multilabel keeps them as images of none of the classes)")

@@ -353,7 +353,7 @@ def _load_one(spec: str, *, csv_layout: str, label_column: str, cache_dir: Path,
         return src
     if path.is_dir():
         path = _unwrap(path)
-    kind = multilabel.detect(path)  # COCO JSON, YOLO images/+labels/, CSV of path,label1|label2
+    kind = multilabel.detect(path)  # COCO JSON, YOLO images/+labels/ (or train/images/+labels/), label CSV
     if kind is not None:
         return multilabel.load(path, kind, ml or multilabel.Options(), classes)
     if path.is_file():
@@ -452,6 +452,13 @@ def load_source(
                      else _load_one(spec, classes=src.classes, **kw))
             if other.classes != src.classes:
                 raise UserError(f"{spec}: its classes {other.classes[:5]}... differ from the training data's")
+            # a label CSV decides single/multi-label from its own rows: a val CSV with one label
+            # per row beside multi-label training data is still multi-label (its labels were
+            # integer class ids beside the training's multi-hot rows)
+            if other.task == "single" and src.task == "multilabel":
+                other = multilabel.to_multilabel(other)
+            elif other.task == "multilabel" and src.task == "single" and task != "multilabel":
+                raise UserError(f"{spec} has several labels per image, but --data {data} has one per image")
             setattr(src, attr, other.train)
             src.problems.extend(other.problems)
     if task == "multilabel" and src.task == "single":
