@@ -173,6 +173,14 @@ def test_roboflow_yolo_layout(tmp_path):
         _load(root)
 
 
+def test_ultralytics_coco_split_folders(tmp_path):
+    # Ultralytics' coco.yaml layout: images/train2017 + images/val2017 were read as one training set
+    _yolo(tmp_path, {"a": "0 0.5 0.5 0.2 0.2\n", "b": "1 0.5 0.5 0.4 0.4\n"}, "train2017")
+    _yolo(tmp_path, {"c": "0 0.5 0.5 0.2 0.2\n"}, "val2017")
+    src = _load(tmp_path)
+    assert [Path(p).stem for p in src.train.paths] == ["a", "b"] and [Path(p).stem for p in src.val.paths] == ["c"]
+
+
 # -- 4. YOLO lines that are not boxes -----------------------------------------------------------
 
 

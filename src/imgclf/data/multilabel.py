@@ -74,8 +74,9 @@ def _csv_header(path: Path) -> list[str]:
 
 
 # YOLO split folders: images/<split>/ + labels/<split>/ (Ultralytics) or <split>/images/ +
-# <split>/labels/ (Roboflow's export)
-YOLO_SPLITS = (("train", ("train",)), ("val", ("val", "valid", "validation")), ("test", ("test",)))
+# <split>/labels/ (Roboflow's export); Ultralytics' full COCO names them train2017/val2017/test2017
+YOLO_SPLITS = (("train", ("train", "train2017")), ("val", ("val", "valid", "validation", "val2017")),
+               ("test", ("test", "test2017")))
 
 
 def _split_first_yolo(root: Path) -> bool:
