@@ -206,11 +206,18 @@ def test_train_runs_the_check(tiny_run):
     # tiny_run: 2 epochs on the packaged sample, shared with the other tests
     report = json.loads((tiny_run / "check.json").read_text())
     assert report["serious"] is False
-    # the sample's one true near-duplicate pair (train/frog/0178.jpg ~ 0204.jpg) stays within train
-    assert _kinds(report) == ["near_duplicate"]
-    pair = report["findings"][0]
-    assert sorted(p.rsplit("/", 2)[-2] + "/" + p.rsplit("/", 1)[-1] for p in pair["paths"]) == \
-        ["frog/0178.jpg", "frog/0204.jpg"] and pair["details"]["splits"] == ["train", "train"]
+    # the sample's one true near-duplicate pair (train/frog/0178.jpg ~ 0204.jpg) stays within
+    # train, and its one true mirrored pair (test/deer/0064.jpg ~ mirror of 0098.jpg, the same
+    # photo flipped and recoloured) within test: nothing else in its 4,000 images
+    assert _kinds(report) == ["near_duplicate", "near_duplicate"]
+    near, mirrored = sorted(report["findings"], key=lambda f: bool(f["details"].get("mirrored")))
+
+    def names(f):
+        return sorted(p.rsplit("/", 2)[-2] + "/" + p.rsplit("/", 1)[-1] for p in f["paths"])
+
+    assert names(near) == ["frog/0178.jpg", "frog/0204.jpg"] and near["details"]["splits"] == ["train", "train"]
+    assert names(mirrored) == ["deer/0064.jpg", "deer/0098.jpg"] and mirrored["details"]["splits"] == ["test", "test"]
+    assert "mirrored copies" in mirrored["message"]
     assert (tiny_run / "samples.png").exists()
 
 

@@ -1,9 +1,9 @@
 """Data checks: what silently ruins a model before training starts.
 
-Unreadable files, empty or tiny classes, exact and near duplicates within a split and across
-train/val/test (leakage), class imbalance, image sizes and modes, pixel arrays read with the wrong
-channel layout, and a PNG grid of random samples per class. Everything works on the decoded-image
-cache that training uses, so checking decodes nothing twice.
+Unreadable files, empty or tiny classes, exact, near and mirrored duplicates within a split and
+across train/val/test (leakage), class imbalance, image sizes and modes, pixel arrays read with
+the wrong channel layout, and a PNG grid of random samples per class. Everything works on the
+decoded-image cache that training uses, so checking decodes nothing twice.
 
 ``run_checks`` returns a :class:`CheckReport`; ``imgclf check`` prints it and ``imgclf train``
 summarises it in a line or two and writes ``RUN/check.json``.
@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.data.cache import CachedSplit, release_pages
-from imgclf.data.phash import equal_groups, hash_images, near_pairs
+from imgclf.data.phash import equal_groups, hash_images, mirror_pairs, near_pairs
 from imgclf.data.sources import DataSource, Split
 from imgclf.errors import UserError
+from imgclf.paths import write_problem
 
 SEVERITIES = ("error", "warning", "info")
 SPLIT_ORDER = ("train", "val", "test")
@@ -94,6 +95,7 @@ class CheckReport:
 
     def write_json(self, path: str | Path) -> Path:
         path = Path(path)
+        check_outputs(json_path=path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=2))
         return path
@@ -141,6 +143,20 @@ def _items(source: DataSource, cached: dict[str, CachedSplit]) -> _Items:
 # entry point
 
 
+def check_outputs(out_dir: str | Path | None = None, json_path: str | Path | None = None) -> None:
+    """A one-line UserError when the check could not write its files (an --out that is a file,
+    a read-only place): to be called before the work, not found after it."""
+    if out_dir is not None:
+        problem = write_problem(Path(out_dir), create=False)
+        if problem:
+            raise UserError(f"cannot write the check's files to {out_dir}: {problem}")
+    if json_path is not None:
+        path = Path(json_path)
+        problem = f"{path} is a folder" if path.is_dir() else write_problem(path.parent, create=False)
+        if problem:
+            raise UserError(f"cannot write the findings to {path}: {problem}")
+
+
 def run_checks(
     source: DataSource,
     cached_splits: dict[str, CachedSplit],
@@ -151,14 +167,18 @@ def run_checks(
     size_sample: int = 2000,
     grid: bool = True,
     seed: int = 0,
+    search_all: str = "run without --max-images to search them all",
 ) -> CheckReport:
     """Check ``source`` using its decoded ``cached_splits`` (from :func:`imgclf.data.cache.build_cache`).
 
     ``max_images`` caps how many images are hashed for duplicates (a random sample per split
-    beyond it; None: all). The sample grid is written to ``out_dir/samples.png`` when ``out_dir``
-    is given. Nothing here raises for a data problem: problems become findings.
+    beyond it; None: all); ``search_all`` tells the user how to search them all. The sample grid
+    is written to ``out_dir/samples.png`` when ``out_dir`` is given. Nothing here raises for a
+    data problem: problems become findings.
     """
     t0 = time.perf_counter()
+    if grid and out_dir is not None:
+        check_outputs(out_dir)
     items = _items(source, cached_splits)
     size = int(items.caches[0].images.shape[1]) if items.caches else 0
     report = CheckReport(data=source.origin, classes=list(source.classes), image_size=size)
@@ -177,7 +197,8 @@ def run_checks(
         # the band search splits 64 bits into threshold + 1 bands: past 16 every band is a few
         # bits wide and all images pair up; below 0 nothing would be searched at all
         raise UserError(f"--near-threshold {near_threshold}: expected 0..16 bits of 64 (default {NEAR_THRESHOLD})")
-    dup_findings, dup_stats = _duplicates(items, near_threshold if not layout_findings else None, max_images, rng)
+    dup_findings, dup_stats = _duplicates(items, near_threshold if not layout_findings else None, max_images, rng,
+                                          search_all)
     report.findings += dup_findings
     report.stats["duplicates"] = dup_stats
     size_stats, size_findings = _sizes_and_modes(items, size, size_sample, rng)
@@ -289,20 +310,23 @@ def _sample_rows(items: _Items, max_images: int | None, rng) -> list[np.ndarray]
     return [np.sort(rng.choice(r, max(1, int(len(r) * frac)), replace=False)) for r in rows]
 
 
-def _duplicates(items: _Items, threshold: int | None, max_images: int | None, rng) -> tuple[list[Finding], dict]:
-    """Exact copies (pixel digests) and, unless ``threshold`` is None, near duplicates (pHash)."""
+def _duplicates(items: _Items, threshold: int | None, max_images: int | None, rng,
+                search_all: str = "") -> tuple[list[Finding], dict]:
+    """Exact copies (pixel digests) and, unless ``threshold`` is None, near duplicates and
+    mirrored copies (pHash of each image against the others and their mirror images)."""
     t0 = time.perf_counter()
     rows = _sample_rows(items, max_images, rng)
-    ph_parts, dg_parts = [], []
+    ph_parts, dg_parts, pm_parts = [], [], []
     for cs, r in zip(items.caches, rows):
-        ph, dg = hash_images(cs.images, r)
+        ph, dg, pm = hash_images(cs.images, r)
         ph_parts.append(ph)
         dg_parts.append(dg)
+        pm_parts.append(pm)
     if not rows:
         return [], {}
     split_of = np.concatenate([np.full(len(r), s, dtype=np.int64) for s, r in enumerate(rows)])
     row_of = np.concatenate(rows).astype(np.int64)
-    ph, dg = np.concatenate(ph_parts), np.concatenate(dg_parts)
+    ph, dg, pm = np.concatenate(ph_parts), np.concatenate(dg_parts), np.concatenate(pm_parts)
     # label of each hashed image (single-label ints; multi-hot rows compare as bytes)
     label_of = []
     for cs, r in zip(items.caches, rows):
@@ -334,27 +358,38 @@ def _duplicates(items: _Items, threshold: int | None, max_images: int | None, rn
     for k, g in enumerate(exact_groups):
         group_id[g] = k
     exact_pairs = [(int(g[0]), int(m)) for g in exact_groups for m in g[1:]]
-    near = near_pairs(ph, threshold) if threshold is not None else np.zeros((0, 3), dtype=np.int64)
+    none = np.zeros((0, 3), dtype=np.int64)
+    near = near_pairs(ph, threshold) if threshold is not None else none
     near = near[(group_id[near[:, 0]] < 0) | (group_id[near[:, 0]] != group_id[near[:, 1]])]
+    mirror = mirror_pairs(ph, pm, threshold) if threshold is not None else none
+    # a pair that is also a plain near duplicate or copy (a symmetric picture) is reported as that
+    seen = {(int(a), int(b)) for a, b, _ in near}
+    mirror = mirror[[(int(a), int(b)) not in seen and (group_id[a] < 0 or group_id[a] != group_id[b])
+                     for a, b, _ in mirror]] if len(mirror) else mirror
     stats = {
         "hashed": int(len(ph)),
         "of": int(sum(len(cs.rows) for cs in items.caches)),
         "exact_groups": len(exact_groups),
         "near_pairs": int(len(near)),
+        "mirror_pairs": int(len(mirror)),
         "near_threshold": threshold,
     }
     out: list[Finding] = []
     out += _pair_findings(items, split_of, row_of, label_of, exact_pairs, None)
-    out += _pair_findings(items, split_of, row_of, label_of, [(int(a), int(b)) for a, b, _ in near], near[:, 2])
+    out += _pair_findings(items, split_of, row_of, label_of, [(int(a), int(b)) for a, b, _ in near], near[:, 2],
+                          threshold)
+    out += _pair_findings(items, split_of, row_of, label_of, [(int(a), int(b)) for a, b, _ in mirror], mirror[:, 2],
+                          threshold, mirrored=True)
     if stats["hashed"] < stats["of"]:
         out.append(Finding("duplicates_sampled", "info",
-                           f"duplicates searched in a random {stats['hashed']} of {stats['of']} images "
-                           "(run 'imgclf check' for all of them)"))
+                           f"duplicates searched in a random {stats['hashed']} of {stats['of']} images"
+                           + (f" ({search_all})" if search_all else "")))
     stats["seconds"] = round(time.perf_counter() - t0, 2)
     return out, stats
 
 
-def _pair_findings(items, split_of, row_of, label_of, pairs, dist) -> list[Finding]:
+def _pair_findings(items, split_of, row_of, label_of, pairs, dist, threshold: int | None = None,
+                   mirrored: bool = False) -> list[Finding]:
     exact = dist is None
     by_splits: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
     for k, (a, b) in enumerate(pairs):
@@ -369,10 +404,17 @@ def _pair_findings(items, split_of, row_of, label_of, pairs, dist) -> list[Findi
         listed = [[name(a), name(b)] + ([] if exact else [d]) for a, b, d in ps[:_MAX_LISTED]]
         paths = list(dict.fromkeys(p for pair in listed for p in pair[:2]))
         conflicts = sum(label_of[a] != label_of[b] for a, b, _ in ps)
-        what = "exact copies" if exact else f"near-duplicates (pHash distance <= {max(d for *_, d in ps)})"
-        eg = f"e.g. {items.short(listed[0][1])} {'=' if exact else '~'} {items.short(listed[0][0])}"
+        if exact:
+            what, sign = "exact copies", "="
+        elif mirrored:  # training flips images: a mirrored copy is the same example to the model
+            what, sign = f"mirrored copies (pHash distance <= {threshold} to the mirror image)", "~ mirror of"
+        else:
+            what, sign = f"near-duplicates (pHash distance <= {threshold})", "~"
+        eg = f"e.g. {items.short(listed[0][1])} {sign} {items.short(listed[0][0])}"
         label_note = f"; {conflicts} with different labels" if conflicts else ""
         details = {"splits": [na, nb], "pairs": listed, "count": len(ps), "label_conflicts": int(conflicts)}
+        if mirrored:
+            details["mirrored"] = True
         if sa != sb:
             n_imgs = len({b for _, b, _ in ps})
             out.append(Finding(
@@ -395,8 +437,11 @@ def _pair_findings(items, split_of, row_of, label_of, pairs, dist) -> list[Findi
 def _sizes_and_modes(items: _Items, size: int, sample: int, rng) -> tuple[dict, list[Finding]]:
     from PIL import Image
 
+    from imgclf.data.images import _ALPHA_MODES
+
     sizes: Counter = Counter()
     modes: Counter = Counter()
+    with_alpha: Counter = Counter()  # per mode: images with an alpha channel or a transparent colour
     formats: Counter = Counter()
     short_sides = []
     for split in items.sources:
@@ -414,6 +459,7 @@ def _sizes_and_modes(items: _Items, size: int, sample: int, rng) -> tuple[dict, 
                     w, h = im.size
                     sizes[f"{w}x{h}"] += 1
                     modes[im.mode] += 1
+                    with_alpha[im.mode] += im.mode in _ALPHA_MODES or "transparency" in im.info
                     formats[im.format or "?"] += 1
                     short_sides.append(min(w, h))
             except Exception:  # unreadable files are reported from the cache builder's list
@@ -431,12 +477,20 @@ def _sizes_and_modes(items: _Items, size: int, sample: int, rng) -> tuple[dict, 
                                f"{small:.0%} of sampled images are under half of the {size}px input side "
                                f"(median short side {np.median(ss):g}px): they are blown up; "
                                f"consider --image-size {int(np.median(ss))}"))
-    odd = {m: k for m, k in modes.items() if m not in ("RGB", "array")}
+    odd = {m: k for m, k in modes.items() if m not in ("RGB", "array") or with_alpha[m]}
     if odd:
         desc = ", ".join(f"{k} {m}" for m, k in sorted(odd.items(), key=lambda x: -x[1]))
+        # say what the conversion does to the modes present, not to modes that are not there
+        how = []
+        alpha = sorted(m for m in odd if with_alpha[m])
+        if alpha:
+            how.append(f"{'/'.join(alpha)}: transparency composited on white")
+        deep = sorted(m for m in odd if m.startswith("I") or m == "F")
+        if deep:
+            how.append(f"{'/'.join(deep)}: high-bit-depth values scaled to 8 bits")
         out.append(Finding("modes", "info",
-                           f"{sum(odd.values())} of {n} sampled images are not RGB ({desc}): converted to RGB "
-                           "(alpha composited on white)"))
+                           f"{sum(odd.values())} of {n} sampled images are not plain RGB ({desc}): converted to RGB"
+                           + (f" ({'; '.join(how)})" if how else "")))
     return stats, out
 
 
@@ -576,7 +630,8 @@ def check_for_training(source: DataSource, cached_splits: dict[str, CachedSplit]
     try:
         per_image = max(int(np.prod(cs.images.shape[1:])) for cs in cached_splits.values())
         cap = max(TRAIN_MIN_HASHED, TRAIN_HASH_BYTES // per_image)
-        report = run_checks(source, cached_splits, out_dir=run_dir, max_images=cap)
+        report = run_checks(source, cached_splits, out_dir=run_dir, max_images=cap,
+                            search_all=f"'imgclf check --data {source.origin}' searches them all")
         report.write_json(Path(run_dir) / "check.json")
     except Exception as e:  # a check must never cost the user a training run
         log.warn(f"data check failed ({type(e).__name__}: {e}); training goes on")

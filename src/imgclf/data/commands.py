@@ -38,7 +38,7 @@ def add_check(sub) -> None:
 def cmd_check(args: argparse.Namespace) -> int:
     from imgclf.config import load_yaml, make_config
     from imgclf.data.cache import build_cache, cache_root
-    from imgclf.data.checks import NEAR_THRESHOLD, run_checks
+    from imgclf.data.checks import NEAR_THRESHOLD, check_outputs, run_checks
     from imgclf.data.sources import load_source
     from imgclf.engine import recipe
     from imgclf.errors import UserError
@@ -49,6 +49,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if "data" not in opts:
         raise UserError("check needs --data (a folder, a CSV, a CIFAR pickle folder or 'cifar10') or --config")
     cfg = make_config(**opts)  # the same validation, defaults and messages as 'train'
+    check_outputs(args.out, args.json)  # an unwritable --out/--json before decoding, not after
     root = cache_root(cfg.cache_dir)
     src = load_source(cfg.data, val_data=cfg.val_data, test_data=cfg.test_data, val_split=cfg.val_split,
                       split_seed=cfg.split_seed, csv_layout=cfg.csv_layout, csv_shape=cfg.csv_shape,

@@ -7,6 +7,11 @@ hashes on bands (multi-index hashing) instead of comparing all N^2 pairs.
 
 The pHash follows the usual definition (as in ``imagehash.phash``): grayscale, 32x32, 2-D DCT-II,
 the 8x8 lowest frequencies, one bit per coefficient: above their median or not.
+
+A horizontally mirrored copy hashes ~30 bits away from its original, yet training flips images,
+so a mirrored train image in test leaks as surely as a copy. Mirroring an image only negates its
+DCT coefficients of odd horizontal frequency, so each image's mirror hash costs a sign flip and a
+median, not a second pass over the pixels.
 """
 
 from __future__ import annotations
@@ -79,20 +84,35 @@ def iter_chunks(images: np.ndarray, rows: np.ndarray) -> Iterator[tuple[int, np.
         yield s, batch
 
 
-def phash_batch(batch: np.ndarray) -> np.ndarray:
-    """uint8 [N, H, W, 3] -> uint64 [N] 64-bit DCT perceptual hashes."""
+# (-1)^b for the coefficient of vertical frequency a and horizontal frequency b (column a*8 + b
+# of _phash_map): DCT-II of a reversed row is the same but for the sign of its odd frequencies
+_MIRROR_SIGN = np.tile((-1.0) ** np.arange(LOW), LOW).astype(np.float32)
+
+
+def _low_frequencies(batch: np.ndarray) -> np.ndarray:
+    """uint8 [N, H, W, 3] -> float32 [N, 64]: the 8x8 lowest DCT coefficients of each image's luma."""
     n, h, w = batch.shape[:3]
-    if n == 0:
-        return np.zeros(0, dtype=np.uint64)
     fh, fw = _block_factor(h), _block_factor(w)
     if fh > 1 or fw > 1:
         x = batch.reshape(n, h // fh, fh, w // fw, fw, 3).mean(axis=(2, 4), dtype=np.float32)
         h, w = h // fh, w // fw
     else:
         x = batch.astype(np.float32)
-    low = x.reshape(n, -1) @ _phash_map(h, w)  # [N, 64]
+    return x.reshape(n, -1) @ _phash_map(h, w)
+
+
+def _hash_bits(low: np.ndarray) -> np.ndarray:
     bits = low > np.median(low, axis=1, keepdims=True)
-    return np.packbits(bits, axis=1).view(">u8").reshape(n).astype(np.uint64)
+    return np.packbits(bits, axis=1).view(">u8").reshape(len(low)).astype(np.uint64)
+
+
+def phash_batch(batch: np.ndarray, mirrored: bool = False) -> np.ndarray:
+    """uint8 [N, H, W, 3] -> uint64 [N] 64-bit DCT perceptual hashes (of the horizontal mirror
+    images when ``mirrored``)."""
+    if len(batch) == 0:
+        return np.zeros(0, dtype=np.uint64)
+    low = _low_frequencies(batch)
+    return _hash_bits(low * _MIRROR_SIGN if mirrored else low)
 
 
 _DIGEST_SEED = 0x1D6C1F
@@ -117,14 +137,20 @@ def pixel_digest_batch(batch: np.ndarray) -> np.ndarray:
     return h ^ (h >> np.uint64(31))
 
 
-def hash_images(images: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(pHash, pixel digest) of ``images[rows]``, uint64 [len(rows)] each, in one pass over the data."""
+def hash_images(images: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pHash, pixel digest, pHash of the mirror image) of ``images[rows]``, uint64 [len(rows)]
+    each, in one pass over the data."""
     ph = np.empty(len(rows), dtype=np.uint64)
     dg = np.empty(len(rows), dtype=np.uint64)
+    pm = np.empty(len(rows), dtype=np.uint64)
     for s, batch in iter_chunks(images, rows):
-        ph[s : s + len(batch)] = phash_batch(batch)
+        if len(batch) == 0:
+            continue
+        low = _low_frequencies(batch)
+        ph[s : s + len(batch)] = _hash_bits(low)
+        pm[s : s + len(batch)] = _hash_bits(low * _MIRROR_SIGN)
         dg[s : s + len(batch)] = pixel_digest_batch(batch)
-    return ph, dg
+    return ph, dg, pm
 
 
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -222,6 +248,29 @@ def near_pairs(hashes: np.ndarray, threshold: int, max_pairs: int = 1_000_000) -
         pairs = pairs[np.argsort(pairs[:, 2], kind="stable")[:max_pairs]]
         pairs = pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
     return pairs
+
+
+def mirror_pairs(hashes: np.ndarray, mirrored: np.ndarray, threshold: int, max_pairs: int = 1_000_000) -> np.ndarray:
+    """Pairs (i < j) where one image is within ``threshold`` of the other's mirror image, as int64
+    [P, 3] rows of (i, j, distance), sorted; ``mirrored`` holds the hashes of the mirror images.
+
+    One band search over the hashes and the mirror hashes together: its pairs that join an
+    image to another image's mirror are the answer (the rest repeat the plain search).
+    """
+    n = len(hashes)
+    if n < 2:
+        return np.zeros((0, 3), dtype=np.int64)
+    p = near_pairs(np.concatenate([hashes, mirrored]).astype(np.uint64), threshold, max_pairs)
+    p = p[(p[:, 0] < n) & (p[:, 1] >= n)]
+    i, j = p[:, 0], p[:, 1] - n
+    keep = i != j  # an image close to its own mirror is symmetric, not a copy
+    out = np.stack([np.minimum(i, j), np.maximum(i, j), p[:, 2]], axis=1)[keep]
+    if len(out) == 0:
+        return np.zeros((0, 3), dtype=np.int64)
+    # a pair found both ways (i ~ mirror of j, j ~ mirror of i) keeps its smaller distance
+    out = out[np.lexsort((out[:, 2], out[:, 1], out[:, 0]))]
+    first = np.r_[True, (out[1:, 0] != out[:-1, 0]) | (out[1:, 1] != out[:-1, 1])]
+    return out[first].astype(np.int64)
 
 
 def _close(h: np.ndarray, a: np.ndarray, b: np.ndarray, threshold: int) -> np.ndarray:

@@ -10,13 +10,20 @@ from pathlib import Path
 
 import yaml
 
+from imgclf import log
 from imgclf.errors import UserError
 from imgclf.evaluate.report import CSS, esc, fig_uri, read_history
+from imgclf.paths import write_problem
 
 # Columns of metrics.csv that describe the machine, not the model: not worth a figure.
 SKIP_CURVES = {"epoch", "seconds", "images_per_s"}
 # Config keys that always differ or say nothing about the model.
 SKIP_CONFIG = {"name", "project", "exist_ok", "progress", "tensorboard", "device", "workers", "cache_dir"}
+# Curves whose scale is the task's: a multi-label run's accuracy is per-label binary accuracy
+# (~0.96 for a model that finds nothing) and its loss BCE summed over the labels (tens), so
+# they get a panel per task instead of sharing axes with single-label accuracy and CE.
+TASK_FREE_CURVES = {"lr"}
+TASK_NAMES = {"single": "single-label", "multilabel": "multi-label"}
 
 
 def _run_info(path: Path) -> dict:
@@ -35,8 +42,31 @@ def _run_info(path: Path) -> dict:
         except json.JSONDecodeError:
             return {}
 
-    return {"path": path, "history": read_history(path), "config": cfg, "metrics": js("metrics.json"),
+    info = {"path": path, "history": read_history(path), "config": cfg, "metrics": js("metrics.json"),
             "summary": js("summary.json"), "model": js("model.json")}
+    info["task"] = _task(info)
+    info["progress"] = _progress(info)
+    info["status"] = "finished" if info["progress"] is None else f"unfinished: {info['progress']} (no model.json)"
+    return info
+
+
+def _task(info: dict) -> str:
+    """single or multilabel: as the model records it, else as configured, else as its curves show."""
+    task = info["model"].get("task") or info["config"].get("task")
+    if task in TASK_NAMES:
+        return task
+    return "multilabel" if any("val_map" in r for r in info["history"]) else "single"
+
+
+def _progress(info: dict) -> str | None:
+    """None for a finished run; else how far a run got that has no model.json (killed, crashed
+    or still going): its last epoch is not its final one."""
+    if (info["path"] / "model.json").exists():
+        return None
+    done = info["history"][-1].get("epoch") if info["history"] else None
+    planned = info["config"].get("epochs")
+    reached = f"epoch {done:g}" if isinstance(done, (int, float)) else "no epoch finished"
+    return reached + (f" of {planned:g}" if isinstance(planned, (int, float)) else "")
 
 
 def _labels(paths: list[Path]) -> list[str]:
@@ -61,7 +91,8 @@ def final_figures(info: dict) -> dict:
             vals = [r[k] for r in h if k in r]
             if vals:
                 row[f"final_{k}"] = vals[-1]
-        row["epochs"] = h[-1].get("epoch")
+        done = h[-1].get("epoch")  # config's "epochs" (planned) may be a column too
+        row["epochs_trained"] = int(done) if isinstance(done, float) and done.is_integer() else done
     cal = info["model"].get("calibration")
     if isinstance(cal, dict):
         row["temperature"] = cal.get("temperature")
@@ -78,8 +109,19 @@ def differing_config(infos: list[dict]) -> list[str]:
     return [k for k in keys if len({json.dumps(i["config"].get(k), sort_keys=True) for i in infos}) > 1]
 
 
+def _scale_note(key: str, task: str) -> str:
+    if task != "multilabel":
+        return ""
+    if key.endswith("_acc"):
+        return " (per-label binary accuracy)"
+    if key.endswith("_loss"):
+        return " (BCE summed over labels)"
+    return ""
+
+
 def curve_figures(infos: list[dict], labels: list[str]) -> dict[str, object]:
-    """metric -> matplotlib figure with one line per run."""
+    """metric -> matplotlib figure with one line per run (one panel per task where runs of
+    different tasks report a metric on different scales)."""
     from imgclf.evaluate.plots import plt
 
     metrics: list[str] = []
@@ -88,19 +130,24 @@ def curve_figures(infos: list[dict], labels: list[str]) -> dict[str, object]:
             metrics += [k for k in r if k not in metrics and k not in SKIP_CURVES]
     figs = {}
     for key in metrics:
-        fig, ax = plt.subplots(figsize=(6.4, 4))
-        for info, label in zip(infos, labels):
-            pts = [(r["epoch"], r[key]) for r in info["history"] if key in r and "epoch" in r and r[key] == r[key]]
-            if pts:
-                x, y = zip(*pts)
-                ax.plot(x, y, "-o" if len(pts) < 30 else "-", markersize=3, label=label)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(key)
-        if key == "lr":
-            ax.set_yscale("log")
-        ax.set_title(key)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        has = [(info, label) for info, label in zip(infos, labels) if any(key in r for r in info["history"])]
+        tasks = list(dict.fromkeys(info["task"] for info, _ in has)) if key not in TASK_FREE_CURVES else [None]
+        fig, axes = plt.subplots(1, len(tasks), figsize=(6.4 * len(tasks), 4), squeeze=False)
+        for ax, task in zip(axes[0], tasks):
+            for info, label in has:
+                if task is not None and info["task"] != task:
+                    continue
+                pts = [(r["epoch"], r[key]) for r in info["history"] if key in r and "epoch" in r and r[key] == r[key]]
+                if pts:
+                    x, y = zip(*pts)
+                    ax.plot(x, y, "-o" if len(pts) < 30 else "-", markersize=3, label=label)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(key + (_scale_note(key, task) if len(tasks) > 1 else ""))
+            if key == "lr":
+                ax.set_yscale("log")
+            ax.set_title(f"{key}: {TASK_NAMES[task]} runs" if len(tasks) > 1 else key)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
         fig.tight_layout()
         figs[key] = fig
     return figs
@@ -123,16 +170,36 @@ def compare_runs(runs: list[str | Path], out: str | Path | None = None) -> dict:
     paths = [Path(r) for r in runs]
     infos = [_run_info(p) for p in paths]
     labels = _labels(paths)
+    out_dir = Path(out) if out else paths[0].parent / "compare"
+    problem = write_problem(out_dir, create=False)
+    if problem:
+        raise UserError(f"cannot write the comparison to {out_dir}: {problem}")
     finals = [final_figures(i) for i in infos]
     fig_cols: list[str] = []
     for f in finals:
         fig_cols += [k for k in f if k not in fig_cols]
     cfg_cols = differing_config(infos)
-    header = ["run"] + fig_cols + cfg_cols
-    rows = [[label] + [f.get(k) for k in fig_cols] + [i["config"].get(k) for k in cfg_cols]
+    lead = ["task", "status"]
+    # a config key named like a figure (or the lead columns) gets its own name: one header, one meaning
+    cfg_names = [f"config_{k}" if k in fig_cols or k in lead else k for k in cfg_cols]
+    header = ["run"] + lead + fig_cols + cfg_names
+    rows = [[label, i["task"], i["status"]] + [f.get(k) for k in fig_cols] + [i["config"].get(k) for k in cfg_cols]
             for label, f, i in zip(labels, finals, infos)]
+    notes = []
+    by_task: dict[str, list[str]] = {}
+    for label, i in zip(labels, infos):
+        by_task.setdefault(i["task"], []).append(label)
+    if len(by_task) > 1:
+        notes.append("the runs mix tasks (" + "; ".join(f"{TASK_NAMES[t]}: {', '.join(ls)}" for t, ls in by_task.items())
+                     + "): their accuracy and loss are not on one scale (multi-label accuracy is per-label binary "
+                     "accuracy, its loss BCE summed over labels), so those curves get one panel per task")
+    unfinished = [f"{label} ({i['progress']})" for label, i in zip(labels, infos) if i["progress"] is not None]
+    if unfinished:
+        notes.append(f"unfinished run(s) (no model.json): {', '.join(unfinished)}; their figures are from the last "
+                     "epoch they reached")
+    for n in notes:
+        log.warn(n)
 
-    out_dir = Path(out) if out else paths[0].parent / "compare"
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "compare.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -147,15 +214,16 @@ def compare_runs(runs: list[str | Path], out: str | Path | None = None) -> dict:
              + "".join("<tr>" + "".join(f"<td>{esc(_fmt(v))}</td>" for v in r) + "</tr>" for r in rows) + "</table>")
     cfg_note = (f"config values that differ: {esc(', '.join(cfg_cols))}" if cfg_cols
                 else "the runs' configs do not differ (other than name and output options)")
+    notes_html = "".join(f'<p class="bad">{esc(n)}</p>' for n in notes)
     body = "".join(f'<section id="curve-{esc(k)}"><h2>{esc(k)}</h2><img class="fig" src="{u}" alt="{esc(k)} per epoch">'
                    "</section>" for k, u in images.items())
     doc = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>imgclf compare</title>'
            f"<style>{CSS}</style></head><body><main><h1>imgclf compare: {len(paths)} runs</h1>"
-           f'<section id="table"><h2>Final figures</h2><p class="note">{cfg_note}</p>{table}</section>{body}'
+           f'<section id="table"><h2>Final figures</h2>{notes_html}<p class="note">{cfg_note}</p>{table}</section>{body}'
            "</main></body></html>")
     (out_dir / "compare.html").write_text(doc, encoding="utf-8")
     return {"header": header, "rows": rows, "out_dir": out_dir, "figures": sorted(out_dir / f"{k}.png" for k in figs),
-            "differing": cfg_cols}
+            "differing": cfg_cols, "notes": notes}
 
 
 def format_table(header: list[str], rows: list[list]) -> str:

@@ -68,12 +68,18 @@ def find_target_layer(model: nn.Module, image_size: int, device, layer: str | No
 
 
 class GradCAM:
-    """``cam(x)`` -> heatmaps in [0, 1] at the input's size, and the logits, for a normalised batch."""
+    """``cam(x)`` -> heatmaps in [0, 1] at the input's size, and the logits, for a normalised batch.
+
+    After a call, ``no_evidence[i]`` says image i's map was zero everywhere before scaling: no
+    part of it pushed toward the class (common for a class the model does not predict, and for
+    max-pooled nets). Its heatmap is all 0, which reads as "looked nowhere" unless it is said.
+    """
 
     def __init__(self, model: nn.Module, image_size: int, device, layer: str | None = None):
         self.model, self.device = model, device
         self.layer = find_target_layer(model, image_size, device, layer)
         self.module = dict(model.named_modules())[self.layer]
+        self.no_evidence = np.zeros(0, dtype=bool)
 
     def __call__(self, x: torch.Tensor, classes: list[int] | None = None) -> tuple[np.ndarray, torch.Tensor]:
         store: dict[str, torch.Tensor] = {}
@@ -96,6 +102,7 @@ class GradCAM:
         cam = F.interpolate(cam, size=x.shape[2:], mode="bilinear", align_corners=False)[:, 0]
         lo = cam.flatten(1).min(1).values.view(-1, 1, 1)
         hi = cam.flatten(1).max(1).values.view(-1, 1, 1)
+        self.no_evidence = (hi.flatten() <= 0).cpu().numpy()
         cam = (cam - lo) / (hi - lo).clamp_min(1e-8)
         return cam.cpu().numpy(), logits.detach().cpu()
 
@@ -161,6 +168,7 @@ def _display_image(clf, path: Path, model_view: np.ndarray) -> np.ndarray:
 def explain(run: str | Path, images: list[str | Path], *, layer: str | None = None, class_name: str | None = None,
             out: str | Path | None = None, top_k: int = 3, device: str = "auto") -> list[dict]:
     """Write a Grad-CAM PNG per image into ``out`` (default RUN/explain); returns one record per image."""
+    from imgclf import log
     from imgclf.api import expand_inputs, load
     from imgclf.data.images import BadImage
     from imgclf.runs import read_meta
@@ -199,7 +207,12 @@ def explain(run: str | Path, images: list[str | Path], *, layer: str | None = No
         top = probs.topk(min(top_k, len(clf.classes)))
         tops = [(clf.classes[int(j)], float(p)) for p, j in zip(top.values, top.indices)]
         shown = class_name if target is not None else tops[0][0]
+        blank = bool(cam.no_evidence[0])
         title = f"{f.name}: " + ", ".join(f"{c} {p:.2f}" for c, p in tops) + f"\nGrad-CAM for '{shown}' at {cam.layer}"
+        if blank:  # a bare blank panel reads as a rendering fault or as 'looked nowhere'
+            title += f"\nno positive evidence for '{shown}' in this image (blank map)"
+            log.warn(f"{f}: no positive evidence for '{shown}' in this image: its Grad-CAM at {cam.layer} is blank",
+                     once=False)
         png = explanation_png(_display_image(clf, f, view), heat[0], title)
         stem = f.stem if f.stem not in used else f"{f.parent.name}_{f.stem}"
         base, n = stem, 2
@@ -212,5 +225,5 @@ def explain(run: str | Path, images: list[str | Path], *, layer: str | None = No
         except OSError as e:  # a full disk or a folder gone read-only: the PNGs written so far stay
             raise UserError(f"cannot write {dest} ({e.strerror or e})") from None
         results.append({"input": str(f), "output": str(dest), "top": tops, "class": shown, "layer": cam.layer,
-                        "heatmap": heat[0]})
+                        "heatmap": heat[0], "no_evidence": blank})
     return results

@@ -25,6 +25,7 @@ from imgclf import log
 from imgclf.data.archives import shown_name
 from imgclf.data.cache import release_pages
 from imgclf.errors import UserError
+from imgclf.paths import write_problem
 
 SAMPLE_LIMIT = 2000  # images per split whose loss is computed: enough to surface the worst ones, fast on CPU
 SAMPLE_BYTES = 64 * 2**20  # and at most this much decoded pixels held at once (large images)
@@ -116,24 +117,30 @@ def read_history(run_dir: Path) -> list[dict]:
 
 @dataclass
 class SplitSample:
-    """Predictions on (a subset of) one split: ``rows`` index the cache, ``paths`` name the files."""
+    """Predictions on (a subset of) one split: ``rows`` index the cache, ``paths`` name the files.
+    ``logits`` are single views (as predict sees an image); ``tta_logits`` the run's averaged
+    test-time views (as its metrics were computed), where asked for."""
 
     name: str
     images: np.ndarray  # uint8 NHWC of the subset
     labels: np.ndarray
     logits: torch.Tensor
     paths: list[str | None] = field(default_factory=list)
+    of: int = 0  # images in the whole split
+    tta_logits: torch.Tensor | None = None
+    tta_level: int = 0
 
-    @property
-    def loss(self) -> np.ndarray:
-        return F.cross_entropy(self.logits, torch.from_numpy(self.labels), reduction="none").numpy()
+    def loss(self, temperature: float = 1.0) -> np.ndarray:
+        """Cross-entropy of the probabilities the captions show (logits / temperature)."""
+        return F.cross_entropy(self.logits / temperature, torch.from_numpy(self.labels), reduction="none").numpy()
 
     @property
     def pred(self) -> np.ndarray:
         return self.logits.argmax(1).numpy()
 
 
-def sample_split(model, meta: dict, name: str, cs, paths: list[str] | None, device, limit: int = SAMPLE_LIMIT) -> SplitSample:
+def sample_split(model, meta: dict, name: str, cs, paths: list[str] | None, device, limit: int = SAMPLE_LIMIT,
+                 tta_level: int = 0) -> SplitSample:
     from imgclf.evaluate.calibrate import split_logits
 
     n = len(cs.rows)
@@ -145,14 +152,17 @@ def sample_split(model, meta: dict, name: str, cs, paths: list[str] | None, devi
     release_pages(cs.images)
     from types import SimpleNamespace
 
-    logits, _ = split_logits(model, meta, SimpleNamespace(rows=np.arange(len(rows)), labels=labels, images=images),
-                             device)
+    view = SimpleNamespace(rows=np.arange(len(rows)), labels=labels, images=images)
+    logits, _ = split_logits(model, meta, view, device)
+    tta = split_logits(model, meta, view, device, tta_level=tta_level)[0] if tta_level else None
     names = [paths[int(r)] if paths is not None and int(r) < len(paths) else None for r in rows]
-    return SplitSample(name, images, labels, logits, names)
+    return SplitSample(name, images, labels, logits, names, of=n, tta_logits=tta, tta_level=tta_level)
 
 
-def load_samples(run_dir: Path, meta: dict, device, model=None, cached=None, paths=None) -> tuple[dict, object, str]:
-    """Rebuild the run's data (cache hits after training) when the caller did not pass it in."""
+def load_samples(run_dir: Path, meta: dict, device, model=None, cached=None, paths=None,
+                 tta_level: int = 0) -> tuple[dict, object, str]:
+    """Rebuild the run's data (cache hits after training) when the caller did not pass it in.
+    The split the run was evaluated on also gets its ``tta_level`` views, as its metrics did."""
     if model is None:
         from imgclf.runs import load_model
 
@@ -160,24 +170,32 @@ def load_samples(run_dir: Path, meta: dict, device, model=None, cached=None, pat
     if cached is None:
         from imgclf.config import make_config
         from imgclf.data.cache import build_cache, cache_root
-        from imgclf.evaluate.calibrate import source_from_config
+        from imgclf.evaluate.calibrate import check_classes, source_from_config
 
         cfg = make_config(run_dir / "config.yaml")
         root = cache_root(cfg.cache_dir)
         src = source_from_config(cfg, root)
+        # the folder may have changed since training: a renamed or added class would caption
+        # images with another class's name (or index past the model's outputs); a new order or
+        # a class removed only renumbers, as evaluate does
+        check_classes(cfg.data, src.classes, meta["classes"])
+        remap = np.asarray([meta["classes"].index(c) for c in src.classes], dtype=np.int64)
         cached, paths = {}, {}
         for k in ("train", "test", "val"):
             split = src.splits().get(k)
             if split is not None:
+                split.labels = remap[np.asarray(split.labels, dtype=np.int64)]
                 cached[k] = build_cache(split, meta["image_size"], meta["resize"], root / "images",
                                        progress=False, desc=f"decoding {k}")
                 paths[k] = split.paths
     paths = paths or {}
     samples = {}
-    for k in ("train", "test" if "test" in cached else "val"):
+    evaluated = "test" if "test" in cached else "val"
+    for k in ("train", evaluated):
         if k in cached and len(cached[k]):
-            samples[k] = sample_split(model, meta, k, cached[k], paths.get(k), device)
-    return samples, model, ("test" if "test" in cached else "val")
+            samples[k] = sample_split(model, meta, k, cached[k], paths.get(k), device,
+                                      tta_level=tta_level if k == evaluated else 0)
+    return samples, model, evaluated
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,10 +283,13 @@ def section_confusion(metrics: dict | None, classes: list[str]) -> str | None:
     return f'<img class="fig" src="{png_uri(buf.getvalue())}" alt="confusion matrix">'
 
 
-def _caption(s: SplitSample, i: int, classes: list[str], temperature: float, extra: str = "") -> tuple[str, str, str]:
-    """(caption HTML, alt text, hover title: the file's path when known)."""
-    p = torch.softmax(s.logits[i] / temperature, 0)
-    t, q = int(s.labels[i]), int(s.pred[i])
+def _caption(s: SplitSample, i: int, classes: list[str], temperature: float, extra: str = "",
+             logits: torch.Tensor | None = None) -> tuple[str, str, str]:
+    """(caption HTML, alt text, hover title: the file's path when known). ``logits``: other
+    predictions of the same images (the TTA views) instead of the single-view ones."""
+    logits = s.logits if logits is None else logits
+    p = torch.softmax(logits[i] / temperature, 0)
+    t, q = int(s.labels[i]), int(logits[i].argmax())
     ok = "good" if t == q else "bad"
     cap = (f'true <b>{esc(classes[t])}</b><br><span class="{ok}">pred {esc(classes[q])} {float(p[q]):.2f}</span>'
            + (f"<br>{esc(extra)}" if extra else ""))
@@ -276,12 +297,28 @@ def _caption(s: SplitSample, i: int, classes: list[str], temperature: float, ext
     return cap, alt, s.paths[i] or alt
 
 
-def section_confused_pairs(metrics: dict | None, s: SplitSample | None, classes: list[str], temperature: float) -> str | None:
-    cm = np.asarray((metrics or {}).get("confusion") or [])
-    if s is not None and (cm.shape != (len(classes), len(classes))):
+def section_confused_pairs(metrics: dict | None, s: SplitSample | None, classes: list[str],
+                           temperature: float) -> str | None:
+    """The pairs, their counts and their examples all come from one set of predictions: those of
+    the scored images with the views the run's metrics used (a pair counted with TTA but shown
+    with single-view examples listed images that were not among the ones counted).
+    ``temperature``: the one fitted for those views."""
+    if s is not None:
         from imgclf.evaluate.metrics import confusion_matrix
 
-        cm = confusion_matrix(s.pred, s.labels, len(classes))
+        logits = s.tta_logits if s.tta_logits is not None else s.logits
+        pred = logits.argmax(1).numpy()
+        cm = np.asarray(confusion_matrix(pred, s.labels, len(classes)))
+        views = f"with TTA (level {s.tta_level})" if s.tta_level else "single view"
+        scope = f"all {s.of}" if s.of == len(s.labels) else f"{len(s.labels)} evenly spaced of the {s.of}"
+        note = (f'<p class="note">Counts and examples: the model\'s predictions {views}, as in the metrics above, '
+                f"on {scope} {esc(s.name)} images.</p>")
+    else:  # no images to show: the counts of the run's final evaluation, without examples
+        cm = np.asarray((metrics or {}).get("confusion") or [])
+        level = int((metrics or {}).get("tta_level") or 0)
+        views = f"with TTA (level {level})" if level else "single view"
+        note = (f'<p class="note">Counts from the run\'s final evaluation ({views}, metrics.json); no examples: '
+                "the images could not be read.</p>")
     if cm.ndim != 2 or cm.shape[0] != len(classes):
         return None
     off = cm.astype(np.int64).copy()
@@ -289,18 +326,18 @@ def section_confused_pairs(metrics: dict | None, s: SplitSample | None, classes:
     order = np.argsort(-off, axis=None)[:N_PAIRS]
     pairs = [(int(i) // len(classes), int(i) % len(classes)) for i in order if off.flat[int(i)] > 0]
     if not pairs:
-        return '<p class="note">no confusions: every image was classified correctly</p>'
-    out = []
+        return note + '<p class="note">no confusions: every image was classified correctly</p>'
+    out = [note]
     for a, b in pairs:
         support = max(int(cm[a].sum()), 1)
         head = (f"<b>{esc(classes[a])}</b> predicted as <b>{esc(classes[b])}</b>: {int(off[a, b])} images "
                 f"({100 * off[a, b] / support:.1f}% of {esc(classes[a])})")
         figs = ""
         if s is not None:
-            idx = np.flatnonzero((s.labels == a) & (s.pred == b))
-            conf = s.logits[idx].softmax(1)[:, b].numpy() if len(idx) else np.zeros(0)
+            idx = np.flatnonzero((s.labels == a) & (pred == b))
+            conf = logits[idx].softmax(1)[:, b].numpy() if len(idx) else np.zeros(0)
             for i in idx[np.argsort(-conf)][:N_PAIR_EXAMPLES]:
-                figs += _figure(thumb_uri(s.images[i]), *_caption(s, int(i), classes, temperature))
+                figs += _figure(thumb_uri(s.images[i]), *_caption(s, int(i), classes, temperature, logits=logits))
         out.append(f'<div class="pair"><p>{head}</p><div class="grid">{figs}</div></div>')
     return "".join(out)
 
@@ -308,10 +345,13 @@ def section_confused_pairs(metrics: dict | None, s: SplitSample | None, classes:
 def section_top_losses(samples: dict[str, SplitSample], classes: list[str], temperature: float) -> str | None:
     if not samples:
         return None
+    scale = f"the run's temperature T = {temperature:.3g}" if abs(temperature - 1) > 1e-6 else "no temperature"
     out = ['<p class="note">The images the model finds hardest (highest cross-entropy), among up to '
-           f'{SAMPLE_LIMIT} per split: mislabelled, ambiguous or unusual images show up here first.</p>']
+           f'{SAMPLE_LIMIT} per split: mislabelled, ambiguous or unusual images show up here first. '
+           f"Single-view predictions; the loss is -log of the probability of the true class, with {esc(scale)}, "
+           "as the probabilities shown are.</p>"]
     for name, s in samples.items():
-        loss = s.loss
+        loss = s.loss(temperature)
         figs = ""
         for i in np.argsort(-loss)[:N_TOP_LOSSES]:
             figs += _figure(thumb_uri(s.images[i]), *_caption(s, int(i), classes, temperature, f"loss {loss[i]:.2f}"))
@@ -339,14 +379,35 @@ def section_gradcam(model, meta: dict, s: SplitSample | None, device, classes: l
     heat, _ = cam(x)
     size = THUMB * 2
     figs = ""
-    for h, i in zip(heat, idx):
+    for h, i, blank in zip(heat, idx, cam.no_evidence):
         cap, alt, title = _caption(s, int(i), classes, temperature)
         figs += _figure(thumb_uri(s.images[i], size), cap, alt, title)
         what = f"Grad-CAM for {classes[int(s.pred[i])]}"
-        figs += _figure(png_uri(_png(overlay(s.images[i], h, size=size))), esc(what), f"{what}: {alt}", title)
+        cap_cam = esc(what)
+        if blank:  # an empty overlay is not "looked nowhere": nothing in the map pushed toward the class
+            what += ": no positive evidence (blank map)"
+            cap_cam += '<br><span class="bad">no positive evidence</span>'
+        figs += _figure(png_uri(_png(overlay(s.images[i], h, size=size))), cap_cam, f"{what}: {alt}", title)
+    n_blank = int(np.sum(cam.no_evidence))
+    blank_note = (f" {n_blank} map(s) are blank: no part of the image adds positive evidence for the "
+                  "predicted class at this layer." if n_blank else "")
     return (f'<p class="note">Where the model looked for its predicted class (layer <code>{esc(cam.layer)}</code>), '
-            f"for {len(pick_r)} correct and {len(pick_w)} wrong {esc(s.name)} predictions.</p>"
+            f"for {len(pick_r)} correct and {len(pick_w)} wrong {esc(s.name)} predictions.{blank_note}</p>"
             f'<div class="grid">{figs}</div>')
+
+
+def section_pr_curves(run_dir: Path, metrics: dict | None) -> str | None:
+    """A multi-label run's precision-recall curves, as its final evaluation drew them."""
+    path = run_dir / "pr_curves.png"
+    if not path.is_file():
+        return None
+    m = metrics or {}
+    head = ""
+    if isinstance(m.get("map"), (int, float)):
+        head = (f'<p class="note">{esc(m.get("split", "test"))}: mAP {m["map"]:.4f}'
+                + (f' (micro {m["map_micro"]:.4f})' if isinstance(m.get("map_micro"), (int, float)) else "")
+                + "; the most frequent classes and the micro curve over all of them.</p>")
+    return head + f'<img class="fig" src="{png_uri(path.read_bytes())}" alt="precision-recall curves">'
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -417,6 +478,14 @@ def write_report(run: str | Path, *, model=None, meta: dict | None = None, cache
 
     t0 = time.perf_counter()
     run_dir, disk_meta = read_meta(run)
+    dest = Path(out) if out else run_dir / "report.html"
+    # before the model loads and the images are scored: a typo in --out then costs nothing
+    if dest.is_dir():
+        raise UserError(f"cannot write the report to {dest}: it is a folder (name the HTML file, "
+                        f"e.g. {dest / 'report.html'})")
+    problem = write_problem(dest.parent, create=False)
+    if problem:
+        raise UserError(f"cannot write the report to {dest}: {problem}")
     meta = meta or disk_meta
     dev = resolve_device(device) if isinstance(device, str) else device
     classes: list[str] = meta["classes"]
@@ -426,31 +495,47 @@ def write_report(run: str | Path, *, model=None, meta: dict | None = None, cache
     notes: list[str] = []
     samples: dict[str, SplitSample] = {}
     eval_name = None
-    if meta.get("task", "single") == "single":
+    single = meta.get("task", "single") == "single"
+    if single:
+        # the confused pairs are counted with the views the run's metrics were computed with
+        level = int((metrics or {}).get("tta_level", meta.get("tta_level")) or 0)
         try:
-            samples, model, eval_name = load_samples(run_dir, meta, dev, model, cached, paths)
+            samples, model, eval_name = load_samples(run_dir, meta, dev, model, cached, paths, tta_level=level)
         except UserError as e:  # the data moved or is gone: the figures from the run folder still render
             notes.append(f"image-level sections left out: {e}")
     else:
-        notes.append("image-level sections (top losses, Grad-CAM, calibration) cover single-label runs only")
+        notes.append("the confusion matrix, confused pairs, top losses, Grad-CAM and calibration sections cover "
+                     "single-label runs only")
     evals = samples.get(eval_name) if eval_name else None
     if model is not None:
         model.eval()
+    if single:
+        from imgclf.api import temperature_for
 
-    sections = [
-        ("config", "Configuration", section_config(run_dir, meta)),
-        ("curves", "Learning curves", section_curves(run_dir, meta)),
-        ("metrics", f"Final metrics ({esc((metrics or {}).get('split', 'test'))})", section_metrics(metrics, summary)),
-        ("per-class", "Per-class precision, recall, F1", section_per_class(metrics)),
-        ("confusion", "Confusion matrix", section_confusion(metrics, classes)),
-        ("confused-pairs", "Most-confused class pairs", section_confused_pairs(metrics, evals, classes, temperature)
-         if meta.get("task", "single") == "single" else None),
-        ("top-losses", "Highest-loss images (label-noise candidates)", section_top_losses(samples, classes, temperature)),
-        ("gradcam", "Grad-CAM: correct and wrong predictions",
-         section_gradcam(model, meta, evals, dev, classes, temperature) if model is not None else None),
-        ("calibration", "Calibration: reliability diagram", section_calibration(meta, evals)
-         if meta.get("task", "single") == "single" else None),
-    ]
+        pairs_t = temperature_for(meta, evals.tta_level) if evals is not None else temperature
+        sections = [
+            ("config", "Configuration", section_config(run_dir, meta)),
+            ("curves", "Learning curves", section_curves(run_dir, meta)),
+            ("metrics", f"Final metrics ({esc((metrics or {}).get('split', 'test'))})",
+             section_metrics(metrics, summary)),
+            ("per-class", "Per-class precision, recall, F1", section_per_class(metrics)),
+            ("confusion", "Confusion matrix", section_confusion(metrics, classes)),
+            ("confused-pairs", "Most-confused class pairs", section_confused_pairs(metrics, evals, classes, pairs_t)),
+            ("top-losses", "Highest-loss images (label-noise candidates)",
+             section_top_losses(samples, classes, temperature)),
+            ("gradcam", "Grad-CAM: correct and wrong predictions",
+             section_gradcam(model, meta, evals, dev, classes, temperature) if model is not None else None),
+            ("calibration", "Calibration: reliability diagram", section_calibration(meta, evals)),
+        ]
+    else:
+        sections = [
+            ("config", "Configuration", section_config(run_dir, meta)),
+            ("curves", "Learning curves", section_curves(run_dir, meta)),
+            ("metrics", f"Final metrics ({esc((metrics or {}).get('split', 'test'))})",
+             section_metrics(metrics, summary)),
+            ("per-class", "Per-class AP, precision, recall, F1", section_per_class(metrics)),
+            ("pr-curves", "Precision-recall curves", section_pr_curves(run_dir, metrics)),
+        ]
     present = [(i, t, b) for i, t, b in sections if b]
     nav = "".join(f'<a href="#{i}">{t}</a>' for i, t, _ in present)
     body = "".join(f'<section id="{i}"><h2>{t}</h2>{b}</section>' for i, t, b in present)
@@ -466,7 +551,6 @@ def write_report(run: str | Path, *, model=None, meta: dict | None = None, cache
            f"<h1>{esc(title)}</h1><p>{esc(subtitle)}</p><nav>{nav}</nav>{note_html}{body}"
            f'<p class="note">written by imgclf {esc(meta.get("imgclf_version", ""))} on '
            f'{time.strftime("%Y-%m-%d %H:%M")}</p></main></body></html>')
-    dest = Path(out) if out else run_dir / "report.html"
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".tmp")
     # a file name that is not UTF-8 (Latin-1/GBK, from os.listdir's surrogateescape) reaches the
