@@ -189,10 +189,17 @@ class TrainConfig(BaseModel):
     @field_validator("head", mode="before")
     @classmethod
     def _head_sizes(cls, v):
-        # '512,256' from the command line; '' or 'linear' means a single linear layer
-        if isinstance(v, str):
-            return [p for p in v.replace(" ", ",").split(",") if p and p.lower() not in ("none", "linear")]
-        return v
+        # '512,256' from the command line; '' or 'linear' means a single linear layer. Every
+        # size is checked here: '512,,256' is a typo, not 512,256, and 0 or -5 would build a
+        # zero-width layer (constant predictions) or crash mid-setup with a traceback.
+        from imgclf.models.head import parse_hidden
+
+        if v is None:
+            return v
+        try:
+            return parse_hidden(v)
+        except UserError as e:
+            raise ValueError(str(e)) from None
 
 
 def option_help() -> dict[str, str]:

