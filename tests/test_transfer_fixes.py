@@ -119,6 +119,7 @@ def test_fastnet_fine_tunes_a_run_trained_on_other_classes(small_sample, tmp_pat
     class First(Callback):
         def on_train_start(self, t):
             self.conv = t.model.layers[0].conv1.weight.detach().clone()
+            self.whiten = t.model.whiten.weight.detach().clone()
 
     first = First()
     res = imgclf.train(data=str(small_sample), model="fastnet", weights=str(w), image_size=32, epochs=1,
@@ -126,7 +127,10 @@ def test_fastnet_fine_tunes_a_run_trained_on_other_classes(small_sample, tmp_pat
                        callbacks=[first])
     from safetensors.torch import load_file
 
-    assert torch.equal(first.conv, load_file(str(w))["layers.0.conv1.weight"])  # the earlier run's features
+    state = load_file(str(w))
+    assert torch.equal(first.conv, state["layers.0.conv1.weight"])  # the earlier run's features
+    # and the whitening stem they were trained on: it was recomputed from the new data, flipping filters' signs
+    assert torch.equal(first.whiten, state["whiten.weight"])
     assert "ignored 1 classifier tensors (head.weight" in capsys.readouterr().err
     assert len(json.loads((res.run_dir / "model.json").read_text())["classes"]) == 10
 
@@ -250,6 +254,19 @@ def test_check_available_fails_before_any_data_is_read(no_hub, monkeypatch, tmp_
     pretrained.check_available("timm:efficientnet_lite0", cfg(pretrained=True))  # the pip package: offline
     pretrained.check_available("fastnet", cfg())
     assert no_hub == []
+
+
+def test_train_checks_the_weights_before_reading_the_data(small_sample, tmp_path, monkeypatch):
+    import imgclf
+    from imgclf import api
+
+    monkeypatch.setattr(api, "load_source", lambda *a, **k: pytest.fail("data read before the weights were checked"))
+    with pytest.raises(UserError, match="no such file"):
+        imgclf.train(data=str(small_sample), model="timm:resnet18", weights=str(tmp_path / "nothing.pt"),
+                     project=str(tmp_path), progress=False, tensorboard=False)
+    with pytest.raises(UserError, match="unknown model"):
+        imgclf.train(data=str(small_sample), model="resnt18x", project=str(tmp_path), progress=False,
+                     tensorboard=False)
 
 
 # -- 4, 5, 8. head sizes -----------------------------------------------------------------------

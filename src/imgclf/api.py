@@ -350,6 +350,18 @@ def _prepare_data(cfg: TrainConfig, run_dir: Path | None, device: torch.device, 
 
     rank, world = (ddp.rank, ddp.world) if ddp else (0, 1)
     root = cache_root(cfg.cache_dir)
+    # the model and its weights before the data: a typo, a missing --weights file or hub weights
+    # with no network are one line now, not after minutes of decoding
+    arch = resolve_name(cfg.model)
+    recorded = run_dir / "pretrained.json" if run_dir is not None else None
+    if recorded is not None and recorded.is_file():
+        # --resume: the source the run started from, not a new look (the lite package may be gone,
+        # a relative --weights path may not resolve from here): same net, same normalisation
+        source = pretrained.info_from_json(json.loads(recorded.read_text()))
+    else:
+        source = pretrained.plan(arch, cfg.weights, cfg.pretrained)  # pretrained weights: input size, mean/std
+        if run_dir is None:  # a new run (--resume never reloads the weights)
+            pretrained.check_available(arch, cfg)
     distributed.main_first_begin(ddp)  # rank 0 reads the source and builds the cache; the others then open it
     src = load_source(cfg.data, val_data=cfg.val_data, test_data=cfg.test_data, val_split=cfg.val_split,
                       split_seed=cfg.split_seed, csv_layout=cfg.csv_layout, csv_shape=cfg.csv_shape,
@@ -372,15 +384,7 @@ def _prepare_data(cfg: TrainConfig, run_dir: Path | None, device: torch.device, 
         what = "--early-stopping" if cfg.early_stopping else "--schedule plateau"
         raise UserError(f"{what} watches validation scores, and this run has no validation data: "
                         "set --val-split (e.g. 0.1) or give --val-data")
-    arch = resolve_name(cfg.model)
     native = src.train.images.shape[1] if src.train.images is not None else None
-    recorded = run_dir / "pretrained.json" if run_dir is not None else None
-    if recorded is not None and recorded.is_file():
-        # --resume: the source the run started from, not a new look (the lite package may be gone,
-        # a relative --weights path may not resolve from here): same net, same normalisation
-        source = pretrained.info_from_json(json.loads(recorded.read_text()))
-    else:
-        source = pretrained.plan(arch, cfg.weights, cfg.pretrained)  # pretrained weights: input size, mean/std
     size = cfg.image_size or (source.input_size if source else 0) or recipe.auto_image_size(src.train.paths, native)
     cached = _cache_splits(src, size, cfg.resize, root, cfg.workers, cfg.progress)
     distributed.main_first_end(ddp)
@@ -528,7 +532,7 @@ def _build_trainer(s: _Setup, *, resume, callbacks, final_eval: bool, t_start: f
     if mean is None:
         mean, std = channel_stats(cached["train"])
     if (arch == "fastnet" and cfg.time_limit and resume is None and world == 1 and cfg.early_crop
-            and "width" not in cfg.model_args):
+            and "width" not in cfg.model_args and not cfg.weights):  # --weights fixes the width
         _fastnet_width_for_budget(s, began=_budget_start(t_start, started), final_eval=final_eval)
     arch_args = arch_args_for_record(arch, size, {**transfer.transfer_arch_args(arch, cfg, source), **cfg.model_args})
     model = build_model(arch, len(s.src.classes), size, arch_args)
@@ -553,7 +557,7 @@ def _build_trainer(s: _Setup, *, resume, callbacks, final_eval: bool, t_start: f
                                  rank=rank, world=world)
     normalize = Normalize(mean, std, device)
     init = getattr(model, "init_from_data", None)
-    if callable(init):
+    if callable(init) and source is None:  # loaded weights keep their own (fastnet's whitening stem)
         cs = cached["train"]
         # at most ~256 MB of float32 input: 5000 images at 32 px, ~340 at 256 px
         n_init = min(5000, max(64, (256 << 20) // (4 * int(np.prod(cs.images.shape[1:])))))

@@ -53,6 +53,9 @@ def find_lr(config=None, *, steps: int | None = None, lr_start: float = 1e-7, lr
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     root = cache_root(cfg.cache_dir)
+    arch = resolve_name(cfg.model)  # the model and its weights first, as in train: one line, not after decoding
+    source = pretrained.plan(arch, cfg.weights, cfg.pretrained)
+    pretrained.check_available(arch, cfg)
     # the data, recipe, loss, sampler and augmentation as api.train sets them up (_prepare_data, _build_trainer)
     src = load_source(cfg.data, val_data=cfg.val_data, test_data=cfg.test_data, val_split=cfg.val_split,
                       split_seed=cfg.split_seed, csv_layout=cfg.csv_layout, csv_shape=cfg.csv_shape,
@@ -61,8 +64,6 @@ def find_lr(config=None, *, steps: int | None = None, lr_start: float = 1e-7, lr
     for p in src.problems:
         log.warn(p)
     multilabel = src.task == "multilabel"
-    arch = resolve_name(cfg.model)
-    source = pretrained.plan(arch, cfg.weights, cfg.pretrained)
     native = src.train.images.shape[1] if src.train.images is not None else None
     size = cfg.image_size or (source.input_size if source else 0) or recipe.auto_image_size(src.train.paths, native)
     cached = {"train": _cache_splits(src, size, cfg.resize, root, cfg.workers, cfg.progress)["train"]}
@@ -81,7 +82,7 @@ def find_lr(config=None, *, steps: int | None = None, lr_start: float = 1e-7, lr
                          ram_budget=int(cfg.ram_budget * 2**30) if cfg.ram_budget is not None else None)
     normalize = Normalize(mean, std, device)
     init = getattr(model, "init_from_data", None)
-    if callable(init):
+    if callable(init) and source is None:  # loaded weights keep their own whitening stem, as in train
         cs = cached["train"]
         rows = np.sort(cs.rows[: min(2000, len(cs.rows))])
         init(normalize(torch.from_numpy(np.ascontiguousarray(cs.images[rows])).to(device)).cpu())
