@@ -377,3 +377,36 @@ def test_calibrate_warns_when_the_temperature_hits_a_bound(tmp_path, capsys, lab
     err = capsys.readouterr().err.splitlines()
     assert len([ln for ln in err if bound in ln]) == 1
     assert not any("fitted on only" in ln for ln in err)  # 200 images: enough, the bound is the problem
+
+
+def test_the_report_after_training_reuses_the_closing_evaluation(tiny_run):
+    # tiny_run's report was written by training, from the closing evaluation's TTA logits (scoring
+    # the views again pushed --time-limit runs past their budget): the pairs it counts from those
+    # logits are the confusion matrix of metrics.json, so the logits line up with the images
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    assert metrics["tta_level"] > 0
+    cm = np.asarray(metrics["confusion"])
+    classes = json.loads((tiny_run / "model.json").read_text())["classes"]
+    doc = (tiny_run / "report.html").read_text()
+    part = doc.split('<section id="confused-pairs">')[1].split("</section>")[0]
+    assert f"all {int(cm.sum())} test images" in part  # the whole split, not a sample of it
+    found = re.findall(r"<b>([^<]*)</b> predicted as <b>([^<]*)</b>: (\d+) images", part)
+    assert found
+    for a, b, n in found:
+        assert int(n) == cm[classes.index(html.unescape(a)), classes.index(html.unescape(b))]
+
+
+def test_training_hands_its_test_logits_to_the_report(small_sample, tmp_path, monkeypatch):
+    import imgclf
+    from imgclf.evaluate import report
+
+    seen = []
+    real = report.sample_split
+
+    def spy(*a, **k):
+        seen.append((k.get("tta_level", 0), k.get("tta_all") is not None))
+        return real(*a, **k)
+
+    monkeypatch.setattr(report, "sample_split", spy)
+    imgclf.train(data=str(small_sample), epochs=1, project=str(tmp_path), progress=False, tensorboard=False)
+    assert [s for s in seen if s[0]] == [(seen[-1][0], True)]  # the evaluated split's views: not rescored

@@ -674,9 +674,11 @@ def _finish(s: _Setup, model, trainer: Trainer, history: list[dict], extra: dict
 
         meta = calibrate_model(run_dir, model, meta, cached["val"], device, cfg.precision)
     eval_split = "test" if "test" in cached else ("val" if "val" in cached else None)
+    scored: dict = {}
     if eval_split and final_eval:
         result.test = _evaluate_cached(model, meta, cached[eval_split], s.src.classes, device, cfg.precision,
-                                       run_dir, split=eval_split, tta_level=meta["tta_level"], ram_budget=s.ram_budget)
+                                       run_dir, split=eval_split, tta_level=meta["tta_level"], ram_budget=s.ram_budget,
+                                       keep=scored)
     _write_plots(run_dir, history, s.arch, s.src.name)
     summary = {"train_seconds": round(train_seconds, 1), "weights": used, "epochs": trainer.epoch}
     if result.test:
@@ -688,7 +690,7 @@ def _finish(s: _Setup, model, trainer: Trainer, history: list[dict], extra: dict
             from imgclf.evaluate.report import write_report
 
             write_report(run_dir, model=model, meta=meta, cached=cached, device=device,
-                         paths={k: sp.paths for k, sp in s.src.splits().items()})
+                         paths={k: sp.paths for k, sp in s.src.splits().items()}, eval_logits=scored.get("logits"))
         except Exception as e:  # noqa: BLE001
             log.warn(f"report not written ({type(e).__name__}: {e}); retry with 'imgclf report {run_dir}'")
     if result.test and s.multilabel:
@@ -734,7 +736,10 @@ def _tta_level_for(meta: dict, tta: bool | None) -> int:
 
 
 def _evaluate_cached(model, meta, cs: CachedSplit, classes, device, precision, out_dir: Path, *, split: str,
-                     tta_level: int, prefix: str = "", ram_budget: int | None = None) -> dict:
+                     tta_level: int, prefix: str = "", ram_budget: int | None = None,
+                     keep: dict | None = None) -> dict:
+    """Metrics of ``cs`` written to ``out_dir``; ``keep`` receives the logits (before the
+    temperature) under "logits", for the report to reuse."""
     from imgclf.evaluate.inference import logits_for_loader
     from imgclf.evaluate.metrics import classification_metrics, write_confusion_csv, write_per_class_csv
     from imgclf.evaluate.plots import plot_confusion
@@ -746,9 +751,11 @@ def _evaluate_cached(model, meta, cs: CachedSplit, classes, device, precision, o
     # hold the whole split in RAM.
     loader = BatchLoader(cs, auto_batch_size(cs.images.shape[1:], device=device), device, shuffle=False,
                          ram_budget=ram_budget)
-    logits, _ = logits_for_loader(model, loader, normalize, prec, device, tta_level=tta_level,
-                                  tta_flip=meta.get("tta_flip", True))
+    logits, seen = logits_for_loader(model, loader, normalize, prec, device, tta_level=tta_level,
+                                     tta_flip=meta.get("tta_flip", True))
     seconds = time.perf_counter() - t0
+    if keep is not None and np.array_equal(seen.numpy(), np.asarray(cs.labels)):  # in the split's own order
+        keep["logits"] = logits
     logits = logits / temperature_for(meta, tta_level)
     if meta.get("task") == "multilabel":
         from imgclf.evaluate.multilabel_metrics import evaluate_multilabel

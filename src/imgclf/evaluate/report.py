@@ -140,7 +140,9 @@ class SplitSample:
 
 
 def sample_split(model, meta: dict, name: str, cs, paths: list[str] | None, device, limit: int = SAMPLE_LIMIT,
-                 tta_level: int = 0) -> SplitSample:
+                 tta_level: int = 0, tta_all: torch.Tensor | None = None) -> SplitSample:
+    """``tta_all``: the whole split's TTA logits, when the caller scored them already (training's
+    closing evaluation): scoring the sample's views again would push a --time-limit run past it."""
     from imgclf.evaluate.calibrate import split_logits
 
     n = len(cs.rows)
@@ -154,13 +156,18 @@ def sample_split(model, meta: dict, name: str, cs, paths: list[str] | None, devi
 
     view = SimpleNamespace(rows=np.arange(len(rows)), labels=labels, images=images)
     logits, _ = split_logits(model, meta, view, device)
-    tta = split_logits(model, meta, view, device, tta_level=tta_level)[0] if tta_level else None
+    if not tta_level:
+        tta = None
+    elif tta_all is not None and len(tta_all) == n:
+        tta = tta_all[torch.from_numpy(pick)]
+    else:
+        tta = split_logits(model, meta, view, device, tta_level=tta_level)[0]
     names = [paths[int(r)] if paths is not None and int(r) < len(paths) else None for r in rows]
     return SplitSample(name, images, labels, logits, names, of=n, tta_logits=tta, tta_level=tta_level)
 
 
 def load_samples(run_dir: Path, meta: dict, device, model=None, cached=None, paths=None,
-                 tta_level: int = 0) -> tuple[dict, object, str]:
+                 tta_level: int = 0, tta_logits: torch.Tensor | None = None) -> tuple[dict, object, str]:
     """Rebuild the run's data (cache hits after training) when the caller did not pass it in.
     The split the run was evaluated on also gets its ``tta_level`` views, as its metrics did."""
     if model is None:
@@ -194,7 +201,8 @@ def load_samples(run_dir: Path, meta: dict, device, model=None, cached=None, pat
     for k in ("train", evaluated):
         if k in cached and len(cached[k]):
             samples[k] = sample_split(model, meta, k, cached[k], paths.get(k), device,
-                                      tta_level=tta_level if k == evaluated else 0)
+                                      tta_level=tta_level if k == evaluated else 0,
+                                      tta_all=tta_logits if k == evaluated else None)
     return samples, model, evaluated
 
 
@@ -472,8 +480,10 @@ def section_calibration(meta: dict, s: SplitSample | None) -> str | None:
 
 
 def write_report(run: str | Path, *, model=None, meta: dict | None = None, cached: dict | None = None,
-                 paths: dict | None = None, device="auto", out: str | Path | None = None) -> Path:
-    """Write ``RUN/report.html`` (or ``out``). ``model``/``cached``/``paths`` skip reloading after training."""
+                 paths: dict | None = None, device="auto", out: str | Path | None = None,
+                 eval_logits: torch.Tensor | None = None) -> Path:
+    """Write ``RUN/report.html`` (or ``out``). ``model``/``cached``/``paths`` skip reloading after
+    training, and ``eval_logits`` (the closing evaluation's TTA logits of the whole split) rescoring."""
     from imgclf.runs import read_meta, resolve_device
 
     t0 = time.perf_counter()
@@ -500,7 +510,8 @@ def write_report(run: str | Path, *, model=None, meta: dict | None = None, cache
         # the confused pairs are counted with the views the run's metrics were computed with
         level = int((metrics or {}).get("tta_level", meta.get("tta_level")) or 0)
         try:
-            samples, model, eval_name = load_samples(run_dir, meta, dev, model, cached, paths, tta_level=level)
+            samples, model, eval_name = load_samples(run_dir, meta, dev, model, cached, paths, tta_level=level,
+                                                     tta_logits=eval_logits)
         except UserError as e:  # the data moved or is gone: the figures from the run folder still render
             notes.append(f"image-level sections left out: {e}")
     else:
