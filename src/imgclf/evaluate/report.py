@@ -520,15 +520,16 @@ def write_report(run: str | Path, *, model=None, meta: dict | None = None, cache
     evals = samples.get(eval_name) if eval_name else None
     if model is not None:
         model.eval()
+    sections = [
+        ("config", "Configuration", section_config(run_dir, meta)),
+        ("curves", "Learning curves", section_curves(run_dir, meta)),
+        ("metrics", f"Final metrics ({esc((metrics or {}).get('split', 'test'))})", section_metrics(metrics, summary)),
+    ]
     if single:
         from imgclf.api import temperature_for
 
         pairs_t = temperature_for(meta, evals.tta_level) if evals is not None else temperature
-        sections = [
-            ("config", "Configuration", section_config(run_dir, meta)),
-            ("curves", "Learning curves", section_curves(run_dir, meta)),
-            ("metrics", f"Final metrics ({esc((metrics or {}).get('split', 'test'))})",
-             section_metrics(metrics, summary)),
+        sections += [
             ("per-class", "Per-class precision, recall, F1", section_per_class(metrics)),
             ("confusion", "Confusion matrix", section_confusion(metrics, classes)),
             ("confused-pairs", "Most-confused class pairs", section_confused_pairs(metrics, evals, classes, pairs_t)),
@@ -539,11 +540,7 @@ def write_report(run: str | Path, *, model=None, meta: dict | None = None, cache
             ("calibration", "Calibration: reliability diagram", section_calibration(meta, evals)),
         ]
     else:
-        sections = [
-            ("config", "Configuration", section_config(run_dir, meta)),
-            ("curves", "Learning curves", section_curves(run_dir, meta)),
-            ("metrics", f"Final metrics ({esc((metrics or {}).get('split', 'test'))})",
-             section_metrics(metrics, summary)),
+        sections += [
             ("per-class", "Per-class AP, precision, recall, F1", section_per_class(metrics)),
             ("pr-curves", "Precision-recall curves", section_pr_curves(run_dir, metrics)),
         ]

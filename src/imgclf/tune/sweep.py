@@ -537,27 +537,29 @@ def check_space(study, space: Space, spec: StudySpec) -> None:
                                 f"change that: give the study a new name, or {where} to start over") from None
 
 
-# Train options that decide what the data is (its task, whether it has validation images).
-_DATA_KEYS = ("data", "val_data", "val_split", "split_seed", "task", "label_mode", "classes", "images",
-              "csv_layout", "csv_shape", "label_column", "keep_empty")
+def _data_keys() -> set[str]:
+    """Train options that decide what the data is (its task, whether it has validation images):
+    the ones load_source takes, so a new data option is covered without a list to keep."""
+    import inspect
+
+    from imgclf.data.sources import load_source
+
+    return set(inspect.signature(load_source).parameters) - {"cache_dir"}
 
 
 def check_data(spec: StudySpec, space: Space) -> None:
     """Refuse, before any trial, a metric the data cannot produce: val_map on single-label data (the
     trainer refuses --monitor val_map there), or a val_ metric without validation images. The data
     is read only when such a metric could be missing, and not when the space searches data options."""
-    if not spec.metric.startswith("val_") or any(k in space.params for k in _DATA_KEYS):
+    if not spec.metric.startswith("val_") or any(k in space.params for k in _data_keys()):
         return
     cfg = TrainConfig(**space.options({}))  # validated by load_spec
     if spec.metric != "val_map" and (cfg.val_split > 0 or cfg.val_data):
         return  # a val/ folder is read only when there is no split
     from imgclf.data.cache import cache_root
-    from imgclf.data.sources import load_source
+    from imgclf.evaluate.calibrate import source_from_config
 
-    src = load_source(cfg.data, val_data=cfg.val_data, test_data=None, val_split=cfg.val_split,
-                      split_seed=cfg.split_seed, csv_layout=cfg.csv_layout, csv_shape=cfg.csv_shape,
-                      label_column=cfg.label_column, cache_dir=cache_root(cfg.cache_dir), task=cfg.task,
-                      label_mode=cfg.label_mode, classes=cfg.classes, images=cfg.images, keep_empty=cfg.keep_empty)
+    src = source_from_config(cfg, cache_root(cfg.cache_dir))  # the data as the trials' training reads it
     if spec.metric == "val_map" and src.task == "single":
         raise UserError(f"study: metric val_map is for multi-label data, and {cfg.data} has one label per image: "
                         f"use val_acc or val_loss")
