@@ -28,6 +28,8 @@ wider net (``--time-limit 900``, one hour): width 1.0 91.30% at 16.88 epochs, wi
 12.27, width 1.5 91.07% at 7.71; so under --time-limit the recipe now times width 1 and takes the
 widest net that still gets 11 epochs. At that head: the default (600 s) kept width 1, 90.92% at
 11.88 epochs in 584.0 s; ``--time-limit 900`` chose width 1.25, 91.47% at 11.77 epochs in 868.4 s.
+On one H100 (unchanged, ``--time-limit 120``): 91.88% (91.03% without TTA) in 117.6 s, 140.7
+epochs at width 1.5, 82k img/s; ``--epochs 10``: 90.66% in 18.4 s.
 A later session's machine was ~1.7x slower (width 1 timed at 2.15-2.35 s per 1024 images against
 1.33 s): the default there gave 89.74% (88.93% without TTA) at 6.29 epochs in 590.1 s, 607 img/s.
 """

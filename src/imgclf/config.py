@@ -137,7 +137,8 @@ class TrainConfig(BaseModel):
     sync_bn: bool = Field(False, description="synchronise BatchNorm statistics across processes (CUDA only)")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 on CPU with AMX/AVX512-BF16 and on recent GPUs")
     channels_last: bool = True
-    compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile (auto: on CUDA only)")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile (auto: off; it paid on no model measured, see engine.trainer.use_compile)")
     seed: int = 0
     tta: bool = Field(True, description="test-time augmentation (flips, shifts) for the final evaluation")
     eval_every: int = Field(1, ge=1, description="validate every N epochs (and always at the end)")
