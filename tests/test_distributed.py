@@ -37,7 +37,7 @@ def _options(small_sample, project, **extra) -> dict:
     return dict(data=str(small_sample), model="plaincnn", image_size=32, epochs=2, batch_size=32,
                 model_args={"channels": [8, 16], "dense": [], "dropout": 0.0, "batchnorm": False},
                 precision="fp32", flip=False, translate=0, tta=False, tensorboard=False, progress=False,
-                optimizer="sgd", project=str(project), **extra)
+                optimizer="sgd", project=str(project), device="cpu", **extra)
 
 
 def _weights(run_dir) -> dict[str, np.ndarray]:
@@ -126,7 +126,7 @@ def test_head_only_phase_in_two_processes(small_sample, tmp_path):
     # second step fails ("Expected to have finished reduction in the prior iteration")
     res = imgclf.train(data=str(small_sample), model="timm:resnet18", head=[32], freeze_epochs=1, epochs=2,
                        batch_size=32, image_size=32, precision="fp32", tta=False, tensorboard=False,
-                       progress=False, project=str(tmp_path), devices=2)
+                       progress=False, project=str(tmp_path), devices=2, device="cpu")
     assert len(res.history) == 2 and res.test["n"] == 100
 
 

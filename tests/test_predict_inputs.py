@@ -72,12 +72,16 @@ def test_chunks_give_the_same_answers_in_input_order(tiny_run, sample_dir):
     clf = imgclf.load(tiny_run)
     whole = clf.predict(inputs)
     chunked = clf.predict(inputs, chunk=3)
+    # the CPU's kernels compute each image alike in any batch; cuDNN picks its algorithm by batch
+    # size, so under bf16 autocast the same image's probabilities differ between batch sizes
+    # (this check failed at 1e-5 on an H100). A misaligned chunk moves them by far more.
+    atol = 1e-5 if clf.device.type == "cpu" else 2e-2
     assert [r["input"] for r in chunked] == [r["input"] for r in whole]
     assert chunked[1]["input"] == "input1" and "error" in chunked[11] and len(chunked) == 22
     for a, b in zip(whole, chunked):
         assert ("error" in a) == ("error" in b)
         if "top" in a:
-            assert np.allclose([p for _, p in a["top"]], [p for _, p in b["top"]], atol=1e-5)
+            assert np.allclose([p for _, p in a["top"]], [p for _, p in b["top"]], atol=atol)
 
 
 def test_missing_path_fails_before_any_work(tiny_run, sample_dir, tmp_path):

@@ -239,7 +239,8 @@ def spawn_train(n: int, device: torch.device, *, config, resume, callbacks, opti
     from imgclf.config import make_config
 
     if device.type == "cuda" and n > torch.cuda.device_count():
-        raise UserError(f"--devices {n} but only {torch.cuda.device_count()} CUDA GPUs are visible")
+        raise UserError(f"--devices {n} but only {torch.cuda.device_count()} CUDA GPU(s) are visible; "
+                        f"--device cpu --devices {n} runs {n} CPU processes instead")
     if device.type not in ("cuda", "cpu"):
         raise UserError(f"--devices N runs on CPU or CUDA, not on {device.type}")
     batch = options.get("batch_size")
