@@ -419,7 +419,13 @@ def test_ycbcr_tiff(tmp_path: Path, photo: np.ndarray) -> None:
     path = tmp_path / "ycc.tif"
     ycc.save(path)
     with Image.open(path) as im:
-        assert im.mode == "YCbCr"
+        readable = im.mode == "YCbCr"
+    if not readable:
+        # Pillow before 13 opens this file as RGB and then fails to decode its own YCbCr TIFF
+        # ("image file is truncated"): the loader must say so in one line, naming the file
+        with pytest.raises(BadImage, match="ycc.tif"):
+            load_rgb(path)
+        return
     out = load_rgb(path)
     np.testing.assert_array_equal(out, np.asarray(ycc.convert("RGB")))
     assert np.abs(out.astype(int) - photo).mean() < 2
