@@ -19,6 +19,7 @@ from imgclf.engine.losses import (
     MultiLabelLoss,
     balanced_weights,
     build_loss,
+    check_options,
     imbalance_setup,
     label_counts,
     parse_class_weights,
@@ -144,8 +145,105 @@ def test_multilabel_losses():
     wp, wn = 16 / (2 * pos), 16 / (2 * (16 - pos))
     manual = -(y * F.logsigmoid(logits) * torch.tensor(wp) + (1 - y) * F.logsigmoid(-logits) * torch.tensor(wn))
     assert fn(logits, y).item() == pytest.approx(manual.sum(1).mean().item(), rel=1e-5)
-    with pytest.raises(UserError):
-        build_loss("ce", multilabel=True, class_weights=None, train_labels=labels, num_classes=5)
+    with pytest.raises(UserError, match="--loss ce is for single-label"):
+        check_options(make_config(data="x", loss="ce"), list("abcde"), multilabel=True)
+    with pytest.raises(UserError, match="--loss asl is for multi-label"):
+        check_options(make_config(data="x", loss="asl"), list("abcde"), multilabel=False)
+
+
+def _fit_logits(loss, target: torch.Tensor, n_classes: int, steps: int = 300) -> torch.Tensor:
+    """The constant logits (a bias-only model) that minimise ``loss`` over ``target``."""
+    b = torch.zeros(n_classes, requires_grad=True)
+    opt = torch.optim.Adam([b], lr=0.1)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss(b.expand(len(target), n_classes), target).backward()
+        opt.step()
+    return b.detach()
+
+
+def test_smoothing_with_class_weights_keeps_each_image_on_its_own_class():
+    """Every image is class 0; class 1 is rare (weight 8.5). PyTorch's weight= with
+    label_smoothing= weights the smoothing term by every class's weight, and its optimum put
+    class 1 first (the largest class's recall fell to 0 in a real run); each image's loss must be
+    weighted by its own class instead, so class 0 stays on top."""
+    from imgclf.engine.trainer import soft_cross_entropy
+
+    w = torch.tensor([0.4, 8.5, 1.0, 1.0])  # balanced weights: class 1 ~20x rarer than class 0
+    y = torch.zeros(64, dtype=torch.long)
+    old = _fit_logits(lambda z, t: F.cross_entropy(z, t, weight=w, label_smoothing=0.2), y, 4)
+    assert old.argmax() == 1  # the defect this guards against
+    new = _fit_logits(lambda z, t: soft_cross_entropy(z, t, 0.2, w), y, 4)
+    assert new.argmax() == 0
+    p = new.softmax(0)
+    assert p[0] == pytest.approx(0.85, abs=0.02)  # smoothing 0.2 over 4 classes: 0.8 + 0.05
+    # without smoothing it is PyTorch's weighted mean, exactly
+    z, t = torch.randn(32, 4), torch.randint(0, 4, (32,))
+    assert soft_cross_entropy(z, t, 0.0, w).item() == pytest.approx(F.cross_entropy(z, t, weight=w).item(), rel=1e-5)
+
+
+def test_class_weights_do_not_rescale_mixed_targets():
+    """Equal weights are no weights, for class indices and for mixup's class probabilities alike
+    (PyTorch's weight= left probability targets unnormalised: weights of 3 tripled the loss)."""
+    from imgclf.engine.trainer import soft_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(32, 4, generator=g)
+    soft = torch.softmax(torch.randn(32, 4, generator=g) * 3, 1)
+    hard = torch.randint(0, 4, (32,), generator=g)
+    three = torch.full((4,), 3.0)
+    for t in (hard, soft):
+        assert soft_cross_entropy(z, t, 0.1, three).item() == pytest.approx(soft_cross_entropy(z, t, 0.1).item(),
+                                                                             rel=1e-5)
+
+
+def test_named_multilabel_weights_move_what_the_class_predicts():
+    """A multi-label weight scales the class's positives (as 'balanced' does): a rare label's
+    learned prior rises with it. Scaling both of its terms, as before, left it where it was."""
+    g = torch.Generator().manual_seed(0)
+    y = (torch.rand(400, 3, generator=g) < torch.tensor([0.5, 0.5, 0.04])).float()
+    labels = y.numpy()
+    probs = {}
+    for spec in (None, [1.0, 1.0, 5.0]):
+        fn, _ = build_loss("bce", multilabel=True, class_weights=spec, train_labels=labels, num_classes=3)
+        probs[str(spec)] = torch.sigmoid(_fit_logits(fn, y, 3, steps=400))[2].item()
+    rate = labels[:, 2].mean()
+    assert probs["None"] == pytest.approx(rate, abs=0.01)
+    assert probs["[1.0, 1.0, 5.0]"] == pytest.approx(5 * rate / (5 * rate + 1 - rate), abs=0.02)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("cat=5,cat=1", "given twice"),
+    (",", "empty entry"),
+    ("1,,1,1", "empty entry"),
+    ("nan,1,1,1", "finite"),
+    ("1,inf,1,1", "finite"),
+    ("0,0,0,0", "every weight is 0"),
+    ("Cat=5", "did you mean 'cat'"),
+    ("cta=5", "did you mean 'cat'"),
+    ("1,5,1", "in this order: cat, dog, frog, ship"),
+])
+def test_bad_class_weights_are_one_line_that_helps(spec, message):
+    with pytest.raises(UserError, match=message):
+        parse_class_weights(spec, ["cat", "dog", "frog", "ship"])
+
+
+def test_class_weights_from_yaml_lists_and_maps(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("data: x\nclass_weights: {frog: 5, cat: 2}\n")
+    assert make_config(f).class_weights == "frog=5,cat=2"
+    assert parse_class_weights(make_config(data="x", class_weights=[1, 2, 5, 1]).class_weights,
+                               ["cat", "dog", "frog", "ship"]) == [1.0, 2.0, 5.0, 1.0]
+
+
+def test_bad_class_weights_fail_before_decoding(imbalanced, tmp_path):
+    import imgclf
+
+    cache = tmp_path / "cache"
+    with pytest.raises(UserError, match="unknown class 'dear'; did you mean 'deer'"):
+        imgclf.train(data=str(imbalanced), class_weights="dear=5", project=str(tmp_path / "runs"),
+                     cache_dir=str(cache), progress=False)
+    assert not any(p.is_file() for p in cache.rglob("*"))  # nothing decoded
 
 
 @pytest.mark.slow

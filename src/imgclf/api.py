@@ -377,9 +377,9 @@ def _prepare_data(cfg: TrainConfig, run_dir: Path | None, device: torch.device, 
     if src.task == "multilabel" and cfg.label_smoothing:
         log.warn(f"--label-smoothing {cfg.label_smoothing:g} is ignored: it applies to single-label losses, and "
                  "multi-label runs train each label with its own sigmoid (see --loss asl for noisy labels)")
-    if cfg.sampler == "balanced" and (cfg.class_weights or "").strip().lower() == "balanced":
-        raise UserError("--sampler balanced and --class-weights balanced each correct the imbalance; together "
-                        "they over-correct (weights ~1/count^2): pick one")
+    from imgclf.engine.losses import check_options
+
+    check_options(cfg, src.classes, src.task == "multilabel")  # before minutes of decoding
     if src.val is None and (cfg.early_stopping or cfg.schedule == "plateau"):
         what = "--early-stopping" if cfg.early_stopping else "--schedule plateau"
         raise UserError(f"{what} watches validation scores, and this run has no validation data: "
@@ -413,7 +413,10 @@ def _prepare_data(cfg: TrainConfig, run_dir: Path | None, device: torch.device, 
     if rank == 0:
         from imgclf.data.checks import check_for_training
 
-        check_for_training(src, cached, run_dir)  # one or two lines and RUN/check.json; never fails the run
+        balancing = " and ".join(x for x in (f"--class-weights {cfg.class_weights}" if (cfg.class_weights or "none").lower() != "none" else "",
+                                             "--sampler balanced" if cfg.sampler == "balanced" else "") if x)
+        # one or two lines and RUN/check.json; never fails the run
+        check_for_training(src, cached, run_dir, balancing=balancing or None)
     return _Setup(cfg, src, cached, arch, size, source, run_dir, device, ddp, user_epochs)
 
 
@@ -541,7 +544,7 @@ def _build_trainer(s: _Setup, *, resume, callbacks, final_eval: bool, t_start: f
     transfer_callbacks = transfer.setup_transfer(model, arch, cfg, source, load_weights=resume is None)
     budget = s.ram_budget
     loss_fn, class_weights, sampler = imbalance_setup(cfg, s.src.classes, np.asarray(cached["train"].labels),
-                                                      s.multilabel, device)
+                                                      s.multilabel, device, warn=False)  # the data check did
     # The recipe's lr is for the global batch_size; each rank takes an equal share of every
     # global batch (BatchLoader's rank/world shards), so no lr rescaling is applied here.
     n_train = len(cached["train"])

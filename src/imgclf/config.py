@@ -127,7 +127,8 @@ class TrainConfig(BaseModel):
     # --- imbalanced and multi-label data ------------------------------------------------------
     loss: Literal["auto", "ce", "bce", "asl"] = Field("auto", description="ce (single-label), bce or asl (multi-label)")
     class_weights: str | None = Field(
-        None, description="none, balanced (n/(C*count)), one weight per class '1,5,...', or 'cat=5,dog=2'"
+        None, description="none, balanced (n/(C*count)), one weight per class '1,5,...' (class order), or "
+        "'cat=5,dog=2'; each image's loss is scaled by its class's weight (multi-label: the class's positives)"
     )
     sampler: Literal["none", "balanced"] = Field("none", description="balanced: draw images with probability 1/class count")
 
@@ -185,6 +186,18 @@ class TrainConfig(BaseModel):
         # a YAML list (classes: [person, dog]) means what --classes person,dog does
         if isinstance(v, list | tuple):
             return ",".join(str(c).strip() for c in v)
+        return v
+
+    @field_validator("class_weights", mode="before")
+    @classmethod
+    def _weights_list_or_map(cls, v):
+        # YAML / Python: class_weights: [1, 2, 5, 1] or {frog: 5} mean '1,2,5,1' and 'frog=5'
+        if isinstance(v, dict):
+            return ",".join(f"{k}={w}" for k, w in v.items())
+        if isinstance(v, list | tuple):
+            return ",".join(str(w) for w in v)
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            return str(v)
         return v
 
     @field_validator("head", mode="before")

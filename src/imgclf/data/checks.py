@@ -622,9 +622,11 @@ TRAIN_HASH_BYTES = 2 << 30
 TRAIN_MIN_HASHED = 20_000
 
 
-def check_for_training(source: DataSource, cached_splits: dict[str, CachedSplit], run_dir: Path) -> CheckReport | None:
+def check_for_training(source: DataSource, cached_splits: dict[str, CachedSplit], run_dir: Path,
+                       balancing: str | None = None) -> CheckReport | None:
     """The fast check at the start of ``train``: one or two lines and RUN/check.json. Findings
-    never stop a run, and neither does a failure of the check itself."""
+    never stop a run, and neither does a failure of the check itself. ``balancing``: the run's
+    own imbalance option ('--class-weights balanced'), named instead of advice to use one."""
     from imgclf import log
 
     try:
@@ -632,6 +634,10 @@ def check_for_training(source: DataSource, cached_splits: dict[str, CachedSplit]
         cap = max(TRAIN_MIN_HASHED, TRAIN_HASH_BYTES // per_image)
         report = run_checks(source, cached_splits, out_dir=run_dir, max_images=cap,
                             search_all=f"'imgclf check --data {source.origin}' searches them all")
+        if balancing:
+            for f in report.findings:
+                if f.kind == "imbalance":
+                    f.message = f.message.split("; consider")[0] + f"; this run sets {balancing}"
         report.write_json(Path(run_dir) / "check.json")
     except Exception as e:  # a check must never cost the user a training run
         log.warn(f"data check failed ({type(e).__name__}: {e}); training goes on")

@@ -23,30 +23,61 @@ def label_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def parse_class_weights(spec: str | None, classes: list[str]) -> str | list[float] | None:
-    """'none' / 'balanced' / '1,5,1,...' (one per class) / 'cat=5,dog=2' (others 1)."""
+    """'none' / 'balanced' / '1,5,1,...' (one per class, in the run's class order) / 'cat=5,dog=2'
+    (others 1)."""
     if spec is None or spec.strip().lower() in ("", "none"):
         return None
     text = spec.strip()
     if text.lower() == "balanced":
         return "balanced"
-    parts = [p.strip() for p in text.split(",") if p.strip()]
+    order = ", ".join(classes[:12]) + (f", ... ({len(classes)} classes)" if len(classes) > 12 else "")
+    parts = [p.strip() for p in text.split(",")]
+    if not any(parts) or not all(parts):
+        raise UserError(f"--class-weights {spec!r}: an empty entry; give 'balanced', one number per class "
+                        f"({order}), or class=weight pairs")
     try:
         if all("=" in p for p in parts):
             w = [1.0] * len(classes)
+            seen: set[str] = set()
             for p in parts:
-                name, val = p.split("=", 1)
-                if name.strip() not in classes:
-                    raise UserError(f"--class-weights: unknown class '{name.strip()}'")
-                w[classes.index(name.strip())] = float(val)
+                name, val = (x.strip() for x in p.rsplit("=", 1))
+                if name not in classes:
+                    import difflib
+
+                    close = difflib.get_close_matches(name, classes, n=1) or \
+                        [c for c in classes if c.lower() == name.lower()]
+                    hint = f"; did you mean '{close[0]}'?" if close else f"; the classes are {order}"
+                    raise UserError(f"--class-weights: unknown class '{name}'{hint}")
+                if name in seen:
+                    raise UserError(f"--class-weights: class '{name}' is given twice")
+                seen.add(name)
+                w[classes.index(name)] = float(val)
         else:
             w = [float(p) for p in parts]
     except ValueError:
         raise UserError(f"--class-weights {spec!r}: expected 'balanced', one number per class, or class=weight pairs") from None
     if len(w) != len(classes):
-        raise UserError(f"--class-weights: got {len(w)} weights for {len(classes)} classes")
-    if any(x < 0 for x in w):
-        raise UserError("--class-weights: weights must be >= 0")
+        raise UserError(f"--class-weights: got {len(w)} weights for {len(classes)} classes; one per class, in this "
+                        f"order: {order} (or name them: 'cat=5,dog=2')")
+    if not all(np.isfinite(w)) or any(x < 0 for x in w):
+        raise UserError(f"--class-weights {spec!r}: weights must be finite numbers >= 0")
+    if not any(x > 0 for x in w):
+        raise UserError(f"--class-weights {spec!r}: every weight is 0, so nothing would be trained")
     return w
+
+
+def check_options(cfg, classes: list[str], multilabel: bool) -> str | list[float] | None:
+    """The imbalance and loss options against the data, before anything is decoded (train and
+    lr-find): the loss fits the task, sampler and weights do not both balance, the class weights
+    parse. Returns the parsed weights."""
+    if cfg.sampler == "balanced" and (cfg.class_weights or "").strip().lower() == "balanced":
+        raise UserError("--sampler balanced and --class-weights balanced each correct the imbalance; together "
+                        "they over-correct (weights ~1/count^2): pick one")
+    if multilabel and cfg.loss == "ce":
+        raise UserError("--loss ce is for single-label data; multi-label runs use --loss bce or --loss asl")
+    if not multilabel and cfg.loss in ("bce", "asl"):
+        raise UserError(f"--loss {cfg.loss} is for multi-label data; add --task multilabel or use --loss ce")
+    return parse_class_weights(cfg.class_weights, classes)
 
 
 def balanced_weights(counts: np.ndarray) -> np.ndarray:
@@ -111,10 +142,6 @@ def build_loss(kind: str, *, multilabel: bool, class_weights, train_labels: np.n
     weight tensor (the trainer applies it in its cross-entropy)."""
     if kind == "auto":
         kind = "bce" if multilabel else "ce"
-    if multilabel and kind == "ce":
-        raise UserError("--loss ce is for single-label data; multi-label runs use --loss bce or --loss asl")
-    if not multilabel and kind in ("bce", "asl"):
-        raise UserError(f"--loss {kind} is for multi-label data; add --task multilabel or use --loss ce")
     if not multilabel:
         if class_weights is None:
             return None, None
@@ -123,22 +150,32 @@ def build_loss(kind: str, *, multilabel: bool, class_weights, train_labels: np.n
     if class_weights == "balanced":
         wp, wn = balanced_pos_neg_weights(train_labels)
         return MultiLabelLoss(kind, pos_weight=wp, neg_weight=wn), None
-    return MultiLabelLoss(kind, class_weight=class_weights), None
+    # a named weight scales the class's positive terms (PyTorch's pos_weight), as 'balanced' does:
+    # scaling both terms of a class rescales its gradient but never moves what it learns to
+    # predict (a bias-only fit kept P(ship) at 0.037 with ship=5 and with ship=50)
+    return MultiLabelLoss(kind, pos_weight=class_weights), None
 
 
-def imbalance_setup(cfg, classes: list[str], train_labels: np.ndarray, multilabel: bool, device: torch.device):
+def imbalance_setup(cfg, classes: list[str], train_labels: np.ndarray, multilabel: bool, device: torch.device,
+                    warn: bool = True):
     """From the config: (loss_fn or None, single-label class-weight tensor or None, sampler or
-    None). Warns with the class counts when the training data is strongly imbalanced."""
+    None). ``warn``: say, with the class counts, when the training data is strongly imbalanced
+    and nothing corrects for it (train's data check already says so: it passes False)."""
     from imgclf import log
     from imgclf.data.sampler import BalancedSampler, imbalance_warning
 
     counts = label_counts(train_labels, len(classes))
-    note = imbalance_warning(counts, classes)
-    if note and cfg.class_weights is None and cfg.sampler == "none":
+    note = imbalance_warning(counts, classes) if warn else None
+    if note and (cfg.class_weights or "none").lower() == "none" and cfg.sampler == "none":
         log.warn(note)
-    weights = parse_class_weights(cfg.class_weights, classes)
+    weights = check_options(cfg, classes, multilabel)
     loss_fn, class_weight = build_loss(cfg.loss, multilabel=multilabel, class_weights=weights,
                                        train_labels=train_labels, num_classes=len(classes))
+    if weights is not None:
+        shown = (loss_fn.pos_weight if multilabel else class_weight).tolist()
+        what = "positive-label weights" if multilabel else "class weights"
+        log.info(f"{what}: " + ", ".join(f"{c} {w:.3g}" for c, w in list(zip(classes, shown))[:20])
+                 + (f", ... ({len(classes)} classes)" if len(classes) > 20 else ""))
     if class_weight is not None:
         class_weight = class_weight.to(device)
     sampler = BalancedSampler(train_labels, len(classes), seed=cfg.seed) if cfg.sampler == "balanced" else None

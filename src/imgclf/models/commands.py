@@ -35,7 +35,7 @@ def find_lr(config=None, *, steps: int | None = None, lr_start: float = 1e-7, lr
     from imgclf.data.sources import load_source
     from imgclf.engine import lr_find, recipe
     from imgclf.engine.cpu_alloc import prepare_cpu_training
-    from imgclf.engine.losses import imbalance_setup
+    from imgclf.engine.losses import check_options, imbalance_setup
     from imgclf.engine.trainer import seed_everything, training_loss
     from imgclf.errors import UserError
     from imgclf.models import head as transfer
@@ -64,6 +64,7 @@ def find_lr(config=None, *, steps: int | None = None, lr_start: float = 1e-7, lr
     for p in src.problems:
         log.warn(p)
     multilabel = src.task == "multilabel"
+    check_options(cfg, src.classes, multilabel)  # as train does, before decoding
     native = src.train.images.shape[1] if src.train.images is not None else None
     size = cfg.image_size or (source.input_size if source else 0) or recipe.auto_image_size(src.train.paths, native)
     cached = {"train": _cache_splits(src, size, cfg.resize, root, cfg.workers, cfg.progress)["train"]}
