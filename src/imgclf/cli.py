@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False)
     pr.add_argument("--output", help="write predictions to a .csv or .json file (its folder is made if missing)")
     pr.add_argument("--device", default="auto")
+    pr.add_argument("--precision", choices=["fp32", "auto", "bf16", "fp16"], default="fp32",
+                    help="fp32 (default): the exported model's answers; auto/bf16: autocast, ~2x the batch "
+                         "throughput on CPUs with bf16 instructions, probabilities differ slightly")
     pr.set_defaults(func=cmd_predict)
 
     d = sub.add_parser("demo", help="train, evaluate and predict on the built-in CIFAR-10 sample")
@@ -243,7 +246,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from imgclf.data.images import IMAGE_EXTENSIONS
 
     out = _output_file(args.output) if args.output else None
-    clf = load(args.run, args.device)
+    clf = load(args.run, args.device, args.precision)
     preds = clf.predict(args.inputs, top_k=args.top_k, tta=args.tta)
     if not preds:
         raise UserError(f"no images in {', '.join(map(str, args.inputs))} (extensions read: "
