@@ -237,3 +237,161 @@ def test_export_out_must_match_the_format_and_be_writable(tiny_run, tmp_path, mo
     with pytest.raises(UserError, match=r"I/O error, No space left on device") as e:
         export(tiny_run, "onnx", tmp_path / "y.onnx", parity_images=4, verbose=False)
     assert "opset" not in str(e.value) and not [p for p in tmp_path.iterdir() if "y.onnx" in p.name]
+
+
+def test_out_never_overwrites_a_run_file_and_needs_a_suffix(tiny_run, tmp_path):
+    from imgclf.cli import main
+    from imgclf.errors import UserError
+
+    before = {p.name: p.stat().st_mtime_ns for p in tiny_run.iterdir()}
+    for name in ("model.safetensors", "model.json", "best.safetensors", "last.pt", "config.yaml", "metrics.csv",
+                 "metrics.json", "summary.json"):
+        fmt = "torchscript" if name.endswith(".pt") else "onnx"
+        with pytest.raises(UserError, match=rf"is the run's own {re.escape(name)}.*would overwrite it") as e:
+            export(tiny_run, fmt, tiny_run / name, verbose=False)
+        assert "\n" not in str(e.value)
+    # the same file reached by another spelling of its path (.., a symlink) is still the run's own
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    with pytest.raises(UserError, match="run's own model.safetensors"):
+        export(tiny_run, "onnx", other / ".." / ".." / tiny_run.relative_to(tmp_path.parent) / "model.safetensors")
+    (tmp_path / "link").symlink_to(tiny_run)
+    with pytest.raises(UserError, match="run's own model.json"):
+        export(tiny_run, "onnx", tmp_path / "link" / "model.json")
+    assert {p.name: p.stat().st_mtime_ns for p in tiny_run.iterdir()} == before
+
+    # no suffix: the file would not be recognised as either format (serve refuses it), and RUN/model
+    # would put its sidecar on RUN/model.json
+    for fmt, suffix in (("onnx", ".onnx"), ("torchscript", ".torchscript.pt")):
+        with pytest.raises(UserError, match=rf"has no suffix: name it plainmodel{re.escape(suffix)} \(--format {fmt} takes"):
+            export(tiny_run, fmt, tmp_path / "plainmodel")
+    assert main(["export", str(tiny_run), "--out", str(tiny_run / "model")]) == 2
+    assert not (tiny_run / "model").exists() and not list(tmp_path.glob("plainmodel*"))
+    # the same name in a folder that is not a run is the user's: refused for its suffix only, as before
+    with pytest.raises(UserError, match="is for torchscript"):
+        export(tiny_run, "onnx", tmp_path / "last.pt")
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.load.*:FutureWarning")
+def test_opset_is_refused_with_torchscript(tiny_run, tmp_path, capsys):
+    from imgclf.cli import main
+    from imgclf.errors import UserError
+
+    with pytest.raises(UserError, match="--opset is for --format onnx.*drop --opset"):
+        export(tiny_run, "torchscript", tmp_path / "t.torchscript.pt", opset=17)
+    assert main(["export", str(tiny_run), "--format", "torchscript", "--opset", "13",
+                 "--out", str(tmp_path / "t.torchscript.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "--opset is for --format onnx" in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())
+    # without --opset, torchscript exports as before (the option's default is "not given")
+    assert main(["export", str(tiny_run), "--format", "torchscript", "--parity-images", "4",
+                 "--out", str(tmp_path / "t.torchscript.pt")]) == 0
+    assert (tmp_path / "t.torchscript.pt").exists()
+
+
+def test_a_model_that_cannot_be_moved_in_leaves_its_old_companions(tiny_run, tmp_path, monkeypatch):
+    """A file that cannot be replaced (immutable, or a folder gone read-only) must not end up
+    beside a sidecar and parity figures of another model."""
+    import os
+    import shutil
+
+    import imgclf.deploy.export as ex
+    from imgclf.errors import UserError
+
+    other = tmp_path / "other-run"  # a second run: its export's metadata names another source_run
+    other.mkdir()
+    for f in ("model.json", "model.safetensors"):
+        shutil.copy(tiny_run / f, other / f)
+    out = tmp_path / "served.onnx"
+    export(tiny_run, "onnx", out, parity_images=4, verbose=False)
+    sidecar, parity = tmp_path / "served.onnx.json", tmp_path / "served.onnx.parity.json"
+    first = (out.read_bytes(), sidecar.read_text(), parity.read_text())
+    assert json.loads(first[1])["source_run"] == str(tiny_run.resolve())
+
+    real_replace = os.replace
+
+    def model_refused(src, dst):  # as for `chattr +i served.onnx`: the model cannot be replaced
+        if str(dst) == str(out):
+            raise PermissionError(1, "Operation not permitted", str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ex.os, "replace", model_refused)
+    with pytest.raises(UserError, match="I/O error, Operation not permitted"):
+        export(other, "onnx", out, parity_images=4, verbose=False)
+    assert (out.read_bytes(), sidecar.read_text(), parity.read_text()) == first
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == sorted(
+        ["served.onnx", "served.onnx.json", "served.onnx.parity.json"])
+
+    def sidecar_refused(src, dst):  # the model moved in, its sidecar did not
+        if str(dst) == str(sidecar):
+            raise PermissionError(1, "Operation not permitted", str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ex.os, "replace", sidecar_refused)
+    with pytest.raises(UserError, match="I/O error"):
+        export(other, "onnx", out, parity_images=4, verbose=False)
+    assert read_onnx_metadata(out)["source_run"] == str(other.resolve())
+    for companion in (sidecar, parity):  # none left describing the model that was replaced
+        assert not companion.exists() or str(other.resolve()) in companion.read_text()
+
+
+def test_source_run_is_the_absolute_run_path(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_run.parent)
+    export(tiny_run.name, "onnx", tmp_path / "rel.onnx", parity_images=4, verbose=False)
+    assert read_onnx_metadata(tmp_path / "rel.onnx")["source_run"] == str(tiny_run.resolve())
+    assert json.loads((tmp_path / "rel.onnx.json").read_text())["source_run"] == str(tiny_run.resolve())
+
+
+def _onnx_with_metadata(path, props: dict) -> None:
+    """A trivial (Identity) ONNX file carrying the given metadata entries."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["images"], ["probs"])], "g",
+                              [helper.make_tensor_value_info("images", TensorProto.UINT8, [None, 4, 4, 3])],
+                              [helper.make_tensor_value_info("probs", TensorProto.UINT8, [None, 4, 4, 3])])
+    model = helper.make_model(graph)
+    for k, v in props.items():
+        p = model.metadata_props.add()
+        p.key, p.value = k, v
+    onnx.save(model, str(path))
+
+
+def test_damaged_onnx_metadata_is_a_one_line_error(tmp_path, capsys):
+    from imgclf.cli import main
+    from imgclf.errors import UserError
+
+    good = {"classes": ["a", "b"], "image_size": 4, "resize": "stretch", "mean": [0.5] * 3, "std": [0.25] * 3,
+            "task": "single"}
+    f = tmp_path / "m.onnx"
+    _onnx_with_metadata(f, {"imgclf": json.dumps(good)})
+    assert read_onnx_metadata(f) == good
+    cases = [("{not json", "not valid JSON"), ("[1, 2]", "not an object"),
+             (json.dumps({k: v for k, v in good.items() if k != "image_size"}), "no image_size"),
+             (json.dumps({k: v for k, v in good.items() if k not in ("mean", "std")}), "no mean, std"),
+             (json.dumps({**good, "classes": []}), "classes"), (json.dumps({**good, "image_size": "big"}), "image_size"),
+             (json.dumps({**good, "std": [1, 2]}), "std"), (json.dumps({**good, "resize": "zoom"}), "resize policy")]
+    for value, what in cases:
+        _onnx_with_metadata(f, {"imgclf": value})
+        with pytest.raises(UserError, match=rf"m\.onnx: damaged imgclf metadata.*{what}") as e:
+            read_onnx_metadata(f)
+        assert "\n" not in str(e.value)
+    assert main(["serve", str(f), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "damaged imgclf metadata" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_unfinished_run_is_not_said_to_have_stopped(tiny_run, tmp_path):
+    import shutil
+
+    from imgclf.errors import UserError
+
+    run = tmp_path / "training"
+    run.mkdir()
+    shutil.copy(tiny_run / "config.yaml", run / "config.yaml")
+    (run / "last.pt").write_bytes(b"a checkpoint")
+    with pytest.raises(UserError) as e:
+        export(run, "onnx")
+    msg = str(e.value)
+    assert "has not finished" in msg and "still running" in msg and f"imgclf train --resume {run}" in msg
+    assert "stopped before" not in msg

@@ -58,8 +58,8 @@ def read_meta(run: str | Path) -> tuple[Path, dict[str, Any]]:
         if not run.is_dir():
             raise UserError(f"{run}: not a run folder (the first argument is the folder 'imgclf train' made)")
         if (run / "last.pt").exists():
-            raise UserError(f"{run} has no model.json: training stopped before it finished "
-                            f"(resume it with 'imgclf train --resume {run}')")
+            raise UserError(f"{run} has no model.json: its training has not finished (it is still running, or it "
+                            f"stopped: then resume it with 'imgclf train --resume {run}')")
         if (run / "config.yaml").exists():
             raise UserError(f"{run} has no model.json: training stopped before its first checkpoint "
                             f"(train again with the same options, adding --exist-ok)")

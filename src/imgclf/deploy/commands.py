@@ -12,7 +12,8 @@ def add_export(sub) -> None:
     p.add_argument("run", help="run folder")
     p.add_argument("--format", choices=FORMATS, default="onnx")
     p.add_argument("--out", help="output file (default: RUN/model.onnx or RUN/model.torchscript.pt)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    # None when not given: an explicit --opset with --format torchscript is refused, not ignored
+    p.add_argument("--opset", type=int, default=None, help=f"ONNX opset (default {DEFAULT_OPSET}; onnx only)")
     p.add_argument("--parity-images", type=int, default=PARITY_IMAGES,
                    help="real images compared between the exported file and PyTorch")
     p.set_defaults(func=cmd_export)
@@ -26,7 +27,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_serve(sub) -> None:
-    from imgclf.deploy.server import ServeConfig
+    from imgclf.deploy.server import LOG_LEVELS, PRECISIONS, ServeConfig
 
     d = ServeConfig(model="")
     p = sub.add_parser("serve", help="HTTP server with a web page: POST /v1/predict, GET /v1/model, /healthz, /metrics")
@@ -46,7 +47,11 @@ def add_serve(sub) -> None:
                    help="server processes (each loads the model and batches on its own; 1 is best on few cores)")
     p.add_argument("--device", default="cpu", help="cpu or cuda: a run folder runs on torch's device, an .onnx on "
                                                    "onnxruntime's CUDA provider (needs onnxruntime-gpu)")
-    p.add_argument("--log-level", default="warning")
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="a run folder's arithmetic: fp32 (default, the exported model's answers) or auto/bf16/fp16 "
+                        "autocast (faster batches where the device has the instructions); an .onnx runs in fp32")
+    p.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default="warning",
+                   help="uvicorn's log level (default warning)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -56,7 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = ServeConfig(model=args.model, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                       max_body_mb=args.max_body_mb, max_pixels=args.max_pixels, top_k=args.top_k,
                       decode_threads=args.decode_threads, device=args.device, threads=args.threads,
-                      max_in_flight=args.max_in_flight)
+                      max_in_flight=args.max_in_flight, precision=args.precision)
     serve(cfg, host=args.host, port=args.port, workers=args.workers, log_level=args.log_level)
     return 0
 

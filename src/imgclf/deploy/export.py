@@ -35,6 +35,7 @@ from imgclf.data.images import (
     ALPHA_BACKGROUND,
     LETTERBOX_FILL,
     RESAMPLE,
+    RESIZE_POLICIES,
     SIXTEEN_BIT_RULE,
     BadImage,
     load_resized,
@@ -140,7 +141,7 @@ def export_metadata(meta: dict[str, Any], run_dir: Path, how: str) -> dict[str, 
             "logits": "raw logits, before temperature",
             "probs": f"{'sigmoid' if multilabel else 'softmax'}(logits / temperature), temperature={temperature:g}",
         },
-        "source_run": str(run_dir),
+        "source_run": str(Path(run_dir).resolve()),  # absolute: names the run wherever the file is served from
         "exported_with": how,
         "imgclf_version": __version__,
     }
@@ -156,10 +157,23 @@ def failed_out(out: Path, fmt: str) -> Path:
     return out.with_name(out.name[: len(out.name) - len(suffix)] + ".failed" + suffix)
 
 
+def _describes(companion: Path, xmeta: dict, report: dict) -> bool:
+    """Whether a sidecar or parity file already holds what this export wrote (moved in place)."""
+    try:
+        return json.loads(companion.read_text()) in (xmeta, report)
+    except (OSError, ValueError):
+        return False
+
+
 def _companions(path: Path) -> tuple[Path, Path]:
     """The metadata sidecar and the parity figures of an exported file."""
     return path.with_name(path.name + ".json"), path.with_name(path.name + ".parity.json")
 
+
+# A run's own files: an --out naming one of them inside a run folder would overwrite the model
+# (or its history) with the export.
+RUN_FILES = ("model.safetensors", "model.json", "best.safetensors", "last.pt", "config.yaml", "metrics.csv",
+             "metrics.json", "summary.json")
 
 # Suffixes that name the other format: a TorchScript zip called .onnx (or the reverse) is only
 # found out when something tries to load it, far from here. Any other suffix is the user's choice.
@@ -167,28 +181,40 @@ FOREIGN_SUFFIXES = {"onnx": (".pt", ".pth", ".torchscript"), "torchscript": (".o
 
 
 def _check_out(out: Path, fmt: str) -> None:
-    """Refuse an --out that names the other format or cannot be written, before any work."""
+    """Refuse an --out that names the other format, a run's own file, has no suffix or cannot be
+    written, before any work."""
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory: give the file to write (e.g. {out / ('model' + SUFFIX[fmt])})")
+    resolved = out.resolve()
+    if resolved.name in RUN_FILES and (resolved.parent / "model.json").is_file():
+        raise UserError(f"--out {out} is the run's own {resolved.name} in {resolved.parent}: the export would overwrite "
+                        f"it; give another name (e.g. {resolved.parent / ('model' + SUFFIX[fmt])})")
+    if not out.suffix:
+        raise UserError(f"--out {out} has no suffix: name it {out.name + SUFFIX[fmt]} (--format {fmt} takes "
+                        f"{SUFFIX[fmt]})")
     if out.suffix.lower() in FOREIGN_SUFFIXES[fmt]:
         other = "torchscript" if fmt == "onnx" else "onnx"
         stem = out.name[: -len(SUFFIX[other])] if out.name.lower().endswith(SUFFIX[other]) else out.stem
         raise UserError(f"--out {out}: a {out.suffix} name is for {other}, but --format is {fmt}: name it "
                         f"{stem + SUFFIX[fmt]} or pass --format {other}")
-    if out.is_dir():
-        raise UserError(f"--out {out} is a directory: give the file to write (e.g. {out / ('model' + SUFFIX[fmt])})")
     problem = write_problem(out.parent, create=True)
     if problem:
         raise UserError(f"--out {out}: cannot write there ({problem})")
 
 
-def export(run: str | Path, fmt: str = "onnx", out: str | Path | None = None, *, opset: int = DEFAULT_OPSET,
+def export(run: str | Path, fmt: str = "onnx", out: str | Path | None = None, *, opset: int | None = None,
            parity_images: int = PARITY_IMAGES, verbose: bool = True) -> dict[str, Any]:
     """Export ``run`` and run the parity check. Returns the parity report (with the file paths).
+    ``opset``: ONNX only (None: ``DEFAULT_OPSET``).
 
     Raises UserError when the exported model disagrees with PyTorch: ``out`` is then left as it
     was and the failed export is kept as ``failed_out(out)`` (+ its .json and .parity.json).
     """
     if fmt not in FORMATS:
         raise UserError(f"unknown export format '{fmt}': use one of {', '.join(FORMATS)}")
+    if opset is not None and fmt != "onnx":
+        raise UserError(f"--opset is for --format onnx; a {fmt} export has no opset: drop --opset")
+    opset = DEFAULT_OPSET if opset is None else opset
     if parity_images < 1:
         raise UserError(f"--parity-images must be >= 1, got {parity_images}")
     run_dir, meta = read_meta(run)
@@ -226,10 +252,22 @@ def export(run: str | Path, fmt: str = "onnx", out: str | Path | None = None, *,
         report.update({"format": fmt, "file": str(final), "metadata": str(sidecar), "images_from": source,
                        "export_seconds": round(export_seconds, 2), "exported_with": how})
         tmp_parity.write_text(json.dumps(report, indent=2))
-        # the model last: whoever sees it also finds its sidecar and figures
-        os.replace(tmp_sidecar, sidecar)
-        os.replace(tmp_parity, parity_path)
+        # The model first: if it cannot be moved into place, the previous export and its sidecar
+        # and figures stay as they were, together. The model embeds its own metadata (what serve
+        # reads); if a companion then cannot be moved, the old one (describing the replaced model)
+        # is removed rather than left beside a model it does not describe.
         os.replace(tmp, final)
+        try:
+            os.replace(tmp_sidecar, sidecar)
+            os.replace(tmp_parity, parity_path)
+        except OSError:
+            for p in (sidecar, parity_path):
+                if p.exists() and not _describes(p, xmeta, report):
+                    try:
+                        p.unlink()
+                    except OSError:
+                        pass
+            raise
     except OSError as e:  # the disk, not the exporter: a full disk or a folder gone read-only meanwhile
         where = f" ({e.filename})" if e.filename else ""
         raise UserError(f"export to {out} failed: I/O error, {e.strerror or e}{where}") from None
@@ -322,7 +360,40 @@ def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
     props = {p.key: p.value for p in proto.metadata_props}
     if META_KEY not in props:
         raise UserError(f"{path}: no imgclf metadata in this ONNX file: export it with 'imgclf export RUN --format onnx'")
-    return json.loads(props[META_KEY])
+    damaged = f"{path}: damaged imgclf metadata (the '{META_KEY}' entry)"
+    again = "export the run again with 'imgclf export RUN --format onnx'"
+    try:
+        meta = json.loads(props[META_KEY])
+    except ValueError as e:
+        raise UserError(f"{damaged}: not valid JSON ({e}); {again}") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{damaged}: a JSON {type(meta).__name__}, not an object; {again}")
+    problem = _metadata_problem(meta)
+    if problem:
+        raise UserError(f"{damaged}: {problem}; {again}")
+    return meta
+
+
+def _metadata_problem(meta: dict[str, Any]) -> str | None:
+    """What makes the metadata unusable for serving (None: nothing)."""
+    lacking = [k for k in ("classes", "image_size", "resize", "mean", "std") if k not in meta]
+    if lacking:
+        return f"no {', '.join(lacking)}"
+    classes, size = meta["classes"], meta["image_size"]
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        return "classes is not a non-empty list of names"
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        return f"image_size {size!r} is not a positive integer"
+    if meta["resize"] not in RESIZE_POLICIES:
+        return f"unknown resize policy {meta['resize']!r} (expected one of {', '.join(RESIZE_POLICIES)})"
+    for key in ("mean", "std"):
+        v = meta[key]
+        if (not isinstance(v, list) or len(v) != 3
+                or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)):
+            return f"{key} {v!r} is not a list of 3 numbers"
+    if meta.get("task") not in (None, "single", "multilabel"):
+        return f"unknown task {meta.get('task')!r}"
+    return None
 
 
 def _onnx_runner(path: Path):

@@ -17,6 +17,7 @@ import asyncio
 import gc
 import io
 import json
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +39,9 @@ MB = 1 << 20
 INLINE_DECODE_PIXELS = 256 * 256
 INLINE_DECODE_BYTES = 16 * 1024
 RETRY_AFTER_S = 1  # the Retry-After of a 503 "busy"
+MAX_WAIT_MS = 60_000  # a batching wait longer than a minute is a typo, not a setting
+PRECISIONS = ("fp32", "auto", "bf16", "fp16")  # imgclf.api.load's; an ONNX export runs in fp32
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
 
 
 @dataclass
@@ -53,6 +57,7 @@ class ServeConfig:
     device: str = "cpu"
     threads: int = 0  # inference threads; 0: cpus - 1, leaving a core to the event loop (HTTP parsing)
     max_in_flight: int = 0  # images being decoded, queued or classified at once; 0: 4 * max_images
+    precision: str = "fp32"  # a run folder's: fp32 (the exported model's answers), auto, bf16 or fp16 autocast
 
     def in_flight_limit(self) -> int:
         return self.max_in_flight or 4 * self.max_images
@@ -60,10 +65,12 @@ class ServeConfig:
     def check(self) -> None:
         if self.max_batch < 1:
             raise UserError(f"--max-batch must be >= 1, got {self.max_batch}")
-        if self.max_wait_ms < 0:
-            raise UserError(f"--max-wait-ms must be >= 0, got {self.max_wait_ms}")
-        if self.max_body_mb <= 0:
-            raise UserError(f"--max-body-mb must be > 0, got {self.max_body_mb}")
+        # nan passes any comparison; inf (or days) would hold every request, and so a graceful
+        # shutdown, that long
+        if not (math.isfinite(self.max_wait_ms) and 0 <= self.max_wait_ms <= MAX_WAIT_MS):
+            raise UserError(f"--max-wait-ms must be a finite number from 0 to {MAX_WAIT_MS}, got {self.max_wait_ms}")
+        if not (math.isfinite(self.max_body_mb) and self.max_body_mb > 0):
+            raise UserError(f"--max-body-mb must be a finite number > 0, got {self.max_body_mb}")
         if self.max_pixels < 1:
             raise UserError(f"--max-pixels must be >= 1, got {self.max_pixels}")
         if self.max_images < 1:
@@ -75,6 +82,8 @@ class ServeConfig:
         if self.max_in_flight < 0 or 0 < self.max_in_flight < self.max_images:
             raise UserError(f"--max-in-flight must be 0 (auto) or >= the images per request ({self.max_images}), "
                             f"got {self.max_in_flight}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 # --- backends ---------------------------------------------------------------------------------
@@ -85,12 +94,14 @@ class TorchBackend:
 
     kind = "pytorch"
 
-    def __init__(self, run: str | Path, device: str = "cpu"):
+    def __init__(self, run: str | Path, device: str = "cpu", precision: str = "fp32"):
         from imgclf.api import load
 
-        self.clf = load(run, device)
+        self.clf = load(run, device, precision)
         self.meta = dict(self.clf.meta)
         self.source = str(run)
+        self.name = Path(run).resolve().name  # 'fast' for 'runs/fast/' or '.' run from inside it
+        self.precision = precision
 
     def probs(self, images: np.ndarray) -> np.ndarray:
         return np.asarray(self.clf.predict_proba(images), dtype=np.float32)
@@ -121,6 +132,10 @@ class OnnxBackend:
             raise UserError(f"--device {device}: onnxruntime could not start its CUDA provider (are the CUDA and "
                             "cuDNN libraries onnxruntime-gpu needs installed?); use --device cpu to serve on the CPU")
         self.source = str(path)
+        # the run it was exported from: every export is a model.onnx, its run's folder tells them apart
+        source_run = self.meta.get("source_run")
+        self.name = Path(source_run).name if isinstance(source_run, str) and Path(source_run).name else Path(path).name
+        self.precision = "fp32"
 
     def probs(self, images: np.ndarray) -> np.ndarray:
         return self.sess.run(["probs"], {"images": images})[0]
@@ -149,15 +164,33 @@ def inference_threads(requested: int = 0) -> int:
     return requested if requested > 0 else max(1, (os.cpu_count() or 1) - 1)
 
 
-def load_backend(path: str | Path, device: str = "cpu", threads: int = 0):
+def load_backend(path: str | Path, device: str = "cpu", threads: int = 0, precision: str = "fp32"):
     p = Path(path)
     if p.is_dir():
-        return TorchBackend(p, device)
+        return TorchBackend(p, device, precision)
     if p.suffix.lower() == ".onnx" and p.is_file():
+        if precision != "fp32":
+            raise UserError(f"--precision {precision}: an exported ONNX model runs in fp32; drop --precision")
         return OnnxBackend(p, threads, device)
     if not p.exists():
         raise UserError(f"{p}: no such run folder or ONNX file")
+    if p.is_file() and _looks_like_onnx(p):
+        raise UserError(f"{p}: an ONNX file without the .onnx suffix: rename it to {p.name}.onnx to serve it")
     raise UserError(f"{p}: serve a run folder (model.json + model.safetensors) or an .onnx file from 'imgclf export'")
+
+
+def _looks_like_onnx(path: Path) -> bool:
+    """An ONNX protobuf (as 'imgclf export' writes it: ir_version first, tag 0x08) that onnx parses."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(1) != b"\x08":  # a pickle starts 0x80, a TorchScript zip 'PK': no parse needed
+                return False
+        import onnx
+
+        onnx.load(str(path), load_external_data=False)
+        return True
+    except Exception:
+        return False
 
 
 # --- metrics ----------------------------------------------------------------------------------
@@ -435,7 +468,8 @@ def model_info(backend, cfg: ServeConfig) -> dict[str, Any]:
     info["task"] = info["task"] or "single"
     info["temperature"] = float(info["temperature"] or 1.0)
     info.update({
-        "name": Path(backend.source).name, "backend": backend.kind, "source": backend.source,
+        "name": getattr(backend, "name", None) or Path(backend.source).name, "backend": backend.kind,
+        "source": backend.source, "precision": getattr(backend, "precision", None),
         "probabilities": ("sigmoid" if info["task"] == "multilabel" else "softmax") + "(logits / temperature)",
         "limits": {"max_body_mb": cfg.max_body_mb, "max_pixels": cfg.max_pixels, "max_images": cfg.max_images},
         "batching": {"max_batch": cfg.max_batch, "max_wait_ms": cfg.max_wait_ms},
@@ -450,7 +484,7 @@ def create_app(cfg: ServeConfig, backend=None):
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     cfg.check()
-    backend = backend or load_backend(cfg.model, cfg.device, cfg.threads)
+    backend = backend or load_backend(cfg.model, cfg.device, cfg.threads, cfg.precision)
     info = model_info(backend, cfg)
     classes: list[str] = info["classes"]
     size, policy = int(info["image_size"]), info["resize"]
@@ -669,6 +703,9 @@ def listen_socket(host: str, port: int):
 
 def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, log_level: str = "warning") -> None:
     cfg.check()
+    if str(log_level).lower() not in LOG_LEVELS:
+        raise UserError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+    log_level = str(log_level).lower()
     sock = listen_socket(host, port)
     try:
         _serve_on(sock, cfg, host, workers, log_level)
@@ -686,7 +723,7 @@ def _serve_on(sock, cfg: ServeConfig, host: str, workers: int, log_level: str) -
     cfg.threads = inference_threads(cfg.threads)
     _set_torch_threads(cfg)
     if workers > 1:
-        load_backend(cfg.model, cfg.device)  # fail here, once, with a clear line, not in every worker
+        load_backend(cfg.model, cfg.device, precision=cfg.precision)  # fail here, once, with a clear line, not in every worker
         os.environ[_ENV] = json.dumps(asdict(cfg))
         # uvicorn's supervisor binds the port itself (its API for a given socket changes between
         # versions): ours only proved the port free, and is let go the moment before
