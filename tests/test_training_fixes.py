@@ -270,3 +270,59 @@ def test_lookahead_on_a_run_shorter_than_one_pull_keeps_what_it_trained():
         la.on_step_end(t)
     # pulled at steps 5 and 10 (decays 0.774 x 0.125 and 0.774: 4.52, then 5.65), then taken
     assert float((model.weight - init).mean().detach()) == pytest.approx(5.65, abs=0.01)
+
+
+def test_an_explicit_ram_budget_covers_every_split_held_at_once(small_sample, tmp_path, monkeypatch):
+    """--ram-budget is for all decoded copies together: train and val stay held while the test
+    split is scored, so the test split gets what they leave (a review found 300 MiB held against
+    a 256 MiB budget); standalone evaluate keeps to the run's own budget."""
+    import imgclf.api as api
+    from imgclf.data import loader as loader_mod
+
+    made = []
+
+    class Spy(loader_mod.BatchLoader):
+        def __init__(self, data, *a, **k):
+            super().__init__(data, *a, **k)
+            made.append((len(data), self.resident, k.get("ram_budget")))
+
+    monkeypatch.setattr(api, "BatchLoader", Spy)
+    per_image = 32 * 32 * 3
+    budget = (360 + 40 + 20) * per_image  # train (360) and val (40) fit, and 20 images more
+    res = imgclf.train(data=str(small_sample), val_split=0.1, image_size=32, ram_budget=budget / 2**30,
+                       project=str(tmp_path), **FAST)
+    by_len = {n: resident for n, resident, _ in made}
+    assert by_len[360] and by_len[40]  # held
+    assert by_len[100] is False  # the 100 test images exceed what is left: streamed
+    made.clear()
+    imgclf.evaluate(res.run_dir, progress=False)
+    assert [(n, b) for n, _, b in made] == [(100, pytest.approx(budget, abs=2))]  # the run's budget, not the default
+
+
+def test_predict_decodes_ahead_a_bounded_number_of_bytes(tiny_run, sample_dir, monkeypatch):
+    import numpy as np
+
+    import imgclf.api as api
+
+    files = sorted((sample_dir / "test").rglob("*.jpg"))[:10]
+    clf = imgclf.load(tiny_run)
+    whole = clf.predict(files)
+    calls = []
+    real = clf.predict_proba
+    monkeypatch.setattr(clf, "predict_proba", lambda x, tta=False: calls.append(len(x)) or real(x, tta))
+    monkeypatch.setattr(api, "PREDICT_CHUNK_BYTES", 4 * clf.image_size ** 2 * 3)
+    chunked = clf.predict(files)
+    assert calls == [4, 4, 2]
+    for a, b in zip(whole, chunked):
+        assert a["input"] == b["input"]
+        np.testing.assert_allclose([p for _, p in a["top"]], [p for _, p in b["top"]], atol=1e-6)
+
+
+@pytest.mark.parametrize("arch,size,batch", [("fastnet", 32, 1024), ("fastnet", 128, 1024), ("fastnet", 256, 256),
+                                             ("timm:resnet18", 224, 64), ("timm:resnet18", 256, 32),
+                                             ("timm:resnet18", 512, 8), ("plaincnn", 1024, 8)])
+def test_the_default_batch_keeps_the_pixels_per_step_for_large_images(arch, size, batch):
+    from imgclf.config import TrainConfig
+    from imgclf.engine import recipe
+
+    assert recipe.resolve(TrainConfig(data="x"), n_train=50_000, image_size=size, arch=arch).batch_size == batch

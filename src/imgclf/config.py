@@ -45,7 +45,7 @@ class TrainConfig(BaseModel):
     cache_dir: str | None = Field(None, description="decoded-image cache (default $IMGCLF_CACHE or ~/.cache/imgclf)")
     workers: int = Field(0, ge=0, description="processes decoding images into the cache (0: one per core)")
     ram_budget: float | None = Field(
-        None, ge=0, description="GiB of decoded images to keep in RAM/on the device (default: half of free RAM)"
+        None, ge=0, le=1 << 20, description="GiB of decoded images to keep in RAM/on the device (default: half of free RAM)"
     )
     task: Literal["auto", "single", "multilabel"] = Field(
         "auto", description="single-label (softmax) or multi-label (sigmoid); auto: from the data"
