@@ -138,6 +138,25 @@ def test_cache_decodes_once_and_is_keyed_by_size(small_sample, tmp_path, monkeyp
         build_cache(src.test, 24, "stretch", tmp_path, progress=False)
 
 
+def test_an_image_replaced_with_its_size_and_mtime_kept_is_decoded_again(tmp_path):
+    # cp -p / rsync -a: new pixels, same byte size, same mtime; the cache must not serve the old ones
+    from imgclf.data.sources import Split
+
+    img = tmp_path / "a.bmp"  # BMP: the byte size depends on the dimensions only
+    Image.fromarray(np.full((8, 8, 3), 10, np.uint8)).save(img)
+    split = Split(labels=np.zeros(1, np.int64), paths=[str(img)])
+    old = build_cache(split, 8, "stretch", tmp_path / "c", workers=1, progress=False)
+    assert int(old.images[0, 0, 0, 0]) == 10
+    st = img.stat()
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(img)
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert img.stat().st_size == st.st_size and img.stat().st_mtime_ns == st.st_mtime_ns
+    new = build_cache(split, 8, "stretch", tmp_path / "c", workers=1, progress=False)
+    assert int(new.images[0, 0, 0, 0]) == 200
+    assert np.array_equal(np.asarray(build_cache(split, 8, "stretch", tmp_path / "c", progress=False).images),
+                          np.asarray(new.images))  # and reused from then on
+
+
 def test_decoded_pixels_match_the_jpeg_in_rgb_order(sample_dir, tmp_path):
     src = load_source(str(sample_dir), val_split=0, cache_dir=tmp_path)
     cs = build_cache(src.test, 32, "stretch", tmp_path, progress=False)
@@ -483,3 +502,54 @@ def test_a_missing_optional_package_names_what_installs_it(monkeypatch, capsys, 
     assert cli.main(["train", "--data", "x"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith(hint) and len(err.splitlines()) == 1
+
+
+def test_a_full_disk_while_saving_checkpoints_is_one_line_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    import errno
+    from types import SimpleNamespace
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from imgclf.engine import trainer as tr
+
+    last = tmp_path / "last.pt"
+    tr.atomic_save({"epoch": 1}, last)
+    good = last.read_bytes()
+
+    def full_after_a_bit(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full_after_a_bit)
+    with pytest.raises(UserError) as ei:
+        tr.atomic_save({"epoch": 2}, last)
+    assert str(ei.value) == f"no space left on device writing {last}: free some space; last.pt keeps the last good epoch"
+    assert last.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+    monkeypatch.undo()
+    # the space runs out when the buffered bytes reach the disk, or on a quota: the same line
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EDQUOT, "Disk quota exceeded")))
+    with pytest.raises(UserError, match="^no space left on device writing .*last.pt: free some space"):
+        tr.atomic_save({"epoch": 2}, last)
+    assert last.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+    monkeypatch.undo()
+    # any other error is not dressed up as a full disk
+    monkeypatch.setattr(torch, "save", lambda obj, f: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"):
+        tr.atomic_save({"epoch": 2}, last)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+    monkeypatch.undo()
+
+    def safetensors_full(state, filename, *a, **k):
+        open(filename, "wb").write(b"partial")
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                              'message: "No space left on device" })')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", safetensors_full)
+    fake = SimpleNamespace(cfg=SimpleNamespace(monitor="val_loss"), best=None, best_epoch=0, run_dir=tmp_path,
+                           is_main=True, eval_model=lambda: torch.nn.Linear(2, 2))
+    with pytest.raises(UserError) as ei:
+        tr.Trainer._track_best(fake, {"val_loss": 0.5, "epoch": 3})
+    best = tmp_path / "best.safetensors"
+    assert str(ei.value) == f"no space left on device writing {best}: free some space; last.pt keeps the last good epoch"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]

@@ -192,6 +192,35 @@ def test_full_disk_is_refused_before_the_memory_map(sample_dir, tmp_path, monkey
     assert list(root.iterdir()) == []  # no sparse file left to fill the disk later
 
 
+def test_a_disk_filled_since_the_space_check_is_one_line_not_a_bus_error(sample_dir, tmp_path, monkeypatch):
+    # two runs both pass the free-space check; the second to reserve its cache file finds the disk
+    # full: the file is allocated up front, so that is an error here, not a SIGBUS in the memory map
+    import errno
+
+    calls = []
+
+    def full(fd, offset, length):
+        calls.append(length)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    src = load_source(str(sample_dir / "test"), val_split=0, cache_dir=tmp_path / "c")
+    root = tmp_path / "c" / "images"
+    with pytest.raises(UserError) as ei:
+        build_cache(src.train, 32, "stretch", root, workers=1, progress=False)
+    msg = str(ei.value)
+    assert msg.startswith(f"the decoded-image cache needs 67 MiB in {root} but the disk has ") and "\n" not in msg
+    assert "free some space" in msg and "IMGCLF_CACHE=DIR" in msg
+    assert calls and calls[0] >= len(src.train) * 32 * 32 * 3  # the whole file was asked for
+    assert not list(root.glob("*.tmp*")) and list(root.iterdir()) == []
+    # arrays resized to a disk cache (CIFAR upscaled) reserve their file too
+    arrays = Split(labels=np.zeros(4, np.int64), images=np.zeros((4, 8, 8, 3), np.uint8))
+    monkeypatch.setattr(cache, "ARRAYS_IN_RAM", 0)
+    with pytest.raises(UserError, match="^the decoded-image cache needs .* free: free some space"):
+        build_cache(arrays, 16, "stretch", tmp_path / "arr", progress=False)
+    assert list((tmp_path / "arr").iterdir()) == []
+
+
 def _die_of_sigbus(args):
     """What a worker writing into the memory map on a full disk gets."""
     import faulthandler
@@ -332,3 +361,31 @@ def test_cache_build_leaves_no_temp_files_and_a_shareable_cache(sample_dir, tmp_
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(files[1].stat().st_mode) == 0o666 & ~umask  # readable by the cache's other users
+
+
+def test_data_check_of_a_big_png_prints_no_raw_pil_warning(tmp_path, monkeypatch, recwarn):
+    # a PNG over PIL's MAX_IMAGE_PIXELS (but under twice it) is read with a DecompressionBombWarning
+    # that reached the log raw; the check's header reads hide it, as the decoder does
+    import warnings
+
+    from imgclf.data.checks import run_checks
+
+    root = tmp_path / "d"
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for k in range(3):
+            Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(root / c / f"{k}.png")
+    big = root / "a" / "big.png"
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(big)
+    src = load_source(str(root), val_split=0, cache_dir=tmp_path / "c")
+    cached = {"train": build_cache(src.train, 16, "stretch", tmp_path / "c" / "images", workers=1, progress=False)}
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40x40 = 1600: a warning, not an error
+    with pytest.warns(Image.DecompressionBombWarning):
+        Image.open(big).close()
+    recwarn.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        report = run_checks(src, cached, grid=False)
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+    assert report.stats["images"]["sampled"] == 7 and report.stats["images"]["sizes"]["40x40"] == 1

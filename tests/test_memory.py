@@ -115,3 +115,88 @@ def test_gpu_residency_is_bounded_by_the_gpu_not_the_host(monkeypatch):
     assert resident_budget(torch.device("cuda", 0), 32 << 30) == int(0.4 * (10 << 30))
     assert resident_budget(torch.device("cuda", 0), 1 << 30) == 1 << 30
     assert resident_budget(torch.device("cpu"), 32 << 30) == 32 << 30
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RssFile is Linux's")
+def test_shuffled_streaming_reads_rows_without_mapping_them(tmp_path):
+    """A shuffled streamed epoch over a 200-MiB cache: the rows are read with positional reads
+    into the batch, so the pages of the cache file never enter the resident set (reading through
+    the memory map, RSS grew by the whole 200 MiB here, release_pages every 64 MiB or not), and
+    every batch equals the one gathered from the same images held in RAM."""
+    import torch
+
+    import imgclf.data.loader as loader
+    from imgclf.data.cache import CachedSplit
+
+    n, s = 17067, 64  # 12 KiB rows, 200 MiB
+    path = tmp_path / "cache.npy"
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, s, s, 3))
+    tile = np.random.default_rng(0).integers(0, 256, (s, s, 3), dtype=np.uint8)
+    for i in range(0, n, 2048):
+        k = np.arange(i, min(i + 2048, n))
+        arr[i : i + 2048] = tile[None] + (k % 256).astype(np.uint8)[:, None, None, None]
+        arr[i : i + 2048, 0, 0, 0] = k // 256  # every row differs
+    arr.flush()
+    del arr
+    rows = np.delete(np.arange(n), [0, 5, 6, 7, n - 1])  # undecodable images are skipped
+    labels = (rows % 10).astype(np.int64)
+    mapped = np.load(path, mmap_mode="r")
+    in_ram = np.load(path)  # read(), not mapped
+    streamed = loader.BatchLoader(CachedSplit(mapped, rows, labels, []), 64, torch.device("cpu"), shuffle=True,
+                                  seed=3, ram_budget=0)
+    ref = loader.BatchLoader(CachedSplit(in_ram, rows, labels, []), 64, torch.device("cpu"), shuffle=True,
+                             seed=3, ram_budget=0)
+    assert not streamed.resident and not ref.resident
+    release_pages(mapped)
+    before = peak = _rss_file_bytes()
+    count = 0
+    for (x, y), (xr, yr) in zip(streamed.epoch(1), ref.epoch(1), strict=True):
+        peak = max(peak, _rss_file_bytes())
+        assert torch.equal(x, xr) and torch.equal(y, yr)
+        count += len(x)
+    assert count == len(rows)
+    assert peak - before < 2 * loader._RELEASE_BYTES + (16 << 20), f"RssFile grew {(peak - before) >> 20} MiB"
+
+
+def test_positional_reads_match_indexing_with_runs_repeats_and_any_order(tmp_path):
+    from imgclf.data.loader import _IOV_MAX, _open_for_pread, _pread_rows
+
+    path = tmp_path / "c.npy"
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(3000, 4, 4, 3))
+    arr[:] = np.random.default_rng(1).integers(0, 256, arr.shape, dtype=np.uint8)
+    arr.flush()
+    del arr
+    images = np.load(path, mmap_mode="r")
+    fd = _open_for_pread(images)
+    assert fd is not None and _open_for_pread(images[1:]) is None and _open_for_pread(np.array(images)) is None
+    try:
+        rng = np.random.default_rng(2)
+        for rows in (np.arange(2500)[::-1].copy(), rng.permutation(3000), np.array([7, 7, 8, 2999, 0, 8]),
+                     np.arange(_IOV_MAX + 10), np.array([], np.int64)):
+            order = np.argsort(rows, kind="stable")
+            x = np.empty((len(rows), 4, 4, 3), np.uint8)
+            _pread_rows(fd, images.offset, x, rows, order)
+            np.testing.assert_array_equal(x, images[rows])
+    finally:
+        import os
+
+        os.close(fd)
+
+
+def test_loader_says_once_whether_a_large_split_is_held_or_streamed(monkeypatch, capsys):
+    import torch
+
+    import imgclf.data.loader as loader
+    from imgclf.data.cache import CachedSplit
+
+    monkeypatch.setattr(loader, "_LOG_ABOVE", 1 << 10)  # "large": over 1 KiB here, 256 MiB for real
+    data = CachedSplit(np.zeros((100, 8, 8, 3), np.uint8), np.arange(100), np.zeros(100, np.int64), [])
+    loader.BatchLoader(data, 10, torch.device("cpu"), shuffle=True, ram_budget=0)
+    loader.BatchLoader(data, 10, torch.device("cpu"), shuffle=False, ram_budget=1 << 20)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["imgclf: 100 training images (0 MiB) streamed from the cache file: the budget is 0 MiB "
+                     "(--ram-budget sets it)",
+                     "imgclf: 100 evaluation images (0 MiB) held in RAM: the budget is 1 MiB"]
+    monkeypatch.setattr(loader, "_LOG_ABOVE", 256 << 20)
+    loader.BatchLoader(data, 10, torch.device("cpu"), shuffle=True, ram_budget=0)
+    assert capsys.readouterr().err == ""  # small splits say nothing

@@ -326,3 +326,20 @@ def test_the_default_batch_keeps_the_pixels_per_step_for_large_images(arch, size
     from imgclf.engine import recipe
 
     assert recipe.resolve(TrainConfig(data="x"), n_train=50_000, image_size=size, arch=arch).batch_size == batch
+
+
+def test_a_full_disk_while_writing_the_model_is_one_line_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    from imgclf import runs
+
+    def full(state, path):  # a partial file, then the disk fills
+        open(path, "w").write("partial")
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(UserError, match="no space left on device writing .*model.safetensors"):
+        runs.write_model(tmp_path, torch.nn.Linear(2, 2), {"classes": ["a", "b"]})
+    assert list(tmp_path.iterdir()) == []

@@ -21,11 +21,16 @@ MODEL_FORMAT = "imgclf.model/1"
 def write_model(run_dir: Path, model: nn.Module, meta: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
+    from imgclf.engine.trainer import _writing  # a full disk: one line, no temp file left
+
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = run_dir / "model.safetensors.tmp"
-    save_file(state, str(tmp))
-    tmp.replace(run_dir / "model.safetensors")
-    write_meta(run_dir, meta)
+    with _writing(run_dir / "model.safetensors", tmp):
+        save_file(state, str(tmp))
+        tmp.replace(run_dir / "model.safetensors")
+    tmp = run_dir / "model.json.tmp"
+    with _writing(run_dir / "model.json", tmp):
+        write_meta(run_dir, meta)
 
 
 def write_meta(run_dir: Path, meta: dict[str, Any]) -> None:

@@ -60,7 +60,10 @@ def _fingerprint(split: Split, size: int, policy: str) -> str:
             except OSError:  # a dangling link, a file deleted since the scan: decoding reports it
                 h.update(utf8_bytes(f"{p}\tmissing\n"))
                 continue
-            h.update(utf8_bytes(f"{os.path.realpath(p)}\t{st.st_size}\t{st.st_mtime_ns}\n"))
+            # ctime as well as mtime: an image replaced by one of the same size with its mtime kept
+            # (cp -p, rsync -a, tar x) is a new ctime, which nothing can set back. (A moved folder
+            # is a new realpath already; a chmod or a new hard link costs one rebuild.)
+            h.update(utf8_bytes(f"{os.path.realpath(p)}\t{st.st_size}\t{st.st_mtime_ns}\t{st.st_ctime_ns}\n"))
     else:
         h.update(np.ascontiguousarray(split.images).data)
     return h.hexdigest()
@@ -151,7 +154,9 @@ def _build_on_disk(split: Split, size: int, policy: str, root: Path, workers: in
         if not npy.exists():
             _check_space(root, len(split), size)
             with locked_temp(root, key, ".npy") as tmp:
-                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(split), size, size, 3))
+                np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(split), size, size, 3)).flush()
+                _reserve(tmp)
+                out = np.load(tmp, mmap_mode="r+")
                 with _progress(len(split), "resizing", progress) as bar:
                     for i, im in enumerate(split.images):
                         out[i] = resize_rgb(im, size, policy)
@@ -179,14 +184,46 @@ _SPACE_MARGIN = 64 << 20  # the .json beside it, and the disk's own reserve: ful
 def _check_space(root: Path, n: int, size: int) -> None:
     """The cache file is sparse: creating it takes no space, and the disk fills while workers write
     into the memory map, where a full disk is a SIGBUS ("Bus error"), not an exception: the process
-    dies (or a pool worker does, and the pool waits forever for its result). So: ask first."""
+    dies (or a pool worker does, and the pool waits forever for its result). So: ask first (and
+    then reserve the space, see _reserve: two runs may both pass this check)."""
     import shutil
 
     need = n * size * size * 3 + _SPACE_MARGIN
     free = shutil.disk_usage(root).free
     if free < need:
-        raise UserError(f"the decoded-image cache needs {_gib(need)} in {root} but the disk has {_gib(free)} free: "
-                        f"free some space, or {CACHE_ELSEWHERE}")
+        raise _no_space(root, need, free)
+
+
+def _no_space(root: Path, need: int, free: int) -> UserError:
+    return UserError(f"the decoded-image cache needs {_gib(need)} in {root} but the disk has {_gib(free)} free: "
+                     f"free some space, or {CACHE_ELSEWHERE}")
+
+
+def _reserve(tmp: Path) -> None:
+    """Allocate the whole (sparse) memory-map file now, so that a disk filled by another run or
+    another cache is an error here rather than a SIGBUS in a worker writing into the map later.
+    Raises the disk-space UserError (the caller's locked_temp removes the file)."""
+    import errno
+    import shutil
+
+    if not hasattr(os, "posix_fallocate"):  # macOS, Windows: the free-space check alone
+        return
+    fd = os.open(tmp, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                return  # a file system that cannot preallocate: the free-space check alone
+            raise
+        try:
+            free = shutil.disk_usage(tmp.parent).free
+        except OSError:
+            free = 0
+        raise _no_space(tmp.parent, size + _SPACE_MARGIN, free) from None
+    finally:
+        os.close(fd)
 
 
 def _gib(n: int) -> str:
@@ -198,6 +235,7 @@ def _build(paths: list[str], size: int, policy: str, npy: Path, workers: int, pr
     _check_space(npy.parent, n, size)
     with locked_temp(npy.parent, npy.stem, ".npy") as tmp:
         np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, size, size, 3)).flush()
+        _reserve(tmp)
         chunks = [(s, paths[s : s + _CHUNK]) for s in range(0, n, _CHUNK)]
         workers = workers or os.cpu_count() or 1
         bad: list[tuple[int, str]] = []

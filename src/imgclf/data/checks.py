@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -454,14 +455,18 @@ def _sizes_and_modes(items: _Items, size: int, sample: int, rng) -> tuple[dict, 
         paths = split.paths
         pick = rng.choice(len(paths), min(sample, len(paths)), replace=False) if len(paths) else []
         for i in pick:
+            # PIL warns about big-but-allowed images (DecompressionBombWarning) and odd tags: as in
+            # images._decode, the log gets no raw warnings (unreadable files are reported elsewhere)
             try:
-                with Image.open(paths[i]) as im:  # reads the header only, no pixels decoded
-                    w, h = im.size
-                    sizes[f"{w}x{h}"] += 1
-                    modes[im.mode] += 1
-                    with_alpha[im.mode] += im.mode in _ALPHA_MODES or "transparency" in im.info
-                    formats[im.format or "?"] += 1
-                    short_sides.append(min(w, h))
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    with Image.open(paths[i]) as im:  # reads the header only, no pixels decoded
+                        w, h = im.size
+                        sizes[f"{w}x{h}"] += 1
+                        modes[im.mode] += 1
+                        with_alpha[im.mode] += im.mode in _ALPHA_MODES or "transparency" in im.info
+                        formats[im.format or "?"] += 1
+                        short_sides.append(min(w, h))
             except Exception:  # unreadable files are reported from the cache builder's list
                 continue
     n = sum(modes.values())

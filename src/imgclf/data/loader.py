@@ -5,6 +5,8 @@ map by a background thread (data larger than the RAM budget).
 
 from __future__ import annotations
 
+import mmap
+import os
 import queue
 import threading
 from collections.abc import Iterator
@@ -17,6 +19,7 @@ from imgclf.data.cache import CachedSplit, release_pages
 # Streamed bytes after which the memory map's pages are dropped from the resident set: RSS stays
 # bounded by this, not by the data size (see release_pages).
 _RELEASE_BYTES = 64 << 20
+_LOG_ABOVE = 256 << 20  # splits larger than this say where they are kept
 
 
 def free_ram_bytes() -> int:
@@ -73,7 +76,17 @@ class BatchLoader:
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
         self.rank, self.world, self.prefetch = rank, world, prefetch
         self.sampler = sampler  # e.g. data.sampler.BalancedSampler: order(epoch) -> indices
-        self.resident = data.nbytes <= resident_budget(device, ram_budget)
+        budget = resident_budget(device, ram_budget)
+        self.resident = data.nbytes <= budget
+        if data.nbytes > _LOG_ABOVE:
+            from imgclf import log
+            from imgclf.data.cache import _gib
+
+            what = "training" if shuffle or sampler is not None else "evaluation"
+            where = (f"held in {'RAM' if device.type == 'cpu' else device.type + ' memory'}" if self.resident
+                     else "streamed from the cache file")
+            log.info(f"{len(data)} {what} images ({_gib(data.nbytes)}) {where}: the budget is {_gib(budget)}"
+                     + ("" if self.resident else " (--ram-budget sets it)"))
         labels = torch.from_numpy(np.ascontiguousarray(data.labels))
         self.labels = labels.to(device)
         self.images: torch.Tensor | None = None
@@ -133,17 +146,23 @@ class BatchLoader:
     def __iter__(self):
         return self.epoch(0)
 
-    def _gather(self, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather(self, b: torch.Tensor, fd: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self.data.rows[b.numpy()]
         order = np.argsort(rows, kind="stable")
-        # Sorted reads from the memory map are far faster than random ones; restore the
-        # shuffled order afterwards so batches stay random.
+        # Sorted reads are far faster than random ones; restore the shuffled order afterwards so
+        # batches stay random.
         x = np.empty((len(rows),) + self.data.images.shape[1:], np.uint8)
-        x[order] = self.data.images[rows[order]]
-        self._streamed = getattr(self, "_streamed", 0) + x.nbytes
-        if self._streamed >= _RELEASE_BYTES:
-            release_pages(self.data.images)
-            self._streamed = 0
+        if fd is not None:
+            # positional reads straight into x: nothing is mapped, so RSS holds the batch only
+            # (reading through the map, the kernel maps whole chunks around each touched row and
+            # the resident set grows towards the size of the cache file)
+            _pread_rows(fd, self.data.images.offset, x, rows, order)
+        else:
+            x[order] = self.data.images[rows[order]]
+            self._streamed = getattr(self, "_streamed", 0) + x.nbytes
+            if self._streamed >= _RELEASE_BYTES:
+                release_pages(self.data.images)
+                self._streamed = 0
         xt = torch.from_numpy(x)
         if self.device.type == "cuda":
             xt = xt.pin_memory()
@@ -154,13 +173,18 @@ class BatchLoader:
         stop = threading.Event()
 
         def work():
+            fd = None
             try:
+                fd = _open_for_pread(self.data.images)
                 for b in batches:
                     if stop.is_set():
                         return
-                    q.put(self._gather(b))
+                    q.put(self._gather(b, fd))
             except BaseException as e:  # surface worker errors in the consumer
                 q.put(e)
+            finally:
+                if fd is not None:
+                    os.close(fd)
             q.put(None)
 
         t = threading.Thread(target=work, daemon=True)
@@ -185,3 +209,50 @@ class BatchLoader:
 
 def _is_all(rows: np.ndarray, n: int) -> bool:
     return len(rows) == n and (n == 0 or (rows[0] == 0 and rows[-1] == n - 1))
+
+
+def _open_for_pread(images: np.ndarray) -> int | None:
+    """A read-only descriptor of the file behind ``images`` when it is a whole ``np.memmap`` of a
+    C-ordered uint8 file (the cache's ``np.load(mmap_mode="r")``) and the OS has ``preadv``;
+    else None (in-memory arrays, views of a map): the caller indexes the array instead."""
+    if not (isinstance(images, np.memmap) and isinstance(images.base, mmap.mmap) and hasattr(os, "preadv")
+            and images.filename and images.dtype == np.uint8 and images.flags.c_contiguous):
+        return None
+    try:
+        return os.open(images.filename, os.O_RDONLY)
+    except OSError:
+        return None
+
+
+_IOV_MAX = 1024  # Linux's limit on buffers per preadv
+
+
+def _pread_rows(fd: int, data_offset: int, x: np.ndarray, rows: np.ndarray, order: np.ndarray) -> None:
+    """``x[order] = images[rows[order]]`` with positional reads: the sorted rows are coalesced into
+    runs of consecutive rows, each run read by one ``preadv`` scattering into its rows of ``x``."""
+    if len(rows) == 0:
+        return
+    rowbytes = x[0].nbytes
+    srows = rows[order]
+    dest = [memoryview(x[j]).cast("B") for j in order]
+    starts = np.flatnonzero(np.diff(srows) != 1) + 1
+    bounds = np.concatenate(([0], starts, [len(srows)]))
+    for i, j in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        for k in range(i, j, _IOV_MAX):
+            e = min(k + _IOV_MAX, j)
+            pos = data_offset + int(srows[k]) * rowbytes
+            bufs = dest[k:e]
+            got = os.preadv(fd, bufs, pos)
+            if got < (e - k) * rowbytes:  # a short read (signals, huge runs): finish row by row
+                for r, mv in enumerate(bufs):
+                    have = got - r * rowbytes
+                    if have < rowbytes:
+                        _pread_fully(fd, mv[max(have, 0):], pos + r * rowbytes + max(have, 0))
+
+
+def _pread_fully(fd: int, mv: memoryview, pos: int) -> None:
+    while len(mv):
+        n = os.preadv(fd, [mv], pos)
+        if n == 0:
+            raise OSError(f"the decoded-image cache file ended early (at byte {pos}): delete it to rebuild it")
+        mv, pos = mv[n:], pos + n

@@ -71,11 +71,38 @@ def use_compile(setting: str) -> bool:
 
 def atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())  # else a power cut can leave the renamed file empty
-    os.replace(tmp, path)
+    with _writing(path, tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # else a power cut can leave the renamed file empty
+        os.replace(tmp, path)
+
+
+def _disk_full(e: BaseException) -> bool:
+    """ENOSPC or EDQUOT, as an OSError, or as the text of an error that wraps it (safetensors'
+    SafetensorError, torch's file writer)."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    msg = str(e)
+    return isinstance(e, Exception) and ("No space left on device" in msg or "Disk quota exceeded" in msg)
+
+
+@contextlib.contextmanager
+def _writing(path: Path, tmp: Path):
+    """Write ``tmp`` then rename it to ``path``: on any failure the temp file goes, and a full disk
+    is one line, not a traceback (the previous file, renamed into place whole, is untouched)."""
+    try:
+        yield
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if _disk_full(e):
+            raise UserError(f"no space left on device writing {path}: free some space; "
+                            f"last.pt keeps the last good epoch") from None
+        raise
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: float, weight=None) -> torch.Tensor:
@@ -433,9 +460,10 @@ class Trainer:
             from safetensors.torch import save_file
 
             state = {k: v.detach().cpu().contiguous() for k, v in self.eval_model().state_dict().items()}
-            tmp = self.run_dir / "best.safetensors.tmp"
-            save_file(state, str(tmp))
-            os.replace(tmp, self.run_dir / "best.safetensors")
+            tmp, path = self.run_dir / "best.safetensors.tmp", self.run_dir / "best.safetensors"
+            with _writing(path, tmp):
+                save_file(state, str(tmp))
+                os.replace(tmp, path)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
