@@ -56,7 +56,7 @@ def test_predict_tta_on_a_run_trained_without_tta_matches_evaluate(tiny_run, sam
     (run / "model.json").write_text(json.dumps({**meta, "tta_level": 0}))
     m = imgclf.evaluate(run, str(sample_dir), tta=True, progress=False)
     files = sorted((sample_dir / "test").glob("*/*.jpg"))
-    clf = imgclf.load(run)
+    clf = imgclf.load(run, precision="auto")  # evaluate's precision (predict's default is fp32)
     with_tta, plain = clf.predict(files, top_k=1, tta=True), clf.predict(files, top_k=1)
     hits = np.mean([r["top"][0][0] == f.parent.name for r, f in zip(with_tta, files)])
     assert m["n"] == len(files) and hits == pytest.approx(m["top1"], abs=2 / len(files))
