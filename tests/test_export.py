@@ -311,24 +311,21 @@ def test_a_model_that_cannot_be_moved_in_leaves_its_old_companions(tiny_run, tmp
 
     real_replace = os.replace
 
-    def model_refused(src, dst):  # as for `chattr +i served.onnx`: the model cannot be replaced
-        if str(dst) == str(out):
-            raise PermissionError(1, "Operation not permitted", str(dst))
-        return real_replace(src, dst)
+    def refusing(target):  # os.replace, refused for one destination (as for `chattr +i target`)
+        def replace(src, dst):
+            if str(dst) == str(target):
+                raise PermissionError(1, "Operation not permitted", str(dst))
+            return real_replace(src, dst)
+        return replace
 
-    monkeypatch.setattr(ex.os, "replace", model_refused)
+    monkeypatch.setattr(ex.os, "replace", refusing(out))  # the model cannot be replaced
     with pytest.raises(UserError, match="I/O error, Operation not permitted"):
         export(other, "onnx", out, parity_images=4, verbose=False)
     assert (out.read_bytes(), sidecar.read_text(), parity.read_text()) == first
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == sorted(
         ["served.onnx", "served.onnx.json", "served.onnx.parity.json"])
 
-    def sidecar_refused(src, dst):  # the model moved in, its sidecar did not
-        if str(dst) == str(sidecar):
-            raise PermissionError(1, "Operation not permitted", str(dst))
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(ex.os, "replace", sidecar_refused)
+    monkeypatch.setattr(ex.os, "replace", refusing(sidecar))  # the model moves in, its sidecar does not
     with pytest.raises(UserError, match="I/O error"):
         export(other, "onnx", out, parity_images=4, verbose=False)
     assert read_onnx_metadata(out)["source_run"] == str(other.resolve())

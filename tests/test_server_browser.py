@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -96,34 +97,38 @@ def _solid_png(path: Path, rgb) -> Path:
     return path
 
 
-def test_page_shows_a_bar_for_every_predicted_label_of_a_multilabel_model(chromium, tmp_path):
+@contextlib.contextmanager
+def _page(chromium: Path, backend, ready: str):
+    """The web page of a server around ``backend``, loaded in Chromium, once its model line
+    contains ``ready``."""
     from playwright.sync_api import sync_playwright
 
     from imgclf.deploy.server import ServeConfig, ServerThread, create_app
 
-    image = _solid_png(tmp_path / "x.png", (10, 200, 30))
-    with ServerThread(create_app(ServeConfig(model="stub"), backend=_ManyLabels())) as url, sync_playwright() as pw:
+    with ServerThread(create_app(ServeConfig(model="stub"), backend=backend)) as url, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
             page.goto(url + "/")
-            page.wait_for_function("document.getElementById('model').textContent.includes('multi-label')")
-            page.set_input_files("#file", str(image))
-            page.wait_for_function("document.querySelectorAll('#results .row').length > 0", timeout=30_000)
-            assert page.text_content("#top-class") == "c6"
-            shown = page.eval_on_selector_all("#results .row", "rows => rows.map(r => [r.dataset.cls, r.className])")
+            page.wait_for_function(f"document.getElementById('model').textContent.includes('{ready}')")
+            yield page
         finally:
             browser.close()
+
+
+def test_page_shows_a_bar_for_every_predicted_label_of_a_multilabel_model(chromium, tmp_path):
+    image = _solid_png(tmp_path / "x.png", (10, 200, 30))
+    with _page(chromium, _ManyLabels(), "multi-label") as page:
+        page.set_input_files("#file", str(image))
+        page.wait_for_function("document.querySelectorAll('#results .row').length > 0", timeout=30_000)
+        assert page.text_content("#top-class") == "c6"
+        shown = page.eval_on_selector_all("#results .row", "rows => rows.map(r => [r.dataset.cls, r.className])")
     # the server returns the top 5 (c0-c4); the predicted label c6 gets its bar as well, marked a hit
     assert ["c6", "row hit"] in shown, shown
     assert [c for c, _ in shown] == ["c0", "c1", "c2", "c3", "c4", "c6"]
 
 
 def test_page_ignores_the_answer_for_an_image_replaced_meanwhile(chromium, tmp_path):
-    from playwright.sync_api import sync_playwright
-
-    from imgclf.deploy.server import ServeConfig, ServerThread, create_app
-
     red, blue = _solid_png(tmp_path / "red.png", (250, 0, 0)), _solid_png(tmp_path / "blue.png", (0, 0, 250))
     held = []
 
@@ -133,31 +138,24 @@ def test_page_ignores_the_answer_for_an_image_replaced_meanwhile(chromium, tmp_p
         else:
             route.continue_()
 
-    with ServerThread(create_app(ServeConfig(model="stub"), backend=_Stub())) as url, sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
+    with _page(chromium, _Stub(), "classes") as page:
+        page.route("**/v1/predict", hold_the_first)
+        page.set_input_files("#file", str(red))
+        for _ in range(600):
+            if held:
+                break
+            page.wait_for_timeout(50)
+        assert held and held[0][1].json()["predictions"][0]["top"][0]["class"] == "red"
+        page.set_input_files("#file", str(blue))
+        page.wait_for_function("document.getElementById('top-class').textContent.length > 0", timeout=30_000)
+        assert page.text_content("#top-class") == "blue"
+        route, response = held[0]
         try:
-            page = browser.new_page()
-            page.goto(url + "/")
-            page.wait_for_function("document.getElementById('model').textContent.includes('classes')")
-            page.route("**/v1/predict", hold_the_first)
-            page.set_input_files("#file", str(red))
-            for _ in range(600):
-                if held:
-                    break
-                page.wait_for_timeout(50)
-            assert held and held[0][1].json()["predictions"][0]["top"][0]["class"] == "red"
-            page.set_input_files("#file", str(blue))
-            page.wait_for_function("document.getElementById('top-class').textContent.length > 0", timeout=30_000)
-            assert page.text_content("#top-class") == "blue"
-            route, response = held[0]
-            try:
-                route.fulfill(response=response)  # the red answer arrives after the blue one
-            except Exception:  # noqa: BLE001 - the page aborted that request: nothing to deliver
-                pass
-            page.wait_for_timeout(500)
-            shown, error = page.text_content("#top-class"), page.text_content("#error")
-            rows = page.eval_on_selector_all("#results .row", "rows => rows.map(r => r.dataset.cls)")
-        finally:
-            browser.close()
+            route.fulfill(response=response)  # the red answer arrives after the blue one
+        except Exception:  # noqa: BLE001 - the page aborted that request: nothing to deliver
+            pass
+        page.wait_for_timeout(500)
+        shown, error = page.text_content("#top-class"), page.text_content("#error")
+        rows = page.eval_on_selector_all("#results .row", "rows => rows.map(r => r.dataset.cls)")
     assert shown == "blue" and rows[0] == "blue", (shown, rows)
     assert error == ""
