@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import matplotlib.figure
@@ -145,3 +146,14 @@ def test_distributed_validation_shards_cover_every_image_once():
     assert sorted(seen) == list(range(n))
     train = [BatchLoader(data, 8, torch.device("cpu"), shuffle=True, rank=r, world=2) for r in (0, 1)]
     assert len(train[0].order(0)) == len(train[1].order(0)) == 20  # training shards stay equal
+
+
+def test_weights_are_readable_as_the_umask_allows_like_the_runs_other_files(tiny_run):
+    # safetensors writes 0600: a run shared with a team, or served by another account, failed to load
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    expected = 0o666 & ~umask
+    for name in ("model.safetensors", "best.safetensors", "model.json", "metrics.csv"):
+        assert stat.S_IMODE((tiny_run / name).stat().st_mode) == expected, name

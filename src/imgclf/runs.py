@@ -7,6 +7,7 @@ classes, input size, normalisation, resize policy, calibration). Loading never u
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +19,28 @@ from imgclf.errors import UserError
 MODEL_FORMAT = "imgclf.model/1"
 
 
-def write_model(run_dir: Path, model: nn.Module, meta: dict[str, Any]) -> None:
+def save_weights(model: nn.Module, path: Path) -> None:
+    """``model``'s weights to ``path`` (safetensors), atomically. safetensors creates its files
+    0600, so a run folder shared with a team or read by a serving account could not be loaded:
+    the file gets the permissions the user's umask gives every other file of the run."""
     from safetensors.torch import save_file
 
     from imgclf.engine.trainer import _writing  # a full disk: one line, no temp file left
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = run_dir / "model.safetensors.tmp"
-    with _writing(run_dir / "model.safetensors", tmp):
+    tmp = path.with_name(path.name + ".tmp")
+    with _writing(path, tmp):
         save_file(state, str(tmp))
-        tmp.replace(run_dir / "model.safetensors")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+
+
+def write_model(run_dir: Path, model: nn.Module, meta: dict[str, Any]) -> None:
+    from imgclf.engine.trainer import _writing
+
+    save_weights(model, run_dir / "model.safetensors")
     tmp = run_dir / "model.json.tmp"
     with _writing(run_dir / "model.json", tmp):
         write_meta(run_dir, meta)
@@ -94,6 +107,9 @@ def load_model(run: str | Path, device: str | torch.device = "cpu") -> tuple[nn.
         raise UserError(f"{run_dir}: weights file {weights.name} is missing")
     try:
         state = load_file(str(weights), device=str(device))
+    except PermissionError:
+        raise UserError(f"{weights}: permission denied (older imgclf runs wrote their weights readable "
+                        f"by their owner only: 'chmod a+r {weights}')") from None
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for damaged files
         raise UserError(f"{weights}: cannot read the weights ({str(exc).splitlines()[0][:120]}); the file is "
                         "damaged or incomplete") from None

@@ -457,13 +457,9 @@ class Trainer:
             return
         self.best, self.best_epoch = row[m], row["epoch"]
         if self.run_dir is not None and self.is_main:
-            from safetensors.torch import save_file
+            from imgclf.runs import save_weights
 
-            state = {k: v.detach().cpu().contiguous() for k, v in self.eval_model().state_dict().items()}
-            tmp, path = self.run_dir / "best.safetensors.tmp", self.run_dir / "best.safetensors"
-            with _writing(path, tmp):
-                save_file(state, str(tmp))
-                os.replace(tmp, path)
+            save_weights(self.eval_model(), self.run_dir / "best.safetensors")
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
