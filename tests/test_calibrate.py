@@ -176,12 +176,12 @@ def test_calibrate_data_fits_on_its_val_else_its_test_split_not_the_training_ima
     root = tmp_path / "with_val"
     for cdir in sorted((sample_dir / "test").iterdir()):
         (root / "val" / cdir.name).mkdir(parents=True)
-        for f in sorted(cdir.glob("*.jpg"))[:5]:
+        for f in sorted(cdir.glob("*.jpg"))[:10]:
             shutil.copy(f, root / "val" / cdir.name / f.name)
     for split in ("train", "test"):
         (root / split).symlink_to(sample_dir / split, target_is_directory=True)
     rec = calibrate_run(run, str(root), device="cpu", progress=False)
-    assert rec["split"] == f"val split of {root}" and rec["n"] == 50
+    assert rec["split"] == f"val split of {root}" and rec["n"] == 100
     assert json.loads((run / "model.json").read_text())["calibration"]["split"] == rec["split"]
 
 

@@ -347,10 +347,31 @@ def test_calibrate_warns_on_a_small_split(tiny_run, sample_dir, tmp_path, capsys
         shutil.copy(sorted(cdir.glob("*.jpg"))[7], root / "val" / cdir.name / "one.jpg")
     for split in ("train", "test"):
         (root / split).symlink_to(sample_dir / split, target_is_directory=True)
-    rec = calibrate_run(run, str(root), device="cpu", progress=False)
-    assert rec["n"] == 10
-    warned = [ln for ln in capsys.readouterr().err.splitlines() if "fitted on only 10 images" in ln]
-    assert len(warned) == 1 and "imgclf calibrate" in warned[0]
+    before = json.loads((run / "model.json").read_text())
+    # a temperature from 10 images is noise: refused before the fit, the run keeps its own
+    with pytest.raises(UserError, match=r"10 readable images .* too few to fit a temperature .* keeps temperature"):
+        calibrate_run(run, str(root), device="cpu", progress=False)
+    assert json.loads((run / "model.json").read_text()) == before
+
+
+def test_training_on_a_small_val_split_records_the_fit_but_keeps_temperature_1(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from imgclf import log
+    from imgclf.evaluate.calibrate import calibrate_model
+
+    y = np.arange(12) % 4  # 12 images: under MIN_FIT_IMAGES
+    images = np.repeat((y * 60).astype(np.uint8), 8 * 8 * 3).reshape(12, 8, 8, 3)
+    cs = SimpleNamespace(rows=np.arange(12), labels=y, images=images)
+    meta = {"task": "single", "mean": [0.0] * 3, "std": [1.0] * 3, "tta_level": 2, "tta_flip": True}
+    out = calibrate_model(tmp_path, _Brightness(), meta, cs, torch.device("cpu"))
+    rec = out["calibration"]
+    assert rec["n"] == 12 and rec["applied"] is False and rec["temperature"] != 1.0  # what was fitted, kept
+    assert out["temperature"] == 1.0 and "temperature_tta" not in out  # what predict uses
+    assert json.loads((tmp_path / "model.json").read_text())["temperature"] == 1.0
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if "fitted on only 12 images" in ln]
+    assert len(warned) == 1 and "not applied" in warned[0] and "imgclf calibrate" in warned[0]
+    log.reset()  # its lower-bound warning, printed once per process, is the next test's to see
 
 
 class _Brightness(nn.Module):

@@ -110,7 +110,8 @@ def fit_warnings(rec: dict) -> list[str]:
         worse = (f"; on these images it raised ECE {rec['ece_before']:.4f} -> {rec['ece_after']:.4f}"
                  if rec["ece_after"] > rec["ece_before"] else "")
         out.append(f"temperature {t:.3g} fitted on only {n} images ({split}): too few to pin it down (under "
-                   f"{MIN_FIT_IMAGES}){worse}; refit on more held-out images with 'imgclf calibrate RUN --data DIR'")
+                   f"{MIN_FIT_IMAGES}){worse}; not applied (scores keep temperature 1); fit it on more held-out "
+                   "images with 'imgclf calibrate RUN --data DIR'")
     if t >= T_MAX * 0.999:
         out.append(f"temperature hit its upper bound {T_MAX:g} on {split}: at any scale the model's scores there "
                    "predict no better than a uniform guess, so every confidence is flattened; train longer or check "
@@ -163,18 +164,21 @@ def calibrate_model(run_dir: Path, model, meta: dict, cs, device, precision: str
     rec = calibration_record(logits, labels, t, split)
     for w in fit_warnings(rec):
         log.warn(w)
-    meta = {**meta, "temperature": rec["temperature"], "calibration": rec}
+    # a temperature fitted on a dozen images is noise (it can raise ECE on the very images it was
+    # fitted on): the record keeps what was fitted, the scores keep temperature 1
+    rec["applied"] = rec["n"] >= MIN_FIT_IMAGES
+    meta = {**meta, "temperature": rec["temperature"] if rec["applied"] else 1.0, "calibration": rec}
     meta.pop("temperature_tta", None)
     level = int(meta.get("tta_level") or 0)
-    if level:
+    if level and rec["applied"]:
         tta_logits, tta_labels = split_logits(model, meta, cs, device, precision, limit=TTA_FIT_LIMIT, tta_level=level)
         tta = calibration_record(tta_logits, tta_labels, fit_temperature(tta_logits, tta_labels), split)
         meta["temperature_tta"] = tta["temperature"]
         rec.update({"tta_level": level, **{f"{k}_tta": v for k, v in tta.items() if k not in ("split", "bins")}})
     write_meta(run_dir, meta)
     tta_note = (f"; with TTA views {meta['temperature_tta']:.3f}, ECE {rec['ece_before_tta']:.4f} -> "
-                f"{rec['ece_after_tta']:.4f}") if level else ""
-    log.info(f"calibration on {split} (n={rec['n']}): temperature {t:.3f}, ECE {rec['ece_before']:.4f} -> "
+                f"{rec['ece_after_tta']:.4f}") if "temperature_tta" in meta else ""
+    log.info(f"calibration on {split} (n={rec['n']}): temperature {t:.3f}{'' if rec['applied'] else ' (not applied)'}, ECE {rec['ece_before']:.4f} -> "
              f"{rec['ece_after']:.4f}, NLL {rec['nll_before']:.4f} -> {rec['nll_after']:.4f}{tta_note} "
              f"({time.perf_counter() - t0:.1f}s)")
     return meta
@@ -281,8 +285,10 @@ def calibrate_run(run: str | Path, data: str | None = None, *, device: str = "au
     split.labels = remap[split.labels]
     cs = build_cache(split, meta["image_size"], meta["resize"], root / "images", progress=progress,
                      desc="decoding")
-    if len(cs) == 0:
-        raise UserError(f"no readable images to calibrate on in {data or run_dir}")
+    if len(cs) < MIN_FIT_IMAGES:  # before the fit: the run keeps the temperature it has
+        raise UserError(f"{len(cs)} readable images to calibrate on in {data or run_dir}: too few to fit a "
+                        f"temperature (at least {MIN_FIT_IMAGES}); {run_dir.name} keeps temperature "
+                        f"{float(meta.get('temperature') or 1.0):.4g}")
     rec = calibrate_model(run_dir, model, meta, cs, dev, "auto", split=name)["calibration"]
     removed = remove_exports(run_dir)
     if removed:

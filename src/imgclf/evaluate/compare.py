@@ -95,8 +95,10 @@ def final_figures(info: dict) -> dict:
         row["epochs_trained"] = int(done) if isinstance(done, float) and done.is_integer() else done
     cal = info["model"].get("calibration")
     if isinstance(cal, dict):
-        row["temperature"] = cal.get("temperature")
-        row["val_ece_before"], row["val_ece_after"] = cal.get("ece_before"), cal.get("ece_after")
+        applied = cal.get("applied", True)  # a fit on too few images is recorded, not applied
+        row["temperature"] = cal.get("temperature") if applied else 1.0
+        row["val_ece_before"] = cal.get("ece_before")
+        row["val_ece_after"] = cal.get("ece_after") if applied else cal.get("ece_before")
     if "train_seconds" in s:
         row["train_seconds"] = s["train_seconds"]
     return row
