@@ -119,3 +119,17 @@ def test_explain_gives_each_image_its_own_file(tiny_run, sample_dir, tmp_path):
         copies.append(d / f.name)
     out = explain(tiny_run, copies, out=tmp_path / "out")
     assert len({r["output"] for r in out}) == 3
+
+
+def test_an_unwritable_evaluate_out_is_one_line_before_any_image_is_scored(tiny_run, sample_dir, tmp_path, monkeypatch):
+    import imgclf.api as api
+
+    scored = []
+    monkeypatch.setattr(api, "_evaluate_cached", lambda *a, **k: scored.append(1))
+    taken = tmp_path / "results.json"
+    taken.write_text("{}")  # --out names a folder: an existing file there was a traceback after the scoring
+    with pytest.raises(UserError, match=r"--out .*results.json: cannot write the evaluation there \(.* not a folder"):
+        imgclf.evaluate(tiny_run, str(sample_dir / "test"), out=taken, progress=False)
+    with pytest.raises(UserError, match=r"--out /proc/imgclf: cannot write the evaluation there"):
+        imgclf.evaluate(tiny_run, str(sample_dir / "test"), out="/proc/imgclf", progress=False)
+    assert not scored and taken.read_text() == "{}"

@@ -802,6 +802,11 @@ def evaluate(run: str | Path, data: str | None = None, *, tta: bool | None = Non
     from imgclf.evaluate.calibrate import check_classes, run_cache_root, source_from_config
 
     run_dir, _ = read_meta(run)
+    # where the results go, checked before any image is decoded or scored
+    problem = write_problem(Path(out) if out else run_dir, create=False)
+    if problem:
+        raise UserError(f"--out {out}: cannot write the evaluation there ({problem})" if out else
+                        f"{run_dir}: cannot write the evaluation into the run folder ({problem}); pass --out DIR")
     root = run_cache_root(run_dir, cache_dir)
     label_opts: dict[str, Any] = {}
     if (run_dir / "config.yaml").exists():  # read labels the way training did (COCO/YOLO modes, --classes)
