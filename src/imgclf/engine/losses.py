@@ -22,6 +22,23 @@ def label_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return np.bincount(labels.astype(np.int64), minlength=num_classes)
 
 
+def _named_entries(pieces: list[str], classes: list[str]) -> list[str]:
+    """'a,b=5,cat=2' split at its commas, with the pieces of a class name that holds a comma
+    ('a,b') put back together: only where the joined name is one of the classes."""
+    out, i = [], 0
+    while i < len(pieces):
+        j = i
+        while "=" not in pieces[j] and j + 1 < len(pieces):
+            j += 1
+        joined = ",".join(pieces[i:j + 1])
+        if j > i and joined.rsplit("=", 1)[0].strip() not in classes:
+            j = i  # not a class name: the piece stands alone (and is reported as it is)
+            joined = pieces[i]
+        out.append(joined)
+        i = j + 1
+    return out
+
+
 def parse_class_weights(spec: str | None, classes: list[str]) -> str | list[float] | None:
     """'none' / 'balanced' / '1,5,1,...' (one per class, in the run's class order) / 'cat=5,dog=2'
     (others 1)."""
@@ -30,8 +47,9 @@ def parse_class_weights(spec: str | None, classes: list[str]) -> str | list[floa
     text = spec.strip()
     if text.lower() == "balanced":
         return "balanced"
-    order = ", ".join(classes[:12]) + (f", ... ({len(classes)} classes)" if len(classes) > 12 else "")
-    parts = [p.strip() for p in text.split(",")]
+    order = ", ".join(f"'{c}'" if "," in c else c for c in classes[:12]) + (f", ... ({len(classes)} classes)" if len(classes) > 12 else "")
+    parts = [p.strip() for p in _named_entries(text.split(","), classes)] if "=" in text else \
+        [p.strip() for p in text.split(",")]
     if not any(parts) or not all(parts):
         raise UserError(f"--class-weights {spec!r}: an empty entry; give 'balanced', one number per class "
                         f"({order}), or class=weight pairs")
