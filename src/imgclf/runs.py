@@ -6,6 +6,7 @@ classes, input size, normalisation, resize policy, calibration). Loading never u
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -81,6 +82,15 @@ def read_meta(run: str | Path) -> tuple[Path, dict[str, Any]]:
         if (run / "config.yaml").exists():
             raise UserError(f"{run} has no model.json: training stopped before its first checkpoint "
                             f"(train again with the same options, adding --exist-ok)")
+        runs = sorted(e.name for e in itertools.islice(os.scandir(run), 2000)
+                      if e.is_dir() and (Path(e.path) / "model.json").is_file())
+        if runs:  # a project folder ('runs'): its runs' figures would look like data below
+            raise UserError(f"{run}: not an imgclf run folder (no model.json); it holds run folders: name one, e.g. "
+                            f"{run / runs[-1]}")
+        if _looks_like_data(run):  # 'imgclf evaluate photos/' or 'predict photos/ cat.jpg': arguments swapped
+            raise UserError(f"{run}: not an imgclf run folder (no model.json); it looks like a data folder: the first "
+                            "argument is a run folder ('imgclf train' made it); pass data with --data (predict: "
+                            "after the run folder)")
         raise UserError(f"{run}: not an imgclf run folder (no model.json)")
     try:
         meta = json.loads(meta_path.read_text())
@@ -89,6 +99,30 @@ def read_meta(run: str | Path) -> tuple[Path, dict[str, Any]]:
     if meta.get("format") != MODEL_FORMAT:
         raise UserError(f"{meta_path}: unknown model format {meta.get('format')!r} (expected {MODEL_FORMAT})")
     return meta_path.parent, meta
+
+
+def _looks_like_data(folder: Path, depth: int = 3, budget: int = 2000) -> bool:
+    """Whether ``folder`` holds images (directly, in class folders, or in train/class folders),
+    looking at no more than ``budget`` entries."""
+    from imgclf.data.images import IMAGE_EXTENSIONS
+
+    seen = 0
+    todo = [(folder, 0)]
+    while todo:
+        d, level = todo.pop()
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            continue
+        for e in entries:
+            seen += 1
+            if seen > budget:
+                return False
+            if e.is_file() and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS:
+                return True
+            if level + 1 < depth and e.is_dir() and not e.name.startswith("."):
+                todo.append((Path(e.path), level + 1))
+    return False
 
 
 def load_model(run: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:

@@ -28,8 +28,8 @@ def add_check(sub) -> None:
     p.add_argument("--config", help="a training YAML file: its data options are used")
     p.add_argument("--near-threshold", type=int, default=None,
                    help="max pHash Hamming distance of near duplicates (default 4 of 64 bits)")
-    p.add_argument("--max-images", type=int, default=None, help="hash at most this many images for duplicates")
-    p.add_argument("--out", help="folder for check.json and samples.png (default runs/check-<data>)")
+    p.add_argument("--max-images", type=int, default=None, help="hash at most this many images for duplicates (default: all)")
+    p.add_argument("--out", "--output", dest="out", help="folder for check.json and samples.png (default runs/check-<data>)")
     p.add_argument("--json", help="write the findings here instead of OUT/check.json")
     add_config_options(p, skip=tuple(f for f in TrainConfig.model_fields if f not in DATA_OPTIONS))
     p.set_defaults(func=cmd_check)
@@ -80,7 +80,8 @@ def print_report(report, cached) -> None:
     # paths and class names are the user's text, not markup: "[bold]" or "img[/1].jpg" in a name
     # would be styled away, or raise rich's MarkupError
     console.print(f"[bold]{escape(str(report.data))}[/bold]: {len(report.classes)} classes, {sizes} readable images, "
-                  f"{report.image_size}px; checked in {report.seconds:.1f} s", highlight=False)
+                  f"{report.image_size}px; checked in {report.seconds:.1f} s", highlight=False,
+                  soft_wrap=True)  # one line: piped output (80 columns) would break it mid-phrase
     if not report.findings:
         console.print("[green]no problems found[/green]")
         return

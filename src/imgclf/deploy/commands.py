@@ -10,8 +10,9 @@ def add_export(sub) -> None:
 
     p = sub.add_parser("export", help="export a run to ONNX or TorchScript (preprocessing inside) with a parity check")
     p.add_argument("run", help="run folder")
-    p.add_argument("--format", choices=FORMATS, default="onnx")
-    p.add_argument("--out", help="output file (default: RUN/model.onnx or RUN/model.torchscript.pt)")
+    p.add_argument("--format", choices=FORMATS, default="onnx",
+                   help="onnx (for onnxruntime and 'imgclf serve') or torchscript (for torch.jit.load)")
+    p.add_argument("--out", "--output", dest="out", help="output file (default: RUN/model.onnx or RUN/model.torchscript.pt)")
     # None when not given: an explicit --opset with --format torchscript is refused, not ignored
     p.add_argument("--opset", type=int, default=None, help=f"ONNX opset (default {DEFAULT_OPSET}; onnx only)")
     p.add_argument("--parity-images", type=int, default=PARITY_IMAGES,
@@ -27,12 +28,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_serve(sub) -> None:
+    from imgclf.cli import _positive_int
     from imgclf.deploy.server import LOG_LEVELS, PRECISIONS, ServeConfig
 
     d = ServeConfig(model="")
     p = sub.add_parser("serve", help="HTTP server with a web page: POST /v1/predict, GET /v1/model, /healthz, /metrics")
     p.add_argument("model", metavar="RUN_OR_ONNX", help="run folder or .onnx file from 'imgclf export'")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on, 0-65535 (0: any free port)")
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="images per forward pass at most")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, help="how long a request waits for others to batch with")
@@ -43,15 +46,17 @@ def add_serve(sub) -> None:
     p.add_argument("--max-in-flight", type=int, default=d.max_in_flight,
                    help="images decoding or waiting at once; more gets 503 + Retry-After (0: 4 x images per request)")
     p.add_argument("--threads", type=int, default=0, help="inference threads (0: cpus - 1, at least 1)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="server processes (each loads the model and batches on its own; 1 is best on few cores)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda: a run folder runs on torch's device, an .onnx on "
-                                                   "onnxruntime's CUDA provider (needs onnxruntime-gpu)")
+    # 1 or more: 0 would read as 'one per core' (train's --workers), which is not what serving wants
+    p.add_argument("--workers", type=_positive_int, default=1,
+                   help="server processes, 1 or more (each loads the model and batches on its own; 1 is best on few cores)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda, cuda:N or auto (cuda when available; a run folder also takes mps): a run folder "
+                        "runs on torch's device, an .onnx on onnxruntime's CUDA provider (needs onnxruntime-gpu)")
     p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="a run folder's arithmetic: fp32 (default, the exported model's answers) or auto/bf16/fp16 "
                         "autocast (faster batches where the device has the instructions); an .onnx runs in fp32")
     p.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default="warning",
-                   help="uvicorn's log level (default warning)")
+                   help="uvicorn's log level (default: warning)")
     p.set_defaults(func=cmd_serve)
 
 

