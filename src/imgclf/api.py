@@ -297,7 +297,7 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
 
     if cfg.devices > 1 and not distributed.launched():
         return distributed.spawn_train(cfg.devices, device, config=config, resume=resume, callbacks=callbacks,
-                                       options={**options, "final_eval": final_eval}, started=started)
+                                       options={**options, "final_eval": final_eval}, started=started, cfg=cfg)
     ddp = distributed.setup(device)  # None unless under torchrun or spawned by --devices
     if ddp:
         device = ddp.device
@@ -323,6 +323,8 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
     if budget_cb and budget_cb.active:
         log.info(f"time limit {s.cfg.time_limit:g}s: trained {s.cfg.epochs:.1f} epochs, "
                  f"{time.perf_counter() - t_start:.0f}s so far")
+    if ddp and device.type == "cpu":  # the other ranks wait in close(): the evaluation gets every core
+        torch.set_num_threads(distributed.cpu_cores())
     result = _finish(s, model, trainer, history, extra, final_eval=final_eval, t_start=t_start)
     if ddp:
         ddp.close()
@@ -390,7 +392,7 @@ def _prepare_data(cfg: TrainConfig, run_dir: Path | None, device: torch.device, 
     distributed.main_first_end(ddp)
     user_epochs = cfg.epochs if "epochs" in cfg.model_fields_set else None
     cfg = recipe.resolve(cfg, n_train=len(cached["train"]), image_size=size, arch=arch,
-                         multilabel=src.task == "multilabel")
+                         multilabel=src.task == "multilabel", world=world)
     if cfg.translate and cfg.translate >= size:  # reflect padding wider than the image cannot be made
         raise UserError(f"--translate {cfg.translate} must be smaller than the image size ({size} px)")
     if src.task == "multilabel" and "monitor" not in cfg.model_fields_set:
@@ -401,6 +403,7 @@ def _prepare_data(cfg: TrainConfig, run_dir: Path | None, device: torch.device, 
         run_dir = _make_run_dir(cfg, src.name, arch)
     if ddp:  # one run folder: rank 0 names it, the others receive the name
         run_dir = Path(ddp.broadcast_str(str(run_dir)))
+        distributed.announce_run_dir(ddp, run_dir)  # to spawn_train's parent, which cleans up after a failure
     if rank == 0:
         dump_yaml(cfg, run_dir / "config.yaml")
         if recorded is None and source is not None:  # a new run (an old folder was cleared)
@@ -620,7 +623,7 @@ def _build_trainer(s: _Setup, *, resume, callbacks, final_eval: bool, t_start: f
         if cfg.time_limit and rank == 0:  # the plan of the checkpoint, which a later re-plan may have overtaken
             dump_yaml(cfg, s.run_dir / "config.yaml")
         log.info(f"resuming at epoch {trainer.epoch + 1} (step {trainer.step}/{trainer.total_steps})")
-    length = f"{cfg.epochs:g} epochs" if not (budget_cb and budget_cb.active) else \
+    length = f"{cfg.epochs:g} epoch{'' if cfg.epochs == 1 else 's'}" if not (budget_cb and budget_cb.active) else \
         f"time limit {cfg.time_limit:g}s (length planned after the first timed steps)"
     opt = f"{cfg.optimizer} lr {cfg.lr:.3g}" if cfg.optimizer != "muon" else \
         f"muon lr {cfg.muon_lr:.3g} (conv filters) + sgd lr {cfg.lr:.3g}"

@@ -17,8 +17,11 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import signal
 import socket
+import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +30,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from imgclf import log
 from imgclf.errors import UserError
 
 _ENV = ("RANK", "WORLD_SIZE")
+_OUT_ENV = "IMGCLF_DDP_OUT"  # set in the processes spawn_train starts: the parent's temp folder
 
 
 @dataclass
@@ -96,6 +101,24 @@ def gather_rows(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x)
     return torch.cat([p[:k] for p, k in zip(parts, lengths)]).to(t.device)
+
+
+@torch.no_grad()
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics, an EMA copy's) into ``module`` on every
+    rank, one broadcast per dtype. DDP sends them before each training forward pass, but each
+    rank's last steps update its own copy (and an EMA model is not DDP's): validation scores each
+    shard with rank 0's model, the one saved, only after this."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for b in module.buffers():
+        groups.setdefault((b.dtype, b.device), []).append(b)
+    for bufs in groups.values():
+        flat = _flatten_dense_tensors(bufs)
+        dist.broadcast(flat, 0)
+        for b, v in zip(bufs, _unflatten_dense_tensors(flat, bufs)):
+            b.copy_(v)
 
 
 def launched() -> bool:
@@ -202,25 +225,104 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(local_rank: int, world: int, port: int, call: dict[str, Any], out: str) -> None:
+def announce_run_dir(ctx: DistContext | None, run_dir: Path) -> None:
+    """Rank 0 of a run started by spawn_train tells the parent its run folder, so the parent can
+    say where to --resume, or remove a new folder without a checkpoint, when the run is stopped
+    or a process dies."""
+    out = os.environ.get(_OUT_ENV)
+    if ctx is not None and ctx.is_main and out and Path(out).is_dir():
+        _write_atomic(Path(out, "run_dir.txt"), str(run_dir))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class _Stopped(BaseException):
+    """Raised in a spawned process by SIGINT/SIGTERM (the parent stopping the run, a Ctrl-C sent to
+    the whole process group, the parent's death). It unwinds through train(): checkpoint writes
+    drop their temp files and rank 0 removes a new run folder without a checkpoint; the parent,
+    not the processes, tells the user."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_GRACE_S = 10.0  # how long a stopped process may take to unwind before it is killed
+
+
+def _ignore_stop_signals() -> None:
+    # a handler that does nothing, not SIG_IGN: a signal already caught but not yet handled then
+    # finds no Python handler, and Python prints "Signal 15 ignored due to race condition"
+    for s in _STOP_SIGNALS:
+        signal.signal(s, _swallow)
+
+
+def _swallow(signum, frame) -> None:
+    pass
+
+
+def _on_stop_signal(signum, frame) -> None:
+    _ignore_stop_signals()  # once: a second signal must not interrupt the unwinding
+    raise _Stopped(signum)
+
+
+def _die_with_parent(parent: int) -> None:
+    """A spawned process ends when the process that started it does (kill -9, a crash): left
+    running, re-parented to init, it would finish the run and write to its folder. Linux sends
+    SIGTERM at the parent's death (PR_SET_PDEATHSIG, set here over torch's SIGINT, which a shell
+    ignores in background jobs); a thread watching the parent's pid covers other systems, and
+    ends a process stuck in native code after a grace period."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(_GRACE_S)
+        os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=watch, name="imgclf-parent-watch", daemon=True).start()
+
+
+def _worker(local_rank: int, world: int, port: int, call: dict[str, Any], out: str, parent: int | None = None) -> None:
+    """One process of spawn_train (``parent``: its pid)."""
+    if parent is not None:
+        for s in _STOP_SIGNALS:
+            signal.signal(s, _on_stop_signal)
+        _die_with_parent(parent)
     os.environ.update({"RANK": str(local_rank), "LOCAL_RANK": str(local_rank), "WORLD_SIZE": str(world),
                        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                        # --time-limit counts from the parent's train() call, process start-up included
-                       "IMGCLF_TRAIN_STARTED": str(call["started"])})
+                       "IMGCLF_TRAIN_STARTED": str(call["started"]), _OUT_ENV: out})
     from imgclf.api import train
 
     try:
         res = train(call["config"], resume=call["resume"], callbacks=call["callbacks"], **call["options"])
+        if local_rank == 0:
+            _write_atomic(Path(out, "result.json"), json.dumps({"run_dir": str(res.run_dir), "history": res.history,
+                                                                "test": res.test}, default=str))
+    except _Stopped as e:
+        raise SystemExit(128 + e.signum) from None  # quietly: the parent says what happened
     except (UserError, ModuleNotFoundError) as e:
+        if parent is not None:
+            _ignore_stop_signals()  # the error file is written whole
         # the parent raises it again (a one-line error; a missing optional package keeps its name,
         # so the CLI's install hint names it); a non-zero exit stops the other ranks
         kind = "module" if isinstance(e, ModuleNotFoundError) else "user"
-        Path(out, f"error{local_rank}.json").write_text(json.dumps({"kind": kind, "message": str(e),
-                                                                   "name": getattr(e, "name", None)}))
+        _write_atomic(Path(out, f"error{local_rank}.json"), json.dumps({"kind": kind, "message": str(e),
+                                                                        "name": getattr(e, "name", None)}))
         raise SystemExit(2) from None
-    if local_rank == 0:
-        Path(out, "result.json").write_text(json.dumps({"run_dir": str(res.run_dir), "history": res.history,
-                                                         "test": res.test}, default=str))
 
 
 def _worker_error(e: dict) -> Exception:
@@ -230,9 +332,123 @@ def _worker_error(e: dict) -> Exception:
     return UserError(e["message"])
 
 
+def _exit_error(index: int, exitcode: int | None, out: str, error_file: str | None) -> Exception:
+    """Why process ``index`` failed, as the exception the parent raises: the worker's own error
+    (UserError, missing package), the traceback of an exception it raised (torch's
+    ProcessRaisedException, as torch.multiprocessing reports it), or one line for a process
+    ended by a signal or an exit code."""
+    import pickle
+
+    import torch.multiprocessing as tmp
+
+    ours = Path(out, f"error{index}.json")
+    if ours.is_file():
+        return _worker_error(json.loads(ours.read_text()))
+    if error_file and os.path.isfile(error_file) and os.path.getsize(error_file):
+        with open(error_file, "rb") as f:
+            trace = pickle.load(f)
+        return tmp.ProcessRaisedException(f"\n\n-- Process {index:d} terminated with the following error:\n{trace}",
+                                          index, 0)
+    return UserError(exit_message(index, exitcode))
+
+
+def exit_message(index: int, exitcode: int | None) -> str:
+    """One line for a process that ended without an error of its own (a signal, an exit code)."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = " (out of memory? the kernel's OOM killer sends it: see dmesg)" if name == "SIGKILL" else ""
+        return f"process {index} was killed by {name}{hint}"
+    if exitcode is not None and exitcode - 128 in {int(s) for s in _STOP_SIGNALS}:
+        return f"process {index} was stopped by {signal.Signals(exitcode - 128).name}"
+    return f"process {index} exited with code {exitcode}"
+
+
+def _failure(procs, first: int, ended: list[int], out: str, error_files: list[str]) -> Exception:
+    """The exception that says why the run failed. A failing process brings the others down (a
+    collective on a closed connection fails, stop_all's SIGTERM), so the cause is, first, a
+    user error any rank wrote; then a process killed by a signal before the others were stopped
+    (the OOM killer); then the first process seen failing."""
+    mine = [i for i in range(len(procs)) if Path(out, f"error{i}.json").is_file()]
+    if mine:
+        return _exit_error(mine[0], procs[mine[0]].exitcode, out, None)
+    killed = [i for i in ended if (procs[i].exitcode or 0) < 0]
+    i = killed[0] if killed else first
+    return _exit_error(i, procs[i].exitcode, out, error_files[i])
+
+
+def _wait_for_failure(procs) -> int | None:
+    """Wait until every process has ended (None) or one has failed (its index)."""
+    from multiprocessing.connection import wait
+
+    pending = {p.sentinel: i for i, p in enumerate(procs)}
+    while pending:
+        for sentinel in wait(list(pending)):
+            i = pending.pop(sentinel)
+            procs[i].join()
+            if procs[i].exitcode != 0:
+                return i
+    return None
+
+
+def _stop_all(procs, grace: float = _GRACE_S) -> None:
+    """SIGTERM to every live process (each unwinds: _Stopped), a grace period, then SIGKILL; all
+    joined before returning. A second Ctrl-C cuts the wait short."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    end = time.monotonic() + grace
+    try:
+        for p in procs:
+            p.join(max(0.0, end - time.monotonic()))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join()
+
+
+def _check_callbacks(callbacks, n: int) -> None:
+    """Callbacks are pickled into each spawned process: say now, in one line, when they cannot be."""
+    if not callbacks:
+        return
+    from multiprocessing.reduction import ForkingPickler
+
+    why = None
+    try:
+        ForkingPickler.dumps(list(callbacks))
+    except Exception as e:  # noqa: BLE001 - PicklingError, AttributeError, TypeError: all mean the same
+        why = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    main = sys.modules.get("__main__")
+    if why is None and not getattr(main, "__file__", None):
+        here = [type(c).__name__ for c in callbacks if type(c).__module__ == "__main__"]
+        if here:  # pickled by name, but the processes cannot import an interactive session's __main__
+            why = f"{', '.join(here)} is defined in an interactive session, which the processes cannot import"
+    if why:
+        raise UserError(f"--devices {n}: each process gets a copy of the callbacks, and these cannot be copied ({why}): "
+                        "define callback classes at the top level of a module or script (no lambdas or local classes)")
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def spawn_train(n: int, device: torch.device, *, config, resume, callbacks, options: dict[str, Any],
-                started: float | None = None):
-    """Run ``imgclf.train`` in ``n`` processes on this machine; returns rank 0's TrainResult."""
+                started: float | None = None, cfg=None):
+    """Run ``imgclf.train`` in ``n`` processes on this machine; returns rank 0's TrainResult.
+
+    Ctrl-C or SIGTERM to this process stops the others (they unwind, and are killed after a grace
+    period) before it raises KeyboardInterrupt; a process that fails stops the others. Either way
+    a new run folder without a checkpoint is removed, as a 1-process run's is. Killing this
+    process outright (SIGKILL) ends the others too (_die_with_parent)."""
     import torch.multiprocessing as tmp
 
     from imgclf.api import TrainResult
@@ -243,24 +459,71 @@ def spawn_train(n: int, device: torch.device, *, config, resume, callbacks, opti
                         f"--device cpu --devices {n} runs {n} CPU processes instead")
     if device.type not in ("cuda", "cpu"):
         raise UserError(f"--devices N runs on CPU or CUDA, not on {device.type}")
-    batch = options.get("batch_size")
+    batch = cfg.batch_size if cfg is not None else options.get("batch_size")
     if isinstance(batch, int) and batch % n:  # say so before starting n processes
         raise UserError(f"--batch-size {batch} is the global batch and must divide by the {n} processes")
+    if cfg is not None and cfg.lr == "auto":  # before decoding the data in n processes
+        raise UserError(f"--lr auto runs the lr finder in one process, not {n}: run 'imgclf lr-find' first and "
+                        "pass --lr VALUE")
+    _check_callbacks(callbacks, n)
     call = {"config": str(config) if config is not None else None, "resume": str(resume) if resume else None,
             "callbacks": callbacks, "options": options, "started": started or time.time()}
+    new = resume is None
     with tempfile.TemporaryDirectory(prefix="imgclf-ddp-") as out:
         # torch names a pytorch-errorfile-*.pickle per worker in the temp folder and leaves the
-        # ones a failed worker wrote behind: make them here, in a folder that is removed
+        # ones a failed worker wrote behind: make them here, in a folder that is removed (only
+        # once every process has ended: a live one may still write there)
         saved, tempfile.tempdir = tempfile.tempdir, out
+        handlers: dict = {}
         try:
-            tmp.start_processes(_worker, args=(n, free_port(), call, out), nprocs=n, join=True, start_method="spawn")
-        except (tmp.ProcessExitedException, tmp.ProcessRaisedException):
-            errors = sorted(Path(out).glob("error*.json"))
-            if errors:
-                raise _worker_error(json.loads(errors[0].read_text())) from None
-            raise
+            if _main_thread():
+                # the processes start with SIGINT ignored (inherited), so a Ctrl-C while they
+                # import torch reaches only this process; each sets its own handler in _worker
+                handlers[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                ctx = tmp.start_processes(_worker, args=(n, free_port(), call, out, os.getpid()), nprocs=n,
+                                          join=False, start_method="spawn")
+            finally:
+                if signal.SIGINT in handlers:
+                    signal.signal(signal.SIGINT, handlers.pop(signal.SIGINT))
+            if _main_thread():  # SIGTERM to this process stops the run as Ctrl-C does
+                handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, _raise_interrupt)
+            procs = ctx.processes
+            try:
+                failed = _wait_for_failure(procs)
+            except KeyboardInterrupt as e:
+                _stop_all(procs)
+                _after_stop(_announced(out, resume), e, new=new)
+                raise
+            if failed is not None:
+                ended = [i for i, p in enumerate(procs) if not p.is_alive()]  # before the others are stopped
+                _stop_all(procs)
+                err = _failure(procs, failed, ended, out, ctx.error_files)
+                _after_stop(_announced(out, resume), err, new=new)
+                raise err from None
         finally:
             tempfile.tempdir = saved
+            if signal.SIGTERM in handlers:
+                signal.signal(signal.SIGTERM, handlers.pop(signal.SIGTERM))
         r = json.loads(Path(out, "result.json").read_text())
     run_dir = Path(r["run_dir"])
     return TrainResult(run_dir, r["history"], test=r["test"], config=make_config(run_dir / "config.yaml"))
+
+
+def _announced(out: str, resume) -> Path | None:
+    f = Path(out, "run_dir.txt")
+    if f.is_file():
+        return Path(f.read_text())
+    return Path(resume) if resume else None
+
+
+def _after_stop(run: Path | None, exc: BaseException, *, new: bool) -> None:
+    """What a 1-process run does when training ends by an exception (api._stopped_early): after
+    Ctrl-C say where to --resume; remove a new run folder without a checkpoint."""
+    from imgclf.api import _stopped_early
+
+    if run is not None and new and not run.exists() and isinstance(exc, KeyboardInterrupt):
+        # rank 0 unwound and removed it already
+        log.info(f"stopped before the first checkpoint: {run} removed (nothing to resume)")
+        return
+    _stopped_early(run, exc, new=new)

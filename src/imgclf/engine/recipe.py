@@ -99,8 +99,10 @@ def budget_width(step_s, avail_s: float, steps_per_epoch: int, crop_factor: floa
     return chosen, epochs
 
 
-def resolve(cfg: TrainConfig, *, n_train: int, image_size: int, arch: str, multilabel: bool = False) -> TrainConfig:
-    """Fill every unset option; explicit user values are kept as they are."""
+def resolve(cfg: TrainConfig, *, n_train: int, image_size: int, arch: str, multilabel: bool = False,
+            world: int = 1) -> TrainConfig:
+    """Fill every unset option; explicit user values are kept as they are. ``world``: the processes
+    of a distributed run, which share each (global) batch equally."""
     c = cfg.model_copy()
     c.image_size = image_size
     c.model = arch
@@ -117,6 +119,8 @@ def resolve(cfg: TrainConfig, *, n_train: int, image_size: int, arch: str, multi
             base = max(8, _pow2_floor(base * (edge / image_size) ** 2))
         # at least ~8 steps per epoch on small data
         c.batch_size = int(max(min(16, base), min(base, _pow2_floor(n_train / 8))))
+        if c.batch_size % world:  # --devices 3: the nearest multiple of 3 (32 -> 33), an equal share each
+            c.batch_size = max(world, world * round(c.batch_size / world))
     steps_per_epoch = max(1, math.ceil(n_train / c.batch_size))
     if c.early_crop is None:
         # progressive crops (cf. fast.ai's progressive resizing, but at constant scale, so the

@@ -105,7 +105,8 @@ def _writing(path: Path, tmp: Path):
         raise
 
 
-def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: float, weight=None) -> torch.Tensor:
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: float, weight=None,
+                       reduce=None, world: int = 1) -> torch.Tensor:
     """Cross-entropy with label smoothing; ``target`` holds class indices or (mixup/cutmix) class
     probabilities. With class weights, each image's smoothed loss is scaled by its own class's
     weight (a mixed image: its classes' weights in the mixture's shares) and the batch is
@@ -116,7 +117,12 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: fl
     of weight 8.5 took most of the smoothing mass of every image (4 classes, 200/100/30/10
     images, smoothing 0.2: the largest class's recall fell to 0, against 0.5 without smoothing);
     with probability targets it does not normalise, so weights of 3 everywhere tripled the
-    gradient (an lr change) under mixup but not without it."""
+    gradient (an lr change) under mixup but not without it.
+
+    Distributed (``reduce`` sums over the ``world`` ranks), the normaliser is the weight sum of
+    the global batch, not of this rank's share: each rank's shard holds other classes, so its own
+    sum would weight its images differently from a 1-process run. Times ``world``, because DDP
+    averages the ranks' gradients."""
     if weight is None:
         return F.cross_entropy(logits, target, label_smoothing=smoothing)
     logp = F.log_softmax(logits, 1)
@@ -128,13 +134,17 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: fl
         w = target @ weight
     if smoothing:
         nll = (1 - smoothing) * nll - smoothing * logp.mean(1)
-    return (nll * w).sum() / w.sum().clamp_min(1e-12)
+    total = w.sum().detach()
+    if reduce is not None and world > 1:
+        total = reduce(total) / world
+    return (nll * w).sum() / total.clamp_min(1e-12)
 
 
-def training_loss(cfg, loss_fn, class_weights, multilabel: bool):
+def training_loss(cfg, loss_fn, class_weights, multilabel: bool, reduce=None, world: int = 1):
     """The loss a run trains with (the Trainer's, and the lr finder's sweep of it): ``loss_fn``
     from losses.imbalance_setup when the config asks for one, else cross-entropy with the run's
-    label smoothing and class weights (BCE on multi-label data)."""
+    label smoothing and class weights (BCE on multi-label data). ``reduce``/``world``: a
+    distributed run's sum over ranks (soft_cross_entropy's class-weight normaliser)."""
     if loss_fn is not None:
         return loss_fn
     if multilabel:
@@ -144,7 +154,7 @@ def training_loss(cfg, loss_fn, class_weights, multilabel: bool):
     smoothing = cfg.label_smoothing or 0.0
 
     def ce(logits, target):
-        return soft_cross_entropy(logits, target, smoothing, class_weights)
+        return soft_cross_entropy(logits, target, smoothing, class_weights, reduce, world)
     return ce
 
 
@@ -188,7 +198,7 @@ class Trainer:
             t0 = time.perf_counter()
             self.forward_model = torch.compile(self.forward_model)
             self.compile_seconds = time.perf_counter() - t0
-        self.loss_fn = training_loss(cfg, loss_fn, class_weights, multilabel)
+        self.loss_fn = training_loss(cfg, loss_fn, class_weights, multilabel, reduce, self.reduce_world)
         self.optimizer = build_optimizer(model, cfg)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision.dtype == torch.float16)
         self.steps_per_epoch = len(train)
@@ -421,6 +431,14 @@ class Trainer:
         from imgclf.evaluate.inference import logits_for_loader
 
         model = self.eval_model()
+        if self._distributed():
+            # every rank scores its shard with rank 0's model: each rank's BatchNorm running
+            # statistics (and its EMA copy's) follow its own shards, and rank 0's are the ones saved
+            from imgclf.engine.distributed import broadcast_buffers
+
+            broadcast_buffers(self.model)
+            if self.ema is not None:
+                broadcast_buffers(self.ema)
         logits, labels = logits_for_loader(model, self.val_loader, self.normalize, self.precision, self.device)
         if self.multilabel:
             # summed over labels, averaged over images: the scale of the training loss
@@ -443,13 +461,15 @@ class Trainer:
             # computes it over the whole val split, so early stopping, plateau and best-checkpoint
             # decisions (it is the multi-label monitor) are the same on every rank
             scores, truth = torch.sigmoid(logits), labels
-            if self.reduce is not None and dist.is_available() and dist.is_initialized() \
-                    and dist.get_world_size() > 1:
+            if self._distributed():
                 from imgclf.engine.distributed import gather_rows
 
                 scores, truth = gather_rows(scores, self.device), gather_rows(truth, self.device)
             out["val_map"] = mean_average_precision(scores.numpy(), truth.numpy())
         return out
+
+    def _distributed(self) -> bool:
+        return self.reduce is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
     def _track_best(self, row: dict) -> None:
         m = self.cfg.monitor
@@ -519,7 +539,10 @@ def _ema_with_warmup(decay: float):
         n = num_averaged.float()
         d = torch.clamp((1 + n) / (10 + n), max=decay)
         for e, p in zip(ema_params, params):
-            e.lerp_(p, (1 - d).to(e.dtype) if e.is_floating_point() else 1.0)
+            if e.is_floating_point():
+                e.lerp_(p, (1 - d).to(e.dtype))
+            else:  # BatchNorm's num_batches_tracked: lerp has no integer kernel; the count is copied
+                e.copy_(p)
 
     return update
 
