@@ -89,19 +89,20 @@ def test_study_report_and_best_config(small_sample, tmp_path, capsys):
 
 
 def test_crashed_trial_is_failed_and_study_goes_on(small_sample, tmp_path):
-    # grid: 2 activations x 2 learning rates; 'bogus' makes building the model raise
+    # grid: 2 nets x 2 learning rates; a net for 1-channel images builds (load_spec builds each
+    # choice's net) but fails in training's first forward pass on RGB images
     path = write_study(tmp_path, small_sample, sampler={"type": "grid"}, pruner="none", n_trials=None,
-                       space={"model_args.activation": {"choices": ["bogus", "relu"]}, "lr": {"choices": [1e-3, 2e-3]}})
+                       space={"model_args.in_channels": {"choices": [1, 3]}, "lr": {"choices": [1e-3, 2e-3]}})
     spec = sweep.load_spec(path)
     summary = sweep.run_study(spec)
     assert summary["trials"] == 4 and summary["fail"] == 2 and summary["complete"] == 2
     trials = trials_of(spec)
     failed = [t for t in trials if t.state.name == "FAIL"]
-    assert all("activation" in t.user_attrs["error"] for t in failed)
+    assert all("channels" in t.user_attrs["error"] for t in failed)
     assert all((spec.study_dir / "trials" / str(t.number) / "error.txt").exists() for t in failed)
-    assert {t.params["model_args.activation"] for t in trials if t.state.name == "COMPLETE"} == {"relu"}
+    assert {t.params["model_args.in_channels"] for t in trials if t.state.name == "COMPLETE"} == {3}
     res = sweep.summarize(spec)
-    assert res["best_params"]["model_args.activation"] == "relu"
+    assert res["best_params"]["model_args.in_channels"] == 3
 
 
 def test_resume_runs_only_the_missing_trials(small_sample, tmp_path):
@@ -333,8 +334,7 @@ def test_changed_space_seen_in_a_trial_fails_it_with_its_reason(small_sample, tm
     sweep.run_study(sweep.load_spec(path))
     spec = sweep.load_spec(write_study(tmp_path, small_sample, pruner="none", n_trials=2,
                                        space={"lr": {"choices": [1e-3, 5e-3]}}))
-    with pytest.raises(UserError, match="5 trials in a row failed, the last with: the search space changed"):
-        sweep.run_worker(spec)
+    assert "5 trials in a row failed, the last with: the search space changed" in sweep.run_worker(spec)
     t = trials_of(spec)[1]
     assert t.state.name == "FAIL" and "search space changed since study 's' began" in t.user_attrs["error"]
     assert "CategoricalDistribution" in (spec.study_dir / "trials" / "1" / "error.txt").read_text()
@@ -346,8 +346,7 @@ def test_failed_trials_always_leave_error_txt(small_sample, tmp_path, monkeypatc
     # run_study refuses that metric up front, a worker alone does not look at the data)
     spec = sweep.load_spec(lr_study(tmp_path, small_sample, n_trials=2, metric="val_map"))
     spec.study_dir.mkdir(parents=True)
-    with pytest.raises(UserError, match="5 trials in a row failed, the last with: metric 'val_map' was never reported"):
-        sweep.run_worker(spec)
+    assert "5 trials in a row failed, the last with: metric 'val_map' was never reported" in sweep.run_worker(spec)
     trials = trials_of(spec)
     assert [t.state.name for t in trials] == ["FAIL"] * 5
     assert "boom" in trials[0].user_attrs["error"] and "never reported" in trials[1].user_attrs["error"]
@@ -395,13 +394,22 @@ def test_sweep_whose_trials_all_fail_exits_non_zero(small_sample, tmp_path, monk
     err = capsys.readouterr().err
     assert "imgclf: error: no trial finished: the 2 trials this sweep ran failed, the last with: RuntimeError: boom" in err
     assert len(calls) == 2
-    # failing trials do not run for ever: 5 in a row end the study, whatever n_trials says
-    assert main(["sweep", str(lr_study(tmp_path, small_sample, n_trials=20, name="r"))]) == 2
-    assert "5 trials in a row failed" in capsys.readouterr().err and len(calls) == 2 + 5
+    # failing trials do not run for ever: 5 in a row end the study, whatever n_trials says; the
+    # sweep ran and every trial failed, so it exits 1 as above (a UserError made it 2)
+    assert main(["sweep", str(lr_study(tmp_path, small_sample, n_trials=20, name="r"))]) == 1
+    err = capsys.readouterr().err
+    assert "no trial finished: the 5 trials this sweep ran failed" in err and len(calls) == 2 + 5
+    assert "(5 failures in a row stop a sweep)" in err and "RuntimeError: boom" in err
     # a timeout with only failures is refused too
     monkeypatch.setattr(sweep, "_MAX_CONSECUTIVE_FAILURES", 100)
     assert main(["sweep", str(lr_study(tmp_path, small_sample, n_trials=None, timeout=0.5, name="t"))]) == 1
     assert "no trial finished" in capsys.readouterr().err
+    monkeypatch.setattr(sweep, "_MAX_CONSECUTIVE_FAILURES", 5)
+    # trials that finished, then 5 failures in a row: the sweep stopped on failures, 1 as well
+    fail_after = fake_train(monkeypatch, fail_on=set(range(1, 100)))
+    assert main(["sweep", str(lr_study(tmp_path, small_sample, n_trials=20, name="f"))]) == 1
+    [line] = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("imgclf: error:")]
+    assert "5 trials in a row failed, the last with: RuntimeError: boom" in line and len(fail_after) == 6
 
 
 def test_ctrl_c_requeues_a_retried_trial(small_sample, tmp_path, monkeypatch):
@@ -510,3 +518,135 @@ def test_report_of_a_study_without_finished_trials_warns_nothing(small_sample, t
         warnings.simplefilter("error")  # matplotlib's "No artists with labels found to put in legend"
         res = write_report(spec.study_dir)
     assert res["fail"] == 2 and "best_yaml" not in res
+
+
+def test_study_mistakes_are_refused_before_a_study_db_or_a_trial(small_sample, tmp_path, monkeypatch, capsys):
+    calls = fake_train(monkeypatch)
+    base = {"data": str(small_sample), "model": "plaincnn", "model_args": dict(TINY)}
+    cases = [
+        # typos of the sampler and pruner used to fail after studies/<name>/study.db was made
+        ({"sampler": {"type": "tpe", "n_startup_trial": 8}}, "sampler tpe: "),
+        ({"pruner": "medain"}, "unknown pruner 'medain'"),
+        # a range inside model_args was taken as a fixed value (a dict reaching the net in every trial)
+        ({"space": {"model_args": {"dropout": {"low": 0.0, "high": 0.5}}}},
+         "write one key per searched argument, model_args.dropout: {low: ..., high: ...}"),
+        ({"base": {**base, "model_args": {**TINY, "dropout": {"low": 0.0, "high": 0.5}}}},
+         "base: model_args.dropout is a range"),
+        # a number range for a list argument: every trial failed building the net
+        ({"space": {"model_args.channels": {"low": 8, "high": 16}}}, "plaincnn takes a list for channels"),
+        ({"space": {"model_args.dense": {"choices": [[32], 16]}}}, "study space value {'model_args.dense': 16}"),
+        # a fixed value under space is the space's, and a list is not a range
+        ({"space": {"lr": [1e-4, 1e-2]}}, "study space (a fixed value): option 'lr'"),
+    ]
+    for over, msg in cases:
+        path = write_study(tmp_path, small_sample, **over)
+        assert main(["sweep", str(path)]) == 2
+        [line] = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("imgclf: error:")]
+        assert msg in line and "study base" not in line, line
+        assert not (tmp_path / "studies").exists()
+    assert "a range {low: ..., high: ...} or {choices: [...]}" in line
+    assert calls == []
+
+
+def test_numbers_pyyaml_reads_as_strings_are_numbers_in_the_space(small_sample, tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_text(f"name: s\ndirectory: {tmp_path / 'studies'}\nn_trials: 1\n"
+                    f"base: {{data: {small_sample}, model: plaincnn, model_args: {{channels: [8, 16], dense: [32]}}}}\n"
+                    "space:\n  model_args.dropout: {choices: [1e-1, 2e-1]}\n  model_args.dense_dropout: 5e-1\n"
+                    "  model_args.activation: {choices: [relu, gelu]}\n")
+    space = sweep.Space(sweep.load_spec(path))
+    assert space.params["model_args.dropout"].choices == [0.1, 0.2]
+    assert space.params["model_args.activation"].choices == ["relu", "gelu"]
+    assert space.options({"model_args.dropout": 0.1})["model_args"]["dense_dropout"] == 0.5
+
+
+def test_sigterm_stops_a_sweep_as_ctrl_c_does(small_sample, tmp_path, monkeypatch, capsys):
+    import imgclf.api
+
+    def train(callbacks=(), final_eval=True, project=None, name=None, exist_ok=False, **opts):
+        run = Path(project) / name
+        (run / "last.pt").write_bytes(b"")  # a checkpoint: the trainer would say "imgclf train --resume"
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+        except BaseException as e:
+            imgclf.api._stopped_early(run, e, new=True)  # what train says on its way out
+            raise
+        raise AssertionError("SIGTERM did not stop the trial")
+
+    def guard(signum, frame):  # not the sweep's handler: fail the trial, not the test process
+        raise RuntimeError("SIGTERM reached the default handler")
+
+    monkeypatch.setattr(imgclf.api, "train", train)
+    previous = signal.signal(signal.SIGTERM, guard)
+    try:
+        path = lr_study(tmp_path, small_sample, n_trials=2)
+        assert main(["sweep", str(path)]) == 130
+        assert signal.getsignal(signal.SIGTERM) is guard  # put back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    err = capsys.readouterr().err
+    assert "run the same 'imgclf sweep' command again" in err and "continue with 'imgclf train --resume" not in err
+    assert [t.state.name for t in trials_of(sweep.load_spec(path))] == ["FAIL", "WAITING"]  # queued again
+
+
+def test_a_worker_ends_with_its_parent(tmp_path):
+    # a worker of --workers N went on running trials when its parent was killed, beside the
+    # workers of the sweep started again
+    flag = tmp_path / "worker.txt"
+    worker = ("import sys, time\nfrom imgclf.tune import sweep\nsweep._follow_parent()\n"
+              "open(sys.argv[1], 'w').write('ready')\n"
+              "try:\n    time.sleep(120)\nexcept KeyboardInterrupt:\n    open(sys.argv[1], 'w').write('stopped')\n")
+    parent = ("import os, subprocess, sys, time\nenv = dict(os.environ, IMGCLF_SWEEP_PARENT=str(os.getpid()))\n"
+              "subprocess.Popen([sys.executable, '-c', sys.argv[1], sys.argv[2]], env=env)\ntime.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", parent, worker, str(flag)])
+    try:
+        t0 = time.time()
+        while not (flag.exists() and flag.read_text() == "ready") and proc.poll() is None and time.time() - t0 < 60:
+            time.sleep(0.1)
+        assert flag.exists() and flag.read_text() == "ready"
+    finally:
+        proc.kill()  # -9: nothing of the parent runs
+        proc.wait()
+    while flag.read_text() != "stopped" and time.time() - t0 < 90:
+        time.sleep(0.1)
+    assert flag.read_text() == "stopped"
+
+
+def test_report_axes_and_paths(small_sample, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from imgclf.tune.report import _log_axis, write_report
+
+    # a log range under a decade has no power of ten in view: its axis was blank
+    for lo, hi in ((1e-3, 3e-3), (2e-4, 8e-3), (1e-5, 1e-1)):
+        fig = Figure()
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        ax.scatter([lo, hi], [0, 1])
+        _log_axis(ax, lo, hi)
+        ax.set_xlim(lo / 1.05, hi * 1.05)
+        fig.canvas.draw()
+        shown = [t.get_text() for t in ax.get_xticklabels() if t.get_text() and lo / 1.05 <= t.get_position()[0] <= hi * 1.05]
+        assert len(shown) >= 2 if hi / lo < 100 else len(shown) >= 3, (lo, hi, shown)
+
+    fake_train(monkeypatch)
+    spec = sweep.load_spec(lr_study(tmp_path, small_sample, n_trials=2))
+    sweep.run_study(spec)
+    monkeypatch.chdir(spec.study_dir)  # 'sweep-report .' looked for ./s/study.db
+    assert main(["sweep-report", "."]) == 0
+    assert (spec.study_dir / "report.html").exists() and (spec.study_dir / "best.yaml").exists()
+    assert not (spec.study_dir / spec.name).exists()
+    assert main(["sweep-report", ".", "--out", "new/dir/r.html"]) == 0  # its folder is made
+    assert (spec.study_dir / "new" / "dir" / "r.html").exists()
+    (tmp_path / "a-file").write_text("")
+    capsys.readouterr()
+    assert main(["sweep-report", ".", "--out", str(tmp_path / "a-file" / "r.html")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot make the folder" in err and "Traceback" not in err
+    # a study folder renamed since the sweep reads its own study.db
+    shutil.copytree(spec.study_dir, tmp_path / "renamed")
+    assert write_report(tmp_path / "renamed")["trials"] == 2

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import time
@@ -98,6 +99,11 @@ def _check_project(cfg: TrainConfig) -> None:
         raise UserError(f"--project {cfg.project}: cannot make run folders there ({problem})")
 
 
+# what to say when Ctrl-C stops a run that has a checkpoint, where --resume is not the way on
+# (a sweep's trial: the sweep queues it again)
+STOPPED_ADVICE: contextvars.ContextVar[str | None] = contextvars.ContextVar("stopped_advice", default=None)
+
+
 def _stopped_early(run: Path | None, exc: BaseException, *, new: bool) -> None:
     """Training ended by an exception (a bad option found while building the model, Ctrl-C, a
     non-finite loss). With a checkpoint the run resumes; a new run without one holds nothing
@@ -109,7 +115,7 @@ def _stopped_early(run: Path | None, exc: BaseException, *, new: bool) -> None:
         return
     if (run / "last.pt").exists():
         if isinstance(exc, KeyboardInterrupt):
-            log.info(f"stopped: continue with 'imgclf train --resume {run}'")
+            log.info(STOPPED_ADVICE.get() or f"stopped: continue with 'imgclf train --resume {run}'")
         return
     if not new:
         return

@@ -9,6 +9,13 @@ most stable feature of the curve, even over a few dozen noisy steps; the steepes
 depends on a numerical derivative of that noise and jumps around between runs. One tenth of the
 minimum backs off from the edge of divergence to where the loss still falls fast, and is what
 a schedule's peak lr should be. The steepest point is reported and drawn too, for comparison.
+
+What moves during the sweep is what ``--lr`` controls, and only that: with Muon (fastnet's
+optimizer) the conv filters take steps of their own fixed size (``muon_lr``), whatever ``--lr``
+is, so they are held still; otherwise the loss would fall at any swept lr, and the finder would
+"find" the start of any range. A curve whose fall is within the step-to-step noise of the loss
+suggests nothing (``no_descent``), and a minimum in the last tenth of the range is said (the
+loss may fall further past ``end``).
 """
 
 from __future__ import annotations
@@ -28,7 +35,12 @@ from imgclf.engine.trainer import resolve_precision, training_loss
 from imgclf.errors import UserError
 
 MIN_STEPS = 5  # fewer usable points than this make no curve
-MIN_DROP = 0.03  # a smoothed loss falling less than 3% from its start has no descent to read
+MIN_DROP = 0.01  # a smoothed loss falling less than 1% from its start has no descent to read, noise or not
+# A fall that the same losses shuffled match in this share of shuffles or more is noise (see
+# fall_p_value); NOISE_SHUFFLES shuffles measure it.
+NOISE_P, NOISE_SHUFFLES = 0.01, 499
+DEFAULT_MIN_STEPS, DEFAULT_MAX_STEPS = 100, 200  # default_steps: fewer points leave the minimum to noise
+END_FRACTION = 0.1  # a minimum in the last tenth of the sweep: the loss may fall further past its end
 
 
 class NoDescentError(UserError):
@@ -46,9 +58,11 @@ class NoDescentError(UserError):
 _ADVICE = {
     "lr-find": {"few": "lower --lr-start, or check the data",
                 "flat": "sweep another range with --lr-start/--lr-end (a higher --lr-end if the loss never "
-                        "moved, a lower --lr-start if it rose from the first step)"},
+                        "moved, a lower --lr-start if it rose from the first step)",
+                "end": "the loss may fall further at larger lrs: widen --lr-end"},
     "train": {"few": "give --lr a number instead of auto, or check the data",
-              "flat": "run 'imgclf lr-find' with another --lr-start/--lr-end, or give --lr a number"},
+              "flat": "run 'imgclf lr-find' with another --lr-start/--lr-end, or give --lr a number",
+              "end": "the suggestion may be too low: run 'imgclf lr-find' with a higher --lr-end, or give --lr a number"},
 }
 
 
@@ -57,19 +71,23 @@ class LRFind:
     lrs: list[float]
     losses: list[float]
     smoothed: list[float]
-    suggestion: float
+    suggestion: float | None  # None when the curve has no descent (no_descent says why)
     steepest: float | None
     min_lr: float
     method: str = "min/10"
     stopped: str = ""
     extras: dict = field(default_factory=dict)
     no_descent: str = ""  # why the curve has no descent to suggest from ('' when it has): see descent_problem()
+    at_end: bool = False  # the minimum lies in the last tenth of the range: the loss may fall further past it
 
     def as_dict(self) -> dict:
-        out = {"suggestion": self.suggestion, "method": self.method, "min_loss_lr": self.min_lr,
-               "steepest_lr": self.steepest, "steps": len(self.lrs), "stopped": self.stopped}
+        out = {"suggestion": None if self.no_descent else self.suggestion, "method": self.method,
+               "min_loss_lr": self.min_lr, "steepest_lr": self.steepest, "steps": len(self.lrs),
+               "stopped": self.stopped}
         if self.no_descent:
             out["no_descent"] = self.no_descent
+        if self.at_end and not self.no_descent:
+            out["minimum_at_end"] = True
         return out
 
 
@@ -82,10 +100,37 @@ def smooth(losses: list[float], beta: float = 0.9) -> list[float]:
     return out
 
 
-def descent_problem(lrs: list[float], smoothed: list[float]) -> str:
+def _smooth_rows(x: np.ndarray, beta: float = 0.9) -> np.ndarray:
+    """smooth() of each row of ``x`` at once."""
+    out, avg = np.empty_like(x), np.zeros(len(x))
+    for i in range(x.shape[1]):
+        avg = beta * avg + (1 - beta) * x[:, i]
+        out[:, i] = avg / (1 - beta ** (i + 1))
+    return out
+
+
+def fall_p_value(losses: list[float], skip: int, n: int = NOISE_SHUFFLES) -> float:
+    """How often the same losses in a random order fall as far from ``smoothed[skip]`` to the
+    smoothed minimum as they do in the order they came (a permutation test: no model of the
+    noise, and the choice of the lowest point is made in every shuffle too). Small: a real
+    descent; large: the lowest point of a curve that only wobbles."""
+    x = np.asarray(losses, dtype=float)
+    if len(x) <= skip + 1:
+        return 1.0
+    sm = _smooth_rows(x[None])[0]
+    seen = sm[skip] - sm[skip:].min()
+    rng = np.random.default_rng(0)  # the same curve always gets the same answer
+    shuffled = _smooth_rows(rng.permuted(np.tile(x, (n, 1)), axis=1))
+    falls = shuffled[:, skip] - shuffled[:, skip:].min(axis=1)
+    return float((1 + np.sum(falls >= seen - 1e-12)) / (1 + n))
+
+
+def descent_problem(lrs: list[float], smoothed: list[float], losses: list[float] | None = None) -> str:
     """Why the curve shows no descent to read a suggestion from ('' if it does): its minimum lies in
-    the first ~10% of the points looked at, or the smoothed loss fell less than MIN_DROP from
-    its start to its minimum."""
+    the first ~10% of the points looked at, the smoothed loss fell less than MIN_DROP from its
+    start to its minimum, or (given the raw ``losses``) its fall is within their noise: the
+    losses up to the minimum, shuffled, fall as far more often than NOISE_P (fall_p_value), so
+    the minimum is the lowest wobble of a flat curve and its place is chance."""
     skip = min(len(lrs) // 10, 5)
     i_min = skip + int(np.argmin(smoothed[skip:]))
     first = smoothed[skip]
@@ -95,7 +140,20 @@ def descent_problem(lrs: list[float], smoothed: list[float]) -> str:
     if drop < MIN_DROP:
         return (f"the smoothed loss fell only {100 * drop:.1f}% (from {first:.4g} to {smoothed[i_min]:.4g} "
                 f"at lr {lrs[i_min]:.2g})")
+    if losses is not None:
+        p = fall_p_value(losses[: i_min + 1], skip)
+        if p >= NOISE_P:
+            return (f"the smoothed loss fell {100 * drop:.1f}% (from {first:.4g} to {smoothed[i_min]:.4g} at lr "
+                    f"{lrs[i_min]:.2g}), no more than the same losses shuffled do ({100 * p:.0f}% of shuffles): "
+                    f"no clear descent, only noise")
     return ""
+
+
+def minimum_at_end(lrs: list[float], smoothed: list[float], start: float, end: float) -> bool:
+    """Whether the smoothed minimum lies in the last END_FRACTION of the swept range (in log lr)."""
+    skip = min(len(lrs) // 10, 5)
+    i_min = skip + int(np.argmin(smoothed[skip:]))
+    return math.log(lrs[i_min] / start) >= (1 - END_FRACTION) * math.log(end / start)
 
 
 def suggest(lrs: list[float], smoothed: list[float]) -> tuple[float, float | None, float]:
@@ -113,21 +171,35 @@ def suggest(lrs: list[float], smoothed: list[float]) -> tuple[float, float | Non
 
 def sweep(model, cfg, loader, augment, device, loss_fn=None, *, steps: int = 200, start: float = 1e-7,
           end: float = 10.0, diverge: float = 4.0, progress: bool = False, entry: str = "lr-find") -> LRFind:
-    """Exponential lr sweep over ``steps`` optimizer steps (fewer if the loss diverges).
+    """Exponential lr sweep over ``steps`` optimizer steps (fewer if the loss diverges), cycling
+    through the data as often as that takes.
 
     ``cfg`` is the resolved training config: its optimizer, momentum/betas, weight decay and
     the model's own parameter groups (e.g. a 0.1x backbone) are used, so the suggestion is the
     peak lr of exactly that training set-up. Each step is the trainer's: the l2 penalty, the
     fp16 GradScaler (a step it skips for overflowing gradients gives no point on the curve)
-    and gradient clipping. Weights (and BatchNorm statistics) are restored.
+    and gradient clipping. Muon's conv filters are held still: their step size is ``muon_lr``,
+    not the swept lr. Weights, BatchNorm statistics, ``requires_grad`` flags and train/eval
+    mode are restored, and no ``.grad`` is left behind.
 
-    A curve without descent is returned with ``no_descent`` set (the caller plots it, then
-    raises: :func:`check_descent`). ``entry`` ('lr-find' or 'train') words the advice of errors.
+    A curve without descent is returned with ``no_descent`` set and no suggestion (the caller
+    plots it, then raises: :func:`check_descent`). ``entry`` ('lr-find' or 'train') words the
+    advice of errors and warnings.
     """
     if steps < MIN_STEPS:
         raise UserError(f"lr finder: {steps} steps are too few for a curve: sweep at least {MIN_STEPS}")
     saved = copy.deepcopy(model.state_dict())
+    was_training = model.training
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
     opt = build_optimizer(model, cfg.model_copy(update={"lr": 1.0}))  # base_lr = each group's lr scale
+    # Muon's filter groups step by their own muon_lr whatever the swept lr: out of the sweep, or
+    # the loss falls at any lr and the curve measures Muon. Without clipping (whose norm counts
+    # their gradients, as in training) their gradients are not even computed.
+    held = [p for g in opt.param_groups if g.get("muon") for p in g["params"]]
+    opt.param_groups[:] = [g for g in opt.param_groups if not g.get("muon")]
+    if not opt.param_groups:
+        raise UserError("lr finder: every trained parameter takes Muon's own steps (muon_lr), so --lr moves nothing "
+                        "to sweep: use another --optimizer")
     precision = resolve_precision(cfg.precision, device)
     smoothing = cfg.label_smoothing or 0.0
     loss_fn = loss_fn or (lambda logits, target: F.cross_entropy(logits, target, label_smoothing=smoothing))
@@ -142,6 +214,9 @@ def sweep(model, cfg, loader, augment, device, loss_fn=None, *, steps: int = 200
     scaler = torch.amp.GradScaler(device.type, enabled=precision.dtype == torch.float16)
     epoch, usable = 0, []  # usable: the finite losses of the steps the optimizer took
     try:
+        if not cfg.clip_grad:
+            for p in held:
+                p.requires_grad_(False)
         while len(lrs) < steps and not stopped:
             batches = 0
             for x, y in loader.epoch(10_000 + epoch):  # its own shuffle: not the training run's epoch 0
@@ -149,16 +224,18 @@ def sweep(model, cfg, loader, augment, device, loss_fn=None, *, steps: int = 200
                 i = len(lrs)
                 if i >= steps:
                     break
+                if batches > 1 and 2 * len(y) < loader.batch_size:
+                    continue  # an epoch's small remainder batch: a point several times noisier than the rest
                 lr = start * (end / start) ** (i / max(1, steps - 1))
-                for group in opt.param_groups:  # Muon's filter steps keep their own size: --lr is the rest's
-                    group["lr"] = group["base_lr"] * (1.0 if group.get("muon") else lr)
+                for group in opt.param_groups:
+                    group["lr"] = group["base_lr"] * lr
                 xb, target = augment(x, y, g, None)
                 with precision.autocast(device):
                     logits = model(xb)
                 loss = loss_fn(logits.float(), target)
                 if cfg.l2 > 0:  # as the trainer's step does (trainer.train_epoch)
                     loss = loss + cfg.l2 * l2_penalty(model)
-                opt.zero_grad(set_to_none=True)
+                model.zero_grad(set_to_none=True)  # the held filters' too: no stale gradient in the clip norm
                 scaler.scale(loss).backward()
                 if cfg.clip_grad:
                     scaler.unscale_(opt)
@@ -193,6 +270,10 @@ def sweep(model, cfg, loader, augment, device, loss_fn=None, *, steps: int = 200
         if bar is not None:
             bar.close()
         model.load_state_dict(saved)
+        for p, flag in grad_flags:
+            p.requires_grad_(flag)
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
     finite = [i for i, v in enumerate(losses) if math.isfinite(v)]
     lrs, losses = [lrs[i] for i in finite], [losses[i] for i in finite]
     if len(lrs) < MIN_STEPS:
@@ -200,7 +281,13 @@ def sweep(model, cfg, loader, augment, device, loss_fn=None, *, steps: int = 200
                         f"from the start): {_ADVICE[entry]['few']}")
     sm = smooth(losses)
     suggestion, steepest, min_lr = suggest(lrs, sm)
-    return LRFind(lrs, losses, sm, suggestion, steepest, min_lr, stopped=stopped, no_descent=descent_problem(lrs, sm))
+    problem = descent_problem(lrs, sm, losses)
+    at_end = not problem and not stopped and minimum_at_end(lrs, sm, start, end)
+    if at_end:
+        log.warn(f"lr finder: the smoothed loss was lowest at lr {min_lr:.2g}, in the last {100 * END_FRACTION:.0f}% "
+                 f"of the sweep (which ends at {end:.2g}): {_ADVICE[entry]['end']}")
+    return LRFind(lrs, losses, sm, None if problem else suggestion, steepest, min_lr, stopped=stopped,
+                  no_descent=problem, at_end=at_end)
 
 
 def check_descent(res: LRFind, entry: str = "lr-find", plot_path: Path | None = None) -> None:
@@ -223,10 +310,16 @@ def plot(res: LRFind, path: Path, title: str = "learning-rate finder") -> None:
     ax.axvline(res.min_lr, color="C3", ls=":", lw=1, label=f"minimum {res.min_lr:.2g}")
     if res.steepest is not None:
         ax.axvline(res.steepest, color="C2", ls="--", lw=1, label=f"steepest {res.steepest:.2g}")
-    ax.axvline(res.suggestion, color="C1", lw=2, label=f"suggested {res.suggestion:.2g} (minimum / 10)")
+    if res.no_descent or res.suggestion is None:
+        title += "\nno suggestion: the loss has no clear descent"
+    else:
+        ax.axvline(res.suggestion, color="C1", lw=2, label=f"suggested {res.suggestion:.2g} (minimum / 10)")
     ax.set_xscale("log")
-    lo, hi = min(res.smoothed), max(res.smoothed[: max(1, len(res.smoothed) // 10)] + [min(res.smoothed) * 1.5])
-    ax.set_ylim(lo - 0.1 * (hi - lo + 1e-9), hi + 0.25 * (hi - lo + 1e-9))
+    # from the smoothed minimum to the start of the curve, at least 5% of the loss: a fall of a
+    # few percent (what moves when Muon's filters are held still) is seen, a diverged tail is cut
+    lo, hi = min(res.smoothed), max(res.smoothed[: max(1, len(res.smoothed) // 10)])
+    pad = max(hi - lo, 0.05 * abs(lo), 1e-6)
+    ax.set_ylim(lo - 0.3 * pad, hi + 0.6 * pad)
     ax.set_xlabel("learning rate (log scale)")
     ax.set_ylabel("training loss")
     ax.set_title(title)
@@ -239,8 +332,9 @@ def plot(res: LRFind, path: Path, title: str = "learning-rate finder") -> None:
 
 
 def default_steps(loader) -> int:
-    """A few hundred steps, but no more than ~2 epochs of a small data set."""
-    return int(max(30, min(200, 2 * len(loader))))
+    """~2 epochs, at least DEFAULT_MIN_STEPS (small data is cycled through several times: fewer
+    points over 8 decades leave the place of the minimum to noise) and at most DEFAULT_MAX_STEPS."""
+    return int(max(DEFAULT_MIN_STEPS, min(DEFAULT_MAX_STEPS, 2 * len(loader))))
 
 
 def lr_for_training(model, cfg, loader, augment, device, loss_fn, class_weights, multilabel: bool,

@@ -4,20 +4,66 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
+
+# Training options that do not reach the sweep: the run's output and length, its lr schedule and
+# what happens after or around each step (evaluation, weight averaging, compilation, early
+# crops, several processes), and Muon's own step, which the sweep holds still. Given to lr-find
+# (or find_lr) they are refused in one line, and --help does not list them; a --config file (the
+# one 'imgclf train' reads) may hold them, unused.
+NOT_SWEPT = ("lr", "project", "name", "exist_ok", "tensorboard", "devices", "sync_bn", "time_limit", "test_data",
+             "schedule", "warmup_epochs", "lr_start_factor", "lr_end_factor", "step_epochs", "gamma",
+             "plateau_patience", "plateau_factor", "early_stopping", "monitor", "ema", "lookahead", "compile",
+             "tta", "eval_every", "early_crop", "early_crop_fraction", "muon_lr", "muon_momentum")
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 
 
 def add_lr_find(sub) -> None:
     from imgclf.cli import add_config_options
 
     p = sub.add_parser("lr-find", help="sweep the learning rate, plot loss against lr and suggest a value")
-    p.add_argument("--config", help="YAML file of training options; command-line options override it")
-    p.add_argument("--steps", type=int, default=None, help="sweep length in optimizer steps (default: 200, fewer on small data)")
+    p.add_argument("--config", help="YAML file of training options (the one 'imgclf train' reads: options that do "
+                                    "not apply to the sweep are unused); command-line options override it")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sweep length in optimizer steps (default: 2 epochs of the data, at least 100, at most 200)")
     p.add_argument("--lr-start", type=float, default=1e-7, help="first learning rate of the sweep")
     p.add_argument("--lr-end", type=float, default=10.0, help="last learning rate of the sweep")
-    p.add_argument("--out", default="lr_find.png", help="PNG of loss against learning rate (a .json beside it)")
-    add_config_options(p, skip=("lr",))
+    p.add_argument("--out", default="lr_find.png",
+                   help="plot of loss against learning rate: .png, .svg or .pdf (no suffix: .png), with a .json of "
+                        "the result beside it (default: lr_find.png in the current folder)")
+    add_config_options(p, skip=("lr",))  # lr: the sweep's own range
+    for action in p._actions:  # read only to refuse them in one line (find_lr): not listed in --help
+        if action.dest in NOT_SWEPT:
+            action.help = argparse.SUPPRESS
     p.set_defaults(func=cmd_lr_find)
+
+
+def plot_path(out: str | Path) -> Path:
+    """The file ``--out`` names, checked before the sweep: an image suffix (none: .png; a folder:
+    lr_find.png in it) in a folder that can be written (made if missing)."""
+    import tempfile
+
+    from imgclf.errors import UserError
+
+    path = Path(out).expanduser()
+    if path.is_dir():
+        path = path / "lr_find.png"
+    if not path.suffix:
+        path = path.with_name(path.name + ".png")
+    elif path.suffix.lower() not in PLOT_SUFFIXES:
+        raise UserError(f"--out {out}: the plot is an image: name a {', '.join(PLOT_SUFFIXES)} file "
+                        f"(the .json of the result is written beside it)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".lr_find-", suffix=".tmp"):
+            pass
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write in the folder {path.parent}: {e.strerror or e}") from None
+    for f in (path, path.with_suffix(".json")):
+        if f.is_dir() or (f.exists() and not os.access(f, os.W_OK)):
+            raise UserError(f"--out {out}: cannot write {f}: {'a folder' if f.is_dir() else 'permission denied'}")
+    return path
 
 
 def find_lr(config=None, *, steps: int | None = None, lr_start: float = 1e-7, lr_end: float = 10.0,
@@ -47,6 +93,16 @@ def find_lr(config=None, *, steps: int | None = None, lr_start: float = 1e-7, lr
         raise UserError(f"--lr-start {lr_start} and --lr-end {lr_end}: need 0 < start < end")
     if steps is not None and steps < lr_find.MIN_STEPS:
         raise UserError(f"--steps {steps}: the sweep needs at least {lr_find.MIN_STEPS} steps")
+    from imgclf.config import TrainConfig
+
+    unused = [("--[no-]" if TrainConfig.model_fields[k].annotation is bool else "--") + k.replace("_", "-")
+              for k in NOT_SWEPT if k in options and k != "lr"]
+    if unused or "lr" in options:
+        what = ", ".join(unused + (["--lr (the sweep's range is --lr-start/--lr-end)"] if "lr" in options else []))
+        raise UserError(f"lr-find: {what} do{'es' if len(unused) + ('lr' in options) == 1 else ''} not apply to the lr "
+                        "sweep (one process, no run folder, its own lr schedule, Muon's filters held still): drop "
+                        f"{'it' if len(unused) + ('lr' in options) == 1 else 'them'}")
+    out = plot_path(out) if out else None  # before the data is read and the sweep run
     cfg = make_config(config, **options)
     if "data" not in cfg.model_fields_set and not config:
         raise UserError("lr-find needs --data")
@@ -88,6 +144,9 @@ def find_lr(config=None, *, steps: int | None = None, lr_start: float = 1e-7, lr
         rows = np.sort(cs.rows[: min(2000, len(cs.rows))])
         init(normalize(torch.from_numpy(np.ascontiguousarray(cs.images[rows])).to(device)).cpu())
     model.to(device)
+    torch.set_float32_matmul_precision("high")  # train's set-up (api.train, _build_trainer)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     prepare_cpu_training(model, device)
     spec = AugmentSpec(flip=cfg.flip, translate=cfg.translate or 0, rotate=cfg.rotate, zoom=cfg.zoom, shift=cfg.shift,
                        cutout=cfg.cutout, mixup=cfg.mixup, cutmix=cfg.cutmix)
@@ -100,11 +159,13 @@ def find_lr(config=None, *, steps: int | None = None, lr_start: float = 1e-7, lr
                         progress=cfg.progress, entry="lr-find")
     res.extras = {"model": arch, "optimizer": cfg.optimizer, "batch_size": cfg.batch_size, "image_size": size,
                   "frozen_backbone": bool(getattr(model, "backbone_frozen", False))}
-    if out:
-        out = Path(out)
+    if cfg.optimizer == "muon":
+        res.extras["muon_filters"] = "held still (their step is muon_lr, not lr)"
+    if out is not None:
         lr_find.plot(res, out, title=f"lr finder: {arch}, {cfg.optimizer}, batch {cfg.batch_size}, {size}px")
         out.with_suffix(".json").write_text(json.dumps({**res.as_dict(), **res.extras}, indent=2))
-    lr_find.check_descent(res, "lr-find", out or None)
+        res.extras["plot"] = str(out)
+    lr_find.check_descent(res, "lr-find", out)
     log.info(res.stopped or f"swept {len(res.lrs)} steps")
     return res
 
@@ -117,7 +178,8 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     steep = f", steepest descent at {res.steepest:.3g}" if res.steepest else ""
     print(f"suggested lr: {res.suggestion:.3g}  (minimum of the smoothed loss at {res.min_lr:.3g} / 10{steep}; "
           f"{res.extras['optimizer']}, batch {res.extras['batch_size']})")
-    print(f"plot: {args.out}")
+    if res.extras.get("plot"):
+        print(f"plot: {res.extras['plot']}")
     print(f"use it: imgclf train ... --lr {res.suggestion:.3g}   (or --lr auto)")
     return 0
 

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from pydantic import ValidationError
 
@@ -61,11 +62,13 @@ def load_study_dir(study_dir: str | Path, storage: str | None = None):
     if not (d / "study.yaml").is_file():
         raise UserError(f"{d} is not a study folder (no study.yaml): give the folder 'imgclf sweep' wrote, studies/<name>")
     spec = StudySpec(**load_yaml(d / "study.yaml"))
-    spec.directory = str(d.parent)  # the folder may have moved since the sweep
+    # the folder may have moved since the sweep, or be '.': its real parent ('.'.parent is '.')
+    spec.directory = str(d.resolve().parent)
     if storage:
         spec.storage = storage
     elif (d / "study.db").exists() and (spec.storage or "").startswith("sqlite"):
-        spec.storage = None  # the study.db beside study.yaml, wherever the folder is now
+        # the study.db beside study.yaml, wherever the folder is now and whatever it is called
+        spec.storage = f"sqlite:///{(d / 'study.db').resolve()}"
     from imgclf.tune.sweep import _optuna
 
     optuna = _optuna()
@@ -170,10 +173,7 @@ def plot_param(p: Param, trials, metric: str, best_number: int | None) -> str:
         ax.set_xlim(-0.5, len(labels) - 0.5)
     else:
         if p.log:
-            from matplotlib.ticker import NullFormatter
-
-            ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap at this size
+            _log_axis(ax, p.low, p.high)
         pad = (p.high / p.low) ** 0.04 if p.log else (p.high - p.low) * 0.04
         ax.set_xlim(p.low / pad, p.high * pad) if p.log else ax.set_xlim(p.low - pad, p.high + pad)
     ax.set_xlabel(p.name.removeprefix("model_args.") + (" (model_args)" if p.name.startswith("model_args.") else ""))
@@ -182,6 +182,24 @@ def plot_param(p: Param, trials, metric: str, best_number: int | None) -> str:
     if ax.get_legend_handles_labels()[0]:  # no finished trial: an empty legend only warns
         ax.legend(fontsize=6, loc="best")
     return _png(fig)
+
+
+def _log_axis(ax, low: float, high: float) -> None:
+    """A log x axis labelled whatever its span. Over two decades or more, the powers of ten;
+    under that there may be one power of ten in view or none (a blank axis), so four ticks
+    spread over the range instead, with their values. Minor ticks carry no labels (they
+    overlap at this size)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
+
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    if high / low >= 100:
+        return
+    ticks = sorted({float(f"{v:.2g}") for v in np.geomspace(low, high, 4)})
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:.2g}"))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.tick_params(axis="x", labelsize=7)
 
 
 def _normalise(p: Param, values: list) -> list[float]:
@@ -377,9 +395,25 @@ def _trial_table(trials, space: Space, best_number: int | None) -> str:
             + "".join(rows) + "</table>")
 
 
+def _out_path(out: str | Path | None, d: Path) -> Path:
+    """Where the page goes: ``out`` (a folder: report.html in it), else STUDY_DIR/report.html; its
+    folder is made, and one that cannot be is said in one line before any figure is drawn."""
+    path = Path(out).expanduser() if out else d / "report.html"
+    if path.is_dir():
+        path = path / "report.html"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot make the folder {path.parent}: {e.strerror or e}") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out or path}: cannot write in {path.parent}: permission denied")
+    return path
+
+
 def write_report(study_dir: str | Path, storage: str | None = None, out: str | Path | None = None) -> dict[str, Any]:
     spec, study = load_study_dir(study_dir, storage)
     d = Path(study_dir)
+    out_path = _out_path(out, d)
     sid = sweep.study_id(study)
     space = Space(spec)
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
@@ -435,7 +469,9 @@ def write_report(study_dir: str | Path, storage: str | None = None, out: str | P
 
     page = (f"<!doctype html><html><head><meta charset=utf-8><title>study {html.escape(spec.name)}</title>"
             f"<style>{_CSS}</style></head><body>" + "\n".join(parts) + "</body></html>")
-    out_path = Path(out) if out else d / "report.html"
-    _write_atomic(out_path, page)
+    try:
+        _write_atomic(out_path, page)
+    except OSError as e:
+        raise UserError(f"cannot write the report {out_path}: {e.strerror or e}") from None
     result["html"] = str(out_path)
     return result

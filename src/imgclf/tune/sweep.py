@@ -25,25 +25,29 @@ val_map). A trial is one process: ``devices`` > 1 is refused, ``--workers`` runs
 Budget: ``n_trials`` counts the finished (complete or pruned) trials of the study (every worker,
 every restart), so a killed study started again runs only what is missing. Failed trials do not
 count; 5 failures in a row end the study, and a grid point that failed is not tried again. A
-sweep whose trials all failed exits non-zero. Trials that were running when their process
-died are failed by Optuna's heartbeat and queued again with the same parameters, as is the
-trial stopped by Ctrl-C. A study resumed with another metric or direction is refused (Optuna
-keeps the first direction), as is one whose searched parameter changed kind, log scale or
-choices; one resumed with another base or space otherwise gets a warning. Each trial
-folder holds ``study.json`` naming its study, so a new study (a new storage, a deleted study.db)
-refuses to overwrite an old study's trial folders.
+sweep whose trials all failed, or that 5 failures in a row stopped, exits 1. Trials that were
+running when their process died are failed by Optuna's heartbeat and queued again with the same
+parameters, as is the trial stopped by Ctrl-C or SIGTERM. The worker processes of ``--workers N``
+stop with the sweep that started them, however it ends (kill -9 included). A study resumed with
+another metric or direction is refused (Optuna keeps the first direction), as is one whose
+searched parameter changed kind, log scale or choices; one resumed with another base or space
+otherwise gets a warning. Each trial folder holds ``study.json`` naming its study, so a new study
+(a new storage, a deleted study.db) refuses to overwrite an old study's trial folders.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import typing
@@ -148,6 +152,21 @@ class Param:
 _SCALAR = (str, int, float, bool, type(None))
 
 
+# What YAML 1.2 reads as a number and PyYAML (YAML 1.1) as a string: 1e-4, 5E3 (no dot)
+_YAML11_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _yaml_number(v):
+    """A choice written 1e-4 (a string to PyYAML) as the number it means; anything else as it is."""
+    if isinstance(v, str) and _YAML11_NUMBER.fullmatch(v.strip()):
+        return float(v)
+    return v
+
+
+def _range_shaped(v) -> bool:
+    return isinstance(v, dict) and bool({"low", "high", "choices"} & set(v))
+
+
 def _number(name: str, key: str, v) -> float:
     # PyYAML reads 1e-4 (no dot) as a string: accept it rather than make users learn YAML 1.1
     try:
@@ -189,6 +208,7 @@ def parse_param(name: str, spec) -> Param | None:
         choices = spec["choices"]
         if not isinstance(choices, list) or not choices:
             raise UserError(f"space '{name}': 'choices' must be a non-empty list")
+        choices = [_yaml_number(c) for c in choices]  # [1e-3, 1e-2]: PyYAML's strings, meant as numbers
         encoded = not all(isinstance(c, _SCALAR) for c in choices)
         if encoded:
             choices = [json.dumps(c) for c in choices]
@@ -247,14 +267,31 @@ class Space:
         self.fixed: dict[str, Any] = {}
         for k in self.base:
             _check_key(k, "base")
+        for arg, v in (self.base.get("model_args") or {}).items() if isinstance(self.base.get("model_args"), dict) else ():
+            if _range_shaped(v):
+                raise UserError(f"base: model_args.{arg} is a range, but base values are fixed: search it under "
+                                f"space: as model_args.{arg}: {{low: ..., high: ...}} (or choices: [...])")
         for raw, s in spec.space.items():
             key = str(raw).replace("-", "_") if not str(raw).startswith("model_args.") else str(raw)
             _check_key(key, "space")
+            if key == "model_args" and isinstance(s, dict):
+                nested = next((k for k, v in s.items() if _range_shaped(v)), None)
+                if nested is not None:
+                    raise UserError(f"space 'model_args': '{nested}' inside it would be taken as a fixed value, not "
+                                    f"searched: write one key per searched argument, model_args.{nested}: "
+                                    f"{{low: ..., high: ...}} (or choices: [...])")
             p = parse_param(key, s)
             if p is None:
-                self.fixed[key] = s["value"] if isinstance(s, dict) and set(s) == {"value"} else s
+                value = s["value"] if isinstance(s, dict) and set(s) == {"value"} else s
+                if key.startswith("model_args."):
+                    value = _yaml_number(value)
+                elif key == "model_args" and isinstance(value, dict):
+                    value = {k: _yaml_number(v) for k, v in value.items()}
+                self.fixed[key] = value
             else:
                 self.params[key] = p
+        if isinstance(self.base.get("model_args"), dict):  # model arguments reach the net as they are: no coercion
+            self.base["model_args"] = {k: _yaml_number(v) for k, v in self.base["model_args"].items()}
 
     def options(self, params: dict[str, Any]) -> dict[str, Any]:
         """Base + fixed + decoded params -> train options (``model_args.x`` keys merged)."""
@@ -294,17 +331,76 @@ class Space:
                 raise UserError(f"study: monitor {set_to} differs from the study's metric {self.monitor}: trials "
                                 f"would keep the weights best by {set_to} but be judged by {self.monitor}; drop "
                                 f"monitor (trials follow the metric) or set it to {self.monitor}")
+        configs = []
         for probe in probes:
             opts = self.options(probe)
             try:
                 cfg = TrainConfig(**opts)
             except ValidationError as e:
-                where = f"space value {probe}" if probe else "base"
-                raise UserError(format_validation_error(e, f"study {where}")) from None
+                raise UserError(self._validation_error(e, probe)) from None
             if cfg.devices > 1:
                 raise UserError(f"study: devices {cfg.devices}: a trial is one process (pruning would not reach "
                                 f"the spawned ones); run trials side by side with 'imgclf sweep --workers N' instead")
+            configs.append((probe, cfg))
         self._check_model_args()
+        self._build_models(configs)
+
+    def _shown(self, probe: dict[str, Any]) -> dict[str, Any]:
+        """A probe as the study file wrote it (list and dict choices are stored as JSON text)."""
+        return {k: self.params[k].decode(v) if k in self.params else v for k, v in probe.items()}
+
+    def _validation_error(self, e: ValidationError, probe: dict[str, Any]) -> str:
+        """The problems of one probe's options, each blamed on where its value came from: the space's
+        value being probed, a fixed value under space (with how a range is written), or base."""
+        def origin(key: str) -> str:
+            top = key.split(".")[0]
+            if probe:
+                return f"study space value {self._shown(probe)}"
+            if top in self.fixed or any(k.startswith(top + ".") for k in self.fixed):
+                return "study space (a fixed value)"
+            return "study base"
+
+        msg = format_validation_error(e, origin)
+        fixed_bad = not probe and any(origin(".".join(map(str, err["loc"]))) != "study base" for err in e.errors())
+        if fixed_bad:
+            msg += ("; under space:, a searched option is a range {low: ..., high: ...} or {choices: [...]}, "
+                    "anything else a fixed value")
+        return msg
+
+    def _build_models(self, configs: list[tuple[dict[str, Any], TrainConfig]]) -> None:
+        """Build each probe's model once (the base, each range's ends, each choice: the values every
+        trial draws between), so model arguments a net cannot take fail here, not in every trial.
+        Only imgclf's own nets and timm models with model arguments (cheap to build; a timm model
+        without any is built as train builds it)."""
+        import inspect
+
+        from imgclf.models.registry import OWN_MODELS, build_model, resolve_name
+
+        seen: set[str] = set()
+        for probe, cfg in configs:
+            arch = resolve_name(cfg.model)
+            args = dict(cfg.model_args)
+            if arch not in OWN_MODELS and not args:
+                continue
+            key = json.dumps([arch, args, cfg.image_size], sort_keys=True, default=str)
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                with warnings.catch_warnings():  # e.g. torch's on zero-size layers: the trial says what fails
+                    warnings.simplefilter("ignore")
+                    build_model(arch, 10, cfg.image_size or 32, args)
+            except UserError as e:
+                where = f"space value {self._shown(probe)}" if probe else "base"
+                hint = ""
+                if arch in OWN_MODELS:  # a number where the net takes a list (channels: [32, 64])
+                    sig = inspect.signature(OWN_MODELS[arch].__init__).parameters
+                    lists = [k for k, v in args.items() if k in sig and isinstance(sig[k].default, (tuple, list))
+                             and not isinstance(v, (tuple, list))]
+                    if lists:
+                        hint = (f"; {arch} takes a list for {', '.join(lists)}: search it with choices, e.g. "
+                                f"model_args.{lists[0]}: {{choices: [[32, 64], [64, 128]]}}")
+                raise UserError(f"study {where}: {e}{hint}") from None
 
     def _check_model_args(self) -> None:
         import inspect
@@ -359,7 +455,10 @@ def load_spec(path: str | Path, **overrides: Any) -> StudySpec:
         raise UserError(f"{path}: metric '{spec.metric}' is not a score a trial writes; use one of {', '.join(METRICS)}")
     if spec.n_trials is None and spec.timeout is None and _sampler_kind(spec) != "grid":
         raise UserError(f"{path}: give n_trials or timeout (or both): a {_sampler_kind(spec)} study has no end of its own")
-    Space(spec).validate()
+    space = Space(spec)
+    space.validate()
+    make_sampler(spec, space)  # a typo in the sampler or pruner, before any study.db is made
+    make_pruner(spec)
     return spec
 
 
@@ -662,6 +761,21 @@ def _short(params: dict[str, Any]) -> str:
 _SPACE_CHANGED = ("dynamic value space", "different distribution kind", "different log configuration")
 
 
+@contextlib.contextmanager
+def _sweep_resume_advice(spec: StudySpec):
+    """During a trial, the trainer's "continue with 'imgclf train --resume RUN'" (said when Ctrl-C
+    stops a run with a checkpoint) would resume the trial folder outside the study: the sweep
+    queues the trial again instead, so say to run the sweep again."""
+    from imgclf.api import STOPPED_ADVICE
+
+    token = STOPPED_ADVICE.set(f"stopped: the trial is queued again; to resume study '{spec.name}', run the same "
+                               f"'imgclf sweep' command again (not 'imgclf train --resume')")
+    try:
+        yield
+    finally:
+        STOPPED_ADVICE.reset(token)
+
+
 def make_objective(spec: StudySpec, space: Space, current: dict | None = None):
     """``current["number"]``: the trial being run, for a worker to queue it again on Ctrl-C."""
     trials_dir = spec.study_dir / "trials"
@@ -694,8 +808,9 @@ def make_objective(spec: StudySpec, space: Space, current: dict | None = None):
             log.info(f"trial {trial.number}: {_short(params) or 'base options'}")
             _write_marker(run_dir, spec, sid, trial.number)
             (run_dir / "error.txt").unlink(missing_ok=True)  # from an earlier attempt at this folder
-            res = train(callbacks=[pruning], final_eval=False, project=str(trials_dir), name=str(trial.number),
-                        exist_ok=True, **opts)
+            with _sweep_resume_advice(spec):
+                res = train(callbacks=[pruning], final_eval=False, project=str(trials_dir), name=str(trial.number),
+                            exist_ok=True, **opts)
             values = [float(r[spec.metric]) for r in res.history if spec.metric in r]
             values = [v for v in values if not math.isnan(v)]
             trial.set_user_attr("epochs", len(res.history))
@@ -735,10 +850,13 @@ def _report_trial(t, metric: str) -> None:
         log.info(f"trial {t.number} failed: {t.user_attrs.get('error', 'interrupted')}")
 
 
-def run_worker(spec: StudySpec, worker: int = 0) -> None:
+def run_worker(spec: StudySpec, worker: int = 0) -> str | None:
     """Run trials one at a time until n_trials are counted in the study, the timeout passes,
     (grid) every point is done, or too many trials in a row fail. Safe to run in many processes
-    at once on one storage."""
+    at once on one storage. Returns why it stopped early (too many failures in a row: summarize
+    finds them too, and the sweep exits 1), else None. A worker process of ``--workers N``
+    (IMGCLF_SWEEP_PARENT set) ends with its parent (_follow_parent)."""
+    _follow_parent()
     optuna = _optuna()
     space = Space(spec)
     study = open_study(spec, worker)
@@ -787,10 +905,16 @@ def run_worker(spec: StudySpec, worker: int = 0) -> None:
         _report_trial(last, spec.metric)
         failures = failures + 1 if last.state.name == "FAIL" else 0
         if failures >= _MAX_CONSECUTIVE_FAILURES:
-            err = spec.study_dir / "trials" / str(last.number) / "error.txt"
-            see = f" (see {err})" if err.exists() else ""
-            raise UserError(f"{failures} trials in a row failed, the last with: {last.user_attrs.get('error')}; "
-                            f"fix the study{see}")
+            log.info(f"stopping: {failures} trials in a row failed")
+            return _failures_message(spec, last, failures)
+    return None
+
+
+def _failures_message(spec: StudySpec, last, failures: int) -> str:
+    err = spec.study_dir / "trials" / str(last.number) / "error.txt"
+    see = f" (see {err})" if err.exists() else ""
+    return (f"{failures} trials in a row failed, the last with: {last.user_attrs.get('error')}; fix the study "
+            f"and run the sweep again{see}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -823,6 +947,70 @@ def pin_worker(worker: int, workers: int) -> int:
     return len(mine)
 
 
+_PARENT_ENV = "IMGCLF_SWEEP_PARENT"  # set for the worker processes of --workers N: their parent's pid
+_PR_SET_PDEATHSIG = 1
+
+
+class _InterruptOnce:
+    """A signal handler that raises KeyboardInterrupt (as Ctrl-C does: the running trial is
+    queued again) the first time, and ignores the signals after it, which would otherwise break
+    into that clean-up (a worker gets Ctrl-C from the terminal and SIGTERM from its parent)."""
+
+    def __init__(self):
+        self.fired = False
+
+    def __call__(self, signum, frame):
+        if self.fired:
+            return
+        self.fired = True
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def installed(self, signals=(signal.SIGTERM,)):
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {sig: signal.signal(sig, self) for sig in signals}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _follow_parent() -> None:
+    """In a worker process of ``--workers N``: stop like on Ctrl-C (the running trial queued
+    again, then exit) when the sweep's parent process dies, however it dies (kill -9 included),
+    or is stopped with SIGTERM, rather than go on running trials as an orphan beside the workers
+    of a sweep started again. Linux tells the worker at once (PR_SET_PDEATHSIG); elsewhere, and
+    in case that fails, a thread looks at the parent pid every second."""
+    parent = os.environ.pop(_PARENT_ENV, None)
+    if not parent or threading.current_thread() is not threading.main_thread():
+        return
+    parent_pid = int(parent)
+    stop = _InterruptOnce()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # it died before the worker could ask to be told
+        raise KeyboardInterrupt
+
+    def watch() -> None:
+        while not stop.fired:
+            time.sleep(1.0)
+            if os.getppid() != parent_pid and not stop.fired:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    threading.Thread(target=watch, name="imgclf-sweep-parent-watch", daemon=True).start()
+
+
 def _worker_cmd(spec_path: Path, worker: int, workers: int) -> list[str]:
     return [sys.executable, "-m", "imgclf", "sweep", str(spec_path), "--worker", str(worker), "--of", str(workers)]
 
@@ -844,12 +1032,22 @@ def run_study(spec: StudySpec, workers: int = 1) -> dict:
     host = socket.gethostname()
     path = write_spec(spec)
     log.info(f"study {spec.name}: storage {_redact(spec.storage_url)}, trials in {spec.study_dir / 'trials'}")
-    if workers <= 1:
-        run_worker(spec)
-        return summarize(spec, before, {f"{host}:{os.getpid()}"})
+    # SIGTERM (kill, a scheduler's stop) ends the sweep as Ctrl-C does: the running trial is queued
+    # again, the workers are stopped with it
+    with _InterruptOnce().installed():
+        if workers <= 1:
+            run_worker(spec)
+            return summarize(spec, before, {f"{host}:{os.getpid()}"})
+        procs = _run_workers(spec, path, workers)
+    return summarize(spec, before, {f"{host}:{p.pid}" for p in procs})
+
+
+def _run_workers(spec: StudySpec, path: Path, workers: int) -> list[subprocess.Popen]:
+    """Start the ``workers`` processes and wait for them; on Ctrl-C or SIGTERM, stop them first.
+    Each worker ends with this process (_follow_parent), even when it is killed with -9."""
     env = dict(os.environ)
     threads = max(1, (os.cpu_count() or 1) // workers)
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), **{_PARENT_ENV: str(os.getpid())})
     procs: list[subprocess.Popen] = []
     try:
         t0 = time.time()
@@ -864,20 +1062,25 @@ def run_study(spec: StudySpec, workers: int = 1) -> dict:
     except KeyboardInterrupt:
         for p in procs:
             if p.poll() is None:
-                p.terminate()
+                p.terminate()  # SIGTERM: the worker queues its trial again and exits
         for p in procs:
-            p.wait()
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
         raise
     bad = [c for c in codes if c != 0]
     if bad:
         raise UserError(f"{len(bad)} of {workers} workers exited with an error (status {bad[0]}); see their messages above")
-    return summarize(spec, before, {f"{host}:{p.pid}" for p in procs})
+    return procs
 
 
 def summarize(spec: StudySpec, before: set[int] | None = None, workers: set[str] | None = None) -> dict:
     """The study's counts and best trial. With ``before`` (the trial numbers before this run) and
     ``workers`` (this run's worker ids), ``error`` says why this run failed when none of the trials
-    it ran finished and some failed: the sweep then exits non-zero."""
+    it ran finished and some failed, or when a worker stopped after _MAX_CONSECUTIVE_FAILURES
+    failures in a row: the sweep ran, and exits 1."""
     study = open_study(spec, heartbeat=False)
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
     states = {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
@@ -892,11 +1095,20 @@ def summarize(spec: StudySpec, before: set[int] | None = None, workers: set[str]
         out.update(best_trial=best.number, best_value=best.value, best_params=shown)
     if before is not None:
         mine = [t for t in trials if t.number not in before and t.user_attrs.get("worker") in (workers or ())]
-        failed = [t for t in mine if t.state.name == "FAIL" and "error" in t.user_attrs]
+        failed = {t.number for t in mine if t.state.name == "FAIL" and "error" in t.user_attrs}
+        # a worker that stopped after too many failures in a row (run_worker): its last trials failed
+        stopped = None
+        for w in sorted(workers or ()):
+            tail = [t for t in mine if t.user_attrs.get("worker") == w][-_MAX_CONSECUTIVE_FAILURES:]
+            if len(tail) == _MAX_CONSECUTIVE_FAILURES and all(t.number in failed for t in tail):
+                stopped = tail[-1]
         if failed and not any(t.state.name in ("COMPLETE", "PRUNED") for t in mine):
-            last = failed[-1]
+            last = stopped or [t for t in mine if t.number in failed][-1]
             err = spec.study_dir / "trials" / str(last.number) / "error.txt"
             see = f" (see {err})" if err.exists() else ""
+            why = f" ({_MAX_CONSECUTIVE_FAILURES} failures in a row stop a sweep)" if stopped else ""
             out["error"] = (f"no trial finished: the {len(failed)} trial{'s' if len(failed) > 1 else ''} this sweep ran "
-                            f"failed, the last with: {last.user_attrs['error']}{see}")
+                            f"failed{why}, the last with: {last.user_attrs['error']}{see}")
+        elif stopped is not None:
+            out["error"] = _failures_message(spec, stopped, _MAX_CONSECUTIVE_FAILURES)
     return out
