@@ -308,6 +308,17 @@ def test_refused_in_the_parent_before_any_process_starts(small_sample, tmp_path,
     assert not any(tmp_path.iterdir())  # no run folder either
 
 
+def test_a_gpu_index_with_devices_is_refused_not_ignored(monkeypatch):
+    # process k takes cuda:k: '--device cuda:2 --devices 2' trained on cuda:0 and cuda:1
+    import torch
+
+    from imgclf.engine import distributed
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    with pytest.raises(imgclf.errors.UserError, match=r"--device cuda:2 --devices 2: .*CUDA_VISIBLE_DEVICES=2,3"):
+        distributed.spawn_train(2, torch.device("cuda:2"), config=None, resume=None, callbacks=None, options={})
+
+
 def test_automatic_batch_divides_by_the_processes():
     # --devices 3 failed with "--batch-size 32 ... must divide by the 3 processes", an option never given
     from imgclf.config import make_config

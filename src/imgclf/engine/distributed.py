@@ -459,6 +459,10 @@ def spawn_train(n: int, device: torch.device, *, config, resume, callbacks, opti
                         f"--device cpu --devices {n} runs {n} CPU processes instead")
     if device.type not in ("cuda", "cpu"):
         raise UserError(f"--devices N runs on CPU or CUDA, not on {device.type}")
+    if device.type == "cuda" and device.index not in (None, 0):  # process k takes cuda:k, whatever was named
+        raise UserError(f"--device {device} --devices {n}: the processes take cuda:0..{n - 1}; choose the GPUs with "
+                        f"CUDA_VISIBLE_DEVICES (e.g. CUDA_VISIBLE_DEVICES={device.index},{device.index + 1}) and "
+                        "--device cuda")
     batch = cfg.batch_size if cfg is not None else options.get("batch_size")
     if isinstance(batch, int) and batch % n:  # say so before starting n processes
         raise UserError(f"--batch-size {batch} is the global batch and must divide by the {n} processes")
