@@ -95,13 +95,37 @@ def _extract(path: Path, dest: Path) -> None:
             zf.extractall(dest)
         return
     with tarfile.open(path) as tf:
-        tf.extractall(dest, filter="data")
+        if hasattr(tarfile, "data_filter"):
+            tf.extractall(dest, filter="data")
+        else:  # Python before 3.11.4 (Debian 12's 3.11.2) has no extraction filters: the same refusals by hand
+            members = tf.getmembers()
+            for m in members:
+                _check_member(m, dest)
+            tf.extractall(dest, members=members)
+
+
+class _Unsafe(ValueError):
+    pass
+
+
+def _check_member(m: tarfile.TarInfo, dest: Path) -> None:
+    """What tarfile's "data" filter refuses, for Pythons without it: a member written outside
+    ``dest`` (an absolute name, '..'), and links or device files, which a folder of images does
+    not need."""
+    name = m.name
+    if os.path.isabs(name) or ".." in Path(name).parts or \
+            not (dest / name).resolve().is_relative_to(dest.resolve()):
+        raise _Unsafe(f"unsafe member refused: '{name}' would be written outside the extraction folder")
+    if not (m.isfile() or m.isdir()):
+        raise _Unsafe(f"unsafe member refused: '{name}' is a link or a special file")
 
 
 def _why(e: BaseException) -> str:
     if isinstance(e, tarfile.ReadError) and "opened successfully" in str(e):
         return "neither zip nor tar, or damaged at its start"
-    if isinstance(e, tarfile.FilterError):
+    if isinstance(e, _Unsafe):
+        return str(e)
+    if isinstance(e, getattr(tarfile, "FilterError", ())):  # Python >= 3.11.4
         return f"unsafe member refused: {str(e).splitlines()[0]}"
     first = str(e).splitlines()[0].rstrip(":") if str(e) else ""
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
