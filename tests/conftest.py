@@ -11,6 +11,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("IMGCLF_SHARED_DATASETS", REPO.parent / "shared" / "datasets"))
+# tarfile's "data" filter where Python has it (3.11.4+); the shared archives are our own
+SAFE_TAR = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
 _EXTRACTED: list[str] = []
 
 
@@ -27,7 +29,7 @@ def pytest_configure(config):
         tar = SHARED / f"{name}.tar.gz"
         if tar.exists():
             with tarfile.open(tar) as t:
-                t.extractall(dest, filter="data")
+                t.extractall(dest, **SAFE_TAR)
     if not (dest / "train").is_dir():
         # no shared data beside this clone: the CIFAR-10 JPEGs shipped in the package (300 per
         # class) are enough for every CIFAR test; only the COCO photos are then missing
@@ -88,7 +90,7 @@ def extract_shared(name: str, dest: Path) -> Path:
     if not tar.exists():
         pytest.skip(f"{tar} not present (the shared data sets sit beside the repository)")
     with tarfile.open(tar) as t:
-        t.extractall(dest, filter="data")
+        t.extractall(dest, **SAFE_TAR)
     return dest
 
 
