@@ -28,7 +28,7 @@ def test_cli_bad_time_limit_is_one_line(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     lines = [x for x in r.stderr.strip().splitlines() if x]
-    assert len(lines) == 1 and "time_limit" in lines[0], r.stderr
+    assert len(lines) == 1 and "--time-limit soon:" in lines[0], r.stderr  # the flag as typed
 
 
 def test_run_fits_the_budget_and_anneals(sample_dir, tmp_path):
@@ -111,7 +111,7 @@ def test_budget_spent_by_setup_still_gives_a_model(small_sample, tmp_path, capfd
 
 class SlowInference(Callback):
     """Every forward pass in eval mode (validation, the closing evaluation, calibration, the
-    report) 20 ms per image slower, training steps unchanged: inference dear relative to a
+    report) 10 ms per image slower, training steps unchanged: inference dear relative to a
     training step, as with a backbone frozen for the whole run, but more so."""
 
     def on_train_start(self, t):
@@ -119,22 +119,22 @@ class SlowInference(Callback):
 
         def slow_in_eval(x):
             if not model.training:
-                time.sleep(0.02 * x.shape[0])
+                time.sleep(0.01 * x.shape[0])
             return forward(x)
 
         model.forward = slow_in_eval
 
 
 def test_closing_evaluation_is_budgeted_from_measured_inference(small_sample, tmp_path):
-    budget = 50.0
+    budget = 36.0
     t0 = time.perf_counter()
     res = imgclf.train(data=str(small_sample), project=str(tmp_path), name="slow-eval", time_limit=budget,
                        progress=False, tensorboard=False, callbacks=[SlowInference()])
     wall = time.perf_counter() - t0
-    # ~1,340 forward passes follow training (100 test images x 6 TTA views, 40 val images x 7 for
-    # the single-view and TTA temperatures, 460 for the report's sections): ~27 s here. A reserve
-    # guessed from the training step (a third of a step per image, ~1.3 ms) would count ~2 s and
-    # overrun by ~25 s.
+    # ~1,100 forward passes follow training (100 test images x 6 TTA views, 40 val images for the
+    # temperature, too few for a TTA one, 460 for the report's sections): ~11 s here. A reserve
+    # guessed from the training step (a third of a step per image, ~1.3 ms) would count ~1.5 s
+    # and overrun by ~10 s.
     assert wall <= budget + 1.5, wall
     # it trained (~1 epoch of 360 images; less on a slow, busy machine), then evaluated, in the budget
     assert res.config.epochs > 0.3 and res.test is not None
