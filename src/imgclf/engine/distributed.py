@@ -273,26 +273,12 @@ def _on_stop_signal(signum, frame) -> None:
 
 def _die_with_parent(parent: int) -> None:
     """A spawned process ends when the process that started it does (kill -9, a crash): left
-    running, re-parented to init, it would finish the run and write to its folder. Linux sends
-    SIGTERM at the parent's death (PR_SET_PDEATHSIG, set here over torch's SIGINT, which a shell
-    ignores in background jobs); a thread watching the parent's pid covers other systems, and
-    ends a process stuck in native code after a grace period."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+    running it would finish the run and write to its folder. SIGTERM at the parent's death
+    replaces torch's SIGINT (which a shell ignores in background jobs); a process stuck in
+    native code exits after a grace period."""
+    from imgclf.procs import end_with_parent
 
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(_GRACE_S)
-        os._exit(128 + signal.SIGTERM)
-
-    threading.Thread(target=watch, name="imgclf-parent-watch", daemon=True).start()
+    end_with_parent(parent, poll_s=0.5, grace_s=_GRACE_S)
 
 
 def _worker(local_rank: int, world: int, port: int, call: dict[str, Any], out: str, parent: int | None = None) -> None:

@@ -42,9 +42,8 @@ def add_lr_find(sub) -> None:
 def plot_path(out: str | Path) -> Path:
     """The file ``--out`` names, checked before the sweep: an image suffix (none: .png; a folder:
     lr_find.png in it) in a folder that can be written (made if missing)."""
-    import tempfile
-
     from imgclf.errors import UserError
+    from imgclf.paths import write_problem
 
     path = Path(out).expanduser()
     if path.is_dir():
@@ -54,12 +53,9 @@ def plot_path(out: str | Path) -> Path:
     elif path.suffix.lower() not in PLOT_SUFFIXES:
         raise UserError(f"--out {out}: the plot is an image: name a {', '.join(PLOT_SUFFIXES)} file "
                         f"(the .json of the result is written beside it)")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".lr_find-", suffix=".tmp"):
-            pass
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot write in the folder {path.parent}: {e.strerror or e}") from None
+    problem = write_problem(path.parent, create=True)
+    if problem:
+        raise UserError(f"--out {out}: cannot write in the folder {path.parent}: {problem}")
     for f in (path, path.with_suffix(".json")):
         if f.is_dir() or (f.exists() and not os.access(f, os.W_OK)):
             raise UserError(f"--out {out}: cannot write {f}: {'a folder' if f.is_dir() else 'permission denied'}")

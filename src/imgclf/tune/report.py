@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from imgclf.config import TrainConfig, format_validation_error, load_yaml
 from imgclf.errors import UserError
+from imgclf.paths import write_problem
 from imgclf.tune import sweep
 from imgclf.tune.sweep import Param, Space, StudySpec, make_storage
 
@@ -401,12 +402,10 @@ def _out_path(out: str | Path | None, d: Path) -> Path:
     path = Path(out).expanduser() if out else d / "report.html"
     if path.is_dir():
         path = path / "report.html"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot make the folder {path.parent}: {e.strerror or e}") from None
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out or path}: cannot write in {path.parent}: permission denied")
+    problem = write_problem(path.parent, create=True)  # a real write: access() passes root everywhere
+    if problem:
+        what = "write in" if path.parent.is_dir() else "make the folder"
+        raise UserError(f"--out {out or path}: cannot {what} {path.parent}: {problem}")
     return path
 
 

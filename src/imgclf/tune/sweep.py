@@ -948,7 +948,6 @@ def pin_worker(worker: int, workers: int) -> int:
 
 
 _PARENT_ENV = "IMGCLF_SWEEP_PARENT"  # set for the worker processes of --workers N: their parent's pid
-_PR_SET_PDEATHSIG = 1
 
 
 class _InterruptOnce:
@@ -988,27 +987,13 @@ def _follow_parent() -> None:
     if not parent or threading.current_thread() is not threading.main_thread():
         return
     parent_pid = int(parent)
-    stop = _InterruptOnce()
+    from imgclf.procs import end_with_parent
+
+    stop = _InterruptOnce()  # its second signal and later ones are ignored
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent_pid:  # it died before the worker could ask to be told
+    if not end_with_parent(parent_pid):  # it died before the worker could ask to be told
         raise KeyboardInterrupt
-
-    def watch() -> None:
-        while not stop.fired:
-            time.sleep(1.0)
-            if os.getppid() != parent_pid and not stop.fired:
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-
-    threading.Thread(target=watch, name="imgclf-sweep-parent-watch", daemon=True).start()
 
 
 def _worker_cmd(spec_path: Path, worker: int, workers: int) -> list[str]:
