@@ -148,11 +148,13 @@ def _invalid_choice(message: str) -> tuple[str, list[str]] | None:
 
 def _unknown_arguments(parser: argparse.ArgumentParser, extras: list[str]) -> str:
     """'unknown option --img-size; did you mean --image-size?' for what the command did not read."""
+    from imgclf.data.arrays import is_number
+
     # compared without the dashes, which every option shares ('--bogus' is not close to '--out')
     known = [o[2:] for o in parser._option_string_actions if o.startswith("--")]
     unknown = []
     for tok in extras:
-        if not tok.startswith("-") or tok == "-" or _is_number(tok):
+        if not tok.startswith("-") or tok == "-" or is_number(tok):
             continue  # an unknown option's value, most likely
         name = tok.split("=", 1)[0]
         close = difflib.get_close_matches(name.lstrip("-"), known, n=1, cutoff=0.6)
@@ -165,14 +167,6 @@ def _unknown_arguments(parser: argparse.ArgumentParser, extras: list[str]) -> st
     else:
         what = "unknown options " + ", ".join(n + (f" (did you mean {c}?)" if c else "") for n, c in unknown)
     return f"{what} (unrecognized arguments: {' '.join(extras)})"
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _typed_options(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, str]:

@@ -754,7 +754,7 @@ def read_pixel_csv(
             if not first:
                 raise DataError(f"{file} is empty; expected a header row and one row per image")
             header = [h.strip() for h in next(csv.reader([first.rstrip("\r\n")]))]
-            if all(_is_number(h) for h in header):
+            if all(is_number(h) for h in header):
                 raise DataError(f"{file} has no header row (its first line is numbers); add one, e.g. "
                                 "label,pixel0,pixel1,...")
             label_idx = _label_index(header, label_column, file)
@@ -799,7 +799,7 @@ def read_pixel_csv(
                         test=None)
 
 
-def _is_number(s: str) -> bool:
+def is_number(s: str) -> bool:
     try:
         float(s)
     except ValueError:
