@@ -264,7 +264,7 @@ DEVICE_HELP = "auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps"
 # Modules that add sub-commands: each defines COMMANDS, a list of functions taking the
 # sub-parsers object. Listed here (not discovered) so the command set is explicit.
 EXTENSION_MODULES = (
-    "imgclf.data.commands",  # check
+    "imgclf.data.commands",  # check, cache
     "imgclf.evaluate.commands",  # report, explain, calibrate, compare
     "imgclf.models.commands",  # lr-find
     "imgclf.deploy.commands",  # export, serve

@@ -25,16 +25,16 @@ from imgclf.errors import UserError
 
 
 def parse_seconds(v: Any) -> float:
-    """A duration: '600' / 600 are seconds; '90s', '10m', '1.5h' carry their unit. The parser of
-    --time-limit, shared by every option that takes a duration (sweep --timeout)."""
+    """A duration: '600' / 600 are seconds; '90s', '10m', '1.5h', '30d' carry their unit. The parser
+    of --time-limit, shared by every option that takes a duration (sweep --timeout, cache --older-than)."""
     text = str(v).strip().lower()
-    scale = {"s": 1, "m": 60, "h": 3600}.get(text[-1:], None)
+    scale = {"s": 1, "m": 60, "h": 3600, "d": 86400}.get(text[-1:], None)
     try:
         secs = float(text[:-1] if scale else text) * (scale or 1)
     except ValueError:
         secs = float("nan")
     if not (secs > 0 and math.isfinite(secs)):  # inf: an OverflowError once the run is planned
-        raise ValueError("must be a positive finite duration: seconds, or a number ending in s, m or h (10m)")
+        raise ValueError("must be a positive finite duration: seconds, or a number ending in s, m, h or d (10m)")
     return secs
 
 

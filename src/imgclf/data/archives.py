@@ -218,6 +218,8 @@ def extract_archive(path: Path, cache_dir: Path) -> Path:
     """The folder holding ``path``'s contents, extracting it on first use."""
     target = cache_dir / "archives" / f"{archive_stem(path)}-{_key(path)}"
     if target.is_dir():
+        with contextlib.suppress(OSError):  # last used now, for 'imgclf cache --older-than'
+            os.utime(target)
         return _content_root(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

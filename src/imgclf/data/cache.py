@@ -26,6 +26,9 @@ from imgclf.errors import UserError
 CACHE_VERSION = 1
 _CHUNK = 256
 ARRAYS_IN_RAM = 1 << 30  # in-memory sources (CIFAR, pixel CSVs) resized beyond this go to a disk cache
+# Entries are never evicted behind the user's back (a run may be reading one; a rebuild costs
+# minutes); past this size a new entry says how to list and free them (imgclf cache).
+LARGE_CACHE_BYTES = 20 << 30
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
@@ -151,7 +154,9 @@ def _build_on_disk(split: Split, size: int, policy: str, root: Path, workers: in
     if split.images is not None:
         # CIFAR upscaled for a pretrained net (50k images at 224 px: 7.5 GB): to a memory-mapped
         # file like decoded images, which later runs reuse and the loader pages in as it can
-        if not npy.exists():
+        if npy.exists():
+            _touch(meta_path if meta_path.exists() else npy)
+        else:
             _check_space(root, len(split), size)
             with locked_temp(root, key, ".npy") as tmp:
                 np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(split), size, size, 3)).flush()
@@ -164,18 +169,65 @@ def _build_on_disk(split: Split, size: int, policy: str, root: Path, workers: in
                 out.flush()
                 del out
                 os.replace(tmp, npy)
+            _write_meta(root, key, {"n": len(split), "size": size, "policy": policy, "bad": [],
+                                    "source": f"pixel arrays ({len(split)} images)"})
+            _note_size(root)
         return CachedSplit(np.load(npy, mmap_mode="r"), rows_all, split.labels, [])
     if npy.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
+        _touch(meta_path)
     else:
         meta = _build(split.paths, size, policy, npy, workers, progress, desc)
-        with locked_temp(root, key, ".json") as tmp:  # one per writer: runs may share a cache
-            tmp.write_text(json.dumps(meta))
-            os.replace(tmp, meta_path)
+        _write_meta(root, key, meta)
+        _note_size(root)
     images = np.load(npy, mmap_mode="r")
     bad = {i for i, _ in meta["bad"]}
     rows = np.asarray([i for i in range(len(split)) if i not in bad], dtype=np.int64)
     return CachedSplit(images, rows, split.labels[rows], [msg for _, msg in meta["bad"]])
+
+
+def _write_meta(root: Path, key: str, meta: dict) -> None:
+    with locked_temp(root, key, ".json") as tmp:  # one per writer: runs may share a cache
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, root / f"{key}.json")
+
+
+def _touch(path: Path) -> None:
+    """Mark an entry as used now: ``imgclf cache --older-than`` frees the ones no run reads."""
+    try:
+        os.utime(path)
+    except OSError:  # a read-only shared cache: its entries just look older than they are
+        pass
+
+
+_noted: set[Path] = set()
+
+
+def _note_size(root: Path) -> None:
+    """Once per process, when a new entry takes the decoded images past LARGE_CACHE_BYTES."""
+    from imgclf import log
+    from imgclf.data.cache_admin import decoded
+
+    if root in _noted:
+        return
+    total = sum(e.nbytes for e in decoded(root))
+    if total > LARGE_CACHE_BYTES:
+        _noted.add(root)
+        log.info(f"the decoded-image cache in {root.parent} holds {_gib(total)}: 'imgclf cache' lists it, "
+                 "'imgclf cache --clear --older-than 30d' frees what no run has read for a month")
+
+
+def _source_of(paths: list[str]) -> str:
+    """The folder the images came from (the deepest folder holding them all), for 'imgclf cache'."""
+    if not paths:
+        return ""
+    first, last = min(paths), max(paths)
+    if first == last:
+        return os.path.dirname(first)
+    try:
+        return os.path.commonpath([first, last])  # sorted: the two ends share what all share
+    except ValueError:  # paths on two Windows drives
+        return ""
 
 
 _SPACE_MARGIN = 64 << 20  # the .json beside it, and the disk's own reserve: full is full before 0
@@ -227,7 +279,9 @@ def _reserve(tmp: Path) -> None:
 
 
 def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+    if n >= 2**30:
+        return f"{n / 2**30:.1f} GiB"
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
 def _build(paths: list[str], size: int, policy: str, npy: Path, workers: int, progress: bool, desc: str) -> dict:
@@ -251,7 +305,7 @@ def _build(paths: list[str], size: int, policy: str, npy: Path, workers: int, pr
             else:
                 bad += _decode_in_pool(chunks, min(workers, len(chunks)), str(tmp), size, policy, bar)
         os.replace(tmp, npy)  # atomic: a killed build never leaves a half-written cache behind
-    return {"n": n, "size": size, "policy": policy, "bad": sorted(bad)}
+    return {"n": n, "size": size, "policy": policy, "bad": sorted(bad), "source": _source_of(paths)}
 
 
 def _decode_in_pool(chunks, workers: int, out_path: str, size: int, policy: str, bar) -> list[tuple[int, str]]:

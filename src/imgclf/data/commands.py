@@ -95,4 +95,75 @@ def print_report(report, cached) -> None:
     console.print(table)
 
 
-COMMANDS = [add_check]
+def add_cache(sub) -> None:
+    p = sub.add_parser(
+        "cache",
+        help="list or free the cache: decoded images, extracted archives, downloads",
+        description="Every run decodes its images once into the cache folder (~/.cache/imgclf, IMGCLF_CACHE "
+        "or --cache-dir) and later runs reuse them; nothing there is removed behind your back. This lists "
+        "the entries, the oldest-used first, and --clear removes them (each is rebuilt when a run needs it). "
+        "Downloaded data sets are kept unless --downloads is given.",
+    )
+    p.add_argument("--cache-dir", help="the cache folder (default: IMGCLF_CACHE, else ~/.cache/imgclf)")
+    p.add_argument("--older-than", metavar="AGE",
+                   help="only entries no run has used for AGE: seconds, or a number ending in m, h or d (30d)")
+    p.add_argument("--clear", action="store_true", help="remove the entries listed (and left-over partial files)")
+    p.add_argument("--downloads", action="store_true", help="include downloaded data sets (CIFAR archives)")
+    p.set_defaults(func=cmd_cache)
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    import time
+
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from imgclf.config import parse_seconds
+    from imgclf.data.cache import _gib, cache_root
+    from imgclf.data.cache_admin import age_text, entries, remove_partial
+    from imgclf.errors import UserError
+
+    root = cache_root(args.cache_dir)
+    try:
+        min_age = None if args.older_than is None else parse_seconds(args.older_than)
+    except ValueError as e:
+        raise UserError(f"--older-than {args.older_than}: {e}") from None
+    if not root.is_dir():
+        if args.cache_dir:
+            raise UserError(f"--cache-dir {args.cache_dir}: no such folder")
+        print(f"{root}: empty (no run has used it yet)")
+        return 0
+    now = time.time()
+    aged = [e for e in entries(root) if min_age is None or now - e.used > min_age]
+    chosen = [e for e in aged if args.downloads or e.kind != "download"]
+    age = f" --older-than {args.older_than}" if min_age is not None else ""
+    if not args.clear:
+        if aged:
+            table = Table(title=escape(str(root)), title_justify="left")
+            for col in ("kind", "size", "last used"):
+                table.add_column(col, justify="right" if col == "size" else "left", no_wrap=True)
+            table.add_column("what", overflow="fold")
+            for e in aged:
+                table.add_row(e.kind, _gib(e.nbytes), age_text(now - e.used), escape(e.what))
+            Console(soft_wrap=False).print(table)
+        kept = "" if args.downloads or len(chosen) == len(aged) else " (downloads are kept unless --downloads)"
+        print(f"{len(aged)} entries{f' unused for {args.older_than}' if age else ''}, "
+              f"{_gib(sum(e.nbytes for e in aged))}; 'imgclf cache --clear{age}' removes {len(chosen)} of them, "
+              f"{_gib(sum(e.nbytes for e in chosen))}{kept}")
+        return 0
+    freed, failed = 0, []
+    for e in chosen:
+        try:
+            e.remove()
+            freed += e.nbytes
+        except OSError as err:  # someone else's file in a shared cache; Windows: open by a run
+            failed.append(f"{e.paths[0]}: {err.strerror or err}")
+    remove_partial(root)
+    print(f"removed {len(chosen) - len(failed)} entries from {root}, {_gib(freed)} freed")
+    for line in failed:
+        print(f"  kept {line}")
+    return 1 if failed else 0
+
+
+COMMANDS = [add_check, add_cache]
