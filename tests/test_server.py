@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import struct
 import zlib
@@ -360,13 +361,16 @@ def test_options_are_checked_with_one_line_errors(client, jpeg):
 def test_worker_factory_sets_torch_threads(tiny_run, monkeypatch):
     import torch
 
+    from imgclf import procs
     from imgclf.deploy import server as srv
 
-    calls = []
+    calls, watched = [], []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    # a worker stops with its parent (uvicorn's supervisor)
+    monkeypatch.setattr(procs, "end_with_parent", lambda parent, **kw: watched.append(parent))
     monkeypatch.setenv(srv._ENV, json.dumps({"model": str(tiny_run), "threads": 1}))
     srv.app_from_env()
-    assert calls == [1]
+    assert calls == [1] and watched == [os.getppid()]
 
 
 def test_client_gone_before_a_response_is_499_not_500(server):
@@ -552,3 +556,152 @@ def test_serve_options_must_be_finite_and_log_level_known(jpeg):
         parser.parse_args(["serve", "m", "--log-level", "loud"])
     with pytest.raises(UserError, match="--log-level must be one of critical, error, warning, info, debug, trace"):
         serve(ServeConfig(model="stub"), port=0, log_level="loud")
+
+
+def _half_upload(url: str, sent: bytes = b"\xff" * 10, length: int = 1000):
+    """A raw connection that declared ``length`` body bytes and sent only ``sent``, then went quiet."""
+    import socket
+
+    host, port = url.split("//")[1].split(":")
+    s = socket.create_connection((host, int(port)))
+    s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+              + f"Content-Length: {length}\r\n\r\n".encode() + sent)
+    return s
+
+
+def test_a_stalled_upload_gets_408_and_does_not_hold_up_shutdown(monkeypatch):
+    import time
+
+    from imgclf.deploy import server as srv
+
+    # a Content-Length larger than the body (or a slowloris gone quiet): uvicorn has no body timeout
+    with ServerThread(create_app(ServeConfig(model="stub", body_timeout_s=0.5), backend=_FixedMultilabel())) as url, \
+            _half_upload(url) as s:
+        s.settimeout(10)
+        reply = s.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+        assert b"request body incomplete: nothing received for 0.5 s after 10 bytes" in reply
+        assert httpx.get(url + "/healthz").status_code == 200
+
+    # SIGTERM / Ctrl-C (uvicorn's should_exit) with such a client connected: exits after the grace
+    # period instead of waiting on the client for ever
+    monkeypatch.setattr(srv, "SHUTDOWN_GRACE_S", 1)
+    thread = ServerThread(create_app(ServeConfig(model="stub", body_timeout_s=60), backend=_FixedMultilabel()))
+    with thread as url, _half_upload(url) as s:
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        thread.server.should_exit = True
+        thread.thread.join(10)
+        assert not thread.thread.is_alive() and time.monotonic() - t0 < 5
+        s.settimeout(5)
+        reply = s.recv(4096)  # a JSON 503, not uvicorn's plain-text 500 and a traceback in the log
+        assert reply.startswith(b"HTTP/1.1 503") and b"server shutting down" in reply, reply[:200]
+
+
+def test_a_client_that_leaves_frees_its_slots_and_its_image_is_not_classified(jpeg):
+    import threading
+    import time
+
+    backend = _Blocking()
+    app = create_app(ServeConfig(model="stub", max_images=2, max_in_flight=2, max_wait_ms=0), backend=backend)
+    backend.armed = True
+    in_flight, metrics = app.state.in_flight, app.state.metrics
+    with ServerThread(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        first = {}
+        t = threading.Thread(target=lambda: first.update(r=c.post("/v1/predict", content=jpeg,
+                                                                    headers={"content-type": "image/jpeg"})))
+        t.start()
+        try:
+            assert backend.entered.wait(30)
+            classified = metrics.images
+            with _half_upload(url, jpeg, len(jpeg)):  # a whole request, whose client gives up waiting
+                deadline = time.monotonic() + 10
+                while in_flight["images"] < 2 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert in_flight["images"] == 2
+            deadline = time.monotonic() + 10
+            while in_flight["images"] > 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            # its slot is back while the model is still busy: the cap counts clients still waiting
+            assert in_flight["images"] == 1
+            assert c.post("/v1/predict", files=[("files", (f"{i}.jpg", jpeg, "image/jpeg")) for i in range(2)]
+                          ).status_code == 503
+        finally:
+            backend.release.set()
+            t.join(30)
+        assert first["r"].status_code == 200
+        assert metrics.images == classified + 1  # the first request's image only
+        text = c.get("/metrics").text
+        assert metric(text, "imgclf_requests_total", path="/v1/predict", method="POST", status=499) == 1
+
+
+class _Breakable(_FixedMultilabel):
+    """A backend that can be broken: raise like a corrupted model or a lost GPU, or return NaN."""
+
+    mode = "ok"
+
+    def probs(self, images):
+        if self.mode == "raise":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore lines")
+        p = super().probs(images)
+        return np.full_like(p, np.nan) if self.mode == "nan" else p
+
+
+def test_healthz_reports_a_model_that_fails_every_pass_and_its_recovery(jpeg):
+    from fastapi.testclient import TestClient
+
+    backend = _Breakable()
+    raw = dict(content=jpeg, headers={"content-type": "image/jpeg"})
+    with TestClient(create_app(ServeConfig(model="stub", max_wait_ms=0), backend=backend),
+                    raise_server_exceptions=False) as c:
+        assert c.get("/healthz").status_code == 200
+        backend.mode = "raise"
+        r = c.post("/v1/predict", **raw)
+        assert r.status_code == 500 and r.json() == {"error": "internal error: RuntimeError"}
+        r = c.get("/healthz")  # was 200 for ever: a load balancer kept sending traffic to it
+        assert r.status_code == 503
+        assert r.json()["error"] == "the model fails (RuntimeError: CUDA error: an illegal memory access was encountered)"
+        backend.mode = "nan"  # e.g. fp16 overflow: used to be a 200 with the bare token NaN (not JSON)
+        r = c.post("/v1/predict", **raw)
+        assert r.status_code == 500 and "NaN" not in r.text.replace("NaN or infinite", "")
+        assert "NaN or infinite probabilities" in r.json()["error"]
+        assert "NaN or infinite" in c.get("/healthz").json()["error"]
+        backend.mode = "ok"  # the probe /healthz runs sees it recover, without waiting for traffic
+        assert c.get("/healthz").json() == {"status": "ok"}
+        assert c.post("/v1/predict", **raw).status_code == 200
+
+
+def test_a_worker_stops_when_its_parent_is_killed():
+    import inspect
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from imgclf import procs
+    from imgclf.deploy import server as srv
+
+    # the worker: app_from_env's end_with_parent (imgclf.procs alone: its source is self-contained,
+    # and importing the package costs torch's import), in a process whose parent (uvicorn's
+    # supervisor) is then killed with -9; before, the workers went on serving the port as orphans
+    worker = (inspect.getsource(procs) + "\nend_with_parent(os.getppid(), poll_s=0.05)\n"
+              "print(os.getpid(), flush=True)\ntime.sleep(60)\n")
+    parent = ("import os, subprocess, sys\n"
+              f"w = subprocess.Popen([sys.executable, '-c', {worker!r}], stdout=subprocess.PIPE, text=True)\n"
+              "print(w.stdout.readline().strip(), flush=True)\n"
+              "os.kill(os.getpid(), 9)\n")
+    p = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, timeout=30)
+    assert p.returncode == -signal.SIGKILL
+    pid = int(p.stdout.strip())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail("the worker outlived its parent")
+    # and a worker slow to import torch on a busy machine is not killed by uvicorn's 5 s health check
+    assert srv.uvicorn_options().get("timeout_worker_healthcheck", srv.WORKER_HEALTHCHECK_S) >= 30

@@ -39,6 +39,12 @@ MB = 1 << 20
 INLINE_DECODE_PIXELS = 256 * 256
 INLINE_DECODE_BYTES = 16 * 1024
 RETRY_AFTER_S = 1  # the Retry-After of a 503 "busy"
+# SIGTERM / Ctrl-C: requests in flight get this long to finish, then their connections are closed;
+# without it one client that never finishes its upload holds the process up for as long as it likes
+SHUTDOWN_GRACE_S = 10
+# a worker process imports torch before it can answer its supervisor's health check: uvicorn's
+# default 5 s kills and restarts workers that are only slow to start on a busy machine
+WORKER_HEALTHCHECK_S = 60
 MAX_WAIT_MS = 60_000  # a batching wait longer than a minute is a typo, not a setting
 PRECISIONS = ("fp32", "auto", "bf16", "fp16")  # imgclf.api.load's; an ONNX export runs in fp32
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
@@ -58,6 +64,7 @@ class ServeConfig:
     threads: int = 0  # inference threads; 0: cpus - 1, leaving a core to the event loop (HTTP parsing)
     max_in_flight: int = 0  # images being decoded, queued or classified at once; 0: 4 * max_images
     precision: str = "fp32"  # a run folder's: fp32 (the exported model's answers), auto, bf16 or fp16 autocast
+    body_timeout_s: float = 30.0  # a client silent this long in the middle of its upload gets a 408
 
     def in_flight_limit(self) -> int:
         return self.max_in_flight or 4 * self.max_images
@@ -71,6 +78,8 @@ class ServeConfig:
             raise UserError(f"--max-wait-ms must be a finite number from 0 to {MAX_WAIT_MS}, got {self.max_wait_ms}")
         if not (math.isfinite(self.max_body_mb) and self.max_body_mb > 0):
             raise UserError(f"--max-body-mb must be a finite number > 0, got {self.max_body_mb}")
+        if not (math.isfinite(self.body_timeout_s) and self.body_timeout_s > 0):
+            raise UserError(f"body_timeout_s must be a finite number > 0, got {self.body_timeout_s}")
         if self.max_pixels < 1:
             raise UserError(f"--max-pixels must be >= 1, got {self.max_pixels}")
         if self.max_images < 1:
@@ -283,6 +292,12 @@ class MetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_status)
+        except asyncio.CancelledError:
+            # uvicorn cancels what still runs SHUTDOWN_GRACE_S after SIGTERM: a clean answer, not
+            # its plain-text 500 and a traceback per request
+            if status is None:
+                status = 503
+                await _send_json(send, 503, {"error": "server shutting down: the request was cancelled"})
         except Exception:
             status = status or 500
             raise
@@ -293,10 +308,12 @@ class MetricsMiddleware:
 
 class BodyLimitMiddleware:
     """Refuse a body over ``max_bytes`` while it streams in (or from Content-Length at once), so a
-    huge upload costs at most ``max_bytes`` of memory and is never parsed."""
+    huge upload costs at most ``max_bytes`` of memory and is never parsed; and one that stalls
+    for ``idle_s`` (a Content-Length larger than what is sent, a slowloris trickle gone quiet),
+    so it does not hold its connection and memory for ever (uvicorn has no body timeout)."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, idle_s: float = 30.0):
+        self.app, self.max_bytes, self.idle_s = app, max_bytes, idle_s
 
     def _too_large(self) -> dict:
         return {"error": f"request body too large: the limit is {self.max_bytes / MB:g} MB (server option --max-body-mb)"}
@@ -315,7 +332,11 @@ class BodyLimitMiddleware:
                 return await _send_json(send, 413, self._too_large())
         chunks, total = [], 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.idle_s)
+            except TimeoutError:
+                return await _send_json(send, 408, {"error": f"request body incomplete: nothing received for "
+                                                             f"{self.idle_s:g} s after {total} bytes"})
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")
@@ -326,6 +347,7 @@ class BodyLimitMiddleware:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        del chunks  # held for the whole request otherwise: twice the body's memory per upload
         replayed = False
 
         async def replay():
@@ -341,12 +363,22 @@ class BodyLimitMiddleware:
 # --- batching ---------------------------------------------------------------------------------
 
 
+def _summary(exc: BaseException) -> str:
+    text = (str(exc).splitlines() or [""])[0][:200]
+    return f"{type(exc).__name__}{': ' + text if text else ''}"
+
+
 class Batcher:
     """An asyncio queue of single images and one collector feeding one inference thread. The
     queue itself is unbounded: the app caps the images in flight before anything is queued."""
 
-    def __init__(self, backend, max_batch: int, max_wait_s: float, metrics: Metrics):
+    def __init__(self, backend, max_batch: int, max_wait_s: float, metrics: Metrics, probe: np.ndarray | None = None):
         self.backend, self.max_batch, self.max_wait_s, self.metrics = backend, max_batch, max_wait_s, metrics
+        # why the last forward pass failed (None once one succeeds), and the one-image batch
+        # health() runs then: a model that fails every pass must not be reported healthy
+        self.failing: str | None = None
+        self.probe = probe
+        self._probing: asyncio.Future | None = None
         self.queue: asyncio.Queue = asyncio.Queue()
         self.full = asyncio.Event()
         # one thread: the model's own kernels use the cores; two forward passes would only fight
@@ -367,8 +399,30 @@ class Batcher:
         exc = self.task.exception()
         if exc is None:
             return "the batch collector returned"
-        text = (str(exc).splitlines() or [""])[0][:200]
-        return f"the batch collector died ({type(exc).__name__}{': ' + text if text else ''})"
+        return f"the batch collector died ({_summary(exc)})"
+
+    async def health(self) -> str | None:
+        """problem(), or why the model cannot classify: after a failed forward pass, a probe pass
+        (shared by concurrent callers) says whether it still fails."""
+        problem = self.problem()
+        if problem or self.failing is None:
+            return problem
+        if self.probe is None:
+            return f"the model's last forward pass failed ({self.failing})"
+        if self._probing is None or self._probing.done():
+            self._probing = asyncio.ensure_future(self._probe())
+        return await asyncio.shield(self._probing)
+
+    async def _probe(self) -> str | None:
+        try:
+            probs = await asyncio.get_running_loop().run_in_executor(self.pool, self.backend.probs, self.probe)
+            if not np.isfinite(np.asarray(probs, np.float32)).all():
+                raise RuntimeError("the model returned NaN or infinite probabilities")
+        except Exception as e:
+            self.failing = _summary(e)
+            return f"the model fails ({self.failing})"
+        self.failing = None
+        return None
 
     async def stop(self) -> None:
         if self.task:
@@ -430,14 +484,55 @@ class Batcher:
         batch[:] = [(img, fut) for img, fut in batch if not fut.done()]  # clients that left
         if not batch:
             return
-        probs = await loop.run_in_executor(self.pool, self.backend.probs, np.stack([b[0] for b in batch]))
-        if len(probs) != len(batch):
-            raise RuntimeError(f"the backend returned {len(probs)} rows for {len(batch)} images")
+        images = np.stack([b[0] for b in batch])
+        try:
+            probs = np.asarray(await loop.run_in_executor(self.pool, self.backend.probs, images), np.float32)
+            if len(probs) != len(batch):
+                raise RuntimeError(f"the backend returned {len(probs)} rows for {len(batch)} images")
+        except Exception as e:
+            self.failing = _summary(e)
+            raise
         self.metrics.batch.observe(len(batch))
         self.metrics.images += len(batch)
-        for (_, fut), p in zip(batch, probs):
-            if not fut.done():
+        # NaN would be written as the bare token NaN, which no JSON parser accepts, and ranked at random
+        broken = ~np.isfinite(probs).reshape(len(batch), -1).all(axis=1)
+        self.failing = f"NaN or infinite probabilities for {broken.sum()} of {len(batch)} images" if broken.any() else None
+        for (_, fut), p, bad in zip(batch, probs, broken):
+            if fut.done():
+                continue
+            if bad:
+                fut.set_exception(BadRequest(500, "the model returned NaN or infinite probabilities for this image"))
+            else:
                 fut.set_result(p)
+
+
+async def _unless_client_leaves(request, work):
+    """``await work``, or None as soon as the client disconnects: its images leave the decode
+    pool and the batch queue, and its in-flight slots are free for clients still waiting.
+    Called once the body is read, so the only message left to receive is the disconnect."""
+    task = asyncio.ensure_future(work)
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done() and watcher.exception() is not None:  # no disconnect to watch for: just wait
+            await asyncio.wait({task})
+    except BaseException:  # this request itself cancelled (shutdown past its grace period)
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()  # retrieved: the client it was for is gone
+    return None
 
 
 # --- the app ----------------------------------------------------------------------------------
@@ -491,11 +586,12 @@ def create_app(cfg: ServeConfig, backend=None):
     multilabel = info["task"] == "multilabel"
     thresholds = _thresholds(backend.meta, classes)
     metrics = Metrics()
-    batcher = Batcher(backend, cfg.max_batch, cfg.max_wait_ms / 1000.0, metrics)
+    probe = np.zeros((1, size, size, 3), np.uint8)
+    batcher = Batcher(backend, cfg.max_batch, cfg.max_wait_ms / 1000.0, metrics, probe=probe)
     decode_pool = ThreadPoolExecutor(cfg.decode_threads or min(4, (os.cpu_count() or 1) + 1),
                                      thread_name_prefix="imgclf-decode")
     # warm the backend up (first call allocates, autotunes): no request should pay for it
-    backend.probs(np.zeros((1, size, size, 3), np.uint8))
+    backend.probs(probe)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -532,7 +628,7 @@ def create_app(cfg: ServeConfig, backend=None):
 
     @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz():
-        problem = batcher.problem()
+        problem = await batcher.health()
         if problem:
             return JSONResponse({"status": "unavailable", "error": problem}, status_code=503)
         return {"status": "ok"}
@@ -589,6 +685,29 @@ def create_app(cfg: ServeConfig, backend=None):
         raise BadRequest(415, f"{what}: send multipart/form-data with field 'file' (or 'files'), "
                               "or the raw image bytes as image/* or application/octet-stream")
 
+    async def classify(items: list[tuple[str, bytes]], pixels: list[int | None]) -> list[np.ndarray]:
+        if (None not in pixels and sum(pixels) <= INLINE_DECODE_PIXELS
+                and sum(len(b) for _, b in items) <= INLINE_DECODE_BYTES):
+            # a thumbnail decodes in tens of microseconds, less than the hop to a thread
+            decoded = []
+            for it in items:
+                try:
+                    decoded.append(decode(it))
+                except BadImage as e:
+                    decoded.append(e)
+        else:
+            loop = asyncio.get_running_loop()
+            decoded = await asyncio.gather(*(loop.run_in_executor(decode_pool, decode, it) for it in items),
+                                           return_exceptions=True)
+        for i, (name, res) in enumerate(zip((n for n, _ in items), decoded)):
+            if isinstance(res, BadImage):
+                where = f"image {i} ('{name}')" if len(items) > 1 or name != "body" else "the request body"
+                status = 413 if res.reason.startswith("image too large") else 400
+                raise BadRequest(status, f"{where}: {res.reason}")
+            if isinstance(res, BaseException):
+                raise res
+        return await batcher.submit(list(decoded))
+
     @app.post("/v1/predict")
     async def predict(request: Request, top_k: int = Query(cfg.top_k, ge=1, le=1000)):
         t0 = time.perf_counter()
@@ -609,29 +728,11 @@ def create_app(cfg: ServeConfig, backend=None):
                              headers={"Retry-After": str(RETRY_AFTER_S)})
         in_flight["images"] += len(items)
         try:
-            if (None not in pixels and sum(pixels) <= INLINE_DECODE_PIXELS
-                    and sum(len(b) for _, b in items) <= INLINE_DECODE_BYTES):
-                # a thumbnail decodes in tens of microseconds, less than the hop to a thread
-                decoded = []
-                for it in items:
-                    try:
-                        decoded.append(decode(it))
-                    except BadImage as e:
-                        decoded.append(e)
-            else:
-                loop = asyncio.get_running_loop()
-                decoded = await asyncio.gather(*(loop.run_in_executor(decode_pool, decode, it) for it in items),
-                                               return_exceptions=True)
-            for i, (name, res) in enumerate(zip((n for n, _ in items), decoded)):
-                if isinstance(res, BadImage):
-                    where = f"image {i} ('{name}')" if len(items) > 1 or name != "body" else "the request body"
-                    status = 413 if res.reason.startswith("image too large") else 400
-                    raise BadRequest(status, f"{where}: {res.reason}")
-                if isinstance(res, BaseException):
-                    raise res
-            probs = await batcher.submit(list(decoded))
+            probs = await _unless_client_leaves(request, classify(items, pixels))
         finally:
             in_flight["images"] -= len(items)
+        if probs is None:  # nobody to answer: the status is for /metrics (nginx's 499)
+            return Response(status_code=499)
         k = min(top_k, len(classes))
         preds = []
         for (name, _), p in zip(items, probs):
@@ -655,7 +756,7 @@ def create_app(cfg: ServeConfig, backend=None):
         return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
 
     # outermost first: metrics see every response, including the body limit's 413s
-    app.add_middleware(BodyLimitMiddleware, max_bytes=int(cfg.max_body_mb * MB))
+    app.add_middleware(BodyLimitMiddleware, max_bytes=int(cfg.max_body_mb * MB), idle_s=cfg.body_timeout_s)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
 
@@ -678,7 +779,25 @@ def app_from_env():
     cfg = ServeConfig(**json.loads(os.environ[_ENV]))
     cfg.threads = inference_threads(cfg.threads)
     _set_torch_threads(cfg)
+    from imgclf.procs import end_with_parent
+
+    # a worker whose supervisor was killed (kill -9, the OOM killer) would go on serving the port
+    # alone, and the next 'imgclf serve' there would find it taken; SIGTERM is uvicorn's graceful stop
+    end_with_parent(os.getppid(), poll_s=0.5)
     return create_app(cfg)
+
+
+def uvicorn_options(log_level: str = "warning") -> dict[str, Any]:
+    """uvicorn.Config's options for every server this module starts (CLI, workers, ServerThread)."""
+    import inspect
+
+    import uvicorn
+
+    opts: dict[str, Any] = {"log_level": log_level, "access_log": False,
+                            "timeout_graceful_shutdown": SHUTDOWN_GRACE_S}
+    if "timeout_worker_healthcheck" in inspect.signature(uvicorn.Config).parameters:  # uvicorn >= 0.36
+        opts["timeout_worker_healthcheck"] = WORKER_HEALTHCHECK_S
+    return opts
 
 
 def listen_socket(host: str, port: int):
@@ -730,7 +849,7 @@ def _serve_on(sock, cfg: ServeConfig, host: str, workers: int, log_level: str) -
         sock.close()
         print(f"imgclf serving {cfg.model} at http://{host}:{port}/ with {workers} worker processes")
         uvicorn.run("imgclf.deploy.server:app_from_env", factory=True, host=host, port=port, workers=workers,
-                    log_level=log_level, access_log=False)
+                    **uvicorn_options(log_level))
         return
     app = create_app(cfg)
     info = app.state.info
@@ -738,7 +857,7 @@ def _serve_on(sock, cfg: ServeConfig, host: str, workers: int, log_level: str) -
     print(f"imgclf serving {cfg.model} ({info['backend']}, {len(info['classes'])} classes, {info['image_size']}px "
           f"{info['resize']}) at http://{host}:{port}/  batching up to {cfg.max_batch} within {cfg.max_wait_ms:g} ms",
           flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **uvicorn_options(log_level)))
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # as uvicorn.run: Ctrl-C during start-up or shutdown is a normal exit
@@ -761,8 +880,7 @@ class ServerThread:
         import uvicorn
 
         self.host, self.port = host, port or free_port(host)
-        self.server = uvicorn.Server(uvicorn.Config(app, host=self.host, port=self.port, log_level="warning",
-                                                    access_log=False))
+        self.server = uvicorn.Server(uvicorn.Config(app, host=self.host, port=self.port, **uvicorn_options()))
         self.thread = None
 
     @property
