@@ -128,6 +128,7 @@ def test_tta_scores_get_their_own_temperature(tiny_run, sample_dir, tmp_path):
     assert meta["tta_level"] == 2 and meta["calibration"]["tta_level"] == 2
     assert meta["temperature_tta"] == meta["calibration"]["temperature_tta"] != meta["temperature"]
     assert meta["calibration"]["ece_after_tta"] < meta["calibration"]["ece_before_tta"]
+    assert "tta_level_tta" not in meta["calibration"]  # the TTA record's own level-0 field, not a figure
     model, meta = load_model(tiny_run, torch.device("cpu"))
     src = source_from_config(make_config(tiny_run / "config.yaml"), run_cache_root(tiny_run))
     cs = build_cache(src.val, meta["image_size"], meta["resize"], run_cache_root(tiny_run) / "images", progress=False)

@@ -72,6 +72,10 @@ def test_planted_problems_each_reported_and_nothing_else(planted, tmp_path):
     assert "truncated" in by_kind["unreadable"]["details"]["reasons"][0]
     assert by_kind["few_images"]["details"]["class"] == "cat"
     assert "cat" in by_kind["few_images"]["message"]
+    # each message says what to do about it
+    assert "remove one image of each pair" in leak["message"]
+    assert "re-export or delete them" in by_kind["unreadable"]["message"]
+    assert "add images or remove the class" in by_kind["few_images"]["message"]
     for f in report["findings"]:
         assert set(f) >= {"kind", "severity", "message", "paths"} and f["message"]
     assert report["stats"]["counts"]["test"]["airplane"] == 11
@@ -234,3 +238,43 @@ def test_printed_report_shows_names_with_brackets_as_written(capsys):
     assert "shots [2024]/[bold]" in out
     flat = "".join(out.split())  # the table folds long findings over lines
     assert "train/[/x]/img[1].jpg" in flat and "train/b/[bold]copy.jpg" in flat
+
+
+def _grid_of(sample_dir, classes: list[str], tmp_path: Path, per_class: int = 2) -> Image.Image:
+    from imgclf.data.cache import build_cache
+    from imgclf.data.checks import write_sample_grid
+    from imgclf.data.sources import DataSource, Split
+
+    files = sorted((sample_dir / "train" / "ship").glob("*.jpg"))[:per_class]
+    one = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    x = np.concatenate([one] * len(classes))
+    y = np.repeat(np.arange(len(classes)), per_class)
+    src = DataSource("arr", "arrays", classes, Split(labels=y, images=x))
+    cs = build_cache(src.train, 32, "stretch", Path("/nonexistent"))
+    return Image.open(write_sample_grid(cs, classes, tmp_path / "samples.png"))
+
+
+def test_grid_labels_tell_long_and_accented_names_apart(sample_dir, tmp_path):
+    # names were cut to 16 letters ("plant_disease_le" on every row) and drawn with PIL's
+    # built-in font, which shows é and è as the same box
+    from imgclf.data.checks import GRID_CELL, GRID_LABEL_W, GRID_PAD
+
+    classes = ["plant_disease_leaf_spot_early", "plant_disease_leaf_spot_late", "café", "cafè"]
+    grid = np.asarray(_grid_of(sample_dir, classes, tmp_path).convert("L"))
+    labels = [grid[GRID_PAD + r * (GRID_CELL + GRID_PAD):][:GRID_CELL, :GRID_LABEL_W] for r in range(4)]
+    assert all((lab < 128).any() for lab in labels)
+    assert not np.array_equal(labels[0], labels[1])
+    assert not np.array_equal(labels[2], labels[3])
+
+
+def test_grid_says_which_classes_it_leaves_out(sample_dir, tmp_path):
+    from imgclf.data.checks import GRID_CELL, GRID_MAX_ROWS, GRID_PAD
+
+    n = GRID_MAX_ROWS + 3
+    grid = _grid_of(sample_dir, [f"class {i}" for i in range(n)], tmp_path, per_class=1)
+    assert grid.size == grid_size(n)
+    rows_end = GRID_MAX_ROWS * (GRID_CELL + GRID_PAD) + GRID_PAD
+    assert grid.size[1] > rows_end  # room for the note under the last row
+    footer = np.asarray(grid.convert("L"))[rows_end:]
+    assert (footer < 128).any()  # "... and 3 more classes, not shown"
+    assert grid_size(10)[1] == 10 * (GRID_CELL + GRID_PAD) + GRID_PAD  # no note when every class fits

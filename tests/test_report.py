@@ -97,3 +97,116 @@ def test_names_that_are_not_utf8_are_shown_escaped(tiny_run, tmp_path):
     doc = write_report(run, device="cpu").read_text(encoding="utf-8")
     assert "/photos/caf\\xe9" in doc
     assert [p.name for p in run.glob("report.html*")] == ["report.html"]
+
+
+def _moved(tiny_run, tmp_path):
+    """A copy of tiny_run whose data is gone: the report renders from the run folder alone (fast)."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["data"] = str(tmp_path / "moved-away")
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return run
+
+
+def test_run_without_held_out_split_is_not_called_test(tiny_run, tmp_path):
+    # a run trained with --val-split 0 and no test/ folder has no metrics.json: its summary used to
+    # be headed "Final metrics (test)"
+    run = _moved(tiny_run, tmp_path)
+    (run / "metrics.json").unlink()
+    doc = write_report(run, device="cpu").read_text()
+    assert "Final metrics (test)" not in doc and "(test)" not in doc
+    assert "<h2>Run summary (no held-out evaluation)</h2>" in doc
+    assert "imgclf evaluate RUN --data DIR" in doc
+
+
+def test_val_metrics_warn_they_are_optimistic_and_missing_values_are_na(tiny_run, tmp_path):
+    run = _moved(tiny_run, tmp_path)
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["split"] = "val"
+    metrics["nll"] = float("nan")
+    metrics["per_class"][0]["precision"] = None  # as a multi-label class without positives has no AP
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    summary = json.loads((run / "summary.json").read_text())
+    summary["weights"] = "best (val_acc at epoch 1)"
+    (run / "summary.json").write_text(json.dumps(summary))
+    doc = write_report(run, device="cpu").read_text()
+    assert "<h2>Final metrics (val)</h2>" in doc
+    assert "Measured on the validation split, which the run also fitted to" in doc and "best on it" in doc
+    assert ">nan<" not in doc and ">None<" not in doc
+    assert re.search(r"<tr><td>nll</td><td[^>]*>n/a</td>", doc)
+    assert re.search(r"<tr><td>airplane</td><td[^>]*>n/a</td>", doc)
+
+
+def test_top_k_over_all_classes_is_left_out():
+    # top2 of a 2-class model is 1.0 whatever it predicts: shown, it looked like a perfect score
+    import torch
+
+    from imgclf.evaluate.metrics import classification_metrics
+    from imgclf.evaluate.report import section_metrics
+
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0], [3.0, 0.0]])
+    m = classification_metrics(logits, torch.tensor([0, 0, 1, 1]), ["cat", "dog"])
+    assert not any(k.startswith("top") and k != "top1" for k in m)  # not even computed now
+    # the summary.json of a run made before that still holds it
+    body = section_metrics({**m, "split": "test"}, {"top1": m["top1"], "top2": 1.0, "train_seconds": 12.34}, 2)
+    assert "<td>top2</td>" not in body and "<td>top1</td>" in body
+    assert body.count("top2 left out: with 2 classes") == 1
+    assert "<td>12.3 s</td>" in body  # seconds, not 12.3400
+
+
+def test_confusion_counts_table_matches_confusion_csv(tiny_run):
+    import csv
+
+    doc = (tiny_run / "report.html").read_text()
+    section = doc.split('<section id="confusion">')[1].split("</section>")[0]
+    with open(tiny_run / "confusion.csv", newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    for k, row in enumerate(rows):
+        counts = [int(v) for v in row[1:]]
+        cells = "".join(f'<td class="num">{"<b>" if j == k else ""}{v}{"</b>" if j == k else ""}</td>'
+                        for j, v in enumerate(counts))
+        assert f"<tr><th>{k + 1}. {row[0]}</th>{cells}<td class=\"num\">{sum(counts)}</td></tr>" in section
+
+
+def test_large_confusion_matrix_scrolls_at_full_size():
+    import numpy as np
+    import torch
+
+    from imgclf.evaluate.metrics import classification_metrics
+    from imgclf.evaluate.report import section_confusion
+
+    classes = [f"plant_disease_{i:02d}" for i in range(40)]
+    labels = torch.arange(80) % 40
+    m = classification_metrics(torch.from_numpy(np.eye(40, dtype=np.float32)[(labels.numpy() * 7) % 40]), labels,
+                               classes)
+    body = section_confusion({**m, "split": "test"}, classes)
+    assert '<div class="scroll"><img class="fig"' in body and "confusion.csv" in body
+
+
+def test_thumbnail_captions_and_calibration_read_plainly(tiny_run):
+    doc = (tiny_run / "report.html").read_text()
+    # a caption wraps inside its thumbnail's width: long class names used to stretch every figure
+    # to the caption's one-line width (nowrap under width:min-content), so ellipsis never applied
+    assert "figcaption{margin-top:3px;width:0;min-width:100%;overflow-wrap:anywhere}" in doc
+    assert "white-space:nowrap" not in doc
+    cal = doc.split('<section id="calibration">')[1].split("</section>")[0]
+    assert "<th>single view</th><th>with TTA (level 2)</th>" in cal
+    assert "tta_level_tta" not in cal and "ece_before" not in cal
+    assert "(single-view predictions)" in cal
+
+
+def test_learning_curves_tick_whole_epochs(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from imgclf.evaluate import plots
+
+    figs = []
+    monkeypatch.setattr(plots.plt, "close", figs.append)
+    history = [{"epoch": e, "train_loss": 2.0 / e, "val_loss": 2.1 / e, "train_acc": 0.3 * e, "val_acc": 0.3 * e,
+                "lr": 0.1} for e in (1, 2)]
+    plots.plot_curves(history, tmp_path / "curves.png")
+    for ax in figs[0].axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks  # was 1.0, 1.2, 1.4, ...
+    plt.close(figs[0])

@@ -239,7 +239,8 @@ def _unreadable(items: _Items) -> list[Finding]:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         out.append(Finding(
             "unreadable", "error",
-            f"{len(bad)} unreadable image(s) in {items.split[s]}, skipped in training: {first}{more}",
+            f"{len(bad)} unreadable image(s) in {items.split[s]}, skipped in training: {first}{more}; "
+            "re-export or delete them (the findings' JSON lists every path)",
             [items.name(s, int(i)) for i in bad[:_MAX_LISTED]],
             {"split": items.split[s], "count": int(len(bad)), "reasons": cs.problems[:_MAX_LISTED]},
         ))
@@ -276,7 +277,8 @@ def _class_counts(items: _Items, classes: list[str]) -> tuple[dict, list[Finding
             flagged.add(c)
             out.append(Finding("few_images", "error",
                                f"class '{classes[c]}' has only {n} training image(s){where(c)}: "
-                               f"it needs at least {MIN_CLASS_IMAGES}, better hundreds",
+                               f"it needs at least {MIN_CLASS_IMAGES}, better hundreds; add images or "
+                               "remove the class",
                                details={"class": classes[c], "train": int(n)}))
         elif n < MIN_CLASS_FRACTION * median:
             flagged.add(c)
@@ -412,7 +414,7 @@ def _pair_findings(items, split_of, row_of, label_of, pairs, dist, threshold: in
         else:
             what, sign = f"near-duplicates (pHash distance <= {threshold})", "~"
         eg = f"e.g. {items.short(listed[0][1])} {sign} {items.short(listed[0][0])}"
-        label_note = f"; {conflicts} with different labels" if conflicts else ""
+        label_note = f"; {conflicts} with different labels (fix the wrong label)" if conflicts else ""
         details = {"splits": [na, nb], "pairs": listed, "count": len(ps), "label_conflicts": int(conflicts)}
         if mirrored:
             details["mirrored"] = True
@@ -421,12 +423,15 @@ def _pair_findings(items, split_of, row_of, label_of, pairs, dist, threshold: in
             out.append(Finding(
                 "duplicate_across_splits" if exact else "near_duplicate_across_splits", "error",
                 f"{n_imgs} {nb} image(s) are {what} of {na} images: leakage, {nb} scores will be "
-                f"inflated{label_note}; {eg}", paths, details))
+                f"inflated{label_note}; {eg}; remove one image of each pair (the findings' JSON lists the pairs)",
+                paths, details))
         else:
             extra = len({b for _, b, _ in ps})
+            advice = ("; they weigh double in training: delete the extra copies" if exact else
+                      "; harmless unless they are copies that should not be there")
             out.append(Finding(
                 "duplicate" if exact else "near_duplicate", "warning" if exact else "info",
-                f"{len(ps)} pair(s) of {what} within {na} ({extra} redundant image(s)){label_note}; {eg}",
+                f"{len(ps)} pair(s) of {what} within {na} ({extra} redundant image(s)){label_note}; {eg}{advice}",
                 paths, details))
     return out
 
@@ -583,10 +588,54 @@ def _layout(source: DataSource, items: _Items, rng) -> tuple[dict, list[Finding]
 # sample grid
 
 
+GRID_FOOTER = 20  # px for the line naming the classes past GRID_MAX_ROWS
+GRID_LABEL_LINES = 4  # lines of a class name beside its row (the count takes a fifth)
+
+
 def grid_size(n_classes: int, cols: int = GRID_COLS) -> tuple[int, int]:
     """(width, height) in pixels of the grid for ``n_classes`` rows."""
     rows = min(n_classes, GRID_MAX_ROWS)
-    return GRID_LABEL_W + cols * (GRID_CELL + GRID_PAD) + GRID_PAD, rows * (GRID_CELL + GRID_PAD) + GRID_PAD
+    footer = GRID_FOOTER if n_classes > GRID_MAX_ROWS else 0
+    return GRID_LABEL_W + cols * (GRID_CELL + GRID_PAD) + GRID_PAD, rows * (GRID_CELL + GRID_PAD) + GRID_PAD + footer
+
+
+def _grid_font():
+    """DejaVu Sans (matplotlib ships it): PIL's built-in font draws accented letters as boxes."""
+    import importlib.util
+
+    from PIL import ImageFont
+
+    spec = importlib.util.find_spec("matplotlib")
+    if spec and spec.origin:
+        ttf = Path(spec.origin).parent / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
+        try:
+            return ImageFont.truetype(str(ttf), 10)
+        except OSError:
+            pass
+    return ImageFont.load_default()
+
+
+def _wrap_label(text: str, font, width: int, max_lines: int) -> list[str]:
+    """``text`` broken into lines of at most ``width`` px (after a space, _ or - where one is
+    near), the last of ``max_lines`` ending in an ellipsis when the name is longer: names that
+    differ only past their 16th letter (``plant_disease_leaf_03``) stay apart."""
+    lines: list[str] = []
+    rest = text
+    while rest and len(lines) < max_lines:
+        n = 1
+        while n < len(rest) and font.getlength(rest[: n + 1]) <= width:
+            n += 1
+        if n < len(rest):
+            cut = max(rest.rfind(ch, 0, n) for ch in " _-") + 1
+            n = cut if cut > n // 2 else n
+        lines.append(rest[:n].rstrip(" "))
+        rest = rest[n:].lstrip(" ")
+    if rest:
+        last = lines[-1]
+        while last and font.getlength(last + "…") > width:
+            last = last[:-1]
+        lines[-1] = last + "…"
+    return lines
 
 
 def write_sample_grid(cs: CachedSplit, classes: list[str], path: str | Path, *, cols: int = GRID_COLS,
@@ -599,18 +648,26 @@ def write_sample_grid(cs: CachedSplit, classes: list[str], path: str | Path, *, 
     width, height = grid_size(len(classes), cols)
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
+    font = _grid_font()
+    line_h = 12
     labels = np.asarray(cs.labels)
     for r, name in enumerate(classes[:GRID_MAX_ROWS]):
         members = cs.rows[(labels[:, r] > 0.5) if labels.ndim == 2 else (labels == r)]
         pick = np.sort(rng.choice(members, min(cols, len(members)), replace=False)) if len(members) else []
         y = GRID_PAD + r * (GRID_CELL + GRID_PAD)
-        draw.text((4, y + GRID_CELL // 2 - 6), f"{name[:16]} ({len(members)})", fill="black")
+        lines = _wrap_label(name, font, GRID_LABEL_W - 8, GRID_LABEL_LINES) + [f"({len(members)} images)"]
+        top = y + (GRID_CELL - line_h * len(lines)) // 2
+        for k, line in enumerate(lines):
+            draw.text((4, top + k * line_h), line, fill="black", font=font)
         for c, row in enumerate(pick):
             img = Image.fromarray(np.asarray(cs.images[row]))
             # nearest when enlarging: pixels stay pixels, so scrambled rows are not blurred away
             resample = Image.Resampling.NEAREST if img.width <= GRID_CELL else Image.Resampling.BILINEAR
             x = GRID_LABEL_W + GRID_PAD + c * (GRID_CELL + GRID_PAD)
             canvas.paste(img.resize((GRID_CELL, GRID_CELL), resample), (x, y))
+    if len(classes) > GRID_MAX_ROWS:
+        draw.text((4, height - GRID_FOOTER + 4), f"... and {len(classes) - GRID_MAX_ROWS} more classes, not shown "
+                  f"(the first {GRID_MAX_ROWS} of {len(classes)} are)", fill="black", font=font)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)

@@ -174,7 +174,7 @@ def calibrate_model(run_dir: Path, model, meta: dict, cs, device, precision: str
         tta_logits, tta_labels = split_logits(model, meta, cs, device, precision, limit=TTA_FIT_LIMIT, tta_level=level)
         tta = calibration_record(tta_logits, tta_labels, fit_temperature(tta_logits, tta_labels), split)
         meta["temperature_tta"] = tta["temperature"]
-        rec.update({"tta_level": level, **{f"{k}_tta": v for k, v in tta.items() if k not in ("split", "bins")}})
+        rec.update({"tta_level": level, **{f"{k}_tta": v for k, v in tta.items() if k not in ("split", "bins", "tta_level")}})
     write_meta(run_dir, meta)
     tta_note = (f"; with TTA views {meta['temperature_tta']:.3f}, ECE {rec['ece_before_tta']:.4f} -> "
                 f"{rec['ece_after_tta']:.4f}") if "temperature_tta" in meta else ""

@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: runs on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
@@ -32,6 +33,8 @@ def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
     axes[2].set_xlabel("epoch")
     axes[2].set_ylabel("learning rate (end of epoch)")
     axes[2].grid(alpha=0.3)
+    for ax in axes:  # whole epochs (a 2-epoch run ticked 1.0, 1.2, 1.4 ...); a time-limited run's last may be 7.06
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -60,7 +63,7 @@ def plot_confusion(cm, classes: list[str], path: Path, title: str = "confusion m
         for i in range(n):
             for j in range(n):
                 if cm[i, j]:
-                    ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=7,
+                    ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=10 if n <= 12 else 7,
                             color="white" if norm[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_title(title)

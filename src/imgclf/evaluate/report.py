@@ -33,6 +33,7 @@ N_TOP_LOSSES = 12
 N_PAIRS, N_PAIR_EXAMPLES = 6, 4
 N_CAM = 8
 THUMB = 96
+CM_TABLE_MAX = 30  # classes up to which the confusion counts are a table; past it the figure scrolls
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
@@ -43,11 +44,12 @@ nav a{margin-right:12px;color:#2457a6;text-decoration:none}
 table{border-collapse:collapse;font-size:.9em}td,th{padding:3px 10px;border-bottom:1px solid #eceff3;text-align:left}
 th{background:#f0f2f5}td.num{text-align:right;font-variant-numeric:tabular-nums}
 img.fig{max-width:100%;height:auto}
-.grid{display:flex;flex-wrap:wrap;gap:10px}
+.grid{display:flex;flex-wrap:wrap;align-items:flex-start;gap:10px}
 figure{margin:0;width:min-content;font-size:.78em;line-height:1.25}
 figure img{display:block;image-rendering:auto;border:1px solid #ccd}
-figcaption{margin-top:3px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
-.bad{color:#b3261e}.good{color:#1b7a3a}.note{color:#667;font-size:.9em}
+figcaption{margin-top:3px;width:0;min-width:100%;overflow-wrap:anywhere}
+.scroll{overflow:auto;max-height:90vh;border:1px solid #e3e6eb}.scroll img{max-width:none}
+.bad{color:#b3261e}.na{color:#889}.good{color:#1b7a3a}.note{color:#667;font-size:.9em}
 .pair{margin:10px 0}.kv td:first-child{color:#556}
 details summary{cursor:pointer;color:#2457a6}
 """
@@ -217,7 +219,9 @@ def _table(rows: list[list], head: list[str] | None = None, cls: str = "") -> st
     for r in rows:
         cells = []
         for v in r:
-            if isinstance(v, float):
+            if v is None or (isinstance(v, float) and not np.isfinite(v)):
+                cells.append('<td class="num na" title="not defined for this class or split">n/a</td>')
+            elif isinstance(v, float):
                 cells.append(f'<td class="num">{v:.4f}</td>')
             elif isinstance(v, int) and not isinstance(v, bool):
                 cells.append(f'<td class="num">{v}</td>')
@@ -261,15 +265,42 @@ def section_curves(run_dir: Path, meta: dict) -> str | None:
     return f'<img class="fig" src="{png_uri(buf.getvalue())}" alt="learning curves">'
 
 
-def section_metrics(metrics: dict | None, summary: dict | None) -> str | None:
+def metrics_title(metrics: dict | None) -> str:
+    split = (metrics or {}).get("split")
+    return f"Final metrics ({split})" if split else "Run summary (no held-out evaluation)"
+
+
+def section_metrics(metrics: dict | None, summary: dict | None, n_classes: int = 0) -> str | None:
     if not metrics and not summary:
         return None
-    rows = []
+    rows, notes, seen = [], [], set()
     for src in (metrics or {}, summary or {}):
         for k, v in src.items():
-            if isinstance(v, (int, float, str)) and not isinstance(v, bool) and k not in {r[0] for r in rows}:
-                rows.append([k, v])
-    return _table(rows, ["figure", "value"], cls="kv")
+            if not isinstance(v, (int, float, str)) or isinstance(v, bool) or k in seen:
+                continue
+            seen.add(k)
+            # top-k over all the classes (top2 of 2, top4 of 4) is 1 whatever the model does
+            if k.startswith("top") and k[3:].isdigit() and int(k[3:]) > 1 and n_classes and int(k[3:]) >= n_classes:
+                notes.append(f"{k} left out: with {n_classes} classes every image's true class is among the top "
+                             f"{k[3:]}, so it is 1 whatever the model does.")
+                continue
+            if k.endswith("_seconds") and isinstance(v, (int, float)):
+                v = f"{v:.1f} s"
+            rows.append([k, v])
+    split = (metrics or {}).get("split")
+    if not metrics:
+        notes.insert(0, "No test or validation split was evaluated: there are no held-out figures. "
+                        "Score the model with 'imgclf evaluate RUN --data DIR'.")
+    elif split == "val":
+        used = []
+        if metrics.get("task") == "multilabel":
+            used.append("its decision thresholds were tuned on it")
+        if str((summary or {}).get("weights", "")).startswith("best"):
+            used.append("the weights kept are those of the epoch that scored best on it")
+        if used:
+            notes.insert(0, f"Measured on the validation split, which the run also fitted to ({'; '.join(used)}): "
+                            "expect lower figures on new images. A test/ folder gives an unbiased estimate.")
+    return "".join(f'<p class="note">{esc(n)}</p>' for n in notes) + _table(rows, ["figure", "value"], cls="kv")
 
 
 def section_per_class(metrics: dict | None) -> str | None:
@@ -288,7 +319,23 @@ def section_confusion(metrics: dict | None, classes: list[str]) -> str | None:
         return None
     buf = io.BytesIO()
     plot_confusion(cm, classes, buf, title=f"{metrics.get('split', 'test')} confusion (row-normalised)")
-    return f'<img class="fig" src="{png_uri(buf.getvalue())}" alt="confusion matrix">'
+    img = f'<img class="fig" src="{png_uri(buf.getvalue())}" alt="confusion matrix">'
+    n = len(classes)
+    if n > CM_TABLE_MAX:
+        # scaled to the page, the names and cells of a large matrix are a few pixels tall
+        return (f'<p class="note">{n} classes: the matrix is shown at full size (scroll inside the frame); '
+                "its counts are in confusion.csv in the run folder, and the most-confused pairs below.</p>"
+                f'<div class="scroll">{img}</div>')
+    # the figure's colours show the pattern; the exact counts (confusion.csv) as a table
+    cells = np.asarray(cm, dtype=np.int64)
+    head = "".join(f'<th title="{esc(c)}">{j + 1}</th>' for j, c in enumerate(classes))
+    rows = "".join(f"<tr><th>{i + 1}. {esc(c)}</th>" + "".join(
+        f'<td class="num">{"<b>" if i == j else ""}{int(v)}{"</b>" if i == j else ""}</td>'
+        for j, v in enumerate(cells[i])) + f'<td class="num">{int(cells[i].sum())}</td></tr>'
+        for i, c in enumerate(classes))
+    return (img + '<p class="note">Counts: rows are the true classes, columns the predicted ones (numbered as '
+            f"the rows); the last column is each class's image count.</p><table><tr><th>true \\ predicted</th>{head}"
+            f"<th>images</th></tr>{rows}</table>")
 
 
 def _caption(s: SplitSample, i: int, classes: list[str], temperature: float, extra: str = "",
@@ -465,12 +512,29 @@ def reliability_figure(logits: torch.Tensor, labels: np.ndarray, temperature: fl
     return fig, eces
 
 
+def _calibration_table(rec: dict) -> str:
+    """The fit's record (model.json "calibration") as figures per kind of scores: single views and,
+    where the run has TTA, its averaged views (the record's ``*_tta`` keys)."""
+    cols = [("single view", "")]
+    if "temperature_tta" in rec:
+        cols.append((f"with TTA (level {rec.get('tta_level', '?')})", "_tta"))
+    labels = [("temperature", "temperature T"), ("ece_before", "ECE at T = 1"), ("ece_after", "ECE at T"),
+              ("nll_before", "NLL at T = 1"), ("nll_after", "NLL at T"), ("n", "images fitted on")]
+    rows = [[label] + [rec.get(key + suffix) for _, suffix in cols] for key, label in labels]
+    rows = [r for r in rows if any(v is not None for v in r[1:])]
+    applied = rec.get("applied", True)
+    note = (f"Fitted on the {rec.get('split', 'val')} split ({rec.get('bins', 15)} bins for the ECE); "
+            + ("applied: predict and the probabilities in this report divide the logits by T."
+               if applied else "not applied (too few images to pin it down): scores keep T = 1."))
+    return f'<p class="note">{esc(note)}</p>' + _table(rows, ["temperature scaling"] + [c for c, _ in cols], cls="kv")
+
+
 def section_calibration(meta: dict, s: SplitSample | None) -> str | None:
     rec = meta.get("calibration")
     temperature = float(meta.get("temperature") or 1.0)
     parts = []
     if rec:
-        parts.append(_table([[k, v] for k, v in rec.items()], ["temperature scaling", "value"], cls="kv"))
+        parts.append(_calibration_table(rec))
     else:
         parts.append('<p class="note">not calibrated (no validation split, or not a single-label run): '
                      "temperature 1</p>")
@@ -479,7 +543,7 @@ def section_calibration(meta: dict, s: SplitSample | None) -> str | None:
         figure_note = f"ECE (15 bins) on {len(s.labels)} {esc(s.name)} images: before {eces[0]:.4f}"
         if len(eces) > 1:
             figure_note += f", after temperature scaling {eces[1]:.4f}"
-        parts.append(f"<p>{figure_note}</p>")
+        parts.append(f"<p>{figure_note} (single-view predictions).</p>")
         parts.append(f'<img class="fig" src="{fig_uri(fig)}" alt="reliability diagram">')
     return "".join(parts) if (rec or s is not None) else None
 
@@ -531,7 +595,7 @@ def write_report(run: str | Path, *, model=None, meta: dict | None = None, cache
     sections = [
         ("config", "Configuration", section_config(run_dir, meta)),
         ("curves", "Learning curves", section_curves(run_dir, meta)),
-        ("metrics", f"Final metrics ({esc((metrics or {}).get('split', 'test'))})", section_metrics(metrics, summary)),
+        ("metrics", esc(metrics_title(metrics)), section_metrics(metrics, summary, len(classes))),
     ]
     if single:
         from imgclf.api import temperature_for
