@@ -194,9 +194,9 @@ def test_loader_says_once_whether_a_large_split_is_held_or_streamed(monkeypatch,
     loader.BatchLoader(data, 10, torch.device("cpu"), shuffle=True, ram_budget=0)
     loader.BatchLoader(data, 10, torch.device("cpu"), shuffle=False, ram_budget=1 << 20)
     lines = capsys.readouterr().err.splitlines()
-    assert lines == ["imgclf: 100 training images (0 MiB) streamed from the cache file: the budget is 0 MiB "
+    assert lines == ["imgclf: 100 training images (19 KiB) streamed from the cache file: the budget is 0 KiB "
                      "(--ram-budget sets it)",
-                     "imgclf: 100 evaluation images (0 MiB) held in RAM: the budget is 1 MiB"]
+                     "imgclf: 100 evaluation images (19 KiB) held in RAM: the budget is 1 MiB"]
     monkeypatch.setattr(loader, "_LOG_ABOVE", 256 << 20)
     loader.BatchLoader(data, 10, torch.device("cpu"), shuffle=True, ram_budget=0)
     assert capsys.readouterr().err == ""  # small splits say nothing
