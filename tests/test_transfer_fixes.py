@@ -267,6 +267,10 @@ def test_train_checks_the_weights_before_reading_the_data(small_sample, tmp_path
     with pytest.raises(UserError, match="unknown model"):
         imgclf.train(data=str(small_sample), model="resnt18x", project=str(tmp_path), progress=False,
                      tensorboard=False)
+    # timm.is_model ignores the tag: an unknown one was a RuntimeError from create_model, after decoding
+    with pytest.raises(UserError, match=r"resnet18 has no tag 'bogus'; tags with weights: .*resnet18\.a1_in1k"):
+        imgclf.train(data=str(small_sample), model="timm:resnet18.bogus", project=str(tmp_path), progress=False,
+                     tensorboard=False)
 
 
 # -- 4, 5, 8. head sizes -----------------------------------------------------------------------
@@ -355,3 +359,182 @@ def test_freezing_an_own_net_says_it_needs_a_timm_model(tmp_path):
     for option in ({"freeze_epochs": 1}, {"freeze_stages": 1}):
         with pytest.raises(UserError, match=r"--freeze-(epochs|stages) works only with timm models \(--model timm:NAME"):
             _transfer_model("fastnet", str(w), 32, **option)
+
+
+# -- 9. weights files as people save them ------------------------------------------------------
+
+
+def _small_state(name="test_resnet"):
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(name, num_classes=7).state_dict()
+
+
+def test_weights_files_are_read_by_their_contents_and_bad_ones_are_one_line(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    state = _small_state()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "st.pt"))  # safetensors named .pt
+    torch.save(state, tmp_path / "torch.safetensors")  # and a torch file named .safetensors
+    for name in ("st.pt", "torch.safetensors"):  # were: UnpicklingError / SafetensorError 'header too large'
+        got = pretrained.read_state_dict(tmp_path / name)
+        assert set(got) == set(state) and torch.equal(got["fc.weight"], state["fc.weight"]), name
+
+    torch.save(timm.create_model("test_resnet"), tmp_path / "whole.pt")  # torch.save(model)
+    torch.save(state, tmp_path / "full.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "full.pt").read_bytes()[:5000])
+    (tmp_path / "half.pt").write_bytes((tmp_path / "full.pt").read_bytes()[:-5000])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save({**state, "epoch": 3}, tmp_path / "mixed.pt")
+    for name, want in (("whole.pt", r"pickled Python objects \(timm\.models\.resnet\.ResNet\).*"
+                                    r"torch\.save\(model\.state_dict\(\), 'weights\.pt'\)"),
+                       ("cut.pt", r"cannot read it as a torch file: it is cut short or corrupt \(.*\); download"),
+                       ("half.pt", r"it is cut short or corrupt \(PytorchStreamReader failed reading zip archive: "
+                                   r"failed finding central directory\); download or save it again$"),
+                       ("empty.pt", r"the file is empty$"),
+                       ("mixed.pt", r"expected a mapping of parameter names to tensors \(it holds epoch: a checkpoint")):
+        with pytest.raises(UserError, match=want) as e:
+            pretrained.read_state_dict(tmp_path / name)
+        assert "\n" not in str(e.value) and "\x1b" not in str(e.value), name
+
+
+def test_weights_of_another_architecture_say_so(tmp_path, capsys):
+    torch.save(_small_state("test_efficientnet"), tmp_path / "w.pt")
+    with pytest.raises(UserError, match=r"check --model matches the weights \(only \d+ of its \d+ fit: weights of "
+                                        r"another architecture\?\)"):
+        _transfer_model("timm:test_resnet", str(tmp_path / "w.pt"), 32)
+    assert "ignored" not in capsys.readouterr().err  # no 'classifier tensors ignored' before the refusal
+
+
+def test_a_model_folder_or_run_folder_as_weights(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    state = _small_state()
+    hf = tmp_path / "hf"  # a Hugging Face style folder: config.json + model.safetensors
+    hf.mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(hf / "model.safetensors"))
+    (hf / "config.json").write_text(json.dumps({"architecture": "test_resnet", "num_classes": 7}))
+    model, _ = _transfer_model("timm:test_resnet", str(hf), 32)  # was: 'no such file'
+    assert torch.equal(model.backbone.layer1[0].conv1.weight, state["layer1.0.conv1.weight"])
+    assert pretrained.plan("timm:test_resnet", str(hf), True).source == f"file:{hf / 'model.safetensors'}"
+    assert "--pretrained is ignored: the weights come from --weights" in capsys.readouterr().err
+
+    w = _fake_run(tmp_path / "run", "timm:test_resnet", 3, 32)  # an imgclf run folder: its model.json's file
+    assert pretrained.plan("timm:test_resnet", str(w.parent), False).source == f"file:{w}"
+    pretrained.check_available("timm:test_resnet", make_config(None, data="d", weights=str(w.parent)))
+    # the same run under its tagged name brings its record too (a tag changes no layer)
+    assert pretrained.plan("timm:test_resnet.r160_in1k", str(w), False).arch_args == {"small_stem": True}
+
+    (tmp_path / "none").mkdir()
+    with pytest.raises(UserError, match=r"a folder without a weights file \(looked for model\.safetensors, "
+                                        r"pytorch_model\.bin"):
+        pretrained.check_available("timm:test_resnet", make_config(None, data="d", weights=str(tmp_path / "none")))
+    (w.parent / "model.safetensors").rename(w.parent / "best.safetensors")
+    # the run's best epoch: the same network as its model.safetensors (was: built without its small stem)
+    assert pretrained.plan("timm:test_resnet", str(w.parent / "best.safetensors"), False).arch_args == {"small_stem": True}
+    (w.parent / "config.yaml").write_text("data: d\n")
+    (w.parent / "last.pt").write_bytes(b"")
+    with pytest.raises(UserError, match=r"this run has no model\.safetensors yet .*imgclf train --resume"):
+        pretrained.plan("timm:test_resnet", str(w.parent), False)
+
+
+def test_another_models_run_is_refused_before_the_data_is_read(tmp_path):
+    # was: accepted, then hundreds of mismatched tensors once the data was decoded
+    w = _fake_run(tmp_path / "fn", "fastnet", 10, 32)
+    with pytest.raises(UserError, match=r"these are the weights of a fastnet run \(.*fn\), not of timm:test_resnet: "
+                                        r"add --model fastnet"):
+        pretrained.plan("timm:test_resnet", str(w), False)
+
+
+def test_a_vits_weights_saved_at_another_size_are_resampled(tmp_path):
+    import timm
+
+    torch.save(timm.create_model("test_vit").state_dict(), tmp_path / "vit.pt")  # its 160-px grid: 10x10 patches
+    model, _ = _transfer_model("timm:test_vit", str(tmp_path / "vit.pt"), 64)  # was: pos_embed (1, 101, ..) vs ..
+    grid = model.backbone.patch_embed.grid_size
+    assert model.backbone.pos_embed.shape[1] == grid[0] * grid[1] + model.backbone.num_prefix_tokens < 101
+
+
+# -- 10. fine-tuning from an earlier timm run keeps its head --------------------------------------
+
+
+def test_a_timm_runs_head_comes_along_unless_the_layers_differ(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    w = _fake_run(tmp_path / "r", "timm:test_resnet", 3, 32, {"head": [16], "head_dropout": 0.1})
+    saved = load_file(str(w))
+    model, args = _transfer_model("timm:test_resnet", str(w.parent), 32, classes=3)  # same classes, no --head
+    assert args["head"] == [16]  # was: [] (a new linear head), the trained one thrown away
+    assert all(torch.equal(v, saved[f"head.{k}"]) for k, v in model.head.state_dict().items())
+    assert "the run's head is kept (same layers and class count)" in capsys.readouterr().err
+
+    model, _ = _transfer_model("timm:test_resnet", str(w), 32, classes=5)  # other classes: a new output layer
+    assert torch.equal(model.head[1].weight, saved["head.1.weight"]) and model.head[4].weight.shape[0] == 5
+    assert "kept but for its output layer" in capsys.readouterr().err
+
+    model, args = _transfer_model("timm:test_resnet", str(w), 32, classes=3, head=[8])  # the user's --head wins
+    assert args["head"] == [8] and model.head[1].weight.shape == (8, model.head[1].weight.shape[1])
+    assert "a new head is trained" in capsys.readouterr().err
+
+
+def test_fine_tuning_from_a_run_folder_trains_on_from_its_weights(small_sample, tmp_path):
+    from safetensors.torch import load_file
+
+    import imgclf
+    from imgclf.engine.callbacks import Callback
+
+    w = _fake_run(tmp_path / "prev", "timm:test_resnet", 10, 32, {"head": [16], "small_stem": False})  # fast at 32 px
+
+    class First(Callback):
+        def on_train_start(self, t):
+            self.state = {k: v.detach().clone() for k, v in t.model.state_dict().items()}
+
+    first = First()
+    res = imgclf.train(data=str(small_sample), model="timm:test_resnet", weights=str(w.parent), image_size=32, epochs=1,
+                       val_split=0.0, batch_size=100, project=str(tmp_path), name="ft", progress=False,
+                       tensorboard=False, tta=False, callbacks=[first], final_eval=False)
+    saved = load_file(str(w))
+    assert all(torch.equal(v, saved[k]) for k, v in first.state.items())  # backbone and head, stats included
+    meta = json.loads((res.run_dir / "model.json").read_text())
+    assert meta["arch_args"]["head"] == [16] and meta["weights_source"] == f"file:{w}"
+    from imgclf.runs import load_model
+
+    load_model(res.run_dir)  # the new run loads from its own record
+
+
+# -- 11. --freeze-stages counts stages, not the stem ----------------------------------------------
+
+
+@pytest.mark.parametrize("arch,frozen,trained", [("timm:regnetx_002", "s2.", "s3."),
+                                                 ("timm:mobilenetv3_small_050", "blocks.1.", "blocks.2."),
+                                                 ("timm:resnet18", "layer2.", "layer3.")])
+def test_freeze_stages_leaves_the_stem_out_of_the_count_and_names_the_last(arch, frozen, trained, capsys):
+    # RegNet and MobileNetV3-Small list their stem as feature level 0: --freeze-stages 2 froze the stem
+    # and one stage; and ResNet's log named layer1 while layer2 was frozen too
+    cfg = make_config(None, data="d", model=arch, head=[], freeze_stages=2)
+    model = build_model(arch, 10, 64, arch_args_for_record(arch, 64, transfer.transfer_arch_args(arch, cfg, None)))
+    transfer.setup_transfer(model, arch, cfg, None)
+    grads = {k: p.requires_grad for k, p in model.backbone.named_parameters()}
+    assert not any(g for k, g in grads.items() if k.startswith(frozen)) and all(
+        g for k, g in grads.items() if k.startswith(trained))
+    err = capsys.readouterr().err
+    assert f"(up to '{frozen[:-1]}'): {model.trainable_parameters():,} of " in err
+
+
+def test_an_unreadable_weights_file_is_refused_before_the_data_is_read(small_sample, tmp_path, monkeypatch):
+    # was: found only when the weights were loaded, after minutes of decoding on a large data set
+    import timm
+
+    import imgclf
+    from imgclf import api
+
+    torch.save(timm.create_model("test_resnet"), tmp_path / "whole.pt")
+    torch.save(_small_state(), tmp_path / "full.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "full.pt").read_bytes()[:-5000])
+    monkeypatch.setattr(api, "load_source", lambda *a, **k: pytest.fail("data read before the weights were checked"))
+    for name, want in (("whole.pt", "pickled Python objects"), ("cut.pt", "cut short or corrupt")):
+        with pytest.raises(UserError, match=want):
+            imgclf.train(data=str(small_sample), model="timm:test_resnet", weights=str(tmp_path / name),
+                         project=str(tmp_path), progress=False, tensorboard=False)

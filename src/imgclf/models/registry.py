@@ -54,6 +54,14 @@ def _check_timm(name: str) -> None:
         own = _close_names(name, list(OWN_MODELS))
         hint = f"; did you mean: {', '.join((own + close)[:5])}?" if own or close else ""
         raise UserError(f"timm has no model '{name}'{hint}")
+    if "." in name:  # is_model ignores the tag: an unknown one raised from timm.create_model, after decoding
+        try:
+            timm.models.get_pretrained_cfg(name)
+        except RuntimeError:
+            arch = name.split(".", 1)[0]
+            tags = timm.list_pretrained(f"{arch}.*")[:8]
+            raise UserError(f"timm:{name}: {arch} has no tag '{name.split('.', 1)[1]}'; tags with weights: "
+                            f"{', '.join(tags) or 'none'}") from None
 
 
 def _coerce_args(cls, args: dict[str, Any]) -> dict[str, Any]:
