@@ -635,6 +635,28 @@ def test_a_client_that_leaves_frees_its_slots_and_its_image_is_not_classified(jp
         assert metric(text, "imgclf_requests_total", path="/v1/predict", method="POST", status=499) == 1
 
 
+def test_max_connections_refuses_uploads_past_it_before_reading_them(jpeg):
+    import threading
+
+    backend = _Blocking()
+    app = create_app(ServeConfig(model="stub", max_wait_ms=0), backend=backend)
+    backend.armed = True
+    raw = dict(content=jpeg, headers={"content-type": "image/jpeg"})
+    with ServerThread(app, max_connections=1) as url, httpx.Client(base_url=url, timeout=60) as c:
+        first = {}
+        t = threading.Thread(target=lambda: first.update(r=c.post("/v1/predict", **raw)))
+        t.start()
+        try:
+            assert backend.entered.wait(30)
+            with httpx.Client(base_url=url, timeout=30) as other:  # a second connection while one is open
+                assert other.post("/v1/predict", **raw).status_code == 503
+        finally:
+            backend.release.set()
+            t.join(30)
+        assert first["r"].status_code == 200
+        assert c.post("/v1/predict", **raw).status_code == 200  # one at a time is allowed
+
+
 class _Breakable(_FixedMultilabel):
     """A backend that can be broken: raise like a corrupted model or a lost GPU, or return NaN."""
 

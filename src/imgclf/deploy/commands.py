@@ -46,6 +46,9 @@ def add_serve(sub) -> None:
     p.add_argument("--max-in-flight", type=int, default=d.max_in_flight,
                    help="images decoding or waiting at once; more gets 503 + Retry-After (0: 4 x images per request)")
     p.add_argument("--threads", type=int, default=0, help="inference threads (0: cpus - 1, at least 1)")
+    p.add_argument("--max-connections", type=int, default=d.max_connections,
+                   help="open connections per worker at once, more get 503 before their upload is read: bounds "
+                        "the memory of concurrent uploads to about this x --max-body-mb (0: no limit)")
     # 1 or more: 0 would read as 'one per core' (train's --workers), which is not what serving wants
     p.add_argument("--workers", type=_positive_int, default=1,
                    help="server processes, 1 or more (each loads the model and batches on its own; 1 is best on few cores)")
@@ -66,7 +69,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = ServeConfig(model=args.model, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                       max_body_mb=args.max_body_mb, max_pixels=args.max_pixels, top_k=args.top_k,
                       decode_threads=args.decode_threads, device=args.device, threads=args.threads,
-                      max_in_flight=args.max_in_flight, precision=args.precision)
+                      max_in_flight=args.max_in_flight, precision=args.precision,
+                      max_connections=args.max_connections)
     serve(cfg, host=args.host, port=args.port, workers=args.workers, log_level=args.log_level)
     return 0
 

@@ -65,6 +65,9 @@ class ServeConfig:
     max_in_flight: int = 0  # images being decoded, queued or classified at once; 0: 4 * max_images
     precision: str = "fp32"  # a run folder's: fp32 (the exported model's answers), auto, bf16 or fp16 autocast
     body_timeout_s: float = 30.0  # a client silent this long in the middle of its upload gets a 408
+    # open connections at once (uvicorn's limit_concurrency), 0: no limit. The in-flight cap counts
+    # images once their body is read; until then each upload holds up to max_body_mb of memory
+    max_connections: int = 0
 
     def in_flight_limit(self) -> int:
         return self.max_in_flight or 4 * self.max_images
@@ -80,6 +83,8 @@ class ServeConfig:
             raise UserError(f"--max-body-mb must be a finite number > 0, got {self.max_body_mb}")
         if not (math.isfinite(self.body_timeout_s) and self.body_timeout_s > 0):
             raise UserError(f"body_timeout_s must be a finite number > 0, got {self.body_timeout_s}")
+        if self.max_connections < 0:
+            raise UserError(f"--max-connections must be >= 0 (0: no limit), got {self.max_connections}")
         if self.max_pixels < 1:
             raise UserError(f"--max-pixels must be >= 1, got {self.max_pixels}")
         if self.max_images < 1:
@@ -787,7 +792,7 @@ def app_from_env():
     return create_app(cfg)
 
 
-def uvicorn_options(log_level: str = "warning") -> dict[str, Any]:
+def uvicorn_options(log_level: str = "warning", max_connections: int = 0) -> dict[str, Any]:
     """uvicorn.Config's options for every server this module starts (CLI, workers, ServerThread)."""
     import inspect
 
@@ -795,6 +800,9 @@ def uvicorn_options(log_level: str = "warning") -> dict[str, Any]:
 
     opts: dict[str, Any] = {"log_level": log_level, "access_log": False,
                             "timeout_graceful_shutdown": SHUTDOWN_GRACE_S}
+    if max_connections:  # past it uvicorn answers 503 before reading a byte of the body
+        # +1: uvicorn counts the connection asking among those open (limit 1 would refuse every one)
+        opts["limit_concurrency"] = max_connections + 1
     if "timeout_worker_healthcheck" in inspect.signature(uvicorn.Config).parameters:  # uvicorn >= 0.36
         opts["timeout_worker_healthcheck"] = WORKER_HEALTHCHECK_S
     return opts
@@ -849,7 +857,7 @@ def _serve_on(sock, cfg: ServeConfig, host: str, workers: int, log_level: str) -
         sock.close()
         print(f"imgclf serving {cfg.model} at http://{host}:{port}/ with {workers} worker processes")
         uvicorn.run("imgclf.deploy.server:app_from_env", factory=True, host=host, port=port, workers=workers,
-                    **uvicorn_options(log_level))
+                    **uvicorn_options(log_level, cfg.max_connections))
         return
     app = create_app(cfg)
     info = app.state.info
@@ -857,7 +865,7 @@ def _serve_on(sock, cfg: ServeConfig, host: str, workers: int, log_level: str) -
     print(f"imgclf serving {cfg.model} ({info['backend']}, {len(info['classes'])} classes, {info['image_size']}px "
           f"{info['resize']}) at http://{host}:{port}/  batching up to {cfg.max_batch} within {cfg.max_wait_ms:g} ms",
           flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **uvicorn_options(log_level)))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **uvicorn_options(log_level, cfg.max_connections)))
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # as uvicorn.run: Ctrl-C during start-up or shutdown is a normal exit
@@ -876,11 +884,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 class ServerThread:
     """uvicorn in a background thread on loopback (tests, notebooks): ``with ServerThread(app) as url``."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int | None = None):
+    def __init__(self, app, host: str = "127.0.0.1", port: int | None = None, max_connections: int = 0):
         import uvicorn
 
         self.host, self.port = host, port or free_port(host)
-        self.server = uvicorn.Server(uvicorn.Config(app, host=self.host, port=self.port, **uvicorn_options()))
+        self.server = uvicorn.Server(uvicorn.Config(app, host=self.host, port=self.port,
+                                                    **uvicorn_options(max_connections=max_connections)))
         self.thread = None
 
     @property
