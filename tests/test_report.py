@@ -31,6 +31,11 @@ def test_train_writes_a_self_contained_report(tiny_run):
     assert "<script" not in doc and "<link" not in doc and "@import" not in doc and "url(" not in doc
     assert all(h.startswith("#") for h in re.findall(r'href="([^"]*)"', doc))
     assert not re.search(r"(src|href)=\"(https?:|//)", doc)
+    # the figures training wrote are embedded as they are, not drawn a second time
+    import base64
+
+    for png in ("curves.png", "confusion.png"):
+        assert base64.b64encode((tiny_run / png).read_bytes()).decode() in doc, png
 
 
 def test_report_shows_metrics_calibration_and_top_losses(tiny_run):

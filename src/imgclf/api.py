@@ -705,8 +705,13 @@ def _finish(s: _Setup, model, trainer: Trainer, history: list[dict], extra: dict
         try:
             from imgclf.evaluate.report import write_report
 
+            # the PNGs written above from the same history and metrics, embedded as they are
+            figures = {"curves": run_dir / "curves.png"} if history else {}
+            if result.test and not s.multilabel:
+                figures["confusion"] = run_dir / "confusion.png"
             write_report(run_dir, model=model, meta=meta, cached=cached, device=device,
-                         paths={k: sp.paths for k, sp in s.src.splits().items()}, eval_logits=scored.get("logits"))
+                         paths={k: sp.paths for k, sp in s.src.splits().items()}, eval_logits=scored.get("logits"),
+                         figures=figures)
         except Exception as e:  # noqa: BLE001
             log.warn(f"report not written ({type(e).__name__}: {e}); retry with 'imgclf report {run_dir}'")
     if result.test and s.multilabel:

@@ -254,15 +254,27 @@ def section_config(run_dir: Path, meta: dict) -> str | None:
     return body
 
 
-def section_curves(run_dir: Path, meta: dict) -> str | None:
+def _png_bytes(png: Path | None) -> bytes | None:
+    """A figure training has just written from the same figures (no second rendering: matplotlib
+    takes about a second for the curves and the matrix, a sixth of a small run's time)."""
+    try:
+        return png.read_bytes() if png is not None else None
+    except OSError:
+        return None
+
+
+def section_curves(run_dir: Path, meta: dict, png: Path | None = None) -> str | None:
     from imgclf.evaluate.plots import plot_curves
 
     history = read_history(run_dir)
     if not history or "epoch" not in history[0]:
         return None
-    buf = io.BytesIO()
-    plot_curves(history, buf, title=f"{meta.get('architecture', '')}")
-    return f'<img class="fig" src="{png_uri(buf.getvalue())}" alt="learning curves">'
+    data = _png_bytes(png)
+    if data is None:
+        buf = io.BytesIO()
+        plot_curves(history, buf, title=f"{meta.get('architecture', '')}")
+        data = buf.getvalue()
+    return f'<img class="fig" src="{png_uri(data)}" alt="learning curves">'
 
 
 def metrics_title(metrics: dict | None) -> str:
@@ -311,15 +323,18 @@ def section_per_class(metrics: dict | None) -> str | None:
     return _table([[r.get(k, "") for k in keys] for r in per], keys)
 
 
-def section_confusion(metrics: dict | None, classes: list[str]) -> str | None:
+def section_confusion(metrics: dict | None, classes: list[str], png: Path | None = None) -> str | None:
     from imgclf.evaluate.plots import plot_confusion
 
     cm = (metrics or {}).get("confusion")
     if cm is None or len(cm) != len(classes):
         return None
-    buf = io.BytesIO()
-    plot_confusion(cm, classes, buf, title=f"{metrics.get('split', 'test')} confusion (row-normalised)")
-    img = f'<img class="fig" src="{png_uri(buf.getvalue())}" alt="confusion matrix">'
+    data = _png_bytes(png)
+    if data is None:
+        buf = io.BytesIO()
+        plot_confusion(cm, classes, buf, title=f"{metrics.get('split', 'test')} confusion (row-normalised)")
+        data = buf.getvalue()
+    img = f'<img class="fig" src="{png_uri(data)}" alt="confusion matrix">'
     n = len(classes)
     if n > CM_TABLE_MAX:
         # scaled to the page, the names and cells of a large matrix are a few pixels tall
@@ -553,9 +568,10 @@ def section_calibration(meta: dict, s: SplitSample | None) -> str | None:
 
 def write_report(run: str | Path, *, model=None, meta: dict | None = None, cached: dict | None = None,
                  paths: dict | None = None, device="auto", out: str | Path | None = None,
-                 eval_logits: torch.Tensor | None = None) -> Path:
+                 eval_logits: torch.Tensor | None = None, figures: dict[str, Path] | None = None) -> Path:
     """Write ``RUN/report.html`` (or ``out``). ``model``/``cached``/``paths`` skip reloading after
-    training, and ``eval_logits`` (the closing evaluation's TTA logits of the whole split) rescoring."""
+    training, ``eval_logits`` (the closing evaluation's TTA logits of the whole split) rescoring,
+    and ``figures`` ("curves", "confusion": PNGs training wrote from the same figures) plotting."""
     from imgclf.runs import read_meta, resolve_device
 
     t0 = time.perf_counter()
@@ -594,7 +610,7 @@ def write_report(run: str | Path, *, model=None, meta: dict | None = None, cache
         model.eval()
     sections = [
         ("config", "Configuration", section_config(run_dir, meta)),
-        ("curves", "Learning curves", section_curves(run_dir, meta)),
+        ("curves", "Learning curves", section_curves(run_dir, meta, (figures or {}).get("curves"))),
         ("metrics", esc(metrics_title(metrics)), section_metrics(metrics, summary, len(classes))),
     ]
     if single:
@@ -603,7 +619,7 @@ def write_report(run: str | Path, *, model=None, meta: dict | None = None, cache
         pairs_t = temperature_for(meta, evals.tta_level) if evals is not None else temperature
         sections += [
             ("per-class", "Per-class precision, recall, F1", section_per_class(metrics)),
-            ("confusion", "Confusion matrix", section_confusion(metrics, classes)),
+            ("confusion", "Confusion matrix", section_confusion(metrics, classes, (figures or {}).get("confusion"))),
             ("confused-pairs", "Most-confused class pairs", section_confused_pairs(metrics, evals, classes, pairs_t)),
             ("top-losses", "Highest-loss images (label-noise candidates)",
              section_top_losses(samples, classes, temperature)),
