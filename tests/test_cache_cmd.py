@@ -37,6 +37,9 @@ def test_lists_and_clears_only_what_no_run_used_and_nothing_of_the_users(small_s
     load_source(str(tmp_path / "photos.tar.gz"), val_split=0.0, cache_dir=root)
     (root / "datasets" / "cifar-10-batches-py").mkdir(parents=True)
     (root / "datasets" / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"x" * 5000)
+    saved = root / "arrays" / "arrays-0123456789abcdef.npz"  # imgclf.train(data=(x, y))'s copy
+    saved.parent.mkdir()
+    saved.write_bytes(b"x" * 5000)
     # the user's own files beside the cache (--cache-dir pointed at a working folder)
     mine = [root / "notes.txt", root / "images" / "features.npy", root / "archives" / "keep-me"]
     mine[2].mkdir()
@@ -57,7 +60,8 @@ def test_lists_and_clears_only_what_no_run_used_and_nothing_of_the_users(small_s
     out = capsys.readouterr().out
     assert f"{len(new)} images at 32 px stretch, from {small_sample / 'train'}" in out
     assert "24 px" in out and "extracted photos" in out and "downloaded cifar-10-batches-py" in out
-    assert "40 days ago" in out and "removes 3 of them" in out and "downloads are kept" in out
+    assert "arrays saved by imgclf.train" in out
+    assert "40 days ago" in out and "removes 3 of them" in out and "downloads and arrays are kept" in out
 
     # reused now: an entry's age is its last use, not its creation
     load_source(str(tmp_path / "photos.tar.gz"), val_split=0.0, cache_dir=root)
@@ -74,12 +78,13 @@ def test_lists_and_clears_only_what_no_run_used_and_nothing_of_the_users(small_s
     assert main(["cache", "--cache-dir", str(root), "--clear"]) == 0
     assert "removed 2 entries" in capsys.readouterr().out
     assert not list((root / "images").glob("*.json")) and not list((root / "archives").glob("photos-*"))
-    assert (root / "datasets" / "cifar-10-batches-py").is_dir()  # downloads only with --downloads
+    assert (root / "datasets" / "cifar-10-batches-py").is_dir() and saved.exists()  # only with --downloads
     assert all(p.exists() for p in mine) and live.exists() and not dead.exists()
     held.close()
 
     assert main(["cache", "--cache-dir", str(root), "--clear", "--downloads"]) == 0
-    assert not (root / "datasets" / "cifar-10-batches-py").exists() and all(p.exists() for p in mine)
+    assert not (root / "datasets" / "cifar-10-batches-py").exists() and not saved.exists()
+    assert all(p.exists() for p in mine)
 
 
 def test_bad_arguments_are_one_line(tmp_path, capsys):

@@ -88,6 +88,25 @@ def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def _arrays_as_files(options: dict) -> dict:
+    """``data=(x_train, y_train)`` (and val_data/test_data arrays): saved as one .npz in the cache,
+    whose path the run records, so --resume, evaluate and a repeat of the run read the same data."""
+    from imgclf.data.npz import is_arrays, save_arrays
+
+    given = {k: options.get(k) for k in ("data", "val_data", "test_data")}
+    if not any(is_arrays(v) for v in given.values()):
+        return options
+    options = dict(options)
+    root = cache_root(options.get("cache_dir"))
+    if is_arrays(given["data"]):
+        extra = {k: options.pop(f"{k}_data") for k in ("val", "test") if is_arrays(given[f"{k}_data"])}
+        options["data"] = str(save_arrays(given["data"], root, **extra))
+    for k in ("val_data", "test_data"):
+        if is_arrays(options.get(k)):
+            options[k] = str(save_arrays(options[k], root))
+    return options
+
+
 def _check_project(cfg: TrainConfig) -> None:
     """The runs folder and the run's name, checked before any image is decoded: a decode of a
     large data set that ends in 'cannot create the run folder' wastes it."""
@@ -295,6 +314,7 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
             log.info(f"--resume: {saved_devices} -> {cfg.devices} process(es)")
             dump_yaml(cfg, run_dir / "config.yaml")  # a later --resume keeps the new number
     else:
+        options = _arrays_as_files(options)
         cfg = _absolute_paths(make_config(config, **options))
         _check_project(cfg)
         run_dir = None
@@ -806,11 +826,16 @@ def _evaluate_cached(model, meta, cs: CachedSplit, classes, device, precision, o
     return m
 
 
-def evaluate(run: str | Path, data: str | None = None, *, tta: bool | None = None, device: str = "auto",
+def evaluate(run: str | Path, data=None, *, tta: bool | None = None, device: str = "auto",
              out: str | Path | None = None, progress: bool = True, cache_dir: str | None = None) -> dict:
-    """Evaluate a trained run on ``data`` (a folder, CSV, pickle dir; its test/ split if it has one)."""
+    """Evaluate a trained run on ``data`` (a folder, CSV, pickle dir or .npz: its test split if it
+    has one; or arrays, ``(x_test, y_test)``, labelled by index in the model's class order)."""
+    from imgclf.data.npz import is_arrays, save_arrays
+
     device_t = resolve_device(device)
     model, meta = load_model(run, device_t)
+    if is_arrays(data):
+        data = str(save_arrays(data, cache_root(cache_dir), classes=meta["classes"]))
     if device_t.type == "cpu":  # the layout training validated and tested in: bf16 kernels round alike
         model.to(memory_format=torch.channels_last)
     from imgclf.evaluate.calibrate import check_classes, run_cache_root, source_from_config

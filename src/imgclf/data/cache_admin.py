@@ -6,7 +6,9 @@ each rebuilt on demand when missing:
 * ``decoded``: ``images/<key>.npy`` + ``.json``, one split decoded at one size and resize policy
   (the cache of :mod:`imgclf.data.cache`; a 50k-image set at 224 px is 7.5 GB);
 * ``archive``: ``archives/<name>-<key>/``, a ``--data x.zip`` extracted once;
-* ``download``: ``datasets/cifar-10-batches-py`` and the archives it came from.
+* ``download``: ``datasets/cifar-10-batches-py`` and the archives it came from;
+* ``arrays``: ``arrays/arrays-<hash>.npz``, arrays given to ``imgclf.train(data=(x, y))`` (the
+  runs trained on them read them again to resume or evaluate: kept, like downloads, unless asked).
 
 Only names of these shapes are ever listed or removed: ``--cache-dir`` may point at a folder
 that holds other files too. An entry's "last used" is its modification time, which the cache
@@ -26,12 +28,13 @@ from imgclf.data.archives import remove_stale
 
 _DECODED = re.compile(r"^[0-9a-f]{32}\.npy$")
 _ARCHIVE = re.compile(r"^.+-[0-9a-f]{16}$")
+_ARRAYS = re.compile(r"^arrays-[0-9a-f]{16}\.npz$")
 _DOWNLOADS = ("cifar-10-batches-py", "cifar-100-python", "cifar-10-python.tar.gz", "cifar-100-python.tar.gz")
 
 
 @dataclass
 class Entry:
-    kind: str  # decoded | archive | download | partial
+    kind: str  # decoded | archive | download | arrays
     paths: list[Path]  # removed together
     nbytes: int
     used: float  # seconds since the epoch
@@ -110,13 +113,17 @@ def entries(root: Path) -> list[Entry]:
         p = ds / name
         if p.exists():
             out.append(Entry("download", [p], _size(p), _mtime(p), f"downloaded {name}"))
+    arr = root / "arrays"
+    for f in sorted(arr.iterdir()) if arr.is_dir() else []:
+        if _ARRAYS.match(f.name):
+            out.append(Entry("arrays", [f], _size(f), _mtime(f), "arrays saved by imgclf.train(data=(x, y))"))
     return sorted(out, key=lambda e: e.used)
 
 
 def remove_partial(root: Path) -> None:
     """Temporary files of killed cache builds and extractions: no live process holds them
     (remove_stale's lock and age checks keep a build or extraction in progress)."""
-    for folder in (root / "images", root):
+    for folder in (root / "images", root, root / "arrays"):
         if folder.is_dir():
             remove_stale(folder, "*.tmp.*", older_than_s=0)
     for folder in (root / "archives", root / "datasets"):

@@ -102,13 +102,15 @@ def add_cache(sub) -> None:
         description="Every run decodes its images once into the cache folder (~/.cache/imgclf, IMGCLF_CACHE "
         "or --cache-dir) and later runs reuse them; nothing there is removed behind your back. This lists "
         "the entries, the oldest-used first, and --clear removes them (each is rebuilt when a run needs it). "
-        "Downloaded data sets are kept unless --downloads is given.",
+        "Downloaded data sets and saved arrays are kept unless --downloads is given.",
     )
     p.add_argument("--cache-dir", help="the cache folder (default: IMGCLF_CACHE, else ~/.cache/imgclf)")
     p.add_argument("--older-than", metavar="AGE",
                    help="only entries no run has used for AGE: seconds, or a number ending in m, h or d (30d)")
     p.add_argument("--clear", action="store_true", help="remove the entries listed (and left-over partial files)")
-    p.add_argument("--downloads", action="store_true", help="include downloaded data sets (CIFAR archives)")
+    p.add_argument("--downloads", action="store_true",
+                   help="include the data itself: downloaded data sets (CIFAR) and arrays saved by "
+                        "imgclf.train(data=(x, y)), which runs trained on them read to resume or evaluate")
     p.set_defaults(func=cmd_cache)
 
 
@@ -136,7 +138,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         return 0
     now = time.time()
     aged = [e for e in entries(root) if min_age is None or now - e.used > min_age]
-    chosen = [e for e in aged if args.downloads or e.kind != "download"]
+    chosen = [e for e in aged if args.downloads or e.kind not in ("download", "arrays")]
     age = f" --older-than {args.older_than}" if min_age is not None else ""
     if not args.clear:
         if aged:
@@ -147,7 +149,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
             for e in aged:
                 table.add_row(e.kind, _gib(e.nbytes), age_text(now - e.used), escape(e.what))
             Console(soft_wrap=False).print(table)
-        kept = "" if args.downloads or len(chosen) == len(aged) else " (downloads are kept unless --downloads)"
+        kept = "" if args.downloads or len(chosen) == len(aged) else " (downloads and arrays are kept unless --downloads)"
         print(f"{len(aged)} entries{f' unused for {args.older_than}' if age else ''}, "
               f"{_gib(sum(e.nbytes for e in aged))}; 'imgclf cache --clear{age}' removes {len(chosen)} of them, "
               f"{_gib(sum(e.nbytes for e in chosen))}{kept}")

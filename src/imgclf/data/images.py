@@ -196,20 +196,27 @@ def image_to_rgb(image, name: str = "<array>") -> np.ndarray:
         return np.ascontiguousarray(a)
     if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))) or 0 in a.shape:
         raise BadImage(name, f"an image array is HxW, HxWx1, HxWx3 or HxWx4; got shape {image.shape}")
+    return _as_array(_to_rgb(Image.fromarray(np.ascontiguousarray(pixels_to_uint8(a, name)))))
+
+
+def pixels_to_uint8(a: np.ndarray, name: str) -> np.ndarray:
+    """Pixel values of any numeric type -> uint8, by one rule for the whole array (an image, or a
+    data set's N x H x W x C): uint16 by its bit depth, floats by their range, bools as 0/255,
+    other integers if in 0..255. Raises :class:`BadImage` otherwise."""
     if a.dtype == np.uint16:
-        a = _depth_to_uint8(a)
-    elif a.dtype.kind == "f":
-        a = _float_array_to_uint8(a, name)
-    elif a.dtype == np.bool_:
-        a = a.astype(np.uint8) * 255
-    elif a.dtype.kind in "iu" and a.dtype != np.uint8:  # int32/int64: np.asarray of Python ints
+        return _depth_to_uint8(a)
+    if a.dtype.kind == "f":
+        return _float_array_to_uint8(a, name)
+    if a.dtype == np.bool_:
+        return a.astype(np.uint8) * 255
+    if a.dtype.kind in "iu" and a.dtype != np.uint8:  # int32/int64: np.asarray of Python ints
         lo, hi = int(a.min()), int(a.max())
         if lo < 0 or hi > 255:
             raise BadImage(name, f"integer image values span [{lo}, {hi}]: pass 0..255 (or uint16 data as uint16)")
-        a = a.astype(np.uint8)
-    elif a.dtype != np.uint8:
+        return a.astype(np.uint8)
+    if a.dtype != np.uint8:
         raise BadImage(name, f"unsupported image array dtype {a.dtype}")
-    return _as_array(_to_rgb(Image.fromarray(np.ascontiguousarray(a))))
+    return a
 
 
 def load_resized(

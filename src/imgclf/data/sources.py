@@ -357,11 +357,15 @@ def _load_one(spec: str, *, csv_layout: str, label_column: str, cache_dir: Path,
     if kind is not None:
         return multilabel.load(path, kind, ml or multilabel.Options(), classes)
     if path.is_file():
+        if path.suffix.lower() == ".npz":
+            from imgclf.data.npz import read_npz
+
+            return read_npz(path, classes)
         if path.suffix.lower() == ".csv":
             ds = arrays.read_pixel_csv(path, label_column=label_column, layout=csv_layout, image_shape=csv_shape,
                                        classes=classes)
             return _from_arrays(ds, str(path), _data_name(path))
-        raise UserError(f"--data {spec}: unsupported file type '{path.suffix}' (expected a folder, a .csv, an archive (.zip, .tar.gz, ...), or cifar10)")
+        raise UserError(f"--data {spec}: unsupported file type '{path.suffix}' (expected a folder, a .csv, an .npz of arrays, an archive (.zip, .tar.gz, ...), or cifar10)")
     if arrays.is_cifar_dir(path):
         return _from_arrays(arrays.read_cifar(path), str(path), _data_name(path))
     train_dir = _train_subdir(path)

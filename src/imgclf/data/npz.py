@@ -1,0 +1,229 @@
+"""Image arrays as training data: ``--data mnist.npz`` and ``imgclf.train(data=(x_train, y_train))``.
+
+A notebook already holds its data as arrays (``keras.datasets.cifar10.load_data()``, a torchvision
+dataset's ``.data``/``.targets``, a Kaggle ``.npz``). They are read in the layouts those make and
+converted once, for the whole array, as files are: N x H x W x C (Keras) or N x C x H x W (torch),
+N x H x W grey; uint8, uint16 (by the bit depth it uses), float in 0..1, 0..255 or -1..1 (a
+mean/std-normalised array is refused: its statistics are unknown here). Labels are class indices
+(0..K-1), N x 1 columns (Keras), one-hot rows (``to_categorical``), multi-hot rows (several
+labels per image: a multi-label task) or class names.
+
+The API writes arrays it is given to ``<cache>/arrays/arrays-<hash>.npz``, so the run's
+config.yaml names a file and ``--resume``, ``evaluate`` and a repeated run read the same data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+from imgclf.data.arrays import DataError
+
+# the keys read from an .npz, per split; the first present wins (Keras' names first)
+SPLIT_KEYS = {
+    "train": (("x_train", "y_train"), ("x", "y"), ("images", "labels"), ("train_images", "train_labels")),
+    "val": (("x_val", "y_val"), ("x_valid", "y_valid"), ("val_images", "val_labels")),
+    "test": (("x_test", "y_test"), ("test_images", "test_labels")),
+}
+CLASS_KEYS = ("classes", "class_names")
+_CHANNELS = (1, 3, 4)
+
+
+def images_nhwc(x, what: str) -> np.ndarray:
+    """An array of images -> N x H x W x 3 uint8 RGB (see the module's docstring)."""
+    from imgclf.data.images import BadImage, pixels_to_uint8
+
+    a = _numpy(x)
+    if a.ndim == 3:  # N x H x W: grey (MNIST)
+        a = a[..., None]
+    if a.ndim != 4:
+        raise DataError(f"{what}: images must be N x H x W x C, N x C x H x W or N x H x W; got shape {a.shape}")
+    if a.shape[3] not in _CHANNELS and a.shape[1] in _CHANNELS:
+        a = a.transpose(0, 2, 3, 1)  # channels first (torch): no other reading is possible
+    if a.shape[3] not in _CHANNELS:
+        raise DataError(f"{what}: images of shape {a.shape} have no channel axis of 1, 3 or 4 (grey, RGB, RGBA)")
+    if 0 in a.shape:
+        raise DataError(f"{what}: no images (shape {a.shape})")
+    try:
+        a = pixels_to_uint8(a, what)
+    except BadImage as e:  # the rule's message, named for the whole array
+        raise DataError(f"{what}: {e.reason}") from None
+    if a.shape[3] == 1:
+        a = np.repeat(a, 3, axis=3)
+    elif a.shape[3] == 4:  # RGBA: on white, as RGBA files are
+        alpha = a[..., 3:].astype(np.uint16)
+        a = ((a[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+    return np.ascontiguousarray(a)
+
+
+def _numpy(x) -> np.ndarray:
+    if type(x).__module__.startswith("torch"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def label_values(y, n: int, what: str) -> np.ndarray:
+    """Labels as given, checked: a vector of N class indices or names, or N x K one-/multi-hot rows."""
+    a = _numpy(y)
+    if a.ndim == 2 and a.shape[1] == 1:  # Keras' cifar10 labels: N x 1
+        a = a[:, 0]
+    if a.ndim not in (1, 2) or len(a) != n:
+        raise DataError(f"{what}: {len(a) if a.ndim else 0} labels (shape {a.shape}) for {n} images; "
+                        "pass one label per image, or N x K one-hot / multi-hot rows")
+    if a.dtype == object:
+        a = a.astype(str)
+    if a.ndim == 2:
+        if a.dtype.kind not in "biuf" or not np.isin(a, (0, 1)).all():
+            raise DataError(f"{what}: N x K labels must be 0/1 (one-hot or multi-hot) rows")
+        return a.astype(np.float32)
+    if a.dtype.kind == "f":
+        if not np.isfinite(a).all() or (a != np.round(a)).any():
+            raise DataError(f"{what}: float labels that are not whole numbers: pass class indices 0..K-1")
+        a = a.astype(np.int64)
+    if a.dtype.kind in "iub":
+        a = a.astype(np.int64)
+        if len(a) and a.min() < 0:
+            raise DataError(f"{what}: negative label {int(a.min())}; labels are class indices 0..K-1 (or names)")
+    elif a.dtype.kind != "U":
+        raise DataError(f"{what}: unsupported label type {a.dtype}")
+    return a
+
+
+def build_source(splits: dict[str, tuple], classes: list[str] | None, origin: str, name: str):
+    """A DataSource from ``{split: (images, labels)}``; ``classes`` names the classes (indices
+    label them in this order), or comes from the labels: 0..max for indices, sorted names."""
+    from imgclf.data.sources import DataSource, Split
+
+    labels = {k: label_values(y, len(_numpy(x)), f"{origin}: {k} labels") for k, (x, y) in splits.items()}
+    hot = {k: v for k, v in labels.items() if v.ndim == 2}
+    if hot and len(hot) != len(labels):
+        raise DataError(f"{origin}: some splits have N x K label rows and others one label per image")
+    if hot:
+        widths = {v.shape[1] for v in hot.values()}
+        if len(widths) > 1 or (classes is not None and len(classes) not in widths):
+            raise DataError(f"{origin}: label rows of {sorted(widths)} columns for {len(classes or [])} classes")
+        k = widths.pop()
+        classes = list(classes) if classes is not None else [str(i) for i in range(k)]
+        multi = any((v.sum(1) != 1).any() for v in hot.values())
+        out = {s: v if multi else v.argmax(1).astype(np.int64) for s, v in hot.items()}
+    elif any(v.dtype.kind == "U" for v in labels.values()):
+        if not all(v.dtype.kind == "U" for v in labels.values()):
+            raise DataError(f"{origin}: some splits are labelled by name and others by index")
+        names = sorted(set().union(*(set(v.tolist()) for v in labels.values())))
+        classes = list(classes) if classes is not None else names
+        index = {c: i for i, c in enumerate(classes)}
+        unknown = [c for c in names if c not in index]
+        if unknown:
+            raise DataError(f"{origin}: labels not among the classes given: {', '.join(unknown[:5])}")
+        out = {s: np.array([index[c] for c in v.tolist()], np.int64) for s, v in labels.items()}
+        multi = False
+    else:
+        top = max(int(v.max()) if len(v) else -1 for v in labels.values())
+        if classes is None:
+            classes = [str(i) for i in range(top + 1)]
+        elif top >= len(classes):
+            raise DataError(f"{origin}: label {top} but {len(classes)} classes; labels are indices 0..K-1")
+        out, multi = labels, False
+    if len(classes) < 2:
+        raise DataError(f"{origin}: one class only ({', '.join(classes)}): a classifier needs two or more")
+    made = {s: Split(labels=out[s], images=images_nhwc(x, f"{origin}: {s} images")) for s, (x, _) in splits.items()}
+    return DataSource(name=name, origin=origin, classes=[str(c) for c in classes], train=made["train"],
+                      val=made.get("val"), test=made.get("test"), task="multilabel" if multi else "single")
+
+
+def read_npz(path: Path, classes: list[str] | None = None):
+    """``--data file.npz``: x_train/y_train (or x/y, images/labels), optional x_val/y_val and
+    x_test/y_test, optional class names under 'classes'."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = set(z.files)
+            splits = {}
+            for split, options in SPLIT_KEYS.items():
+                pair = next(((xk, yk) for xk, yk in options if xk in keys and yk in keys), None)
+                if pair is not None:
+                    splits[split] = (z[pair[0]], z[pair[1]])
+            stored = next((z[k] for k in CLASS_KEYS if k in keys), None)
+    except ValueError as e:  # object arrays need pickle, which is never loaded from a data file
+        raise DataError(f"--data {path}: {str(e).splitlines()[0]} (arrays of Python objects are not read: "
+                        "save labels and class names as numbers or strings)") from None
+    except (OSError, EOFError) as e:
+        raise DataError(f"--data {path}: not a readable .npz ({type(e).__name__}: {e})") from None
+    if "train" not in splits:
+        found = ", ".join(sorted(keys)) or "nothing"
+        raise DataError(f"--data {path}: no training arrays; expected x_train and y_train (or x and y), found {found}")
+    if classes is None and stored is not None:
+        classes = [str(c) for c in np.asarray(stored).tolist()]
+    # arrays the API saved (arrays-<hash>.npz in the cache): runs are named arrays-<model>-N
+    name = "arrays" if path.parent.name == "arrays" and path.stem.startswith("arrays-") else path.stem
+    return build_source(splits, classes, str(path), name)
+
+
+def save_arrays(data, root: Path, *, val=None, test=None, classes: list[str] | None = None) -> Path:
+    """What ``imgclf.train(data=...)`` was given as arrays, saved once as an .npz under
+    ``root/arrays`` (named by its content: the same arrays again reuse the file). ``classes``:
+    the names of index labels when the data gives none (evaluate: the model's classes)."""
+    splits, own = _splits_of(data)
+    classes = own if own is not None else classes
+    for name, extra in (("val", val), ("test", test)):
+        if extra is not None:
+            s, _ = _splits_of(extra)
+            splits[name] = s["train"]
+    arrays: dict[str, np.ndarray] = {}
+    for split, (x, y) in splits.items():
+        arrays[f"x_{split}"], arrays[f"y_{split}"] = _numpy(x), _numpy(y)
+        if arrays[f"y_{split}"].dtype == object:
+            arrays[f"y_{split}"] = arrays[f"y_{split}"].astype(str)
+    if classes is not None:
+        arrays["classes"] = np.asarray([str(c) for c in classes])
+    h = hashlib.blake2b(digest_size=8)
+    for k in sorted(arrays):
+        a = np.ascontiguousarray(arrays[k])
+        h.update(f"{k}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.data if a.dtype.kind != "U" else a.tobytes())
+    folder = root / "arrays"
+    dest = folder / f"arrays-{h.hexdigest()}.npz"
+    if dest.exists():
+        os.utime(dest)  # last used now (imgclf cache --older-than)
+        return dest
+    from imgclf.data.archives import locked_temp
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with locked_temp(folder, dest.stem, ".npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, dest)
+    except OSError as e:
+        from imgclf.data.archives import CACHE_ELSEWHERE
+
+        raise DataError(f"cannot save the arrays into {folder}: {e.strerror or e}; {CACHE_ELSEWHERE}") from None
+    return dest
+
+
+def is_arrays(value) -> bool:
+    """Whether a data option holds arrays rather than a path: (x, y), (x, y, classes),
+    Keras' ((x_train, y_train), (x_test, y_test)), or a dict of .npz keys."""
+    return isinstance(value, (tuple, list, dict)) and not isinstance(value, (str, os.PathLike))
+
+
+def _splits_of(data) -> tuple[dict[str, tuple], list | None]:
+    if isinstance(data, dict):
+        splits = {}
+        for split, options in SPLIT_KEYS.items():
+            pair = next(((xk, yk) for xk, yk in options if xk in data and yk in data), None)
+            if pair is not None:
+                splits[split] = (data[pair[0]], data[pair[1]])
+        if "train" not in splits:
+            raise DataError(f"data: a dict needs x_train and y_train (or x and y); got {', '.join(map(str, data))}")
+        classes = next((data[k] for k in CLASS_KEYS if k in data), None)
+        return splits, None if classes is None else list(classes)
+    items = list(data)
+    if len(items) == 2 and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in items):
+        return {"train": tuple(items[0]), "test": tuple(items[1])}, None  # keras.datasets.*.load_data()
+    if len(items) in (2, 3) and not isinstance(items[0], (str, os.PathLike)):
+        return {"train": (items[0], items[1])}, (list(items[2]) if len(items) == 3 else None)
+    raise DataError("data: pass a path, (images, labels), (images, labels, class_names), "
+                    "((x_train, y_train), (x_test, y_test)) or a dict of arrays")
