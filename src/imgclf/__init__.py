@@ -1,6 +1,38 @@
-"""imgclf: train, evaluate, tune, explain, export and serve image classifiers."""
+"""imgclf: train, evaluate, tune, explain, export and serve image classifiers.
 
-from imgclf.api import evaluate, load, predict, train
+``imgclf.train(data="photos/", epochs=20)`` trains a run; ``imgclf.load(run).predict(...)``
+classifies files, PIL images, numpy arrays or torch tensors; ``imgclf.evaluate(run, data)`` scores
+a run. Bad input raises :class:`imgclf.UserError` (one line).
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["train", "evaluate", "predict", "load", "__version__"]
+__all__ = ["train", "evaluate", "predict", "load", "TrainResult", "Classifier", "UserError", "__version__"]
+
+# Resolved on first use (PEP 562): imgclf.api imports torch (~1.5 s), which every `imgclf` command
+# would pay at start-up, --help included, since the command line imports this package first.
+_PUBLIC = {"train": "imgclf.api", "evaluate": "imgclf.api", "predict": "imgclf.api", "load": "imgclf.api",
+           "TrainResult": "imgclf.api", "Classifier": "imgclf.api", "UserError": "imgclf.errors"}
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        module = importlib.import_module(_PUBLIC[name])
+        # all of a module's names at once: importing imgclf.api binds the imgclf.evaluate package
+        # here, and imgclf.evaluate is to be the function (its signature and help in a notebook)
+        globals().update({k: getattr(module, k) for k, m in _PUBLIC.items() if m == module.__name__})
+        return globals()[name]
+    if not name.startswith("_"):  # sub-modules by attribute, as after an eager import: imgclf.errors.UserError
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -68,8 +68,18 @@ def remove_exports(run_dir: Path) -> list[Path]:
     return removed
 
 
+def run_path(run: Any) -> Path:
+    """A run folder as the Python API takes it: a str or path, or what ``imgclf.train`` returned
+    (``imgclf.load(res)`` as well as ``imgclf.load(res.run_dir)``)."""
+    run = getattr(run, "run_dir", run)
+    if not isinstance(run, str | os.PathLike):
+        raise UserError(f"a run is given as its folder (a str or Path, or what imgclf.train returned), "
+                        f"not {type(run).__name__}")
+    return Path(run)
+
+
 def read_meta(run: str | Path) -> tuple[Path, dict[str, Any]]:
-    run = Path(run)
+    run = run_path(run)
     meta_path = run / "model.json" if run.is_dir() else run.with_name("model.json")
     if not meta_path.exists():
         if not run.exists():
