@@ -150,3 +150,15 @@ def test_the_help_formatter_keeps_explicit_defaults_and_marks_on_off():
     p.add_argument("--c", action=argparse.BooleanOptionalAction, default=False, help="c")
     text = " ".join(p.format_help().split())
     assert "a number (default: 3)" in text and "b (default: three)" in text and "c (default: off)" in text
+
+
+def test_help_does_not_import_torch():
+    # every 'imgclf' start builds all the parsers: torch's import (~1.5 s) is for the commands that run
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom imgclf.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "for c in ('train', 'export', 'serve', 'sweep', 'cache'):\n    try:\n        main([c, '--help'])\n"
+            "    except SystemExit:\n        pass\nprint('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "False", out.stderr[-500:]

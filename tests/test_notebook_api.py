@@ -73,3 +73,45 @@ def test_notebook_inputs_to_predict(small_result, small_sample):
     assert clf.predict_proba([]).shape == (0, 10) and clf.predict([]) == []
     with pytest.raises(UserError, match="no such file"):
         clf.predict([Path(paths[0]).with_name("missing.jpg")])
+
+
+def test_a_notebook_call_leaves_the_process_as_it_was_and_speaks_python(small_sample, tmp_path, capsys):
+    import torch
+
+    from imgclf.engine.callbacks import Callback
+
+    class CtrlC(Callback):  # after epoch 1's checkpoint, as a user's interrupt of the kernel
+        def on_epoch_end(self, t, row):
+            if row["epoch"] == 2:
+                raise KeyboardInterrupt
+
+    np.random.seed(7)
+    expected = np.random.rand()
+    np.random.seed(7)
+    precision = torch.get_float32_matmul_precision()
+    with pytest.raises(KeyboardInterrupt):  # pathlib paths, as a notebook builds them
+        imgclf.train(data=Path(small_sample), project=tmp_path, name="cut", epochs=2, batch_size=64,
+                     progress=False, tensorboard=False, callbacks=[CtrlC()])
+    # the notebook's own random numbers go on as if train had not run (it seeds everything)
+    assert np.random.rand() == expected and torch.get_float32_matmul_precision() == precision
+    assert f"stopped: continue with imgclf.train(resume='{tmp_path / 'cut'}')" in capsys.readouterr().err
+    res = imgclf.train(resume=tmp_path / "cut", progress=False)
+    assert repr(res) == f"TrainResult(run_dir='{tmp_path / 'cut'}', epochs=2, test top-1 {res.test['top1']:.4f} (n=100))"
+    clf = imgclf.load(res)
+    assert repr(clf).startswith("Classifier(fastnet, 10 classes [airplane, automobile, bird, cat, deer, ...], 32px")
+    assert imgclf.evaluate(res, data=Path(small_sample), progress=False)["n"] == 100
+
+    paths = sorted(str(p) for p in (small_sample / "test" / "cat").glob("*.jpg"))[:3]
+    assert [r["input"] for r in clf.predict(np.array(paths))] == paths  # a DataFrame column's .values
+    with pytest.raises(UserError, match="predict takes files, .* not int"):
+        clf.predict(42)
+    normalised = [np.random.default_rng(i).normal(size=(32, 32, 3)).astype(np.float32) for i in range(12)]
+    capsys.readouterr()
+    out = clf.predict(normalised)
+    assert all("error" in r for r in out)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 6 and err[-1] == ("imgclf: warning: 7 more of the 12 inputs could not be read "
+                                         "(their results hold an 'error' entry)")
+    with pytest.raises(UserError, match=r"is a folder: the first argument is a YAML config; pass the data as "
+                                        r"imgclf.train\(data="):
+        imgclf.train(str(small_sample))

@@ -45,6 +45,17 @@ class TrainResult:
     def metrics(self) -> dict:
         return self.test or {}
 
+    def __repr__(self) -> str:  # a notebook cell's output: the figures, not every epoch and the config
+        epochs = self.history[-1].get("epoch", len(self.history)) if self.history else 0
+        t = self.test or {}
+        if "top1" in t:
+            score = f", {t.get('split', 'test')} top-1 {t['top1']:.4f} (n={t.get('n')})"
+        elif "map" in t:
+            score = f", {t.get('split', 'test')} mAP {t['map']:.4f} (n={t.get('n')})"
+        else:
+            score = ""
+        return f"TrainResult(run_dir='{self.run_dir}', epochs={epochs:g}{score})"
+
 
 def _cache_splits(src: DataSource, size: int, policy: str, root: Path, workers: int, progress: bool) -> dict[str, CachedSplit]:
     out = {}
@@ -134,7 +145,11 @@ def _stopped_early(run: Path | None, exc: BaseException, *, new: bool) -> None:
         return
     if (run / "last.pt").exists():
         if isinstance(exc, KeyboardInterrupt):
-            log.info(STOPPED_ADVICE.get() or f"stopped: continue with 'imgclf train --resume {run}'")
+            from imgclf.config import _COMMAND_LINE
+
+            how = (f"'imgclf train --resume {run}'" if _COMMAND_LINE.get() is not None
+                   else f"imgclf.train(resume={str(run)!r})")  # the Python API's caller: a notebook
+            log.info(STOPPED_ADVICE.get() or f"stopped: continue with {how}")
         return
     if not new:
         return
@@ -283,12 +298,36 @@ class _Setup:
 
 def train(config: str | Path | None = None, *, resume: str | Path | None = None, callbacks=None,
           final_eval: bool = True, **options: Any) -> TrainResult:
-    """Train a model; every CLI option is a keyword here (``imgclf.train(data='photos/', epochs=5)``).
+    """Train a model; every CLI option is a keyword here (``imgclf.train(data='photos/', epochs=5)``,
+    ``data=(x_train, y_train)`` for arrays). ``config`` is a YAML file of options.
 
     ``final_eval=False`` skips the closing test evaluation (sweep trials are judged on val).
 
     Three phases: data (source, cache, recipe, run folder), model and trainer, and after
-    training the model file, calibration, test evaluation and report."""
+    training the model file, calibration, test evaluation and report. The process's random
+    generators and float32 matmul precision are as they were before, afterwards: a notebook's
+    own random numbers do not repeat after each call."""
+    import random
+
+    if config is not None and Path(config).is_dir():
+        raise UserError(f"{config} is a folder: the first argument is a YAML config; pass the data as "
+                        f"imgclf.train(data={str(config)!r})")
+    precision = torch.get_float32_matmul_precision()
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+              torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+    try:
+        return _train(config, resume=resume, callbacks=callbacks, final_eval=final_eval, **options)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if states[3] is not None:
+            torch.cuda.set_rng_state_all(states[3])
+
+
+def _train(config: str | Path | None = None, *, resume: str | Path | None = None, callbacks=None,
+           final_eval: bool = True, **options: Any) -> TrainResult:
     log.reset()
     t_start = time.perf_counter()
     started = time.time()
@@ -836,6 +875,8 @@ def evaluate(run: str | Path, data=None, *, tta: bool | None = None, device: str
     model, meta = load_model(run, device_t)
     if is_arrays(data):
         data = str(save_arrays(data, cache_root(cache_dir), classes=meta["classes"]))
+    elif isinstance(data, os.PathLike):
+        data = os.fspath(data)
     if device_t.type == "cpu":  # the layout training validated and tested in: bf16 kernels round alike
         model.to(memory_format=torch.channels_last)
     from imgclf.evaluate.calibrate import check_classes, run_cache_root, source_from_config
@@ -940,6 +981,8 @@ def _input_list(inputs) -> list:
         if t.ndim == 3 and t.shape[0] not in (1, 3, 4) and t.shape[2] not in (1, 3, 4):
             return [_tensor_to_hwc(x) for x in t]  # N x H x W grey images
         return [_tensor_to_hwc(t)]
+    if isinstance(inputs, np.ndarray) and inputs.dtype.kind in "USO":
+        return inputs.ravel().tolist()  # np.array(paths), a DataFrame column's .values
     if isinstance(inputs, np.ndarray):
         channels = (1, 3, 4)
         if inputs.ndim == 4:
@@ -954,6 +997,9 @@ def _input_list(inputs) -> list:
         return [inputs]
     if isinstance(inputs, str | Path | bytes | Image.Image):
         return [inputs]
+    if inputs is None or not hasattr(inputs, "__iter__"):
+        raise UserError(f"predict takes files, folders, archives, bytes, PIL images, numpy arrays or torch tensors "
+                        f"(or a list of them), not {type(inputs).__name__}")
     if isinstance(inputs, list | tuple) and inputs and isinstance(inputs[0], list | tuple):
         try:  # nested lists of numbers (an array's .tolist()) are that array
             return _input_list(np.asarray(inputs))
@@ -1000,6 +1046,12 @@ class Classifier:
         self.precision = resolve_precision(precision, device)
         if device.type == "cpu":
             self.model.to(memory_format=torch.channels_last)
+
+    def __repr__(self) -> str:
+        names = ", ".join(self.classes[:5]) + (", ..." if len(self.classes) > 5 else "")
+        task = " multi-label" if self.meta.get("task") == "multilabel" else ""
+        return (f"Classifier({self.meta.get('architecture', '?')}, {len(self.classes)}{task} classes [{names}], "
+                f"{self.image_size}px {self.resize}, device={self.device}, precision={self.precision})")
 
     def preprocess(self, source, name: str = "<array>") -> np.ndarray:
         """Path, bytes, PIL image or numpy array (HxW, HxWx1/3/4; uint8, uint16 or float) -> the
@@ -1069,6 +1121,7 @@ class Classifier:
                 results[j].update(self._top(p, top_k, th))
             pending.clear()
 
+        failed = 0
         for name, src, err in _iter_sources(list(inputs)):
             results.append({"input": name})
             if not err:
@@ -1077,11 +1130,16 @@ class Classifier:
                 except BadImage as e:
                     err = e.reason
             if err:
-                log.warn(f"{name}: {err}")
+                failed += 1
+                if failed <= PREDICT_WARNINGS:  # 10,000 normalised arrays: a few lines, not 10,000
+                    log.warn(f"{name}: {err}")
                 results[-1]["error"] = err
             if len(pending) >= chunk:
                 flush()
         flush()
+        if failed > PREDICT_WARNINGS:
+            log.warn(f"{failed - PREDICT_WARNINGS} more of the {len(results)} inputs could not be read "
+                     "(their results hold an 'error' entry)")
         return results
 
     def _top(self, p: np.ndarray, top_k: int, th: list[float] | None) -> dict:
@@ -1095,6 +1153,7 @@ class Classifier:
 
 PRECISIONS = ("fp32", "auto", "bf16", "fp16")
 PREDICT_CHUNK_BYTES = 256 << 20  # model inputs decoded ahead of one forward pass in predict
+PREDICT_WARNINGS = 5  # unreadable inputs named one by one in the log; the rest counted in one line
 
 
 def load(run: str | Path, device: str = "auto", precision: str = "fp32") -> Classifier:
@@ -1109,5 +1168,7 @@ def load(run: str | Path, device: str = "auto", precision: str = "fp32") -> Clas
 
 def predict(run: str | Path, inputs, top_k: int = 5, tta: bool = False, device: str = "auto",
             precision: str = "fp32") -> list[dict]:
+    """``imgclf.load(run, device, precision).predict(inputs, top_k, tta)``: one dict per image,
+    ``{"input": name, "top": [(class, probability), ...]}`` or ``{"input": name, "error": why}``."""
     return load(run, device, precision).predict(inputs, top_k=top_k, tta=tta)
 

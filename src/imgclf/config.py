@@ -311,7 +311,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def make_config(file: str | Path | None = None, **overrides: Any) -> TrainConfig:
     """Build a config from an optional YAML file plus overrides (overrides win)."""
     values: dict[str, Any] = load_yaml(file) if file else {}
-    given = {k: v for k, v in overrides.items() if v is not None}
+    # pathlib paths from the Python API (data=Path("photos")) as the strings a YAML file holds
+    given = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in overrides.items() if v is not None}
     values.update(given)
     try:
         return TrainConfig(**values)

@@ -6,7 +6,7 @@ import argparse
 
 
 def add_export(sub) -> None:
-    from imgclf.deploy.export import DEFAULT_OPSET, FORMATS, PARITY_IMAGES
+    from imgclf.deploy import DEFAULT_OPSET, FORMATS, PARITY_IMAGES
 
     p = sub.add_parser("export", help="export a run to ONNX or TorchScript (preprocessing inside) with a parity check")
     p.add_argument("run", help="run folder")

@@ -41,15 +41,13 @@ from imgclf.data.images import (
     load_resized,
     resize_rgb,
 )
+from imgclf.deploy import DEFAULT_OPSET, FORMATS, PARITY_IMAGES  # noqa: F401  (imgclf.deploy.export.FORMATS as before)
 from imgclf.errors import UserError
 from imgclf.paths import write_problem
 from imgclf.runs import load_model, read_meta
 
 EXPORT_FORMAT = "imgclf.export/1"
-FORMATS = ("onnx", "torchscript")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
-DEFAULT_OPSET = 17  # onnxruntime >= 1.14 runs it; every op FastNet/ResNets need exists there
-PARITY_IMAGES = 64
 TRACE_BATCH = 2  # the example batch the graph is traced with
 CHECK_BATCHES = (1, 3)  # batch sizes other than TRACE_BATCH every export is also checked at
 # fp32 vs fp32 through different kernels: differences are ~1e-5 of the logit scale; 1e-3 of it
