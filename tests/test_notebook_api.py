@@ -115,3 +115,10 @@ def test_a_notebook_call_leaves_the_process_as_it_was_and_speaks_python(small_sa
     with pytest.raises(UserError, match=r"is a folder: the first argument is a YAML config; pass the data as "
                                         r"imgclf.train\(data="):
         imgclf.train(str(small_sample))
+
+
+def test_the_result_names_its_run_wherever_the_notebook_goes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = imgclf.TrainResult(Path("runs") / "x", [])  # as train makes it for the default project, runs/
+    monkeypatch.chdir("/")
+    assert res.run_dir == tmp_path / "runs" / "x"

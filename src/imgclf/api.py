@@ -41,6 +41,10 @@ class TrainResult:
     config: TrainConfig | None = None
     extras: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # absolute: a notebook that changes directory after training still finds the run
+        self.run_dir = Path(self.run_dir).absolute()
+
     @property
     def metrics(self) -> dict:
         return self.test or {}
