@@ -63,17 +63,6 @@ class Shapes(Callback):
         self.handle.remove()
 
 
-def test_first_half_of_the_steps_are_crops(small_sample, tmp_path):
-    rec = Shapes()
-    # (set explicitly: the recipe turns crops on only for large data, where epochs are few)
-    res = imgclf.train(data=str(small_sample), project=str(tmp_path), epochs=4, batch_size=64, val_split=0.0,
-                       early_crop=24, progress=False, tensorboard=False, callbacks=[rec])
-    steps = len(rec.sides)
-    assert res.config.early_crop == 24
-    assert rec.sides == [24] * round(steps / 2) + [32] * (steps - round(steps / 2))
-    assert res.test["top1"] > 0.2  # evaluated on whole images (chance 0.1)
-
-
 def test_time_limited_plan_counts_the_cheap_steps(small_sample, tmp_path):
     """The plan solves for a length whose first half is crop steps; then it must end in budget."""
     rec = Shapes()
@@ -90,7 +79,7 @@ def test_time_limited_plan_counts_the_cheap_steps(small_sample, tmp_path):
     assert abs(cfg.early_crop_fraction * len(rec.sides) - n_crop) <= 1
 
 
-def test_resume_keeps_the_crop_boundary(small_sample, tmp_path):
+def test_crops_come_first_and_a_resume_keeps_the_boundary(small_sample, tmp_path):
     class Crash(Callback):
         def on_epoch_end(self, t, row):
             if row["epoch"] == 2:  # before epoch 2's checkpoint: resumes at step 6 of the 12 crop steps
@@ -98,7 +87,13 @@ def test_resume_keeps_the_crop_boundary(small_sample, tmp_path):
 
     kw = dict(data=str(small_sample), epochs=4, batch_size=64, val_split=0.0, early_crop=24, progress=False,
               tensorboard=False)
-    whole = imgclf.train(project=str(tmp_path / "a"), name="r", **kw)
+    first = Shapes()
+    # (set explicitly: the recipe turns crops on only for large data, where epochs are few)
+    whole = imgclf.train(project=str(tmp_path / "a"), name="r", callbacks=[first], **kw)
+    steps = len(first.sides)  # the first half of the steps are crops, the rest whole images
+    assert whole.config.early_crop == 24
+    assert first.sides == [24] * round(steps / 2) + [32] * (steps - round(steps / 2))
+    assert whole.test["top1"] > 0.2  # evaluated on whole images (chance 0.1)
     with pytest.raises(KeyboardInterrupt):
         imgclf.train(project=str(tmp_path / "b"), name="r", callbacks=[Crash()], **kw)
     rec = Shapes()
