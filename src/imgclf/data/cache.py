@@ -206,11 +206,16 @@ _noted: set[Path] = set()
 def _note_size(root: Path) -> None:
     """Once per process, when a new entry takes the decoded images past LARGE_CACHE_BYTES."""
     from imgclf import log
-    from imgclf.data.cache_admin import decoded
 
     if root in _noted:
         return
-    total = sum(e.nbytes for e in decoded(root))
+    total = 0
+    try:  # sizes alone (one stat per entry, no JSON read): called for every entry built
+        for e in os.scandir(root):
+            if e.name.endswith(".npy") and ".tmp." not in e.name:
+                total += e.stat().st_size
+    except OSError:
+        return
     if total > LARGE_CACHE_BYTES:
         _noted.add(root)
         log.info(f"the decoded-image cache in {root.parent} holds {_gib(total)}: 'imgclf cache' lists it, "
