@@ -272,7 +272,7 @@ def test_coco_multilabel_run(coco, tmp_path):
     assert [c for c, _ in p_tta["labels"]] == [clf.classes[j] for j in np.argsort(-probs_tta)
                                                 if probs_tta[j] >= meta["thresholds_tta"][j]]
 
-    from imgclf.api import evaluate  # imgclf.evaluate is shadowed by the subpackage once it is imported
+    from imgclf.api import evaluate
 
     # with the run's label options, on its held-out split (the data has no test split): the
     # same images and scores as training's closing evaluation

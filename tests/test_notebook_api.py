@@ -28,7 +28,11 @@ def test_import_is_light_and_the_namespace_is_the_api():
         "import json, sys, importlib.metadata as md, imgclf\n"
         "out = {'torch': 'torch' in sys.modules, 'dir': dir(imgclf), 'version': imgclf.__version__ == md.version('imgclf')}\n"
         "train = imgclf.train\n"  # imports imgclf.api, which loads the imgclf.evaluate sub-package
-        "out['same'] = [getattr(imgclf, n) is getattr(imgclf.api, n) for n in ('train', 'evaluate', 'predict', 'load')]\n"
+        "out['same'] = [getattr(imgclf, n) is getattr(imgclf.api, n) for n in ('train', 'predict', 'load')]\n"
+        # imgclf.evaluate: the function's signature, and still the package its modules are imported from
+        "import inspect, imgclf.evaluate.metrics as m\n"
+        "out['evaluate'] = [str(inspect.signature(imgclf.evaluate)) == str(inspect.signature(imgclf.api.evaluate)),\n"
+        "                   callable(imgclf.evaluate), m.__name__, imgclf.evaluate.metrics is m]\n"
         "out['errors'] = imgclf.UserError is imgclf.errors.UserError\n"
         "from imgclf import Classifier, TrainResult\n"
         "try:\n"
@@ -43,7 +47,8 @@ def test_import_is_light_and_the_namespace_is_the_api():
     assert out["torch"] is False
     assert out["dir"] == sorted(["Classifier", "TrainResult", "UserError", "__version__", "evaluate", "load",
                                  "predict", "train"])
-    assert out["version"] and out["same"] == [True] * 4 and out["errors"]
+    assert out["version"] and out["same"] == [True] * 3 and out["errors"]
+    assert out["evaluate"] == [True, True, "imgclf.evaluate.metrics", True]
     assert out["missing"] == "module 'imgclf' has no attribute 'nonexistent'"
 
 

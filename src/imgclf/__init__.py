@@ -14,15 +14,16 @@ __all__ = ["train", "evaluate", "predict", "load", "TrainResult", "Classifier", 
 
 # Resolved on first use (PEP 562): imgclf.api imports torch (~1.5 s), which every `imgclf` command
 # would pay at start-up, --help included, since the command line imports this package first.
-_PUBLIC = {"train": "imgclf.api", "evaluate": "imgclf.api", "predict": "imgclf.api", "load": "imgclf.api",
-           "TrainResult": "imgclf.api", "Classifier": "imgclf.api", "UserError": "imgclf.errors"}
+# imgclf.evaluate is the sub-package, made callable as imgclf.api.evaluate (see its __init__): were it
+# the function, `import imgclf.evaluate.metrics as m` would look up .metrics on the function and fail
+_PUBLIC = {"train": "imgclf.api", "predict": "imgclf.api", "load": "imgclf.api", "TrainResult": "imgclf.api",
+           "Classifier": "imgclf.api", "UserError": "imgclf.errors"}
 
 
 def __getattr__(name: str):
     if name in _PUBLIC:
         module = importlib.import_module(_PUBLIC[name])
-        # all of a module's names at once: importing imgclf.api binds the imgclf.evaluate package
-        # here, and imgclf.evaluate is to be the function (its signature and help in a notebook)
+        # all of a module's names at once, so each is looked up here only once
         globals().update({k: getattr(module, k) for k, m in _PUBLIC.items() if m == module.__name__})
         return globals()[name]
     if not name.startswith("_"):  # sub-modules by attribute, as after an eager import: imgclf.errors.UserError
