@@ -21,30 +21,33 @@ from imgclf.models import pretrained
 from imgclf.models.registry import arch_args_for_record, build_model
 
 
-def _fake_run(folder: Path, arch: str, classes: int, size: int, args: dict | None = None) -> Path:
-    """An imgclf run folder as train leaves it (model.safetensors + model.json), without training."""
+def _fake_run(folder: Path, arch: str, classes: int | list[str], size: int, args: dict | None = None) -> Path:
+    """An imgclf run folder as train leaves it (model.safetensors + model.json), without training;
+    ``classes`` a count (named "0", "1", ...) or the names."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True)
     arch_args = arch_args_for_record(arch, size, dict(args or {}))
+    names = [str(i) for i in range(classes)] if isinstance(classes, int) else list(classes)
     torch.manual_seed(0)
-    model = build_model(arch, classes, size, arch_args)
+    model = build_model(arch, len(names), size, arch_args)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
     (folder / "model.json").write_text(json.dumps({
-        "format": "imgclf.model/1", "architecture": arch, "arch_args": arch_args, "classes": [str(i) for i in range(classes)],
+        "format": "imgclf.model/1", "architecture": arch, "arch_args": arch_args, "classes": names,
         "task": "single", "image_size": size, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
         "weights": "model.safetensors"}))
     return folder / "model.safetensors"
 
 
-def _transfer_model(arch: str, weights: str, size: int, classes: int = 10, **options):
+def _transfer_model(arch: str, weights: str, size: int, classes: int | list[str] = 10, **options):
     """What api.train builds from --weights: plan, arch args (the user's --model-args laid over),
-    the model, and the weights loaded into it."""
+    the model, and the weights loaded into it; ``classes`` a count, or this run's class names."""
     cfg = make_config(None, data="d", model=arch, weights=weights, **options)
     source = pretrained.plan(arch, weights, False)
     args = arch_args_for_record(arch, size, {**transfer.transfer_arch_args(arch, cfg, source), **cfg.model_args})
-    model = build_model(arch, classes, size, args)
-    transfer.setup_transfer(model, arch, cfg, source)
+    names = None if isinstance(classes, int) else list(classes)
+    model = build_model(arch, len(names) if names else classes, size, args)
+    transfer.setup_transfer(model, arch, cfg, source, classes=names)
     return model, args
 
 
@@ -110,16 +113,32 @@ def test_an_own_nets_weights_load_onto_another_class_count(tmp_path, arch, args,
     assert all(torch.equal(now[k], saved[k]) for k in now if k not in out)
 
 
+def test_an_own_nets_output_rows_follow_the_class_names(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    w = _fake_run(tmp_path / "abc", "fastnet", ["a", "b", "c"], 32, {"width": 0.5})
+    saved = load_file(str(w))["head.weight"]
+    model, _ = _transfer_model("fastnet", str(w), 32, classes=["c", "a", "b"])  # the same classes, another order
+    assert torch.equal(model.head.weight, saved[[2, 0, 1]])  # was: kept as it was, each row scoring another class
+    assert "the output layer keeps the trained rows of 3 of 3 classes, matched by name" in capsys.readouterr().err
+    # the same count, none of the names: was kept whole, the rows of a, b, c scoring x, y, z
+    model, _ = _transfer_model("fastnet", str(w), 32, classes=["x", "y", "z"])
+    assert not any(torch.equal(model.head.weight[j], saved[i]) for i in range(3) for j in range(3))
+    assert ("none of the run's classes (a, b, c) is among these: a new output layer is trained"
+            in capsys.readouterr().err)
+
+
 def test_fastnet_fine_tunes_a_run_trained_on_other_classes(small_sample, tmp_path, capsys):
     import imgclf
     from imgclf.engine.callbacks import Callback
 
-    w = _fake_run(tmp_path / "fn3", "fastnet", 3, 32)
+    w = _fake_run(tmp_path / "fn3", "fastnet", ["dog", "cat", "plane"], 32)  # two of CIFAR's names, one other
 
     class First(Callback):
         def on_train_start(self, t):
             self.conv = t.model.layers[0].conv1.weight.detach().clone()
             self.whiten = t.model.whiten.weight.detach().clone()
+            self.out = t.model.head.weight.detach().clone()
 
     first = First()
     res = imgclf.train(data=str(small_sample), model="fastnet", weights=str(w), image_size=32, epochs=1,
@@ -131,8 +150,14 @@ def test_fastnet_fine_tunes_a_run_trained_on_other_classes(small_sample, tmp_pat
     assert torch.equal(first.conv, state["layers.0.conv1.weight"])  # the earlier run's features
     # and the whitening stem they were trained on: it was recomputed from the new data, flipping filters' signs
     assert torch.equal(first.whiten, state["whiten.weight"])
-    assert "ignored 1 classifier tensors (head.weight" in capsys.readouterr().err
-    assert len(json.loads((res.run_dir / "model.json").read_text())["classes"]) == 10
+    classes = json.loads((res.run_dir / "model.json").read_text())["classes"]
+    assert len(classes) == 10
+    # the output rows of the classes both runs have, by name: was a new output layer for all ten
+    cat, dog = classes.index("cat"), classes.index("dog")
+    assert torch.equal(first.out[cat], state["head.weight"][1]) and torch.equal(first.out[dog], state["head.weight"][0])
+    assert ("--weights: the output layer keeps the trained rows of 2 of 10 classes, matched by name; 8 new class(es) "
+            "start fresh (airplane, automobile, bird, deer, frog, ...); 1 of the run's classes are not in this data"
+            in capsys.readouterr().err)
 
 
 # -- 3. offline hub weights: fast, quiet, and checkable before the data is read ----------------
@@ -473,6 +498,18 @@ def test_a_timm_runs_head_comes_along_unless_the_layers_differ(tmp_path, capsys)
     model, _ = _transfer_model("timm:test_resnet", str(w), 32, classes=5)  # other classes: a new output layer
     assert torch.equal(model.head[1].weight, saved["head.1.weight"]) and model.head[4].weight.shape[0] == 5
     assert "kept but for its output layer" in capsys.readouterr().err
+
+    # this run's class names given (as train gives them): output rows follow the names
+    model, _ = _transfer_model("timm:test_resnet", str(w), 32, classes=["2", "new", "0"])
+    assert torch.equal(model.head[1].weight, saved["head.1.weight"])  # the hidden layer, as it was trained
+    out_w, out_b = model.head[4].weight, model.head[4].bias
+    assert torch.equal(out_w[0], saved["head.4.weight"][2]) and torch.equal(out_w[2], saved["head.4.weight"][0])
+    assert torch.equal(out_b[[0, 2]], saved["head.4.bias"][[2, 0]])
+    assert not any(torch.equal(out_w[1], saved["head.4.weight"][i]) for i in range(3))
+    assert ("the run's head is kept; the output layer keeps the trained rows of 2 of 3 classes, matched by name; "
+            "1 new class(es) start fresh (new); 1 of the run's classes are not in this data") in capsys.readouterr().err
+    _transfer_model("timm:test_resnet", str(w), 32, classes=["0", "1", "2"])
+    assert "the run's head is kept (same layers and classes)" in capsys.readouterr().err
 
     model, args = _transfer_model("timm:test_resnet", str(w), 32, classes=3, head=[8])  # the user's --head wins
     assert args["head"] == [8] and model.head[1].weight.shape == (8, model.head[1].weight.shape[1])

@@ -613,7 +613,8 @@ def _build_trainer(s: _Setup, *, resume, callbacks, final_eval: bool, t_start: f
     model = build_model(arch, len(s.src.classes), size, arch_args)
     if cfg.early_crop:
         _check_early_crop(model, arch, cfg.early_crop, size)
-    transfer_callbacks = transfer.setup_transfer(model, arch, cfg, source, load_weights=resume is None)
+    transfer_callbacks = transfer.setup_transfer(model, arch, cfg, source, classes=list(s.src.classes),
+                                                 load_weights=resume is None)
     budget = s.ram_budget
     loss_fn, class_weights, sampler = imbalance_setup(cfg, s.src.classes, np.asarray(cached["train"].labels),
                                                       s.multilabel, device, warn=False)  # the data check did

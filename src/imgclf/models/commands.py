@@ -126,7 +126,7 @@ def find_lr(config=None, *, steps: int | None = None, lr_start: float = 1e-7, lr
         mean, std = channel_stats(cached["train"])
     arch_args = arch_args_for_record(arch, size, {**transfer.transfer_arch_args(arch, cfg, source), **cfg.model_args})
     model = build_model(arch, len(src.classes), size, arch_args)
-    transfer.setup_transfer(model, arch, cfg, source)
+    transfer.setup_transfer(model, arch, cfg, source, classes=list(src.classes))
     loss_fn, class_weights, sampler = imbalance_setup(cfg, src.classes, np.asarray(cached["train"].labels),
                                                       multilabel, device)
     n_train = len(cached["train"])

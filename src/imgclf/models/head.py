@@ -249,14 +249,17 @@ def transfer_arch_args(arch: str, cfg, source) -> dict:
     return out
 
 
-def setup_transfer(model: nn.Module, arch: str, cfg, source, *, load_weights: bool = True) -> list[Callback]:
-    """Load the pretrained weights, set the backbone's lr scale, and return the freezing callback."""
+def setup_transfer(model: nn.Module, arch: str, cfg, source, *, classes: list[str] | None = None,
+                   load_weights: bool = True) -> list[Callback]:
+    """Load the pretrained weights, set the backbone's lr scale, and return the freezing callback.
+    ``classes``: this run's class names, which an earlier run's output rows are matched to."""
     from imgclf import log
     from imgclf.models.pretrained import load_pretrained
 
     headed = isinstance(model, HeadedNet)
     if source is not None and load_weights:
-        load_pretrained(model.backbone if headed else model, arch, source, head=model.head if headed else None)
+        load_pretrained(model.backbone if headed else model, arch, source, head=model.head if headed else None,
+                        classes=classes)
         log.info(f"weights from {source.source}")
     freeze = cfg.freeze_epochs or 0
     if not headed:

