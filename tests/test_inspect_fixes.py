@@ -382,6 +382,41 @@ class _Brightness(nn.Module):
         return -1000.0 * (v - torch.arange(4, dtype=torch.float32) * 60 / 255) ** 2
 
 
+class _Skewed(nn.Module):
+    """3 classes: an image of pixels 60 * k scores k at 0.8, k + 1 at 0.19 and k + 2 at 0.01."""
+
+    def forward(self, x):
+        k = (x.mean(dim=(1, 2, 3)) * 255 / 60).round().long()
+        probs = torch.tensor([0.8, 0.19, 0.01])
+        return torch.stack([probs.roll(int(i)) for i in k]).log()
+
+
+def test_a_temperature_that_raises_the_ece_is_recorded_not_applied(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from imgclf.evaluate.calibrate import calibrate_model
+    from imgclf.evaluate.report import _calibration_table
+
+    # right 80% of the time at 0.8 confidence (ECE 0), and when wrong the truth is the 0.01 class:
+    # a flatter T lowers the NLL those cost but pulls confidence under the 80% accuracy
+    k = np.arange(600) % 3
+    y = np.where(np.arange(600) % 5 == 0, (k + 2) % 3, k)
+    cs = SimpleNamespace(rows=np.arange(600), labels=y, images=np.repeat((k * 60).astype(np.uint8), 48).reshape(600, 4, 4, 3))
+    meta = {"task": "single", "mean": [0.0] * 3, "std": [1.0] * 3, "tta_level": 1, "tta_flip": True}
+    out = calibrate_model(tmp_path, _Skewed(), meta, cs, torch.device("cpu"))
+    rec = out["calibration"]
+    assert rec["temperature"] > 1.2 and rec["nll_after"] < rec["nll_before"]  # what the fit found
+    assert rec["ece_after"] > rec["ece_before"] + 0.05
+    # was: applied, and the log read "ECE 0.0000 -> 0.1..." for a calibration
+    assert rec["applied"] is False and out["temperature"] == 1.0
+    assert rec["applied_tta"] is False and out["temperature_tta"] == 1.0  # flipped views score alike
+    assert json.loads((tmp_path / "model.json").read_text())["temperature"] == 1.0
+    err = capsys.readouterr().err
+    assert re.search(r"temperature \d\.\d+ not applied: it lowers the NLL \(\d\.\d+ -> \d\.\d+\) but raises the ECE "
+                     r"\(0\.0+ -> 0\.\d+\) on the images it was fitted on \(val, n=600\)", err)
+    assert "not applied (it lowers the NLL" in html.unescape(_calibration_table(rec))
+
+
 @pytest.mark.parametrize("labels_shift, bound", [(0, "lower bound"), (1, "upper bound")])
 def test_calibrate_warns_when_the_temperature_hits_a_bound(tmp_path, capsys, labels_shift, bound):
     from types import SimpleNamespace

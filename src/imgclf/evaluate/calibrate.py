@@ -165,23 +165,43 @@ def calibrate_model(run_dir: Path, model, meta: dict, cs, device, precision: str
     for w in fit_warnings(rec):
         log.warn(w)
     # a temperature fitted on a dozen images is noise (it can raise ECE on the very images it was
-    # fitted on): the record keeps what was fitted, the scores keep temperature 1
-    rec["applied"] = rec["n"] >= MIN_FIT_IMAGES
+    # fitted on): the record keeps what was fitted, the scores keep temperature 1. So does a fit
+    # that lowers the NLL but raises the ECE it is reported by: the model is already about as
+    # calibrated as one temperature can make it, and a log line saying "ECE 0.012 -> 0.015,
+    # applied" would read as calibration making it worse.
+    why = _not_applied(rec)
+    rec["applied"] = why is None
+    if why:
+        rec["not_applied"] = why
+        if rec["n"] >= MIN_FIT_IMAGES:
+            log.info(f"temperature {t:.3f} not applied: {why} ({split}, n={rec['n']}); scores keep temperature 1")
     meta = {**meta, "temperature": rec["temperature"] if rec["applied"] else 1.0, "calibration": rec}
     meta.pop("temperature_tta", None)
     level = int(meta.get("tta_level") or 0)
-    if level and rec["applied"]:
+    if level and rec["n"] >= MIN_FIT_IMAGES:  # TTA's averaged views shrink the logits: fitted on their own
         tta_logits, tta_labels = split_logits(model, meta, cs, device, precision, limit=TTA_FIT_LIMIT, tta_level=level)
         tta = calibration_record(tta_logits, tta_labels, fit_temperature(tta_logits, tta_labels), split)
-        meta["temperature_tta"] = tta["temperature"]
-        rec.update({"tta_level": level, **{f"{k}_tta": v for k, v in tta.items() if k not in ("split", "bins", "tta_level")}})
+        applied_tta = _not_applied(tta) is None
+        meta["temperature_tta"] = tta["temperature"] if applied_tta else 1.0
+        rec.update({"tta_level": level, "applied_tta": applied_tta,
+                    **{f"{k}_tta": v for k, v in tta.items() if k not in ("split", "bins", "tta_level")}})
     write_meta(run_dir, meta)
-    tta_note = (f"; with TTA views {meta['temperature_tta']:.3f}, ECE {rec['ece_before_tta']:.4f} -> "
-                f"{rec['ece_after_tta']:.4f}") if "temperature_tta" in meta else ""
+    tta_note = (f"; with TTA views {rec['temperature_tta']:.3f}{'' if rec['applied_tta'] else ' (not applied)'}, "
+                f"ECE {rec['ece_before_tta']:.4f} -> {rec['ece_after_tta']:.4f}") if "temperature_tta" in meta else ""
     log.info(f"calibration on {split} (n={rec['n']}): temperature {t:.3f}{'' if rec['applied'] else ' (not applied)'}, ECE {rec['ece_before']:.4f} -> "
              f"{rec['ece_after']:.4f}, NLL {rec['nll_before']:.4f} -> {rec['nll_after']:.4f}{tta_note} "
              f"({time.perf_counter() - t0:.1f}s)")
     return meta
+
+
+def _not_applied(rec: dict) -> str | None:
+    """Why a fitted temperature (a ``calibration_record``) is kept out of the scores, or None."""
+    if rec["n"] < MIN_FIT_IMAGES:
+        return "too few images to pin it down"
+    if rec["ece_after"] > rec["ece_before"]:
+        return (f"it lowers the NLL ({rec['nll_before']:.4f} -> {rec['nll_after']:.4f}) but raises the ECE "
+                f"({rec['ece_before']:.4f} -> {rec['ece_after']:.4f}) on the images it was fitted on")
+    return None
 
 
 def check_classes(data, classes: list[str], model_classes: list[str]) -> None:

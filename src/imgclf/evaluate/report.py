@@ -540,7 +540,10 @@ def _calibration_table(rec: dict) -> str:
     applied = rec.get("applied", True)
     note = (f"Fitted on the {rec.get('split', 'val')} split ({rec.get('bins', 15)} bins for the ECE); "
             + ("applied: predict and the probabilities in this report divide the logits by T."
-               if applied else "not applied (too few images to pin it down): scores keep T = 1."))
+               if applied else f"not applied ({rec.get('not_applied', 'too few images to pin it down')}): "
+                               "scores keep T = 1."))
+    if rec.get("applied_tta") is False:
+        note += " The TTA views' temperature is not applied (it raised their ECE): TTA scores keep T = 1."
     return f'<p class="note">{esc(note)}</p>' + _table(rows, ["temperature scaling"] + [c for c, _ in cols], cls="kv")
 
 
