@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -283,28 +284,36 @@ class _Blocking(_FixedMultilabel):
         return super().probs(images)
 
 
-def test_images_in_flight_are_capped_with_503_and_retry_after(jpeg):
+@contextlib.contextmanager
+def _one_request_held(c: httpx.Client, backend: _Blocking, jpeg: bytes):
+    """One image posted through ``c`` and held inside the model's forward pass for the body of
+    the with-block; released after it, and its response checked to be a 200."""
     import threading
 
+    backend.armed = True
+    first = {}
+    t = threading.Thread(target=lambda: first.update(r=c.post("/v1/predict", content=jpeg,
+                                                                headers={"content-type": "image/jpeg"})))
+    t.start()
+    try:
+        assert backend.entered.wait(30)
+        yield
+    finally:
+        backend.release.set()
+        t.join(30)
+    assert first["r"].status_code == 200
+
+
+def test_images_in_flight_are_capped_with_503_and_retry_after(jpeg):
     backend = _Blocking()
     app = create_app(ServeConfig(model="stub", max_images=2, max_in_flight=2, max_wait_ms=0), backend=backend)
-    backend.armed = True
+    two = [("files", (f"{i}.jpg", jpeg, "image/jpeg")) for i in range(2)]
     with ServerThread(app) as url, httpx.Client(base_url=url, timeout=60) as c:
-        first = {}
-        t = threading.Thread(target=lambda: first.update(r=c.post("/v1/predict", content=jpeg,
-                                                                    headers={"content-type": "image/jpeg"})))
-        t.start()
-        try:
-            assert backend.entered.wait(30)
+        with _one_request_held(c, backend, jpeg):
             # one image in flight: a second fits, two more do not
-            two = [("files", (f"{i}.jpg", jpeg, "image/jpeg")) for i in range(2)]
             r = c.post("/v1/predict", files=two)
             assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
             assert "server busy: 1 images in flight (limit 2" in r.json()["error"]
-        finally:
-            backend.release.set()
-            t.join(30)
-        assert first["r"].status_code == 200
         assert c.post("/v1/predict", files=two).status_code == 200  # the slots came back
         assert app.state.in_flight["images"] == 0
 
@@ -599,20 +608,13 @@ def test_a_stalled_upload_gets_408_and_does_not_hold_up_shutdown(monkeypatch):
 
 
 def test_a_client_that_leaves_frees_its_slots_and_its_image_is_not_classified(jpeg):
-    import threading
     import time
 
     backend = _Blocking()
     app = create_app(ServeConfig(model="stub", max_images=2, max_in_flight=2, max_wait_ms=0), backend=backend)
-    backend.armed = True
     in_flight, metrics = app.state.in_flight, app.state.metrics
     with ServerThread(app) as url, httpx.Client(base_url=url, timeout=60) as c:
-        first = {}
-        t = threading.Thread(target=lambda: first.update(r=c.post("/v1/predict", content=jpeg,
-                                                                    headers={"content-type": "image/jpeg"})))
-        t.start()
-        try:
-            assert backend.entered.wait(30)
+        with _one_request_held(c, backend, jpeg):
             classified = metrics.images
             with _half_upload(url, jpeg, len(jpeg)):  # a whole request, whose client gives up waiting
                 deadline = time.monotonic() + 10
@@ -626,34 +628,19 @@ def test_a_client_that_leaves_frees_its_slots_and_its_image_is_not_classified(jp
             assert in_flight["images"] == 1
             assert c.post("/v1/predict", files=[("files", (f"{i}.jpg", jpeg, "image/jpeg")) for i in range(2)]
                           ).status_code == 503
-        finally:
-            backend.release.set()
-            t.join(30)
-        assert first["r"].status_code == 200
         assert metrics.images == classified + 1  # the first request's image only
         text = c.get("/metrics").text
         assert metric(text, "imgclf_requests_total", path="/v1/predict", method="POST", status=499) == 1
 
 
 def test_max_connections_refuses_uploads_past_it_before_reading_them(jpeg):
-    import threading
-
     backend = _Blocking()
     app = create_app(ServeConfig(model="stub", max_wait_ms=0), backend=backend)
-    backend.armed = True
     raw = dict(content=jpeg, headers={"content-type": "image/jpeg"})
     with ServerThread(app, max_connections=1) as url, httpx.Client(base_url=url, timeout=60) as c:
-        first = {}
-        t = threading.Thread(target=lambda: first.update(r=c.post("/v1/predict", **raw)))
-        t.start()
-        try:
-            assert backend.entered.wait(30)
+        with _one_request_held(c, backend, jpeg):
             with httpx.Client(base_url=url, timeout=30) as other:  # a second connection while one is open
                 assert other.post("/v1/predict", **raw).status_code == 503
-        finally:
-            backend.release.set()
-            t.join(30)
-        assert first["r"].status_code == 200
         assert c.post("/v1/predict", **raw).status_code == 200  # one at a time is allowed
 
 
