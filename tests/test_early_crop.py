@@ -66,7 +66,7 @@ class Shapes(Callback):
 def test_time_limited_plan_counts_the_cheap_steps(small_sample, tmp_path):
     """The plan solves for a length whose first half is crop steps; then it must end in budget."""
     rec = Shapes()
-    budget = 25.0
+    budget = 18.0
     t0 = time.perf_counter()
     res = imgclf.train(data=str(small_sample), project=str(tmp_path), time_limit=budget, batch_size=32,
                        early_crop=24, progress=False, tensorboard=False, callbacks=[rec])

@@ -68,7 +68,7 @@ def test_resume_keeps_the_planned_length(small_sample, tmp_path):
             if row["epoch"] == 2:
                 raise KeyboardInterrupt
 
-    opts = dict(data=str(small_sample), project=str(tmp_path), time_limit=20, progress=False, tensorboard=False)
+    opts = dict(data=str(small_sample), project=str(tmp_path), time_limit=12, progress=False, tensorboard=False)
     with pytest.raises(KeyboardInterrupt):
         imgclf.train(name="cut", callbacks=[Crash()], **opts)
     assert 2 < make_config(tmp_path / "cut" / "config.yaml").epochs < 100
@@ -89,7 +89,7 @@ def test_slower_steps_midway_are_replanned_not_cut(small_sample, tmp_path):
             if t.epoch >= 2:
                 time.sleep(0.04)
 
-    budget = 20.0
+    budget = 14.0
     t0 = time.perf_counter()
     res = imgclf.train(data=str(small_sample), project=str(tmp_path), time_limit=budget, callbacks=[Slower()],
                        progress=False, tensorboard=False)
@@ -170,7 +170,7 @@ def test_validation_time_is_not_taken_for_step_time(small_sample, tmp_path, monk
             self.estimates.append(budget.step_s)
 
     w = Watch()
-    res = imgclf.train(data=str(small_sample), project=str(tmp_path), time_limit=20, val_split=0.2, callbacks=[w],
+    res = imgclf.train(data=str(small_sample), project=str(tmp_path), time_limit=14, val_split=0.2, callbacks=[w],
                        progress=False, tensorboard=False)
     gaps = [b - a for ends in w.step_ends for a, b in zip(ends, ends[1:])]
     real = float(sorted(gaps)[len(gaps) // 2])
@@ -214,34 +214,27 @@ def test_budget_width_picks_the_widest_net_that_still_gets_enough_epochs():
     assert budget_width(step_s, 2000, 48, 0.78)[0] == 1.5  # a GPU's budget
 
 
-def test_time_limited_fastnet_records_the_width_it_chose(small_sample, tmp_path, monkeypatch, capfd):
+def test_time_limited_fastnet_records_the_width_it_chose_and_pays_for_lr_auto(small_sample, tmp_path, monkeypatch,
+                                                                              capfd):
     # early crops on (the large-data recipe) and a bar every width clears: the widest is chosen
-    # from timed steps, and config.yaml and model.json both say so, so a repeat builds the same net
+    # from timed steps, and config.yaml and model.json both say so, so a repeat builds the same net.
+    # With lr auto, the width probe runs before the lr finder has chosen the lr: it must not need
+    # one, and the finder's sweep is paid for inside the same budget.
     import json
 
     from imgclf.engine import recipe
 
     monkeypatch.setattr(recipe, "BUDGET_MIN_EPOCHS", 0.5)
-    budget = 25.0
-    t0 = time.perf_counter()
-    res = imgclf.train(data=str(small_sample), project=str(tmp_path), time_limit=budget, early_crop=24,
-                       progress=False, tensorboard=False)
-    assert time.perf_counter() - t0 <= budget + 1.5
-    err = capfd.readouterr().err
-    assert "fastnet width 1.5" in err and "3 width(s) timed" in err  # each width's steps timed, none assumed
-    assert make_config(res.run_dir / "config.yaml").model_args == {"width": 1.5}
-    assert json.loads((res.run_dir / "model.json").read_text())["arch_args"]["width"] == 1.5
-
-
-def test_time_limited_fastnet_with_lr_auto(small_sample, tmp_path):
-    # the width probe runs before the lr finder has chosen the lr: it must not need one, and the
-    # finder's sweep is paid for inside the same budget
     budget = 40.0
     t0 = time.perf_counter()
     res = imgclf.train(data=str(small_sample), project=str(tmp_path), time_limit=budget, early_crop=24, lr="auto",
                        progress=False, tensorboard=False)
     took = time.perf_counter() - t0
     assert took <= budget + 1.5, f"{took:.1f}s"
+    err = capfd.readouterr().err
+    assert "fastnet width 1.5" in err and "3 width(s) timed" in err  # each width's steps timed, none assumed
     cfg = make_config(res.run_dir / "config.yaml")
+    assert cfg.model_args == {"width": 1.5}
+    assert json.loads((res.run_dir / "model.json").read_text())["arch_args"]["width"] == 1.5
     assert isinstance(cfg.lr, float) and (res.run_dir / "lr_find.json").exists()
     assert res.test["top1"] > 0.2
