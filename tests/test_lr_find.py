@@ -259,6 +259,7 @@ def test_train_lr_auto_falls_back_to_the_recipe_lr_when_the_curve_never_fell(sma
     from imgclf.engine import lr_find
 
     monkeypatch.setattr(lr_find, "descent_problem", lambda lrs, sm, losses=None: "the loss only rose")
+    monkeypatch.setattr(lr_find, "DEFAULT_MIN_STEPS", 20)  # the curve is judged "never fell" whatever its length
     res = imgclf.train(data=str(small_sample), lr="auto", epochs=1, project=str(tmp_path), name="flat",
                        progress=False, tensorboard=False, tta=False)
     cfg = yaml.safe_load((res.run_dir / "config.yaml").read_text())

@@ -94,8 +94,7 @@ def test_report_command(tiny_run, tmp_path, capsys):
 def test_names_that_are_not_utf8_are_shown_escaped(tiny_run, tmp_path):
     # a Latin-1 folder name arrives from os.listdir as a lone surrogate; the report used to fail
     # to encode and leave report.html.tmp behind
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
+    run = _moved(tiny_run, tmp_path)
     meta = json.loads((run / "model.json").read_text())
     meta["data"] = "/photos/caf\udce9"
     (run / "model.json").write_text(json.dumps(meta))

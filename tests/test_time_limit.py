@@ -126,7 +126,7 @@ class SlowInference(Callback):
 
 
 def test_closing_evaluation_is_budgeted_from_measured_inference(small_sample, tmp_path):
-    budget = 36.0
+    budget = 30.0
     t0 = time.perf_counter()
     res = imgclf.train(data=str(small_sample), project=str(tmp_path), name="slow-eval", time_limit=budget,
                        progress=False, tensorboard=False, callbacks=[SlowInference()])
