@@ -355,3 +355,26 @@ def test_a_full_disk_while_writing_the_model_is_one_line_and_leaves_no_temp_file
     with pytest.raises(UserError, match="no space left on device writing .*model.safetensors"):
         runs.write_model(tmp_path, torch.nn.Linear(2, 2), {"classes": ["a", "b"]})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_epoch_that_ties_the_best_accuracy_with_a_lower_val_loss_becomes_the_best(tmp_path):
+    # a 40-image val split moves in steps of 2.5%: epoch 3 and epoch 7 both at 0.85, the later
+    # one (trained longer, at a lower lr) with the lower loss; the earlier used to be restored
+    from types import SimpleNamespace
+
+    from imgclf.engine import trainer as tr
+
+    saved = []
+    fake = SimpleNamespace(cfg=SimpleNamespace(monitor="val_acc"), best=None, best_epoch=None, run_dir=tmp_path,
+                           is_main=True, history=[], eval_model=lambda: torch.nn.Linear(2, 2))
+    fake._ties_with_lower_loss = lambda m, row: tr.Trainer._ties_with_lower_loss(fake, m, row)
+    for epoch, acc, loss in ((1, 0.6, 1.2), (3, 0.85, 0.52), (5, 0.825, 0.45), (7, 0.85, 0.41), (8, 0.85, 0.47)):
+        row = {"epoch": epoch, "val_acc": acc, "val_loss": loss}
+        fake.history.append(row)
+        tr.Trainer._track_best(fake, row)
+        saved.append(fake.best_epoch)
+    assert saved == [1, 3, 3, 7, 7]  # a tie with a higher loss (epoch 8) does not move it
+    assert fake.best == 0.85 and (tmp_path / "best.safetensors").exists()
+    # a loss monitor has no tie-break to make
+    fake.cfg.monitor, fake.best, fake.best_epoch = "val_loss", 0.41, 7
+    assert tr.Trainer._ties_with_lower_loss(fake, "val_loss", {"epoch": 9, "val_loss": 0.41}) is False

@@ -473,13 +473,23 @@ class Trainer:
 
     def _track_best(self, row: dict) -> None:
         m = self.cfg.monitor
-        if m not in row or not cb._better(m, row[m], self.best):
+        if m not in row or not (cb._better(m, row[m], self.best) or self._ties_with_lower_loss(m, row)):
             return
         self.best, self.best_epoch = row[m], row["epoch"]
         if self.run_dir is not None and self.is_main:
             from imgclf.runs import save_weights
 
             save_weights(self.eval_model(), self.run_dir / "best.safetensors")
+
+    def _ties_with_lower_loss(self, m: str, row: dict) -> bool:
+        """An epoch that equals the best accuracy (or mAP) and has a lower val loss: on a small
+        val split accuracy moves in steps of 1/n and ties are common, and the later epoch, trained
+        longer at a lower lr, is the better model by the finer measure."""
+        if m.endswith("loss") or self.best is None or row[m] != self.best or "val_loss" not in row:
+            return False
+        best_row = next((r for r in self.history if r.get("epoch") == self.best_epoch), None)
+        loss = best_row.get("val_loss") if best_row else None
+        return loss is not None and row["val_loss"] < loss
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
