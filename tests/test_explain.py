@@ -76,6 +76,7 @@ def test_gradcam_on_timm_and_plain_cnns(arch, layer, sample_dir):
     model = build_model(arch, 10, 32).eval()
     cam = GradCAM(model, 32, "cpu")
     assert cam.layer == layer  # the last conv stage, before global pooling / flatten
+    assert cam.where() == f"layer '{layer}' (4x4 cells)" if arch == "timm:resnet18" else cam.where().endswith("cells)")
     heat, logits = cam(_real_batch(sample_dir))
     assert heat.shape == (3, 32, 32) and logits.shape == (3, 10)
     # untrained weights: a map may be all-negative (ReLU'd to zero), but not every one
@@ -100,3 +101,17 @@ def test_out_naming_an_existing_file_is_a_one_line_error(tiny_run, sample_dir, t
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "notes.txt" in err
     assert taken.read_text() == "not a folder"
+
+
+def test_a_wide_image_gets_a_figure_of_its_shape_and_the_title_says_what_the_layer_is(tiny_run, sample_dir, tmp_path):
+    # a 3:1 crop in the square layout left most of the PNG blank; "at layers" named the module
+    # without saying it is one (fastnet's last stage is called 'layers')
+    photo = np.asarray(Image.open(_images(sample_dir, 1)[0]).convert("RGB").resize((96, 32)))
+    Image.fromarray(photo).save(tmp_path / "wide.png")
+    Image.fromarray(photo[:, :32]).save(tmp_path / "square.png")
+    wide, square = explain(tiny_run, [tmp_path / "wide.png", tmp_path / "square.png"], out=tmp_path / "x", device="cpu")
+    with Image.open(wide["output"]) as w, Image.open(square["output"]) as q:
+        assert w.width == q.width and w.height < 0.6 * q.height
+    import imgclf
+
+    assert GradCAM(imgclf.load(tiny_run, device="cpu").model, 32, "cpu").where() == "layer 'layers' (3x3 cells)"

@@ -45,9 +45,10 @@ def trace_feature_maps(model: nn.Module, image_size: int, device) -> list[tuple[
     return [s for i, s in enumerate(seen) if last[s[0]] == i]
 
 
-def find_target_layer(model: nn.Module, image_size: int, device, layer: str | None = None) -> str:
+def find_target_layer(model: nn.Module, image_size: int, device, layer: str | None = None,
+                      maps: list[tuple[str, tuple[int, ...]]] | None = None) -> str:
     """The layer Grad-CAM reads: ``layer`` if given (checked), else the last spatial feature map."""
-    maps = trace_feature_maps(model, image_size, device)
+    maps = maps if maps is not None else trace_feature_maps(model, image_size, device)
     spatial = [n for n, s in maps if s[2] * s[3] > 1]
     if layer is not None:
         if layer in {n for n, _ in maps}:
@@ -77,9 +78,16 @@ class GradCAM:
 
     def __init__(self, model: nn.Module, image_size: int, device, layer: str | None = None):
         self.model, self.device = model, device
-        self.layer = find_target_layer(model, image_size, device, layer)
+        maps = trace_feature_maps(model, image_size, device)
+        self.layer = find_target_layer(model, image_size, device, layer, maps)
+        shape = dict(maps)[self.layer]
+        self.grid = (int(shape[2]), int(shape[3]))  # the heatmap's cells, before it is resized to the image
         self.module = dict(model.named_modules())[self.layer]
         self.no_evidence = np.zeros(0, dtype=bool)
+
+    def where(self) -> str:
+        """The layer as a title says it: "layer 'layers' (4x4 cells)", a bare module name read as a word."""
+        return f"layer '{self.layer}' ({self.grid[0]}x{self.grid[1]} cells)"
 
     def __call__(self, x: torch.Tensor, classes: list[int] | None = None) -> tuple[np.ndarray, torch.Tensor]:
         store: dict[str, torch.Tensor] = {}
@@ -136,7 +144,9 @@ def explanation_png(image: np.ndarray, cam: np.ndarray, title: str, alpha: float
     size = display_size(max(image.shape[:2]))
     over = overlay(image, cam, alpha, size)
     base = np.asarray(Image.fromarray(image).resize((over.shape[1], over.shape[0]), Image.Resampling.BICUBIC))
-    fig, axes = plt.subplots(1, 2, figsize=(8, 4.4))
+    # panels shaped like the image: a wide crop in a square layout left half the figure blank
+    ratio = float(np.clip(over.shape[0] / over.shape[1], 0.3, 2.0))
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.9 * ratio + 1.0))
     for ax, im, sub in zip(axes, (base, over), ("image", "Grad-CAM")):
         ax.imshow(im)
         ax.set_title(sub, fontsize=9)
@@ -208,10 +218,10 @@ def explain(run: str | Path, images: list[str | Path], *, layer: str | None = No
         tops = [(clf.classes[int(j)], float(p)) for p, j in zip(top.values, top.indices)]
         shown = class_name if target is not None else tops[0][0]
         blank = bool(cam.no_evidence[0])
-        title = f"{f.name}: " + ", ".join(f"{c} {p:.2f}" for c, p in tops) + f"\nGrad-CAM for '{shown}' at {cam.layer}"
+        title = f"{f.name}: " + ", ".join(f"{c} {p:.2f}" for c, p in tops) + f"\nGrad-CAM for '{shown}' at {cam.where()}"
         if blank:  # a bare blank panel reads as a rendering fault or as 'looked nowhere'
             title += f"\nno positive evidence for '{shown}' in this image (blank map)"
-            log.warn(f"{f}: no positive evidence for '{shown}' in this image: its Grad-CAM at {cam.layer} is blank",
+            log.warn(f"{f}: no positive evidence for '{shown}' in this image: its Grad-CAM at {cam.where()} is blank",
                      once=False)
         png = explanation_png(_display_image(clf, f, view), heat[0], title)
         stem = f.stem if f.stem not in used else f"{f.parent.name}_{f.stem}"

@@ -469,8 +469,8 @@ def section_gradcam(model, meta: dict, s: SplitSample | None, device, classes: l
     n_blank = int(np.sum(cam.no_evidence))
     blank_note = (f" {n_blank} map(s) are blank: no part of the image adds positive evidence for the "
                   "predicted class at this layer." if n_blank else "")
-    return (f'<p class="note">Where the model looked for its predicted class (layer <code>{esc(cam.layer)}</code>), '
-            f"for {len(pick_r)} correct and {len(pick_w)} wrong {esc(s.name)} predictions.{blank_note}</p>"
+    return (f'<p class="note">Where the model looked for its predicted class (layer <code>{esc(cam.layer)}</code>, '
+            f"a {cam.grid[0]}x{cam.grid[1]} map), for {len(pick_r)} correct and {len(pick_w)} wrong {esc(s.name)} predictions.{blank_note}</p>"
             f'<div class="grid">{figs}</div>')
 
 
