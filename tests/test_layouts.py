@@ -122,18 +122,30 @@ def test_predict_on_a_folder_skips_macos_debris(tiny_run, small_sample, tmp_path
     assert len(rows) == 2 and all(not r.get("error") for r in rows)
 
 
-def test_evaluate_without_a_test_split_scores_the_held_out_val_split(small_sample, tmp_path):
+def test_evaluate_without_a_test_split_scores_the_held_out_val_split(small_sample, tmp_path, capfd):
     flat = tmp_path / "flat"
     _copy_classes(small_sample / "train", flat, ["cat", "dog", "ship"], 20)
     res = imgclf.train(data=str(flat), project=str(tmp_path / "runs"), name="r", val_split=0.25, **QUICK)
     m = imgclf.evaluate(res.run_dir, progress=False)
     held = load_source(str(flat), val_split=0.25, split_seed=res.config.split_seed, cache_dir=tmp_path / "c").val
     assert m["split"] == "val" and m["n"] == len(held) == 15
+    # the same folder named with --data: was scored whole, 45 of its 60 images ones the model learned
+    capfd.readouterr()
+    m = imgclf.evaluate(res.run_dir, str(flat), progress=False)
+    assert m["split"] == "val" and m["n"] == 15
+    assert "is the data r trained on, with no test split: evaluating on the run's validation split (15 images)" \
+        in capfd.readouterr().err
     none = imgclf.train(data=str(flat), project=str(tmp_path / "runs"), name="n", val_split=0, **QUICK)
     with pytest.raises(UserError, match="no test split"):
         imgclf.evaluate(none.run_dir, progress=False)
-    # a folder given with --data is scored whole, as before
+    # a run that held nothing out: scored whole, and said to be optimistic
+    capfd.readouterr()
     assert imgclf.evaluate(none.run_dir, str(flat), progress=False)["split"] == "all"
+    assert "every image scored here was a training image" in capfd.readouterr().err
+    # another folder with no splits is scored whole, as before, and nothing is said
+    shutil.copytree(flat, tmp_path / "other")
+    assert imgclf.evaluate(res.run_dir, str(tmp_path / "other"), progress=False)["split"] == "all"
+    assert "trained on" not in capfd.readouterr().err
 
 
 def test_settings_that_need_validation_data_say_so(small_sample, tmp_path):

@@ -904,7 +904,7 @@ def evaluate(run: str | Path, data=None, *, tta: bool | None = None, device: str
         data = os.fspath(data)
     if device_t.type == "cpu":  # the layout training validated and tested in: bf16 kernels round alike
         model.to(memory_format=torch.channels_last)
-    from imgclf.evaluate.calibrate import check_classes, run_cache_root, source_from_config
+    from imgclf.evaluate.calibrate import _same_data, check_classes, run_cache_root, source_from_config
 
     run_dir, _ = read_meta(run)
     # where the results go, checked before any image is decoded or scored
@@ -914,6 +914,7 @@ def evaluate(run: str | Path, data=None, *, tta: bool | None = None, device: str
                         f"{run_dir}: cannot write the evaluation into the run folder ({problem}); pass --out DIR")
     root = run_cache_root(run_dir, cache_dir)
     label_opts: dict[str, Any] = {}
+    run_cfg = None
     if (run_dir / "config.yaml").exists():  # read labels the way training did (COCO/YOLO modes, --classes)
         run_cfg = make_config(run_dir / "config.yaml")
         label_opts = dict(task=run_cfg.task, label_mode=run_cfg.label_mode, classes=run_cfg.classes,
@@ -937,6 +938,18 @@ def evaluate(run: str | Path, data=None, *, tta: bool | None = None, device: str
                             "split: pass --data with test images")
         split, which = src.val, "val"
         log.info(f"{data} has no test split: evaluating on the run's validation split ({len(split)} images)")
+    elif which == "all" and run_cfg is not None and _same_data(data, run_cfg.data):
+        # --data naming the folder the run trained on, which has no test/ or val/ folder: every
+        # image would be scored, the ones the model learned among them (0.97 on a run whose
+        # held-out split gave 0.78), so the held-out split it had is scored instead
+        held = source_from_config(run_cfg, root)
+        if held.val is not None:
+            src, split, which = held, held.val, "val"
+            log.info(f"{data} is the data {run_dir.name} trained on, with no test split: evaluating on the run's "
+                     f"validation split ({len(split)} images), not on the images it learned")
+        else:
+            log.warn(f"{data} is the data {run_dir.name} trained on, and the run held out no validation split: "
+                     "every image scored here was a training image, so these figures are optimistic")
     check_classes(data, src.classes, meta["classes"])
     remap = np.asarray([meta["classes"].index(c) for c in src.classes], dtype=np.int64)
     if meta.get("task") == "multilabel":
