@@ -113,3 +113,35 @@ def test_bad_npz_files_are_one_line(tmp_path):
         read_npz(pickled)
     with pytest.raises(DataError, match=r"data: pass a path, \(images, labels\)"):
         imgclf.train(data=(1, 2, 3, 4), project=str(tmp_path), **FAST)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="the resident set is read from Linux's /proc")
+def test_an_npz_saved_uncompressed_is_read_from_the_file_not_copied_into_ram(tmp_path):
+    import subprocess
+    import sys
+
+    # 128 MB of uint8 images at their size: np.load read all of it into RAM, on top of the
+    # notebook's own copy; mapped, nothing is read until the loader pages it in
+    x = np.random.default_rng(0).integers(0, 256, (8192, 64, 64, 4), dtype=np.uint8)[..., :3]
+    np.savez(tmp_path / "big.npz", x_train=x, y_train=np.arange(len(x)) % 7)
+    code = (
+        "import sys\nfrom pathlib import Path\nfrom imgclf.data.npz import read_npz\n"
+        "def rss():\n"
+        "    return next(int(ln.split()[1]) for ln in open('/proc/self/status') if ln.startswith('VmRSS'))\n"
+        "before = rss()\n"
+        "src = read_npz(Path(sys.argv[1]))\n"
+        "grew = rss() - before\n"
+        "print(grew // 1024, src.train.images.shape, int(src.train.images[4000].sum()))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "big.npz")], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    grew_mb, shape, checksum = r.stdout.split(" ", 1)[0], r.stdout.split(" ", 1)[1].rsplit(" ", 1)[0], \
+        r.stdout.split()[-1]
+    assert int(grew_mb) < 40, r.stdout  # was ~130 MB
+    assert shape == "(8192, 64, 64, 3)" and int(checksum) == int(x[4000].sum())
+    # compressed members, Fortran order and grey images: read whole, converted as before
+    np.savez_compressed(tmp_path / "small.npz", x_train=x[:20], y_train=np.arange(20) % 7)
+    np.savez(tmp_path / "fortran.npz", x_train=np.asfortranarray(x[:20, ..., 0]), y_train=np.arange(20) % 7)
+    assert np.array_equal(read_npz(tmp_path / "small.npz").train.images, x[:20])
+    assert np.array_equal(read_npz(tmp_path / "fortran.npz").train.images, np.repeat(x[:20, ..., :1], 3, axis=3))

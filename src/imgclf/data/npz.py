@@ -144,7 +144,7 @@ def read_npz(path: Path, classes: list[str] | None = None):
             for split, options in SPLIT_KEYS.items():
                 pair = next(((xk, yk) for xk, yk in options if xk in keys and yk in keys), None)
                 if pair is not None:
-                    splits[split] = (z[pair[0]], z[pair[1]])
+                    splits[split] = (_mapped_member(path, z, pair[0]), z[pair[1]])
             stored = next((z[k] for k in CLASS_KEYS if k in keys), None)
     except ValueError as e:  # object arrays need pickle, which is never loaded from a data file
         raise DataError(f"--data {path}: {str(e).splitlines()[0]} (arrays of Python objects are not read: "
@@ -159,6 +159,38 @@ def read_npz(path: Path, classes: list[str] | None = None):
     # arrays the API saved (arrays-<hash>.npz in the cache): runs are named arrays-<model>-N
     name = "arrays" if path.parent.name == "arrays" and path.stem.startswith("arrays-") else path.stem
     return build_source(splits, classes, str(path), name)
+
+
+def _mapped_member(path: Path, z, key: str) -> np.ndarray:
+    """``z[key]`` of an open .npz, memory-mapped from the file where the member is stored as it is
+    (np.savez, and the arrays the API saves; not np.savez_compressed): uint8 images at their
+    size then go from the file to the loader without a copy in RAM, so a data set as large as the
+    memory trains as files do. Elsewhere the array is read whole, as np.load reads it."""
+    import struct
+    import zipfile
+
+    try:
+        info = z.zip.getinfo(f"{key}.npy")
+        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:  # deflated, or encrypted
+            return z[key]
+        with open(path, "rb") as f:
+            f.seek(info.header_offset)
+            head = f.read(30)  # the local file header: its name and extra field come before the data
+            if len(head) < 30 or head[:4] != b"PK\x03\x04":
+                return z[key]
+            name_len, extra_len = struct.unpack("<HH", head[26:30])
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            version = np.lib.format.read_magic(f)
+            read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in read:
+                return z[key]
+            shape, fortran, dtype = read[version](f)
+            offset = f.tell()
+    except (KeyError, OSError, ValueError):
+        return z[key]  # np.load's own reading, and its own error if the member is bad
+    if dtype.hasobject or not shape or 0 in shape:
+        return z[key]
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
 
 
 def save_arrays(data, root: Path, *, val=None, test=None, classes: list[str] | None = None) -> Path:
