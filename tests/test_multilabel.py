@@ -279,5 +279,5 @@ def test_coco_multilabel_run(coco, tmp_path):
     ev = evaluate(run, progress=False)
     assert ev["task"] == "multilabel" and ev["split"] == "val" and ev["n"] == n_val
     assert ev["map"] == pytest.approx(m["map"], abs=1e-6)
-    # given as --data, the whole set is scored
-    assert evaluate(run, str(_coco_json(root)), progress=False)["n"] == facts["n_images"]
+    # the same data given as --data: still the held-out split (was: the whole set, training images and all)
+    assert evaluate(run, str(_coco_json(root)), progress=False)["n"] == n_val
