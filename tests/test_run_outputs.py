@@ -36,6 +36,9 @@ def test_small_values_keep_their_digits_in_compare_and_the_report(tmp_path):
     from imgclf.evaluate.report import section_config
 
     assert (_fmt(1e-5), _fmt(3e-5), _fmt(0.91234)) == ("1e-05", "3e-05", "0.9123")
+    # config values as written, seconds to a tenth: were 0.0469, 10.3500, 0.0000 and 47.8000
+    assert [_fmt(v, "x", config=True) for v in (0.046875, 10.35, 0.0)] == ["0.046875", "10.35", "0"]
+    assert _fmt(47.8, "train_seconds") == "47.8"
     (tmp_path / "config.yaml").write_text("lr: 3.0e-05\nema: 0.99995\neps: 1.0e-08\n")
     html = section_config(tmp_path, {"architecture": "fastnet"})
     assert "3e-05" in html and "0.99995" in html and "1e-08" in html

@@ -83,7 +83,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from imgclf.evaluate.compare import compare_runs, format_table
 
     res = compare_runs(args.runs, args.out)
-    print(format_table(res["header"], res["rows"]))
+    print(format_table(res["header"], res["rows"], res["config_columns"]))
     print(f"figures, compare.csv and compare.html in {res['out_dir']}")
     return 0
 

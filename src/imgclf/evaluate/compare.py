@@ -155,7 +155,13 @@ def curve_figures(infos: list[dict], labels: list[str]) -> dict[str, object]:
     return figs
 
 
-def _fmt(v) -> str:
+def _fmt(v, column: str = "", config: bool = False) -> str:
+    """A table cell: figures to 4 decimals (seconds to 0.1), config values as written (an lr of
+    0.046875, 10.35 warm-up epochs, 0 freeze epochs: not 0.0469, 10.3500, 0.0000)."""
+    if isinstance(v, float) and config:
+        return f"{v:.10g}"
+    if isinstance(v, float) and column.endswith("seconds"):
+        return f"{v:.1f}"
     if isinstance(v, float):
         if v != 0 and abs(v) < 1e-3:  # an lr of 1e-5 against 3e-5 must not read 0.0000 twice
             return f"{v:.4g}"
@@ -206,14 +212,15 @@ def compare_runs(runs: list[str | Path], out: str | Path | None = None) -> dict:
     with open(out_dir / "compare.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
-        w.writerows([[_fmt(v) for v in r] for r in rows])
+        w.writerows([[_fmt(v, h, h in cfg_names) for h, v in zip(header, r)] for r in rows])
     figs = curve_figures(infos, labels)
     images = {}
     for key, fig in figs.items():
         fig.savefig(out_dir / f"{key}.png", dpi=100)
         images[key] = fig_uri(fig)  # closes the figure
     table = ("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"
-             + "".join("<tr>" + "".join(f"<td>{esc(_fmt(v))}</td>" for v in r) + "</tr>" for r in rows) + "</table>")
+             + "".join("<tr>" + "".join(f"<td>{esc(_fmt(v, h, h in cfg_names))}</td>" for h, v in zip(header, r))
+                       + "</tr>" for r in rows) + "</table>")
     cfg_note = (f"config values that differ: {esc(', '.join(cfg_cols))}" if cfg_cols
                 else "the runs' configs do not differ (other than name and output options)")
     notes_html = "".join(f'<p class="bad">{esc(n)}</p>' for n in notes)
@@ -225,11 +232,11 @@ def compare_runs(runs: list[str | Path], out: str | Path | None = None) -> dict:
            "</main></body></html>")
     (out_dir / "compare.html").write_text(doc, encoding="utf-8")
     return {"header": header, "rows": rows, "out_dir": out_dir, "figures": sorted(out_dir / f"{k}.png" for k in figs),
-            "differing": cfg_cols, "notes": notes}
+            "differing": cfg_cols, "config_columns": cfg_names, "notes": notes}
 
 
-def format_table(header: list[str], rows: list[list]) -> str:
+def format_table(header: list[str], rows: list[list], config_columns: list[str] = ()) -> str:
     """Plain-text table for the terminal, one column per run (runs are few, figures many)."""
-    cells = [[h] + [_fmt(r[j]) for r in rows] for j, h in enumerate(header)]
+    cells = [[h] + [_fmt(r[j], h, h in config_columns) for r in rows] for j, h in enumerate(header)]
     widths = [max(len(c[j]) for c in cells) for j in range(len(cells[0]))]
     return "\n".join("  ".join(c[j].ljust(widths[j]) for j in range(len(c))).rstrip() for c in cells)
