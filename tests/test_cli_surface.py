@@ -35,6 +35,19 @@ def test_a_mistyped_option_is_named_by_its_command_with_the_closest_spelling(cap
     assert "unknown option --topk; did you mean --top-k?" in err[0]
 
 
+def test_other_tools_names_for_an_option_point_to_ours(tmp_path, capsys):
+    # Keras' learning_rate, Ultralytics' imgsz and lr0, PyTorch scripts' num_epochs: no spelling
+    # distance leads from those to lr, image-size and epochs (was: no suggestion at all)
+    err = _usage_error(["train", "--data", "x", "--imgsz", "64", "--learning-rate", "0.1", "--num_epochs", "3"], capsys)
+    assert err[0].startswith("imgclf train: error: unknown options --imgsz (did you mean --image-size?), "
+                             "--learning-rate (did you mean --lr?), --num_epochs (did you mean --epochs?)")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("data: x\nlr0: 0.01\nbackbone: timm:resnet18\n")
+    assert main(["train", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown option 'lr0'; did you mean 'lr'?" in err and "unknown option 'backbone'; did you mean 'model'?" in err
+
+
 def test_a_bad_choice_is_one_line_and_a_mistyped_command_gets_a_suggestion(capsys):
     err = _usage_error(["train", "--data", "x", "--schedule", "cos"], capsys)
     assert len(err) == 2 and "invalid choice: 'cos'" in err[0] and "did you mean 'cosine'?" in err[0]

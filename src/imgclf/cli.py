@@ -148,6 +148,7 @@ def _invalid_choice(message: str) -> tuple[str, list[str]] | None:
 
 def _unknown_arguments(parser: argparse.ArgumentParser, extras: list[str]) -> str:
     """'unknown option --img-size; did you mean --image-size?' for what the command did not read."""
+    from imgclf.config import OTHER_NAMES
     from imgclf.data.arrays import is_number
 
     # compared without the dashes, which every option shares ('--bogus' is not close to '--out')
@@ -157,7 +158,8 @@ def _unknown_arguments(parser: argparse.ArgumentParser, extras: list[str]) -> st
         if not tok.startswith("-") or tok == "-" or is_number(tok):
             continue  # an unknown option's value, most likely
         name = tok.split("=", 1)[0]
-        close = difflib.get_close_matches(name.lstrip("-"), known, n=1, cutoff=0.6)
+        other = OTHER_NAMES.get(name.lstrip("-").replace("-", "_").lower(), "").replace("_", "-")
+        close = [other] if other in known else difflib.get_close_matches(name.lstrip("-"), known, n=1, cutoff=0.6)
         unknown.append((name, f"--{close[0]}" if close else None))
     if not unknown:  # only stray words: one positional argument too many
         what = f"unexpected argument '{extras[0]}'"

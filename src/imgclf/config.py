@@ -242,11 +242,37 @@ def option_help() -> dict[str, str]:
     return {name: (f.description or "") for name, f in TrainConfig.model_fields.items()}
 
 
+# What other tools and notebooks call imgclf's training options (Keras, PyTorch scripts,
+# Ultralytics' imgsz/lr0/batch, timm's train.py): spelling distance finds 'epoch' for 'epochs'
+# but not 'lr' for 'learning_rate'.
+OTHER_NAMES = {
+    "learning_rate": "lr", "lr0": "lr", "base_lr": "lr", "init_lr": "lr",
+    "num_epochs": "epochs", "n_epochs": "epochs", "max_epochs": "epochs", "nb_epoch": "epochs",
+    "batch": "batch_size", "bs": "batch_size", "batchsize": "batch_size", "train_batch_size": "batch_size",
+    "imgsz": "image_size", "img_size": "image_size", "input_size": "image_size", "resolution": "image_size",
+    "target_size": "image_size", "size": "image_size",
+    "arch": "model", "architecture": "model", "backbone": "model", "net": "model", "network": "model",
+    "dataset": "data", "data_dir": "data", "train_dir": "data", "data_path": "data", "dataset_dir": "data",
+    "val_dir": "val_data", "valid_data": "val_data", "validation_data": "val_data", "test_dir": "test_data",
+    "validation_split": "val_split", "valid_split": "val_split",
+    "optimiser": "optimizer", "optim": "optimizer", "opt": "optimizer",
+    "wd": "weight_decay", "decay": "weight_decay",
+    "scheduler": "schedule", "lr_scheduler": "schedule", "lr_schedule": "schedule", "sched": "schedule",
+    "warmup": "warmup_epochs", "patience": "early_stopping", "smoothing": "label_smoothing",
+    "num_workers": "workers", "amp": "precision", "mixed_precision": "precision",
+    "pretrained_weights": "weights",
+}
+
+
 def suggest_key(key: str, known: Iterable[str] | None = None,
                 fallback: str = "; run 'imgclf train --help' for the options") -> str:
-    """'; did you mean ...?' for the closest of ``known`` (default: the train options)."""
-    known = TrainConfig.model_fields.keys() if known is None else known
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    """'; did you mean ...?' for the closest of ``known`` (default: the train options), or what
+    another tool's name for it is here (learning_rate: lr)."""
+    known = list(TrainConfig.model_fields.keys() if known is None else known)
+    other = OTHER_NAMES.get(key.replace("-", "_").lower())
+    if other in known:
+        return f"; did you mean '{other}'?"
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     return f"; did you mean '{close[0]}'?" if close else fallback
 
 
