@@ -297,6 +297,7 @@ class _Setup:
     device: torch.device
     ddp: Any  # engine.distributed.DDP | None
     user_epochs: float | None  # an explicit --epochs: a cap under --time-limit
+    default_model: bool = False  # a new run on the default net, the model not chosen (_hint_pretrained)
 
     @property
     def rank(self) -> int:
@@ -478,8 +479,7 @@ def _prepare_data(cfg: TrainConfig, run_dir: Path | None, device: torch.device, 
     cached = _cache_splits(src, size, cfg.resize, root, cfg.workers, cfg.progress)
     distributed.main_first_end(ddp)
     user_epochs = cfg.epochs if "epochs" in cfg.model_fields_set else None
-    if run_dir is None and cfg.model == "auto" and source is None:
-        _hint_pretrained(len(cached["train"]))
+    default_model = run_dir is None and cfg.model == "auto" and source is None
     cfg = recipe.resolve(cfg, n_train=len(cached["train"]), image_size=size, arch=arch,
                          multilabel=src.task == "multilabel", world=world)
     if cfg.translate and cfg.translate >= size:  # reflect padding wider than the image cannot be made
@@ -509,7 +509,7 @@ def _prepare_data(cfg: TrainConfig, run_dir: Path | None, device: torch.device, 
                                              "--sampler balanced" if cfg.sampler == "balanced" else "") if x)
         # one or two lines and RUN/check.json; never fails the run
         check_for_training(src, cached, run_dir, balancing=balancing or None)
-    return _Setup(cfg, src, cached, arch, size, source, run_dir, device, ddp, user_epochs)
+    return _Setup(cfg, src, cached, arch, size, source, run_dir, device, ddp, user_epochs, default_model)
 
 
 def _check_early_crop(model: torch.nn.Module, arch: str, crop: int, size: int) -> None:
@@ -720,6 +720,8 @@ def _build_trainer(s: _Setup, *, resume, callbacks, final_eval: bool, t_start: f
     log.info(f"model {arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
              f"{length} x {trainer.steps_per_epoch} steps of {cfg.batch_size}, {opt}, "
              f"{device.type} {trainer.precision.dtype or 'fp32'}")
+    if s.default_model:  # said beside the model it is about
+        _hint_pretrained(len(cached["train"]))
     return model, trainer, budget_cb, {"mean": mean, "std": std, "arch_args": arch_args,
                                        "prior_seconds": extra_prior if resume is not None else 0.0}
 
