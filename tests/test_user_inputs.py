@@ -74,6 +74,8 @@ def test_predict_proba_converts_what_it_is_given_like_predict(tiny_run, sample_d
     np.testing.assert_allclose(clf.predict_proba(big[None]), clf.predict_proba(clf.preprocess(big)[None]), atol=1e-6)
     with pytest.raises(ValueError, match="undo any mean/std"):
         clf.predict_proba((rgb / 255.0 - 0.5) / 0.2)
+    with pytest.raises(imgclf.UserError, match="undo any mean/std"):  # was a ValueError only
+        clf.predict_proba((rgb / 255.0 - 0.5) / 0.2)
 
 
 def test_predict_output_is_checked_before_any_image_is_classified(tiny_run, sample_dir, tmp_path, capsys,

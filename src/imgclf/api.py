@@ -26,7 +26,7 @@ from imgclf.data.sources import DataSource, Skipped, list_images, load_source, m
 from imgclf.engine import recipe
 from imgclf.engine.cpu_alloc import prepare_cpu_training
 from imgclf.engine.trainer import Trainer, resolve_precision, seed_everything
-from imgclf.errors import UserError
+from imgclf.errors import BadInputError, UserError
 from imgclf.evaluate.inference import auto_batch_size
 from imgclf.models.registry import arch_args_for_record, build_model, default_normalization, resolve_name
 from imgclf.paths import write_problem
@@ -1112,7 +1112,8 @@ class Classifier:
 
     def predict_proba(self, images, tta: bool = False) -> np.ndarray:
         """Class probabilities, N x classes, for anything ``predict`` reads; an image that cannot
-        be read raises :class:`ValueError` (``predict`` reports it per image instead)."""
+        be read raises :class:`imgclf.errors.BadInputError`, both a UserError and a ValueError
+        (``predict`` reports it per image instead)."""
         from imgclf.evaluate.inference import logits_for_array
 
         s = self.image_size
@@ -1126,7 +1127,7 @@ class Classifier:
                         raise BadImage(name, err)
                     batch.append(self.preprocess(src, name))
                 except BadImage as e:
-                    raise ValueError(str(e)) from None
+                    raise BadInputError(str(e)) from None
             images = np.stack(batch) if batch else np.zeros((0, s, s, 3), np.uint8)
         if not len(images):
             return np.zeros((0, len(self.classes)), np.float32)
