@@ -906,7 +906,7 @@ def evaluate(run: str | Path, data=None, *, tta: bool | None = None, device: str
         data = os.fspath(data)
     if device_t.type == "cpu":  # the layout training validated and tested in: bf16 kernels round alike
         model.to(memory_format=torch.channels_last)
-    from imgclf.evaluate.calibrate import _same_data, check_classes, run_cache_root, source_from_config
+    from imgclf.evaluate.calibrate import check_classes, own_held_out, run_cache_root, source_from_config
 
     run_dir, _ = read_meta(run)
     # where the results go, checked before any image is decoded or scored
@@ -940,11 +940,10 @@ def evaluate(run: str | Path, data=None, *, tta: bool | None = None, device: str
                             "split: pass --data with test images")
         split, which = src.val, "val"
         log.info(f"{data} has no test split: evaluating on the run's validation split ({len(split)} images)")
-    elif which == "all" and run_cfg is not None and _same_data(data, run_cfg.data):
+    elif which == "all" and (held := own_held_out(data, run_cfg, root)) is not None:
         # --data naming the folder the run trained on, which has no test/ or val/ folder: every
         # image would be scored, the ones the model learned among them (0.97 on a run whose
         # held-out split gave 0.78), so the held-out split it had is scored instead
-        held = source_from_config(run_cfg, root)
         if held.val is not None:
             src, split, which = held, held.val, "val"
             log.info(f"{data} is the data {run_dir.name} trained on, with no test split: evaluating on the run's "

@@ -165,7 +165,11 @@ def _mapped_member(path: Path, z, key: str) -> np.ndarray:
     """``z[key]`` of an open .npz, memory-mapped from the file where the member is stored as it is
     (np.savez, and the arrays the API saves; not np.savez_compressed): uint8 images at their
     size then go from the file to the loader without a copy in RAM, so a data set as large as the
-    memory trains as files do. Elsewhere the array is read whole, as np.load reads it."""
+    memory trains as files do. Elsewhere the array is read whole, as np.load reads it.
+
+    Written here because numpy has no such reader: np.load ignores mmap_mode for an .npz. The
+    member's data starts after its zip local header (30 bytes, then its name and extra field)
+    and the .npy header that np.lib.format reads."""
     import struct
     import zipfile
 

@@ -260,6 +260,16 @@ def _same_data(a: str | Path | None, b: str | Path | None) -> bool:
         return str(a) == str(b)
 
 
+def own_held_out(data: str, run_cfg, root: Path):
+    """For ``data`` read whole (no val/ or test/ folder of its own): when it is the data the run
+    trained on, the run's source rebuilt as training read it, whose ``val`` is the split it held
+    out (None: it held none out, so every image is one the model learned). None for other data.
+    calibrate and evaluate score that split rather than the images the model learned."""
+    if run_cfg is None or not _same_data(data, run_cfg.data):
+        return None
+    return source_from_config(run_cfg, root)
+
+
 def calibrate_run(run: str | Path, data: str | None = None, *, device: str = "auto", progress: bool = True,
                   cache_dir: str | None = None) -> dict:
     """Refit the temperature of a finished run on its validation split (or on ``data``: its val/
@@ -290,10 +300,8 @@ def calibrate_run(run: str | Path, data: str | None = None, *, device: str = "au
         split, which = next(((getattr(src, k), k) for k in CALIBRATION_SPLITS if getattr(src, k) is not None),
                             (src.train, "all"))
         name = f"{which} split of {data}" if which != "all" else f"all of {data}"
-        if which == "all" and cfg is not None and _same_data(data, cfg.data):
-            # the run's own data, with no val/ or test/ folder: its images are the ones the model
-            # learned, except the validation split training held out (rebuilt as evaluate does)
-            own = source_from_config(cfg, root)
+        own = own_held_out(data, cfg, root) if which == "all" else None
+        if own is not None:
             if own.val is not None:
                 src, split, name = own, own.val, f"the run's validation split of {data}"
             else:
