@@ -73,13 +73,39 @@ def _split_muon(groups: list[dict], cfg: TrainConfig, normalize: bool) -> list[d
     return out
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 arithmetic runs in hardware on ``device``: any CUDA GPU torch supports bf16 on,
+    a CPU with AMX or AVX512-BF16. Elsewhere (AVX2-only CPUs: AMD Zen 2/3, most desktop Intel)
+    bf16 is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cpu = torch.cpu
+        return bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+                    or getattr(cpu, "_is_avx512_bf16_supported", lambda: False)())
+    return False
+
+
+_NS_DTYPE: dict[torch.device, torch.dtype] = {}
+
+
+def ns_dtype(device: torch.device) -> torch.dtype:
+    """The Newton-Schulz iteration's dtype: bf16 where it is native, else fp32. Measured on an
+    AVX2-only 2-core CPU (AMD Zen 3), FastNet's seven filter banks took 2.7 s per step in
+    emulated bf16 and 0.085 s in fp32: a third of each training step at batch 1024."""
+    if device not in _NS_DTYPE:
+        _NS_DTYPE[device] = torch.bfloat16 if native_bf16(device) else torch.float32
+    return _NS_DTYPE[device]
+
+
 @torch.no_grad()
-def orthogonalize(g: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> torch.Tensor:
-    """Approximate U V^T of g = U S V^T by a quintic Newton-Schulz iteration in bf16 (Muon).
-    The coefficients push small singular values up fast; the result has singular values in
-    about (0.5, 1.5), which trains as well as exact orthogonalisation (Jordan et al., 2024)."""
+def orthogonalize(g: torch.Tensor, steps: int = 3, eps: float = 1e-7, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Approximate U V^T of g = U S V^T by a quintic Newton-Schulz iteration (Muon), in ``dtype``
+    (default: ns_dtype of g's device). The coefficients push small singular values up fast; the
+    result has singular values in about (0.5, 1.5), which trains as well as exact
+    orthogonalisation (Jordan et al., 2024)."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.to(torch.bfloat16)
+    x = g.to(dtype or ns_dtype(g.device))
     x = x / (x.norm() + eps)
     wide = x.shape[0] <= x.shape[1]
     if not wide:

@@ -25,7 +25,7 @@ from imgclf.config import TrainConfig
 from imgclf.data.augment import BatchAugment, Normalize
 from imgclf.data.loader import BatchLoader
 from imgclf.engine import callbacks as cb
-from imgclf.engine.optim import build_optimizer, l2_penalty
+from imgclf.engine.optim import build_optimizer, l2_penalty, native_bf16
 from imgclf.engine.schedule import lr_factor
 from imgclf.errors import UserError
 
@@ -48,13 +48,9 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
     if name == "fp16":
         return Precision(torch.float16)
     if device.type == "cuda":
-        return Precision(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    if device.type == "cpu":
-        cpu = torch.cpu
-        fast = getattr(cpu, "_is_amx_tile_supported", lambda: False)() or getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
-        # Without native bf16 instructions autocast is emulated and slower than fp32.
-        return Precision(torch.bfloat16 if fast else None)
-    return Precision(None)
+        return Precision(torch.bfloat16 if native_bf16(device) else torch.float16)
+    # on a CPU without native bf16 instructions autocast is emulated and slower than fp32
+    return Precision(torch.bfloat16 if device.type == "cpu" and native_bf16(device) else None)
 
 
 def use_compile(setting: str) -> bool:
