@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 import imgclf
 from imgclf.config import TrainConfig, make_config
@@ -214,6 +215,51 @@ def test_budget_width_picks_the_widest_net_that_still_gets_enough_epochs():
     assert epochs[1.25] == pytest.approx(13.87, abs=0.01) and epochs[1.5] < 11
     timed.clear()
     assert budget_width(step_s, 2000, 48, 0.78)[0] == 1.5  # a GPU's budget
+
+
+def test_width_probe_scales_the_passes_to_the_batch_but_not_the_optimizer_step(monkeypatch):
+    # The probe times a quarter batch. Muon's Newton-Schulz iterations cost the same at any batch:
+    # scaled x4 with the passes, a 2.8-s update on an AVX2 CPU made width 1 look 2x too slow.
+    # Sleeps stand in for the work so the figure does not ride on this machine's noise (two real
+    # ~2.5-s probes differed by 0.3 s on a busy CI machine).
+    from types import SimpleNamespace
+
+    from imgclf import api
+    from imgclf.engine import optim, recipe
+    from imgclf.engine.trainer import resolve_precision
+    from imgclf.models import nets
+
+    class SleepyNet(torch.nn.Module):
+        def __init__(self, n, size, width=1.0):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.head = torch.nn.Linear(8, n)
+
+        def forward(self, x):
+            time.sleep(0.1)  # the forward and backward passes of a quarter batch
+            return self.head(self.conv(x[:, :, :4, :4]).mean((2, 3)))
+
+    real = optim.build_optimizer
+
+    def slow_optimizer(model, cfg):
+        opt = real(model, cfg)
+        step = opt.step
+
+        def slow_step(*a, **kw):
+            time.sleep(0.5)
+            return step(*a, **kw)
+
+        opt.step = slow_step
+        return opt
+
+    monkeypatch.setattr(nets, "FastNet", SleepyNet)
+    monkeypatch.setattr(optim, "build_optimizer", slow_optimizer)
+    cfg = recipe.resolve(TrainConfig(data="x", batch_size=1024), n_train=50_000, image_size=16, arch="fastnet")
+    cpu = torch.device("cpu")
+    s = SimpleNamespace(cfg=cfg, size=16, device=cpu, src=SimpleNamespace(classes=list("abcdefghij")))
+    step_s = api._fastnet_step_seconds(s, 1.0, resolve_precision("fp32", cpu))
+    # passes x4 (0.4 s) plus one 0.5-s update; scaling the update with the batch gave 2.4 s
+    assert 0.88 < step_s < 1.3, step_s
 
 
 def test_time_limited_fastnet_records_the_width_it_chose_and_pays_for_lr_auto(small_sample, tmp_path, monkeypatch,

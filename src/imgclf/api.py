@@ -555,21 +555,26 @@ def _fastnet_step_seconds(s: _Setup, width: float, precision) -> float:
         # the lr does not change a step's time; under --lr auto it is not known yet
         opt = build_optimizer(model, cfg if cfg.lr != "auto" else cfg.model_copy(update={"lr": 1.0}))
         y = torch.randint(0, n, (b,), device=device)
-        times = []
-        for _ in range(5):
+        def sync() -> float:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            t1 = time.perf_counter()
+            return time.perf_counter()
+
+        passes, updates = [], []
+        for _ in range(5):
+            t1 = sync()
             with precision.autocast(device):
                 loss = torch.nn.functional.cross_entropy(model(x).float(), y)
             loss.backward()
+            t2 = sync()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t1)
+            passes.append(t2 - t1)
+            updates.append(sync() - t2)
         del model, opt, x
-    return min(times[2:]) * cfg.batch_size / b
+    # the passes scale with the batch, the optimizer's step does not (Muon's Newton-Schulz
+    # iterations cost the same at any batch)
+    return min(passes[2:]) * cfg.batch_size / b + min(updates[2:])
 
 
 def _fastnet_width_for_budget(s: _Setup, began: float, final_eval: bool) -> None:
