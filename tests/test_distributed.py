@@ -9,7 +9,9 @@ The run is set up so that the two must agree to float rounding:
   would differ from the 1-process draws by design;
 - fp32: bf16 autocast rounding would swamp the comparison.
 What remains is the order of float additions (two half-batch sums, then an all-reduce), so
-the weights after 2 epochs (22 steps) agree to ~1e-8; the test allows 1e-6 (TOLERANCE).
+the weights after 2 epochs (22 steps) agree to ~1e-8 on AVX-512 CPUs and 7.7e-6 on an AVX2-only
+one (other kernels, other summation orders); the test allows 5e-5 (TOLERANCE). A sharding or
+reduction bug shows at ~1e-3 (the per-rank class-weight normalisation: 7.9e-3).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import imgclf
 import imgclf.errors
 from imgclf.engine.callbacks import Callback
 
-TOLERANCE = 1e-6  # measured: ~1e-8 (fp32 rounding of the gradient all-reduce)
+TOLERANCE = 5e-5  # measured: ~1e-8 with AVX-512, 7.7e-6 AVX2-only (fp32 rounding, summation order)
 
 
 def _options(small_sample, project, **extra) -> dict:
