@@ -79,6 +79,34 @@ def small_sample(tmp_path_factory, sample_dir) -> Path:
     return out
 
 
+# One training step of the small sample's default run (FastNet, 32 px, batch 32, Muon, auto
+# precision) on the machine the time-limit tests' budgets were set on: 2 cores, AVX-512, ~770 img/s
+# on the CIFAR-10 benchmark. Estimated from that benchmark's ratio to a 2-core AVX2-only Zen 3
+# (179 img/s, 4.3x slower), where this step takes 0.26-0.29 s.
+REFERENCE_STEP_S = 0.065
+
+
+@pytest.fixture(scope="session")
+def slowness() -> float:
+    """How many times slower than the reference machine this one trains (at least 1, at most 8):
+    the time-limit tests scale their budgets by it, so a slow CPU still gets the epochs whose
+    planning they test instead of failing for want of them; faster machines keep the budgets."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from imgclf.api import _fastnet_step_seconds
+    from imgclf.config import TrainConfig
+    from imgclf.engine import recipe
+    from imgclf.engine.trainer import resolve_precision
+
+    cfg = recipe.resolve(TrainConfig(data="x"), n_train=360, image_size=32, arch="fastnet")
+    cpu = torch.device("cpu")
+    s = SimpleNamespace(cfg=cfg, size=32, device=cpu, src=SimpleNamespace(classes=list("abcdefghij")))
+    step = min(_fastnet_step_seconds(s, 1.0, resolve_precision("auto", cpu)) for _ in range(2))
+    return min(8.0, max(1.0, step / REFERENCE_STEP_S))
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, sample_dir) -> Path:
     """A fastnet run trained for 2 epochs on the packaged sample (shared by downstream tests)."""
