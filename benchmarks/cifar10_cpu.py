@@ -32,6 +32,9 @@ On one H100 (unchanged, ``--time-limit 120``): 91.88% (91.03% without TTA) in 11
 epochs at width 1.5, 82k img/s; ``--epochs 10``: 90.66% in 18.4 s.
 A later session's machine was ~1.7x slower (width 1 timed at 2.15-2.35 s per 1024 images against
 1.33 s): the default there gave 89.74% (88.93% without TTA) at 6.29 epochs in 590.1 s, 607 img/s.
+On an AVX2-only 2-core CPU (AMD Zen 3, no bf16: fp32, ~5x slower than the dev machine) Muon's
+Newton-Schulz iteration ran in emulated bf16 at 2.7 s per step: 74.86% at 0.94 epochs, 121 img/s,
+in 552.9 s; with the iteration in fp32 there, 81.35% at 1.5 epochs, 179 img/s, in 563.3 s.
 """
 
 from __future__ import annotations
