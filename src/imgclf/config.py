@@ -168,7 +168,7 @@ class TrainConfig(BaseModel):
     device: str = Field("auto", description="auto (cuda when available, else cpu), cpu, cuda, cuda:N, mps")
     devices: int = Field(1, ge=1, description="processes to spawn for data-parallel training (under torchrun: ignored)")
     sync_bn: bool = Field(False, description="synchronise BatchNorm statistics across processes (CUDA only)")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 on CPU with AMX/AVX512-BF16 and on recent GPUs")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 on recent GPUs and on CPUs where it is faster than fp32 (AMX; AVX512-BF16 is timed once per machine)")
     channels_last: bool = Field(True, description="channels-last memory layout for the model and batches")
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="torch.compile (auto: off; it paid on no model measured, see engine.trainer.use_compile)")

@@ -291,6 +291,10 @@ def _worker(local_rank: int, world: int, port: int, call: dict[str, Any], out: s
                        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                        # --time-limit counts from the parent's train() call, process start-up included
                        "IMGCLF_TRAIN_STARTED": str(call["started"]), _OUT_ENV: out})
+    if "cpu_bf16" in call:  # --precision auto: the parent's answer (engine.cpu_bf16)
+        from imgclf.engine.cpu_bf16 import ENV
+
+        os.environ[ENV] = "1" if call["cpu_bf16"] else "0"
     from imgclf.api import train
 
     try:
@@ -458,6 +462,10 @@ def spawn_train(n: int, device: torch.device, *, config, resume, callbacks, opti
     _check_callbacks(callbacks, n)
     call = {"config": str(config) if config is not None else None, "resume": str(resume) if resume else None,
             "callbacks": callbacks, "options": options, "started": started or time.time()}
+    if device.type == "cpu":  # timed once here, not in n processes at once that could disagree
+        from imgclf.engine.cpu_bf16 import bf16_pays
+
+        call["cpu_bf16"] = bf16_pays()
     new = resume is None
     with tempfile.TemporaryDirectory(prefix="imgclf-ddp-") as out:
         # torch names a pytorch-errorfile-*.pickle per worker in the temp folder and leaves the

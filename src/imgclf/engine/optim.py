@@ -74,15 +74,15 @@ def _split_muon(groups: list[dict], cfg: TrainConfig, normalize: bool) -> list[d
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 arithmetic runs in hardware on ``device``: any CUDA GPU torch supports bf16 on,
-    a CPU with AMX or AVX512-BF16. Elsewhere (AVX2-only CPUs: AMD Zen 2/3, most desktop Intel)
-    bf16 is emulated and slower than fp32."""
+    """Whether bf16 arithmetic beats fp32 on ``device``: any CUDA GPU torch supports bf16 on; a
+    CPU with AMX, or with AVX512-BF16 where a timed probe says so (:mod:`imgclf.engine.cpu_bf16`).
+    Elsewhere (AVX2-only CPUs: AMD Zen 2/3, most desktop Intel) bf16 is emulated and slower."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        cpu = torch.cpu
-        return bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)()
-                    or getattr(cpu, "_is_avx512_bf16_supported", lambda: False)())
+        from imgclf.engine.cpu_bf16 import bf16_pays
+
+        return bf16_pays()
     return False
 
 
