@@ -53,6 +53,7 @@ from pathlib import Path
 import torch
 
 import imgclf
+from imgclf.engine.trainer import resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]
 TARBALL = REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
@@ -104,6 +105,8 @@ def main() -> None:
         "epochs": res.config.epochs,
         "time_limit": res.config.time_limit,
         "batch_size": res.config.batch_size,
+        "precision": {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[resolve_precision(
+            res.config.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu")).dtype],
         "images_per_s": round(n_seen / max(train_s, 1e-9)),
         "test_top1": round(res.test["top1"], 4),
         "test_top1_no_tta": round(no_tta["top1"], 4),
