@@ -213,3 +213,18 @@ def coco(request, tmp_path_factory, sample_dir) -> tuple[Path, dict]:
         return request.getfixturevalue("coco128"), COCO128_FACTS
     root = tmp_path_factory.mktemp("coco-like") / "coco-like"
     return root, make_coco_like(root, sample_dir)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_kept():
+    """A test that leaves torch's thread count changed fails: once a failed in-process 'serve'
+    left it at 1, and the 450 tests after it ran on one core, twice as slow."""
+    import torch
+
+    get, put = torch.get_num_threads, torch.set_num_threads  # the real ones: a test may patch them
+    before = get()
+    yield
+    after = get()
+    if after != before:
+        put(before)
+        pytest.fail(f"the test left torch at {after} thread(s), not {before}")

@@ -833,11 +833,17 @@ def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, workers: 
     if str(log_level).lower() not in LOG_LEVELS:
         raise UserError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
     log_level = str(log_level).lower()
+    import torch
+
+    threads = torch.get_num_threads()
     sock = listen_socket(host, port)
     try:
         _serve_on(sock, cfg, host, workers, log_level)
     finally:
         sock.close()
+        # the server owned the process's cores; a caller that goes on (a notebook, a test, a
+        # model that failed to load) gets its own thread count back
+        torch.set_num_threads(threads)
 
 
 def _serve_on(sock, cfg: ServeConfig, host: str, workers: int, log_level: str) -> None:
