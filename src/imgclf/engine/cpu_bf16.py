@@ -81,22 +81,27 @@ def _cache_path() -> Path:
     return cache_root() / CACHE_FILE
 
 
-def _measure(key: str) -> bool:
+def _stored() -> dict:
+    """The answers kept in the cache folder, by machine_key (empty when none or unreadable)."""
+    try:
+        seen = json.loads(_cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return seen if isinstance(seen, dict) else {}
+
+
+def _measure(key: str, seen: dict) -> bool:
+    """Time both precisions, keep the answer beside ``seen`` (the stored ones) and return it."""
     bf16, fp32 = timings()
     pays = bf16 < MARGIN * fp32
     path = _cache_path()
-    try:
-        seen = json.loads(path.read_text())
-    except (OSError, ValueError):  # none yet, or unreadable: replaced
-        seen = {}
-    seen = seen if isinstance(seen, dict) else {}
     try:  # best effort: an unwritable cache only means timing again next run
-        seen[key] = {"bf16": pays, "bf16_s": round(bf16, 5), "fp32_s": round(fp32, 5)}
+        seen = {**seen, key: {"bf16": pays, "bf16_s": round(bf16, 5), "fp32_s": round(fp32, 5)}}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(seen, indent=1))
         os.replace(tmp, path)
-    except (OSError, ValueError):
+    except OSError:
         pass
     return pays
 
@@ -112,9 +117,7 @@ def bf16_pays() -> bool:
         return False
     key = machine_key()
     if key not in _ANSWER:
-        try:
-            known = json.loads(_cache_path().read_text()).get(key)
-        except (OSError, ValueError, AttributeError):
-            known = None
-        _ANSWER[key] = bool(known["bf16"]) if isinstance(known, dict) and "bf16" in known else _measure(key)
+        seen = _stored()
+        known = seen.get(key)
+        _ANSWER[key] = bool(known["bf16"]) if isinstance(known, dict) and "bf16" in known else _measure(key, seen)
     return _ANSWER[key]
