@@ -278,6 +278,58 @@ def test_resume_after_interrupt_ends_like_an_uninterrupted_run(small_sample, tmp
     assert len(resumed.history) == 3
 
 
+@pytest.mark.parametrize("model, args", [("fastnet", {}), ("plaincnn", {"channels": [16, 32], "dense": [32]})])
+def test_resume_within_an_epoch_ends_like_an_uninterrupted_run(small_sample, tmp_path, model, args):
+    """A checkpoint written mid-epoch (checkpoint_minutes) holds the epoch's position and its
+    augmentation and dropout generators (plaincnn's dense layers have dropout), so a run
+    stopped there and resumed trains the same batches with the same draws."""
+    opts = dict(data=str(small_sample), project=str(tmp_path), epochs=2, seed=3, model=model, model_args=args,
+                checkpoint_minutes=1e-9, **{k: v for k, v in FAST.items() if k != "epochs"})  # a save each step
+    full = imgclf.train(name="full", **opts)
+
+    from imgclf.engine.callbacks import Callback
+
+    class Crash(Callback):
+        def on_step_end(self, t):
+            if t.step == t.steps_per_epoch + 3:  # after the checkpoint of epoch 2's second batch, before its third's
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        imgclf.train(name="cut", callbacks=[Crash()], **opts)
+    part = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["in_epoch"]
+    assert (part["epoch"], part["batch"]) == (1, 2)
+    resumed = imgclf.train(resume=tmp_path / "cut", progress=False)
+    a, b = _weights(full.run_dir), _weights(resumed.run_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+    for key in ("train_loss", "train_acc"):  # the resumed epoch's running figures carried on from the checkpoint
+        assert resumed.history[1][key] == pytest.approx(full.history[1][key], rel=1e-6), key
+
+
+def test_checkpoint_minutes_zero_saves_at_epoch_ends_only(small_sample, tmp_path):
+    from imgclf.engine.callbacks import Callback
+
+    saves = []
+
+    class Stop(Callback):
+        def on_step_end(self, t):
+            saves.append((t.run_dir / "last.pt").exists())
+            if t.step == 3:
+                raise KeyboardInterrupt
+
+    opts = dict(data=str(small_sample), project=str(tmp_path), **FAST)
+    with pytest.raises(KeyboardInterrupt):
+        imgclf.train(name="zero", checkpoint_minutes=0, callbacks=[Stop()], **opts)
+    assert saves == [False, False, False] and not (tmp_path / "zero").exists()  # nothing to resume: removed
+    saves.clear()
+    with pytest.raises(KeyboardInterrupt):
+        imgclf.train(name="tiny", checkpoint_minutes=1e-9, callbacks=[Stop()], **opts)
+    assert saves == [False, True, True]
+    assert torch.load(tmp_path / "tiny" / "last.pt", weights_only=True)["in_epoch"]["batch"] == 2
+
+
 def test_resume_says_when_the_data_changed(small_sample, tmp_path, capfd):
     from imgclf.engine.callbacks import Callback
 
@@ -306,7 +358,8 @@ def test_resume_says_when_the_data_changed(small_sample, tmp_path, capfd):
 def test_kill_9_mid_run_then_resume(small_sample, tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "imgclf", "train", "--data", str(small_sample), "--project", str(tmp_path),
-           "--name", "k", "--epochs", "3", "--batch-size", "32", "--no-progress", "--no-tensorboard"]
+           "--name", "k", "--epochs", "3", "--batch-size", "32", "--no-progress", "--no-tensorboard",
+           "--checkpoint-minutes", "0.0005"]  # a checkpoint within the epoch every 30 ms: killed mid-epoch
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = tmp_path / "k" / "last.pt"
     deadline = time.time() + 240

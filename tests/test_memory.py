@@ -200,3 +200,32 @@ def test_loader_says_once_whether_a_large_split_is_held_or_streamed(monkeypatch,
     monkeypatch.setattr(loader, "_LOG_ABOVE", 256 << 20)
     loader.BatchLoader(data, 10, torch.device("cpu"), shuffle=True, ram_budget=0)
     assert capsys.readouterr().err == ""  # small splits say nothing
+
+
+@pytest.mark.parametrize("ram_budget", [0, 1 << 30])  # streamed from the cache file, held in RAM
+def test_an_epoch_resumed_at_a_batch_yields_the_rest_of_that_epoch(tmp_path, ram_budget):
+    """What a run resumed within an epoch reads: the same batches an uninterrupted epoch goes on
+    with, in the same order, and none of those before."""
+    import torch
+
+    from imgclf.data.cache import CachedSplit
+    from imgclf.data.loader import BatchLoader
+
+    path = tmp_path / "c.npy"
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(203, 4, 4, 3))
+    arr[:] = np.arange(203, dtype=np.uint8)[:, None, None, None]
+    arr.flush()
+    del arr
+    rows = np.delete(np.arange(203), [3, 50])
+    data = CachedSplit(np.load(path, mmap_mode="r"), rows, (rows % 7).astype(np.int64), [])
+    for drop_last in (False, True):
+        loader = BatchLoader(data, 16, torch.device("cpu"), shuffle=True, seed=5, ram_budget=ram_budget,
+                             drop_last=drop_last)
+        assert loader.resident == bool(ram_budget)
+        whole = [(x.clone(), y.clone()) for x, y in loader.epoch(2)]
+        rest = [(x.clone(), y.clone(), loader.last_indices.clone()) for x, y in loader.epoch(2, start=5)]
+        assert len(rest) == len(whole) - 5 == len(loader) - 5
+        for (x, y), (xr, yr, idx) in zip(whole[5:], rest, strict=True):
+            assert torch.equal(x, xr) and torch.equal(y, yr)
+            assert torch.equal(xr[:, 0, 0, 0], torch.from_numpy(rows)[idx].to(torch.uint8))
+        assert list(loader.epoch(2, start=len(loader))) == []

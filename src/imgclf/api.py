@@ -708,7 +708,8 @@ def _build_trainer(s: _Setup, *, resume, callbacks, final_eval: bool, t_start: f
             if "size mismatch" not in str(exc):
                 raise
             raise UserError(_changed_classes(s.run_dir / "last.pt", s.src.classes)) from None
-        extra_prior = sum(float(r.get("seconds") or 0) for r in trainer.history)
+        part = trainer.in_epoch  # stopped within an epoch: its time so far counts too
+        extra_prior = sum(float(r.get("seconds") or 0) for r in trainer.history) + (part["seconds"] if part else 0.0)
         was = trainer.resumed_data
         if rank == 0 and was is not None and was["digest"] != trainer.data_id["digest"]:
             now = trainer.data_id
@@ -717,7 +718,8 @@ def _build_trainer(s: _Setup, *, resume, callbacks, final_eval: bool, t_start: f
                      "so scores before and after this point are not comparable")
         if cfg.time_limit and rank == 0:  # the plan of the checkpoint, which a later re-plan may have overtaken
             dump_yaml(cfg, s.run_dir / "config.yaml")
-        log.info(f"resuming at epoch {trainer.epoch + 1} (step {trainer.step}/{trainer.total_steps})")
+        within = f", batch {part['batch'] + 1} of {trainer.steps_per_epoch}" if part else ""
+        log.info(f"resuming at epoch {trainer.epoch + 1}{within} (step {trainer.step}/{trainer.total_steps})")
     length = f"{cfg.epochs:g} epoch{'' if cfg.epochs == 1 else 's'}" if not (budget_cb and budget_cb.active) else \
         f"time limit {cfg.time_limit:g}s (length planned after the first timed steps)"
     opt = f"{cfg.optimizer} lr {cfg.lr:.3g}" if cfg.optimizer != "muon" else \

@@ -129,14 +129,16 @@ class BatchLoader:
             idx = idx[self.rank :: self.world]
         return idx
 
-    def epoch(self, epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of ``epoch`` from its ``start``-th on (a run resumed within an epoch): those
+        before it are skipped unread."""
         idx = self.order(epoch)
         bs, n = self.batch_size, len(idx)
         stop = n - n % bs if self.drop_last else n
-        batches = [idx[i : min(i + bs, stop)] for i in range(0, stop, bs)]
+        batches = [idx[i : min(i + bs, stop)] for i in range(start * bs, stop, bs)]
         if self.resident:
             dev_idx = idx.to(self.device)
-            for i in range(0, stop, bs):
+            for i in range(start * bs, stop, bs):
                 b = dev_idx[i : min(i + bs, stop)]
                 self.last_indices = b
                 yield self.images[b], self.labels[b]

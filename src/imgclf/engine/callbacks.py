@@ -22,6 +22,7 @@ class Callback:
     def on_train_start(self, t) -> None: ...
     def on_epoch_start(self, t, epoch: int) -> None: ...
     def on_step_end(self, t) -> None: ...
+    def on_checkpoint(self, t, seconds: float) -> None: ...  # a checkpoint within an epoch took seconds
     def on_epoch_end(self, t, row: dict) -> None: ...
     def on_train_end(self, t) -> None: ...
     def state_dict(self) -> dict:
@@ -309,6 +310,13 @@ class TimeBudget(Callback):
             self.gap_s = gap if self.gap_s is None else 0.5 * (self.gap_s + gap)
         self.w_t0, self.w_steps = None, 0  # a window never spans an epoch boundary
         self.e_t0, self.e_steps = time.perf_counter(), 0
+
+    def on_checkpoint(self, t, seconds):
+        # writing a checkpoint within an epoch is not step time: the window and epoch timings skip it
+        if self.w_t0 is not None:
+            self.w_t0 += seconds
+        if self.e_t0 is not None:
+            self.e_t0 += seconds
 
     def on_step_end(self, t):
         if not self.active:

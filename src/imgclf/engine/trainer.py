@@ -2,8 +2,9 @@
 
 Determinism and exact resume: the shuffle order, augmentation draws and dropout masks of epoch
 k depend only on (seed, k), and every epoch ends in an atomic checkpoint of the model, the
-optimizer and every callback. A run killed at any point and resumed ends where an
-uninterrupted run would.
+optimizer and every callback. Within a long epoch a checkpoint is also written every
+``checkpoint_minutes``, holding the epoch's position and its random generators' states as well.
+A run killed at any point and resumed ends where an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -208,6 +209,8 @@ class Trainer:
         # FreezeBackbone); TimeBudget times them apart, as it does early crops
         self.frozen_end = 0
         self.step, self.epoch, self.lr_scale = 0, 0, 1.0
+        # where a checkpoint written within an epoch left it (see _part_state); None at epoch ends
+        self.in_epoch: dict | None = None
         self.history: list[dict] = []
         self.best: float | None = None
         self.best_epoch: int | None = None
@@ -296,11 +299,12 @@ class Trainer:
             if callable(hook):
                 hook(epoch)
             t0 = time.perf_counter()
+            before = self.in_epoch["seconds"] if self.in_epoch and self.in_epoch["epoch"] == epoch else 0.0
             row = {"epoch": epoch + 1, **self.train_epoch(epoch)}
             # before validation, callbacks and the checkpoint: last.pt keeps the last good epoch and
             # no model is written from nan weights (the epoch's loss is on the host already)
             self._check_finite(row["train_loss"], epoch)
-            row["seconds"] = time.perf_counter() - t0
+            row["seconds"] = time.perf_counter() - t0 + before
             last = self.step >= self.total_steps
             if self.val_loader is not None and ((epoch + 1) % self.cfg.eval_every == 0 or last):
                 row.update(self.validate())
@@ -330,10 +334,23 @@ class Trainer:
         parity = epoch % 2 if self.flip_mode == "alternate" else None
         loss_sum = torch.zeros((), device=dev)
         correct = torch.zeros((), device=dev)
-        seen = 0
-        bar = self._bar(epoch)
-        t0 = time.perf_counter()
-        for i, (x, y) in enumerate(self.train_loader.epoch(epoch)):
+        seen, start, before = 0, 0, 0.0
+        part, self.in_epoch = self.in_epoch, None
+        if part is not None and part["epoch"] == epoch:  # resumed within this epoch: go on from there
+            start, seen, before = part["batch"], part["seen"], part["seconds"]
+            loss_sum.fill_(part["loss_sum"])
+            correct.fill_(part["correct"])
+            g.set_state(part["generator"])
+            torch.set_rng_state(part["rng"])
+            if dev.type == "cuda" and part.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(part["cuda_rng"], dev)
+        # checkpoints within the epoch: one process only (every rank's generators would be needed)
+        every = self.cfg.checkpoint_minutes * 60
+        every = every if every > 0 and self.run_dir is not None and self.is_main and self.reduce_world == 1 else 0
+        bar = self._bar(epoch, start)
+        t0 = time.perf_counter() - before
+        saved = time.perf_counter()
+        for i, (x, y) in enumerate(self.train_loader.epoch(epoch, start), start):
             if self.step >= self.total_steps:
                 break
             self._set_lr()
@@ -375,6 +392,14 @@ class Trainer:
                                 img_s=f"{seen / max(el, 1e-9):.0f}", lr=f"{self.lr:.3g}", refresh=False)
             if bar is not None:
                 bar.update(1)
+            if every and time.perf_counter() - saved >= every and i + 1 < self.steps_per_epoch \
+                    and self.step < self.total_steps:
+                self._save_within_epoch({
+                    "epoch": epoch, "batch": i + 1, "seen": seen, "loss_sum": loss_sum.item(),
+                    "correct": correct.item(), "seconds": time.perf_counter() - t0, "generator": g.get_state(),
+                    "rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None})
+                saved = time.perf_counter()
         if bar is not None:
             bar.close()
         stats = torch.stack([loss_sum, correct, torch.tensor(float(seen), device=dev)])
@@ -398,14 +423,15 @@ class Trainer:
         raise UserError(f"training diverged in epoch {epoch + 1} (by step {self.step}): the training loss is {loss} "
                         f"(not a finite number); {hint}{saved}")
 
-    def _bar(self, epoch: int):
+    def _bar(self, epoch: int, start: int = 0):
         if not (self.cfg.progress and self.is_main):
             return None
         from tqdm.auto import tqdm
 
         n_ep = math.ceil(self.cfg.epochs)
-        steps = min(self.steps_per_epoch, self.total_steps - self.step)
-        return tqdm(total=steps, desc=f"epoch {epoch + 1}/{n_ep}", unit="step", leave=False, dynamic_ncols=True)
+        steps = min(self.steps_per_epoch, start + self.total_steps - self.step)
+        return tqdm(total=steps, initial=start, desc=f"epoch {epoch + 1}/{n_ep}", unit="step", leave=False,
+                    dynamic_ncols=True)
 
     def _print_row(self, row: dict) -> None:
         parts = [f"epoch {row['epoch']:>3}", f"loss {row['train_loss']:.4f}", f"acc {row['train_acc']:.4f}"]
@@ -511,6 +537,17 @@ class Trainer:
     def save_checkpoint(self, path: Path) -> None:
         atomic_save(self.state_dict(), path)
 
+    def _save_within_epoch(self, part: dict) -> None:
+        """last.pt in the middle of an epoch: the state as at an epoch's end, plus ``part``, the
+        epoch's position (batches done, running loss and accuracy, seconds) and the states of its
+        augmentation and dropout generators, so --resume goes on from the next batch exactly."""
+        t0 = time.perf_counter()
+        atomic_save({**self.state_dict(), "in_epoch": part}, self.run_dir / "last.pt")
+        for c in self.callbacks:
+            hook = getattr(c, "on_checkpoint", None)  # a callback written before the hook existed has none
+            if hook is not None:
+                hook(self, time.perf_counter() - t0)
+
     def load_checkpoint(self, path: Path) -> None:
         # weights_only: a checkpoint is data, never code
         s = torch.load(path, map_location=self.device, weights_only=True)
@@ -524,6 +561,7 @@ class Trainer:
         self.step, self.epoch, self.lr_scale = s["step"], s["epoch"], s["lr_scale"]
         self.best, self.best_epoch, self.history, self.stop = s["best"], s["best_epoch"], s["history"], s["stop"]
         self.resumed_data = s.get("data")
+        self.in_epoch = s.get("in_epoch")
         # a planned length (--time-limit) is part of the run: resume ends where the plan said
         if "total_steps" in s:
             self.warmup_steps = s["warmup_steps"]

@@ -15,7 +15,7 @@ from pathlib import Path
 NOT_SWEPT = ("lr", "project", "name", "exist_ok", "tensorboard", "devices", "sync_bn", "time_limit", "test_data",
              "schedule", "warmup_epochs", "lr_start_factor", "lr_end_factor", "step_epochs", "gamma",
              "plateau_patience", "plateau_factor", "early_stopping", "monitor", "ema", "lookahead", "compile",
-             "tta", "eval_every", "early_crop", "early_crop_fraction", "muon_lr", "muon_momentum")
+             "tta", "eval_every", "checkpoint_minutes", "early_crop", "early_crop_fraction", "muon_lr", "muon_momentum")
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 
 
