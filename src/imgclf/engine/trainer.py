@@ -340,10 +340,11 @@ class Trainer:
             start, seen, before = part["batch"], part["seen"], part["seconds"]
             loss_sum.fill_(part["loss_sum"])
             correct.fill_(part["correct"])
-            g.set_state(part["generator"])
-            torch.set_rng_state(part["rng"])
+            # generator states are CPU byte tensors, whatever the device (load_checkpoint maps to it)
+            g.set_state(part["generator"].cpu())
+            torch.set_rng_state(part["rng"].cpu())
             if dev.type == "cuda" and part.get("cuda_rng") is not None:
-                torch.cuda.set_rng_state(part["cuda_rng"], dev)
+                torch.cuda.set_rng_state(part["cuda_rng"].cpu(), dev)
         # checkpoints within the epoch: one process only (every rank's generators would be needed)
         every = self.cfg.checkpoint_minutes * 60
         every = every if every > 0 and self.run_dir is not None and self.is_main and self.reduce_world == 1 else 0
@@ -397,7 +398,7 @@ class Trainer:
                 self._save_within_epoch({
                     "epoch": epoch, "batch": i + 1, "seen": seen, "loss_sum": loss_sum.item(),
                     "correct": correct.item(), "seconds": time.perf_counter() - t0, "generator": g.get_state(),
-                    "rng": torch.get_rng_state(),
+                    "rng": torch.get_rng_state(), "device": dev.type,
                     "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None})
                 saved = time.perf_counter()
         if bar is not None:
@@ -561,13 +562,24 @@ class Trainer:
         self.step, self.epoch, self.lr_scale = s["step"], s["epoch"], s["lr_scale"]
         self.best, self.best_epoch, self.history, self.stop = s["best"], s["best_epoch"], s["history"], s["stop"]
         self.resumed_data = s.get("data")
-        self.in_epoch = s.get("in_epoch")
+        self.in_epoch = part = s.get("in_epoch")
+        if part is not None and (self.reduce_world > 1 or part.get("device", "cpu") != self.device.type):
+            refuse_within_epoch(path, part)
         # a planned length (--time-limit) is part of the run: resume ends where the plan said
         if "total_steps" in s:
             self.warmup_steps = s["warmup_steps"]
             self.set_total_steps(s["total_steps"])  # cfg.epochs follows the checkpoint's plan
             self.warmup_steps = s["warmup_steps"]
             self.crop_end = s.get("crop_end", self.crop_end)
+
+
+def refuse_within_epoch(path: Path, part: dict):
+    """A checkpoint written within an epoch (``part``) resumed in more processes or on another
+    device: its generators' states are one process's, on one kind of device, and fit no other."""
+    dev = part.get("device", "cpu")
+    raise UserError(f"--resume {path.parent}: it stopped within epoch {part['epoch'] + 1}, in one process on {dev}, "
+                    f"and only the same can continue it: resume with --devices 1 --device {dev} (once it has passed "
+                    "that epoch's end, any can)")
 
 
 def _ema_with_warmup(decay: float):
