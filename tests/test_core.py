@@ -257,55 +257,47 @@ def test_default_recipe_learns_the_sample(tiny_run):
     assert m["top1"] > 0.30  # 2 epochs on 2,700 images; chance is 0.10
 
 
-def test_resume_after_interrupt_ends_like_an_uninterrupted_run(small_sample, tmp_path):
-    opts = dict(data=str(small_sample), project=str(tmp_path), epochs=3, seed=1, **{k: v for k, v in FAST.items() if k != "epochs"})
-    full = imgclf.train(name="full", **opts)
-
-    from imgclf.engine.callbacks import Callback
-
-    class Crash(Callback):
-        def on_epoch_end(self, t, row):
-            if row["epoch"] == 2:
-                raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        imgclf.train(name="cut", callbacks=[Crash()], **opts)
-    resumed = imgclf.train(resume=tmp_path / "cut", progress=False)
-    a, b = _weights(full.run_dir), _weights(resumed.run_dir)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    assert len(resumed.history) == 3
-
-
 @pytest.mark.parametrize("model, args", [("fastnet", {}), ("plaincnn", {"channels": [16, 32], "dense": [32]})])
-def test_resume_within_an_epoch_ends_like_an_uninterrupted_run(small_sample, tmp_path, model, args):
-    """A checkpoint written mid-epoch (checkpoint_minutes) holds the epoch's position and its
-    augmentation and dropout generators (plaincnn's dense layers have dropout), so a run
-    stopped there and resumed trains the same batches with the same draws."""
-    opts = dict(data=str(small_sample), project=str(tmp_path), epochs=2, seed=3, model=model, model_args=args,
-                checkpoint_minutes=1e-9, **{k: v for k, v in FAST.items() if k != "epochs"})  # a save each step
-    full = imgclf.train(name="full", **opts)
-
+def test_resume_after_interrupt_ends_like_an_uninterrupted_run(small_sample, tmp_path, model, args):
+    """Stopped at an epoch's end, or within an epoch (a checkpoint_minutes checkpoint holds the
+    epoch's position and its augmentation and dropout generators; plaincnn's dense layers have
+    dropout), and resumed, a run trains the same batches with the same draws and ends with the
+    weights of one never stopped."""
     from imgclf.engine.callbacks import Callback
 
-    class Crash(Callback):
-        def on_step_end(self, t):
-            if t.step == t.steps_per_epoch + 3:  # after the checkpoint of epoch 2's second batch, before its third's
+    opts = dict(data=str(small_sample), project=str(tmp_path), epochs=2, seed=3, model=model, model_args=args,
+                **{k: v for k, v in FAST.items() if k != "epochs"})
+    full = imgclf.train(name="full", **opts)
+
+    class AtEpochEnd(Callback):
+        def on_epoch_end(self, t, row):
+            if row["epoch"] == 2:  # last.pt holds epoch 1's end
                 raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        imgclf.train(name="cut", callbacks=[Crash()], **opts)
-    part = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["in_epoch"]
-    assert (part["epoch"], part["batch"]) == (1, 2)
-    resumed = imgclf.train(resume=tmp_path / "cut", progress=False)
-    a, b = _weights(full.run_dir), _weights(resumed.run_dir)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    assert [r["epoch"] for r in resumed.history] == [1, 2]
-    for key in ("train_loss", "train_acc"):  # the resumed epoch's running figures carried on from the checkpoint
-        assert resumed.history[1][key] == pytest.approx(full.history[1][key], rel=1e-6), key
+    class WithinEpoch(Callback):
+        def on_step_end(self, t):
+            if t.step == t.steps_per_epoch + 3:  # after the checkpoint of epoch 2's second batch
+                raise KeyboardInterrupt
+
+    cuts = {"mid": (WithinEpoch(), 1e-9)}  # 1e-9 minutes: a checkpoint after every step
+    if model == "fastnet":
+        cuts["end"] = (AtEpochEnd(), 0)
+    for name, (crash, minutes) in cuts.items():
+        with pytest.raises(KeyboardInterrupt):
+            imgclf.train(name=name, callbacks=[crash], **{**opts, "checkpoint_minutes": minutes})
+        part = torch.load(tmp_path / name / "last.pt", weights_only=True).get("in_epoch")
+        if name == "mid":
+            assert (part["epoch"], part["batch"]) == (1, 2)
+        else:
+            assert part is None
+        resumed = imgclf.train(resume=tmp_path / name, progress=False)
+        a, b = _weights(full.run_dir), _weights(resumed.run_dir)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+        assert [r["epoch"] for r in resumed.history] == [1, 2]
+        for key in ("train_loss", "train_acc"):  # the resumed epoch's running figures went on from the checkpoint
+            assert resumed.history[1][key] == pytest.approx(full.history[1][key], rel=1e-6), (name, key)
 
 
 def test_checkpoint_minutes_zero_saves_at_epoch_ends_only(small_sample, tmp_path):
