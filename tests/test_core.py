@@ -323,9 +323,9 @@ def test_checkpoint_minutes_zero_saves_at_epoch_ends_only(small_sample, tmp_path
 
 
 def test_resume_within_an_epoch_elsewhere_is_refused_in_one_line(small_sample, tmp_path):
-    """The generators' states in a mid-epoch checkpoint are one process's on one kind of device;
-    resumed with more processes or on another device, the run stops with one line and the
-    checkpoint is kept for a resume where it was written."""
+    """The generators' states in a mid-epoch checkpoint are one per process, of one kind of
+    device; resumed with more processes or on another device, the run stops with one line and
+    the checkpoint is kept for a resume where it was written."""
     from imgclf.engine.callbacks import Callback
 
     class Stop(Callback):
@@ -340,13 +340,13 @@ def test_resume_within_an_epoch_elsewhere_is_refused_in_one_line(small_sample, t
     with pytest.raises(UserError) as e:
         imgclf.train(resume=tmp_path / "cut", devices=2, progress=False)
     msg = str(e.value)
-    assert "stopped within epoch 1, in one process on cpu" in msg and "--devices 1 --device cpu" in msg, msg
+    assert "stopped within epoch 1, in 1 process on cpu" in msg and "--devices 1 --device cpu" in msg, msg
     assert "\n" not in msg
     assert make_config(tmp_path / "cut" / "config.yaml").devices == 1  # the refused resume changed nothing
     state = torch.load(last, weights_only=True)
     state["in_epoch"]["device"] = "cuda"  # as written by a run on a GPU
     torch.save(state, last)
-    with pytest.raises(UserError, match="in one process on cuda.*--devices 1 --device cuda"):
+    with pytest.raises(UserError, match="in 1 process on cuda.*--devices 1 --device cuda"):
         imgclf.train(resume=tmp_path / "cut", progress=False)
     state["in_epoch"]["device"] = "cpu"
     torch.save(state, last)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.numpy import load_file
 
 import imgclf
@@ -114,20 +115,47 @@ def test_class_weights_two_processes_match_one(imbalanced_sample, tmp_path):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
 
 
+class CrashAtStep(Callback):
+    """Simulates a run killed within an epoch: fails at the end of step ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, t):
+        if t.step == self.step:
+            raise RuntimeError("simulated crash")
+
+
 @pytest.mark.slow
-def test_distributed_resume(runs, small_sample, tmp_path):
+@pytest.mark.parametrize("cut", ["epoch", "within"])
+def test_distributed_resume(runs, small_sample, tmp_path, cut):
+    """Killed at epoch 2's start (last.pt: epoch 1's end) or within epoch 2 (a checkpoint after
+    each step, checkpoint_minutes): the resumed 2-process run ends where the uninterrupted one did."""
     _, two, _ = runs
     litter = set(Path(tempfile.gettempdir()).glob("pytorch-errorfile-*"))
+    # 360 images, global batch 32: 11 steps an epoch; within: the crash after step 17 leaves the
+    # checkpoint of step 16 (epoch 2's fifth), the first at which the ranks ask whether one is due
+    crash, extra = (Crash(2), {}) if cut == "epoch" else (CrashAtStep(17), {"checkpoint_minutes": 1e-9})
     with pytest.raises(Exception, match="simulated crash"):
-        imgclf.train(**_options(small_sample, tmp_path, devices=2, name="crashed"), callbacks=[Crash(2)])
+        imgclf.train(**_options(small_sample, tmp_path, devices=2, name="crashed", **extra), callbacks=[crash])
     # the workers' tracebacks reached the parent and nothing was left in the temp folder
     assert set(Path(tempfile.gettempdir()).glob("pytorch-errorfile-*")) == litter
     run = tmp_path / "crashed"
     assert (run / "last.pt").exists() and not (run / "model.safetensors").exists()
+    part = torch.load(run / "last.pt", weights_only=True).get("in_epoch")
+    if cut == "within":
+        assert (part["epoch"], part["batch"], part["world"]) == (1, 5, 2)
+        ranks = part["ranks"]  # each rank's own generators and running sums, not rank 0's twice
+        assert not torch.equal(ranks[0]["generator"], ranks[1]["generator"])
+        assert ranks[0]["seen"] == ranks[1]["seen"] == 5 * 16 and ranks[0]["loss_sum"] != ranks[1]["loss_sum"]
+    else:
+        assert part is None
     res = imgclf.train(resume=run, progress=False)
     assert res.run_dir == run and len(res.history) == 2
     diff = _max_diff(_weights(two.run_dir), _weights(run))
     assert diff < TOLERANCE, f"max |w_resumed - w_uninterrupted| = {diff:.3g}"
+    for a, b in zip(two.history, res.history):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
 
 
 def test_global_batch_must_divide(small_sample, tmp_path):

@@ -373,7 +373,7 @@ def _train(config: str | Path | None = None, *, resume: str | Path | None = None
             if cfg.batch_size and cfg.batch_size % cfg.devices:
                 raise UserError(f"--devices {cfg.devices}: the run's global batch {cfg.batch_size} does not divide "
                                 f"by {cfg.devices} processes")
-            _refuse_more_processes_within_epoch(run_dir / "last.pt", cfg.devices)
+            _refuse_other_processes_within_epoch(run_dir / "last.pt", cfg.devices)
             log.info(f"--resume: {saved_devices} -> {cfg.devices} process(es)")
             dump_yaml(cfg, run_dir / "config.yaml")  # a later --resume keeps the new number
     else:
@@ -420,18 +420,18 @@ def _train(config: str | Path | None = None, *, resume: str | Path | None = None
     return result
 
 
-def _refuse_more_processes_within_epoch(last: Path, devices: int) -> None:
+def _refuse_other_processes_within_epoch(last: Path, devices: int) -> None:
     """Before config.yaml takes the new process count: a run stopped within an epoch continues
-    in one process only (trainer.refuse_within_epoch), and a refused resume must change nothing."""
-    if devices > 1:
-        import torch
+    in as many processes as it had (trainer.refuse_within_epoch), and a refused resume must
+    change nothing."""
+    import torch
 
-        # mmap: the header and the small "in_epoch" entry are read, not the weights
-        part = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("in_epoch")
-        if part is not None:
-            from imgclf.engine.trainer import refuse_within_epoch
+    # mmap: the header and the small "in_epoch" entry are read, not the weights
+    part = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("in_epoch")
+    if part is not None and part["world"] != devices:
+        from imgclf.engine.trainer import refuse_within_epoch
 
-            refuse_within_epoch(last, part)
+        refuse_within_epoch(last, part)
 
 
 def _changed_classes(checkpoint: Path, classes: list[str]) -> str:

@@ -177,7 +177,7 @@ class TrainConfig(BaseModel):
     eval_every: int = Field(1, ge=1, description="validate every N epochs (and always at the end)")
     checkpoint_minutes: float = Field(
         10.0, ge=0, description="also save RUN/last.pt within an epoch every N minutes, so a killed run resumes "
-        "from there and loses at most N minutes of a long epoch (0: at epoch ends only; one process only)")
+        "from there and loses at most N minutes of a long epoch (0: at epoch ends only)")
 
     # --- output -----------------------------------------------------------------------------
     project: str = Field("runs", description="folder holding run folders")

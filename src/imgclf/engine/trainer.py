@@ -337,17 +337,16 @@ class Trainer:
         seen, start, before = 0, 0, 0.0
         part, self.in_epoch = self.in_epoch, None
         if part is not None and part["epoch"] == epoch:  # resumed within this epoch: go on from there
-            start, seen, before = part["batch"], part["seen"], part["seconds"]
-            loss_sum.fill_(part["loss_sum"])
-            correct.fill_(part["correct"])
+            mine = part["ranks"][rank]  # this rank's own running figures and generators
+            start, before, seen = part["batch"], part["seconds"], mine["seen"]
+            loss_sum.fill_(mine["loss_sum"])
+            correct.fill_(mine["correct"])
             # generator states are CPU byte tensors, whatever the device (load_checkpoint maps to it)
-            g.set_state(part["generator"].cpu())
-            torch.set_rng_state(part["rng"].cpu())
-            if dev.type == "cuda" and part.get("cuda_rng") is not None:
-                torch.cuda.set_rng_state(part["cuda_rng"].cpu(), dev)
-        # checkpoints within the epoch: one process only (every rank's generators would be needed)
-        every = self.cfg.checkpoint_minutes * 60
-        every = every if every > 0 and self.run_dir is not None and self.is_main and self.reduce_world == 1 else 0
+            g.set_state(mine["generator"].cpu())
+            torch.set_rng_state(mine["rng"].cpu())
+            if dev.type == "cuda" and mine.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(mine["cuda_rng"].cpu(), dev)
+        every = self.cfg.checkpoint_minutes * 60 if self.cfg.checkpoint_minutes > 0 and self.run_dir is not None else 0
         bar = self._bar(epoch, start)
         t0 = time.perf_counter() - before
         saved = time.perf_counter()
@@ -393,13 +392,13 @@ class Trainer:
                                 img_s=f"{seen / max(el, 1e-9):.0f}", lr=f"{self.lr:.3g}", refresh=False)
             if bar is not None:
                 bar.update(1)
-            if every and time.perf_counter() - saved >= every and i + 1 < self.steps_per_epoch \
-                    and self.step < self.total_steps:
-                self._save_within_epoch({
-                    "epoch": epoch, "batch": i + 1, "seen": seen, "loss_sum": loss_sum.item(),
-                    "correct": correct.item(), "seconds": time.perf_counter() - t0, "generator": g.get_state(),
-                    "rng": torch.get_rng_state(), "device": dev.type,
-                    "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None})
+            if every and i + 1 < self.steps_per_epoch and self.step < self.total_steps \
+                    and self._checkpoint_due(saved, every):
+                self._save_within_epoch(
+                    {"epoch": epoch, "batch": i + 1, "seconds": time.perf_counter() - t0, "device": dev.type},
+                    {"seen": seen, "loss_sum": loss_sum.item(), "correct": correct.item(), "generator": g.get_state(),
+                     "rng": torch.get_rng_state(),
+                     "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None})
                 saved = time.perf_counter()
         if bar is not None:
             bar.close()
@@ -538,12 +537,33 @@ class Trainer:
     def save_checkpoint(self, path: Path) -> None:
         atomic_save(self.state_dict(), path)
 
-    def _save_within_epoch(self, part: dict) -> None:
-        """last.pt in the middle of an epoch: the state as at an epoch's end, plus ``part``, the
-        epoch's position (batches done, running loss and accuracy, seconds) and the states of its
-        augmentation and dropout generators, so --resume goes on from the next batch exactly."""
+    # distributed, the ranks ask whether a checkpoint is due every this many steps, all at the same
+    # ones (each asking costs an all-reduce and a host sync)
+    CHECKPOINT_ASK_STEPS = 16
+
+    def _checkpoint_due(self, since: float, every: float) -> bool:
+        """Whether the step just taken ends in a checkpoint: ``every`` seconds have passed
+        ``since`` the last (on any rank: all ranks take part in it)."""
+        due = time.perf_counter() - since >= every
+        if not self._distributed():
+            return due
+        if self.step % self.CHECKPOINT_ASK_STEPS:
+            return False
+        return self.reduce(torch.tensor([float(due)], device=self.device)).item() > 0
+
+    def _save_within_epoch(self, where: dict, mine: dict) -> None:
+        """last.pt in the middle of an epoch: the state as at an epoch's end, plus the epoch's
+        position (``where``: batches done, seconds, device) and each rank's running loss and
+        accuracy and the states of its augmentation and dropout generators (``mine`` on this
+        rank), so --resume goes on from the next batch exactly. Every rank must call it."""
         t0 = time.perf_counter()
-        atomic_save({**self.state_dict(), "in_epoch": part}, self.run_dir / "last.pt")
+        ranks = [mine]
+        if self._distributed():
+            ranks = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, mine)
+        if self.is_main:
+            part = {**where, "world": len(ranks), "ranks": ranks}
+            atomic_save({**self.state_dict(), "in_epoch": part}, self.run_dir / "last.pt")
         for c in self.callbacks:
             hook = getattr(c, "on_checkpoint", None)  # a callback written before the hook existed has none
             if hook is not None:
@@ -563,7 +583,7 @@ class Trainer:
         self.best, self.best_epoch, self.history, self.stop = s["best"], s["best_epoch"], s["history"], s["stop"]
         self.resumed_data = s.get("data")
         self.in_epoch = part = s.get("in_epoch")
-        if part is not None and (self.reduce_world > 1 or part.get("device", "cpu") != self.device.type):
+        if part is not None and (part["world"] != self.reduce_world or part["device"] != self.device.type):
             refuse_within_epoch(path, part)
         # a planned length (--time-limit) is part of the run: resume ends where the plan said
         if "total_steps" in s:
@@ -574,12 +594,12 @@ class Trainer:
 
 
 def refuse_within_epoch(path: Path, part: dict):
-    """A checkpoint written within an epoch (``part``) resumed in more processes or on another
-    device: its generators' states are one process's, on one kind of device, and fit no other."""
-    dev = part.get("device", "cpu")
-    raise UserError(f"--resume {path.parent}: it stopped within epoch {part['epoch'] + 1}, in one process on {dev}, "
-                    f"and only the same can continue it: resume with --devices 1 --device {dev} (once it has passed "
-                    "that epoch's end, any can)")
+    """A checkpoint written within an epoch (``part``) resumed in another number of processes or
+    on another kind of device: its generators' states are one per process, of that device."""
+    n, dev = part["world"], part["device"]
+    raise UserError(f"--resume {path.parent}: it stopped within epoch {part['epoch'] + 1}, in {n} process"
+                    f"{'' if n == 1 else 'es'} on {dev}, and only the same can continue it: resume with --devices {n} "
+                    f"--device {dev} (once it has passed that epoch's end, any can)")
 
 
 def _ema_with_warmup(decay: float):
