@@ -287,3 +287,19 @@ def test_time_limited_fastnet_records_the_width_it_chose_and_pays_for_lr_auto(sm
     assert json.loads((res.run_dir / "model.json").read_text())["arch_args"]["width"] == 1.5
     assert isinstance(cfg.lr, float) and (res.run_dir / "lr_find.json").exists()
     assert res.test["top1"] > 0.2
+
+
+def test_a_checkpoint_within_an_epoch_is_not_timed_as_steps():
+    """A mid-epoch checkpoint (checkpoint_minutes) may take seconds: the timing window and the
+    epoch's timing skip it, so the plan does not take it for slower steps."""
+    from types import SimpleNamespace
+
+    from imgclf.engine.callbacks import TimeBudget
+
+    budget = TimeBudget(time.perf_counter() + 100)
+    t = SimpleNamespace(step=5, frozen_end=0, crop_size=lambda: 0, device=torch.device("cpu"))
+    budget.on_epoch_start(t, 0)
+    budget.on_step_end(t)  # opens a window
+    w_t0, e_t0 = budget.w_t0, budget.e_t0
+    budget.on_checkpoint(t, 2.5)
+    assert (budget.w_t0, budget.e_t0) == (w_t0 + 2.5, e_t0 + 2.5)
