@@ -115,3 +115,32 @@ def test_a_wide_image_gets_a_figure_of_its_shape_and_the_title_says_what_the_lay
     import imgclf
 
     assert GradCAM(imgclf.load(tiny_run, device="cpu").model, 32, "cpu").where() == "layer 'layers' (3x3 cells)"
+
+
+def test_explain_reads_archives_in_place_as_predict_does(tiny_run, sample_dir, tmp_path, capsys):
+    """A .zip and a .tar.gz of photos are explained member by member, nothing extracted; a member
+    that is no image is reported by its <archive>/<member> name and the others still get PNGs."""
+    import tarfile
+    import zipfile
+
+    from imgclf.cli import main
+
+    cat, ship = _images(sample_dir)
+    with zipfile.ZipFile(tmp_path / "photos.zip", "w") as zf:
+        zf.write(cat, "a/cat.jpg")
+        zf.writestr("a/broken.jpg", b"not a jpeg")
+    with tarfile.open(tmp_path / "more.tar.gz", "w:gz") as tf:
+        tf.add(ship, "b/ship.jpg")
+    out = tmp_path / "out"
+    res = explain(tiny_run, [tmp_path / "photos.zip", tmp_path / "more.tar.gz"], out=out, device="cpu")
+    assert [r["input"] for r in res] == [f"{tmp_path}/photos.zip/a/broken.jpg", f"{tmp_path}/photos.zip/a/cat.jpg",
+                                         f"{tmp_path}/more.tar.gz/b/ship.jpg"]
+    assert "error" in res[0] and "heatmap" not in res[0]
+    assert sorted(p.name for p in out.iterdir()) == ["cat_gradcam.png", "ship_gradcam.png"]
+    # the same heat map as the file itself gives
+    direct = explain(tiny_run, [cat], out=tmp_path / "direct", device="cpu")[0]
+    assert np.allclose(res[1]["heatmap"], direct["heatmap"]) and res[1]["top"] == direct["top"]
+    assert main(["explain", str(tiny_run), str(tmp_path / "photos.zip"), "--out", str(out), "--device", "cpu"]) == 1
+    printed = capsys.readouterr().out
+    assert f"{tmp_path}/photos.zip/a/broken.jpg\tERROR" in printed
+    assert "-> " + str(out / "cat_gradcam.png") in printed

@@ -1069,7 +1069,7 @@ def _input_list(inputs) -> list:
     return list(inputs)
 
 
-def _iter_sources(inputs: list) -> Iterator[tuple[str, Any, str]]:
+def iter_sources(inputs: list) -> Iterator[tuple[str, Any, str]]:
     """``(name, source, error)`` for everything ``predict`` was given, lazily: files, folders,
     archives (.zip/.tar[.gz]: their images are read in place), bytes and arrays. Paths are all
     checked first, so a typo fails before any work, not after an hour of predictions."""
@@ -1142,7 +1142,7 @@ class Classifier:
             # anything but model-ready pixels is converted as predict converts it: a float, grey or
             # differently sized array fed to the net as it is would give wrong probabilities silently
             batch = []
-            for name, src, err in _iter_sources(_input_list(images)):
+            for name, src, err in iter_sources(_input_list(images)):
                 try:
                     if err:
                         raise BadImage(name, err)
@@ -1184,7 +1184,7 @@ class Classifier:
             pending.clear()
 
         failed = 0
-        for name, src, err in _iter_sources(list(inputs)):
+        for name, src, err in iter_sources(list(inputs)):
             results.append({"input": name})
             if not err:
                 try:

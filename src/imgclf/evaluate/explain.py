@@ -9,7 +9,7 @@ name another layer (``--layer layers.1``).
 from __future__ import annotations
 
 import io
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 import torch
@@ -159,13 +159,14 @@ def explanation_png(image: np.ndarray, cam: np.ndarray, title: str, alpha: float
     return buf.getvalue()
 
 
-def _display_image(clf, path: Path, model_view: np.ndarray) -> np.ndarray:
-    """The image to draw on: the original file when the model saw all of it (stretch), else the model's view."""
+def _display_image(clf, source: Path | bytes, model_view: np.ndarray) -> np.ndarray:
+    """The image to draw on: the original (a file, or an archive member's bytes) when the model
+    saw all of it (stretch), else the model's view."""
     from imgclf.data.images import load_rgb
 
-    if clf.resize != "stretch":
+    if clf.resize != "stretch" or not isinstance(source, str | Path | bytes):
         return model_view
-    img = load_rgb(str(path))
+    img = load_rgb(source if isinstance(source, bytes) else str(source))
     h, w = img.shape[:2]
     if max(h, w) > 1024:  # the heatmap is coarse anyway; keep the PNG small
         from PIL import Image
@@ -177,9 +178,12 @@ def _display_image(clf, path: Path, model_view: np.ndarray) -> np.ndarray:
 
 def explain(run: str | Path, images: list[str | Path], *, layer: str | None = None, class_name: str | None = None,
             out: str | Path | None = None, top_k: int = 3, device: str = "auto") -> list[dict]:
-    """Write a Grad-CAM PNG per image into ``out`` (default RUN/explain); returns one record per image."""
+    """Write a Grad-CAM PNG per image into ``out`` (default RUN/explain); returns one record per
+    image. ``images``: files, folders and archives (.zip/.tar[.gz], read in place), as predict takes."""
+    import itertools
+
     from imgclf import log
-    from imgclf.api import expand_inputs, load
+    from imgclf.api import iter_sources, load
     from imgclf.data.images import BadImage
     from imgclf.runs import read_meta
 
@@ -188,8 +192,9 @@ def explain(run: str | Path, images: list[str | Path], *, layer: str | None = No
     if out_dir.exists() and not out_dir.is_dir():  # before the model loads: a typo costs nothing
         raise UserError(f"--out {out_dir} is a file: name a folder for the PNGs")
     clf = load(run, device)
-    files = expand_inputs(list(images))
-    if not files:
+    sources = iter_sources(list(images))  # lazily: an archive's members are read one at a time
+    first = next(sources, None)
+    if first is None:
         raise UserError("no images to explain")
     target = None
     if class_name is not None:
@@ -203,12 +208,16 @@ def explain(run: str | Path, images: list[str | Path], *, layer: str | None = No
         raise UserError(f"--out {out_dir}: cannot create the folder ({e.strerror or e})") from None
     temperature = float(clf.meta.get("temperature") or 1.0)
     results, used = [], set()
-    for f in files:
-        try:
-            view = clf.preprocess(f)
-        except BadImage as e:
-            results.append({"input": str(f), "error": e.reason})
+    for name, src, error in itertools.chain([first], sources):
+        if error:  # an archive member that could not be read
+            results.append({"input": name, "error": error})
             continue
+        try:
+            view = clf.preprocess(src, name)
+        except BadImage as e:
+            results.append({"input": name, "error": e.reason})
+            continue
+        f = PurePath(name)  # a file's path or <archive>/<member>: for titles and PNG names
         x = clf.normalize(torch.from_numpy(view[None]).to(clf.device))
         heat, logits = cam(x, None if target is None else [target])
         scaled = logits / temperature
@@ -223,7 +232,7 @@ def explain(run: str | Path, images: list[str | Path], *, layer: str | None = No
             title += f"\nno positive evidence for '{shown}' in this image (blank map)"
             log.warn(f"{f}: no positive evidence for '{shown}' in this image: its Grad-CAM at {cam.where()} is blank",
                      once=False)
-        png = explanation_png(_display_image(clf, f, view), heat[0], title)
+        png = explanation_png(_display_image(clf, src, view), heat[0], title)
         stem = f.stem if f.stem not in used else f"{f.parent.name}_{f.stem}"
         base, n = stem, 2
         while stem in used:  # train/cat/1.jpg, val/cat/1.jpg, test/cat/1.jpg: one file each
@@ -234,6 +243,6 @@ def explain(run: str | Path, images: list[str | Path], *, layer: str | None = No
             dest.write_bytes(png)
         except OSError as e:  # a full disk or a folder gone read-only: the PNGs written so far stay
             raise UserError(f"cannot write {dest} ({e.strerror or e})") from None
-        results.append({"input": str(f), "output": str(dest), "top": tops, "class": shown, "layer": cam.layer,
+        results.append({"input": name, "output": str(dest), "top": tops, "class": shown, "layer": cam.layer,
                         "heatmap": heat[0], "no_evidence": blank})
     return results
