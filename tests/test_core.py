@@ -300,6 +300,44 @@ def test_resume_after_interrupt_ends_like_an_uninterrupted_run(small_sample, tmp
             assert resumed.history[1][key] == pytest.approx(full.history[1][key], rel=1e-6), (name, key)
 
 
+def test_ctrl_c_stops_after_the_step_in_progress_and_saves_it(small_sample, tmp_path, capfd):
+    """Ctrl-C within an epoch: the step it came in finishes and is saved (no periodic checkpoint
+    here), so --resume loses nothing and ends with the uninterrupted run's weights. A second
+    Ctrl-C stops at once."""
+    import signal
+
+    from imgclf.engine.callbacks import Callback
+
+    opts = dict(data=str(small_sample), project=str(tmp_path), epochs=2, seed=3, checkpoint_minutes=0,
+                **{k: v for k, v in FAST.items() if k != "epochs"})
+
+    class CtrlC(Callback):
+        def __init__(self, at: int, times: int = 1):
+            self.at, self.times = at, times
+
+        def on_step_end(self, t):
+            if t.step == self.at:
+                for _ in range(self.times):
+                    signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        imgclf.train(name="cut", callbacks=[CtrlC(8)], **opts)
+    state = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    # 5 steps an epoch (360 images, batch 64, the partial batch dropped): step 8 is epoch 2's third
+    assert state["step"] == 8 and (state["in_epoch"]["epoch"], state["in_epoch"]["batch"]) == (1, 3)
+    assert f"stopped: continue with imgclf.train(resume='{tmp_path / 'cut'}')" in capfd.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+    resumed = imgclf.train(resume=tmp_path / "cut", progress=False)
+    full = imgclf.train(name="full", **opts)
+    a, b = _weights(full.run_dir), _weights(resumed.run_dir)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # twice: no step is finished, nothing is saved, and the new run's folder goes (nothing to resume)
+    with pytest.raises(KeyboardInterrupt):
+        imgclf.train(name="twice", callbacks=[CtrlC(2, times=2)], **opts)
+    assert not (tmp_path / "twice").exists()
+
+
 def test_checkpoint_minutes_zero_saves_at_epoch_ends_only(small_sample, tmp_path):
     from imgclf.engine.callbacks import Callback
 

@@ -350,56 +350,70 @@ class Trainer:
         bar = self._bar(epoch, start)
         t0 = time.perf_counter() - before
         saved = time.perf_counter()
-        for i, (x, y) in enumerate(self.train_loader.epoch(epoch, start), start):
-            if self.step >= self.total_steps:
-                break
-            self._set_lr()
-            xb, target = self.augment(x, y, g, parity, self.train_loader.last_indices, crop=self.crop_size())
-            with self.precision.autocast(dev):
-                logits = model(xb)
-            loss = self.loss_fn(logits.float(), target)
-            if self.cfg.l2 > 0:
-                loss = loss + self.cfg.l2 * l2_penalty(self.model)
-            opt.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if self.cfg.clip_grad:
-                self.scaler.unscale_(opt)
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
-            self.scaler.step(opt)
-            self.scaler.update()
-            self.step += 1
-            if self.ema is not None:
-                self.ema.update_parameters(self.model)
-            for c in self.callbacks:
-                c.on_step_end(self)
-            n = x.shape[0]
-            seen += n
-            with torch.no_grad():
-                loss_sum += loss.detach() * n
-                if not self.multilabel:
-                    hard = target if target.ndim == 1 else target.argmax(1)
-                    correct += (logits.argmax(1) == hard).sum()
-                else:
-                    correct += ((logits > 0) == (target > 0.5)).float().mean(1).sum()
-            if bar is not None and (i % 10 == 0 or i == self.steps_per_epoch - 1):
-                # the only host syncs in the step, and only every 10 steps, for the display
-                el = time.perf_counter() - t0
-                shown = loss_sum.item() / seen
-                if self.reduce_world == 1 and not math.isfinite(shown):
-                    bar.close()  # stop at once; distributed, the ranks stop together at the epoch's end
-                    self._check_finite(shown, epoch)
-                bar.set_postfix(loss=f"{shown:.3f}", acc=f"{correct.item() / seen:.3f}",
-                                img_s=f"{seen / max(el, 1e-9):.0f}", lr=f"{self.lr:.3g}", refresh=False)
+
+        def save(batches: int) -> None:
+            self._save_within_epoch(
+                {"epoch": epoch, "batch": batches, "seconds": time.perf_counter() - t0, "device": dev.type},
+                {"seen": seen, "loss_sum": loss_sum.item(), "correct": correct.item(), "generator": g.get_state(),
+                 "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None})
+
+        done = start
+        # Ctrl-C stops the run after the step in progress, saved (a second Ctrl-C: at once)
+        with ctrl_c_between_steps(self.run_dir is not None and self.is_main and not self._distributed()) as asked:
+            for i, (x, y) in enumerate(self.train_loader.epoch(epoch, start), start):
+                if self.step >= self.total_steps:
+                    break
+                self._set_lr()
+                xb, target = self.augment(x, y, g, parity, self.train_loader.last_indices, crop=self.crop_size())
+                with self.precision.autocast(dev):
+                    logits = model(xb)
+                loss = self.loss_fn(logits.float(), target)
+                if self.cfg.l2 > 0:
+                    loss = loss + self.cfg.l2 * l2_penalty(self.model)
+                opt.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                if self.cfg.clip_grad:
+                    self.scaler.unscale_(opt)
+                    nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
+                self.scaler.step(opt)
+                self.scaler.update()
+                self.step += 1
+                if self.ema is not None:
+                    self.ema.update_parameters(self.model)
+                for c in self.callbacks:
+                    c.on_step_end(self)
+                n = x.shape[0]
+                seen += n
+                with torch.no_grad():
+                    loss_sum += loss.detach() * n
+                    if not self.multilabel:
+                        hard = target if target.ndim == 1 else target.argmax(1)
+                        correct += (logits.argmax(1) == hard).sum()
+                    else:
+                        correct += ((logits > 0) == (target > 0.5)).float().mean(1).sum()
+                if bar is not None and (i % 10 == 0 or i == self.steps_per_epoch - 1):
+                    # the only host syncs in the step, and only every 10 steps, for the display
+                    el = time.perf_counter() - t0
+                    shown = loss_sum.item() / seen
+                    if self.reduce_world == 1 and not math.isfinite(shown):
+                        bar.close()  # stop at once; distributed, the ranks stop together at the epoch's end
+                        self._check_finite(shown, epoch)
+                    bar.set_postfix(loss=f"{shown:.3f}", acc=f"{correct.item() / seen:.3f}",
+                                    img_s=f"{seen / max(el, 1e-9):.0f}", lr=f"{self.lr:.3g}", refresh=False)
+                if bar is not None:
+                    bar.update(1)
+                done = i + 1
+                if asked.is_set():
+                    break
+                if every and done < self.steps_per_epoch and self.step < self.total_steps \
+                        and self._checkpoint_due(saved, every):
+                    save(done)
+                    saved = time.perf_counter()
+        if asked.is_set():  # Ctrl-C: the step it came in is saved, and the run stops
             if bar is not None:
-                bar.update(1)
-            if every and i + 1 < self.steps_per_epoch and self.step < self.total_steps \
-                    and self._checkpoint_due(saved, every):
-                self._save_within_epoch(
-                    {"epoch": epoch, "batch": i + 1, "seconds": time.perf_counter() - t0, "device": dev.type},
-                    {"seen": seen, "loss_sum": loss_sum.item(), "correct": correct.item(), "generator": g.get_state(),
-                     "rng": torch.get_rng_state(),
-                     "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None})
-                saved = time.perf_counter()
+                bar.close()
+            save(done)
+            raise KeyboardInterrupt
         if bar is not None:
             bar.close()
         stats = torch.stack([loss_sum, correct, torch.tensor(float(seen), device=dev)])
@@ -561,7 +575,9 @@ class Trainer:
         if self._distributed():
             ranks = [None] * dist.get_world_size()
             dist.all_gather_object(ranks, mine)
-        if self.is_main:
+        # a diverged step (non-finite running loss on any rank) is not saved: last.pt keeps the
+        # last good state, as at epoch ends (_check_finite)
+        if self.is_main and all(math.isfinite(r["loss_sum"]) for r in ranks):
             part = {**where, "world": len(ranks), "ranks": ranks}
             atomic_save({**self.state_dict(), "in_epoch": part}, self.run_dir / "last.pt")
         for c in self.callbacks:
@@ -591,6 +607,33 @@ class Trainer:
             self.set_total_steps(s["total_steps"])  # cfg.epochs follows the checkpoint's plan
             self.warmup_steps = s["warmup_steps"]
             self.crop_end = s.get("crop_end", self.crop_end)
+
+
+@contextlib.contextmanager
+def ctrl_c_between_steps(enabled: bool):
+    """Yields an Event that a Ctrl-C sets instead of raising KeyboardInterrupt mid-step, so the
+    loop can save the step just finished (a mid-epoch checkpoint) and stop there: --resume then
+    loses nothing. A second Ctrl-C raises at once. Only where SIGINT has Python's own handler, in
+    the main thread: a sweep, a distributed worker or a notebook kernel keeps its own."""
+    import signal
+    import threading
+
+    asked = threading.Event()
+    if not enabled or threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield asked
+        return
+
+    def handler(signum, frame):
+        if asked.is_set():
+            raise KeyboardInterrupt
+        asked.set()
+
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield asked
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def refuse_within_epoch(path: Path, part: dict):
