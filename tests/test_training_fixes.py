@@ -214,8 +214,10 @@ class _PoisonAfterFirstEpoch(cb.Callback):
                 t.model.head.weight.fill_(float("nan"))
 
 
-@pytest.mark.parametrize("progress", [False, True])  # the end-of-epoch check, and the progress bar's
-def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, progress):
+# the end-of-epoch check, the progress bar's, and checkpoints within the epoch (one after every
+# step): none is written from the nan steps
+@pytest.mark.parametrize("progress, minutes", [(False, 10), (True, 10), (False, 1e-9)])
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, progress, minutes):
     import math
 
     data = _flat_colour_data(tmp_path / "flat", n_per_class=12)
@@ -223,12 +225,13 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, p
     with pytest.raises(UserError, match=r"diverged in epoch 2 .*lower --lr .*last\.pt keeps the last good epoch") \
             as info:
         imgclf.train(data=str(data), project=str(tmp_path / "runs"), name="nan", epochs=3, precision="fp32",
-                     progress=progress, tensorboard=False, callbacks=[_PoisonAfterFirstEpoch()])
+                     progress=progress, tensorboard=False, checkpoint_minutes=minutes,
+                     callbacks=[_PoisonAfterFirstEpoch()])
     assert "\n" not in str(info.value)
     assert "--precision fp32" not in str(info.value)  # the run is fp32 already
     assert not (run / "model.safetensors").exists()  # no worthless model
     ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
-    assert ckpt["epoch"] == 1 and len(ckpt["history"]) == 1
+    assert ckpt["epoch"] == 1 and len(ckpt["history"]) == 1 and ckpt.get("in_epoch") is None
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert all(math.isfinite(r["train_loss"]) for r in ckpt["history"])
 
