@@ -209,7 +209,7 @@ class Trainer:
         # FreezeBackbone); TimeBudget times them apart, as it does early crops
         self.frozen_end = 0
         self.step, self.epoch, self.lr_scale = 0, 0, 1.0
-        # where a checkpoint written within an epoch left it (see _part_state); None at epoch ends
+        # where a checkpoint written within an epoch left it (_save_within_epoch); None at epoch ends
         self.in_epoch: dict | None = None
         self.history: list[dict] = []
         self.best: float | None = None
