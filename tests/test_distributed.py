@@ -371,6 +371,46 @@ def test_process_exit_messages():
     assert exit_message(1, 3) == "process 1 exited with code 3"
 
 
+def _end(code: int, out: str, done: bool) -> None:
+    import os
+
+    if done:  # what DistContext.close leaves once every rank has met at the last barrier
+        Path(out, f"done{os.environ['RANK']}").touch()
+    if code < 0:
+        import faulthandler
+
+        faulthandler.disable()  # pytest's: no stack dump for an abort the test asks for
+        os.abort()  # SIGABRT, as a C++ std::terminate in the teardown ends a process
+    os._exit(code)
+
+
+def test_a_process_that_dies_after_the_last_barrier_fails_nothing(tmp_path):
+    # gloo's teardown aborted a finished process now and then ("terminate called without an
+    # active exception"): the parent failed a run whose every rank had finished and whose
+    # result was written. Dying after the last barrier is said, not a failure; dying before it is.
+    import multiprocessing as mp
+    import os
+
+    from imgclf.engine.distributed import _wait_for_failure
+
+    def start(*plan):
+        for f in tmp_path.iterdir():
+            f.unlink()
+        procs = []
+        for rank, (code, done) in enumerate(plan):
+            os.environ["RANK"] = str(rank)
+            p = mp.get_context("fork").Process(target=_end, args=(code, str(tmp_path), done))
+            p.start()
+            procs.append(p)
+        del os.environ["RANK"]
+        return procs
+
+    assert _wait_for_failure(start((0, True), (-1, True)), str(tmp_path)) is None
+    procs = start((0, True), (-1, False))
+    assert _wait_for_failure(procs, str(tmp_path)) == 1 and procs[1].exitcode == -6
+    assert _wait_for_failure(start((3, False), (0, False)), str(tmp_path)) == 0
+
+
 class KillRank(Callback):
     """SIGKILLs the process of ``rank`` as training starts (what the OOM killer does)."""
 

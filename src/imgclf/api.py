@@ -416,6 +416,7 @@ def _train(config: str | Path | None = None, *, resume: str | Path | None = None
         torch.set_num_threads(distributed.cpu_cores())
     result = _finish(s, model, trainer, history, extra, final_eval=final_eval, t_start=t_start)
     if ddp:
+        distributed.hand_back(ddp, result)
         ddp.close()
     return result
 

@@ -82,6 +82,11 @@ class DistContext:
             # tearing its group down while another still holds it aborted the process now and
             # then ("terminate called without an active exception").
             self.barrier()
+            # past the barrier every rank has finished: a process of spawn_train that dies from here
+            # on (in the teardown) has lost nothing, and its parent knows it by this file
+            out = os.environ.get(_OUT_ENV)
+            if out and Path(out).is_dir():
+                Path(out, f"done{self.rank}").touch()
             dist.destroy_process_group()
 
 
@@ -234,6 +239,15 @@ def announce_run_dir(ctx: DistContext | None, run_dir: Path) -> None:
         _write_atomic(Path(out, "run_dir.txt"), str(run_dir))
 
 
+def hand_back(ctx: DistContext | None, result) -> None:
+    """Rank 0 of a run started by spawn_train gives the parent its TrainResult, before the
+    process group is torn down (a process that dies in the teardown has then lost nothing)."""
+    out = os.environ.get(_OUT_ENV)
+    if ctx is not None and ctx.is_main and out and Path(out).is_dir():
+        _write_atomic(Path(out, "result.json"), json.dumps({"run_dir": str(result.run_dir), "history": result.history,
+                                                            "test": result.test}, default=str))
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -298,10 +312,12 @@ def _worker(local_rank: int, world: int, port: int, call: dict[str, Any], out: s
     from imgclf.api import train
 
     try:
-        res = train(call["config"], resume=call["resume"], callbacks=call["callbacks"], **call["options"])
-        if local_rank == 0:
-            _write_atomic(Path(out, "result.json"), json.dumps({"run_dir": str(res.run_dir), "history": res.history,
-                                                                "test": res.test}, default=str))
+        train(call["config"], resume=call["resume"], callbacks=call["callbacks"], **call["options"])
+        # The run is complete and written, and the process group is torn down: end without the
+        # interpreter's teardown. Its C++ destructors (gloo's threads still joinable at exit)
+        # aborted a finished process now and then, "terminate called without an active exception"
+        # and SIGABRT, which failed a run that had succeeded.
+        _exit_now(0)
     except _Stopped as e:
         raise SystemExit(128 + e.signum) from None  # quietly: the parent says what happened
     except (UserError, ModuleNotFoundError) as e:
@@ -313,6 +329,19 @@ def _worker(local_rank: int, world: int, port: int, call: dict[str, Any], out: s
         _write_atomic(Path(out, f"error{local_rank}.json"), json.dumps({"kind": kind, "message": str(e),
                                                                         "name": getattr(e, "name", None)}))
         raise SystemExit(2) from None
+
+
+def _exit_now(code: int) -> None:
+    """os._exit after flushing what Python would have flushed at exit (the streams, the logs)."""
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):  # closed or replaced by a caller
+            pass
+    os._exit(code)
 
 
 def _worker_error(e: dict) -> Exception:
@@ -369,8 +398,10 @@ def _failure(procs, first: int, ended: list[int], out: str, error_files: list[st
     return _exit_error(i, procs[i].exitcode, out, error_files[i])
 
 
-def _wait_for_failure(procs) -> int | None:
-    """Wait until every process has ended (None) or one has failed (its index)."""
+def _wait_for_failure(procs, out: str | None = None) -> int | None:
+    """Wait until every process has ended (None) or one has failed (its index). A process that
+    ends badly after it passed the last barrier (its ``done`` file in ``out``: DistContext.close)
+    failed in the teardown only, every rank having finished: that is said, and is no failure."""
     from multiprocessing.connection import wait
 
     pending = {p.sentinel: i for i, p in enumerate(procs)}
@@ -378,8 +409,13 @@ def _wait_for_failure(procs) -> int | None:
         for sentinel in wait(list(pending)):
             i = pending.pop(sentinel)
             procs[i].join()
-            if procs[i].exitcode != 0:
-                return i
+            if procs[i].exitcode == 0:
+                continue
+            if out is not None and Path(out, f"done{i}").is_file():
+                log.info(f"{exit_message(i, procs[i].exitcode)} after the run had finished, while closing: "
+                         "nothing was lost")
+                continue
+            return i
     return None
 
 
@@ -488,7 +524,7 @@ def spawn_train(n: int, device: torch.device, *, config, resume, callbacks, opti
                 handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, _raise_interrupt)
             procs = ctx.processes
             try:
-                failed = _wait_for_failure(procs)
+                failed = _wait_for_failure(procs, out)
             except KeyboardInterrupt as e:
                 _stop_all(procs)
                 _after_stop(_announced(out, resume), e, new=new)
@@ -503,6 +539,9 @@ def spawn_train(n: int, device: torch.device, *, config, resume, callbacks, opti
             tempfile.tempdir = saved
             if signal.SIGTERM in handlers:
                 signal.signal(signal.SIGTERM, handlers.pop(signal.SIGTERM))
+        if not Path(out, "result.json").is_file():  # every process ended well, yet rank 0 gave nothing back
+            run = _announced(out, resume)
+            raise UserError("the training processes ended without a result" + (f": see {run}" if run else ""))
         r = json.loads(Path(out, "result.json").read_text())
     run_dir = Path(r["run_dir"])
     return TrainResult(run_dir, r["history"], test=r["test"], config=make_config(run_dir / "config.yaml"))
