@@ -130,6 +130,21 @@ def test_predictions_multipart_many_and_raw_match_the_classifier(client, jpeg, s
     assert sum(t["prob"] for t in full["predictions"][0]["top"]) == pytest.approx(1.0, abs=1e-4)
 
 
+def test_a_bad_image_among_several_is_its_own_error_and_the_rest_are_classified(client, jpeg):
+    # one truncated upload in a batch of three used to refuse the whole request with 400
+    files = [("files", ("a.jpg", jpeg, "image/jpeg")), ("files", ("cut.jpg", jpeg[: len(jpeg) // 2], "image/jpeg")),
+             ("files", ("b.jpg", jpeg, "image/jpeg"))]
+    r = client.post("/v1/predict", files=files)
+    assert r.status_code == 200, r.text
+    a, cut, b = r.json()["predictions"]
+    assert cut == {"filename": "cut.jpg", "status": 400,
+                   "error": cut["error"]} and cut["error"].startswith("image 1 ('cut.jpg'): truncated or corrupt")
+    assert "top" not in cut and a["top"] == b["top"] and len(a["top"]) == 5
+    # every image bad: nothing to answer, so the request fails with the first one's reason
+    r = client.post("/v1/predict", files=[files[1], ("files", ("t.jpg", b"text", "image/jpeg"))])
+    assert r.status_code == 400 and r.json()["error"].startswith("image 0 ('cut.jpg'): truncated or corrupt")
+
+
 def test_model_description_and_page(client, tiny_run):
     info = client.get("/v1/model").json()
     assert info["backend"] == "pytorch" and info["classes"][0] == "airplane" and info["image_size"] == 32

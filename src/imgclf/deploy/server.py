@@ -690,7 +690,10 @@ def create_app(cfg: ServeConfig, backend=None):
         raise BadRequest(415, f"{what}: send multipart/form-data with field 'file' (or 'files'), "
                               "or the raw image bytes as image/* or application/octet-stream")
 
-    async def classify(items: list[tuple[str, bytes]], pixels: list[int | None]) -> list[np.ndarray]:
+    async def classify(items: list[tuple[str, bytes]], pixels: list[int | None]) -> list[np.ndarray | BadRequest]:
+        """Probabilities per image; in a request of several images, an image that cannot be read
+        is its own error (the others are still classified, as predict skips a bad file). A request
+        whose every image is bad is refused whole, with the first one's error."""
         if (None not in pixels and sum(pixels) <= INLINE_DECODE_PIXELS
                 and sum(len(b) for _, b in items) <= INLINE_DECODE_BYTES):
             # a thumbnail decodes in tens of microseconds, less than the hop to a thread
@@ -704,17 +707,28 @@ def create_app(cfg: ServeConfig, backend=None):
             loop = asyncio.get_running_loop()
             decoded = await asyncio.gather(*(loop.run_in_executor(decode_pool, decode, it) for it in items),
                                            return_exceptions=True)
+        out: list = []
         for i, (name, res) in enumerate(zip((n for n, _ in items), decoded)):
             if isinstance(res, BadImage):
                 where = f"image {i} ('{name}')" if len(items) > 1 or name != "body" else "the request body"
                 status = 413 if res.reason.startswith("image too large") else 400
-                raise BadRequest(status, f"{where}: {res.reason}")
-            if isinstance(res, BaseException):
+                res = BadRequest(status, f"{where}: {res.reason}")
+            elif isinstance(res, BaseException):
                 raise res
-        return await batcher.submit(list(decoded))
+            out.append(res)
+        good = [i for i, res in enumerate(out) if not isinstance(res, BadRequest)]
+        if not good:
+            raise out[0]
+        for i, p in zip(good, await batcher.submit([out[i] for i in good])):
+            out[i] = p
+        return out
 
     @app.post("/v1/predict")
     async def predict(request: Request, top_k: int = Query(cfg.top_k, ge=1, le=1000)):
+        """Classify images: multipart/form-data with field 'file' (or repeated 'files'), or the raw
+        bytes of one image. One prediction per image, in order: {filename, top: [{class, index,
+        prob}]} (and labels for a multi-label model); an image of several that cannot be read is
+        {filename, error, status} in its place."""
         t0 = time.perf_counter()
         items = await read_images(request)
         if len(items) > cfg.max_images:
@@ -741,6 +755,9 @@ def create_app(cfg: ServeConfig, backend=None):
         k = min(top_k, len(classes))
         preds = []
         for (name, _), p in zip(items, probs):
+            if isinstance(p, BadRequest):  # one bad image of several: said in its place
+                preds.append({"filename": name, "error": p.message, "status": p.status})
+                continue
             order = np.argsort(-p)[:k]
             pred: dict[str, Any] = {"filename": name,
                                     "top": [{"class": classes[j], "index": int(j), "prob": float(p[j])} for j in order]}
