@@ -439,6 +439,53 @@ def test_kill_9_mid_run_then_resume(small_sample, tmp_path):
     assert len(rows) == 4 and (tmp_path / "k" / "model.json").exists()
 
 
+def test_a_run_killed_before_its_first_checkpoint_starts_over_by_the_same_command_or_resume(small_sample, tmp_path,
+                                                                                             capfd):
+    # kill -9 while the data were decoded or the first epoch ran left a folder with config.yaml
+    # and no checkpoint; the same command then said "already exists" and --resume said "nothing
+    # to resume, use --exist-ok": two refusals before the user could start again
+    opts = dict(data=str(small_sample), project=str(tmp_path), name="k", **FAST)
+    kill = ("import os, signal, sys, imgclf\n"
+            "from imgclf.engine.callbacks import Callback\n"
+            "class Kill(Callback):\n"
+            "    def on_train_start(self, t):\n"
+            "        os.kill(os.getpid(), signal.SIGKILL)\n"
+            f"imgclf.train(callbacks=[Kill()], **{opts!r})\n")
+    r = subprocess.run([sys.executable, "-c", kill], capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    left = tmp_path / "k"
+    assert (left / "config.yaml").is_file() and not (left / "last.pt").exists()
+    moved = tmp_path / "elsewhere" / "moved"
+    shutil.copytree(left, moved)
+    # while another process trains in it (here: holds its lock), the folder is not taken over,
+    # by the same command, --exist-ok or --resume; the lock goes with that process's death
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from imgclf.runs import hold_run; "
+                               f"hold_run({str(left)!r}); print('held', flush=True); time.sleep(300)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for kw in ({}, {"exist_ok": True}):
+            with pytest.raises(UserError, match="is in use: another imgclf process is training in it"):
+                imgclf.train(**opts, **kw)
+        with pytest.raises(UserError, match="is in use"):
+            imgclf.train(resume=left)
+    finally:
+        holder.kill()
+        holder.wait()
+    capfd.readouterr()
+    res = imgclf.train(**opts)
+    assert "holds a run that stopped before its first checkpoint: starting over in it" in capfd.readouterr().err
+    assert res.run_dir == left and (left / "model.json").is_file() and len(res.history) == 1
+    with pytest.raises(UserError, match="already exists"):  # a run with a checkpoint is never overwritten
+        imgclf.train(**opts)
+    res = imgclf.train(resume=moved, progress=False)  # its saved config, in the folder where it is now
+    assert "stopped before its first checkpoint; starting it from the beginning" in capfd.readouterr().err
+    assert res.run_dir == moved and (moved / "model.json").is_file() and len(res.history) == 1
+    (moved / "last.pt").unlink()
+    with pytest.raises(UserError, match="has a model but no last.pt"):
+        imgclf.train(resume=moved)
+
+
 def test_other_models_train(small_sample, tmp_path):
     for model, args in (("plaincnn", {"channels": [16, 32], "dense": [64]}), ("timm:resnet18", {})):
         res = imgclf.train(data=str(small_sample), project=str(tmp_path), model=model, model_args=args, **FAST)

@@ -30,7 +30,15 @@ from imgclf.errors import BadInputError, UserError
 from imgclf.evaluate.inference import auto_batch_size
 from imgclf.models.registry import arch_args_for_record, build_model, default_normalization, resolve_name
 from imgclf.paths import write_problem
-from imgclf.runs import load_model, read_meta, remove_exports, resolve_device, write_model
+from imgclf.runs import (
+    hold_run,
+    load_model,
+    read_meta,
+    release_runs,
+    remove_exports,
+    resolve_device,
+    write_model,
+)
 
 
 @dataclass
@@ -172,9 +180,17 @@ def _make_run_dir(cfg: TrainConfig, data_name: str, arch: str) -> Path:
     project = Path(cfg.project)
     name = cfg.name or recipe.default_run_name(project, data_name, arch)
     run = project / name
+    if run.is_dir():
+        hold_run(run)  # before reading or clearing anything in it: nobody else is training there
     if run.exists() and any(run.iterdir()) and not cfg.exist_ok:
-        raise UserError(f"run folder {run} already exists: choose another --name, pass --exist-ok, or --resume {run}")
+        if not _stopped_before_first_checkpoint(run):
+            raise UserError(f"run folder {run} already exists: choose another --name, pass --exist-ok, or "
+                            f"--resume {run}")
+        # killed (kill -9, a lost machine) before it saved anything: the same command again
+        # starts it over, as it would have had the folder been removed
+        log.info(f"{run} holds a run that stopped before its first checkpoint: starting over in it")
     run.mkdir(parents=True, exist_ok=True)
+    hold_run(run)
     _clear_outputs(run)
     return run
 
@@ -184,6 +200,20 @@ def _make_run_dir(cfg: TrainConfig, data_name: str, arch: str) -> Path:
 _RUN_OUTPUTS = ("model.safetensors", "model.json", "best.safetensors", "last.pt", "metrics.csv", "metrics.json",
                 "summary.json", "report.html", "curves.png", "confusion.png", "confusion.csv", "per_class.csv",
                 "pr_curves.png", "check.json", "samples.png", "pretrained.json", "lr_find.json", "lr_find.png")
+
+
+def _stopped_before_first_checkpoint(run: Path) -> bool:
+    """A run folder with a run's config but neither a checkpoint nor a model: nothing in it is
+    worth keeping (the data check and the samples are made again)."""
+    return ((run / "config.yaml").is_file() and not (run / "last.pt").exists()
+            and not (run / "model.safetensors").exists())
+
+
+def _spawned() -> bool:
+    """This process is one of those spawn_train started (--devices N)."""
+    from imgclf.engine import distributed
+
+    return distributed.spawned()
 
 
 def _distributed_launched() -> bool:
@@ -341,6 +371,7 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
     try:
         return _train(config, resume=resume, callbacks=callbacks, final_eval=final_eval, **options)
     finally:
+        release_runs()
         torch.set_float32_matmul_precision(precision)
         random.setstate(states[0])
         np.random.set_state(states[1])
@@ -363,9 +394,19 @@ def _train(config: str | Path | None = None, *, resume: str | Path | None = None
             raise UserError(f"resume continues a run with its saved config; drop: {', '.join(extra)}")
         if not (run_dir / "config.yaml").exists():
             raise UserError(f"--resume {run_dir}: not a run folder (no config.yaml)")
-        if not (run_dir / "last.pt").exists():
-            raise UserError(f"--resume {run_dir}: it stopped before its first checkpoint, so there is nothing to "
-                            "resume; run the same 'imgclf train' command again with --exist-ok")
+        if int(os.environ.get("RANK", "0")) == 0 and not _spawned():  # rank 0 alone writes the folder;
+            hold_run(run_dir)  # under --devices N, the parent that started the processes holds it
+        if _stopped_before_first_checkpoint(run_dir):
+            # nothing to continue from: the run starts from its beginning, with its saved config, in
+            # its folder (wherever that folder is now)
+            log.info(f"--resume {run_dir}: it stopped before its first checkpoint; starting it from the beginning")
+            config = run_dir / "config.yaml"
+            options = {**options, "project": str(run_dir.parent), "name": run_dir.name, "exist_ok": True}
+            resume = None
+        elif not (run_dir / "last.pt").exists():
+            raise UserError(f"--resume {run_dir}: it has a model but no last.pt (the checkpoint was removed), so "
+                            "there is nothing to continue from")
+    if resume is not None:
         saved_devices = make_config(run_dir / "config.yaml").devices
         cfg = make_config(run_dir / "config.yaml", **{k: v for k, v in options.items() if k in own})
         if cfg.devices != saved_devices and not _distributed_launched():
@@ -385,6 +426,8 @@ def _train(config: str | Path | None = None, *, resume: str | Path | None = None
     from imgclf.engine import distributed
 
     if cfg.devices > 1 and not distributed.launched():
+        if resume is None:  # rank 0 of the processes takes the run folder (_make_run_dir)
+            release_runs()
         return distributed.spawn_train(cfg.devices, device, config=config, resume=resume, callbacks=callbacks,
                                        options={**options, "final_eval": final_eval}, started=started, cfg=cfg)
     ddp = distributed.setup(device)  # None unless under torchrun or spawned by --devices

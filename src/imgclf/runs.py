@@ -20,6 +20,38 @@ from imgclf.errors import UserError
 MODEL_FORMAT = "imgclf.model/1"
 
 
+_HELD: dict[str, int] = {}  # run folder -> the descriptor this process holds its lock on
+
+
+def hold_run(run: Path) -> None:
+    """Lock ``run`` for this process while it trains there: a second process that would train in
+    the same folder (the same command twice, a --resume of a run still going) is refused in one
+    line instead of both writing one checkpoint. flock on the folder itself, so no file is left
+    behind, and the lock goes with the process however it ends (kill -9 included). Where there is
+    no flock (Windows) nothing is locked. Released by release_runs."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    key = os.path.realpath(run)
+    if key in _HELD:
+        return
+    fd = os.open(key, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise UserError(f"{run} is in use: another imgclf process is training in it (wait for it, or stop it "
+                        "first)") from None
+    _HELD[key] = fd
+
+
+def release_runs() -> None:
+    """Let go of every run folder hold_run locked."""
+    while _HELD:
+        os.close(_HELD.popitem()[1])
+
+
 def save_weights(model: nn.Module, path: Path) -> None:
     """``model``'s weights to ``path`` (safetensors), atomically. safetensors creates its files
     0600, so a run folder shared with a team or read by a serving account could not be loaded:

@@ -230,6 +230,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawned() -> bool:
+    """This process is one that spawn_train started."""
+    return bool(os.environ.get(_OUT_ENV))
+
+
 def announce_run_dir(ctx: DistContext | None, run_dir: Path) -> None:
     """Rank 0 of a run started by spawn_train tells the parent its run folder, so the parent can
     say where to --resume, or remove a new folder without a checkpoint, when the run is stopped
