@@ -53,6 +53,42 @@ def test_a_class_named_train_is_a_class(small_sample, tmp_path):
     assert src.classes == ["automobile", "train", "truck"] and src.test is None
 
 
+def _named_copies(src: Path, dst: Path, names: dict[str, str], n: int) -> None:
+    """``n`` photos of each class folder in ``names``, copied flat into ``dst`` as the name
+    pattern says (``"cat.{i}.jpg"``)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for c, pattern in names.items():
+        for i, f in enumerate(sorted((src / c).glob("*.jpg"))[:n]):
+            shutil.copy(f, dst / pattern.format(i=i))
+
+
+def test_images_whose_names_name_their_classes_need_no_class_folders(small_sample, tmp_path):
+    # Kaggle's dogs-vs-cats: train/cat.0.jpg, train/dog.0.jpg and an unlabelled test1/1.jpg;
+    # before, train/ and test1/ were read as two classes named "train" and "test1"
+    root = tmp_path / "dogs-vs-cats"
+    _named_copies(small_sample / "train", root / "train", {"cat": "cat.{i}.jpg", "dog": "dog.{i}.jpg"}, 6)
+    _named_copies(small_sample / "test", root / "test1", {"cat": "{i}.jpg"}, 3)
+    src = load_source(str(root), val_split=0, cache_dir=tmp_path / "c")
+    assert src.classes == ["cat", "dog"] and len(src.train) == 12 and src.test is None
+    assert [os.path.basename(p) for p, y in zip(src.train.paths, src.train.labels) if y == 1][:2] == \
+        ["dog.0.jpg", "dog.1.jpg"]
+    assert any("2 classes read from the image names (e.g. cat.0.jpg -> cat)" in p for p in src.problems)
+    assert any("folder(s) test1 ignored (not a train/val/test split)" in p for p in src.problems)
+    # Oxford-IIIT Pets: one folder, the breed before the number, cats capitalised
+    pets = tmp_path / "pets"
+    _named_copies(small_sample / "train", pets, {"cat": "Abyssinian_{i}.jpg", "dog": "american_bulldog_{i}.jpg",
+                                                 "horse": "great_pyrenees ({i}).jpg"}, 4)
+    res = imgclf.train(data=str(pets), project=str(tmp_path / "runs"), val_split=0.25, **QUICK)
+    assert res.config is not None and imgclf.load(res.run_dir).classes == ["Abyssinian", "american_bulldog",
+                                                                          "great_pyrenees"]
+    # a camera's IMG_0001.jpg...: one name, so no labelling; the error says what was looked for
+    cam = tmp_path / "camera"
+    _named_copies(small_sample / "train", cam, {"cat": "IMG_{i}.jpg"}, 4)
+    with pytest.raises(UserError, match=r"holds no class folders.*its 4 images are not in class folders, and their "
+                                        r"names do not name classes as cat.1.jpg or cat_1.jpg do"):
+        load_source(str(cam), val_split=0, cache_dir=tmp_path / "c")
+
+
 def test_one_wrapping_folder_is_looked_through(small_sample, tmp_path):
     # Kaggle's cats-vs-dogs: PetImages/{Cat,Dog} next to a licence pdf and a readme
     root = tmp_path / "kaggle"

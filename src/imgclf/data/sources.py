@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
@@ -155,13 +156,51 @@ def _class_name(folder: str) -> str:
     return unicodedata.normalize("NFC", folder)
 
 
+# a file name that names its class: the class, then a number (cat.0.jpg, Abyssinian_12.jpg,
+# american_bulldog_100.jpg, dog (3).png, cat0001.jpg): Kaggle's dogs-vs-cats, Oxford-IIIT Pets
+_NAMED = re.compile(r"^(.*?[^\W\d_][^\W_]*?)[ ._\-]*\(?\d+\)?$")
+
+
+def _loose_images(root: Path) -> list[str]:
+    """The images directly in ``root``, not in a subfolder."""
+    with contextlib.suppress(OSError), os.scandir(root) as it:
+        return sorted(e.path for e in it if not e.name.startswith(".") and e.is_file()
+                      and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS)
+    return []
+
+
+def named_images(root: Path) -> dict[str, list[str]] | None:
+    """A folder of images without class folders whose file names name their classes, as
+    {class: files}; None unless every image's name does and they make two or more classes of
+    two or more images each (a camera's IMG_0001.jpg... is one 'class': not a labelling)."""
+    found: dict[str, list[str]] = {}
+    for f in _loose_images(root):
+        m = _NAMED.match(os.path.splitext(os.path.basename(f))[0])
+        if m is None:
+            return None
+        found.setdefault(_class_name(m.group(1)), []).append(f)
+    if len(found) < 2 or min(len(v) for v in found.values()) < 2:
+        return None
+    return found
+
+
 def scan_class_folders(root: Path, classes: list[str] | None = None) -> tuple[list[str], Split, list[str]]:
-    """Read ``root/<class>/**/image``. With ``classes`` given, map onto that class list."""
+    """Read ``root/<class>/**/image``, or a folder of images whose names name their classes
+    (named_images). With ``classes`` given, map onto that class list."""
     problems: list[str] = []
     dirs = _class_dirs(root)
-    if not dirs:
-        raise UserError(f"{root} holds no class folders: expected {root}/<class name>/<images>")
-    found: dict[str, list[str]] = {}
+    named = None if dirs else named_images(root)
+    if not dirs and named is None:
+        loose = _loose_images(root)
+        why = (f" (its {len(loose)} images are not in class folders, and their names do not name classes as "
+               "cat.1.jpg or cat_1.jpg do)") if loose else ""
+        raise UserError(f"{root} holds no class folders: expected {root}/<class name>/<images>{why}")
+    if named is not None:
+        example = next(iter(named.values()))[0]
+        problems.append(f"{root}: no class folders; {len(named)} classes read from the image names "
+                        f"(e.g. {os.path.basename(example)} -> {next(iter(named))})")
+        dirs = []
+    found: dict[str, list[str]] = dict(named or {})
     skipped = Skipped()
     escaped = []
     for d in dirs:
@@ -174,12 +213,10 @@ def scan_class_folders(root: Path, classes: list[str] | None = None) -> tuple[li
             escaped.append(name)
         found.setdefault(name, []).extend(files)  # "café" composed and decomposed: one class
     notes = skip_notes(root, skipped)
-    with contextlib.suppress(OSError):
-        loose = [f for f in os.listdir(root) if not f.startswith(".") and os.path.splitext(f)[1].lower()
-                 in IMAGE_EXTENSIONS and os.path.isfile(os.path.join(root, f))]
-        if loose:  # a class is its folder: these have none, and were left out without a word
-            notes.append(f"{root}: {len(loose)} image(s) outside any class folder (e.g. {loose[0]}) are not used; "
-                         "move them into the folder of their class")
+    loose = [os.path.basename(f) for f in _loose_images(root)] if named is None else []
+    if loose:  # a class is its folder: these have none, and were left out without a word
+        notes.append(f"{root}: {len(loose)} image(s) outside any class folder (e.g. {loose[0]}) are not used; "
+                     "move them into the folder of their class")
     if escaped:
         notes.append(f"{root}: class folder name(s) {', '.join(escaped[:5])} are not UTF-8 and are shown with "
                      "\\x escapes; rename the folders to see the names as written")
@@ -231,7 +268,7 @@ def _train_subdir(root: Path) -> Path | None:
     """The train split folder, if ``root`` is split into train/(val/)(test/). A folder named like
     a split that holds images directly, not class folders, is a class (a vehicles set's train/)."""
     d = _named_subdir(root, TRAIN_NAMES)
-    if d is None or not _class_dirs(d):
+    if d is None or not (_class_dirs(d) or named_images(d) is not None):
         return None
     return d
 
@@ -377,7 +414,7 @@ def _load_one(spec: str, *, csv_layout: str, label_column: str, cache_dir: Path,
     used = {train_dir}
     for attr, names in (("val", VAL_NAMES), ("test", TEST_NAMES)):
         d = _named_subdir(path, names, src.problems)
-        if d is not None and not _class_dirs(d):
+        if d is not None and not _class_dirs(d) and named_images(d) is None:
             # Kaggle's train/<class>/ + test/*.png: the test images are the ones to predict, with no
             # labels to score against. Stopping the run over them helps nobody; saying so does.
             n = len(list_images(d))
