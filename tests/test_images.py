@@ -84,9 +84,9 @@ def _png(width: int, height: int, bit_depth: int, colour_type: int, raw_rows: by
 
 
 def _rgb16_png(arr: np.ndarray) -> bytes:
-    h, w, _ = arr.shape
+    h, w, planes = arr.shape
     rows = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
-    return _png(w, h, 16, 2, rows)
+    return _png(w, h, 16, {3: 2, 4: 6}[planes], rows)
 
 
 def _composite_on_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
@@ -382,6 +382,33 @@ def test_16bit_rgb_png(tmp_path: Path, photo: np.ndarray) -> None:
     _assert_rgb(out, photo.shape[:2])
     assert tuple(out[0, 0]) == (255, 128, 0)
     np.testing.assert_array_equal(out.reshape(-1, 3)[1:], photo.reshape(-1, 3)[1:])
+
+
+@pytest.mark.parametrize("bits", [10, 12])
+def test_16bit_rgb_and_rgba_png_of_fewer_bits_use_their_real_depth(tmp_path: Path, photo: np.ndarray,
+                                                                   bits: int) -> None:
+    # a 12-bit camera's colour frames in 16-bit PNG: PIL keeps the high byte, so they were 0..15
+    full = (1 << bits) - 1
+    a16 = np.round(photo.astype(np.float64) * full / 255).astype(np.uint16)
+    a16[0, 0] = full
+    path = tmp_path / "rgb.png"
+    path.write_bytes(_rgb16_png(a16))
+    out = load_rgb(path).astype(int)
+    assert tuple(out[0, 0]) == (255, 255, 255)
+    assert np.abs(out.reshape(-1, 3)[1:] - photo.reshape(-1, 3)[1:].astype(int)).max() <= 1
+    # with alpha: half-transparent on the left half, composited on white as 8-bit RGBA is
+    alpha = np.full(photo.shape[:2], 65535, np.uint16)
+    alpha[:, : photo.shape[1] // 2] = 32768
+    path.write_bytes(_rgb16_png(np.dstack([a16, alpha])))
+    out = load_rgb(path).astype(float)
+    want = _composite_on_white(np.asarray(photo), np.round(alpha / 257).astype(np.uint8))
+    want[0, 0] = _composite_on_white(np.full((1, 1, 3), 255), np.array([[128]]))[0, 0]
+    assert np.abs(out - want).max() <= 1.5
+    # cut off: one line, as a truncated 8-bit file gets
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BadImage, match="truncated or corrupt"):
+        load_rgb(path)
 
 
 def test_float_tiff(tmp_path: Path, grey: np.ndarray) -> None:

@@ -262,17 +262,53 @@ def _decode(source: str | os.PathLike | bytes, max_pixels: int, draft: tuple[int
         # on the pixels decoded, so a 108-MP phone photo that decodes at 1/8 scale is fine.
         if img.size[0] * img.size[1] > max_pixels:
             raise BadImage(name, f"image too large: {width}x{height} pixels exceeds limit of {max_pixels}")
-        try:
-            # never ImageFile.LOAD_TRUNCATED_IMAGES: a cut-off file must be reported, not grey-filled
-            img.load()
-        except Exception as exc:
-            raise BadImage(name, "truncated or corrupt image data") from exc
+        deep = _deep_colour_png(img, fp, name)
+        if deep is not None:
+            img = deep
+        else:
+            try:
+                # never ImageFile.LOAD_TRUNCATED_IMAGES: a cut-off file must be reported, not grey-filled
+                img.load()
+            except Exception as exc:
+                raise BadImage(name, "truncated or corrupt image data") from exc
         # pixels are in memory now; fp (ours, not PIL's) may close when the with-block ends
         img = _apply_orientation(img)
         try:
             return _to_rgb(img)
         except (ValueError, OSError) as exc:
             raise BadImage(name, f"unsupported image mode {img.mode}") from exc
+
+
+_DEEP_COLOUR_PNG = ("RGB;16B", "RGBA;16B")  # PIL's raw modes for 16-bit colour PNG
+
+
+def _deep_colour_png(img: Image.Image, fp: io.BufferedIOBase, name: str) -> Image.Image | None:
+    """A 16-bit RGB(A) PNG decoded at its full depth, then scaled as 16-bit grey is
+    (SIXTEEN_BIT_RULE); None for any other image. PIL opens such files as 8-bit RGB by keeping the
+    high byte of each sample, so the 10- and 12-bit data of scientific and machine-vision cameras
+    came out near black (4095 -> 15). PIL has no 16-bit colour mode to decode them into; pypng
+    (pure Python, slower than PIL, fine for these rare files) reads the samples whole."""
+    if img.format != "PNG" or len(img.tile) != 1 or img.tile[0][3] not in _DEEP_COLOUR_PNG:
+        return None
+    import png
+
+    try:
+        fp.seek(0)
+        width, height, rows, info = png.Reader(file=fp).asDirect()  # tRNS becomes an alpha plane
+        planes = info["planes"]
+        values = np.vstack([np.asarray(r, dtype=np.uint16) for r in rows]).reshape(height, width, planes)
+    except Exception as exc:
+        raise BadImage(name, "truncated or corrupt image data") from exc
+    rgb = _depth_to_uint8(values[..., :3])
+    if planes == 3:
+        out = Image.fromarray(rgb, "RGB")
+    else:  # alpha is a fraction: its full scale is the file's bit depth, whatever values it holds
+        full = (1 << info["bitdepth"]) - 1
+        alpha = ((values[..., 3].astype(np.uint32) * 255 + full // 2) // full).astype(np.uint8)
+        out = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
+    if "exif" in img.info:  # its orientation is applied next
+        out.info["exif"] = img.info["exif"]
+    return out
 
 
 def _open_source(source: str | os.PathLike | bytes) -> tuple[str, io.BufferedIOBase]:
