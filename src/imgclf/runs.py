@@ -36,13 +36,19 @@ def hold_run(run: Path) -> None:
     key = os.path.realpath(run)
     if key in _HELD:
         return
-    fd = os.open(key, os.O_RDONLY)
+    try:
+        fd = os.open(key, os.O_RDONLY)
+    except OSError:  # unreadable: the write that follows says what is wrong
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         os.close(fd)
         raise UserError(f"{run} is in use: another imgclf process is training in it (wait for it, or stop it "
                         "first)") from None
+    except OSError:  # a file system without locks (some NFS mounts: ENOLCK): unlocked, as before
+        os.close(fd)
+        return
     _HELD[key] = fd
 
 
