@@ -214,3 +214,24 @@ def test_evaluate_names_the_model_class_a_misnamed_folder_means(tiny_run, sample
     assert f"{classes[0].capitalize()} (the model has {classes[0]})" in msg
     assert f"{classes[1]}s (the model has {classes[1]})" in msg
     assert "zebra," not in msg and "zebra;" in msg and "\n" not in msg  # no near name: listed as it is
+
+
+def test_run_folders_on_a_file_system_without_locks_still_train(tmp_path, monkeypatch):
+    # some NFS mounts answer flock with ENOLCK: that is no lock to take, not a run in progress
+    import errno
+    import fcntl
+    import os
+
+    from imgclf.runs import _HELD, hold_run, release_runs
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    hold_run(tmp_path)
+    assert not _HELD
+    monkeypatch.undo()
+    hold_run(tmp_path)
+    assert list(_HELD) == [os.path.realpath(tmp_path)]
+    release_runs()
+    assert not _HELD
