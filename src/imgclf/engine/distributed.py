@@ -322,7 +322,8 @@ def _worker(local_rank: int, world: int, port: int, call: dict[str, Any], out: s
         # interpreter's teardown. Its C++ destructors (gloo's threads still joinable at exit)
         # aborted a finished process now and then, "terminate called without an active exception"
         # and SIGABRT, which failed a run that had succeeded.
-        _exit_now(0)
+        if parent is not None:
+            _exit_now(0)
     except _Stopped as e:
         raise SystemExit(128 + e.signum) from None  # quietly: the parent says what happened
     except (UserError, ModuleNotFoundError) as e:
@@ -504,6 +505,7 @@ def spawn_train(n: int, device: torch.device, *, config, resume, callbacks, opti
     call = {"config": str(config) if config is not None else None, "resume": str(resume) if resume else None,
             "callbacks": callbacks, "options": options, "started": started or time.time()}
     if device.type == "cpu":  # timed once here, not in n processes at once that could disagree
+        # (Muon's Newton-Schulz dtype asks it under --precision fp32 too: optim.ns_dtype)
         from imgclf.engine.cpu_bf16 import bf16_pays
 
         call["cpu_bf16"] = bf16_pays()
