@@ -89,6 +89,31 @@ def _rgb16_png(arr: np.ndarray) -> bytes:
     return _png(w, h, 16, {3: 2, 4: 6}[planes], rows)
 
 
+def _rgb16_tiff(arr: np.ndarray, strip_rows: int, order: str = "<") -> bytes:
+    """An uncompressed 16-bit RGB(A) TIFF in strips of ``strip_rows`` rows (PIL writes 16-bit
+    grey TIFF only)."""
+    h, w, planes = arr.shape
+    data, row = arr.astype(order + "u2").tobytes(), w * planes * 2
+    starts = list(range(0, h, strip_rows))
+    counts = [min(strip_rows, h - r) * row for r in starts]
+    at = 8 + len(data)  # after the header and the pixels: bits per sample, strip offsets, byte counts
+    extra = struct.pack(f"{order}{planes}H", *[16] * planes)
+    extra += struct.pack(f"{order}{len(starts)}I", *[8 + r * row for r in starts])
+    extra += struct.pack(f"{order}{len(starts)}I", *counts)
+    n = len(starts)
+    tags = [(256, 3, 1, w), (257, 3, 1, h), (258, 3, planes, at), (259, 3, 1, 1), (262, 3, 1, 2),
+            (273, 4, n, at + 2 * planes if n > 1 else 8), (277, 3, 1, planes), (278, 3, 1, strip_rows),
+            (279, 4, n, at + 2 * planes + 4 * n if n > 1 else counts[0]), (284, 3, 1, 1)]
+    if planes == 4:
+        tags.append((338, 3, 1, 2))  # unassociated alpha
+    ifd = struct.pack(f"{order}H", len(tags))
+    for tag, kind, count, value in tags:
+        ifd += struct.pack(f"{order}HHIHH" if kind == 3 and count == 1 else f"{order}HHII", tag, kind, count,
+                           *((value, 0) if kind == 3 and count == 1 else (value,)))
+    head = (b"II*\x00" if order == "<" else b"MM\x00*") + struct.pack(f"{order}I", at + len(extra))
+    return head + data + extra + ifd + struct.pack(f"{order}I", 0)
+
+
 def _composite_on_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     a = alpha.astype(np.float64)[..., None] / 255.0
     return rgb.astype(np.float64) * a + 255.0 * (1.0 - a)
@@ -408,6 +433,31 @@ def test_16bit_rgb_and_rgba_png_of_fewer_bits_use_their_real_depth(tmp_path: Pat
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(BadImage, match="truncated or corrupt"):
+        load_rgb(path)
+
+
+@pytest.mark.parametrize("order, strip_rows", [("<", 7), (">", 10_000)])
+def test_uncompressed_16bit_colour_tiff_uses_its_real_depth(tmp_path: Path, photo: np.ndarray, order: str,
+                                                            strip_rows: int) -> None:
+    # microscopes and machine-vision cameras write 12-bit colour as uncompressed 16-bit TIFF
+    a16 = np.round(photo.astype(np.float64) * 4095 / 255).astype(np.uint16)
+    a16[0, 0] = 4095
+    path = tmp_path / "rgb.tif"
+    path.write_bytes(_rgb16_tiff(a16, strip_rows, order))
+    with Image.open(path) as im:
+        assert im.mode == "RGB" and np.asarray(im).max() <= 16  # what PIL alone makes of it
+    out = load_rgb(path).astype(int)
+    assert tuple(out[0, 0]) == (255, 255, 255)
+    assert np.abs(out.reshape(-1, 3)[1:] - photo.reshape(-1, 3)[1:].astype(int)).max() <= 1
+    alpha = np.full(photo.shape[:2], 65535, np.uint16)
+    alpha[:, : photo.shape[1] // 2] = 0  # transparent: white
+    path.write_bytes(_rgb16_tiff(np.dstack([a16, alpha]), strip_rows, order))
+    out = load_rgb(path)
+    assert (out[:, : photo.shape[1] // 2] == 255).all()
+    assert np.abs(out[1:, photo.shape[1] // 2:].astype(int) - photo[1:, photo.shape[1] // 2:]).max() <= 1
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(BadImage):
         load_rgb(path)
 
 

@@ -262,7 +262,7 @@ def _decode(source: str | os.PathLike | bytes, max_pixels: int, draft: tuple[int
         # on the pixels decoded, so a 108-MP phone photo that decodes at 1/8 scale is fine.
         if img.size[0] * img.size[1] > max_pixels:
             raise BadImage(name, f"image too large: {width}x{height} pixels exceeds limit of {max_pixels}")
-        deep = _deep_colour_png(img, fp, name)
+        deep = _deep_colour(img, fp, name)
         if deep is not None:
             img = deep
         else:
@@ -280,34 +280,64 @@ def _decode(source: str | os.PathLike | bytes, max_pixels: int, draft: tuple[int
 
 
 _DEEP_COLOUR_PNG = ("RGB;16B", "RGBA;16B")  # PIL's raw modes for 16-bit colour PNG
+# ... and for uncompressed 16-bit colour TIFF: numpy dtype and planes
+_DEEP_COLOUR_TIFF = {"RGB;16L": ("<u2", 3), "RGB;16B": (">u2", 3), "RGB;16N": ("=u2", 3),
+                     "RGBA;16L": ("<u2", 4), "RGBA;16B": (">u2", 4), "RGBA;16N": ("=u2", 4)}
 
 
-def _deep_colour_png(img: Image.Image, fp: io.BufferedIOBase, name: str) -> Image.Image | None:
-    """A 16-bit RGB(A) PNG decoded at its full depth, then scaled as 16-bit grey is
-    (SIXTEEN_BIT_RULE); None for any other image. PIL opens such files as 8-bit RGB by keeping the
-    high byte of each sample, so the 10- and 12-bit data of scientific and machine-vision cameras
-    came out near black (4095 -> 15). PIL has no 16-bit colour mode to decode them into; pypng
-    (pure Python, slower than PIL, fine for these rare files) reads the samples whole."""
-    if img.format != "PNG" or len(img.tile) != 1 or img.tile[0][3] not in _DEEP_COLOUR_PNG:
-        return None
-    import png
-
+def _deep_colour(img: Image.Image, fp: io.BufferedIOBase, name: str) -> Image.Image | None:
+    """A 16-bit RGB(A) PNG, or uncompressed TIFF, decoded at its full depth, then scaled as
+    16-bit grey is (SIXTEEN_BIT_RULE); None for any other image. PIL opens such files as 8-bit
+    RGB by keeping the high byte of each sample, so the 10- and 12-bit data of scientific and
+    machine-vision cameras came out near black (4095 -> 15). PIL has no 16-bit colour mode to
+    decode them into: PNG goes through pypng (pure Python, slower than PIL, fine for these rare
+    files); an uncompressed TIFF's strips are read as they lie in the file. (A compressed 16-bit
+    colour TIFF still goes through PIL, high byte only.)"""
     try:
-        fp.seek(0)
-        width, height, rows, info = png.Reader(file=fp).asDirect()  # tRNS becomes an alpha plane
-        planes = info["planes"]
-        values = np.vstack([np.asarray(r, dtype=np.uint16) for r in rows]).reshape(height, width, planes)
+        if img.format == "PNG" and len(img.tile) == 1 and img.tile[0][3] in _DEEP_COLOUR_PNG:
+            values, bits = _png_samples(fp)
+        elif img.format == "TIFF" and img.tile and all(
+                t[0] == "raw" and isinstance(t[3], tuple) and t[3][0] in _DEEP_COLOUR_TIFF and tuple(t[3][1:]) == (0, 1)
+                and t[3][0] == img.tile[0][3][0] for t in img.tile):
+            values, bits = _raw_tiff_samples(img, fp), 16
+        else:
+            return None
     except Exception as exc:
         raise BadImage(name, "truncated or corrupt image data") from exc
     rgb = _depth_to_uint8(values[..., :3])
-    if planes == 3:
+    if values.shape[2] == 3:
         out = Image.fromarray(rgb, "RGB")
     else:  # alpha is a fraction: its full scale is the file's bit depth, whatever values it holds
-        full = (1 << info["bitdepth"]) - 1
+        full = (1 << bits) - 1
         alpha = ((values[..., 3].astype(np.uint32) * 255 + full // 2) // full).astype(np.uint8)
         out = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
-    if "exif" in img.info:  # its orientation is applied next
-        out.info["exif"] = img.info["exif"]
+    exif = img.getexif()
+    if exif.get(_ORIENTATION_TAG, 1) != 1:  # applied next, as on any other image
+        tags = Image.Exif()
+        tags[_ORIENTATION_TAG] = exif[_ORIENTATION_TAG]
+        out.info["exif"] = tags.tobytes()
+    return out
+
+
+def _png_samples(fp: io.BufferedIOBase) -> tuple[np.ndarray, int]:
+    import png
+
+    fp.seek(0)
+    width, height, rows, info = png.Reader(file=fp).asDirect()  # tRNS becomes an alpha plane
+    values = np.vstack([np.asarray(r, dtype=np.uint16) for r in rows])
+    return values.reshape(height, width, info["planes"]), info["bitdepth"]
+
+
+def _raw_tiff_samples(img: Image.Image, fp: io.BufferedIOBase) -> np.ndarray:
+    dtype, planes = _DEEP_COLOUR_TIFF[img.tile[0][3][0]]
+    out = np.zeros((img.size[1], img.size[0], planes), np.uint16)
+    for _, (x0, y0, x1, y1), offset, _ in img.tile:
+        n = (x1 - x0) * (y1 - y0) * planes
+        fp.seek(offset)
+        buf = fp.read(2 * n)
+        if len(buf) < 2 * n:
+            raise ValueError("strip cut off")
+        out[y0:y1, x0:x1] = np.frombuffer(buf, dtype).reshape(y1 - y0, x1 - x0, planes)
     return out
 
 
