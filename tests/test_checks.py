@@ -278,3 +278,16 @@ def test_grid_says_which_classes_it_leaves_out(sample_dir, tmp_path):
     footer = np.asarray(grid.convert("L"))[rows_end:]
     assert (footer < 128).any()  # "... and 3 more classes, not shown"
     assert grid_size(10)[1] == 10 * (GRID_CELL + GRID_PAD) + GRID_PAD  # no note when every class fits
+
+
+def test_check_reads_a_training_config_whole(small_sample, tmp_path, capsys):
+    # check --config read only the data options, so a typo elsewhere in the file passed the check
+    # and stopped 'train' later
+    bad = tmp_path / "run.yaml"
+    bad.write_text(f"data: {small_sample}\nepochz: 3\n")
+    assert main(["check", "--config", str(bad), "--out", str(tmp_path / "c"), "--no-progress"]) == 2
+    assert "unknown option 'epochz'; did you mean 'epochs'?" in capsys.readouterr().err
+    good = tmp_path / "good.yaml"
+    good.write_text("epochs: 3\nval_split: 0.2\n")  # the data given on the command line
+    rc, report = _check(tmp_path, "--config", str(good), "--data", str(small_sample))
+    assert rc == 0 and sum(report["stats"]["counts"]["train"].values()) == 320  # the file's val_split 0.2

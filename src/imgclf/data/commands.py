@@ -43,12 +43,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     from imgclf.engine import recipe
     from imgclf.errors import UserError
 
-    opts = {k: v for k, v in vars(args).items() if k in DATA_OPTIONS}
-    if args.config:  # only the data options of a training config matter here
-        opts = {**{k: v for k, v in load_yaml(args.config).items() if k in DATA_OPTIONS}, **opts}
-    if "data" not in opts:
+    opts = {k: v for k, v in vars(args).items() if k in DATA_OPTIONS and v is not None}
+    if "data" not in opts and not (args.config and "data" in load_yaml(args.config)):
         raise UserError("check needs --data (a folder, a CSV, a CIFAR pickle folder or 'cifar10') or --config")
-    cfg = make_config(**opts)  # the same validation, defaults and messages as 'train'
+    # the same validation, defaults and messages as 'train': a training config is read whole, so
+    # a typo in any of its options is said before the data are checked, not when training starts
+    cfg = make_config(args.config, **opts)
     check_outputs(args.out, args.json)  # an unwritable --out/--json before decoding, not after
     root = cache_root(cfg.cache_dir)
     src = load_source(cfg.data, val_data=cfg.val_data, test_data=cfg.test_data, val_split=cfg.val_split,
