@@ -145,3 +145,26 @@ def test_an_npz_saved_uncompressed_is_read_from_the_file_not_copied_into_ram(tmp
     np.savez(tmp_path / "fortran.npz", x_train=np.asfortranarray(x[:20, ..., 0]), y_train=np.arange(20) % 7)
     assert np.array_equal(read_npz(tmp_path / "small.npz").train.images, x[:20])
     assert np.array_equal(read_npz(tmp_path / "fortran.npz").train.images, np.repeat(x[:20, ..., :1], 3, axis=3))
+
+
+def test_float_and_16bit_image_arrays_convert_without_a_wide_copy_of_the_whole_array():
+    # float32 images in 0..1 went through a float64 copy of the whole array and another for the
+    # rounding: 4x the array's size at once, which a notebook's 12 GB array of 224-px images
+    # could not have; now slices go through, so the uint8 result (a quarter of the input) plus
+    # a few MB is all it takes
+    import tracemalloc
+
+    from imgclf.data.npz import images_nhwc
+
+    x = np.random.default_rng(0).random((6000, 32, 32, 3), dtype=np.float32)  # 70 MB
+    for a, want in ((x, np.round(x.astype(np.float64) * 255)), (x * 2 - 1, np.round(x.astype(np.float64) * 255)),
+                    ((x * 4095).astype(np.uint16), None)):
+        tracemalloc.start()
+        try:
+            out = images_nhwc(a, "x_train")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < out.nbytes + (40 << 20), (a.dtype, peak >> 20)
+        if want is not None:
+            assert np.abs(out.astype(int) - want).max() <= 1
