@@ -160,3 +160,44 @@ def test_cli_options_are_not_abbreviated(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--data", "x", "--warmup", "2"])
     assert "unrecognized arguments: --warmup" in capsys.readouterr().err
+
+
+def test_urls_are_fetched_and_one_that_fails_is_its_own_error(tiny_run, sample_dir, tmp_path, capsys, monkeypatch):
+    # a local HTTP server stands in for the web: an image, a missing one, a page that is no image
+    monkeypatch.setenv("no_proxy", "*")  # a machine's proxy would not reach this server
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from imgclf.data import remote
+
+    files = sorted((sample_dir / "test" / "cat").glob("*.jpg"))[:2]
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "cat.jpg").write_bytes(files[0].read_bytes())
+    (site / "page.html").write_text("<html>not an image</html>")
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(site)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        clf = imgclf.load(tiny_run)
+        got = clf.predict([f"{base}/cat.jpg", f"{base}/gone.jpg", str(files[1]), f"{base}/page.html"], top_k=2)
+        want = clf.predict([str(files[0]), str(files[1])], top_k=2)
+        assert [g["input"] for g in got] == [f"{base}/cat.jpg", f"{base}/gone.jpg", str(files[1]), f"{base}/page.html"]
+        assert got[0]["top"] == want[0]["top"] and got[2]["top"] == want[1]["top"]
+        assert got[1]["error"] == "HTTP 404 File not found"
+        assert "not an image" in got[3]["error"] and "top" not in got[3]
+        assert main(["predict", str(tiny_run), f"{base}/cat.jpg", "--top-k", "1"]) == 0
+        assert capsys.readouterr().out.startswith(f"{base}/cat.jpg\t{want[0]['top'][0][0]}")
+        assert remote.fetch(f"{base}/cat.jpg", max_bytes=100)[1] == "larger than 0 MB: not an image"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    # nobody listening: one line, as offline machines say it
+    data, err = remote.fetch(f"{base}/cat.jpg", timeout=5)
+    assert data is None and err.startswith("cannot fetch it (") and "\n" not in err

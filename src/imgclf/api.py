@@ -1115,15 +1115,20 @@ def _input_list(inputs) -> list:
 
 def iter_sources(inputs: list) -> Iterator[tuple[str, Any, str]]:
     """``(name, source, error)`` for everything ``predict`` was given, lazily: files, folders,
-    archives (.zip/.tar[.gz]: their images are read in place), bytes and arrays. Paths are all
-    checked first, so a typo fails before any work, not after an hour of predictions."""
+    archives (.zip/.tar[.gz]: their images are read in place), http(s) URLs (fetched into memory
+    as they come), bytes and arrays. Paths are all checked first, so a typo fails before any
+    work, not after an hour of predictions."""
+    from imgclf.data import remote
     from imgclf.data.archives import archive_suffix, iter_archive_images
 
     for it in inputs:
-        if isinstance(it, (str, Path)) and not Path(it).exists():
+        if isinstance(it, (str, Path)) and not remote.is_url(it) and not Path(it).exists():
             raise UserError(f"{it}: no such file or folder")
     for i, it in enumerate(inputs):
-        if not isinstance(it, (str, Path)):
+        if remote.is_url(it):
+            data, err = remote.fetch(it)
+            yield it, data, err
+        elif not isinstance(it, (str, Path)):
             yield f"input{i}", it, ""
         elif Path(it).is_file() and archive_suffix(Path(it)):
             yield from iter_archive_images(Path(it), IMAGE_EXTENSIONS)

@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="classify image files and folders")
     pr.add_argument("run", help="run folder")
-    pr.add_argument("inputs", nargs="+", help="image files, folders, or .zip/.tar[.gz] archives of images (read in place)")
+    pr.add_argument("inputs", nargs="+", help="image files, folders, .zip/.tar[.gz] archives of images (read in place), "
+                    "or http(s) URLs")
     pr.add_argument("--top-k", type=_positive_int, default=5, help="classes per image (default: 5)")
     pr.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False,
                     help="average the run's test-time views (flips, shifts), as evaluate does")

@@ -26,7 +26,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def add_explain(sub) -> None:
     p = sub.add_parser("explain", help="Grad-CAM overlay PNGs: where the model looked")
     p.add_argument("run", help="run folder")
-    p.add_argument("images", nargs="+", help="image files, folders, or .zip/.tar(.gz) archives (read in place)")
+    p.add_argument("images", nargs="+", help="image files, folders, .zip/.tar(.gz) archives (read in place), or "
+                   "http(s) URLs")
     p.add_argument("--layer", help="module to read (default: the last convolutional stage), e.g. layers.2")
     p.add_argument("--class", dest="class_name", help="explain this class instead of the predicted one")
     p.add_argument("--out", "--output", dest="out", help="folder for the PNGs (default: RUN/explain)")
