@@ -525,10 +525,10 @@ def _float_array_to_uint8(values: np.ndarray, name: str) -> np.ndarray:
     ``preprocess_input`` "tf" mode, torchvision's Normalize(0.5, 0.5)). Anything else is mean/std
     normalised data whose statistics are unknown here: stretching it per image (as float TIFF
     files are) would give plausible-looking but wrong predictions, so it is refused."""
-    if not all(np.isfinite(c).all() for c in _chunks(values)):
-        raise BadImage(name, "float image array holds NaN or infinite values")
-    ranges = [(float(c.min()), float(c.max())) for c in _chunks(values)]
+    ranges = [(float(c.min()), float(c.max())) for c in _chunks(values)]  # a NaN or inf shows in these
     lo, hi = (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else (0.0, 0.0)
+    if not all(np.isfinite(r).all() for r in ranges):
+        raise BadImage(name, "float image array holds NaN or infinite values")
     if lo < 0.0:
         if lo >= -1.0 and hi <= 1.0:
             return _convert(values, lambda c: np.round((c.astype(np.float64) + 1.0) * 127.5))
