@@ -163,6 +163,7 @@ def test_global_batch_must_divide(small_sample, tmp_path):
         imgclf.train(**{**_options(small_sample, tmp_path, devices=2), "batch_size": 33})
 
 
+@pytest.mark.slow
 def test_time_limit_two_processes_plan_one_length(small_sample, tmp_path):
     # both ranks must step the same number of times (a rank that stopped early would hang the
     # other in its next all-reduce); the budget counts from this call, process start-up included

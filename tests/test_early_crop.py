@@ -63,6 +63,7 @@ class Shapes(Callback):
         self.handle.remove()
 
 
+@pytest.mark.slow
 def test_time_limited_plan_counts_the_cheap_steps(small_sample, tmp_path):
     """The plan solves for a length whose first half is crop steps; then it must end in budget."""
     rec = Shapes()
@@ -79,6 +80,7 @@ def test_time_limited_plan_counts_the_cheap_steps(small_sample, tmp_path):
     assert abs(cfg.early_crop_fraction * len(rec.sides) - n_crop) <= 1
 
 
+@pytest.mark.slow
 def test_crops_come_first_and_a_resume_keeps_the_boundary(small_sample, tmp_path):
     class Crash(Callback):
         def on_epoch_end(self, t, row):

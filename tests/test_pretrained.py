@@ -200,6 +200,7 @@ def test_a_fraction_of_an_epoch_frozen_unfreezes_mid_epoch(small_sample, tmp_pat
     assert res.config.freeze_epochs == 0.5
 
 
+@pytest.mark.slow
 def test_time_limited_fine_tune_plans_past_the_head_only_phase(sample_dir, tmp_path):
     """The first plan is made from head-only steps, several times cheaper than the steps after
     unfreezing: it must not take them for the run's step time (that planned 5x the length the

@@ -65,6 +65,7 @@ def test_explicit_epochs_cap_the_plan(small_sample, tmp_path):
     assert res.config.epochs == 2 and len(res.history) == 2
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_planned_length(small_sample, tmp_path, slowness):
     class Crash(Callback):
         def on_epoch_end(self, t, row):
@@ -84,6 +85,7 @@ def test_resume_keeps_the_planned_length(small_sample, tmp_path, slowness):
     assert len(resumed.history) == math.ceil(planned)
 
 
+@pytest.mark.slow
 def test_slower_steps_midway_are_replanned_not_cut(small_sample, tmp_path, slowness):
     # from epoch 3 on every step takes 40 ms longer (what unfreezing a backbone does): the plan
     # follows within a window, so the run still ends in budget on its annealed schedule rather
@@ -129,6 +131,7 @@ class SlowInference(Callback):
         model.forward = slow_in_eval
 
 
+@pytest.mark.slow
 def test_closing_evaluation_is_budgeted_from_measured_inference(small_sample, tmp_path, slowness):
     budget = 30.0 * slowness
     t0 = time.perf_counter()
@@ -144,6 +147,7 @@ def test_closing_evaluation_is_budgeted_from_measured_inference(small_sample, tm
     assert res.config.epochs > 0.3 and res.test is not None
 
 
+@pytest.mark.slow
 def test_validation_time_is_not_taken_for_step_time(small_sample, tmp_path, monkeypatch, slowness):
     # a slow validation (1 s per epoch here; 5k images on the full data) sits between an epoch's
     # last step and the epoch-end re-plan: counted as step time, it inflated the step estimate
@@ -185,6 +189,7 @@ def test_validation_time_is_not_taken_for_step_time(small_sample, tmp_path, monk
     assert len(res.history) == math.ceil(res.config.epochs) >= 3
 
 
+@pytest.mark.slow
 def test_one_step_epochs_are_timed_too(small_sample, tmp_path, slowness):
     # 400 images in batches of 512: one step per epoch, so no timing window ever held a step
     # and the run ignored its budget (the recipe's 100 epochs)
@@ -263,6 +268,7 @@ def test_width_probe_scales_the_passes_to_the_batch_but_not_the_optimizer_step(m
     assert 0.88 < step_s < 1.3, step_s
 
 
+@pytest.mark.slow
 def test_time_limited_fastnet_records_the_width_it_chose_and_pays_for_lr_auto(small_sample, tmp_path, monkeypatch,
                                                                               capfd, slowness):
     # early crops on (the large-data recipe) and a bar every width clears: the widest is chosen
