@@ -143,6 +143,103 @@ def test_label_csv_with_a_blank_row_stays_single_label(small_sample, tmp_path):
     assert ml.task == "multilabel" and len(ml.train) == 6 and ml.train.labels[2].sum() == 0
 
 
+def _kaggle_set(small_sample: Path, root: Path, classes=("cat", "dog", "ship"), n=6) -> dict[str, str]:
+    """Kaggle's competition layout: train_labels.csv (id,label) naming the flat train/ folder's
+    images by id without extension (some .png, some .jpg), an unlabelled test/ whose file names
+    repeat train's, and a sample_submission.csv that also names images by id."""
+    from PIL import Image
+
+    (root / "train").mkdir(parents=True)
+    (root / "test").mkdir()
+    truth = {}
+    for c in classes:
+        for i, f in enumerate(sorted((small_sample / "train" / c).glob("*.jpg"))[:n]):
+            key = f"{c[0]}{i:03d}9f3e"  # ids carry no class: the CSV is the only labelling
+            if i % 2:
+                Image.open(f).save(root / "train" / f"{key}.png")
+            else:
+                shutil.copy(f, root / "train" / f"{key}.jpg")
+            truth[key] = c
+    for key in list(truth)[:4]:  # test images named as train ones, other pictures
+        shutil.copy(next((small_sample / "test" / "frog").glob("*.jpg")), root / "test" / f"{key}.jpg")
+    with open(root / "train_labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("id", "label"), *sorted(truth.items()), ("gone0000", "cat")])
+    with open(root / "sample_submission.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("id", "label"), *((k, "cat") for k in list(truth)[:4])])
+    return truth
+
+
+def test_a_kaggle_label_csv_names_its_images_by_id(small_sample, tmp_path):
+    root = tmp_path / "histo"
+    truth = _kaggle_set(small_sample, root)
+    for spec in (root / "train_labels.csv", root):  # the CSV, or the folder it sits in
+        src = load_source(str(spec), val_split=0, cache_dir=tmp_path / "c")
+        # read as class folders the folder made two classes, 'test' and 'train'
+        assert src.task == "single" and src.classes == ["cat", "dog", "ship"], spec
+        got = {Path(p).stem: src.classes[y] for p, y in zip(src.train.paths, src.train.labels)}
+        assert got == truth
+        assert all(Path(p).parent == root / "train" for p in src.train.paths)  # not test/'s namesakes
+        assert any("1 image file(s) named in train_labels.csv do not exist: gone0000" in p for p in src.problems)
+
+    # a Kaggle zip unpacked as train/train/, ids with their extension, a label column by another
+    # name among other columns
+    nested = tmp_path / "cactus"
+    (nested / "train").mkdir(parents=True)
+    shutil.copytree(root / "train", nested / "train" / "train")
+    names = sorted(p.name for p in (nested / "train" / "train").iterdir())
+    with open(nested / "train.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("image_name", "site", "target"), *((n, "x", truth[n.split(".")[0]]) for n in names)])
+    src = load_source(str(nested), val_split=0, cache_dir=tmp_path / "c")
+    assert src.classes == ["cat", "dog", "ship"] and len(src.train) == len(truth)
+    by_site = load_source(str(nested / "train.csv"), val_split=0, cache_dir=tmp_path / "c", label_column="site")
+    assert by_site.classes == ["x"]
+    with pytest.raises(UserError, match="--label-column sight: no such column"):
+        load_source(str(nested / "train.csv"), val_split=0, cache_dir=tmp_path / "c", label_column="sight")
+
+    # ids whose images are elsewhere: --images says where; without it, the error says to
+    moved = tmp_path / "labels-only"
+    moved.mkdir()
+    shutil.copy(root / "train_labels.csv", moved)
+    with pytest.raises(UserError, match="names no image file .* pass their folder with --images"):
+        load_source(str(moved / "train_labels.csv"), val_split=0, cache_dir=tmp_path / "c")
+    src = load_source(str(moved / "train_labels.csv"), val_split=0, cache_dir=tmp_path / "c",
+                      images=str(root / "train"))
+    assert len(src.train) == len(truth)
+
+
+def test_class_folders_beside_a_metadata_csv_stay_class_folders(small_sample, tmp_path):
+    root = tmp_path / "set"
+    _copy_classes(small_sample / "train", root / "train", ["cat", "dog"], 5)
+    with open(root / "meta.csv", "w", newline="") as f:  # names the images, but labels nothing
+        csv.writer(f).writerows([("path", "width", "height"),
+                                 *((str(p.relative_to(root)), 32, 32) for p in sorted(root.rglob("*.jpg")))])
+    src = load_source(str(root), val_split=0, cache_dir=tmp_path / "c")
+    assert src.classes == ["cat", "dog"] and len(src.train) == 10
+
+
+def test_a_roboflow_export_reads_each_splits_classes_csv(small_sample, tmp_path):
+    # train/, valid/, test/, each with its images and a _classes.csv (filename, then a 0/1 column
+    # per class, headers with a leading space): read as class folders, the splits became classes
+    root = tmp_path / "rf"
+    classes = ["cat", "dog", "ship"]
+    for split, (a, b) in {"train": (0, 8), "valid": (8, 11), "test": (11, 13)}.items():
+        (root / split).mkdir(parents=True)
+        rows = [["filename"] + [f" {c}" for c in classes]]
+        for k, c in enumerate(classes):
+            for f in sorted((small_sample / "train" / c).glob("*.jpg"))[a:b]:
+                name = f"{f.stem}_jpg.rf.{k}{f.stem}.jpg"
+                shutil.copy(f, root / split / name)
+                rows.append([name] + [" 1" if j == k else " 0" for j in range(3)])
+        with open(root / split / "_classes.csv", "w", newline="") as fh:
+            csv.writer(fh).writerows(rows)
+    src = load_source(str(root), val_split=0.5, cache_dir=tmp_path / "c")
+    assert src.classes == classes and src.task == "single"
+    assert (len(src.train), len(src.val), len(src.test)) == (24, 9, 6)
+    for split in (src.train, src.val, src.test):
+        k = np.asarray([int(Path(p).name.split(".rf.")[1][0]) for p in split.paths])
+        np.testing.assert_array_equal(split.labels, k)
+
+
 def test_predict_on_a_folder_skips_macos_debris(tiny_run, small_sample, tmp_path):
     from imgclf.api import expand_inputs
 

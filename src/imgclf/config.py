@@ -57,7 +57,7 @@ class TrainConfig(BaseModel):
         None, description="image shape of a pixel CSV whose images are not square: HxW, e.g. 48x64 (or 48x64x3, 48x64x1) "
         "(default: square)"
     )
-    label_column: str = Field("label", description="label column of a pixel CSV")
+    label_column: str = Field("label", description="label column of a pixel CSV or of a label CSV")
     image_size: int | None = Field(None, ge=8, le=2048, description="square input size (default: from the data)")
     resize: Literal["stretch", "crop", "letterbox"] = Field("stretch", description="how images reach image_size")
     cache_dir: str | None = Field(None, description="decoded-image cache (default $IMGCLF_CACHE or ~/.cache/imgclf)")
@@ -72,7 +72,8 @@ class TrainConfig(BaseModel):
         "multilabel", description="COCO/YOLO labels: every object's class, or the largest object's (single-label)"
     )
     classes: str | None = Field(None, description="keep only these classes, e.g. person,dog,cat (default: all)")
-    images: str | None = Field(None, description="image folder of a COCO JSON (default: found beside it)")
+    images: str | None = Field(None, description="image folder of a COCO JSON or of a label CSV that names images by id "
+                               "(default: found beside it)")
     keep_empty: bool = Field(True, description="keep COCO/YOLO images without objects as all-negative")
 
     # --- model ------------------------------------------------------------------------------

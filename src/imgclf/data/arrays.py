@@ -764,7 +764,9 @@ def read_pixel_csv(
                          f"{'holds' if len(index_cols) == 1 else 'hold'} row ids, not pixels: not read")
             n_pix = len(header) - 1 - len(index_cols)
             if n_pix < 1:
-                raise DataError(f"{file} has only a label column and no pixel columns")
+                ids = f" (its {_column_desc(header, index_cols[0])} names no image file in its folder or two " \
+                    "levels below: if it lists images by id, pass their folder with --images FOLDER)" if index_cols else ""
+                raise DataError(f"{file} has only a label column and no pixel columns{ids}")
             kind, h, w = _resolve_layout(n_pix, layout, image_shape, file)
             reader = _PixelReader(file, header, label_idx, tuple(index_cols))
             rows_per_chunk = max(1, _CSV_CHUNK_VALUES // len(header))

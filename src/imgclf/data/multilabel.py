@@ -22,8 +22,14 @@ from imgclf.data.images import IMAGE_EXTENSIONS
 from imgclf.data.sources import DataSource, Split
 from imgclf.errors import UserError
 
-PATH_COLUMNS = ("path", "file", "filename", "image", "file_name")
-LABEL_COLUMNS = ("labels", "label", "tags", "classes")
+PATH_COLUMNS = ("path", "file", "filename", "image", "file_name", "image_path", "file_path", "filepath")
+# Kaggle's label CSVs name each image by an id, the file sitting in a folder beside the CSV:
+# id,label + train/<id>.tif (Histopathologic Cancer), id_code,diagnosis + train_images/<id>.png
+# (APTOS), image_id,label + train_images/ (Cassava), id,breed + train/<id>.jpg (Dog Breed). Such a
+# column is a path column only when its first cell names an image file (a pixel CSV may have an
+# id column too).
+ID_COLUMNS = ("id", "image_id", "id_code", "image_name", "img", "img_id", "img_name", "fname", "name")
+LABEL_COLUMNS = ("labels", "label", "tags", "classes", "class", "category", "target")
 LABEL_SEP = "|"
 
 
@@ -32,8 +38,9 @@ class Options:
     task: str = "auto"  # auto | single | multilabel
     label_mode: str = "multilabel"  # multilabel | largest
     subset: list[str] | None = None  # keep only these classes
-    images: str | None = None  # image folder of a COCO JSON
+    images: str | None = None  # image folder of a COCO JSON or a label CSV
     keep_empty: bool = True  # keep images without (kept) objects as all-negative
+    label_column: str = "label"  # a label CSV's label column (--label-column), when it has one by that name
 
     @property
     def largest(self) -> bool:
@@ -84,12 +91,36 @@ def _split_first_yolo(root: Path) -> bool:
     return (root / "train" / "images").is_dir() and (root / "train" / "labels").is_dir()
 
 
-def detect(path: Path) -> str | None:
-    """'coco', 'yolo', 'csv' (multi-label CSV) or None (not a multi-label source)."""
+def _first_row(path: Path) -> list[str]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = csv.reader(f)
+            next(rows, None)
+            return next(rows, [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+
+
+def _path_column(path: Path, header: list[str], images: str | None = None) -> int | None:
+    """The column of a label CSV naming its images: a path column by name, or an id column whose
+    first cell names an image file (see ID_COLUMNS); None for any other CSV."""
+    pcol = next((header.index(h) for h in PATH_COLUMNS if h in header), None)
+    if pcol is not None or len(header) >= 64:  # a pixel CSV has a column per pixel
+        return pcol
+    row = _first_row(path)
+    for h in ID_COLUMNS:
+        if h in header and header.index(h) < len(row) and row[header.index(h)].strip():
+            if ImageFinder(path.parent, images).find(row[header.index(h)].strip()) is not None:
+                return header.index(h)
+    return None
+
+
+def detect(path: Path, images: str | None = None) -> str | None:
+    """'coco', 'yolo', 'csv' (a label CSV: a path or image-id column) or None (another source)."""
     if path.is_file():
         if path.suffix.lower() == ".json":
             return "coco"
-        if path.suffix.lower() == ".csv" and any(h in PATH_COLUMNS for h in _csv_header(path)):
+        if path.suffix.lower() == ".csv" and _path_column(path, _csv_header(path), images) is not None:
             return "csv"
         return None
     if path.is_dir() and (((path / "images").is_dir() and (path / "labels").is_dir()) or _split_first_yolo(path)):
@@ -400,13 +431,107 @@ def _indicator_columns(path: Path, rows: list[list[str]], pcol: int) -> list[int
     return others
 
 
-def read_label_csv(path: Path, problems: list[str]) -> tuple[list[str], list[list[str]], list[str] | None]:
+class ImageFinder:
+    """The image file a label CSV's cell names: the cell as a path (absolute, or relative to the
+    CSV's folder), else a file in a folder at most two levels below it (``--images``' folder
+    first) whose name or name without extension is the cell: Kaggle's ``train/<id>.tif``,
+    ``train_images/<id>.png``, or ``train/train/<id>.jpg`` as its zips unpack. Each folder is
+    listed once, on first need, so 220k rows cost dictionary lookups, not a stat call per
+    extension tried; new folders are looked through only for the first cells (a CSV whose images
+    are all missing must not list the tree once per row)."""
+
+    SEARCHES = 20  # cells that may look through folders not yet known to hold the images
+    MAX_FOLDERS = 200
+
+    def __init__(self, base: Path, images: str | None = None):
+        self.base = base
+        self.images = Path(images).expanduser() if images else None
+        self.known: list[Path] = []  # folders that held an image already found
+        self.listed: dict[Path, dict[str, str]] = {}
+        self.searches = 0
+        self._folders: list[Path] | None = None
+
+    def folders(self) -> list[Path]:
+        if self._folders is None:
+            skip = ("__MACOSX", "@eaDir", "#recycle")
+            found, level = [], [self.base]
+            for _ in range(2):
+                below = []
+                for d in level:
+                    try:
+                        below += sorted(e for e in d.iterdir() if e.is_dir() and not e.name.startswith(".")
+                                        and e.name not in skip)
+                    except OSError:
+                        pass
+                found += below
+                level = below
+            # train-ish and image-ish folders first: a test/ of the same ids must not win
+            found.sort(key=lambda d: (not any(w in d.name.lower() for w in ("train", "image", "img")), len(d.parts)))
+            self._folders = ([self.images] if self.images else []) + [self.base] + found[: self.MAX_FOLDERS]
+        return self._folders
+
+    def _entries(self, folder: Path) -> dict[str, str]:
+        got = self.listed.get(folder)
+        if got is None:
+            got = {}
+            try:
+                with os.scandir(folder) as it:
+                    for e in it:
+                        stem, ext = os.path.splitext(e.name)
+                        if ext.lower() in IMAGE_EXTENSIONS:
+                            got.setdefault(e.name, e.name)
+                            got.setdefault(stem, e.name)
+            except OSError:
+                pass
+            self.listed[folder] = got
+        return got
+
+    def _in(self, root: Path, cell: Path) -> Path | None:
+        folder = root / cell.parent
+        name = self._entries(folder).get(cell.name)
+        return folder / name if name is not None else None
+
+    def find(self, cell: str) -> Path | None:
+        p = Path(cell)
+        relative = not p.is_absolute() and ".." not in p.parts
+        for root in self.known if relative else ():  # ids: a lookup, no stat call per row
+            hit = self._in(root, p)
+            if hit is not None:
+                return hit
+        direct = p if p.is_absolute() else self.base / p
+        if direct.is_file():
+            return direct
+        if not relative:
+            return None
+        if self.searches >= self.SEARCHES:
+            return None
+        self.searches += 1
+        for root in self.folders():
+            if root not in self.known:
+                hit = self._in(root, p)
+                if hit is not None:
+                    self.known.append(root)
+                    return hit
+        return None
+
+
+def read_label_csv(path: Path, problems: list[str], images: str | None = None, label_column: str = "label"
+                   ) -> tuple[list[str], list[list[str]], list[str] | None]:
     """(paths, labels per row, the class columns of a one-hot CSV or None)."""
     with open(path, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.reader(f))
     header = [h.strip().lower() for h in rows[0]]
-    pcol = next(header.index(h) for h in PATH_COLUMNS if h in header)
-    lcol = next((header.index(h) for h in LABEL_COLUMNS if h in header), None)
+    pcol = _path_column(path, header, images)
+    if pcol is None:
+        raise UserError(f"{path}: no column names the images (one of {', '.join(PATH_COLUMNS + ID_COLUMNS)}, "
+                        "holding file paths or ids of files in a folder beside the CSV)")
+    wanted = label_column.strip().lower()
+    if wanted in header and header.index(wanted) != pcol:
+        lcol = header.index(wanted)
+    elif wanted != "label":  # named on purpose
+        raise UserError(f"{path}: --label-column {label_column}: no such column (it has {', '.join(rows[0])})")
+    else:
+        lcol = next((header.index(h) for h in LABEL_COLUMNS if h in header), None)
     flags: list[int] | None = None
     if lcol is None:
         others = [i for i in range(len(header)) if i != pcol]
@@ -414,13 +539,13 @@ def read_label_csv(path: Path, problems: list[str]) -> tuple[list[str], list[lis
             lcol = others[0]
         else:  # path,person,dog,cat with 0/1 rows: one indicator column per class
             flags = _indicator_columns(path, rows, pcol)
+    finder = ImageFinder(path.parent, images)
     paths, labels, missing = [], [], []
     for row in rows[1:]:
         if not row or not row[pcol].strip():
             continue
-        p = Path(row[pcol].strip())
-        p = p if p.is_absolute() else path.parent / p
-        if not p.exists():
+        p = finder.find(row[pcol].strip())
+        if p is None:
             missing.append(row[pcol].strip())
             continue
         paths.append(str(p))
@@ -592,7 +717,7 @@ def load(path: Path, kind: str, opts: Options, classes: list[str] | None = None)
 def _load_csv(path: Path, opts: Options, classes: list[str] | None, problems: list[str]) -> DataSource:
     from imgclf.data.sources import _data_name
 
-    paths, labels, columns = read_label_csv(path, problems)
+    paths, labels, columns = read_label_csv(path, problems, opts.images, opts.label_column)
     if not paths:
         raise UserError(f"{path}: no rows with an existing image file")
     found = columns if columns is not None else sorted({t for ls in labels for t in ls})

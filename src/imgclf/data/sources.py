@@ -273,6 +273,68 @@ def _train_subdir(root: Path) -> Path | None:
     return d
 
 
+# Words that name a split or an image store, never a class: a folder named so beside a label
+# CSV is where the CSV's images sit (Kaggle's train/, test/, train_images/).
+_STORE_WORDS = frozenset(TRAIN_NAMES + VAL_NAMES + TEST_NAMES) | {"images", "image", "imgs", "img", "data"}
+
+
+def _store_like(name: str) -> bool:
+    return any(w in _STORE_WORDS for w in re.split(r"[_\-\s.]+", name.lower()))
+
+
+def _flat_store(d: Path, depth: int = 2) -> bool:
+    """A folder named as a split or image store holding no class folders (train/, or train/train/
+    as a Kaggle zip unpacks)."""
+    return _store_like(d.name) and depth > 0 and all(_flat_store(s, depth - 1) for s in _class_dirs(d))
+
+
+def _label_table(folder: Path, images: str | None) -> Path | None:
+    """The one label CSV of a folder (train_labels.csv, _classes.csv): a CSV that names images
+    and is not a submission or test list. Several that qualify: the one named train or labels,
+    else an error naming them."""
+    from imgclf.data import multilabel
+
+    try:
+        csvs = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".csv" and p.is_file())
+    except OSError:
+        return None
+    csvs = [p for p in csvs if not any(w in p.stem.lower() for w in ("submission", "sample", "test"))]
+    tables = [p for p in csvs if multilabel.detect(p, images) == "csv"]
+    if len(tables) > 1:
+        tables = [p for p in tables if "train" in p.stem.lower() or "label" in p.stem.lower()] or tables
+    if len(tables) > 1:
+        raise UserError(f"{folder}: several CSVs name its images ({', '.join(p.name for p in tables)}): "
+                        f"give the one that labels them, --data {tables[0]}")
+    return tables[0] if tables else None
+
+
+def label_tables(root: Path, images: str | None = None) -> dict[str, Path] | None:
+    """The label CSVs of a folder whose labels are in a table, not in class folders.
+
+    * Kaggle's competition layout: train_labels.csv (id,label) beside flat train/ and test/
+      folders of images. Read as class folders those made two classes named 'train' and 'test'.
+      The CSV is used when every folder beside it is named as a split or an image store.
+    * Roboflow's classification export: train/_classes.csv (filename + a 0/1 column per class)
+      beside train/'s images, and the same in valid/ and test/: {split: csv}.
+    """
+    if all(_flat_store(d) for d in _class_dirs(root)):  # not train/<class>/ beside a metadata CSV
+        top = _label_table(root, images)
+        if top is not None:
+            return {"train": top}
+    train = _named_subdir(root, TRAIN_NAMES)
+    if train is None or any(_class_dirs(train)):
+        return None
+    found = {"train": _label_table(train, images)}
+    if found["train"] is None:
+        return None
+    for attr, names in (("val", VAL_NAMES), ("test", TEST_NAMES)):
+        d = _named_subdir(root, names)
+        t = _label_table(d, images) if d is not None and not _class_dirs(d) else None
+        if t is not None:
+            found[attr] = t
+    return found
+
+
 def _unwrap(root: Path) -> Path:
     """A folder holding one folder and at most a README or a licence (Kaggle's PetImages/ next to
     a pdf and a txt) is read from that folder, if it holds folders in turn."""
@@ -390,7 +452,11 @@ def _load_one(spec: str, *, csv_layout: str, label_column: str, cache_dir: Path,
         return src
     if path.is_dir():
         path = _unwrap(path)
-    kind = multilabel.detect(path)  # COCO JSON, YOLO images/+labels/ (or train/images/+labels/), label CSV
+        tables = label_tables(path, ml.images if ml else None)
+        if tables is not None:
+            return _from_label_tables(path, tables, classes, ml)
+    # COCO JSON, YOLO images/+labels/ (or train/images/+labels/), label CSV
+    kind = multilabel.detect(path, ml.images if ml else None)
     if kind is not None:
         return multilabel.load(path, kind, ml or multilabel.Options(), classes)
     if path.is_file():
@@ -430,6 +496,27 @@ def _load_one(spec: str, *, csv_layout: str, label_column: str, cache_dir: Path,
              and _split_key(d.name, VAL_NAMES) is None and _split_key(d.name, TEST_NAMES) is None]
     if other:  # seg_pred/ (unlabelled), extras/: beside the splits they are not classes
         src.problems.append(f"{path}: folder(s) {', '.join(other[:5])} ignored (not a train/val/test split)")
+    return src
+
+
+def _from_label_tables(root: Path, tables: dict[str, Path], classes, ml) -> DataSource:
+    """A folder whose labels are in CSVs (label_tables): the train table's classes, and val/test
+    tables read in that class order."""
+    from imgclf import log
+    from imgclf.data import multilabel
+
+    ml = ml or multilabel.Options()
+    log.info(f"{root}: labels read from {', '.join(str(t.relative_to(root)) for t in tables.values())}"
+             " (no class folders)")
+    src = multilabel.load(tables["train"], "csv", ml, classes)
+    for attr in ("val", "test"):
+        if attr in tables:
+            other = multilabel.load(tables[attr], "csv", ml, src.classes)
+            if other.task == "single" and src.task == "multilabel":
+                other = multilabel.to_multilabel(other)
+            setattr(src, attr, other.train)
+            src.problems.extend(other.problems)
+    src.name, src.origin = _data_name(root), str(root)
     return src
 
 
@@ -483,7 +570,10 @@ def load_source(
     subset = multilabel.parse_classes(classes) if isinstance(classes, str) else classes
     if task == "multilabel" and label_mode == "largest":
         raise UserError("--label-mode largest gives one label per image: use it without --task multilabel")
-    ml = multilabel.Options(task=task, label_mode=label_mode, subset=subset, images=images, keep_empty=keep_empty)
+    if images and not Path(images).expanduser().is_dir():
+        raise UserError(f"--images {images}: no such folder")
+    ml = multilabel.Options(task=task, label_mode=label_mode, subset=subset, images=images, keep_empty=keep_empty,
+                            label_column=label_column)
     kw = dict(csv_layout=csv_layout, csv_shape=csv_shape, label_column=label_column, cache_dir=cache_dir, ml=ml)
     src = multilabel.select_classes(_load_one(data, **kw), subset)
     for attr, spec in (("val", val_data), ("test", test_data)):
