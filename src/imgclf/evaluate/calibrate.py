@@ -219,7 +219,8 @@ def check_classes(data, classes: list[str], model_classes: list[str]) -> None:
         hints.append(f"{m} (the model has {near})" if near else m)
     more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
     raise UserError(f"{data} has classes the model was not trained on: {', '.join(hints)}{more}; "
-                    "class folder names must match the model's exactly")
+                    f"class names must match the model's exactly (it has {', '.join(model_classes[:10])}"
+                    f"{', ...' if len(model_classes) > 10 else ''})")
 
 
 def source_from_config(cfg, root: Path):
