@@ -72,9 +72,9 @@ def archive_stem(path: Path) -> str:
     return path.name[: -len(suffix)] if suffix else path.stem
 
 
-def _key(path: Path) -> str:
-    st = path.stat()
-    ident = f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}"
+def _key(*paths: Path) -> str:
+    """Names one version of the files: their paths, sizes and modification times."""
+    ident = "\0".join(f"{p.resolve()}\0{p.stat().st_size}\0{p.stat().st_mtime_ns}" for p in paths)
     return hashlib.sha256(utf8_bytes(ident)).hexdigest()[:16]
 
 
@@ -217,10 +217,17 @@ def locked_temp(folder: Path, stem: str, suffix: str) -> Iterator[Path]:
 def extract_archive(path: Path, cache_dir: Path) -> Path:
     """The folder holding ``path``'s contents, extracting it on first use."""
     target = cache_dir / "archives" / f"{archive_stem(path)}-{_key(path)}"
+    return _content_root(extract_once(path, target, lambda dest: _extract(path, dest)))
+
+
+def extract_once(path: Path, target: Path, fill, what: str = "archive") -> Path:
+    """``target``, filled by ``fill(folder)`` on first use: into a temporary folder renamed into
+    place only when complete, so a killed extraction never looks done. ``path`` (the source) and
+    ``what`` word the errors."""
     if target.is_dir():
         with contextlib.suppress(OSError):  # last used now, for 'imgclf cache --older-than'
             os.utime(target)
-        return _content_root(target)
+        return target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale(target.parent, ".extract-*")
@@ -230,7 +237,7 @@ def extract_archive(path: Path, cache_dir: Path) -> Path:
                         f"{CACHE_ELSEWHERE}") from None
     log.info(f"extracting {path} into {target} (once; later runs reuse it)")
     try:
-        _extract(path, tmp)
+        fill(tmp)
     except UserError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -239,7 +246,7 @@ def extract_archive(path: Path, cache_dir: Path) -> Path:
         if isinstance(e, OSError) and e.errno is not None:  # disk full, permissions: not the archive's fault
             raise UserError(f"--data {path}: cannot extract into {target.parent}: {e.strerror}; "
                             f"{CACHE_ELSEWHERE}") from e
-        raise UserError(f"--data {path}: not a readable archive ({_why(e)})") from e
+        raise UserError(f"--data {path}: not a readable {what} ({_why(e)})") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -249,7 +256,7 @@ def extract_archive(path: Path, cache_dir: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         if not target.is_dir():  # else another process finished the same archive first
             raise
-    return _content_root(target)
+    return target
 
 
 def iter_archive_images(path: Path, extensions) -> Iterator[tuple[str, bytes | None, str]]:

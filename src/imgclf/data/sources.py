@@ -7,6 +7,7 @@ and says clearly what is wrong: missing folders, empty classes, class sets that 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import unicodedata
@@ -436,7 +437,7 @@ def _from_arrays(ds, origin: str, name: str) -> DataSource:
 
 def _load_one(spec: str, *, csv_layout: str, label_column: str, cache_dir: Path, classes=None, ml=None,
               csv_shape: str | None = None) -> DataSource:
-    from imgclf.data import arrays, multilabel
+    from imgclf.data import arrays, multilabel, parquet
 
     if spec.lower() in ("cifar10", "cifar-10", "cifar100", "cifar-100"):
         which = "cifar100" if "100" in spec else "cifar10"
@@ -448,6 +449,13 @@ def _load_one(spec: str, *, csv_layout: str, label_column: str, cache_dir: Path,
     if path.is_file() and archives.archive_suffix(path):
         src = _load_one(str(archives.extract_archive(path, cache_dir)), csv_layout=csv_layout,
                         label_column=label_column, cache_dir=cache_dir, classes=classes, ml=ml, csv_shape=csv_shape)
+        src.name, src.origin, src.root = _data_name(path), str(path), src.origin
+        return src
+    shards = parquet.parquet_files(path)
+    if shards:  # a Hugging Face data set: written out once as folders, then read as any folder
+        inner = dataclasses.replace(ml, label_column="label") if ml else None  # its labels.csv's column
+        src = _load_one(str(parquet.extract(shards, cache_dir, label_column)), csv_layout=csv_layout,
+                        label_column="label", cache_dir=cache_dir, classes=classes, ml=inner, csv_shape=csv_shape)
         src.name, src.origin, src.root = _data_name(path), str(path), src.origin
         return src
     if path.is_dir():
@@ -468,7 +476,7 @@ def _load_one(spec: str, *, csv_layout: str, label_column: str, cache_dir: Path,
             ds = arrays.read_pixel_csv(path, label_column=label_column, layout=csv_layout, image_shape=csv_shape,
                                        classes=classes)
             return _from_arrays(ds, str(path), _data_name(path))
-        raise UserError(f"--data {spec}: unsupported file type '{path.suffix}' (expected a folder, a .csv, an .npz of arrays, an archive (.zip, .tar.gz, ...), or cifar10)")
+        raise UserError(f"--data {spec}: unsupported file type '{path.suffix}' (expected a folder, a .csv, an .npz of arrays, a .parquet, an archive (.zip, .tar.gz, ...), or cifar10)")
     if arrays.is_cifar_dir(path):
         return _from_arrays(arrays.read_cifar(path), str(path), _data_name(path))
     train_dir = _train_subdir(path)

@@ -1,0 +1,141 @@
+"""--data a Hugging Face data set as parquet shards: written out once into the cache as folders,
+then read as any folder. Built from the packaged CIFAR-10 sample's real JPEGs, with the schema
+metadata the `datasets` library writes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pa = pytest.importorskip("pyarrow", reason="pyarrow is the [parquet] extra, installed by [dev]")
+import pyarrow.parquet as pq  # noqa: E402
+
+from imgclf.data.sources import load_source  # noqa: E402
+from imgclf.errors import UserError  # noqa: E402
+
+NAMES = ["airplane", "automobile", "bird", "cat"]
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()
+
+
+def _shard(sample: Path, split: str, n: int, *, multi: bool = False, unlabelled: int = 0, hf: bool = True,
+           truth: dict | None = None):
+    """A table as the `datasets` library writes one: an Image column (struct of bytes and path)
+    and a ClassLabel (or a list of them) with the names in the schema's huggingface metadata."""
+    imgs, ys, coarse = [], [], []
+    for i, c in enumerate(NAMES):
+        for f in sorted((sample / split / c).glob("*.jpg"))[:n]:
+            data = f.read_bytes()
+            imgs.append({"bytes": data, "path": f.name})
+            ys.append([i, (i + 1) % 4] if multi else i)
+            coarse.append("vehicle" if c in ("airplane", "automobile") else "animal")
+            if truth is not None:
+                truth[_digest(data)] = ys[-1]
+    for f in sorted((sample / split / "dog").glob("*.jpg"))[:unlabelled]:  # a test split's -1 rows
+        imgs.append({"bytes": f.read_bytes(), "path": f.name})
+        ys.append([] if multi else -1)
+        coarse.append("animal")
+    label = {"names": NAMES, "_type": "ClassLabel"}
+    feats = {"img": {"_type": "Image"}, "label": {"feature": label, "_type": "Sequence"} if multi else label,
+             "coarse": {"dtype": "string", "_type": "Value"}}
+    t = pa.table({"img": imgs, "label": ys, "coarse": coarse})
+    return t.replace_schema_metadata({b"huggingface": json.dumps({"info": {"features": feats}})}) if hf else t
+
+
+def _hub_snapshot(sample: Path, root: Path, truth: dict, **kw) -> Path:
+    (root / "data").mkdir(parents=True)
+    (root / "README.md").write_text("---\nlicense: mit\n---\n")
+    pq.write_table(_shard(sample, "train", 10, truth=truth, **kw), root / "data" / "train-00000-of-00001.parquet")
+    pq.write_table(_shard(sample, "test", 5, unlabelled=3, truth=truth, **kw),
+                   root / "data" / "test-00000-of-00001.parquet")
+    return root
+
+
+def _labels_by_digest(split) -> dict:
+    out = {}
+    for p, y in zip(split.paths, split.labels):
+        out[_digest(Path(p).read_bytes())] = np.flatnonzero(y).tolist() if np.ndim(y) else int(y)
+    return out
+
+
+def test_a_hub_snapshot_trains_as_its_splits_with_its_class_names(sample_dir, tmp_path, capfd):
+    truth: dict = {}
+    root = _hub_snapshot(sample_dir, tmp_path / "cifar-hf", truth)
+    src = load_source(str(root), val_split=0.1, cache_dir=tmp_path / "cache")
+    assert src.classes == NAMES and src.task == "single" and src.name == "cifar-hf"
+    assert len(src.train) + len(src.val) == 40 and len(src.test) == 20  # the 3 unlabelled rows skipped
+    for split in (src.train, src.val, src.test):  # every image under the label its row gave it
+        for digest, y in _labels_by_digest(split).items():
+            assert truth[digest] == y
+    err = capfd.readouterr().err
+    assert "extracting" in err and "3 row(s) without a label" in err and "4 class names" in err
+
+    # written out once: a second read reuses the folder; a changed shard is written out again
+    again = load_source(str(root), val_split=0.1, cache_dir=tmp_path / "cache")
+    assert again.train.paths == src.train.paths and "extracting" not in capfd.readouterr().err
+    shard = root / "data" / "test-00000-of-00001.parquet"
+    os.utime(shard, (shard.stat().st_atime, shard.stat().st_mtime + 5))
+    load_source(str(root), val_split=0.1, cache_dir=tmp_path / "cache")
+    assert "extracting" in capfd.readouterr().err
+
+
+def test_one_file_another_label_column_and_tables_without_metadata(sample_dir, tmp_path):
+    truth: dict = {}
+    pq.write_table(_shard(sample_dir, "train", 6, hf=False, truth=truth), tmp_path / "plain.parquet")
+    # no Hugging Face metadata: 'label' by its name, the class names are its values
+    src = load_source(str(tmp_path / "plain.parquet"), val_split=0, cache_dir=tmp_path / "cache")
+    assert src.classes == ["0", "1", "2", "3"] and len(src.train) == 24
+    coarse = load_source(str(tmp_path / "plain.parquet"), val_split=0, cache_dir=tmp_path / "cache",
+                         label_column="coarse")
+    assert coarse.classes == ["animal", "vehicle"]
+    assert np.bincount(coarse.train.labels).tolist() == [12, 12]
+    with pytest.raises(UserError, match="--label-column corse: no such column"):
+        load_source(str(tmp_path / "plain.parquet"), val_split=0, cache_dir=tmp_path / "cache", label_column="corse")
+
+
+def test_lists_of_labels_are_multi_label(sample_dir, tmp_path):
+    truth: dict = {}
+    root = _hub_snapshot(sample_dir, tmp_path / "ml", truth, multi=True)
+    src = load_source(str(root), val_split=0, cache_dir=tmp_path / "cache")
+    assert src.task == "multilabel" and src.classes == sorted(NAMES)
+    order = [NAMES.index(c) for c in src.classes]  # label CSVs list classes by name
+    for digest, got in _labels_by_digest(src.train).items():
+        assert sorted(order[k] for k in got) == sorted(truth[digest])
+    assert len(src.test) == 23 and (src.test.labels.sum(1) == 0).sum() == 3  # unlabelled: all-negative
+
+
+def test_damaged_or_foreign_parquet_files(sample_dir, tmp_path):
+    bad = tmp_path / "broken.parquet"
+    bad.write_bytes(b"PAR1" + os.urandom(300))
+    with pytest.raises(UserError, match="not a readable parquet file") as e:
+        load_source(str(bad), val_split=0, cache_dir=tmp_path / "cache")
+    assert "\n" not in str(e.value)
+    assert not any((tmp_path / "cache" / "archives").glob(".extract-*"))  # nothing half-written kept
+    pq.write_table(pa.table({"x": [1, 2], "label": [0, 1]}), tmp_path / "numbers.parquet")
+    with pytest.raises(UserError, match="no image column"):
+        load_source(str(tmp_path / "numbers.parquet"), val_split=0, cache_dir=tmp_path / "cache")
+    # class folders beside a metadata parquet stay class folders
+    tree = tmp_path / "tree"
+    for c in ("cat", "dog"):
+        shutil.copytree(sample_dir / "train" / c, tree / c)
+    pq.write_table(pa.table({"x": [1]}), tree / "meta.parquet")
+    assert load_source(str(tree), val_split=0, cache_dir=tmp_path / "cache").classes == ["cat", "dog"]
+
+
+def test_train_evaluate_and_resume_read_the_same_parquet(sample_dir, tmp_path):
+    import imgclf
+
+    root = _hub_snapshot(sample_dir, tmp_path / "hub", {})
+    res = imgclf.train(data=str(root), epochs=1, project=str(tmp_path / "runs"), progress=False, tensorboard=False,
+                       cache_dir=str(tmp_path / "cache"))
+    assert res.test["n"] == 20
+    again = imgclf.evaluate(res.run_dir, data=str(root))
+    assert again["n"] == 20
