@@ -130,7 +130,7 @@ def test_damaged_or_foreign_parquet_files(sample_dir, tmp_path):
     assert load_source(str(tree), val_split=0, cache_dir=tmp_path / "cache").classes == ["cat", "dog"]
 
 
-def test_train_evaluate_and_resume_read_the_same_parquet(sample_dir, tmp_path):
+def test_train_and_evaluate_read_the_same_parquet(sample_dir, tmp_path):
     import imgclf
 
     root = _hub_snapshot(sample_dir, tmp_path / "hub", {})
@@ -139,3 +139,88 @@ def test_train_evaluate_and_resume_read_the_same_parquet(sample_dir, tmp_path):
     assert res.test["n"] == 20
     again = imgclf.evaluate(res.run_dir, data=str(root))
     assert again["n"] == 20
+
+
+# -- hf:OWNER/NAME: the download, against a local stand-in for the Hub ------------------------
+
+
+@pytest.fixture
+def hub(sample_dir, tmp_path, monkeypatch):
+    """A local HTTP server answering as the Hub does: /api/datasets/<repo>/parquet lists each
+    configuration's splits by URL, the files are served below it. Records the requests."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    site = tmp_path / "site"
+    seen: list[tuple[str, str | None]] = []
+
+    class Hub(SimpleHTTPRequestHandler):
+        def do_GET(self):
+            seen.append((self.path, self.headers.get("Authorization")))
+            if self.path.startswith("/api/datasets/") and self.path.endswith("/parquet"):
+                f = site / self.path.lstrip("/") / "listing.json"
+                if not f.is_file():
+                    self.send_error(404, "Repository not found")
+                    return
+                body = f.read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            super().do_GET()
+
+        def log_message(self, *a):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Hub, directory=str(site)))
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    repo = site / "api" / "datasets" / "someone" / "tiny-cifar" / "parquet"
+    listing = {}
+    for config, n in (("default", 6), ("small", 2)):
+        listing[config] = {}
+        for split, source, k in (("train", "train", n), ("validation", "test", 2)):
+            (repo / config / split).mkdir(parents=True)
+            pq.write_table(_shard(sample_dir, source, k), repo / config / split / "0.parquet")
+            listing[config][split] = [f"{base}/api/datasets/someone/tiny-cifar/parquet/{config}/{split}/0.parquet"]
+    (repo / "listing.json").write_text(json.dumps(listing))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", base)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    yield httpd, seen
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_a_hub_data_set_is_downloaded_once_and_read_offline_after(hub, tmp_path, capfd):
+    httpd, seen = hub
+    cache = tmp_path / "cache"
+    src = load_source("hf:someone/tiny-cifar", val_split=0.1, cache_dir=cache)
+    assert src.classes == NAMES and src.name == "tiny-cifar" and src.origin == "hf:someone/tiny-cifar"
+    assert len(src.train) == 24 and len(src.val) == 8  # the Hub's validation split, not a hold-out
+    assert "configurations default, small; reading 'default'" in capfd.readouterr().err
+    assert all(auth == "Bearer hf_secret" for _, auth in seen)  # the token goes to the Hub
+    folder = cache / "datasets" / "hf" / "someone--tiny-cifar" / "default"
+    assert sorted(p.name for p in folder.iterdir()) == ["complete.json", "train-00000.parquet",
+                                                         "validation-00000.parquet"]
+    small = load_source("hf:someone/tiny-cifar:small", val_split=0.1, cache_dir=cache)
+    assert len(small.train) == 8
+
+    httpd.shutdown()  # offline from here: what was downloaded is read without the network
+    httpd.server_close()
+    again = load_source("hf:someone/tiny-cifar:default", val_split=0.1, cache_dir=cache)
+    assert again.train.paths == src.train.paths
+    with pytest.raises(UserError, match=r"cannot reach http://127.0.0.1:\d+ .*offline\?"):
+        load_source("hf:someone/other", val_split=0.1, cache_dir=cache)
+
+
+def test_hub_names_that_do_not_exist_are_one_line(hub, tmp_path):
+    for spec, match in (("hf:someone/missing", "no such data set on the Hub"),
+                        ("hf:someone/tiny-cifar:large", "no configuration 'large'; it has default, small"),
+                        ("hf:../../etc", "not a Hub data set name")):
+        with pytest.raises(UserError, match=match) as e:
+            load_source(spec, val_split=0.1, cache_dir=tmp_path / "cache")
+        assert "\n" not in str(e.value)
+    assert not list((tmp_path / "cache").rglob("*.part"))

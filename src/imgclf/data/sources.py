@@ -437,12 +437,18 @@ def _from_arrays(ds, origin: str, name: str) -> DataSource:
 
 def _load_one(spec: str, *, csv_layout: str, label_column: str, cache_dir: Path, classes=None, ml=None,
               csv_shape: str | None = None) -> DataSource:
-    from imgclf.data import arrays, multilabel, parquet
+    from imgclf.data import arrays, hub, multilabel, parquet
 
     if spec.lower() in ("cifar10", "cifar-10", "cifar100", "cifar-100"):
         which = "cifar100" if "100" in spec else "cifar10"
         folder = arrays.download_cifar(which, cache_dir / "datasets")
         return _from_arrays(arrays.read_cifar(folder), f"{which} ({folder})", which)
+    if hub.is_hub(spec):  # hf:owner/name: downloaded once, then read as its parquet folder
+        src = _load_one(str(hub.download(spec, cache_dir)), csv_layout=csv_layout, label_column=label_column,
+                        cache_dir=cache_dir, classes=classes, ml=ml, csv_shape=csv_shape)
+        src.name = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in hub.parse(spec)[0].split("/")[-1])
+        src.origin = spec
+        return src
     path = Path(spec).expanduser()
     if not path.exists():
         raise UserError(f"--data {spec}: no such file or folder")
