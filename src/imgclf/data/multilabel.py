@@ -454,17 +454,18 @@ class ImageFinder:
     def folders(self) -> list[Path]:
         if self._folders is None:
             skip = ("__MACOSX", "@eaDir", "#recycle")
-            found, level = [], [self.base]
-            for _ in range(2):
-                below = []
-                for d in level:
-                    try:
-                        below += sorted(e for e in d.iterdir() if e.is_dir() and not e.name.startswith(".")
-                                        and e.name not in skip)
-                    except OSError:
-                        pass
-                found += below
-                level = below
+
+            def below(d: Path) -> list[Path]:
+                try:  # DirEntry.is_dir needs no stat call per file on most file systems
+                    with os.scandir(d) as it:
+                        return sorted(Path(e.path) for e in it if e.is_dir() and not e.name.startswith(".")
+                                      and e.name not in skip)
+                except OSError:
+                    return []
+
+            found = below(self.base)
+            if len(found) <= 20:  # train/train/; not every folder of a class tree beside the CSV
+                found += [d for top in found for d in below(top)]
             # train-ish and image-ish folders first: a test/ of the same ids must not win
             found.sort(key=lambda d: (not any(w in d.name.lower() for w in ("train", "image", "img")), len(d.parts)))
             self._folders = ([self.images] if self.images else []) + [self.base] + found[: self.MAX_FOLDERS]
