@@ -181,6 +181,16 @@ def test_a_kaggle_label_csv_names_its_images_by_id(small_sample, tmp_path):
         assert all(Path(p).parent == root / "train" for p in src.train.paths)  # not test/'s namesakes
         assert any("1 image file(s) named in train_labels.csv do not exist: gone0000" in p for p in src.problems)
 
+    # paths written on another machine: Windows, relative or absolute, or another Linux box
+    files = sorted((root / "train").iterdir())
+    for cells in ([f"train\\{f.name}" for f in files], [f"C:\\Users\\me\\histo\\train\\{f.name}" for f in files],
+                  [f"/kaggle/input/histo/train/{f.name}" for f in files]):
+        with open(root / "moved.csv", "w", newline="") as f:
+            csv.writer(f).writerows([("path", "label"), *((c, truth[Path(c.replace("\\", "/")).stem]) for c in cells)])
+        src = load_source(str(root / "moved.csv"), val_split=0, cache_dir=tmp_path / "c")
+        assert sorted(src.train.paths) == [str(f) for f in files], cells[0]
+    (root / "moved.csv").unlink()
+
     # a Kaggle zip unpacked as train/train/, ids with their extension, a label column by another
     # name among other columns
     nested = tmp_path / "cactus"

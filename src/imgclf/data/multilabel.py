@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -431,6 +432,10 @@ def _indicator_columns(path: Path, rows: list[list[str]], pcol: int) -> list[int
     return others
 
 
+_WINDOWS_ABS = re.compile(r"^(?:[A-Za-z]:[\\/]|\\\\)")  # C:\ or \\server\share
+_WINDOWS_DRIVE = re.compile(r"[A-Za-z]:")
+
+
 class ImageFinder:
     """The image file a label CSV's cell names: the cell as a path (absolute, or relative to the
     CSV's folder), else a file in a folder at most two levels below it (``--images``' folder
@@ -494,16 +499,31 @@ class ImageFinder:
 
     def find(self, cell: str) -> Path | None:
         p = Path(cell)
-        relative = not p.is_absolute() and ".." not in p.parts
-        for root in self.known if relative else ():  # ids: a lookup, no stat call per row
+        if p.is_absolute() and p.is_file():
+            return p
+        foreign = p.is_absolute() or _WINDOWS_ABS.match(cell) is not None
+        if foreign or "\\" in cell:
+            # written on another machine (/kaggle/input/x/train/a.jpg, C:\data\train\a.jpg) or
+            # on Windows (train\a.jpg): its last parts, looked for below the CSV's folder
+            parts = [x for x in re.split(r"[\\/]+", cell) if x and not _WINDOWS_DRIVE.fullmatch(x)]
+            tails = [Path(*parts[-k:]) for k in range(min(3, len(parts)), 0, -1)] if foreign else [Path(*parts)]
+        else:
+            tails = [p]
+        for tail in tails:
+            if tail.parts and ".." not in tail.parts:
+                hit = self._relative(tail)
+                if hit is not None:
+                    return hit
+        return None
+
+    def _relative(self, p: Path) -> Path | None:
+        for root in self.known:  # ids: a lookup, no stat call per row
             hit = self._in(root, p)
             if hit is not None:
                 return hit
-        direct = p if p.is_absolute() else self.base / p
+        direct = self.base / p
         if direct.is_file():
             return direct
-        if not relative:
-            return None
         if self.searches >= self.SEARCHES:
             return None
         self.searches += 1
