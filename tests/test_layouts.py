@@ -141,6 +141,8 @@ def test_label_csv_with_a_blank_row_stays_single_label(small_sample, tmp_path):
     assert any("1 row(s) have no label" in p for p in src.problems)
     ml = load_source(str(tmp_path / "labels.csv"), val_split=0, cache_dir=tmp_path / "c", task="multilabel")
     assert ml.task == "multilabel" and len(ml.train) == 6 and ml.train.labels[2].sum() == 0
+    with pytest.raises(UserError, match="--label-mode largest keeps each image's largest object, and a label CSV"):
+        load_source(str(tmp_path / "labels.csv"), val_split=0, cache_dir=tmp_path / "c", label_mode="largest")
 
 
 def _kaggle_set(small_sample: Path, root: Path, classes=("cat", "dog", "ship"), n=6) -> dict[str, str]:

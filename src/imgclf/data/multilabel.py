@@ -738,6 +738,9 @@ def load(path: Path, kind: str, opts: Options, classes: list[str] | None = None)
 def _load_csv(path: Path, opts: Options, classes: list[str] | None, problems: list[str]) -> DataSource:
     from imgclf.data.sources import _data_name
 
+    if opts.label_mode == "largest":  # silently ignored before: the run was multi-label anyway
+        raise UserError(f"{path}: --label-mode largest keeps each image's largest object, and a label CSV has no "
+                        "object sizes; leave it out (one label per row trains single-label, lists multi-label)")
     paths, labels, columns = read_label_csv(path, problems, opts.images, opts.label_column)
     if not paths:
         raise UserError(f"{path}: no rows with an existing image file")
