@@ -224,3 +224,14 @@ def test_hub_names_that_do_not_exist_are_one_line(hub, tmp_path):
             load_source(spec, val_split=0.1, cache_dir=tmp_path / "cache")
         assert "\n" not in str(e.value)
     assert not list((tmp_path / "cache").rglob("*.part"))
+
+
+def test_without_pyarrow_the_error_names_the_extra_before_any_download(sample_dir, tmp_path, monkeypatch):
+    import sys
+
+    pq.write_table(_shard(sample_dir, "train", 2), tmp_path / "t.parquet")
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # as if not installed
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: a download would say so
+    for spec in (str(tmp_path / "t.parquet"), "hf:someone/tiny"):
+        with pytest.raises(UserError, match=r"reading parquet data sets needs pyarrow: pip install 'imgclf\[parquet\]'"):
+            load_source(spec, val_split=0, cache_dir=tmp_path / "cache")

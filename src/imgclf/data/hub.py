@@ -144,7 +144,10 @@ def _fetch(spec: str, url: str, dest: Path) -> None:
 
 def download(spec: str, cache_dir: Path) -> Path:
     """The folder holding the data set's parquet files, downloading them on first use."""
+    from imgclf.data.parquet import require_pyarrow
+
     repo, config = parse(spec)
+    require_pyarrow()  # reading them needs pyarrow: say so before downloading, not after
     home = Path(cache_dir) / "datasets" / "hf" / repo.replace("/", "--")
     done = sorted(p.parent for p in home.glob(f"*/{_DONE}")) if home.is_dir() else []
     if config is not None and (home / config / _DONE).is_file():

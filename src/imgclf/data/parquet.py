@@ -64,7 +64,7 @@ def _split_of(file: Path) -> str | None:
     return next((_SPLITS[w] for w in words[:2] if w in _SPLITS), None)
 
 
-def _pyarrow():
+def require_pyarrow():
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -221,7 +221,7 @@ class _Writer:
 def extract(files: list[Path], cache_dir: Path, label_column: str = "label") -> Path:
     """The folder the parquet files are written out to (once; keyed by their paths, sizes and
     modification times, and the label column read)."""
-    pq = _pyarrow()
+    pq = require_pyarrow()
     first = files[0]
     name = first.stem if len(files) == 1 else (first.parent.parent.name if first.parent.name in ("data",) else
                                                 first.parent.name)
