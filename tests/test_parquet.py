@@ -157,7 +157,14 @@ def hub(sample_dir, tmp_path, monkeypatch):
 
     class Hub(SimpleHTTPRequestHandler):
         def do_GET(self):
-            seen.append((self.path, self.headers.get("Authorization")))
+            seen.append((f"{self.headers.get('Host')}{self.path}", self.headers.get("Authorization")))
+            if self.path.startswith("/redirect/"):  # as the Hub sends its files to a CDN host
+                self.send_response(302)
+                self.send_header("Location", f"http://localhost:{self.server.server_address[1]}/"
+                                             f"{self.path.removeprefix('/redirect/')}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if self.path.startswith("/api/datasets/") and self.path.endswith("/parquet"):
                 f = site / self.path.lstrip("/") / "listing.json"
                 if not f.is_file():
@@ -184,7 +191,8 @@ def hub(sample_dir, tmp_path, monkeypatch):
         for split, source, k in (("train", "train", n), ("validation", "test", 2)):
             (repo / config / split).mkdir(parents=True)
             pq.write_table(_shard(sample_dir, source, k), repo / config / split / "0.parquet")
-            listing[config][split] = [f"{base}/api/datasets/someone/tiny-cifar/parquet/{config}/{split}/0.parquet"]
+            via = "/redirect" if config == "small" else ""
+            listing[config][split] = [f"{base}{via}/api/datasets/someone/tiny-cifar/parquet/{config}/{split}/0.parquet"]
     (repo / "listing.json").write_text(json.dumps(listing))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     monkeypatch.setenv("HF_ENDPOINT", base)
@@ -207,6 +215,10 @@ def test_a_hub_data_set_is_downloaded_once_and_read_offline_after(hub, tmp_path,
                                                          "validation-00000.parquet"]
     small = load_source("hf:someone/tiny-cifar:small", val_split=0.1, cache_dir=cache)
     assert len(small.train) == 8
+    # the token goes to the Hub's host only, not where its files redirect to
+    cdn = [auth for where, auth in seen if where.startswith("localhost")]
+    assert len(cdn) == 2 and cdn == [None, None]
+    assert all(auth == "Bearer hf_secret" for where, auth in seen if where.startswith("127.0.0.1"))
 
     httpd.shutdown()  # offline from here: what was downloaded is read without the network
     httpd.server_close()

@@ -73,6 +73,20 @@ def _request(url: str) -> urllib.request.Request:
     return urllib.request.Request(url, headers=headers)
 
 
+class _NoTokenElsewhere(urllib.request.HTTPRedirectHandler):
+    """Follows redirects without the token where they leave the Hub's host (its files redirect
+    to a CDN with signed URLs, which need none); urllib would carry every header along."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(req.full_url).netloc:
+            new.remove_header("Authorization")
+        return new
+
+
+_OPENER = urllib.request.build_opener(_NoTokenElsewhere)
+
+
 def _why(spec: str, e: BaseException) -> UserError:
     if isinstance(e, urllib.error.HTTPError):
         if e.code in (401, 403):
@@ -90,7 +104,7 @@ def _why(spec: str, e: BaseException) -> UserError:
 def _listing(spec: str, repo: str) -> dict[str, dict[str, list[str]]]:
     url = f"{endpoint()}/api/datasets/{repo}/parquet"
     try:
-        with urllib.request.urlopen(_request(url), timeout=TIMEOUT_S) as r:
+        with _OPENER.open(_request(url), timeout=TIMEOUT_S) as r:
             data = json.loads(r.read())
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         raise _why(spec, e) from None
@@ -121,7 +135,7 @@ def _fetch(spec: str, url: str, dest: Path) -> None:
 
     part = dest.with_name(dest.name + ".part")
     try:
-        with urllib.request.urlopen(_request(url), timeout=TIMEOUT_S) as r, open(part, "wb") as out:
+        with _OPENER.open(_request(url), timeout=TIMEOUT_S) as r, open(part, "wb") as out:
             total = r.headers.get("Content-Length") if r.headers else None
             with tqdm(total=int(total) if total and total.isdigit() else None, unit="B", unit_scale=True,
                       unit_divisor=1024, desc=dest.name, disable=None, leave=False) as bar:
