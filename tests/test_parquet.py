@@ -247,3 +247,20 @@ def test_without_pyarrow_the_error_names_the_extra_before_any_download(sample_di
     for spec in (str(tmp_path / "t.parquet"), "hf:someone/tiny"):
         with pytest.raises(UserError, match=r"reading parquet data sets needs pyarrow: pip install 'imgclf\[parquet\]'"):
             load_source(spec, val_split=0, cache_dir=tmp_path / "cache")
+
+
+def test_predict_reads_each_rows_image_in_place(tiny_run, sample_dir, tmp_path):
+    import imgclf
+
+    pq.write_table(_shard(sample_dir, "test", 3), tmp_path / "test-00000.parquet")
+    files = [f for c in NAMES for f in sorted((sample_dir / "test" / c).glob("*.jpg"))[:3]]
+    clf = imgclf.load(tiny_run)
+    rows = clf.predict([str(tmp_path / "test-00000.parquet")], top_k=3)
+    assert [r["input"] for r in rows] == [f"{tmp_path / 'test-00000.parquet'}#{i}" for i in range(12)]
+    direct = clf.predict([str(f) for f in files], top_k=3)
+    assert [[c for c, _ in r["top"]] for r in rows] == [[c for c, _ in r["top"]] for r in direct]
+    np.testing.assert_allclose(clf.predict_proba([str(tmp_path / "test-00000.parquet")]),
+                               clf.predict_proba([str(f) for f in files]), atol=1e-6)
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1" + os.urandom(100))
+    bad = clf.predict([str(tmp_path / "bad.parquet")])
+    assert len(bad) == 1 and "not a readable parquet file" in bad[0]["error"]

@@ -1115,7 +1115,8 @@ def _input_list(inputs) -> list:
 
 def iter_sources(inputs: list) -> Iterator[tuple[str, Any, str]]:
     """``(name, source, error)`` for everything ``predict`` was given, lazily: files, folders,
-    archives (.zip/.tar[.gz]: their images are read in place), http(s) URLs (fetched into memory
+    archives (.zip/.tar[.gz]: their images are read in place), parquet files (each row's image,
+    named file#row), http(s) URLs (fetched into memory
     as they come), bytes and arrays. Paths are all checked first, so a typo fails before any
     work, not after an hour of predictions."""
     from imgclf.data import remote
@@ -1132,6 +1133,10 @@ def iter_sources(inputs: list) -> Iterator[tuple[str, Any, str]]:
             yield f"input{i}", it, ""
         elif Path(it).is_file() and archive_suffix(Path(it)):
             yield from iter_archive_images(Path(it), IMAGE_EXTENSIONS)
+        elif Path(it).is_file() and Path(it).suffix.lower() == ".parquet":  # a Hugging Face test split
+            from imgclf.data.parquet import iter_images
+
+            yield from iter_images(Path(it))
         else:
             for q in expand_inputs([it]):
                 yield str(q), q, ""

@@ -96,8 +96,9 @@ def _names(feature) -> list[str] | None:
     return None
 
 
-def _columns(file: Path, schema, label_column: str) -> tuple[str, str, list[str] | None]:
-    """(image column, label column, class names by index or None)."""
+def _image_columns(file: Path, schema) -> list[str]:
+    """The columns of encoded images (Hugging Face's Image feature, a struct with 'bytes', or
+    binary), or a UserError naming the columns there are."""
     import pyarrow as pa
 
     feats = _features(schema)
@@ -114,6 +115,14 @@ def _columns(file: Path, schema, label_column: str) -> tuple[str, str, list[str]
     if not images:
         raise UserError(f"{file}: no image column (a column of encoded images: Hugging Face's Image feature, a "
                         f"struct with 'bytes', or binary); columns: {', '.join(fields)}")
+    return images
+
+
+def _columns(file: Path, schema, label_column: str) -> tuple[str, str, list[str] | None]:
+    """(image column, label column, class names by index or None)."""
+    feats = _features(schema)
+    fields = {f.name: f for f in schema}
+    images = _image_columns(file, schema)
     wanted = label_column.strip()
     if wanted in fields and wanted not in images:
         label = wanted
@@ -238,3 +247,22 @@ def extract(files: list[Path], cache_dir: Path, label_column: str = "label") -> 
         w.finish(files)
 
     return archives.extract_once(first if len(files) == 1 else first.parent, target, fill, what="parquet file")
+
+
+def iter_images(file: Path):
+    """``(name, data, error)`` for each row's image (``predict test.parquet``), read in place:
+    ``name`` is ``<file>#<row>`` (rows from 0). A file that cannot be read is one error entry."""
+    try:
+        pq = require_pyarrow()
+        pf = pq.ParquetFile(file)
+        column = _image_columns(file, pf.schema_arrow)[0]
+        row = 0
+        for batch in pf.iter_batches(batch_size=256, columns=[column]):
+            for cell in batch.column(0).to_pylist():
+                data = cell.get("bytes") if isinstance(cell, dict) else cell
+                yield f"{file}#{row}", data or None, "" if data else "no image bytes in this row"
+                row += 1
+    except UserError as e:
+        yield str(file), None, str(e).removeprefix(f"{file}: ")
+    except (OSError, ValueError) as e:  # pyarrow's errors: ArrowInvalid is a ValueError, ArrowIOError an OSError
+        yield str(file), None, f"not a readable parquet file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
