@@ -264,3 +264,11 @@ def test_predict_reads_each_rows_image_in_place(tiny_run, sample_dir, tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"PAR1" + os.urandom(100))
     bad = clf.predict([str(tmp_path / "bad.parquet")])
     assert len(bad) == 1 and "not a readable parquet file" in bad[0]["error"]
+
+
+def test_explain_names_each_rows_picture_by_its_row(tiny_run, sample_dir, tmp_path):
+    from imgclf.evaluate.explain import explain
+
+    pq.write_table(_shard(sample_dir, "test", 1), tmp_path / "test-00000.parquet")
+    out = explain(tiny_run, [str(tmp_path / "test-00000.parquet")], out=tmp_path / "cams")
+    assert [Path(r["output"]).name for r in out] == [f"test-00000_row{i}_gradcam.png" for i in range(4)]

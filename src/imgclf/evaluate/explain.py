@@ -9,6 +9,7 @@ name another layer (``--layer layers.1``).
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path, PurePath
 
 import numpy as np
@@ -233,7 +234,9 @@ def explain(run: str | Path, images: list[str | Path], *, layer: str | None = No
             log.warn(f"{f}: no positive evidence for '{shown}' in this image: its Grad-CAM at {cam.where()} is blank",
                      once=False)
         png = explanation_png(_display_image(clf, src, view), heat[0], title)
-        stem = f.stem if f.stem not in used else f"{f.parent.name}_{f.stem}"
+        own = re.sub(r"\.parquet#(\d+)$", r"_row\1", f.name, flags=re.I)  # file.parquet#3: file_row3
+        own = PurePath(own).stem if own == f.name else own
+        stem = own if own not in used else f"{f.parent.name}_{own}"
         base, n = stem, 2
         while stem in used:  # train/cat/1.jpg, val/cat/1.jpg, test/cat/1.jpg: one file each
             stem, n = f"{base}_{n}", n + 1
