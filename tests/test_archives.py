@@ -126,3 +126,40 @@ def test_train_on_an_archive_end_to_end(small_sample, tmp_path):
     ev = imgclf.evaluate(res.run_dir, str(tmp_path / "copy.zip"), progress=False, cache_dir=str(tmp_path / "cache"))
     assert ev["n"] == 100 and ev["top1"] == pytest.approx(res.test["top1"], abs=0.011)
     assert len(list((tmp_path / "cache" / "archives").iterdir())) == 2
+
+
+def _zip_of(members: dict[str, bytes], out: Path) -> Path:
+    with zipfile.ZipFile(out, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return out
+
+
+def test_kaggle_downloads_with_archives_inside_read_as_their_contents(small_sample, tmp_path):
+    cats = sorted((small_sample / "train" / "cat").glob("*.jpg"))[:6]
+    dogs = sorted((small_sample / "train" / "dog").glob("*.jpg"))[:6]
+    # dogs-vs-cats.zip: train.zip (train/cat.0.jpg ...) + test1.zip (test1/1.jpg ...) + a CSV
+    train = _zip_of({**{f"train/cat.{i}.jpg": f.read_bytes() for i, f in enumerate(cats)},
+                     **{f"train/dog.{i}.jpg": f.read_bytes() for i, f in enumerate(dogs)}}, tmp_path / "train.zip")
+    test1 = _zip_of({f"test1/{i}.jpg": f.read_bytes() for i, f in enumerate(cats[:3])}, tmp_path / "test1.zip")
+    outer = _zip_of({"train.zip": train.read_bytes(), "test1.zip": test1.read_bytes(),
+                     "sampleSubmission.csv": b"id,label\n1,0\n"}, tmp_path / "dogs-vs-cats.zip")
+    src = load_source(str(outer), val_split=0, cache_dir=tmp_path / "cache")
+    assert src.classes == ["cat", "dog"] and len(src.train) == 12  # not classes 'train' and 'test1'
+    root = Path(src.root)
+    assert (root / "train" / "cat.0.jpg").is_file() and not list(root.glob("*.zip"))  # unzipped, not kept twice
+
+    # aerial-cactus.zip: train.zip of ids, their labels in train.csv beside it
+    ids = {f"{i:04x}a1.jpg": ("1" if f in cats else "0") for i, f in enumerate(cats + dogs)}
+    train = _zip_of({f"train/{name}": f.read_bytes() for name, f in zip(ids, cats + dogs)}, tmp_path / "t.zip")
+    csv_text = "id,has_cactus\n" + "".join(f"{k},{v}\n" for k, v in ids.items())
+    outer = _zip_of({"train.zip": train.read_bytes(), "train.csv": csv_text.encode()}, tmp_path / "cactus.zip")
+    src = load_source(str(outer), val_split=0, cache_dir=tmp_path / "cache")
+    assert src.classes == ["0", "1"] and sorted(src.train.labels.tolist()) == [0] * 6 + [1] * 6
+
+    # a damaged archive inside: one line naming it, nothing left half-extracted
+    outer = _zip_of({"train.zip": b"PK\x03\x04 not really"}, tmp_path / "bad.zip")
+    with pytest.raises(UserError, match=r"train.zip in it is not a readable archive") as e:
+        load_source(str(outer), val_split=0, cache_dir=tmp_path / "cache")
+    assert "\n" not in str(e.value)
+    assert not any(p.name.startswith("bad-") for p in (tmp_path / "cache" / "archives").iterdir())

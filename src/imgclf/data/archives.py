@@ -217,7 +217,45 @@ def locked_temp(folder: Path, stem: str, suffix: str) -> Iterator[Path]:
 def extract_archive(path: Path, cache_dir: Path) -> Path:
     """The folder holding ``path``'s contents, extracting it on first use."""
     target = cache_dir / "archives" / f"{archive_stem(path)}-{_key(path)}"
-    return _content_root(extract_once(path, target, lambda dest: _extract(path, dest)))
+
+    def fill(dest: Path) -> None:
+        _extract(path, dest)
+        _extract_inner(path, dest)
+
+    if target.is_dir():  # extracted before inner archives were: they are extracted now, in place
+        _extract_inner(path, target)
+    return _content_root(extract_once(path, target, fill))
+
+
+def _extract_inner(path: Path, dest: Path) -> None:
+    """Kaggle's competition downloads hold archives in the archive: dogs-vs-cats.zip is train.zip,
+    test1.zip and a CSV; aerial-cactus.zip is train.zip, test.zip and train.csv. Each archive in
+    the top two levels is extracted once into a folder of its name beside it (its own single
+    top folder of that name looked through: train.zip holds train/) and removed from this copy.
+    One level only: archives inside those stay files."""
+    inner = [p for p in sorted(dest.glob("*")) + sorted(dest.glob("*/*")) if p.is_file() and archive_suffix(p)
+             and not any(is_junk(x) or x.startswith(".") for x in p.relative_to(dest).parts)]
+    for arc in inner:
+        folder = arc.with_name(archive_stem(arc))
+        if folder.exists():  # train.zip beside a train/ folder: both kept as they are
+            continue
+        log.info(f"{path}: extracting {arc.relative_to(dest)} in it")
+        tmp = arc.with_name(f".inner-{arc.name}")
+        try:
+            _extract(arc, tmp)
+        except (UserError, tarfile.TarError, zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, ValueError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            reason = str(e) if isinstance(e, UserError) else _why(e)
+            raise UserError(f"--data {path}: {arc.relative_to(dest)} in it is not a readable archive ({reason})") from e
+        entries = [p for p in tmp.iterdir() if not p.name.startswith(".") and not is_junk(p.name)]
+        only = entries[0] if len(entries) == 1 and entries[0].is_dir() and entries[0].name == folder.name else None
+        try:
+            os.replace(only if only is not None else tmp, folder)
+        except OSError:
+            if not folder.is_dir():  # else another process extracted the same one first
+                raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        arc.unlink(missing_ok=True)
 
 
 def extract_once(path: Path, target: Path, fill, what: str = "archive") -> Path:
