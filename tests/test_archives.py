@@ -163,3 +163,11 @@ def test_kaggle_downloads_with_archives_inside_read_as_their_contents(small_samp
         load_source(str(outer), val_split=0, cache_dir=tmp_path / "cache")
     assert "\n" not in str(e.value)
     assert not any(p.name.startswith("bad-") for p in (tmp_path / "cache" / "archives").iterdir())
+
+    # the download unzipped by hand once: the folder of archives says what to do
+    unzipped = tmp_path / "unzipped"
+    unzipped.mkdir()
+    shutil.copy(train, unzipped / "train.zip")
+    (unzipped / "train.csv").write_text(csv_text)
+    with pytest.raises(UserError, match=r"it holds archives: train.zip; give --data the archive it came in"):
+        load_source(str(unzipped), val_split=0, cache_dir=tmp_path / "cache")

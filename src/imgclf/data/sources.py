@@ -195,6 +195,10 @@ def scan_class_folders(root: Path, classes: list[str] | None = None) -> tuple[li
         loose = _loose_images(root)
         why = (f" (its {len(loose)} images are not in class folders, and their names do not name classes as "
                "cat.1.jpg or cat_1.jpg do)") if loose else ""
+        packed = sorted(p.name for p in root.iterdir() if p.is_file() and archives.archive_suffix(p))
+        if packed and not loose:  # Kaggle's download unzipped once: train.zip, test.zip, train.csv
+            why = (f" (it holds archives: {', '.join(packed[:3])}; give --data the archive it came in, which is "
+                   f"extracted with the archives inside, or extract {packed[0]} here)")
         raise UserError(f"{root} holds no class folders: expected {root}/<class name>/<images>{why}")
     if named is not None:
         example = next(iter(named.values()))[0]
