@@ -227,6 +227,15 @@ def test_class_folders_beside_a_metadata_csv_stay_class_folders(small_sample, tm
                                  *((str(p.relative_to(root)), 32, 32) for p in sorted(root.rglob("*.jpg")))])
     src = load_source(str(root), val_split=0, cache_dir=tmp_path / "c")
     assert src.classes == ["cat", "dog"] and len(src.train) == 10
+    # images named by class, flat, beside such a table: still named by class
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in sorted(root.rglob("*.jpg")):
+        shutil.copy(p, flat / f"{p.parent.name}.{p.stem}.jpg")
+    with open(flat / "meta.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("path", "width", "height"), *((p.name, 32, 32) for p in sorted(flat.glob("*.jpg")))])
+    src = load_source(str(flat), val_split=0, cache_dir=tmp_path / "c")
+    assert src.classes == ["cat", "dog"] and len(src.train) == 10
 
 
 def test_a_roboflow_export_reads_each_splits_classes_csv(small_sample, tmp_path):

@@ -116,6 +116,20 @@ def _path_column(path: Path, header: list[str], images: str | None = None) -> in
     return None
 
 
+def has_labels(path: Path, images: str | None = None) -> bool:
+    """A label CSV with labels to read: a label column by name, a path and one other column, or
+    0/1 cells beside the path (one column per class); not a path,width,height metadata table."""
+    header = _csv_header(path)
+    pcol = _path_column(path, header, images)
+    if pcol is None:
+        return False
+    if any(h in LABEL_COLUMNS for h in header) or len(header) == 2:
+        return True
+    row = _first_row(path)
+    return len(header) > 2 and all(i < len(row) and row[i].strip() in _FLAG_VALUES for i in range(len(header))
+                                   if i != pcol)
+
+
 def detect(path: Path, images: str | None = None) -> str | None:
     """'coco', 'yolo', 'csv' (a label CSV: a path or image-id column) or None (another source)."""
     if path.is_file():

@@ -304,7 +304,7 @@ def _label_table(folder: Path, images: str | None) -> Path | None:
     except OSError:
         return None
     csvs = [p for p in csvs if not any(w in p.stem.lower() for w in ("submission", "sample", "test"))]
-    tables = [p for p in csvs if multilabel.detect(p, images) == "csv"]
+    tables = [p for p in csvs if multilabel.has_labels(p, images)]
     if len(tables) > 1:
         tables = [p for p in tables if "train" in p.stem.lower() or "label" in p.stem.lower()] or tables
     if len(tables) > 1:
