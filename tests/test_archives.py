@@ -149,6 +149,12 @@ def test_kaggle_downloads_with_archives_inside_read_as_their_contents(small_samp
     root = Path(src.root)
     assert (root / "train" / "cat.0.jpg").is_file() and not list(root.glob("*.zip"))  # unzipped, not kept twice
 
+    # an extraction made before inner archives were extracted is completed in place
+    shutil.rmtree(root / "train")
+    shutil.copy(tmp_path / "train.zip", root / "train.zip")
+    again = load_source(str(tmp_path / "dogs-vs-cats.zip"), val_split=0, cache_dir=tmp_path / "cache")
+    assert again.classes == ["cat", "dog"] and len(again.train) == 12 and not (root / "train.zip").exists()
+
     # aerial-cactus.zip: train.zip of ids, their labels in train.csv beside it
     ids = {f"{i:04x}a1.jpg": ("1" if f in cats else "0") for i, f in enumerate(cats + dogs)}
     train = _zip_of({f"train/{name}": f.read_bytes() for name, f in zip(ids, cats + dogs)}, tmp_path / "t.zip")
