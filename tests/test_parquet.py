@@ -215,6 +215,10 @@ def test_a_hub_data_set_is_downloaded_once_and_read_offline_after(hub, tmp_path,
                                                          "validation-00000.parquet"]
     small = load_source("hf:someone/tiny-cifar:small", val_split=0.1, cache_dir=cache)
     assert len(small.train) == 8
+    from imgclf.data.cache_admin import entries  # imgclf cache lists them, as downloads
+
+    assert {e.what for e in entries(cache) if e.kind == "download"} == {
+        "downloaded hf:someone/tiny-cifar:default", "downloaded hf:someone/tiny-cifar:small"}
     # the token goes to the Hub's host only, not where its files redirect to
     cdn = [auth for where, auth in seen if where.startswith("localhost")]
     assert len(cdn) == 2 and cdn == [None, None]

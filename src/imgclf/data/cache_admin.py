@@ -113,6 +113,11 @@ def entries(root: Path) -> list[Entry]:
         p = ds / name
         if p.exists():
             out.append(Entry("download", [p], _size(p), _mtime(p), f"downloaded {name}"))
+    hub = ds / "hf"  # hf:owner/name downloads: datasets/hf/<owner>--<name>/<config>/
+    for d in sorted(hub.glob("*/*")) if hub.is_dir() else []:
+        if d.is_dir() and not d.name.startswith("."):
+            repo = d.parent.name.replace("--", "/", 1)
+            out.append(Entry("download", [d], _size(d), _mtime(d), f"downloaded hf:{repo}:{d.name}"))
     arr = root / "arrays"
     for f in sorted(arr.iterdir()) if arr.is_dir() else []:
         if _ARRAYS.match(f.name):

@@ -14,6 +14,7 @@ token ``huggingface-cli login`` saved) is sent for gated and private data sets. 
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -156,6 +157,12 @@ def _fetch(spec: str, url: str, dest: Path) -> None:
     os.replace(part, dest)
 
 
+def _used(folder: Path) -> Path:
+    with contextlib.suppress(OSError):  # last used now, for 'imgclf cache --older-than'
+        os.utime(folder)
+    return folder
+
+
 def download(spec: str, cache_dir: Path) -> Path:
     """The folder holding the data set's parquet files, downloading them on first use."""
     from imgclf.data.parquet import require_pyarrow
@@ -165,9 +172,9 @@ def download(spec: str, cache_dir: Path) -> Path:
     home = Path(cache_dir) / "datasets" / "hf" / repo.replace("/", "--")
     done = sorted(p.parent for p in home.glob(f"*/{_DONE}")) if home.is_dir() else []
     if config is not None and (home / config / _DONE).is_file():
-        return home / config
+        return _used(home / config)
     if config is None and len(done) == 1:  # downloaded before: no network needed
-        return done[0]
+        return _used(done[0])
     listing = _listing(spec, repo)
     config = _choose(spec, listing, config)
     folder = home / config
