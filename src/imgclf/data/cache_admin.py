@@ -5,8 +5,10 @@ each rebuilt on demand when missing:
 
 * ``decoded``: ``images/<key>.npy`` + ``.json``, one split decoded at one size and resize policy
   (the cache of :mod:`imgclf.data.cache`; a 50k-image set at 224 px is 7.5 GB);
-* ``archive``: ``archives/<name>-<key>/``, a ``--data x.zip`` extracted once;
-* ``download``: ``datasets/cifar-10-batches-py`` and the archives it came from;
+* ``archive``: ``archives/<name>-<key>/``, a ``--data x.zip`` extracted once (or parquet files
+  written out, ``<name>-parquet-<key>``);
+* ``download``: ``datasets/cifar-10-batches-py`` and the archives it came from, and
+  ``datasets/hf/<owner>--<name>/<config>/``, an ``hf:`` data set's parquet files;
 * ``arrays``: ``arrays/arrays-<hash>.npz``, arrays given to ``imgclf.train(data=(x, y))`` (the
   runs trained on them read them again to resume or evaluate: kept, like downloads, unless asked).
 
