@@ -11,13 +11,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa  # the [parquet] extra, which [dev] installs: missing, these tests fail, not skip
+import pyarrow.parquet as pq
 import pytest
 
-pa = pytest.importorskip("pyarrow", reason="pyarrow is the [parquet] extra, installed by [dev]")
-import pyarrow.parquet as pq  # noqa: E402
-
-from imgclf.data.sources import load_source  # noqa: E402
-from imgclf.errors import UserError  # noqa: E402
+from imgclf.data.sources import load_source
+from imgclf.errors import UserError
 
 NAMES = ["airplane", "automobile", "bird", "cat"]
 

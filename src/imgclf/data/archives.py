@@ -108,6 +108,10 @@ class _Unsafe(ValueError):
     pass
 
 
+# what reading a damaged or foreign archive raises (pyarrow's ArrowInvalid is a ValueError too)
+_DAMAGED = (tarfile.TarError, zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, ValueError)
+
+
 def _check_member(m: tarfile.TarInfo, dest: Path) -> None:
     """What tarfile's "data" filter refuses, for Pythons without it: a member written outside
     ``dest`` (an absolute name, '..'), and links or device files, which a folder of images does
@@ -243,7 +247,7 @@ def _extract_inner(path: Path, dest: Path) -> None:
         tmp = arc.with_name(f".inner-{arc.name}")
         try:
             _extract(arc, tmp)
-        except (UserError, tarfile.TarError, zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, ValueError) as e:
+        except (UserError, *_DAMAGED) as e:
             shutil.rmtree(tmp, ignore_errors=True)
             reason = str(e) if isinstance(e, UserError) else _why(e)
             raise UserError(f"--data {path}: {arc.relative_to(dest)} in it is not a readable archive ({reason})") from e
@@ -279,7 +283,7 @@ def extract_once(path: Path, target: Path, fill, what: str = "archive") -> Path:
     except UserError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, OSError, ValueError) as e:
+    except (*_DAMAGED, OSError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno is not None:  # disk full, permissions: not the archive's fault
             raise UserError(f"--data {path}: cannot extract into {target.parent}: {e.strerror}; "
