@@ -111,6 +111,72 @@ def test_lists_of_labels_are_multi_label(sample_dir, tmp_path):
     assert len(src.test) == 23 and (src.test.labels.sum(1) == 0).sum() == 3  # unlabelled: all-negative
 
 
+def test_class_indices_follow_the_data_sets_class_label_order(sample_dir, tmp_path):
+    """Class i is the data set's ClassLabel i (as on the Hub, in papers, in the user's own
+    code), not the i-th name A-Z; single- and multi-label alike."""
+    names = ["truck", "cat", "airplane", "bird"]  # not in A-Z order
+    feats = {"image": {"_type": "Image"}, "label": {"names": names, "_type": "ClassLabel"}}
+    imgs, ys, truth = [], [], {}
+    for i, c in enumerate(names):
+        for f in sorted((sample_dir / "train" / c).glob("*.jpg"))[:5]:
+            imgs.append({"bytes": f.read_bytes(), "path": None})
+            ys.append(i)
+            truth[_digest(imgs[-1]["bytes"])] = i
+    meta = {b"huggingface": json.dumps({"info": {"features": feats}})}
+    pq.write_table(pa.table({"image": imgs, "label": ys}).replace_schema_metadata(meta), tmp_path / "train.parquet")
+    src = load_source(str(tmp_path / "train.parquet"), val_split=0, cache_dir=tmp_path / "cache")
+    assert src.classes == names
+    assert _labels_by_digest(src.train) == truth
+    # the model is trained in that order: evaluate reads the file again in the model's order
+    again = load_source(str(tmp_path / "train.parquet"), val_split=0, cache_dir=tmp_path / "cache",
+                        classes=names)
+    assert again.classes == names and _labels_by_digest(again.train) == truth
+
+    multi = {"image": {"_type": "Image"}, "label": {"feature": feats["label"], "_type": "Sequence"}}
+    lists = [[y, (y + 1) % 4] for y in ys]
+    pq.write_table(pa.table({"image": imgs, "label": lists}).replace_schema_metadata(
+        {b"huggingface": json.dumps({"info": {"features": multi}})}), tmp_path / "ml.parquet")
+    ml = load_source(str(tmp_path / "ml.parquet"), val_split=0, cache_dir=tmp_path / "cache")
+    assert ml.task == "multilabel" and ml.classes == names
+    for digest, got in _labels_by_digest(ml.train).items():
+        assert got == sorted([truth[digest], (truth[digest] + 1) % 4])
+
+
+def test_rows_that_name_their_image_by_path_read_that_file(sample_dir, tmp_path, capfd):
+    """datasets' to_parquet of images loaded from files keeps their paths, not their bytes: the
+    file is read where the path says, below the parquet's folder (relative, or the last parts of
+    a path from another machine); a row naming no image file is skipped and counted."""
+    root = tmp_path / "set"
+    (root / "images").mkdir(parents=True)
+    files = []
+    for c in ("cat", "dog"):
+        for f in sorted((sample_dir / "train" / c).glob("*.jpg"))[:3]:
+            files.append(root / "images" / f"{c}-{f.name}")
+            shutil.copy(f, files[-1])
+    (root / "notes.txt").write_text("not an image")
+    paths = [f"images/{files[0].name}", f"/home/someone/set/images/{files[1].name}",
+             f"C:\\data\\set\\images\\{files[2].name}", str(files[3]),
+             f"images/{files[4].name}", f"images/{files[5].name}", "notes.txt", "images/gone.jpg"]
+    cells = [{"bytes": None, "path": p} for p in paths]
+    cells[5] = {"bytes": files[5].read_bytes(), "path": "elsewhere/x.jpg"}  # bytes win over the path
+    labels = [0, 0, 0, 1, 1, 1, 0, 1]
+    feats = {"image": {"_type": "Image"}, "label": {"names": ["cat", "dog"], "_type": "ClassLabel"}}
+    pq.write_table(pa.table({"image": cells, "label": labels}).replace_schema_metadata(
+        {b"huggingface": json.dumps({"info": {"features": feats}})}), root / "train.parquet")
+    src = load_source(str(root / "train.parquet"), val_split=0, cache_dir=tmp_path / "cache")
+    got = _labels_by_digest(src.train)
+    assert got == {_digest(f.read_bytes()): int(i >= 3) for i, f in enumerate(files)}
+    err = capfd.readouterr().err
+    assert "2 row(s) without image bytes or an image file at the path they name" in err
+    assert "5 image(s) read from the files their rows name" in err
+    # predict reads such rows the same way
+    from imgclf.data.parquet import iter_images
+
+    rows = list(iter_images(root / "train.parquet"))
+    assert [d == f.read_bytes() for (_, d, _), f in zip(rows, files)] == [True] * 6
+    assert [e for _, _, e in rows[6:]] == ["no image bytes in this row, nor a file at its path"] * 2
+
+
 def test_damaged_or_foreign_parquet_files(sample_dir, tmp_path):
     bad = tmp_path / "broken.parquet"
     bad.write_bytes(b"PAR1" + os.urandom(300))

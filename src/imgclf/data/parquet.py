@@ -7,6 +7,8 @@ a ClassLabel index whose names sit in the schema's ``huggingface`` metadata. The
 out once into the cache folder, as an archive is extracted (``archives.extract_once``): one
 class folder per class under train/, val/ and test/ for single labels, a ``labels.csv`` per
 split for lists of labels (multi-label). Every later step then reads files, as for any folder.
+Class indices keep the ClassLabel's order (class_order). A row that holds no bytes but a path
+(``datasets``' to_parquet of images loaded from files) has its file read (_linked).
 
 Reading needs ``pyarrow`` (``pip install imgclf[parquet]``; the ``datasets`` library brings it).
 """
@@ -159,6 +161,8 @@ class _Writer:
         self.dest, self.split_folders = dest, split_folders
         self.unlabelled = 0
         self.no_bytes = 0
+        self.linked = 0  # rows whose image is a file the row names (no bytes stored)
+        self.order: list[str] | None = None  # the ClassLabel's names, in index order
         self.multi: dict[str, list[tuple[str, list[str]]]] = {}  # split -> (file, labels) rows
         self.counts: Counter = Counter()
 
@@ -168,10 +172,12 @@ class _Writer:
         split = (_split_of(file) or "train") if self.split_folders else ""
         log.info(f"{file.name}: {pf.metadata.num_rows} rows, images in '{img}', labels in '{lab}'"
                  + (f" ({len(names)} class names from its Hugging Face metadata)" if names else ""))
+        if names and self.order is None:
+            self.order = names
         row = 0
         for batch in pf.iter_batches(batch_size=256, columns=[img, lab]):
             for cell, y in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
-                self._row(cell, y, names, split, f"{index:03d}-{row:07d}")
+                self._row(cell, y, names, split, f"{index:03d}-{row:07d}", file.parent)
                 row += 1
 
     def _label(self, y, names: list[str] | None) -> str | None:
@@ -181,8 +187,11 @@ class _Writer:
             return names[y] if y < len(names) else str(y)
         return str(y)
 
-    def _row(self, cell, y, names, split: str, stem: str) -> None:
+    def _row(self, cell, y, names, split: str, stem: str, base: Path) -> None:
         data, path = (cell.get("bytes"), cell.get("path")) if isinstance(cell, dict) else (cell, None)
+        if not data and path:
+            data = _linked(path, base)
+            self.linked += bool(data)
         if not data:
             self.no_bytes += 1
             return
@@ -222,9 +231,43 @@ class _Writer:
         if self.unlabelled:
             skipped.append(f"{self.unlabelled} row(s) without a label (-1 or empty: a test split's)")
         if self.no_bytes:
-            skipped.append(f"{self.no_bytes} row(s) without image bytes")
+            skipped.append(f"{self.no_bytes} row(s) without image bytes or an image file at the path they name")
         if skipped:
             log.warn(f"parquet: skipped {' and '.join(skipped)}")
+        if self.linked:
+            log.info(f"parquet: {self.linked} image(s) read from the files their rows name (rows without bytes)")
+        if self.order:  # read back by class_order: the class indices stay the data set's own
+            (self.dest / ORDER_FILE).write_text(json.dumps(self.order), encoding="utf-8")
+
+
+ORDER_FILE = ".class-order.json"  # hidden: no folder reader takes it for images or labels
+
+
+def class_order(folder: Path) -> list[str] | None:
+    """The ClassLabel names, in index order, of the parquet data set written out to ``folder``."""
+    try:
+        names = json.loads((folder / ORDER_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return [str(n) for n in names] if isinstance(names, list) else None
+
+
+def _linked(path: str, base: Path) -> bytes | None:
+    """The image a row names by path and does not hold (``datasets``' to_parquet of images loaded
+    from files keeps only their paths): the path as written, else below the parquet file's folder
+    (a relative path, or an absolute one from the machine that wrote it, by its last parts). Only
+    image files: a downloaded data set's row naming ~/.ssh/id_rsa copies nothing."""
+    if os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS:
+        return None
+    parts = [p for p in re.split(r"[\\/]+", path) if p not in ("", ".")]
+    candidates = [Path(path)] if os.path.isabs(path) else []
+    candidates += [base.joinpath(*parts[-k:]) for k in range(len(parts), 0, -1)]
+    for c in candidates:
+        try:
+            return c.read_bytes()
+        except OSError:
+            continue
+    return None
 
 
 def extract(files: list[Path], cache_dir: Path, label_column: str = "label") -> Path:
@@ -260,7 +303,9 @@ def iter_images(file: Path):
         for batch in pf.iter_batches(batch_size=256, columns=[column]):
             for cell in batch.column(0).to_pylist():
                 data = cell.get("bytes") if isinstance(cell, dict) else cell
-                yield f"{file}#{row}", data or None, "" if data else "no image bytes in this row"
+                if not data and isinstance(cell, dict) and cell.get("path"):
+                    data = _linked(cell["path"], file.parent)
+                yield f"{file}#{row}", data or None, "" if data else "no image bytes in this row, nor a file at its path"
                 row += 1
     except UserError as e:
         yield str(file), None, str(e).removeprefix(f"{file}: ")

@@ -464,8 +464,12 @@ def _load_one(spec: str, *, csv_layout: str, label_column: str, cache_dir: Path,
     shards = parquet.parquet_files(path)
     if shards:  # a Hugging Face data set: written out once as folders, then read as any folder
         inner = dataclasses.replace(ml, label_column="label") if ml else None  # its labels.csv's column
-        src = _load_one(str(parquet.extract(shards, cache_dir, label_column)), csv_layout=csv_layout,
+        folder = parquet.extract(shards, cache_dir, label_column)
+        src = _load_one(str(folder), csv_layout=csv_layout,
                         label_column="label", cache_dir=cache_dir, classes=classes, ml=inner, csv_shape=csv_shape)
+        order = parquet.class_order(folder)
+        if classes is None and order:  # class i is the data set's ClassLabel i, not the i-th name A-Z
+            src = _reorder(src, order)
         src.name, src.origin, src.root = _data_name(path), str(path), src.origin
         return src
     if path.is_dir():
@@ -535,6 +539,26 @@ def _from_label_tables(root: Path, tables: dict[str, Path], classes, ml) -> Data
             setattr(src, attr, other.train)
             src.problems.extend(other.problems)
     src.name, src.origin = _data_name(root), str(root)
+    return src
+
+
+def _reorder(src: DataSource, order: list[str]) -> DataSource:
+    """``src`` with its classes in ``order`` (those it has; any others after them, as they were),
+    every split re-indexed."""
+    classes = [c for c in order if c in src.classes] + [c for c in src.classes if c not in order]
+    if classes == src.classes:
+        return src
+    to = np.asarray([classes.index(c) for c in src.classes], dtype=np.int64)  # old index -> new
+    for s in (src.train, src.val, src.test):
+        if s is None:
+            continue
+        if s.labels.ndim == 2:
+            cols = np.empty_like(s.labels)
+            cols[:, to] = s.labels
+            s.labels = cols
+        else:
+            s.labels = to[s.labels]
+    src.classes = classes
     return src
 
 
