@@ -133,7 +133,7 @@ def test_processes_of_a_cpu_run_take_the_parents_answer(cpu, monkeypatch, tmp_pa
     monkeypatch.setattr(torch.multiprocessing, "start_processes", capture)
     with pytest.raises(Spawned):
         distributed.spawn_train(2, cpu, config=None, resume=None, callbacks=[], options={"data": "x"})
-    call = calls[0][2]
+    call = calls[0][1]
     assert call["cpu_bf16"] is True
     # in the process, the answer is the environment's, whatever a probe there would say
     _timed(monkeypatch, 2.0, 1.0)
@@ -150,5 +150,5 @@ def test_processes_of_a_cpu_run_take_the_parents_answer(cpu, monkeypatch, tmp_pa
               "IMGCLF_TRAIN_STARTED", distributed._OUT_ENV, cpu_bf16.ENV):
         monkeypatch.setenv(k, "")  # restored after the test: _worker writes them
     with pytest.raises(SystemExit):
-        distributed._worker(0, 2, 1234, call, str(tmp_path))
+        distributed._worker(0, 2, call, str(tmp_path))
     assert seen == [True]

@@ -190,16 +190,13 @@ def test_head_only_phase_in_two_processes(small_sample, tmp_path):
 # -- multi-label validation: mAP over the whole val split on every rank --------------------------
 
 
-def _gather_worker(rank: int, port: int, out: str) -> None:
-    import os
-
+def _gather_worker(rank: int, out: str) -> None:
     import torch
     import torch.distributed as dist
 
     from imgclf.engine.distributed import gather_rows
 
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=Path(out, "store").as_uri(), rank=rank, world_size=2)
     try:
         rows = torch.arange(3 - rank, dtype=torch.float32).view(-1, 1).repeat(1, 4) + 10 * rank  # 3 rows, then 2
         got = gather_rows(rows, torch.device("cpu"))
@@ -212,9 +209,7 @@ def test_gather_rows_joins_unequal_shards_in_rank_order(tmp_path):
     import torch
     import torch.multiprocessing as tmp
 
-    from imgclf.engine.distributed import free_port
-
-    tmp.start_processes(_gather_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    tmp.start_processes(_gather_worker, args=(str(tmp_path),), nprocs=2, join=True, start_method="spawn")
     expected = torch.tensor([[0.0] * 4, [1.0] * 4, [2.0] * 4, [10.0] * 4, [11.0] * 4])
     for rank in (0, 1):
         assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt"), expected)
@@ -309,10 +304,44 @@ def test_a_workers_missing_package_reaches_the_parent_as_such(monkeypatch, tmp_p
         monkeypatch.setenv(k, os.environ.get(k, ""))  # _worker sets them: restored after the test
     call = {"config": None, "resume": None, "callbacks": None, "options": {}, "started": 0.0}
     with pytest.raises(SystemExit):
-        distributed._worker(1, 2, 1, call, str(tmp_path))
+        distributed._worker(1, 2, call, str(tmp_path))
     err = distributed._worker_error(json.loads((tmp_path / "error1.json").read_text()))
     assert type(err) is ModuleNotFoundError and err.name == "onnxscript"
     assert type(distributed._worker_error({"kind": "user", "message": "bad"})) is imgclf.errors.UserError
+
+
+def _setup_worker(rank: int, out: str) -> None:
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from imgclf.engine import distributed
+
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": "2", distributed._OUT_ENV: out})
+    distributed.setup(torch.device("cpu"))
+    try:
+        t = torch.tensor([rank + 1.0])
+        dist.all_reduce(t)
+        Path(out, f"sum{rank}").write_text(str(t.item()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_spawned_processes_meet_without_a_port(tmp_path, monkeypatch):
+    """--devices N processes join through a file in the parent's temp folder: a port picked for
+    them could be taken by another program first. Here MASTER_ADDR:PORT names a port in use."""
+    import socket
+
+    import torch.multiprocessing as tmp
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(busy.getsockname()[1]))
+        tmp.start_processes(_setup_worker, args=(str(tmp_path),), nprocs=2, join=True, start_method="spawn")
+    assert [Path(tmp_path, f"sum{r}").read_text() for r in (0, 1)] == ["3.0", "3.0"]
 
 
 # -- the parent: what it refuses before starting processes, and stopping or losing them ----------

@@ -5,7 +5,8 @@ Two ways in, one code path:
 - ``torchrun ... -m imgclf train ...`` sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT;
   :func:`setup` joins the process group they describe.
 - ``imgclf train --devices N`` has :func:`spawn_train` start N processes on this machine with
-  those variables set (a free port on 127.0.0.1), so each of them takes the torchrun path.
+  RANK and WORLD_SIZE set; they meet in a file store in the parent's temp folder (no port to
+  pick) and otherwise take the torchrun path.
 
 gloo on CPU, NCCL on CUDA (one GPU per process, cuda:LOCAL_RANK). The rules a run follows are in
 docs/distributed.md: ``batch_size`` is the global batch, rank 0 builds the cache and writes
@@ -18,7 +19,6 @@ import datetime
 import json
 import os
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -159,7 +159,18 @@ def setup(device: torch.device) -> DistContext | None:
     else:
         raise UserError(f"distributed training runs on CPU (gloo) or CUDA (NCCL), not on {device.type}")
     owns = not dist.is_initialized()
-    if owns:
+    if owns and spawned():
+        # spawn_train's processes meet in a file in the parent's temp folder: a port picked by the
+        # parent could be taken by another program before rank 0 listened on it
+        store = Path(os.environ[_OUT_ENV], "store")
+        try:
+            dist.init_process_group(backend, init_method=store.as_uri(), rank=rank, world_size=world,
+                                    timeout=datetime.timedelta(hours=2))
+        except (RuntimeError, ValueError) as e:
+            first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            raise UserError(f"process {rank} of {world} could not join the process group ({backend}, {store}): "
+                            f"{first}") from None
+    elif owns:
         addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
         where = f"{addr or '(MASTER_ADDR not set)'}:{port or '(MASTER_PORT not set)'}"
         if not addr or not port:
@@ -222,12 +233,6 @@ def wrap(model: torch.nn.Module, ctx: DistContext, sync_bn: bool, frozen_phase: 
 
 # ---------------------------------------------------------------------------------------------
 # imgclf train --devices N
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spawned() -> bool:
@@ -300,14 +305,14 @@ def _die_with_parent(parent: int) -> None:
     end_with_parent(parent, poll_s=0.5, grace_s=_GRACE_S)
 
 
-def _worker(local_rank: int, world: int, port: int, call: dict[str, Any], out: str, parent: int | None = None) -> None:
+def _worker(local_rank: int, world: int, call: dict[str, Any], out: str, parent: int | None = None) -> None:
     """One process of spawn_train (``parent``: its pid)."""
     if parent is not None:
         for s in _STOP_SIGNALS:
             signal.signal(s, _on_stop_signal)
         _die_with_parent(parent)
     os.environ.update({"RANK": str(local_rank), "LOCAL_RANK": str(local_rank), "WORLD_SIZE": str(world),
-                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                       "LOCAL_WORLD_SIZE": str(world),
                        # --time-limit counts from the parent's train() call, process start-up included
                        "IMGCLF_TRAIN_STARTED": str(call["started"]), _OUT_ENV: out})
     if "cpu_bf16" in call:  # --precision auto: the parent's answer (engine.cpu_bf16)
@@ -522,7 +527,7 @@ def spawn_train(n: int, device: torch.device, *, config, resume, callbacks, opti
                 # import torch reaches only this process; each sets its own handler in _worker
                 handlers[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
             try:
-                ctx = tmp.start_processes(_worker, args=(n, free_port(), call, out, os.getpid()), nprocs=n,
+                ctx = tmp.start_processes(_worker, args=(n, call, out, os.getpid()), nprocs=n,
                                           join=False, start_method="spawn")
             finally:
                 if signal.SIGINT in handlers:
