@@ -89,29 +89,69 @@ def _rgb16_png(arr: np.ndarray) -> bytes:
     return _png(w, h, 16, {3: 2, 4: 6}[planes], rows)
 
 
-def _rgb16_tiff(arr: np.ndarray, strip_rows: int, order: str = "<") -> bytes:
-    """An uncompressed 16-bit RGB(A) TIFF in strips of ``strip_rows`` rows (PIL writes 16-bit
-    grey TIFF only)."""
+def _lzw(data: bytes) -> bytes:
+    """TIFF LZW that does not compress: a 9-bit code per byte, most significant bit first, and a
+    Clear code every 200 bytes, before the decoder's table would need 10-bit codes."""
+    codes = [c for i in range(0, len(data), 200) for c in (256, *data[i:i + 200])] + [257]
+    bits = "".join(f"{c:09b}" for c in codes)
+    bits += "0" * (-len(bits) % 8)
+    return int(bits, 2).to_bytes(len(bits) // 8, "big")
+
+
+def _packbits(data: bytes) -> bytes:
+    """PackBits that does not compress: runs of up to 128 literal bytes."""
+    return b"".join(bytes([len(data[i:i + 128]) - 1]) + data[i:i + 128] for i in range(0, len(data), 128))
+
+
+# TIFF compression -> encoder: none, LZW, deflate (Adobe's code), PackBits, deflate (old code)
+_TIFF_ENCODE = {1: bytes, 5: _lzw, 8: zlib.compress, 32773: _packbits, 32946: zlib.compress}
+
+
+def _rgb16_tiff(arr: np.ndarray, strip_rows: int, order: str = "<", compression: int = 1, predictor: int = 1,
+                tile: int = 0, ifd_first: bool = False) -> bytes:
+    """A 16-bit RGB(A) TIFF in strips of ``strip_rows`` rows, or in square tiles ``tile`` pixels a
+    side (PIL writes 16-bit grey TIFF only). ``compression`` is a key of _TIFF_ENCODE; predictor 2
+    stores horizontal differences; ``ifd_first`` puts the directory before the pixels (as tifffile
+    does), so that a cut-off file still has it."""
     h, w, planes = arr.shape
-    data, row = arr.astype(order + "u2").tobytes(), w * planes * 2
-    starts = list(range(0, h, strip_rows))
-    counts = [min(strip_rows, h - r) * row for r in starts]
-    at = 8 + len(data)  # after the header and the pixels: bits per sample, strip offsets, byte counts
-    extra = struct.pack(f"{order}{planes}H", *[16] * planes)
-    extra += struct.pack(f"{order}{len(starts)}I", *[8 + r * row for r in starts])
-    extra += struct.pack(f"{order}{len(starts)}I", *counts)
-    n = len(starts)
-    tags = [(256, 3, 1, w), (257, 3, 1, h), (258, 3, planes, at), (259, 3, 1, 1), (262, 3, 1, 2),
-            (273, 4, n, at + 2 * planes if n > 1 else 8), (277, 3, 1, planes), (278, 3, 1, strip_rows),
-            (279, 4, n, at + 2 * planes + 4 * n if n > 1 else counts[0]), (284, 3, 1, 1)]
-    if planes == 4:
-        tags.append((338, 3, 1, 2))  # unassociated alpha
-    ifd = struct.pack(f"{order}H", len(tags))
-    for tag, kind, count, value in tags:
-        ifd += struct.pack(f"{order}HHIHH" if kind == 3 and count == 1 else f"{order}HHII", tag, kind, count,
-                           *((value, 0) if kind == 3 and count == 1 else (value,)))
-    head = (b"II*\x00" if order == "<" else b"MM\x00*") + struct.pack(f"{order}I", at + len(extra))
-    return head + data + extra + ifd + struct.pack(f"{order}I", 0)
+    arr = arr.astype(np.uint16)
+    if tile:
+        padded = np.zeros((-(-h // tile) * tile, -(-w // tile) * tile, planes), np.uint16)
+        padded[:h, :w] = arr
+        chunks = [padded[y:y + tile, x:x + tile] for y in range(0, h, tile) for x in range(0, w, tile)]
+    else:
+        chunks = [arr[y:y + strip_rows] for y in range(0, h, strip_rows)]
+    if predictor == 2:  # each sample less its left neighbour's, modulo 2**16, within each strip or tile
+        chunks = [np.concatenate([c[:, :1], c[:, 1:] - c[:, :-1]], axis=1) for c in chunks]
+    blobs = [_TIFF_ENCODE[compression](c.astype(order + "u2").tobytes()) for c in chunks]
+    data = b"".join(blobs)
+    data += b"\0" * (len(data) % 2)  # the directory starts on a word boundary
+    short, long = 3, 4
+    tags = {256: (short, [w]), 257: (short, [h]), 258: (short, [16] * planes), 259: (short, [compression]),
+            262: (short, [2]), 277: (short, [planes]), 284: (short, [1])}
+    tags.update({317: (short, [predictor])} if predictor != 1 else {})
+    tags.update({338: (short, [2])} if planes == 4 else {})  # unassociated alpha
+    sizes = [len(b) for b in blobs]
+    if tile:
+        tags.update({322: (short, [tile]), 323: (short, [tile]), 325: (long, sizes)})
+    else:
+        tags.update({278: (short, [strip_rows]), 279: (long, sizes)})
+
+    def directory(at: int, data_at: int) -> bytes:
+        tags[324 if tile else 273] = (long, [data_at + sum(sizes[:i]) for i in range(len(sizes))])
+        extra_at = at + 2 + 12 * len(tags) + 4  # values too long for their entry follow the directory
+        ifd, extra = struct.pack(f"{order}H", len(tags)), b""
+        for tag, (kind, values) in sorted(tags.items()):
+            packed = struct.pack(f"{order}{len(values)}{'H' if kind == short else 'I'}", *values)
+            if len(packed) > 4:
+                packed, extra = struct.pack(f"{order}I", extra_at + len(extra)), extra + packed
+            ifd += struct.pack(f"{order}HHI", tag, kind, len(values)) + packed.ljust(4, b"\0")
+        return ifd + struct.pack(f"{order}I", 0) + extra
+
+    head = b"II*\x00" if order == "<" else b"MM\x00*"
+    if ifd_first:
+        return head + struct.pack(f"{order}I", 8) + directory(8, 8 + len(directory(8, 8))) + data
+    return head + struct.pack(f"{order}I", 8 + len(data)) + data + directory(8 + len(data), 8)
 
 
 def _composite_on_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
@@ -459,6 +499,36 @@ def test_uncompressed_16bit_colour_tiff_uses_its_real_depth(tmp_path: Path, phot
     path.write_bytes(data[: len(data) // 3])
     with pytest.raises(BadImage):
         load_rgb(path)
+
+
+@pytest.mark.parametrize("compression, predictor, order, strip_rows, tile", [
+    (8, 1, "<", 7, 0), (8, 2, ">", 7, 0), (32946, 2, "<", 10_000, 0),  # deflate, Adobe's code and the old one
+    (5, 1, ">", 5, 0), (5, 2, "<", 7, 0),  # LZW
+    (32773, 1, ">", 7, 0),  # PackBits (libtiff applies no Predictor to it)
+    (8, 2, "<", 0, 64), (5, 1, ">", 0, 16),  # tiled: partial tiles on the right / at the bottom
+])
+def test_compressed_16bit_colour_tiff_uses_its_real_depth(tmp_path: Path, photo: np.ndarray, compression: int,
+                                                          predictor: int, order: str, strip_rows: int,
+                                                          tile: int) -> None:
+    # the same 12-bit colour compressed: libtiff decodes it, PIL kept its high byte (4095 -> 15)
+    a16 = np.round(photo.astype(np.float64) * 4095 / 255).astype(np.uint16)
+    a16[0, 0] = 4095
+    alpha = np.broadcast_to(np.linspace(65535, 0, photo.shape[1]).astype(np.uint16), photo.shape[:2])
+    path, plain = tmp_path / "packed.tif", tmp_path / "plain.tif"
+    for arr in (a16, np.dstack([a16, alpha])):
+        path.write_bytes(_rgb16_tiff(arr, strip_rows, order, compression, predictor, tile))
+        with Image.open(path) as im:
+            assert im.tile[0][0] == "libtiff" and np.asarray(im)[..., :3].max() <= 16  # what PIL alone makes of it
+        plain.write_bytes(_rgb16_tiff(arr, 7, order))
+        out = load_rgb(path)
+        np.testing.assert_array_equal(out, load_rgb(plain))  # exactly as the uncompressed file
+        assert tuple(out[0, 0]) == (255, 255, 255)
+    assert np.abs(out[1:, :1].astype(int) - photo[1:, :1]).max() <= 1  # the opaque left edge
+    # cut off inside the pixels (the directory first, so it survives): one line, no crash
+    data = _rgb16_tiff(a16, strip_rows, order, compression, predictor, tile, ifd_first=True)
+    for keep in (0.5, 0.95):
+        path.write_bytes(data[: int(len(data) * keep)])
+        assert _bad(path).reason == "truncated or corrupt image data"
 
 
 def test_float_tiff(tmp_path: Path, grey: np.ndarray) -> None:

@@ -10,10 +10,11 @@ import io
 import math
 import os
 import re
+import struct
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
 
 __all__ = [
     "BadImage",
@@ -286,13 +287,15 @@ _DEEP_COLOUR_TIFF = {"RGB;16L": ("<u2", 3), "RGB;16B": (">u2", 3), "RGB;16N": ("
 
 
 def _deep_colour(img: Image.Image, fp: io.BufferedIOBase, name: str) -> Image.Image | None:
-    """A 16-bit RGB(A) PNG, or uncompressed TIFF, decoded at its full depth, then scaled as
-    16-bit grey is (SIXTEEN_BIT_RULE); None for any other image. PIL opens such files as 8-bit
-    RGB by keeping the high byte of each sample, so the 10- and 12-bit data of scientific and
-    machine-vision cameras came out near black (4095 -> 15). PIL has no 16-bit colour mode to
-    decode them into: PNG goes through pypng (pure Python, slower than PIL, fine for these rare
-    files); an uncompressed TIFF's strips are read as they lie in the file. (A compressed 16-bit
-    colour TIFF still goes through PIL, high byte only.)"""
+    """A 16-bit RGB(A) PNG or TIFF decoded at its full depth, then scaled as 16-bit grey is
+    (SIXTEEN_BIT_RULE); None for any other image. PIL opens such files as 8-bit RGB by keeping
+    the high byte of each sample, so the 10- and 12-bit data of scientific and machine-vision
+    cameras came out near black (4095 -> 15). PIL has no 16-bit colour mode to decode them into:
+    PNG goes through pypng (pure Python, slower than PIL, fine for these rare files); an
+    uncompressed TIFF's strips are read as they lie in the file; a TIFF compressed with LZW,
+    deflate or PackBits (strips or tiles, with or without horizontal differencing) is decoded by
+    libtiff as 16-bit grey (_compressed_tiff_samples). Other 16-bit colour TIFFs (planar ones,
+    other compressions, BigTIFF) still go through PIL, high byte only."""
     try:
         if img.format == "PNG" and len(img.tile) == 1 and img.tile[0][3] in _DEEP_COLOUR_PNG:
             values, bits = _png_samples(fp)
@@ -300,6 +303,8 @@ def _deep_colour(img: Image.Image, fp: io.BufferedIOBase, name: str) -> Image.Im
                 t[0] == "raw" and isinstance(t[3], tuple) and t[3][0] in _DEEP_COLOUR_TIFF and tuple(t[3][1:]) == (0, 1)
                 and t[3][0] == img.tile[0][3][0] for t in img.tile):
             values, bits = _raw_tiff_samples(img, fp), 16
+        elif _compressed_deep_tiff(img, fp):
+            values, bits = _compressed_tiff_samples(img, fp), 16
         else:
             return None
     except Exception as exc:
@@ -339,6 +344,69 @@ def _raw_tiff_samples(img: Image.Image, fp: io.BufferedIOBase) -> np.ndarray:
             raise ValueError("strip cut off")
         out[y0:y1, x0:x1] = np.frombuffer(buf, dtype).reshape(y1 - y0, x1 - x0, planes)
     return out
+
+
+# TIFF compressions libtiff decodes to the samples as written: LZW, deflate (two codes), PackBits
+_TIFF_LOSSLESS = (5, 8, 32946, 32773)
+_TIFF_SHORT_TAGS = (258, 259, 262, 266, 277, 284)  # of those _compressed_tiff_samples writes
+
+
+def _compressed_deep_tiff(img: Image.Image, fp: io.BufferedIOBase) -> bool:
+    """Whether ``img`` is a compressed 16-bit RGB(A) TIFF that _compressed_tiff_samples reads:
+    a classic (not Big) TIFF, chunky (PlanarConfiguration 1), Predictor none or horizontal differencing."""
+    if img.format != "TIFF":
+        return False
+    tags = img.tag_v2
+    if not (len(img.tile) == 1 and img.tile[0][0] == "libtiff" and img.tile[0][3][0] in _DEEP_COLOUR_TIFF
+            and tags.get(259) in _TIFF_LOSSLESS and tags.get(284, 1) == 1 and tags.get(317, 1) in (1, 2)):
+        return False
+    fp.seek(0)
+    return fp.read(4) in (b"II*\x00", b"MM\x00*")
+
+
+def _compressed_tiff_samples(img: Image.Image, fp: io.BufferedIOBase) -> np.ndarray:
+    """The (height, width, planes) uint16 samples of a compressed 16-bit RGB(A) TIFF.
+
+    libtiff decodes these samples in full, but PIL has no 16-bit colour mode to put them in and
+    keeps their high bytes. So the file gets a new first directory that describes the very same
+    compressed strips or tiles as a 16-bit grey image ``planes`` times as wide (the compressed
+    bytes do not depend on what the samples mean), which PIL decodes as I;16. That directory has
+    no Predictor: libtiff would undo horizontal differencing between neighbouring samples rather
+    than pixels, so it is undone here, along each row of each strip or tile.
+    """
+    tags = img.tag_v2
+    planes = _DEEP_COLOUR_TIFF[img.tile[0][3][0]][1]
+    width, height = img.size
+    fp.seek(0)
+    data = fp.read()
+    order = "<" if data[:2] == b"II" else ">"
+    new = {256: width * planes, 257: height, 258: 16, 259: tags[259], 262: 1, 277: 1, 284: 1}
+    tiled = 324 in tags
+    new.update({t: tags[t] for t in ((266, 323, 324, 325) if tiled else (266, 273, 278, 279)) if t in tags})
+    if tiled:
+        new[322] = tags[322] * planes
+    end = len(data) + len(data) % 2  # a directory starts on a word boundary
+    extra_at = end + 2 + 12 * len(new) + 4  # arrays too long for their entry follow the directory
+    entries, extra = [struct.pack(order + "H", len(new))], b""
+    for tag, value in sorted(new.items()):
+        values = value if isinstance(value, tuple) else (value,)
+        kind, code = (3, "H") if tag in _TIFF_SHORT_TAGS else (4, "I")
+        packed = struct.pack(f"{order}{len(values)}{code}", *values)
+        if len(packed) > 4:
+            packed, extra = struct.pack(order + "I", extra_at + len(extra)), extra + packed
+        entries.append(struct.pack(f"{order}HHI", tag, kind, len(values)) + packed.ljust(4, b"\0"))
+    data = data[:4] + struct.pack(order + "I", end) + data[8:end] + b"\0" * (end - len(data))
+    with TiffImagePlugin.TiffImageFile(io.BytesIO(data + b"".join(entries) + b"\0" * 4 + extra)) as grey:
+        # not Image.open: its pixel limit would count each sample as a pixel (ours is checked already)
+        if grey.mode not in _SIXTEEN_BIT_GREY or grey.size != (width * planes, height):
+            raise ValueError(f"re-read as {grey.mode} {grey.size}")
+        values = np.array(grey, dtype=np.uint16).reshape(height, width, planes)
+    if tags.get(317, 1) == 2 and tags[259] != 32773:  # libtiff ignores a Predictor with PackBits: so here
+        step = tags[322] if tiled else width  # each tile's rows are differenced on their own
+        for x in range(0, width, step):
+            block = values[:, x:x + step]
+            np.cumsum(block, axis=1, dtype=np.uint16, out=block)  # modulo 2**16, as it was differenced
+    return values
 
 
 def _open_source(source: str | os.PathLike | bytes) -> tuple[str, io.BufferedIOBase]:
