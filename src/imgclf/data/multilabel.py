@@ -102,16 +102,18 @@ def _first_row(path: Path) -> list[str]:
         return []
 
 
-def _path_column(path: Path, header: list[str], images: str | None = None) -> int | None:
+def _path_column(path: Path, header: list[str], images: str | None = None,
+                 finder: ImageFinder | None = None) -> int | None:
     """The column of a label CSV naming its images: a path column by name, or an id column whose
-    first cell names an image file (see ID_COLUMNS); None for any other CSV."""
+    first cell names an image file (see ID_COLUMNS); None for any other CSV. ``finder``: the one
+    that will read the rows, so a 220k-file train/ is listed once."""
     pcol = next((header.index(h) for h in PATH_COLUMNS if h in header), None)
     if pcol is not None or len(header) >= 64:  # a pixel CSV has a column per pixel
         return pcol
     row = _first_row(path)
     for h in ID_COLUMNS:
         if h in header and header.index(h) < len(row) and row[header.index(h)].strip():
-            if ImageFinder(path.parent, images).find(row[header.index(h)].strip()) is not None:
+            if (finder or ImageFinder(path.parent, images)).find(row[header.index(h)].strip()) is not None:
                 return header.index(h)
     return None
 
@@ -556,7 +558,8 @@ def read_label_csv(path: Path, problems: list[str], images: str | None = None, l
     with open(path, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.reader(f))
     header = [h.strip().lower() for h in rows[0]]
-    pcol = _path_column(path, header, images)
+    finder = ImageFinder(path.parent, images)
+    pcol = _path_column(path, header, images, finder)
     if pcol is None:
         raise UserError(f"{path}: no column names the images (one of {', '.join(PATH_COLUMNS + ID_COLUMNS)}, "
                         "holding file paths or ids of files in a folder beside the CSV)")
@@ -574,7 +577,6 @@ def read_label_csv(path: Path, problems: list[str], images: str | None = None, l
             lcol = others[0]
         else:  # path,person,dog,cat with 0/1 rows: one indicator column per class
             flags = _indicator_columns(path, rows, pcol)
-    finder = ImageFinder(path.parent, images)
     paths, labels, missing = [], [], []
     for row in rows[1:]:
         if not row or not row[pcol].strip():
