@@ -91,6 +91,20 @@ def test_report_command(tiny_run, tmp_path, capsys):
     assert '<section id="gradcam">' in out.read_text()
 
 
+def test_report_shows_decoding_progress_when_the_cache_is_gone(tiny_run, tmp_path, monkeypatch, capfd):
+    """A report of a run whose decoded images are gone (cache freed, run copied from another
+    machine) decodes them again: minutes on a large set, so with a bar unless --no-progress."""
+    from imgclf.cli import main
+
+    monkeypatch.setenv("IMGCLF_CACHE", str(tmp_path / "empty-cache"))
+    assert main(["report", str(tiny_run), "--out", str(tmp_path / "a.html"), "--device", "cpu"]) == 0
+    assert "decoding test" in capfd.readouterr().err
+    monkeypatch.setenv("IMGCLF_CACHE", str(tmp_path / "another-empty-cache"))
+    assert main(["report", str(tiny_run), "--out", str(tmp_path / "b.html"), "--device", "cpu", "--no-progress"]) == 0
+    assert "decoding test" not in capfd.readouterr().err
+    assert '<section id="gradcam">' in (tmp_path / "b.html").read_text()
+
+
 def test_names_that_are_not_utf8_are_shown_escaped(tiny_run, tmp_path):
     # a Latin-1 folder name arrives from os.listdir as a lone surrogate; the report used to fail
     # to encode and leave report.html.tmp behind

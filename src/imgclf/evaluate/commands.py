@@ -13,13 +13,15 @@ def add_report(sub) -> None:
     p.add_argument("run", help="run folder")
     p.add_argument("--out", "--output", dest="out", help="HTML file to write (default: RUN/report.html)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="progress bar while decoding images the cache no longer holds (default: on)")
     p.set_defaults(func=cmd_report)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from imgclf.evaluate.report import write_report
 
-    print(f"report: {write_report(args.run, device=args.device, out=args.out)}")
+    print(f"report: {write_report(args.run, device=args.device, out=args.out, progress=args.progress)}")
     return 0
 
 

@@ -169,7 +169,8 @@ def sample_split(model, meta: dict, name: str, cs, paths: list[str] | None, devi
 
 
 def load_samples(run_dir: Path, meta: dict, device, model=None, cached=None, paths=None,
-                 tta_level: int = 0, tta_logits: torch.Tensor | None = None) -> tuple[dict, object, str]:
+                 tta_level: int = 0, tta_logits: torch.Tensor | None = None,
+                 progress: bool = False) -> tuple[dict, object, str]:
     """Rebuild the run's data (cache hits after training) when the caller did not pass it in.
     The split the run was evaluated on also gets its ``tta_level`` views, as its metrics did."""
     if model is None:
@@ -195,7 +196,7 @@ def load_samples(run_dir: Path, meta: dict, device, model=None, cached=None, pat
             if split is not None:
                 split.labels = remap[np.asarray(split.labels, dtype=np.int64)]
                 cached[k] = build_cache(split, meta["image_size"], meta["resize"], root / "images",
-                                       progress=False, desc=f"decoding {k}")
+                                       progress=progress, desc=f"decoding {k}")
                 paths[k] = split.paths
     paths = paths or {}
     samples = {}
@@ -571,10 +572,12 @@ def section_calibration(meta: dict, s: SplitSample | None) -> str | None:
 
 def write_report(run: str | Path, *, model=None, meta: dict | None = None, cached: dict | None = None,
                  paths: dict | None = None, device="auto", out: str | Path | None = None,
-                 eval_logits: torch.Tensor | None = None, figures: dict[str, Path] | None = None) -> Path:
+                 eval_logits: torch.Tensor | None = None, figures: dict[str, Path] | None = None,
+                 progress: bool = False) -> Path:
     """Write ``RUN/report.html`` (or ``out``). ``model``/``cached``/``paths`` skip reloading after
     training, ``eval_logits`` (the closing evaluation's TTA logits of the whole split) rescoring,
-    and ``figures`` ("curves", "confusion": PNGs training wrote from the same figures) plotting."""
+    and ``figures`` ("curves", "confusion": PNGs training wrote from the same figures) plotting.
+    ``progress``: a bar while images are decoded (the cache gone, or the run made elsewhere)."""
     from imgclf.runs import read_meta, resolve_device
 
     t0 = time.perf_counter()
@@ -602,7 +605,7 @@ def write_report(run: str | Path, *, model=None, meta: dict | None = None, cache
         level = int((metrics or {}).get("tta_level", meta.get("tta_level")) or 0)
         try:
             samples, model, eval_name = load_samples(run_dir, meta, dev, model, cached, paths, tta_level=level,
-                                                     tta_logits=eval_logits)
+                                                     tta_logits=eval_logits, progress=progress)
         except UserError as e:  # the data moved or is gone: the figures from the run folder still render
             notes.append(f"image-level sections left out: {e}")
     else:
