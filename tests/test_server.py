@@ -130,6 +130,38 @@ def test_predictions_multipart_many_and_raw_match_the_classifier(client, jpeg, s
     assert sum(t["prob"] for t in full["predictions"][0]["top"]) == pytest.approx(1.0, abs=1e-4)
 
 
+def test_json_bodies_carry_base64_images_and_data_urls(client, jpeg, sample_dir):
+    """For clients that cannot send multipart: {"images": [...]} of base64 strings, data: URLs
+    (a browser canvas's toDataURL) or {"filename", "data"}; the same predictions as an upload."""
+    import base64
+
+    files = sorted((sample_dir / "test" / "ship").glob("*.jpg"))[:2]
+    b64 = [base64.b64encode(f.read_bytes()).decode() for f in files]
+    want = client.post("/v1/predict", files=[("files", (f.name, f.read_bytes(), "image/jpeg")) for f in files]).json()
+    body = {"images": [b64[0], {"filename": files[1].name, "data": "data:image/jpeg;base64," + b64[1]}]}
+    got = client.post("/v1/predict", json=body).json()["predictions"]
+    assert [p["filename"] for p in got] == ["image0", files[1].name]
+    assert [p["top"] for p in got] == [p["top"] for p in want["predictions"]]
+    one = client.post("/v1/predict", json={"image": base64.b64encode(jpeg).decode()}).json()["predictions"]
+    assert len(one) == 1 and len(one[0]["top"]) == 5
+    # wrapped base64 (76 columns, as many encoders write it) is still base64
+    wrapped = base64.encodebytes(jpeg).decode()
+    assert client.post("/v1/predict", json={"image": wrapped}).json()["predictions"][0]["top"] == one[0]["top"]
+    bad = [({"img": b64[0]}, "send {\"images\": [base64, ...]}"), ([b64[0]], "got list"),
+           ({"images": []}, "got 'images'"), ({"images": [3]}, "image 0 is int, not a base64 string"),
+           ({"images": ["%%%not base64%%%"]}, "image 0 ('image0') is not valid base64"),
+           ({"image": "data:image/png,rawtext"}, "a data: URL that is not base64"),
+           ({"images": [b64[0]] * 500}, "too many images in one request: 500")]
+    for doc, text in bad:
+        r = client.post("/v1/predict", json=doc)
+        assert r.status_code == 400 and text in r.json()["error"], (doc if len(str(doc)) < 80 else text, r.text)
+    r = client.post("/v1/predict", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "does not parse" in r.json()["error"]
+    # an image that is not one is its own error among good ones, as in a multipart request
+    mixed = client.post("/v1/predict", json={"images": [b64[0], base64.b64encode(b"hello").decode()]}).json()
+    assert "top" in mixed["predictions"][0] and "not an image file" in mixed["predictions"][1]["error"]
+
+
 def test_a_bad_image_among_several_is_its_own_error_and_the_rest_are_classified(client, jpeg):
     # one truncated upload in a batch of three used to refuse the whole request with 400
     files = [("files", ("a.jpg", jpeg, "image/jpeg")), ("files", ("cut.jpg", jpeg[: len(jpeg) // 2], "image/jpeg")),

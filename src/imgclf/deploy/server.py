@@ -686,9 +686,12 @@ def create_app(cfg: ServeConfig, backend=None):
             return items
         if mtype.startswith("image/") or mtype == "application/octet-stream":
             return [("body", await request.body())]
+        if mtype == "application/json":
+            return _json_images(await request.body(), cfg.max_images)
         what = f"unsupported Content-Type '{mtype}'" if mtype else "missing Content-Type"
         raise BadRequest(415, f"{what}: send multipart/form-data with field 'file' (or 'files'), "
-                              "or the raw image bytes as image/* or application/octet-stream")
+                              "the raw image bytes as image/* or application/octet-stream, "
+                              "or JSON {\"images\": [base64, ...]}")
 
     async def classify(items: list[tuple[str, bytes]], pixels: list[int | None]) -> list[np.ndarray | BadRequest]:
         """Probabilities per image; in a request of several images, an image that cannot be read
@@ -725,8 +728,9 @@ def create_app(cfg: ServeConfig, backend=None):
 
     @app.post("/v1/predict")
     async def predict(request: Request, top_k: int = Query(cfg.top_k, ge=1, le=1000)):
-        """Classify images: multipart/form-data with field 'file' (or repeated 'files'), or the raw
-        bytes of one image. One prediction per image, in order: {filename, top: [{class, index,
+        """Classify images: multipart/form-data with field 'file' (or repeated 'files'), the raw
+        bytes of one image, or JSON {"images": [...]} (or {"image": ...}) of base64 strings or
+        data: URLs, each optionally {"filename", "data"}. One prediction per image, in order: {filename, top: [{class, index,
         prob}]} (and labels for a multi-label model); an image of several that cannot be read is
         {filename, error, status} in its place."""
         t0 = time.perf_counter()
@@ -893,6 +897,44 @@ def _serve_on(sock, cfg: ServeConfig, host: str, workers: int, log_level: str) -
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # as uvicorn.run: Ctrl-C during start-up or shutdown is a normal exit
         pass
+
+
+def _json_images(body: bytes, limit: int) -> list[tuple[str, bytes]]:
+    """The images of a JSON request: {"images": [item, ...]} or {"image": item}, an item being the
+    base64 of the file (a browser's data:image/...;base64, URL too) or {"filename", "data"}. For
+    clients that cannot send multipart (serverless functions, a canvas in a web page). A string
+    that is not base64 refuses the request (a client's bug); bytes that are not an image are that
+    image's error, as in a multipart request."""
+    import base64
+    import binascii
+
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(400, f"the JSON body does not parse: {e}") from None
+    got = doc.get("images", [doc["image"]] if "image" in doc else None) if isinstance(doc, dict) else None
+    if not isinstance(got, list) or not got:
+        keys = ", ".join(f"'{k}'" for k in doc) if isinstance(doc, dict) else type(doc).__name__
+        raise BadRequest(400, "JSON body: send {\"images\": [base64, ...]} (or {\"image\": base64}); "
+                              f"got {keys or 'an empty object'}")
+    if len(got) > limit:  # before decoding any of them
+        raise BadRequest(400, f"too many images in one request: {len(got)} > {limit}")
+    items = []
+    for i, item in enumerate(got):
+        name, data = f"image{i}", item
+        if isinstance(item, dict):
+            name, data = str(item.get("filename") or name), item.get("data")
+        if not isinstance(data, str):
+            raise BadRequest(400, f"JSON body: image {i} is {type(data).__name__}, not a base64 string")
+        if data.startswith("data:"):  # data:image/png;base64,....
+            head, _, data = data.partition(",")
+            if not head.endswith(";base64"):
+                raise BadRequest(400, f"JSON body: image {i} is a data: URL that is not base64")
+        try:
+            items.append((name, base64.b64decode("".join(data.split()), validate=True)))
+        except (binascii.Error, ValueError):
+            raise BadRequest(400, f"JSON body: image {i} ('{name}') is not valid base64") from None
+    return items
 
 
 def free_port(host: str = "127.0.0.1") -> int:
