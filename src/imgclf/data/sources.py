@@ -28,6 +28,7 @@ TRAIN_NAMES = ("train", "training")
 VAL_NAMES = ("val", "valid", "validation", "dev")
 TEST_NAMES = ("test", "testing")
 _DOC_SUFFIXES = {".txt", ".md", ".pdf", ".html", ".htm", ".rst", ".license"}
+_DOC_NAMES = {"LICENSE", "LICENCE", "COPYING", "README", "NOTICE", "AUTHORS", "CITATION"}  # GitHub's, no extension
 
 
 @dataclass
@@ -133,6 +134,14 @@ def skip_notes(root: Path, skipped: Skipped) -> list[str]:
     return notes
 
 
+def _bare_files(folder: Path, limit: int = 1000) -> list[str]:
+    """Names of files without an extension in ``folder`` (a scraper's img0, img1, ...), up to ``limit``."""
+    with contextlib.suppress(OSError), os.scandir(folder) as it:
+        return sorted(e.name for _, e in zip(range(limit), it)
+                      if not e.name.startswith(".") and "." not in e.name and e.is_file())
+    return []
+
+
 def _class_dirs(root: Path) -> list[Path]:
     # Names starting with "_" used to be skipped too, to pass over __MACOSX and __pycache__; that
     # also dropped real classes such as _background or _other without a word (torchvision's
@@ -172,24 +181,30 @@ def _loose_images(root: Path) -> list[str]:
 
 def named_images(root: Path) -> dict[str, list[str]] | None:
     """A folder of images without class folders whose file names name their classes, as
-    {class: files}; None unless every image's name does and they make two or more classes of
-    two or more images each (a camera's IMG_0001.jpg... is one 'class': not a labelling)."""
+    {class: files}; None unless they make two or more classes of two or more images each (a
+    camera's IMG_0001.jpg... is one 'class': not a labelling). A few odd ones out (a preview.jpg,
+    a lone bird.0.jpg among cats and dogs: 2, or 2% of the images) are left out, and said so
+    by scan_class_folders; more than that and the names are not a labelling."""
     found: dict[str, list[str]] = {}
-    for f in _loose_images(root):
+    images = _loose_images(root)
+    for f in images:
         m = _NAMED.match(os.path.splitext(os.path.basename(f))[0])
-        if m is None:
-            return None
-        found.setdefault(_class_name(m.group(1)), []).append(f)
-    if len(found) < 2 or min(len(v) for v in found.values()) < 2:
+        found.setdefault(_class_name(m.group(1)) if m else "", []).append(f)
+    odd = len(found.pop("", []))
+    for c in [c for c, v in found.items() if len(v) < 2]:
+        odd += len(found.pop(c))
+    if len(found) < 2 or odd > max(2, 0.02 * len(images)):
         return None
     return found
 
 
-def scan_class_folders(root: Path, classes: list[str] | None = None) -> tuple[list[str], Split, list[str]]:
+def scan_class_folders(root: Path, classes: list[str] | None = None,
+                       skip: set[Path] | None = None) -> tuple[list[str], Split, list[str]]:
     """Read ``root/<class>/**/image``, or a folder of images whose names name their classes
-    (named_images). With ``classes`` given, map onto that class list."""
+    (named_images). With ``classes`` given, map onto that class list. ``skip``: folders that are
+    not classes (a test/ among them)."""
     problems: list[str] = []
-    dirs = _class_dirs(root)
+    dirs = [d for d in _class_dirs(root) if d not in (skip or ())]
     named = None if dirs else named_images(root)
     if not dirs and named is None:
         loose = _loose_images(root)
@@ -204,6 +219,11 @@ def scan_class_folders(root: Path, classes: list[str] | None = None) -> tuple[li
         example = next(iter(named.values()))[0]
         problems.append(f"{root}: no class folders; {len(named)} classes read from the image names "
                         f"(e.g. {os.path.basename(example)} -> {next(iter(named))})")
+        used = {f for v in named.values() for f in v}
+        odd = [os.path.basename(f) for f in _loose_images(root) if f not in used]
+        if odd:
+            problems.append(f"{root}: {len(odd)} image(s) left out whose names name no class, or a class of one image "
+                            f"({', '.join(odd[:3])}{', ...' if len(odd) > 3 else ''})")
         dirs = []
     found: dict[str, list[str]] = dict(named or {})
     skipped = Skipped()
@@ -211,7 +231,10 @@ def scan_class_folders(root: Path, classes: list[str] | None = None) -> tuple[li
     for d in dirs:
         files = list_images(d, skipped)
         if not files:
-            problems.append(f"class folder {d} has no images: class skipped")
+            bare = _bare_files(d)
+            problems.append(f"class folder {d} has no images: class skipped" + (
+                f" (it holds {len(bare)} file(s) without an extension, e.g. {bare[0]}: images are read by their "
+                "extension, .jpg, .png, ...; rename them)" if bare else ""))
             continue
         name = _class_name(d.name)
         if name != unicodedata.normalize("NFC", d.name):  # not UTF-8: shown with \x escapes
@@ -229,6 +252,14 @@ def scan_class_folders(root: Path, classes: list[str] | None = None) -> tuple[li
         why = f"; {'; '.join(notes)}" if notes else ""
         raise UserError(f"no images found under {root} (extensions: {' '.join(sorted(IMAGE_EXTENSIONS))}){why}")
     problems.extend(notes)
+    by_case: dict[str, list[str]] = {}
+    for c in found:
+        by_case.setdefault(c.strip().casefold(), []).append(c)
+    twins = [sorted(g) for g in by_case.values() if len(g) > 1]
+    if twins:  # Cat/ and cat/ (two downloads merged): two classes of one kind, each half the images
+        shown = ", ".join(" and ".join(f"'{c}'" for c in g) for g in twins[:3])
+        problems.append(f"{root}: class folders whose names differ only in case or spaces: {shown}; each is a class "
+                        "of its own: merge them if they are one")
     if classes is None:
         classes = sorted(found)
     else:
@@ -345,7 +376,8 @@ def _unwrap(root: Path) -> Path:
     a pdf and a txt) is read from that folder, if it holds folders in turn."""
     entries = [p for p in root.iterdir() if not p.name.startswith(".") and not archives.is_junk(p.name)]
     dirs = [p for p in entries if p.is_dir()]
-    if (len(dirs) == 1 and all(p.suffix.lower() in _DOC_SUFFIXES for p in entries if not p.is_dir())
+    if (len(dirs) == 1 and all(p.suffix.lower() in _DOC_SUFFIXES or p.name.upper() in _DOC_NAMES
+                               for p in entries if not p.is_dir())
             and _class_dirs(dirs[0])):
         from imgclf import log
 
@@ -456,6 +488,8 @@ def _load_one(spec: str, *, csv_layout: str, label_column: str, cache_dir: Path,
     path = Path(spec).expanduser()
     if not path.exists():
         raise UserError(f"--data {spec}: no such file or folder")
+    if not path.is_dir() and not path.is_file():  # /dev/null, a pipe such as <(cat labels.csv)
+        raise UserError(f"--data {spec}: not a file or folder (a device, pipe or socket): save the data to a file")
     if path.is_file() and archives.archive_suffix(path):
         src = _load_one(str(archives.extract_archive(path, cache_dir)), csv_layout=csv_layout,
                         label_column=label_column, cache_dir=cache_dir, classes=classes, ml=ml, csv_shape=csv_shape)
@@ -495,8 +529,7 @@ def _load_one(spec: str, *, csv_layout: str, label_column: str, cache_dir: Path,
         return _from_arrays(arrays.read_cifar(path), str(path), _data_name(path))
     train_dir = _train_subdir(path)
     if train_dir is None:
-        cls, split, problems = scan_class_folders(path, classes)
-        return DataSource(name=_data_name(path), origin=str(path), classes=cls, train=split, problems=problems)
+        return _classes_beside_splits(path, classes)
     cls, train, problems = scan_class_folders(train_dir, classes)
     src = DataSource(name=_data_name(path), origin=str(path), classes=cls, train=train, problems=problems)
     used = {train_dir}
@@ -518,6 +551,35 @@ def _load_one(spec: str, *, csv_layout: str, label_column: str, cache_dir: Path,
              and _split_key(d.name, VAL_NAMES) is None and _split_key(d.name, TEST_NAMES) is None]
     if other:  # seg_pred/ (unlabelled), extras/: beside the splits they are not classes
         src.problems.append(f"{path}: folder(s) {', '.join(other[:5])} ignored (not a train/val/test split)")
+    return src
+
+
+def _classes_beside_splits(path: Path, classes) -> DataSource:
+    """Class folders, among which a val/ or test/ folder (cat/ dog/ test/) is not a class: the
+    split of that name when it holds the same class folders, else unlabelled images, left out.
+    A class named 'test' beside real classes is far rarer than a Kaggle test/ unpacked there."""
+    splits = {}
+    dirs = _class_dirs(path)
+    for attr, names in (("val", VAL_NAMES), ("test", TEST_NAMES)):
+        hits = [d for d in dirs if d.name.lower() in names]
+        if hits and len(dirs) - len(hits) >= 2:
+            splits[attr] = hits[0]
+    if not splits:
+        cls, split, problems = scan_class_folders(path, classes)
+        return DataSource(name=_data_name(path), origin=str(path), classes=cls, train=split, problems=problems)
+    cls, train, problems = scan_class_folders(path, classes, skip=set(splits.values()))
+    src = DataSource(name=_data_name(path), origin=str(path), classes=cls, train=train, problems=problems)
+    for attr, d in splits.items():
+        if _class_dirs(d) or named_images(d) is not None:
+            _, split, probs = scan_class_folders(d, cls)
+            setattr(src, attr, split)
+            src.problems.extend(probs)
+            src.problems.append(f"{path}: {d.name}/ is read as the {attr} split, not as a class")
+        else:
+            n = len(list_images(d))
+            src.problems.append(f"{d}: {n} images without class folders, beside the class folders: not a class, and "
+                                f"ignored as unlabelled {attr} images" + (f" (to label them: imgclf predict RUN {d})"
+                                                                          if n else ""))
     return src
 
 
@@ -609,6 +671,9 @@ def load_source(
     """Resolve ``--data`` (plus optional separate val/test data) into a :class:`DataSource`."""
     from imgclf.data import multilabel
 
+    for flag, spec in (("--data", data), ("--val-data", val_data), ("--test-data", test_data)):
+        if spec is not None and not str(spec).strip():  # "$DATA" unset: not the working directory
+            raise UserError(f"{flag} is empty: name a folder, file or archive")
     subset = multilabel.parse_classes(classes) if isinstance(classes, str) else classes
     if task == "multilabel" and label_mode == "largest":
         raise UserError("--label-mode largest gives one label per image: use it without --task multilabel")
