@@ -121,3 +121,21 @@ def test_fastnet_gradients_stay_bounded_on_flat_colour_images():
     grads = [p.grad for p in net.parameters() if p.grad is not None]
     assert all(torch.isfinite(g).all() for g in grads)
     assert net.whiten.bias.grad.abs().max() < 1e3
+
+
+def test_a_batch_larger_than_the_data_is_the_data_and_scales_the_lr_as_such(capfd):
+    """--batch-size 4096 on 270 images: every step is the 270 images, so the lr is the one of
+    --batch-size 270 (it was scaled for 4096, 15x as large), and the log says so."""
+    from imgclf.config import TrainConfig
+    from imgclf.engine import recipe
+
+    for arch, opt in (("fastnet", "sgd"), ("plaincnn", "adamw")):
+        big = recipe.resolve(TrainConfig(data="x", batch_size=4096, optimizer=opt), n_train=270, image_size=32,
+                             arch=arch)
+        exact = recipe.resolve(TrainConfig(data="x", batch_size=270, optimizer=opt), n_train=270, image_size=32,
+                               arch=arch)
+        assert big.batch_size == 270 and big.lr == exact.lr
+    assert "--batch-size 4096 is more than the 270 training images: batches of 270" in capfd.readouterr().err
+    # two processes share each batch equally: 269 images make batches of 268
+    assert recipe.resolve(TrainConfig(data="x", batch_size=512), n_train=269, image_size=32, arch="fastnet",
+                          world=2).batch_size == 268

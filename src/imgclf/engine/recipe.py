@@ -121,6 +121,14 @@ def resolve(cfg: TrainConfig, *, n_train: int, image_size: int, arch: str, multi
         c.batch_size = int(max(min(16, base), min(base, _pow2_floor(n_train / 8))))
         if c.batch_size % world:  # --devices 3: the nearest multiple of 3 (32 -> 33), an equal share each
             c.batch_size = max(world, world * round(c.batch_size / world))
+    elif c.batch_size > n_train >= world:
+        # every step is the whole set: the lr below scales with the batch, and 4096 on 270 images
+        # gave 15x the lr of --batch-size 270 for the same computation
+        from imgclf import log
+
+        capped = n_train // world * world
+        log.warn(f"--batch-size {c.batch_size} is more than the {n_train} training images: batches of {capped}")
+        c.batch_size = capped
     steps_per_epoch = max(1, math.ceil(n_train / c.batch_size))
     if c.early_crop is None:
         # progressive crops (cf. fast.ai's progressive resizing, but at constant scale, so the
