@@ -110,3 +110,11 @@ def test_an_empty_data_option_or_a_device_is_one_line(sample_dir, tmp_path, monk
             load_source("" if not kw else str(sample_dir), cache_dir=tmp_path / "c", **kw)
     with pytest.raises(UserError, match="not a file or folder"):
         load_source("/dev/null", cache_dir=tmp_path / "c")
+
+
+def test_a_run_folder_or_the_runs_folder_is_not_data(tiny_run, tmp_path):
+    """Its eval-*/ folders became classes and its charts the training images."""
+    with pytest.raises(UserError, match="is an imgclf run folder, not data"):
+        load_source(str(tiny_run), cache_dir=tmp_path / "c")
+    with pytest.raises(UserError, match="holds imgclf run folders"):
+        load_source(str(tiny_run.parent), cache_dir=tmp_path / "c")

@@ -507,6 +507,7 @@ def _load_one(spec: str, *, csv_layout: str, label_column: str, cache_dir: Path,
         src.name, src.origin, src.root = _data_name(path), str(path), src.origin
         return src
     if path.is_dir():
+        _not_a_run(path, spec)
         path = _unwrap(path)
         tables = label_tables(path, ml.images if ml else None)
         if tables is not None:
@@ -552,6 +553,21 @@ def _load_one(spec: str, *, csv_layout: str, label_column: str, cache_dir: Path,
     if other:  # seg_pred/ (unlabelled), extras/: beside the splits they are not classes
         src.problems.append(f"{path}: folder(s) {', '.join(other[:5])} ignored (not a train/val/test split)")
     return src
+
+
+def _is_run(d: Path) -> bool:
+    return (d / "config.yaml").is_file() and ((d / "model.json").is_file() or (d / "last.pt").is_file())
+
+
+def _not_a_run(path: Path, spec: str) -> None:
+    """--data RUN (or the runs/ folder) read as data: its eval-*/ folders became classes and its
+    charts the images."""
+    if _is_run(path):
+        raise UserError(f"--data {spec} is an imgclf run folder, not data: pass the data it was trained on (its "
+                        f"config.yaml says which), or the run as the first argument of evaluate/predict")
+    dirs = _class_dirs(path)
+    if dirs and all(_is_run(d) for d in dirs[:50]):
+        raise UserError(f"--data {spec} holds imgclf run folders ({dirs[0].name}, ...), not data")
 
 
 def _classes_beside_splits(path: Path, classes) -> DataSource:
