@@ -160,3 +160,23 @@ def test_weights_are_readable_as_the_umask_allows_like_the_runs_other_files(tiny
     expected = 0o666 & ~umask
     for name in ("model.safetensors", "best.safetensors", "model.json", "metrics.csv"):
         assert stat.S_IMODE((tiny_run / name).stat().st_mode) == expected, name
+
+
+def test_class_names_no_font_can_draw_are_one_line_not_a_warning_per_glyph(tmp_path):
+    """日本 with only DejaVu Sans installed: matplotlib warned per glyph and figure, two lines
+    each with its source path. One line now, once per process, naming the classes."""
+    import subprocess
+    import sys
+
+    code = ("import numpy as np; from imgclf.evaluate import plots\n"
+            "for f in ('a.png', 'b.png'):\n"
+            "    plots.plot_confusion(np.eye(3) * 5, ['日本', 'Hund ü', 'cat'], f)\n"
+            "print(all(any(ord(c) in m for m in plots._charmaps()) for c in '日本'))")
+    r = subprocess.run([sys.executable, "-W", "default", "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "Glyph" not in r.stderr and "Warning" not in r.stderr
+    if r.stdout.strip() == "False":  # machines with a CJK font draw them and have nothing to say
+        assert r.stderr.count("have characters no installed font has") == 1 and "'日本'" in r.stderr
+        assert "Hund ü" not in r.stderr
+    assert (tmp_path / "b.png").stat().st_size > 0

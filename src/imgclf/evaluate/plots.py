@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -10,6 +12,51 @@ matplotlib.use("Agg")  # headless: runs on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+# Class names in scripts the default font lacks (日本, emoji): fonts that have them are tried after
+# it where installed (matplotlib falls back along the list glyph by glyph); where none is, the
+# glyphs are boxes and matplotlib warned once per glyph and figure, two lines each, with its
+# source path. One line instead (missing_glyphs).
+matplotlib.rcParams["font.sans-serif"] = list(dict.fromkeys(
+    [*matplotlib.rcParams["font.sans-serif"], "Noto Sans CJK JP", "Noto Sans CJK SC", "Noto Sans CJK KR",
+     "WenQuanYi Zen Hei", "Noto Sans", "Noto Color Emoji"]))
+warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font", category=UserWarning)
+
+
+@functools.cache
+def _charmaps() -> list[set[int]]:
+    from matplotlib.font_manager import FontProperties, findfont
+    from matplotlib.ft2font import FT2Font
+
+    maps: dict[str, set[int]] = {}
+    for name in matplotlib.rcParams["font.sans-serif"]:
+        try:
+            path = findfont(FontProperties(family=name), fallback_to_default=False)
+        except ValueError:  # not installed
+            continue
+        if path not in maps:
+            maps[path] = set(FT2Font(path).get_charmap())
+    return list(maps.values())
+
+
+_said: set[str] = set()
+
+
+def missing_glyphs(names: list[str]) -> None:
+    """Say once per process which class names the installed fonts cannot draw."""
+    try:
+        maps = _charmaps()
+    except Exception:  # a font file matplotlib cannot open: say nothing rather than fail a plot
+        return
+    lacking = [n for n in names if n not in _said and any(
+        not ch.isspace() and not any(ord(ch) in m for m in maps) for ch in n)]
+    if lacking:
+        from imgclf import log
+
+        _said.update(lacking)
+        log.info(f"class name(s) {', '.join(repr(n) for n in lacking[:5])} have characters no installed font has: "
+                 "they are boxes in the PNG figures (the HTML report and CSV files show them; a font such as "
+                 "fonts-noto-cjk draws them)")
 
 
 def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
@@ -46,6 +93,8 @@ def plot_confusion(cm, classes: list[str], path: Path, title: str = "confusion m
     cm = np.asarray(cm, dtype=float)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     n = len(classes)
+    if n <= 120:
+        missing_glyphs(classes)
     size = min(4 + 0.45 * n, 30)
     fig, ax = plt.subplots(figsize=(size, size))
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
