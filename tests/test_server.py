@@ -92,6 +92,14 @@ def test_bad_inputs_are_4xx_with_json_errors_then_good_request_succeeds(client, 
     assert client.head("/healthz").status_code == 200 and client.head("/").status_code == 200
 
 
+def test_a_big_upload_is_refused_without_a_raw_python_warning_in_the_log(client, recwarn):
+    # 144 megapixels: over PIL's warning size (89M), under its error size; the server refuses it
+    # (its --max-pixels) and said so, but PIL's DecompressionBombWarning also reached the log
+    r = client.post("/v1/predict", content=bomb_png(12_000, 12_000), headers={"content-type": "image/png"})
+    assert r.status_code == 413 and "12000x12000 pixels exceeds" in r.json()["error"]
+    assert not [w for w in recwarn if "DecompressionBomb" in type(w.message).__name__]
+
+
 def test_streamed_body_over_limit_is_refused_while_reading(client):
     sent = 0
 
@@ -148,7 +156,9 @@ def test_json_bodies_carry_base64_images_and_data_urls(client, jpeg, sample_dir)
     wrapped = base64.encodebytes(jpeg).decode()
     assert client.post("/v1/predict", json={"image": wrapped}).json()["predictions"][0]["top"] == one[0]["top"]
     bad = [({"img": b64[0]}, "send {\"images\": [base64, ...]}"), ([b64[0]], "got list"),
-           ({"images": []}, "got 'images'"), ({"images": [3]}, "image 0 is int, not a base64 string"),
+           ({"images": []}, "'images' must be a list of one or more base64 strings, got an empty list"),
+           ({"images": "abc"}, "got str"), ({"images": [{"filename": "x.jpg"}]}, "image 0 ('x.jpg') has no 'data'"),
+           ({"images": [3]}, "image 0 is int, not a base64 string"),
            ({"images": ["%%%not base64%%%"]}, "image 0 ('image0') is not valid base64"),
            ({"image": "data:image/png,rawtext"}, "a data: URL that is not base64"),
            ({"images": [b64[0]] * 500}, "too many images in one request: 500")]

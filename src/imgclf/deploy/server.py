@@ -20,6 +20,7 @@ import json
 import math
 import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
@@ -655,9 +656,13 @@ def create_app(cfg: ServeConfig, backend=None):
         from PIL import Image
 
         try:
-            with Image.open(io.BytesIO(data)) as img:
-                img.draft(None, _draft_request(img.size, size, policy))  # JPEG only; a no-op elsewhere
-                w, h = img.size
+            # PIL's DecompressionBombWarning for a big (still allowed, or later refused with 413)
+            # upload went to the server log as a raw Python warning
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with Image.open(io.BytesIO(data)) as img:
+                    img.draft(None, _draft_request(img.size, size, policy))  # JPEG only; a no-op elsewhere
+                    w, h = img.size
         except Exception:
             return None
         return w * h
@@ -913,10 +918,13 @@ def _json_images(body: bytes, limit: int) -> list[tuple[str, bytes]]:
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(400, f"the JSON body does not parse: {e}") from None
     got = doc.get("images", [doc["image"]] if "image" in doc else None) if isinstance(doc, dict) else None
-    if not isinstance(got, list) or not got:
+    if got is None:
         keys = ", ".join(f"'{k}'" for k in doc) if isinstance(doc, dict) else type(doc).__name__
         raise BadRequest(400, "JSON body: send {\"images\": [base64, ...]} (or {\"image\": base64}); "
                               f"got {keys or 'an empty object'}")
+    if not isinstance(got, list) or not got:
+        raise BadRequest(400, "JSON body: 'images' must be a list of one or more base64 strings, got "
+                              + ("an empty list" if isinstance(got, list) else type(got).__name__))
     if len(got) > limit:  # before decoding any of them
         raise BadRequest(400, f"too many images in one request: {len(got)} > {limit}")
     items = []
@@ -924,6 +932,8 @@ def _json_images(body: bytes, limit: int) -> list[tuple[str, bytes]]:
         name, data = f"image{i}", item
         if isinstance(item, dict):
             name, data = str(item.get("filename") or name), item.get("data")
+            if data is None:
+                raise BadRequest(400, f"JSON body: image {i} ('{name}') has no 'data' (its base64)")
         if not isinstance(data, str):
             raise BadRequest(400, f"JSON body: image {i} is {type(data).__name__}, not a base64 string")
         if data.startswith("data:"):  # data:image/png;base64,....
