@@ -291,3 +291,101 @@ def test_check_reads_a_training_config_whole(small_sample, tmp_path, capsys):
     good.write_text("epochs: 3\nval_split: 0.2\n")  # the data given on the command line
     rc, report = _check(tmp_path, "--config", str(good), "--data", str(small_sample))
     assert rc == 0 and sum(report["stats"]["counts"]["train"].values()) == 320  # the file's val_split 0.2
+
+
+# -- findings a tester missed or got wrong ----------------------------------------------------
+
+
+def _classes(sample_dir: Path, root: Path, names: dict[str, str], n: int = 20) -> Path:
+    """root/<folder>/ with the first n training JPEGs of each sample class; names: folder -> class."""
+    for folder, c in names.items():
+        (root / folder).mkdir(parents=True)
+        for f in sorted((sample_dir / "train" / c).glob("*.jpg"))[:n]:
+            shutil.copy(f, root / folder / f.name)
+    return root
+
+
+def test_label_conflicts_are_named_first_with_both_labels_and_are_serious(sample_dir, tmp_path):
+    # the example was a same-label pair and the mislabelled one was never named; a warning, exit 0
+    root = _classes(sample_dir, tmp_path / "data", {"cat": "cat", "dog": "dog"})
+    shutil.copy(root / "cat" / "0000.jpg", root / "cat" / "0000_copy.jpg")
+    shutil.copy(root / "cat" / "0001.jpg", root / "cat" / "0001_copy.jpg")
+    shutil.copy(root / "cat" / "0002.jpg", root / "dog" / "zz_from_cat.jpg")
+    rc, report = _check(tmp_path, "--data", str(root), "--val-split", "0")
+    assert rc == 1 and _kinds(report) == ["duplicate"], report["findings"]
+    dup = report["findings"][0]
+    assert dup["severity"] == "error" and dup["details"]["label_conflicts"] == 1
+    msg = dup["message"]
+    assert "1 with different labels, fix the wrong label: dog/zz_from_cat.jpg (dog) = cat/0002.jpg (cat)" in msg
+    assert "2 with the same label, e.g. cat/0000_copy.jpg = cat/0000.jpg" in msg
+    assert msg.index("zz_from_cat") < msg.index("0000_copy")
+    assert [Path(p).name for p in dup["details"]["pairs"][0]] == ["0002.jpg", "zz_from_cat.jpg"]
+    # several conflicts: each named, with its labels
+    shutil.copy(root / "dog" / "0003.jpg", root / "cat" / "from_dog.jpg")
+    rc, report = _check(tmp_path / "b", "--data", str(root), "--val-split", "0")
+    msg = report["findings"][0]["message"]
+    assert "2 with different labels" in msg and "dog/0003.jpg (dog) = cat/from_dog.jpg (cat)" in msg
+    assert "dog/zz_from_cat.jpg (dog) = cat/0002.jpg (cat)" in msg
+
+
+def test_one_class_is_serious_as_train_refuses_it(sample_dir, tmp_path):
+    # "1 classes ... no problems found", exit 0, for data that train refuses
+    for root in (_classes(sample_dir, tmp_path / "one", {"cat": "cat"}),
+                 _classes(sample_dir, tmp_path / "wrapped", {"photos/cat": "cat"})):
+        rc, report = _check(tmp_path / root.name, "--data", str(root), "--val-split", "0")
+        assert rc == 1 and _kinds(report) == ["one_class"], report["findings"]
+        msg = report["findings"][0]["message"]
+        assert msg.startswith("only one class (cat) in ") and report["findings"][0]["severity"] == "error"
+        assert "a classifier needs two or more: point --data at the folder that holds the class folders" in msg
+
+
+def test_val_data_inside_the_training_data_is_said_to_be_the_same_files(sample_dir, tmp_path):
+    # --val-data D/train was reported as 120 copies, "e.g. train/cat/0000.jpg = train/cat/0000.jpg"
+    root = tmp_path / "data"
+    _classes(sample_dir, root / "train", {"cat": "cat", "dog": "dog"}, 15)
+    _classes(sample_dir, root / "test", {"cat": "cat", "dog": "dog"}, 0)
+    for f in sorted((sample_dir / "test" / "cat").glob("*.jpg"))[:5]:
+        shutil.copy(f, root / "test" / "cat" / f.name)
+    for f in sorted((sample_dir / "test" / "dog").glob("*.jpg"))[:5]:
+        shutil.copy(f, root / "test" / "dog" / f.name)
+    shutil.copy(root / "train" / "cat" / "0000.jpg", root / "test" / "cat" / "leak.jpg")  # a real copy
+    shutil.copy(root / "train" / "dog" / "0001.jpg", root / "train" / "dog" / "copy.jpg")  # a copy within train
+    rc, report = _check(tmp_path, "--data", str(root), "--val-data", str(root / "train"))
+    assert rc == 1
+    assert _kinds(report) == ["duplicate", "duplicate_across_splits", "same_files_across_splits"], report["findings"]
+    by_kind = {f["kind"]: f for f in report["findings"]}
+    same = by_kind["same_files_across_splits"]
+    assert same["severity"] == "error" and same["details"]["splits"] == ["train", "val"]
+    assert f"val data {root / 'train'} is (part of) the train data: the same files are in both (31 of 31" in same["message"]
+    assert "point --val-data at images" in same["message"] and "copies" not in same["message"]
+    # the real copies are still copies: the leak into test, and the copy within train (once, not
+    # again as a val image "copied" from train)
+    leak = by_kind["duplicate_across_splits"]
+    assert leak["details"]["splits"] == ["train", "test"] and "test/cat/leak.jpg = train/cat/0000.jpg" in leak["message"]
+    assert by_kind["duplicate"]["details"]["splits"] == ["train", "train"]
+
+
+def test_tiny_images_readable_counts_path_spelling_and_quoted_class_names(sample_dir, tmp_path, monkeypatch):
+    root = _classes(sample_dir, tmp_path / "data", {"cat ": "cat", "dog": "dog"})
+    for side, name in ((1, "one.jpg"), (8, "eight.jpg")):
+        Image.open(sample_dir / "train" / "cat" / "0100.jpg").resize((side, side)).save(root / "dog" / name)
+    data = (root / "dog" / "0005.jpg").read_bytes()
+    (root / "dog" / "broken.jpg").write_bytes(data[: len(data) * 4 // 5])  # its header reads, its pixels do not
+    shutil.copy(root / "cat " / "0003.jpg", root / "dog" / "from_cat.jpg")
+    monkeypatch.chdir(tmp_path)
+    messages = []
+    for spelling in (str(root), "data"):  # the second run reuses the first's decoded cache
+        rc, report = _check(tmp_path / f"run{len(messages)}", "--data", spelling, "--val-split", "0")
+        by_kind = {f["kind"]: f for f in report["findings"]}
+        assert sorted(by_kind) == ["duplicate", "tiny", "unreadable"], report["findings"]
+        messages.append(by_kind["unreadable"]["message"])
+        assert by_kind["unreadable"]["details"]["reasons"] == ["truncated or corrupt image data"]
+        tiny = by_kind["tiny"]
+        assert tiny["severity"] == "warning" and tiny["details"]["count"] == 2
+        assert "2 image(s) are far smaller than the 32px input" in tiny["message"]
+        assert "e.g. dog/one.jpg, 1x1" in tiny["message"]
+        assert report["stats"]["images"]["sampled"] == sum(report["stats"]["counts"]["train"].values()) == 43
+        assert "dog/from_cat.jpg (dog) = cat /0003.jpg ('cat ')" in by_kind["duplicate"]["message"]
+    # the path as this run names it, relative to --data, however the cache's first run spelt it
+    assert messages[0] == messages[1]
+    assert "skipped in training: dog/broken.jpg: truncated or corrupt image data;" in messages[0]

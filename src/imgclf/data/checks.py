@@ -1,8 +1,9 @@
 """Data checks: what silently ruins a model before training starts.
 
-Unreadable files, empty or tiny classes, exact, near and mirrored duplicates within a split and
-across train/val/test (leakage), class imbalance, image sizes and modes, pixel arrays read with
-the wrong channel layout, and a PNG grid of random samples per class. Everything works on the
+Unreadable files, a single class, empty or tiny classes, exact, near and mirrored duplicates within
+a split and across train/val/test (leakage, label conflicts), val/test data that is the training
+data's own files, class imbalance, image sizes (tiny images) and modes, pixel arrays read with the
+wrong channel layout, and a PNG grid of random samples per class. Everything works on the
 decoded-image cache that training uses, so checking decodes nothing twice.
 
 ``run_checks`` returns a :class:`CheckReport`; ``imgclf check`` prints it and ``imgclf train``
@@ -12,6 +13,7 @@ summarises it in a line or two and writes ``RUN/check.json``.
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from collections import Counter
@@ -49,6 +51,8 @@ GRID_LABEL_W = 120
 GRID_MAX_ROWS = 100  # classes shown
 
 _MAX_LISTED = 200  # pairs/paths kept per finding in the JSON
+_CONFLICTS_SHOWN = 5  # label conflicts named in a message
+TINY_SIDE = 0.25  # of the input side: a short side at or under this is blown up 4x or more
 
 
 @dataclass
@@ -124,6 +128,7 @@ class _Items:
     caches: list[CachedSplit]
     sources: list[Split]
     origin: str
+    classes: list[str]
 
     def name(self, s: int, row: int) -> str:
         paths = self.sources[s].paths
@@ -133,11 +138,24 @@ class _Items:
         """A path as messages show it: relative to the data folder when inside it."""
         return name.removeprefix(self.origin.rstrip("/") + "/")
 
+    def label(self, lab: int | tuple[int, ...]) -> str:
+        """A label as messages show it: a class name, or a multi-label image's class names."""
+        if isinstance(lab, tuple):
+            return ", ".join(_show(self.classes[c]) for c in lab) or "no class"
+        return _show(self.classes[lab])
+
+
+def _show(name: str) -> str:
+    """A class name as messages list it: quoted like repr when the bare text would hide part of it
+    (the trailing space of 'cat ', an empty name, a line break)."""
+    return name if name and name.isprintable() and name == name.strip() else repr(name)
+
 
 def _items(source: DataSource, cached: dict[str, CachedSplit]) -> _Items:
     splits = source.splits()
     names = [n for n in SPLIT_ORDER if n in cached and n in splits]
-    return _Items(names, [cached[n] for n in names], [splits[n] for n in names], source.root or source.origin)
+    return _Items(names, [cached[n] for n in names], [splits[n] for n in names], source.root or source.origin,
+                  list(source.classes))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,6 +204,13 @@ def run_checks(
     rng = np.random.default_rng(seed)
 
     report.findings += _source_problems(source)
+    if source.task == "single" and len(source.classes) < 2:
+        # train refuses this (api.py): a check that passes must not leave it to train to say so
+        report.findings.append(Finding(
+            "one_class", "error",
+            f"only one class ({', '.join(map(_show, source.classes))}) in {source.origin}; a classifier needs "
+            "two or more: point --data at the folder that holds the class folders",
+            details={"classes": list(source.classes)}))
     report.findings += _unreadable(items)
     counts, class_findings = _class_counts(items, source.classes)
     report.stats["counts"] = counts
@@ -235,16 +260,29 @@ def _unreadable(items: _Items) -> list[Finding]:
         if len(cs.rows) == len(split):
             continue
         bad = np.setdiff1d(np.arange(len(split)), cs.rows)
-        first = items.short(cs.problems[0] if cs.problems else items.name(s, int(bad[0])))
+        paths = [items.name(s, int(i)) for i in bad[:_MAX_LISTED]]
+        # the cache's problems are sorted by row, one per unreadable row
+        reasons = ([_reason(p, path) for p, path in zip(cs.problems, paths)] if len(cs.problems) == len(bad)
+                   else cs.problems[:_MAX_LISTED])
+        first = items.short(paths[0]) + (f": {reasons[0]}" if len(cs.problems) == len(bad) else "")
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         out.append(Finding(
             "unreadable", "error",
             f"{len(bad)} unreadable image(s) in {items.split[s]}, skipped in training: {first}{more}; "
             "re-export or delete them (the findings' JSON lists every path)",
-            [items.name(s, int(i)) for i in bad[:_MAX_LISTED]],
-            {"split": items.split[s], "count": int(len(bad)), "reasons": cs.problems[:_MAX_LISTED]},
+            paths, {"split": items.split[s], "count": int(len(bad)), "reasons": reasons},
         ))
     return out
+
+
+def _reason(problem: str, path: str) -> str:
+    """The reason of a cache problem '<path>: <reason>'. Its path is spelt as by the run that decoded
+    the file, relative or absolute (the cache is keyed by real paths, so 'check --data d' reuses what
+    '--data /abs/d' decoded): messages name the file as this run does, so the old spelling is cut off
+    after the file's name."""
+    head = Path(path).name + ": "
+    i = problem.find(head)
+    return problem[i + len(head):] if i >= 0 else problem
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,14 +314,14 @@ def _class_counts(items: _Items, classes: list[str]) -> tuple[dict, list[Finding
         if n < MIN_CLASS_IMAGES:
             flagged.add(c)
             out.append(Finding("few_images", "error",
-                               f"class '{classes[c]}' has only {n} training image(s){where(c)}: "
+                               f"class {classes[c]!r} has only {n} training image(s){where(c)}: "
                                f"it needs at least {MIN_CLASS_IMAGES}, better hundreds; add images or "
                                "remove the class",
                                details={"class": classes[c], "train": int(n)}))
         elif n < MIN_CLASS_FRACTION * median:
             flagged.add(c)
             out.append(Finding("few_images", "warning",
-                               f"class '{classes[c]}' has {n} training images, under "
+                               f"class {classes[c]!r} has {n} training images, under "
                                f"{MIN_CLASS_FRACTION:.0%} of the median class ({median:g}){where(c)}",
                                details={"class": classes[c], "train": int(n)}))
     # imbalance among the classes not reported above (those already explain their own ratio)
@@ -293,8 +331,8 @@ def _class_counts(items: _Items, classes: list[str]) -> tuple[dict, list[Finding
     if len(rest) >= 2 and train[small] > 0 and train[big] / train[small] >= IMBALANCE_WARN:
         ratio = train[big] / train[small]
         out.append(Finding("imbalance", "warning",
-                           f"classes are imbalanced: '{classes[big]}' has {train[big]} training images, "
-                           f"'{classes[small]}' {train[small]} ({ratio:.0f}x); consider class weights "
+                           f"classes are imbalanced: {classes[big]!r} has {train[big]} training images, "
+                           f"{classes[small]!r} {train[small]} ({ratio:.0f}x); consider class weights "
                            "or collecting more of the small classes",
                            details={"ratio": round(float(ratio), 2)}))
     return counts, out
@@ -330,12 +368,12 @@ def _duplicates(items: _Items, threshold: int | None, max_images: int | None, rn
     split_of = np.concatenate([np.full(len(r), s, dtype=np.int64) for s, r in enumerate(rows)])
     row_of = np.concatenate(rows).astype(np.int64)
     ph, dg, pm = np.concatenate(ph_parts), np.concatenate(dg_parts), np.concatenate(pm_parts)
-    # label of each hashed image (single-label ints; multi-hot rows compare as bytes)
-    label_of = []
+    # label of each hashed image (single-label ints; multi-hot rows as tuples of their classes)
+    label_of: list = []
     for cs, r in zip(items.caches, rows):
         pos = np.searchsorted(cs.rows, r)
         lab = np.asarray(cs.labels)[pos]
-        label_of += [bytes(np.ascontiguousarray(x).data) if lab.ndim == 2 else int(x) for x in lab]
+        label_of += [tuple(np.flatnonzero(x > 0.5).tolist()) if lab.ndim == 2 else int(x) for x in lab]
 
     read = [0]
 
@@ -361,6 +399,15 @@ def _duplicates(items: _Items, threshold: int | None, max_images: int | None, rn
     for k, g in enumerate(exact_groups):
         group_id[g] = k
     exact_pairs = [(int(g[0]), int(m)) for g in exact_groups for m in g[1:]]
+    # A val/test image that is the very file of an image of another split (--val-data pointing into
+    # the training folder, a link) is no copy to delete: the splits overlap. Checked against every
+    # member of the group, as the pairs join each copy to the group's first image only.
+    fid = {g: _file_id(items, int(split_of[g]), int(row_of[g])) for grp in exact_groups for g in grp}
+    held = {(int(split_of[g]), f) for g, f in fid.items() if f is not None}
+    overlap = [(a, b) for a, b in exact_pairs if split_of[a] != split_of[b] and
+               ((int(split_of[a]), fid[b]) in held or (int(split_of[b]), fid[a]) in held)]
+    gone = set(overlap)
+    exact_pairs = [p for p in exact_pairs if p not in gone]
     none = np.zeros((0, 3), dtype=np.int64)
     near = near_pairs(ph, threshold) if threshold is not None else none
     near = near[(group_id[near[:, 0]] < 0) | (group_id[near[:, 0]] != group_id[near[:, 1]])]
@@ -377,7 +424,7 @@ def _duplicates(items: _Items, threshold: int | None, max_images: int | None, rn
         "mirror_pairs": int(len(mirror)),
         "near_threshold": threshold,
     }
-    out: list[Finding] = []
+    out: list[Finding] = _overlap_findings(items, split_of, row_of, overlap)
     out += _pair_findings(items, split_of, row_of, label_of, exact_pairs, None)
     out += _pair_findings(items, split_of, row_of, label_of, [(int(a), int(b)) for a, b, _ in near], near[:, 2],
                           threshold)
@@ -391,6 +438,40 @@ def _duplicates(items: _Items, threshold: int | None, max_images: int | None, rn
     return out, stats
 
 
+def _file_id(items: _Items, s: int, row: int) -> tuple[int, int] | None:
+    """(device, inode) of an image's file, the same through links; None for pixel arrays."""
+    if items.sources[s].paths is None:
+        return None
+    try:
+        st = os.stat(items.sources[s].paths[row])
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _overlap_findings(items, split_of, row_of, pairs) -> list[Finding]:
+    by_splits: dict[tuple[int, int], list[int]] = {}
+    for a, b in pairs:
+        a, b = sorted((a, b), key=lambda g: int(split_of[g]))
+        by_splits.setdefault((int(split_of[a]), int(split_of[b])), []).append(b)
+    out = []
+    for (sa, sb), bs in sorted(by_splits.items()):
+        na, nb = items.split[sa], items.split[sb]
+        files = list(dict.fromkeys(items.name(sb, int(row_of[b])) for b in bs))
+        paths = items.sources[sb].paths
+        try:  # the folder the user pointed at: the one all of the split's files share
+            folder = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
+        except ValueError:
+            folder = ""
+        out.append(Finding(
+            "same_files_across_splits", "error",
+            f"{nb} data {folder or '?'} is (part of) the {na} data: the same files are in both ({len(files)} of "
+            f"{len(items.caches[sb])} {nb} images, e.g. {items.short(files[0])}); {nb} scores would be scores "
+            f"on {na} images: point --{nb}-data at images that are not in {na}",
+            files[:_MAX_LISTED], {"splits": [na, nb], "count": len(files), "folder": folder}))
+    return out
+
+
 def _pair_findings(items, split_of, row_of, label_of, pairs, dist, threshold: int | None = None,
                    mirrored: bool = False) -> list[Finding]:
     exact = dist is None
@@ -400,21 +481,38 @@ def _pair_findings(items, split_of, row_of, label_of, pairs, dist, threshold: in
         if (sa, sb) != tuple(sorted((sa, sb))):
             a, b, sa, sb = b, a, sb, sa
         by_splits.setdefault((sa, sb), []).append((a, b, 0 if exact else int(dist[k])))
+    if exact:
+        what, sign = "exact copies", "="
+    elif mirrored:  # training flips images: a mirrored copy is the same example to the model
+        what, sign = f"mirrored copies (pHash distance <= {threshold} to the mirror image)", "~ mirror of"
+    else:
+        what, sign = f"near-duplicates (pHash distance <= {threshold})", "~"
+
+    def name(g: int) -> str:
+        return items.name(int(split_of[g]), int(row_of[g]))
+
+    def pair(a: int, b: int, labels: bool) -> str:
+        def one(g: int) -> str:
+            return items.short(name(g)) + (f" ({items.label(label_of[g])})" if labels else "")
+        return f"{one(b)} {sign} {one(a)}"
+
     out = []
     for (sa, sb), ps in sorted(by_splits.items()):
         na, nb = items.split[sa], items.split[sb]
-        name = lambda g: items.name(int(split_of[g]), int(row_of[g]))  # noqa: E731
-        listed = [[name(a), name(b)] + ([] if exact else [d]) for a, b, d in ps[:_MAX_LISTED]]
-        paths = list(dict.fromkeys(p for pair in listed for p in pair[:2]))
+        # pairs with different labels first, in the message and in the JSON: they are what to fix
+        ps.sort(key=lambda p: label_of[p[0]] == label_of[p[1]])
         conflicts = sum(label_of[a] != label_of[b] for a, b, _ in ps)
-        if exact:
-            what, sign = "exact copies", "="
-        elif mirrored:  # training flips images: a mirrored copy is the same example to the model
-            what, sign = f"mirrored copies (pHash distance <= {threshold} to the mirror image)", "~ mirror of"
-        else:
-            what, sign = f"near-duplicates (pHash distance <= {threshold})", "~"
-        eg = f"e.g. {items.short(listed[0][1])} {sign} {items.short(listed[0][0])}"
-        label_note = f"; {conflicts} with different labels (fix the wrong label)" if conflicts else ""
+        listed = [[name(a), name(b)] + ([] if exact else [d]) for a, b, d in ps[:_MAX_LISTED]]
+        paths = list(dict.fromkeys(p for pr in listed for p in pr[:2]))
+        note = ""
+        if conflicts:
+            shown = ", ".join(pair(a, b, True) for a, b, _ in ps[:min(conflicts, _CONFLICTS_SHOWN)])
+            more = f" (and {conflicts - _CONFLICTS_SHOWN} more)" if conflicts > _CONFLICTS_SHOWN else ""
+            note = f"; {conflicts} with different labels, fix the wrong label: {shown}{more}"
+            if conflicts < len(ps):
+                note += f"; {len(ps) - conflicts} with the same label"
+        if conflicts < len(ps):
+            note += f"{',' if conflicts else ';'} e.g. {pair(*ps[conflicts][:2], False)}"
         details = {"splits": [na, nb], "pairs": listed, "count": len(ps), "label_conflicts": int(conflicts)}
         if mirrored:
             details["mirrored"] = True
@@ -423,15 +521,20 @@ def _pair_findings(items, split_of, row_of, label_of, pairs, dist, threshold: in
             out.append(Finding(
                 "duplicate_across_splits" if exact else "near_duplicate_across_splits", "error",
                 f"{n_imgs} {nb} image(s) are {what} of {na} images: leakage, {nb} scores will be "
-                f"inflated{label_note}; {eg}; remove one image of each pair (the findings' JSON lists the pairs)",
+                f"inflated{note}; remove one image of each pair (the findings' JSON lists the pairs)",
                 paths, details))
         else:
             extra = len({b for _, b, _ in ps})
             advice = ("; they weigh double in training: delete the extra copies" if exact else
                       "; harmless unless they are copies that should not be there")
+            # An exact copy under two labels is a wrong label for certain (the same pixels cannot be
+            # both, and training is taught both): serious, as an unreadable file is. A near duplicate
+            # under two labels most likely is one too (at the default threshold pairs are the same
+            # photo), but a re-crop can show another object: a warning, up from info.
+            severity = ("error" if conflicts else "warning") if exact else ("warning" if conflicts else "info")
             out.append(Finding(
-                "duplicate" if exact else "near_duplicate", "warning" if exact else "info",
-                f"{len(ps)} pair(s) of {what} within {na} ({extra} redundant image(s)){label_note}; {eg}{advice}",
+                "duplicate" if exact else "near_duplicate", severity,
+                f"{len(ps)} pair(s) of {what} within {na} ({extra} redundant image(s)){note}{advice}",
                 paths, details))
     return out
 
@@ -449,8 +552,10 @@ def _sizes_and_modes(items: _Items, size: int, sample: int, rng) -> tuple[dict, 
     modes: Counter = Counter()
     with_alpha: Counter = Counter()  # per mode: images with an alpha channel or a transparent colour
     formats: Counter = Counter()
-    short_sides = []
-    for split in items.sources:
+    shapes = []  # (short side, width, height, path) of each sampled file
+    readable = 0
+    for split, cs in zip(items.sources, items.caches):
+        readable += len(cs.rows)
         if split.paths is None:
             if split.images is not None and len(split.images):
                 h, w = split.images.shape[1:3]
@@ -458,7 +563,8 @@ def _sizes_and_modes(items: _Items, size: int, sample: int, rng) -> tuple[dict, 
                 modes["array"] += len(split.images)
             continue
         paths = split.paths
-        pick = rng.choice(len(paths), min(sample, len(paths)), replace=False) if len(paths) else []
+        # readable files only: the unreadable ones are reported (and counted) on their own
+        pick = rng.choice(cs.rows, min(sample, len(cs.rows)), replace=False) if len(cs.rows) else []
         for i in pick:
             # PIL warns about big-but-allowed images (DecompressionBombWarning) and odd tags: as in
             # images._decode, the log gets no raw warnings (unreadable files are reported elsewhere)
@@ -471,15 +577,15 @@ def _sizes_and_modes(items: _Items, size: int, sample: int, rng) -> tuple[dict, 
                         modes[im.mode] += 1
                         with_alpha[im.mode] += im.mode in _ALPHA_MODES or "transparency" in im.info
                         formats[im.format or "?"] += 1
-                        short_sides.append(min(w, h))
+                        shapes.append((min(w, h), w, h, paths[i]))
             except Exception:  # unreadable files are reported from the cache builder's list
                 continue
     n = sum(modes.values())
     stats = {"sampled": n, "sizes": dict(sizes.most_common(10)), "distinct_sizes": len(sizes),
              "modes": dict(modes), "formats": dict(formats)}
     out: list[Finding] = []
-    if short_sides:
-        ss = np.asarray(short_sides)
+    if shapes:
+        ss = np.asarray([x[0] for x in shapes])
         stats["short_side"] = {"min": int(ss.min()), "median": float(np.median(ss)), "max": int(ss.max())}
         small = float((ss < size / 2).mean())
         if small > 0.25:
@@ -487,6 +593,16 @@ def _sizes_and_modes(items: _Items, size: int, sample: int, rng) -> tuple[dict, 
                                f"{small:.0%} of sampled images are under half of the {size}px input side "
                                f"(median short side {np.median(ss):g}px): they are blown up; "
                                f"consider --image-size {int(np.median(ss))}"))
+        # a few images far smaller than the input, and than the rest (when all are, the above says it)
+        limit, median = int(size * TINY_SIDE), float(np.median(ss))
+        tiny = sorted(x for x in shapes if x[0] <= limit and x[0] < median / 2)
+        if tiny:
+            of = f" of {n} sampled" if n < readable else ""
+            out.append(Finding("tiny", "warning",
+                               f"{len(tiny)} image(s){of} are far smaller than the {size}px input (short side "
+                               f"{limit}px or less; e.g. {items.short(tiny[0][3])}, {tiny[0][1]}x{tiny[0][2]}): "
+                               "blown up, they show next to nothing; check or delete them",
+                               [x[3] for x in tiny[:_MAX_LISTED]], {"count": len(tiny), "max_side": limit}))
     odd = {m: k for m, k in modes.items() if m not in ("RGB", "array") or with_alpha[m]}
     if odd:
         desc = ", ".join(f"{k} {m}" for m, k in sorted(odd.items(), key=lambda x: -x[1]))

@@ -79,7 +79,7 @@ def print_report(report, cached) -> None:
     sizes = ", ".join(f"{n} {len(cs)}" for n, cs in cached.items())
     # paths and class names are the user's text, not markup: "[bold]" or "img[/1].jpg" in a name
     # would be styled away, or raise rich's MarkupError
-    console.print(f"[bold]{escape(str(report.data))}[/bold]: {len(report.classes)} classes, {sizes} readable images, "
+    console.print(f"[bold]{escape(str(report.data))}[/bold]: {len(report.classes)} class{'es' if len(report.classes) != 1 else ''}, {sizes} readable images, "
                   f"{report.image_size}px; checked in {report.seconds:.1f} s", highlight=False,
                   soft_wrap=True)  # one line: piped output (80 columns) would break it mid-phrase
     if not report.findings:
