@@ -10,6 +10,7 @@ images), so mismatches are reported as one warning line per kind, never fatal.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import re
@@ -73,11 +74,23 @@ def _few(names, k: int = 3) -> str:
 # detection
 
 
+def _delimiter(line: str) -> str:
+    """',' unless ';' (Excel's CSVs where the decimal mark is a comma) or a tab (.tsv) splits the
+    header line into more columns."""
+    return max((",", ";", "\t"), key=lambda d: len(next(csv.reader([line], delimiter=d), [])))
+
+
+def _rows(path: Path, n: int | None = None) -> list[list[str]]:
+    """The first ``n`` rows of a label CSV (all when None), split at the delimiter of its header."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        first = f.readline()
+        return list(itertools.islice(csv.reader(itertools.chain([first], f), delimiter=_delimiter(first)), n))
+
+
 def _csv_header(path: Path) -> list[str]:
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            return [h.strip().lower() for h in next(csv.reader(f), [])]
-    except (OSError, UnicodeDecodeError):
+        return [h.strip().lower() for h in next(iter(_rows(path, 1)), [])]
+    except (OSError, UnicodeDecodeError, csv.Error):
         return []
 
 
@@ -94,10 +107,8 @@ def _split_first_yolo(root: Path) -> bool:
 
 def _first_row(path: Path) -> list[str]:
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = csv.reader(f)
-            next(rows, None)
-            return next(rows, [])
+        rows = _rows(path, 2)
+        return rows[1] if len(rows) > 1 else []
     except (OSError, UnicodeDecodeError, csv.Error):
         return []
 
@@ -137,7 +148,8 @@ def detect(path: Path, images: str | None = None) -> str | None:
     if path.is_file():
         if path.suffix.lower() == ".json":
             return "coco"
-        if path.suffix.lower() == ".csv" and _path_column(path, _csv_header(path), images) is not None:
+        tabular = path.suffix.lower() in (".csv", ".tsv")
+        if tabular and _path_column(path, _csv_header(path), images) is not None:
             return "csv"
         return None
     if path.is_dir() and (((path / "images").is_dir() and (path / "labels").is_dir()) or _split_first_yolo(path)):
@@ -552,11 +564,85 @@ class ImageFinder:
         return None
 
 
-def read_label_csv(path: Path, problems: list[str], images: str | None = None, label_column: str = "label"
-                   ) -> tuple[list[str], list[list[str]], list[str] | None]:
-    """(paths, labels per row, the class columns of a one-hot CSV or None)."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
+# Missing values as tools write them into a CSV: pandas' str(nan), str(None), str(pd.NA), str(NaT),
+# R's NA, SQL's NULL, Excel's #N/A. Case as written: 'none' in lower case may be a class.
+_MISSING = frozenset({"nan", "NaN", "NAN", "None", "null", "NULL", "Null", "NA", "N/A", "#N/A", "<NA>",
+                      "NaT"})
+_INTEGRAL_FLOAT = re.compile(r"-?\d+\.0+")  # pandas writes an int column holding a NaN as 0.0, 1.0
+
+
+def _space_tags(labels) -> bool:
+    """Whether labels holding spaces are lists of tags (Planet's 'clear primary', 'haze primary
+    agriculture'): tags recur in many combinations, so their words are far fewer than the distinct
+    labels, where multi-word class names (golden retriever, german shepherd) have more words than
+    names."""
+    distinct = {" ".join(t.split()) for t in labels} - {""}
+    words = {w for t in distinct for w in t.split()}
+    return any(" " in t for t in distinct) and 2 * len(words) <= len(distinct)
+
+
+def _split_cells(path: Path, cells: list[str], tags: bool, task: str, problems: list[str]) -> list[list[str]]:
+    """Each row's labels from its label cell: 'a|b'; or words separated by spaces in a column named
+    tags (Kaggle's Planet: 'haze primary agriculture'; not with --task single), or with --task
+    multilabel when the words recur as tags do. Missing values (NaN, None, NA) are no label;
+    pandas' floats of a column of class ids (0.0, 1.0) are the ids an int column gives ('0', '1')."""
+    na = Counter(c for c in cells if c in _MISSING)
+    if na:
+        problems.append(f"{path.name}: {sum(na.values())} label cell(s) hold {'/'.join(map(repr, na))}, "
+                        "a missing value: read as no label")
+    cells = ["" if c in _MISSING else c for c in cells]
+    plain = not any(s in c for c in cells for s in (LABEL_SEP, ";", ","))
+    spaces = tags and task != "single" or task == "multilabel" and _space_tags(cells)
+    sep = None if plain and spaces else LABEL_SEP  # None: str.split's runs of whitespace
+    labels = [[t.strip() for t in c.split(sep) if t.strip()] for c in cells]
+    words = [t for ls in labels for t in ls]
+    if words and all(_INTEGRAL_FLOAT.fullmatch(t) for t in words):
+        labels = [[str(int(t.split(".")[0])) for t in ls] for ls in labels]
+    return labels
+
+
+def _repeats(path: Path, paths: list[str], labels: list[list[str]], where: list[tuple[int, str]], task: str,
+             problems: list[str]) -> tuple[list[str], list[list[str]]]:
+    """One row per image file. A file on several rows with other labels: in a multi-label CSV its
+    labels are merged (some tools write one row per image and label); in a single-label one the
+    first row's label is used, said in one line. Exact repeats are dropped without a word (left in,
+    the duplicate-image check took them for copies of a file to delete)."""
+    first: dict[str, int] = {}
+    for i, p in enumerate(paths):
+        first.setdefault(p, i)
+    if len(first) == len(paths):
+        return paths, labels
+    multi = task == "multilabel" or any(len(ls) > 1 for ls in labels)
+    merged, clash = [], []
+    for i, (p, ls) in enumerate(zip(paths, labels)):
+        j = first[p]
+        new = [t for t in ls if t not in labels[j]]
+        if j == i or not new:
+            continue
+        if multi or not labels[j]:  # a first row without a label takes the later one's
+            if labels[j]:
+                merged.append((j, i))
+            labels[j] += new
+        else:
+            clash.append((j, i))
+    if clash:
+        (j, i), n = clash[0], len({paths[j] for j, _ in clash})
+        more = f"; so do the rows of {n - 1} more image(s)" if n > 1 else ""
+        problems.append(f"{path.name}: lines {where[j][0]} and {where[i][0]} give {where[j][1]} two labels "
+                        f"({labels[j][0]}, {labels[i][0]}): the first is used{more} (a CSV of one row per "
+                        "image and label is read with --task multilabel)")
+    if merged:
+        (j, i), n = merged[0], len({paths[j] for j, _ in merged})
+        problems.append(f"{path.name}: {n} image(s) are on several rows with different labels (e.g. "
+                        f"{where[j][1]} on lines {where[j][0]} and {where[i][0]}): their labels are merged")
+    keep = sorted(first.values())
+    return [paths[k] for k in keep], [labels[k] for k in keep]
+
+
+def read_label_csv(path: Path, problems: list[str], images: str | None = None, label_column: str = "label",
+                   task: str = "auto") -> tuple[list[str], list[list[str]], list[str] | None]:
+    """(paths, labels per image, the class columns of a one-hot CSV or None)."""
+    rows = _rows(path)
     header = [h.strip().lower() for h in rows[0]]
     finder = ImageFinder(path.parent, images)
     pcol = _path_column(path, header, images, finder)
@@ -577,8 +663,8 @@ def read_label_csv(path: Path, problems: list[str], images: str | None = None, l
             lcol = others[0]
         else:  # path,person,dog,cat with 0/1 rows: one indicator column per class
             flags = _indicator_columns(path, rows, pcol)
-    paths, labels, missing = [], [], []
-    for row in rows[1:]:
+    paths, labels, cells, where, missing = [], [], [], [], []
+    for line, row in enumerate(rows[1:], 2):
         if not row or not row[pcol].strip():
             continue
         p = finder.find(row[pcol].strip())
@@ -586,13 +672,16 @@ def read_label_csv(path: Path, problems: list[str], images: str | None = None, l
             missing.append(row[pcol].strip())
             continue
         paths.append(str(p))
+        where.append((line, row[pcol].strip()))
         if flags is not None:
             labels.append([rows[0][i].strip() for i in flags if i < len(row) and row[i].strip() in ("1", "1.0")])
-            continue
-        text = row[lcol] if lcol < len(row) else ""
-        labels.append([t.strip() for t in text.split(LABEL_SEP) if t.strip()])
+        else:
+            cells.append(row[lcol].strip() if lcol < len(row) else "")
     if missing:
         problems.append(f"{len(missing)} image file(s) named in {path.name} do not exist: {_few(missing)}; skipped")
+    if flags is None:
+        labels = _split_cells(path, cells, header[lcol] == "tags", task, problems)
+    paths, labels = _repeats(path, paths, labels, where, task, problems)
     return paths, labels, [rows[0][i].strip() for i in flags] if flags is not None else None
 
 
@@ -630,8 +719,9 @@ def _near(name: str, classes: list[str]) -> str | None:
 
 def _name_problems(path: Path, labels: list[list[str]], training: bool, columns: bool = False) -> list[str]:
     """Class names a CSV most likely did not mean: another separator than '|' (person;dog is one
-    class), and in training data the same name written twice (Person, person) or a rare typo of
-    a frequent name (persn beside person), each of which silently became a class of its own."""
+    class, and so is 'haze primary' when its words recur as tags do), and in training data the same
+    name written twice (Person, person) or a rare typo of a frequent name (persn beside person),
+    each of which silently became a class of its own."""
     out = []
     count = Counter(t for ls in labels for t in ls)
     if not columns and not any(len(ls) > 1 for ls in labels):
@@ -647,6 +737,13 @@ def _name_problems(path: Path, labels: list[list[str]], training: bool, columns:
                            f"are separated by '|' (a|b), so '{hits[0]}' is read as one class; write "
                            f"'{LABEL_SEP.join(p.strip() for p in hits[0].split(sep))}' for several labels")
                 break
+        spaced = sorted((t for t in count if " " in t), key=lambda t: -count[t])
+        if not out and spaced and _space_tags(count):  # Planet's tags under another column name than tags
+            words = {w for t in count for w in t.split()}
+            out.append(f"{path}: {sum(count[t] for t in spaced)} label(s) hold spaces (e.g. '{spaced[0]}') "
+                       f"and their {len(words)} words recur across {len(count)} different labels, as tags do: "
+                       "each label is read as one class; if a label's words are several labels, pass --task "
+                       f"multilabel (or write '{LABEL_SEP.join(spaced[0].split())}')")
     if not training or len(count) < 2:
         return out
     pairs = []
@@ -757,7 +854,7 @@ def _load_csv(path: Path, opts: Options, classes: list[str] | None, problems: li
     if opts.label_mode == "largest":  # silently ignored before: the run was multi-label anyway
         raise UserError(f"{path}: --label-mode largest keeps each image's largest object, and a label CSV has no "
                         "object sizes; leave it out (one label per row trains single-label, lists multi-label)")
-    paths, labels, columns = read_label_csv(path, problems, opts.images, opts.label_column)
+    paths, labels, columns = read_label_csv(path, problems, opts.images, opts.label_column, opts.task)
     if not paths:
         raise UserError(f"{path}: no rows with an existing image file")
     found = columns if columns is not None else sorted({t for ls in labels for t in ls})

@@ -331,7 +331,7 @@ def _label_table(folder: Path, images: str | None) -> Path | None:
     from imgclf.data import multilabel
 
     try:
-        csvs = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".csv" and p.is_file())
+        csvs = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".csv", ".tsv") and p.is_file())
     except OSError:
         return None
     csvs = [p for p in csvs if not any(w in p.stem.lower() for w in ("submission", "sample", "test"))]
@@ -525,7 +525,7 @@ def _load_one(spec: str, *, csv_layout: str, label_column: str, cache_dir: Path,
             ds = arrays.read_pixel_csv(path, label_column=label_column, layout=csv_layout, image_shape=csv_shape,
                                        classes=classes)
             return _from_arrays(ds, str(path), _data_name(path))
-        raise UserError(f"--data {spec}: unsupported file type '{path.suffix}' (expected a folder, a .csv, an .npz of arrays, a .parquet, an archive (.zip, .tar.gz, ...), or cifar10)")
+        raise UserError(f"--data {spec}: unsupported file type '{path.suffix}' (expected a folder, a .csv or .tsv, an .npz of arrays, a .parquet, an archive (.zip, .tar.gz, ...), or cifar10)")
     if arrays.is_cifar_dir(path):
         return _from_arrays(arrays.read_cifar(path), str(path), _data_name(path))
     train_dir = _train_subdir(path)
