@@ -86,6 +86,9 @@ def test_study_report_and_best_config(small_sample, tmp_path, capsys):
     assert cfg.model_args["dense"] == yaml.safe_load(best.params["model_args.dense"])
     assert cfg.model_args["dropout"] == pytest.approx(best.params["model_args.dropout"])
     assert cfg.project == "runs" and cfg.name is None and cfg.epochs == 2  # a plain training config
+    # what the recipe resolved for the 2-epoch trials (config.yaml) is left for a run of another length
+    run_cfg = make_config(spec.study_dir / "trials" / str(best.number) / "config.yaml")
+    assert run_cfg.warmup_epochs is not None and cfg.warmup_epochs is None
 
 
 def test_crashed_trial_is_failed_and_study_goes_on(small_sample, tmp_path):
@@ -240,6 +243,7 @@ def fake_train(monkeypatch, fail_on: set[int] | None = None, interrupt: bool = F
         run = Path(project) / name
         run.mkdir(parents=True, exist_ok=True)
         cfg = TrainConfig(**opts, project=project, name=name, exist_ok=exist_ok)
+        cfg.warmup_epochs = 0.23 * (cfg.epochs or 10)  # as the recipe: config.yaml holds what it resolved
         dump_yaml(cfg, run / "config.yaml")
         acc = 0.9 - 0.1 * abs(math.log10(float(cfg.lr)) + 3)
         row = {"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "val_loss": 1 - acc, "val_acc": acc}
@@ -453,12 +457,38 @@ def test_report_from_trial_configs(small_sample, tmp_path, monkeypatch):
     assert not list(spec.study_dir.glob("*.tmp"))
 
     # a best config that would not train is refused before anything is written
+    from types import SimpleNamespace
+
+    from imgclf.tune.report import write_best_config
+
     good = (spec.study_dir / "best.yaml").read_text()
-    cfg_path = spec.study_dir / "trials" / str(res["best_trial"]) / "config.yaml"
-    cfg_path.write_text(cfg_path.read_text().replace("batch_size: 32", "batch_size: 0"))
+    bad = SimpleNamespace(number=0, value=0.5, params={}, user_attrs={"options": {**best, "batch_size": 0}})
     with pytest.raises(UserError, match="best.yaml: option 'batch_size'"):
-        write_report(spec.study_dir)
+        write_best_config(spec, sweep.Space(spec), bad, spec.study_dir / "best.yaml")
     assert (spec.study_dir / "best.yaml").read_text() == good
+
+
+def test_best_yaml_leaves_what_the_recipe_resolved_to_the_next_run(small_sample, tmp_path, monkeypatch):
+    # short trials, then one long run from best.yaml: the trials' 1-epoch warm-up (config.yaml) must
+    # not reach it, nor any value the recipe derives; local paths are absolute, as in config.yaml
+    fake_train(monkeypatch)
+    from imgclf.tune.report import write_report
+
+    monkeypatch.chdir(small_sample.parent)
+    base = {"data": small_sample.name, "model": "plaincnn", "epochs": 1, "model_args": TINY}
+    spec = sweep.load_spec(lr_study(tmp_path, small_sample, n_trials=2, base=base))
+    sweep.run_study(spec)
+    res = write_report(spec.study_dir)
+    run_cfg = make_config(spec.study_dir / "trials" / str(res["best_trial"]) / "config.yaml")
+    assert run_cfg.warmup_epochs == pytest.approx(0.23)
+    text = (spec.study_dir / "best.yaml").read_text()
+    assert text.startswith(f"# best trial {res['best_trial']} of study 's': val_acc")
+    best = yaml.safe_load(text)
+    assert best == {**base, "data": str(small_sample), "lr": pytest.approx(trials_of(spec)[res["best_trial"]].params["lr"]),
+                    "monitor": "val_acc"}
+    monkeypatch.chdir(tmp_path)
+    cfg = make_config(spec.study_dir / "best.yaml", epochs=20)
+    assert cfg.epochs == 20 and cfg.warmup_epochs is None and cfg.batch_size is None and cfg.data == str(small_sample)
 
 
 def test_study_key_typos_suggest_the_study_key(small_sample, tmp_path):
@@ -546,6 +576,31 @@ def test_study_mistakes_are_refused_before_a_study_db_or_a_trial(small_sample, t
         assert not (tmp_path / "studies").exists()
     assert "a range {low: ..., high: ...} or {choices: [...]}" in line
     assert calls == []
+
+
+def test_data_that_is_not_there_is_refused_before_a_study_db_or_a_trial(small_sample, tmp_path, monkeypatch, capsys):
+    # it used to make the study, run 5 trials that each failed on it and write their folders, then exit 1
+    calls = fake_train(monkeypatch)
+    base = {"data": str(small_sample), "model": "plaincnn", "model_args": dict(TINY)}
+    nope = str(tmp_path / "nope")
+    cases = [
+        ({"base": {**base, "data": nope}}, [], f"study base: data {nope}: no such file or folder (give a folder"),
+        ({}, ["--data", nope], f"error: --data {nope}: no such file or folder"),
+        ({"base": {**base, "val_data": nope}}, [], f"study base: val_data {nope}: no such file or folder"),
+        ({"space": {"data": {"choices": [str(small_sample), nope]}}}, [], f"study space value {{'data': '{nope}'}}: data"),
+        ({"space": {"test_data": nope}}, [], f"study space (a fixed value): test_data {nope}: no such"),
+        ({"base": {**base, "data": "/dev/null"}}, [], "study base: data /dev/null: not a file or folder"),
+    ]
+    for over, argv, msg in cases:
+        path = write_study(tmp_path, small_sample, **over)
+        assert main(["sweep", str(path), *argv]) == 2
+        [line] = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("imgclf: error:")]
+        assert msg in line, line
+        assert not (tmp_path / "studies").exists()
+    assert calls == []
+    # what the loader takes besides a path passes (load_spec reads and downloads nothing)
+    for data in ("cifar10", "CIFAR-100", "hf:owner/name", str(small_sample / "train")):
+        sweep.load_spec(write_study(tmp_path, small_sample, base={**base, "data": data}))
 
 
 def test_numbers_pyyaml_reads_as_strings_are_numbers_in_the_space(small_sample, tmp_path):

@@ -305,34 +305,22 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def best_options(spec: StudySpec, space: Space, best, study_dir: Path, sid: str | None) -> tuple[dict[str, Any], str]:
-    """What the best trial trained with: its run folder's config.yaml (the options as resolved by
-    the run, whatever study.yaml says now) without the keys the sweep set for it; else, when the
-    folder is not here (or is another study's), the study's base with the trial's parameters.
+def best_options(space: Space, best) -> tuple[dict[str, Any], str]:
+    """What the study set for the best trial: base, fixed values and the trial's parameters, as
+    recorded when it ran (whatever study.yaml says now); for a trial from before that record, the
+    study.yaml with its parameters. Not its run folder's config.yaml, which also holds what the
+    recipe resolved for the trial's length (warm-up, lr, batch size, epochs as run...): short trials
+    then one long `imgclf train --config best.yaml --epochs N` must resolve those afresh.
     Returns the options and where they came from."""
-    run_dir = study_dir / best.user_attrs.get("run_dir", f"trials/{best.number}")
-    marker = sweep.read_marker(run_dir)
-    cfg_path = run_dir / "config.yaml"
-    if cfg_path.is_file() and (marker is None or sid is None or marker.get("study_id") == sid):
-        try:
-            opts = load_yaml(cfg_path)
-        except UserError:
-            opts = None
-        if opts:
-            study_set = space.options(best.params)
-            for k in sweep._SWEEP_OWNED:
-                opts.pop(k, None)
-            for k, v in sweep._TRIAL_DEFAULTS.items():  # the sweep's trial defaults, unless the study chose them
-                if k not in study_set and opts.get(k) == v:
-                    opts.pop(k)
-            return opts, f"{cfg_path.relative_to(study_dir)}"
-    return space.options(best.params), "study.yaml with the trial's parameters"
+    opts = best.user_attrs.get("options")
+    if isinstance(opts, dict):
+        return opts, f"trial {best.number}'s options"
+    return sweep.study_options(space, best.params), "study.yaml with the trial's parameters"
 
 
-def write_best_config(spec: StudySpec, space: Space, best, path: Path, study_dir: Path | None = None,
-                      sid: str | None = None) -> dict[str, Any]:
+def write_best_config(spec: StudySpec, space: Space, best, path: Path) -> dict[str, Any]:
     """The best trial's options, checked as `imgclf train --config` would read them, then written."""
-    opts, source = best_options(spec, space, best, study_dir if study_dir is not None else path.parent, sid)
+    opts, source = best_options(space, best)
     head = (f"# best trial {best.number} of study '{spec.name}': {spec.metric} {best.value:.4f} (from {source})\n"
             f"# imgclf train --config {path.name}\n")
     body = yaml.safe_dump(opts, sort_keys=False)
@@ -413,7 +401,6 @@ def write_report(study_dir: str | Path, storage: str | None = None, out: str | P
     spec, study = load_study_dir(study_dir, storage)
     d = Path(study_dir)
     out_path = _out_path(out, d)
-    sid = sweep.study_id(study)
     space = Space(spec)
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
     complete = [t for t in trials if t.state.name == "COMPLETE"]
@@ -431,7 +418,7 @@ def write_report(study_dir: str | Path, storage: str | None = None, out: str | P
 
     if best is not None:
         best_path = d / "best.yaml"
-        opts = write_best_config(spec, space, best, best_path, d, sid)
+        opts = write_best_config(spec, space, best, best_path)
         result.update(best_yaml=str(best_path), best_trial=best.number, best_value=best.value)
         parts.append(f"<h2>Best: trial {best.number}, {html.escape(spec.metric)} {best.value:.4f}</h2>"
                      f"<p>Written to <code>{html.escape(str(best_path))}</code>; train it with "

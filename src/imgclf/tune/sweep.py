@@ -82,6 +82,9 @@ _ATTR_METRIC, _ATTR_DIRECTION, _ATTR_SETTINGS, _ATTR_ID = ("imgclf_metric", "img
 TRIAL_MARKER = "study.json"
 # Keys a fixed value in the space may not hold: typos of a range (min/max) or range-only keys.
 _RANGE_TYPOS = ("log", "step", "type", "min", "max", "lo", "hi")
+# The data options, and the names the loader takes besides a path (data/sources.py _load_one).
+_DATA_OPTIONS = ("data", "val_data", "test_data")
+_DATA_NAMES = ("cifar10", "cifar-10", "cifar100", "cifar-100")
 
 
 class StudySpec(BaseModel):
@@ -341,6 +344,10 @@ class Space:
             if cfg.devices > 1:
                 raise UserError(f"study: devices {cfg.devices}: a trial is one process (pruning would not reach "
                                 f"the spawned ones); run trials side by side with 'imgclf sweep --workers N' instead")
+            for key in _DATA_OPTIONS:
+                where = (f"space value {self._shown(probe)}" if key in probe
+                         else "space (a fixed value)" if key in self.fixed else "base")
+                check_data_spec(f"study {where}: {key}", getattr(cfg, key))
             configs.append((probe, cfg))
         self._check_model_args()
         self._build_models(configs)
@@ -426,6 +433,22 @@ class Space:
                         raise UserError(f"space '{p.name}': {arch} takes a whole number; add 'type: int' to the range")
 
 
+def check_data_spec(label: str, spec: str | None) -> None:
+    """Refuse data the loader would refuse before reading a byte (data/sources.py _load_one): a path
+    that is not there, or not a file or folder. Every trial would fail on it, after the study and
+    its trial folders were made."""
+    from imgclf.data import hub
+
+    if spec is None or spec.lower() in _DATA_NAMES or hub.is_hub(spec):
+        return
+    path = Path(spec).expanduser()
+    why = ("is empty" if not spec.strip() else "no such file or folder" if not path.exists()
+           else None if path.is_file() or path.is_dir() else "not a file or folder (a device, pipe or socket)")
+    if why:
+        raise UserError(f"{label} {spec}: {why} (give a folder, a file, an archive, cifar10, cifar100 or "
+                        f"hf:OWNER/NAME)")
+
+
 def _study_key_hint(key: str) -> str:
     # the study's own keys first (n_trails -> n_trials); the train options' help would not list them
     if key in TrainConfig.model_fields:  # a train option at the top level
@@ -450,6 +473,7 @@ def load_spec(path: str | Path, **overrides: Any) -> StudySpec:
 
         raise UserError(format_validation_error(e, origin, noun="study key", suggest=_study_key_hint)) from None
     if data is not None:
+        check_data_spec("--data", str(data))  # the flag's mistake, not the file's
         spec.base = {**spec.base, "data": str(data)}
     if spec.metric not in METRICS:
         raise UserError(f"{path}: metric '{spec.metric}' is not a score a trial writes; use one of {', '.join(METRICS)}")
@@ -776,6 +800,22 @@ def _sweep_resume_advice(spec: StudySpec):
         STOPPED_ADVICE.reset(token)
 
 
+def study_options(space: Space, params: dict[str, Any]) -> dict[str, Any]:
+    """The train options the study sets for a trial (base, fixed values, the trial's parameters),
+    with local paths absolute as in the run's config.yaml, so that they read the same data from any
+    folder. Not what the recipe derives from them for the trial (lr, batch size, warm-up, epochs,
+    early crop...) as config.yaml has it: that depends on the run's length, and a longer run with
+    the best trial's options must derive it afresh."""
+    from imgclf.api import _PATH_OPTIONS
+
+    opts = space.options(params)
+    for k in _PATH_OPTIONS:
+        v = opts.get(k)
+        if isinstance(v, str) and v and "://" not in v and Path(v).expanduser().exists():
+            opts[k] = os.path.abspath(os.path.expanduser(v))
+    return json.loads(json.dumps(opts, default=str))  # as Optuna stores a user attr
+
+
 def make_objective(spec: StudySpec, space: Space, current: dict | None = None):
     """``current["number"]``: the trial being run, for a worker to queue it again on Ctrl-C."""
     trials_dir = spec.study_dir / "trials"
@@ -805,6 +845,7 @@ def make_objective(spec: StudySpec, space: Space, current: dict | None = None):
                 raise UserError(f"the search space changed since study '{spec.name}' began ({e}); a new space "
                                 f"wants a new study: give it another name") from None
             opts = {**_TRIAL_DEFAULTS, **space.options(params)}
+            trial.set_user_attr("options", study_options(space, params))  # best.yaml is written from it
             log.info(f"trial {trial.number}: {_short(params) or 'base options'}")
             _write_marker(run_dir, spec, sid, trial.number)
             (run_dir / "error.txt").unlink(missing_ok=True)  # from an earlier attempt at this folder
