@@ -65,9 +65,19 @@ def test_extracted_once_and_again_when_the_archive_changes(small_sample, tmp_pat
     assert not list((cache / "archives").glob(".extract-*"))  # nothing half-done left behind
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "bad_crc"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "bad_crc", "cut_zip"])
 def test_broken_archive_is_one_clear_error_and_leaves_nothing(small_sample, tmp_path, damage):
     cache = tmp_path / "cache"
+    if damage == "cut_zip":  # a download cut short: no member list at its end (was read as a tar)
+        arc = _zip(small_sample, tmp_path / "d.zip")
+        arc.write_bytes(arc.read_bytes()[: arc.stat().st_size // 2])
+        with pytest.raises(UserError, match="a zip cut short"):
+            load_source(str(arc), val_split=0.0, cache_dir=cache)
+        from imgclf.data.archives import iter_archive_images
+
+        assert [e for _, _, e in iter_archive_images(arc, {".jpg"})] == [
+            "not a readable archive (a zip cut short: the list of its members at its end is missing; download it "
+            "again)"]
     if damage == "bad_crc":
         arc = _zip(small_sample, tmp_path / "d.zip")
         data = bytearray(arc.read_bytes())

@@ -86,8 +86,24 @@ def _content_root(folder: Path) -> Path:
     return folder
 
 
-def _extract(path: Path, dest: Path) -> None:
+class _CutZip(zipfile.BadZipFile):
+    pass
+
+
+def _zip_or_cut(path: Path) -> bool:
+    """A readable zip; a zip whose end (the central directory that lists its members) is missing,
+    a download cut short, raises _CutZip: read as a tar, it was a bewildering 'ReadError: bad
+    checksum'."""
     if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        if f.read(4) == b"PK\x03\x04":
+            raise _CutZip("a zip cut short: the list of its members at its end is missing; download it again")
+    return False
+
+
+def _extract(path: Path, dest: Path) -> None:
+    if _zip_or_cut(path):
         with zipfile.ZipFile(path) as zf:
             bad = zf.testzip()
             if bad is not None:
@@ -127,7 +143,7 @@ def _check_member(m: tarfile.TarInfo, dest: Path) -> None:
 def _why(e: BaseException) -> str:
     if isinstance(e, tarfile.ReadError) and "opened successfully" in str(e):
         return "neither zip nor tar, or damaged at its start"
-    if isinstance(e, _Unsafe):
+    if isinstance(e, _Unsafe | _CutZip):
         return str(e)
     if isinstance(e, getattr(tarfile, "FilterError", ())):  # Python >= 3.11.4
         return f"unsafe member refused: {str(e).splitlines()[0]}"
@@ -313,7 +329,7 @@ def iter_archive_images(path: Path, extensions) -> Iterator[tuple[str, bytes | N
             is_junk(x) or x.startswith(".") for x in parts)
 
     try:
-        if zipfile.is_zipfile(path):
+        if _zip_or_cut(path):
             with zipfile.ZipFile(path) as zf:
                 for info in sorted(zf.infolist(), key=lambda i: i.filename):
                     if info.is_dir() or not wanted(info.filename):
