@@ -168,3 +168,17 @@ def test_float_and_16bit_image_arrays_convert_without_a_wide_copy_of_the_whole_a
         assert peak < out.nbytes + (40 << 20), (a.dtype, peak >> 20)
         if want is not None:
             assert np.abs(out.astype(int) - want).max() <= 1
+
+
+def test_scikit_learn_capital_x_keys_are_read(cifar, tmp_path):
+    """np.savez(f, X_train=..., y_train=..., X_test=..., y_test=...): scikit-learn's habit (a capital
+    X for a matrix) was 'no training arrays; expected x_train and y_train'."""
+    xtr, ytr, xte, yte, classes = cifar
+    f = tmp_path / "sk.npz"
+    np.savez(f, X_train=xtr, y_train=ytr, X_test=xte, y_test=yte, Classes=np.asarray(classes))
+    src = read_npz(f)
+    assert src.classes == classes and len(src.train) == len(xtr) and len(src.test) == len(xte)
+    assert np.array_equal(src.train.images, xtr) and np.array_equal(src.test.labels, yte)
+    every = slice(None, None, len(xtr) // 10)  # across the classes
+    np.savez(tmp_path / "xy.npz", X=xtr[every], Y=ytr[every])
+    assert len(read_npz(tmp_path / "xy.npz").train) == len(xtr[every])

@@ -140,12 +140,14 @@ def read_npz(path: Path, classes: list[str] | None = None):
     try:
         with np.load(path, allow_pickle=False) as z:
             keys = set(z.files)
+            # X_train/y_train, X/y: scikit-learn's capital X for a matrix is as common as Keras' x
+            lower = {k.lower(): k for k in sorted(keys, reverse=True)}  # x over X when both are there
             splits = {}
             for split, options in SPLIT_KEYS.items():
-                pair = next(((xk, yk) for xk, yk in options if xk in keys and yk in keys), None)
+                pair = next(((lower[xk], lower[yk]) for xk, yk in options if xk in lower and yk in lower), None)
                 if pair is not None:
                     splits[split] = (_mapped_member(path, z, pair[0]), z[pair[1]])
-            stored = next((z[k] for k in CLASS_KEYS if k in keys), None)
+            stored = next((z[lower[k]] for k in CLASS_KEYS if k in lower), None)
     except ValueError as e:  # object arrays need pickle, which is never loaded from a data file
         raise DataError(f"--data {path}: {str(e).splitlines()[0]} (arrays of Python objects are not read: "
                         "save labels and class names as numbers or strings)") from None
