@@ -200,6 +200,9 @@ def test_classes_subset(coco, coco_truth):
     assert set(largest.classes[i] for i in largest.train.labels) <= set(three[1:])
     with pytest.raises(UserError, match="zebra-ish"):
         _load(_coco_json(root), classes=f"{three[0]},zebra-ish")
+    # a name written another way gets the one it most likely meant, not 8 names A-Z
+    with pytest.raises(UserError, match=f"did you mean {three[0]}\\?"):
+        _load(_coco_json(root), classes=three[0].upper())
 
 
 def test_label_csv_source(coco, tmp_path):

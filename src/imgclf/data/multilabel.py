@@ -811,7 +811,7 @@ def _class_list(all_classes: list[str], opts: Options, origin: str) -> list[str]
         return list(all_classes)
     unknown = [c for c in opts.subset if c not in all_classes]
     if unknown:
-        raise UserError(f"--classes: {', '.join(unknown)} not in {origin} (its classes: {_few(all_classes, 8)})")
+        raise _unknown_classes(unknown, origin, all_classes)
     return list(dict.fromkeys(opts.subset))
 
 
@@ -904,13 +904,23 @@ def _load_csv(path: Path, opts: Options, classes: list[str] | None, problems: li
 # helpers used by sources.load_source for every kind of source
 
 
+def _unknown_classes(unknown: list[str], origin: str, classes: list[str]) -> UserError:
+    """--classes names that the data does not have, each with the class it most likely meant
+    (--classes Dog on COCO: 'dog'), else a few of the data's classes."""
+    near = {u: _near(u, classes) for u in unknown}
+    if all(near.values()):
+        return UserError(f"--classes: {', '.join(unknown)} not in {origin}; did you mean "
+                         f"{', '.join(near[u] for u in unknown)}?")
+    return UserError(f"--classes: {', '.join(unknown)} not in {origin} (its classes: {_few(classes, 8)})")
+
+
 def select_classes(src: DataSource, subset: list[str] | None) -> DataSource:
     """Keep only ``subset`` classes (idempotent; a multi-label source already applied it)."""
     if not subset or src.classes == subset:
         return src
     unknown = [c for c in subset if c not in src.classes]
     if unknown:
-        raise UserError(f"--classes: {', '.join(unknown)} not in {src.origin} (its classes: {_few(src.classes, 8)})")
+        raise _unknown_classes(unknown, src.origin, src.classes)
     cols = np.asarray([src.classes.index(c) for c in subset], dtype=np.int64)
     for attr in ("train", "val", "test"):
         s = getattr(src, attr)
