@@ -139,3 +139,21 @@ def test_a_batch_larger_than_the_data_is_the_data_and_scales_the_lr_as_such(capf
     # two processes share each batch equally: 269 images make batches of 268
     assert recipe.resolve(TrainConfig(data="x", batch_size=512), n_train=269, image_size=32, arch="fastnet",
                           world=2).batch_size == 268
+
+
+def test_options_the_run_does_not_use_are_said_to_be_ignored(capfd):
+    from imgclf.config import TrainConfig
+    from imgclf.engine import recipe
+
+    def said(**kw) -> str:
+        recipe.resolve(TrainConfig(data="x", **kw), n_train=5000, image_size=32, arch="fastnet")
+        return capfd.readouterr().err
+
+    assert "--muon-lr: not used by --optimizer adamw" in said(optimizer="adamw", muon_lr=0.1)
+    assert "--beta1, --eps: not used by --optimizer sgd" in said(optimizer="sgd", beta1=0.8, eps=1e-6)
+    assert "--warmup-epochs 5 is not shorter than the run (1 epochs)" in said(epochs=1, warmup_epochs=5)
+    assert "--early-crop 48 is not smaller than the 32px input" in said(early_crop=48)
+    # a run's own config.yaml sets every key, at its default where the user did not: nothing to say
+    resolved = recipe.resolve(TrainConfig(data="x", optimizer="sgd"), n_train=5000, image_size=32, arch="fastnet")
+    capfd.readouterr()
+    assert said(**resolved.model_dump(exclude={"data", "image_size", "model"})) == ""

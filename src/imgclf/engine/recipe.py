@@ -206,7 +206,28 @@ def resolve(cfg: TrainConfig, *, n_train: int, image_size: int, arch: str, multi
         c.translate = max(1, round(image_size / 16)) if fast else max(1, round(image_size / 8))
     if c.lookahead is None:
         c.lookahead = fast
+    _say_ignored(cfg.model_fields_set, cfg, c)
     return c
+
+
+def _say_ignored(given: set[str], cfg: TrainConfig, c: TrainConfig) -> None:
+    """Options the user set that this run does not use: silently dropped, a tuning session
+    learned nothing from them (--optimizer adam --muon-lr 0.1, a warm-up longer than the run)."""
+    from imgclf import log
+
+    uses = {"sgd": {"momentum", "nesterov"}, "muon": {"momentum", "nesterov", "muon_lr", "muon_momentum"},
+            "adam": {"beta1", "beta2", "eps"}, "adamw": {"beta1", "beta2", "eps"}}
+    # set, and not to its default: a run's own config.yaml (--resume, a repeat) holds every key
+    unused = sorted(k for k in ("momentum", "nesterov", "muon_lr", "muon_momentum", "beta1", "beta2", "eps")
+                    if k in given and getattr(cfg, k) != TrainConfig.model_fields[k].default
+                    and k not in uses.get(c.optimizer, set()))
+    if unused:
+        log.warn(f"{', '.join('--' + k.replace('_', '-') for k in unused)}: not used by --optimizer {c.optimizer}")
+    if "warmup_epochs" in given and c.epochs and c.warmup_epochs >= c.epochs:
+        log.warn(f"--warmup-epochs {c.warmup_epochs:g} is not shorter than the run ({c.epochs:g} epochs): the lr "
+                 "never reaches its peak")
+    if cfg.early_crop and cfg.early_crop >= c.image_size:
+        log.warn(f"--early-crop {cfg.early_crop} is not smaller than the {c.image_size}px input: no early crops")
 
 
 def flip_mode(cfg: TrainConfig) -> str:
