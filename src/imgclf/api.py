@@ -4,8 +4,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+import itertools
 import json
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -25,7 +28,13 @@ from imgclf.data.loader import BatchLoader, default_ram_budget
 from imgclf.data.sources import DataSource, Skipped, list_images, load_source, membership, skip_notes
 from imgclf.engine import recipe
 from imgclf.engine.cpu_alloc import prepare_cpu_training
-from imgclf.engine.trainer import Trainer, resolve_precision, seed_everything
+from imgclf.engine.trainer import (
+    Trainer,
+    read_checkpoint,
+    resolve_precision,
+    seed_everything,
+    sigterm_as_ctrl_c,
+)
 from imgclf.errors import BadInputError, UserError
 from imgclf.evaluate.inference import auto_batch_size
 from imgclf.models.registry import arch_args_for_record, build_model, default_normalization, resolve_name
@@ -368,8 +377,12 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
     precision = torch.get_float32_matmul_precision()
     states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
               torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+    # torchrun's processes keep SIGTERM's default: the agent stops them all (a rank unwinding alone
+    # would hang the others in a collective); a --devices N run has spawn_train's own handling
+    stop = contextlib.nullcontext() if _distributed_launched() else sigterm_as_ctrl_c()
     try:
-        return _train(config, resume=resume, callbacks=callbacks, final_eval=final_eval, **options)
+        with stop:
+            return _train(config, resume=resume, callbacks=callbacks, final_eval=final_eval, **options)
     finally:
         release_runs()
         torch.set_float32_matmul_precision(precision)
@@ -396,6 +409,10 @@ def _train(config: str | Path | None = None, *, resume: str | Path | None = None
             raise UserError(f"--resume {run_dir}: not a run folder (no config.yaml)")
         if int(os.environ.get("RANK", "0")) == 0 and not _spawned():  # rank 0 alone writes the folder;
             hold_run(run_dir)  # under --devices N, the parent that started the processes holds it
+        done = _finished_run(run_dir)
+        if done is not None:
+            return done
+        _check_run_data(run_dir, make_config(run_dir / "config.yaml"), resume=True)
         if _stopped_before_first_checkpoint(run_dir):
             # nothing to continue from: the run starts from its beginning, with its saved config, in
             # its folder (wherever that folder is now)
@@ -406,6 +423,8 @@ def _train(config: str | Path | None = None, *, resume: str | Path | None = None
         elif not (run_dir / "last.pt").exists():
             raise UserError(f"--resume {run_dir}: it has a model but no last.pt (the checkpoint was removed), so "
                             "there is nothing to continue from")
+        else:  # a damaged checkpoint is one line now, not a traceback after the data are decoded
+            read_checkpoint(run_dir / "last.pt", mmap=True)  # mmap: the weights are not read
     if resume is not None:
         saved_devices = make_config(run_dir / "config.yaml").devices
         cfg = make_config(run_dir / "config.yaml", **{k: v for k, v in options.items() if k in own})
@@ -438,14 +457,16 @@ def _train(config: str | Path | None = None, *, resume: str | Path | None = None
             raise UserError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU kernel): drop it on CPU")
     seed_everything(cfg.seed)
     torch.set_float32_matmul_precision("high")
-    s = _prepare_data(cfg, run_dir, device, ddp)
+    made: list[Path] = []  # the folder _prepare_data makes: a stop in its data check removes it too
     try:
+        s = _prepare_data(cfg, run_dir, device, ddp, made)
         model, trainer, budget_cb, extra = _build_trainer(s, resume=resume, callbacks=callbacks,
                                                           final_eval=final_eval, t_start=t_start, started=started)
         history = trainer.fit()
     except BaseException as exc:
         if ddp is None or ddp.is_main:
-            _stopped_early(s.run_dir, exc, new=resume is None)
+            # run_dir: None unless resumed
+            _stopped_early(made[0] if made else run_dir, exc, new=resume is None)
         raise
     if ddp and not ddp.is_main:  # rank 0 alone writes the model, evaluates and reports
         ddp.close()
@@ -464,14 +485,59 @@ def _train(config: str | Path | None = None, *, resume: str | Path | None = None
     return result
 
 
+def _finished_run(run_dir: Path) -> TrainResult | None:
+    """--resume of a run that ended: its result as it is, and one line. summary.json is written
+    once the model, calibration and closing evaluation are, so it marks a run with nothing left to
+    do; a run stopped before it (even while finishing) resumes as before. --resume takes no new
+    options (no more epochs), so there is nothing to extend, and doing the ending again
+    overwrote summary.json and the figures, with scores on the data as it is now."""
+    from imgclf.evaluate.report import read_history
+
+    # (a finished run whose last.pt was removed keeps its own refusal: "has a model but no last.pt")
+    if not all((run_dir / f).is_file() for f in ("summary.json", "model.json", "last.pt")):
+        return None
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        metrics = run_dir / "metrics.json"
+        test = json.loads(metrics.read_text()) if metrics.is_file() else None
+    except (OSError, ValueError):  # unreadable: doing the ending again rewrites them
+        return None
+    cfg = make_config(run_dir / "config.yaml")
+    score = ""
+    if "top1" in summary:
+        score = f"; {summary.get('split', 'test')} top-1 {summary['top1']:.4f}"
+    elif "map" in summary:
+        score = f"; {summary.get('split', 'test')} mAP {summary['map']:.4f}"
+    log.info(f"{run_dir} finished already (epoch {summary.get('epochs', '?')} of {math.ceil(cfg.epochs)}"
+             f"{score}): nothing to resume")
+    return TrainResult(run_dir, read_history(run_dir), test=test if isinstance(test, dict) else None,
+                       config=cfg, extras={"finished_already": True})
+
+
+def _check_run_data(run_dir: Path, cfg: TrainConfig, *, resume: bool = False,
+                    keys: tuple[str, ...] = ("data", "val_data", "test_data", "images")) -> None:
+    """The run's recorded data (config.yaml; local paths are stored absolute) still there: a
+    folder moved since training is said as such, not as '--data X: no such file or folder' to a
+    user who passed no --data."""
+    for key in keys:
+        v = getattr(cfg, key, None)
+        if isinstance(v, str) and "://" not in v and os.path.isabs(os.path.expanduser(v)) \
+                and not os.path.exists(os.path.expanduser(v)):
+            where = f"config.yaml {key}: {v}"
+            if resume:
+                raise UserError(f"--resume {run_dir}: the data this run was trained on ({where}) is not "
+                                f"there any more: put it back, or set {key}: in {run_dir / 'config.yaml'} to "
+                                "where it is now")
+            raise UserError(f"the data this run was trained on ({where}) is not there any more: pass --data "
+                            "FOLDER")
+
+
 def _refuse_other_processes_within_epoch(last: Path, devices: int) -> None:
     """Before config.yaml takes the new process count: a run stopped within an epoch continues
     in as many processes as it had (trainer.refuse_within_epoch), and a refused resume must
     change nothing."""
-    import torch
-
     # mmap: the header and the small "in_epoch" entry are read, not the weights
-    part = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("in_epoch")
+    part = read_checkpoint(last, mmap=True).get("in_epoch")
     if part is not None and part["world"] != devices:
         from imgclf.engine.trainer import refuse_within_epoch
 
@@ -481,7 +547,7 @@ def _refuse_other_processes_within_epoch(last: Path, devices: int) -> None:
 def _changed_classes(checkpoint: Path, classes: list[str]) -> str:
     """--resume on data whose classes changed: the message, naming the difference when the
     checkpoint recorded its classes."""
-    was = (torch.load(checkpoint, map_location="cpu", weights_only=True).get("data") or {}).get("classes")
+    was = (read_checkpoint(checkpoint, mmap=True).get("data") or {}).get("classes")
     if not was:
         return (f"--resume {checkpoint.parent}: the data now has {len(classes)} classes, not the number the run "
                 "was trained on: restore the class folders, or start a new run")
@@ -492,8 +558,10 @@ def _changed_classes(checkpoint: Path, classes: list[str]) -> str:
             "or start a new run")
 
 
-def _prepare_data(cfg: TrainConfig, run_dir: Path | None, device: torch.device, ddp) -> _Setup:
-    """Read the source, decode it into the cache, resolve the recipe and make the run folder."""
+def _prepare_data(cfg: TrainConfig, run_dir: Path | None, device: torch.device, ddp,
+                  made: list | None = None) -> _Setup:
+    """Read the source, decode it into the cache, resolve the recipe and make the run folder (a
+    new one is appended to ``made`` as soon as it exists)."""
     from imgclf.engine import distributed
     from imgclf.models import pretrained
 
@@ -549,6 +617,8 @@ def _prepare_data(cfg: TrainConfig, run_dir: Path | None, device: torch.device, 
         raise UserError(f"--batch-size {cfg.batch_size} is the global batch and must divide by the {world} processes")
     if run_dir is None and rank == 0:
         run_dir = _make_run_dir(cfg, src.name, arch)
+        if made is not None:
+            made.append(run_dir)
     if ddp:  # one run folder: rank 0 names it, the others receive the name
         run_dir = Path(ddp.broadcast_str(str(run_dir)))
         distributed.announce_run_dir(ddp, run_dir)  # to spawn_train's parent, which cleans up after a failure
@@ -922,15 +992,17 @@ def _run_ram_budget(run_dir: Path) -> int | None:
 
 def _evaluate_cached(model, meta, cs: CachedSplit, classes, device, precision, out_dir: Path, *, split: str,
                      tta_level: int, prefix: str = "", ram_budget: int | None = None,
-                     keep: dict | None = None) -> dict:
+                     keep: dict | None = None, data: str | None = None) -> dict:
     """Metrics of ``cs`` written to ``out_dir``; ``keep`` receives the logits (before the
-    temperature) under "logits", for the report to reuse."""
+    temperature) under "logits", for the report to reuse; ``data`` (what was evaluated) is
+    recorded with them."""
     from imgclf.evaluate.inference import logits_for_loader
     from imgclf.evaluate.metrics import classification_metrics, write_confusion_csv, write_per_class_csv
     from imgclf.evaluate.plots import plot_confusion
 
     prec = resolve_precision(precision, device)
     normalize = Normalize(meta["mean"], meta["std"], device)
+    given = {"data": data} if data is not None else {}
     t0 = time.perf_counter()
     # Streams from the memory map unless the split fits the budget: `cs.images[cs.rows]` would
     # hold the whole split in RAM.
@@ -947,9 +1019,9 @@ def _evaluate_cached(model, meta, cs: CachedSplit, classes, device, precision, o
 
         return evaluate_multilabel(logits, np.asarray(cs.labels), classes, thresholds_for(meta, tta_level), out_dir,
                                    split=split, prefix=prefix,
-                                   extra={"tta_level": tta_level, "eval_seconds": round(seconds, 2)})
+                                   extra={"tta_level": tta_level, "eval_seconds": round(seconds, 2), **given})
     m = classification_metrics(logits, torch.from_numpy(np.asarray(cs.labels)), classes)
-    m.update({"split": split, "tta_level": tta_level, "eval_seconds": round(seconds, 2)})
+    m.update({"split": split, "tta_level": tta_level, "eval_seconds": round(seconds, 2), **given})
     out_dir.mkdir(parents=True, exist_ok=True)
     write_confusion_csv(np.asarray(m["confusion"]), classes, out_dir / f"{prefix}confusion.csv")
     write_per_class_csv(m["per_class"], out_dir / f"{prefix}per_class.csv")
@@ -961,15 +1033,65 @@ def _evaluate_cached(model, meta, cs: CachedSplit, classes, device, precision, o
 def evaluate(run: str | Path, data=None, *, tta: bool | None = None, device: str = "auto",
              out: str | Path | None = None, progress: bool = True, cache_dir: str | None = None) -> dict:
     """Evaluate a trained run on ``data`` (a folder, CSV, pickle dir or .npz: its test split if it
-    has one; or arrays, ``(x_test, y_test)``, labelled by index in the model's class order)."""
+    has one; or arrays, ``(x_test, y_test)``, labelled by index in the model's class order).
+    Results go to ``out``, else RUN/eval-<data name> (``out_dir`` in the dict returned)."""
     from imgclf.data.npz import is_arrays, save_arrays
+    from imgclf.evaluate.calibrate import run_cache_root
 
+    kw = dict(tta=tta, device=device, out=out, progress=progress, cache_dir=cache_dir)
+    if not is_arrays(data):
+        return _evaluate(run, os.fspath(data) if isinstance(data, os.PathLike) else data, **kw)
+    # arrays: saved as an .npz (named by content) in the cache the run's decoded images go to, and
+    # read as that file; ones refused leave nothing behind, and the message names no cache file
+    run_dir, meta = read_meta(run)
+    folder = run_cache_root(run_dir, cache_dir) / "arrays"
+    before = set(folder.iterdir()) if folder.is_dir() else None
+    try:
+        path = save_arrays(data, folder.parent, classes=meta["classes"])
+    except UserError as e:  # arrays of no form read ("data: pass a path, (images, labels), ...")
+        msg = str(e)
+        raise type(e)("evaluation arrays: " + msg[6:] if msg.startswith("data: ") else msg) from None
+    try:
+        return _evaluate(run, str(path), **kw)
+    except UserError as e:
+        if before is not None and path in before:  # the same arrays given before: not ours to drop
+            raise
+        with np.load(path) as z:
+            # else one split, which the file names "train"
+            several = any(k.endswith(("_test", "_val")) for k in z.files)
+        path.unlink(missing_ok=True)
+        if before is None:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        msg = (str(e).replace(f"--data {path}", "evaluation arrays").replace(str(path), "evaluation arrays")
+               .replace("evaluation arrays has ", "the evaluation arrays have "))
+        if not several:
+            msg = msg.replace(": train labels:", ":").replace(": train images:", ":")
+        raise type(e)(msg) from None  # a DataError stays one
+
+
+def _eval_folder(run_dir: Path, name: str, data: str) -> Path:
+    """RUN/eval-<name> for ``data``: the folder that holds this data's evaluation already (done
+    again, it is overwritten), else the first free one of eval-<name>, eval-<name>-2, ... . The
+    data each holds is read from its metrics.json: every '.../test' folder is named 'test', and
+    a second one overwrote the first one's results. A folder without that record (older imgclf)
+    is kept; one without metrics.json holds no results and is reused."""
+    for i in itertools.count(1):
+        d = run_dir / (f"eval-{name}" if i == 1 else f"eval-{name}-{i}")
+        if not (d / "metrics.json").exists():
+            return d
+        try:
+            if json.loads((d / "metrics.json").read_text()).get("data") == data:
+                return d
+        except (OSError, ValueError, AttributeError):
+            continue
+    raise AssertionError  # unreachable
+
+
+def _evaluate(run: str | Path, data: str | None, *, tta: bool | None, device: str, out: str | Path | None,
+              progress: bool, cache_dir: str | None) -> dict:
     device_t = resolve_device(device)
     model, meta = load_model(run, device_t)
-    if is_arrays(data):
-        data = str(save_arrays(data, cache_root(cache_dir), classes=meta["classes"]))
-    elif isinstance(data, os.PathLike):
-        data = os.fspath(data)
     if device_t.type == "cpu":  # the layout training validated and tested in: bf16 kernels round alike
         model.to(memory_format=torch.channels_last)
     from imgclf.evaluate.calibrate import check_classes, own_held_out, run_cache_root, source_from_config
@@ -990,6 +1112,7 @@ def evaluate(run: str | Path, data=None, *, tta: bool | None = None, device: str
     own = data is None
     if own:
         cfg = make_config(run_dir / "config.yaml")
+        _check_run_data(run_dir, cfg, keys=("test_data" if cfg.test_data else "data", "images"))
         data = cfg.test_data or cfg.data
     src = load_source(data, val_split=0.0, cache_dir=root, **label_opts)
     # a test split if there is one, else a val/ folder (the held-out part), else every image
@@ -1033,9 +1156,14 @@ def evaluate(run: str | Path, data=None, *, tta: bool | None = None, device: str
     if len(cs) == 0:
         raise UserError(f"no readable images to evaluate on in {data} ({which} split)")
     level = _tta_level_for(meta, tta)
-    out_dir = Path(out) if out else run_dir / f"eval-{src.name}"
+    # the data as recorded in metrics.json: a local path absolute, a name ('cifar10') as it is
+    local = os.path.expanduser(data)
+    where = os.path.abspath(local) if os.path.exists(local) else str(data)
+    out_dir = Path(out) if out else _eval_folder(run_dir, src.name, where)
+    if not out and out_dir.name != f"eval-{src.name}":
+        log.info(f"eval-{src.name} holds the evaluation of other data: this one goes to {out_dir.name}")
     m = _evaluate_cached(model, meta, cs, meta["classes"], device_t, "auto", out_dir, split=which, tta_level=level,
-                         ram_budget=_run_ram_budget(run_dir))
+                         ram_budget=_run_ram_budget(run_dir), data=where)
     m["out_dir"] = str(out_dir)
     return m
 

@@ -333,8 +333,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if "data" not in opts and not args.config:
             raise UserError("train needs --data (a folder, a CSV, a CIFAR pickle folder or 'cifar10') or --config")
         res = train(args.config, **opts)
-    if os.environ.get("RANK", "0") != "0":  # under torchrun every rank runs this: rank 0 speaks
-        return 0
+    if os.environ.get("RANK", "0") != "0" or res.extras.get("finished_already"):  # under torchrun every rank
+        return 0  # runs this: rank 0 speaks; a finished run given to --resume: train said so in one line
     print(f"run folder: {res.run_dir}")
     if res.test:
         _print_metrics(res.test)
@@ -448,10 +448,64 @@ _EXTRAS = {"onnx": "deploy", "onnxruntime": "deploy", "fastapi": "deploy", "uvic
            "psycopg": "pip install psycopg2-binary"}
 
 
+class _ClosedPipeSafe:
+    """sys.stdout or sys.stderr while a command runs: once the reader of a pipe has gone
+    (``imgclf predict RUN photos/ | head -1``), what is written after is dropped, not raised as
+    BrokenPipeError, and the descriptor is pointed at os.devnull, as Python's docs advise (Note on
+    SIGPIPE), so the interpreter's last flush does not fail either. The command carries on: for
+    predict and evaluate only printing is left by then; a training run (``imgclf train ... 2>&1 |
+    head``) finishes and writes its run folder, where the error used to stop it mid-epoch and,
+    before its first checkpoint, remove the folder. Exiting at once, as SIGPIPE's default would,
+    saves nothing worth a lost run."""
+
+    def __init__(self, stream):
+        self._stream, self.broken = stream, False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._close()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._close()
+
+    def _close(self) -> None:
+        self.broken = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, self._stream.fileno())
+            finally:
+                os.close(devnull)
+        except (OSError, ValueError, AttributeError):  # no descriptor (a test's capture): dropping is enough
+            pass
+
+    def __getattr__(self, name: str):  # fileno, isatty, encoding, buffer...: the stream's own
+        return getattr(self._stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):  # a file name the terminal cannot show is escaped, not a crash
             stream.reconfigure(errors="backslashreplace")
+    streams = sys.stdout, sys.stderr
+    guarded = sys.stdout, sys.stderr = _ClosedPipeSafe(sys.stdout), _ClosedPipeSafe(sys.stderr)
+    try:
+        return _main(argv)
+    finally:
+        for g in guarded:
+            g.flush()  # still guarded: a reader gone by now is dropped too
+        sys.stdout, sys.stderr = streams
+
+
+def _main(argv: list[str] | None) -> int:
     from imgclf.config import command_line_options
 
     parser = build_parser()
@@ -483,6 +537,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"imgclf: error: this command needs the optional package '{e.name}': {how}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        # SIGTERM, taken as Ctrl-C to stop a run cleanly (trainer.sigterm_as_ctrl_c): the status says so
+        trainer = sys.modules.get("imgclf.engine.trainer")  # imported by any command that trains
+        if trainer is not None and trainer.STOPPED_BY:
+            print("imgclf: terminated", file=sys.stderr)
+            return 128 + trainer.STOPPED_BY[0]
         print("imgclf: interrupted", file=sys.stderr)
         return 130
 

@@ -586,8 +586,7 @@ class Trainer:
                 hook(self, time.perf_counter() - t0)
 
     def load_checkpoint(self, path: Path) -> None:
-        # weights_only: a checkpoint is data, never code
-        s = torch.load(path, map_location=self.device, weights_only=True)
+        s = read_checkpoint(path, map_location=self.device)
         self.model.load_state_dict(s["model"])
         self.optimizer.load_state_dict(s["optimizer"])
         self.scaler.load_state_dict(s["scaler"])
@@ -609,31 +608,111 @@ class Trainer:
             self.crop_end = s.get("crop_end", self.crop_end)
 
 
+def read_checkpoint(path: Path, map_location="cpu", mmap: bool = False) -> dict:
+    """A run's last.pt (weights_only: a checkpoint is data, never code). One that cannot be read
+    (cut short by a full disk or a copy, empty, another file under its name) is one line that
+    says what the run has left to go on from, not torch's traceback."""
+    try:
+        s = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
+    except OSError as e:  # permissions, a vanished mount: the file may be fine
+        raise UserError(f"{path}: cannot read the checkpoint ({e.strerror or e})") from None
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, EOFError, KeyError, pickle errors here
+        with open(path, "rb") as f:
+            head = f.read(4)
+        why = ("an empty file" if not head
+               else "not a torch checkpoint (not a zip archive)" if head != b"PK\x03\x04"
+               else (str(e).split(". ")[0].splitlines() or [""])[0][:160] or type(e).__name__)
+        raise UserError(damaged_checkpoint(path, why)) from None
+    if not isinstance(s, dict) or not {"model", "optimizer", "step", "epoch"} <= s.keys():
+        raise UserError(damaged_checkpoint(path, "it holds no training state"))
+    return s
+
+
+def damaged_checkpoint(path: Path, why: str) -> str:
+    """The message for an unreadable last.pt: atomic_save never leaves a half-written one, so it
+    was damaged afterwards, and there is no older checkpoint to fall back to."""
+    from imgclf.config import _COMMAND_LINE
+
+    run = path.parent
+    again = (f"'imgclf train --resume {run}'" if _COMMAND_LINE.get() is not None
+             else f"imgclf.train(resume={str(run)!r})")
+    if (run / "model.json").is_file() and (run / "model.safetensors").is_file():
+        what = ("the run's model (model.safetensors) is not affected: evaluate, predict and export use it; "
+                "to train on, start a new run")
+    else:
+        what = f"delete {path}, and {again} trains the run again from its beginning"
+        if (run / "best.safetensors").is_file():
+            best = run / "best.safetensors"
+            what = (f"{best} keeps the weights of its best epoch so far (a new run with the same --model can "
+                    f"start from them: --weights {best}); or {what}")
+    return f"{path} is damaged (truncated or not a checkpoint): {why}; {what}"
+
+
+# SIGTERM, when it stopped the run (_on_sigterm): the CLI exits 143, not Ctrl-C's 130
+STOPPED_BY: list[int] = []
+
+
+def _on_sigterm(signum, frame):
+    STOPPED_BY[:] = [signum]
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """SIGTERM (kill, a batch scheduler's stop) stops a run as Ctrl-C does: the step in progress is
+    saved (ctrl_c_between_steps), or a new run without a checkpoint removes its folder, as the
+    README says and as a run with --devices N did already (spawn_train). With SIGTERM's default
+    action the process ended at once and left a folder that only blocked the same command (and
+    under a default name the next run went to NAME-2). Only where SIGTERM has that default, in
+    the main thread: sweep workers, spawned and torchrun processes keep their own handling.
+    kill -9 cannot be caught: such a folder starts over when the same command is given again."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    STOPPED_BY.clear()
+    old = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 @contextlib.contextmanager
 def ctrl_c_between_steps(enabled: bool):
     """Yields an Event that a Ctrl-C sets instead of raising KeyboardInterrupt mid-step, so the
     loop can save the step just finished (a mid-epoch checkpoint) and stop there: --resume then
     loses nothing. A second Ctrl-C raises at once. Only where SIGINT has Python's own handler, in
-    the main thread: a sweep, a distributed worker or a notebook kernel keeps its own."""
+    the main thread: a sweep, a distributed worker or a notebook kernel keeps its own. SIGTERM
+    alike where sigterm_as_ctrl_c took it over (also when SIGINT is ignored: a nohup'd run)."""
     import signal
     import threading
 
     asked = threading.Event()
-    if not enabled or threading.current_thread() is not threading.main_thread() \
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    ours = [sig for sig, h in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, _on_sigterm))
+            if signal.getsignal(sig) is h]
+    if not enabled or threading.current_thread() is not threading.main_thread() or not ours:
         yield asked
         return
 
     def handler(signum, frame):
+        if signum == signal.SIGTERM:
+            STOPPED_BY[:] = [signum]
         if asked.is_set():
             raise KeyboardInterrupt
         asked.set()
 
-    old = signal.signal(signal.SIGINT, handler)
+    old = {sig: signal.signal(sig, handler) for sig in ours}
     try:
         yield asked
     finally:
-        signal.signal(signal.SIGINT, old)
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 def refuse_within_epoch(path: Path, part: dict):
