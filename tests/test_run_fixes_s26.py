@@ -143,9 +143,13 @@ def test_a_run_whose_data_moved_says_so_not_no_such_data(tiny_run, tmp_path, cap
     run = _copy(tiny_run, tmp_path / "moved")
     gone = tmp_path / "gone"
     _set_config(run, data=str(gone))
-    assert main(["evaluate", str(run)]) == 2
-    assert capsys.readouterr().err == (f"imgclf: error: the data this run was trained on (config.yaml data: "
-                                       f"{gone}) is not there any more: pass --data FOLDER\n")
+    for command in ("evaluate", "calibrate"):
+        assert main([command, str(run)]) == 2
+        assert capsys.readouterr().err == (f"imgclf: error: the data this run was trained on (config.yaml data: "
+                                           f"{gone}) is not there any more: pass --data FOLDER\n")
+    from imgclf.evaluate.report import write_report
+
+    assert f"config.yaml data: {gone}) is not there any more" in write_report(run, device="cpu").read_text()
     (run / "summary.json").unlink()  # not finished: --resume would read the data
     with pytest.raises(UserError) as e:
         imgclf.train(resume=run)

@@ -514,7 +514,7 @@ def _finished_run(run_dir: Path) -> TrainResult | None:
                        config=cfg, extras={"finished_already": True})
 
 
-def _check_run_data(run_dir: Path, cfg: TrainConfig, *, resume: bool = False,
+def _check_run_data(run_dir: Path | None, cfg: TrainConfig, *, resume: bool = False,
                     keys: tuple[str, ...] = ("data", "val_data", "test_data", "images")) -> None:
     """The run's recorded data (config.yaml; local paths are stored absolute) still there: a
     folder moved since training is said as such, not as '--data X: no such file or folder' to a
