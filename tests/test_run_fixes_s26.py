@@ -176,7 +176,7 @@ def test_two_data_folders_of_one_name_get_their_own_evaluation_folders(tiny_run,
     # the same data again: its own folder, overwritten
     assert main(["evaluate", str(run), "--data", str(a), "--no-progress"]) == 0
     assert f"figures: {run / 'eval-other'}\n" in capsys.readouterr().out
-    assert sorted(p.name for p in run.glob("eval-*")) == ["eval-other", "eval-other-2"]
+    assert sorted(p.name for p in run.glob("eval-other*")) == ["eval-other", "eval-other-2"]
     assert json.loads((run / "eval-other" / "metrics.json").read_text())["data"] == str(a)
     assert json.loads((run / "eval-other-2" / "metrics.json").read_text())["data"] == str(b)
 
