@@ -129,7 +129,7 @@ def read_meta(run: str | Path) -> tuple[Path, dict[str, Any]]:
                             f"stopped: then resume it with 'imgclf train --resume {run}')")
         if (run / "config.yaml").exists():
             raise UserError(f"{run} has no model.json: training stopped before its first checkpoint "
-                            f"(train again with the same options, adding --exist-ok)")
+                            f"(give the same train command again: it starts over in that folder)")
         runs = sorted(e.name for e in itertools.islice(os.scandir(run), 2000)
                       if e.is_dir() and (Path(e.path) / "model.json").is_file())
         if runs:  # a project folder ('runs'): its runs' figures would look like data below
