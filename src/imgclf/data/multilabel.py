@@ -407,7 +407,8 @@ def _names_from_coco(root: Path, parts: dict[str, _Objects], problems: list[str]
         agree = sum(yolo[s] == coco[s] for s in both)
         if both and top < len(cats) and agree >= 0.9 * len(both):
             log.info(f"{root}: no names file beside the YOLO labels: class names taken from {jp} (its categories "
-                     f"in id order; they match the labels' class ids on {agree} of {len(both)} images)")
+                     f"in id order; they match the labels' class ids on {agree} of {len(both)} images)",
+                     once=True)  # evaluate reads a run's data twice (its classes, then its split)
             return [str(c["name"]) for c in cats]
         why = (f"they match the class ids on only {agree} of {len(both)} images" if both
                else "it describes none of these images")
