@@ -133,3 +133,17 @@ def test_an_unwritable_evaluate_out_is_one_line_before_any_image_is_scored(tiny_
     with pytest.raises(UserError, match=r"--out /proc/imgclf: cannot write the evaluation there"):
         imgclf.evaluate(tiny_run, str(sample_dir / "test"), out="/proc/imgclf", progress=False)
     assert not scored and taken.read_text() == "{}"
+
+
+def test_evaluate_says_which_classes_the_data_has_no_images_of(tiny_run, sample_dir, tmp_path, capfd):
+    """Three of ten classes: seven rows of support 0, and a macro F1 far under top-1 when the
+    model predicts absent classes; one line says why."""
+    data = tmp_path / "three"
+    for c in ("cat", "dog", "ship"):
+        shutil.copytree(sample_dir / "test" / c, data / c)
+    m = imgclf.evaluate(tiny_run, str(data), progress=False)
+    err = capfd.readouterr().err
+    assert "7 of the model's 10 classes have no images in" in err and "airplane, automobile, bird" in err
+    predicted = np.asarray(m["confusion"]).sum(0)
+    wrong = sum(1 for i, r in enumerate(m["per_class"]) if r["support"] == 0 and predicted[i] > 0)
+    assert (f"{wrong} of them were predicted" in err) == (wrong > 0)

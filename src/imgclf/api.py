@@ -1164,6 +1164,14 @@ def _evaluate(run: str | Path, data: str | None, *, tta: bool | None, device: st
         log.info(f"eval-{src.name} holds the evaluation of other data: this one goes to {out_dir.name}")
     m = _evaluate_cached(model, meta, cs, meta["classes"], device_t, "auto", out_dir, split=which, tta_level=level,
                          ram_budget=_run_ram_budget(run_dir), data=where)
+    rows = m.get("per_class", [])
+    absent = [r["class"] for r in rows if r["support"] == 0]
+    if absent:  # macro F1 0.17 beside top-1 0.42 reads as a bug without this
+        predicted = np.asarray(m["confusion"]).sum(0)  # rows: true class, columns: predicted
+        wrong = sum(1 for i, r in enumerate(rows) if r["support"] == 0 and predicted[i] > 0)
+        log.info(f"{len(absent)} of the model's {len(meta['classes'])} classes have no images in {data} "
+                 f"({', '.join(absent[:5])}{', ...' if len(absent) > 5 else ''}): their rows show support 0"
+                 + (f"; {wrong} of them were predicted, each an F1 of 0 in the macro F1" if wrong else ""))
     m["out_dir"] = str(out_dir)
     return m
 
