@@ -157,3 +157,15 @@ def test_options_the_run_does_not_use_are_said_to_be_ignored(capfd):
     resolved = recipe.resolve(TrainConfig(data="x", optimizer="sgd"), n_train=5000, image_size=32, arch="fastnet")
     capfd.readouterr()
     assert said(**resolved.model_dump(exclude={"data", "image_size", "model"})) == ""
+
+
+def test_model_arguments_of_the_wrong_type_are_named():
+    """--model-args width=abc was "type str doesn't define __round__ method"."""
+    from imgclf.errors import UserError
+    from imgclf.models.registry import build_model
+
+    with pytest.raises(UserError, match=r"FastNet: model argument width='abc' is not a number \(its default: 1.0\)"):
+        build_model("fastnet", 10, 32, {"width": "abc"})
+    with pytest.raises(UserError, match="batchnorm='yes' is not true or false"):
+        build_model("plaincnn", 10, 32, {"batchnorm": "yes"})
+    assert build_model("fastnet", 10, 32, {"width": 2}) is not None  # an int for a float is fine

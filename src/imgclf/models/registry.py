@@ -70,6 +70,13 @@ def _coerce_args(cls, args: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         allowed = [p for p in params if p not in ("self", "num_classes", "image_size")]
         raise UserError(f"model argument(s) {', '.join(unknown)} not known to {cls.__name__}; it takes: {', '.join(allowed)}")
+    for k, v in args.items():  # width=abc: said as such, not as "type str doesn't define __round__"
+        default = params[k].default
+        number = isinstance(default, int | float) and not isinstance(default, bool)
+        if number and (isinstance(v, bool) or not isinstance(v, int | float)):
+            raise UserError(f"{cls.__name__}: model argument {k}={v!r} is not a number (its default: {default})")
+        if isinstance(default, bool) and not isinstance(v, bool):
+            raise UserError(f"{cls.__name__}: model argument {k}={v!r} is not true or false (its default: {default})")
     # YAML/CLI give lists; the nets take tuples
     return {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
 
