@@ -142,6 +142,7 @@ def test_predict_folder_follows_links_and_an_empty_folder_is_an_error(tiny_run, 
 
 
 def test_predict_cli_keeps_names_that_are_not_utf8(tiny_run, sample_dir, tmp_path, capsysbinary):
+    import json
     import os
 
     f = _images(sample_dir, 1)[0]
@@ -153,7 +154,11 @@ def test_predict_cli_keeps_names_that_are_not_utf8(tiny_run, sample_dir, tmp_pat
     csv_path = tmp_path / "p.csv"
     assert main(["predict", str(tiny_run), str(folder), "--output", str(csv_path)]) == 0
     assert b"caf\xe9.jpg" in csv_path.read_bytes()  # the file's own bytes, usable to open it again
-    assert b"caf\\udce9.jpg" in capsysbinary.readouterr().out
+    assert b"caf\\xe9.jpg" in capsysbinary.readouterr().out  # as class folder names are shown
+    json_path = tmp_path / "p.json"
+    assert main(["predict", str(tiny_run), str(folder), "--output", str(json_path)]) == 0
+    text = json_path.read_text(encoding="utf-8")  # strict UTF-8, and no lone surrogate in it
+    assert "\\udc" not in text and json.loads(text)[0]["input"].endswith("caf\\xe9.jpg")
 
 
 def test_cli_options_are_not_abbreviated(capsys):

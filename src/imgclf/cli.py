@@ -381,6 +381,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from imgclf.api import load
+    from imgclf.data.archives import shown_name
     from imgclf.data.images import IMAGE_EXTENSIONS
 
     out = _output_file(args.output) if args.output else None
@@ -393,7 +394,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     multilabel = clf.meta.get("task") == "multilabel"
     if out:  # written before anything is printed: a terminal that cannot show a name loses nothing
         if out.suffix.lower() == ".json":
-            out.write_text(json.dumps(preds, indent=2))
+            # a name that is not UTF-8 as \xNN (as class folder names are): a lone surrogate
+            # (\udce9) is valid JSON text that strict parsers (serde, Go) refuse
+            out.write_text(json.dumps([{**r, "input": shown_name(r["input"])} for r in preds], indent=2))
         else:
             # file names that are not UTF-8 (Linux hands them over as lone surrogates) are
             # written back as the bytes they were
@@ -410,9 +413,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
                     w.writerow(row)
     for r in preds:
         if "error" in r:
-            print(f"{r['input']}\tERROR {r['error']}")
+            print(f"{shown_name(r['input'])}\tERROR {r['error']}")
         else:
-            print(f"{r['input']}\t" + "  ".join(f"{c} {p:.3f}" for c, p in r["top"])
+            print(f"{shown_name(r['input'])}\t" + "  ".join(f"{c} {p:.3f}" for c, p in r["top"])
                   + ("\tlabels: " + (", ".join(c for c, _ in r["labels"]) or "-") if "labels" in r else ""))
     if out:
         print(f"wrote {out}")
