@@ -784,7 +784,22 @@ def test_bomb_header_above_default_limit(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         err = _bad(path)
-    assert err.reason == "image too large: 10000x10000 pixels exceeds limit of 89478485"
+    assert err.reason == ("image too large: 10000x10000 pixels exceeds limit of 89478485 (a guard against "
+                          "decompression bombs; IMGCLF_MAX_PIXELS=N raises it)")
+
+
+def test_the_pixel_limit_for_ones_own_files_can_be_raised(tmp_path: Path, monkeypatch) -> None:
+    # a 9500x9500 scan (90 MP, just over the default) as a valid PNG: refused, then read with the
+    # limit raised; an explicit max_pixels (serve's --max-pixels) is not affected
+    path = tmp_path / "scan.png"
+    path.write_bytes(_png(9_500, 9_500, 8, 0, (b"\x00" + b"\x80" * 9_500) * 9_500))
+    assert "IMGCLF_MAX_PIXELS=N raises it" in _bad(path).reason
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # raised below: put back after
+    monkeypatch.setenv("IMGCLF_MAX_PIXELS", "100_000_000")
+    small = load_resized(path, 32)
+    assert small.shape == (32, 32, 3) and (small == 128).all()
+    with pytest.raises(BadImage, match="exceeds limit of 1000$"):
+        load_resized(path, 32, max_pixels=1000)
 
 
 def test_bomb_header_above_pil_hard_limit(tmp_path: Path) -> None:

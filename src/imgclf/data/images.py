@@ -86,6 +86,19 @@ RESIZE_POLICIES = ("stretch", "crop", "letterbox")
 
 # Same value as PIL's own default Image.MAX_IMAGE_PIXELS (about 256 MiB of RGB at 3 bytes/pixel).
 DEFAULT_MAX_PIXELS = 89_478_485
+# For one's own large images (a 12000x9000 PNG scan or map tile; a JPEG that size decodes at
+# reduced scale and passes): IMGCLF_MAX_PIXELS raises the limit of training, predict and check.
+# serve has its own --max-pixels, for uploads from others.
+MAX_PIXELS_ENV = "IMGCLF_MAX_PIXELS"
+
+
+def _max_pixels() -> int:
+    text = os.environ.get(MAX_PIXELS_ENV, "").replace("_", "")
+    if text.isdigit() and int(text) > 0:
+        if Image.MAX_IMAGE_PIXELS and int(text) > Image.MAX_IMAGE_PIXELS:
+            Image.MAX_IMAGE_PIXELS = int(text)  # PIL's own refusal sits at twice its value
+        return int(text)
+    return DEFAULT_MAX_PIXELS
 
 LETTERBOX_FILL = 114  # YOLO's padding grey: mid-range, so padding is not mistaken for content
 RESAMPLE = Image.Resampling.BICUBIC  # every resize (export.py records it for deployments)
@@ -151,7 +164,7 @@ def _one_line(text: str) -> str:
     return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
-def load_rgb(source: str | os.PathLike | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_rgb(source: str | os.PathLike | bytes, *, max_pixels: int | None = None) -> np.ndarray:
     """Decode any image into an HxWx3 uint8 RGB array.
 
     ``source`` is a path or the encoded file's bytes. EXIF orientation is applied, the first
@@ -225,7 +238,7 @@ def load_resized(
     size: int,
     policy: str = "stretch",
     *,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = None,
 ) -> np.ndarray:
     """load_rgb + resize_rgb, using PIL's JPEG draft mode (Image.draft) to decode large JPEGs at
     reduced scale when the target is much smaller: this is the hot path of the cache builder,
@@ -244,8 +257,9 @@ def load_resized(
 # --- decoding ---------------------------------------------------------------------------------
 
 
-def _decode(source: str | os.PathLike | bytes, max_pixels: int, draft: tuple[int, str] | None) -> Image.Image:
+def _decode(source: str | os.PathLike | bytes, max_pixels: int | None, draft: tuple[int, str] | None) -> Image.Image:
     """Open, validate and fully decode ``source`` into an RGB PIL image (see load_rgb)."""
+    max_pixels = max_pixels or _max_pixels()
     name, fp = _open_source(source)
     # PIL warns about harmless things (palette transparency given as bytes, odd EXIF/TIFF
     # tags, big-but-allowed images); callers get either an array or a BadImage, never noise.
@@ -262,7 +276,9 @@ def _decode(source: str | os.PathLike | bytes, max_pixels: int, draft: tuple[int
         # before load(): the whole point is not to allocate/decode a bomb's pixels. The limit is
         # on the pixels decoded, so a 108-MP phone photo that decodes at 1/8 scale is fine.
         if img.size[0] * img.size[1] > max_pixels:
-            raise BadImage(name, f"image too large: {width}x{height} pixels exceeds limit of {max_pixels}")
+            raise BadImage(name, f"image too large: {width}x{height} pixels exceeds limit of {max_pixels}"
+                           + ("" if max_pixels != DEFAULT_MAX_PIXELS else
+                              f" (a guard against decompression bombs; {MAX_PIXELS_ENV}=N raises it)"))
         deep = _deep_colour(img, fp, name)
         if deep is not None:
             img = deep
