@@ -232,3 +232,15 @@ def test_a_stop_during_the_data_check_removes_the_new_run_folder(small_sample, t
     with pytest.raises(KeyboardInterrupt):
         imgclf.train(data=str(small_sample), project=str(tmp_path), **FAST)
     assert list(tmp_path.iterdir()) == []  # a default-named run made again is NAME-1, not NAME-2
+
+
+def test_resume_on_another_machine_may_name_its_cache_and_decoding_processes(tiny_run, tmp_path):
+    """--cache-dir, --workers and --ram-budget change where and how images are decoded, not the
+    result: --resume takes them (it refused them with 'drop: --cache-dir') and records them."""
+    run = _copy(tiny_run, tmp_path / "run", drop=("summary.json",))  # not finished: the ending is left
+    res = imgclf.train(resume=run, cache_dir=str(tmp_path / "here"), workers=1, progress=False)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["cache_dir"] == str(tmp_path / "here") and saved["workers"] == 1
+    assert (tmp_path / "here").is_dir() and res.test["n"] > 0
+    with pytest.raises(UserError, match="drop: --epochs|drop: epochs"):
+        imgclf.train(resume=run, epochs=9)

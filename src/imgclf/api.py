@@ -393,6 +393,11 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
             torch.cuda.set_rng_state_all(states[3])
 
 
+# what --resume may set: what may differ on the machine a run resumes on (results do not depend on
+# it); everything else is the run's own
+RESUME_OPTIONS = frozenset({"progress", "device", "devices", "cache_dir", "workers", "ram_budget"})
+
+
 def _train(config: str | Path | None = None, *, resume: str | Path | None = None, callbacks=None,
            final_eval: bool = True, **options: Any) -> TrainResult:
     log.reset()
@@ -400,8 +405,7 @@ def _train(config: str | Path | None = None, *, resume: str | Path | None = None
     started = time.time()
     if resume is not None:
         run_dir = Path(resume)
-        # what may differ on the machine a run resumes on; everything else is the run's own
-        own = {"progress", "device", "devices"}
+        own = RESUME_OPTIONS
         extra = sorted(set(options) - own) + (["config"] if config is not None else [])
         if extra:  # silently training the saved config instead would be worse
             raise UserError(f"resume continues a run with its saved config; drop: {', '.join(extra)}")
@@ -426,8 +430,13 @@ def _train(config: str | Path | None = None, *, resume: str | Path | None = None
         else:  # a damaged checkpoint is one line now, not a traceback after the data are decoded
             read_checkpoint(run_dir / "last.pt", mmap=True)  # mmap: the weights are not read
     if resume is not None:
-        saved_devices = make_config(run_dir / "config.yaml").devices
+        saved = make_config(run_dir / "config.yaml")
+        saved_devices = saved.devices
         cfg = make_config(run_dir / "config.yaml", **{k: v for k, v in options.items() if k in own})
+        if any(getattr(cfg, k) != getattr(saved, k) for k in ("cache_dir", "workers", "ram_budget")):
+            # this machine's cache, decoding processes and memory (results do not depend on them):
+            # recorded, so a later --resume, evaluate or report reads the same cache
+            dump_yaml(cfg, run_dir / "config.yaml")
         if cfg.devices != saved_devices and not _distributed_launched():
             # the global batch stays the same, so each process takes batch_size / devices
             if cfg.batch_size and cfg.batch_size % cfg.devices:

@@ -321,11 +321,11 @@ def _train_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from imgclf.api import train
+    from imgclf.api import RESUME_OPTIONS, train
 
     opts = _train_options(args)
     if args.resume:
-        extra = set(opts) - {"progress", "device", "devices"} | ({"config"} if args.config else set())
+        extra = set(opts) - RESUME_OPTIONS | ({"config"} if args.config else set())
         if extra:
             raise UserError(f"--resume continues a run with its saved config; drop: {', '.join('--' + k.replace('_', '-') for k in sorted(extra))}")
         res = train(resume=args.resume, **opts)
