@@ -185,7 +185,7 @@ class TrainConfig(BaseModel):
     name: str | None = Field(None, description="run folder name (default: <data>-<model>-N)")
     exist_ok: bool = Field(False, description="reuse a run folder of the same name")
     tensorboard: bool = Field(True, description="write TensorBoard logs to RUN/tensorboard")
-    progress: bool = Field(True, description="progress bars while decoding and training")
+    progress: bool = Field(True, description="progress bars while decoding and training, and a line per epoch (metrics.csv has them either way)")
 
     @field_validator("lr", mode="before")
     @classmethod
