@@ -337,6 +337,14 @@ def test_one_class_is_serious_as_train_refuses_it(sample_dir, tmp_path):
         msg = report["findings"][0]["message"]
         assert msg.startswith("only one class (cat) in ") and report["findings"][0]["severity"] == "error"
         assert "a classifier needs two or more: point --data at the folder that holds the class folders" in msg
+    # a label CSV whose other class's rows say nan: no folder level to point at
+    table = tmp_path / "labels.csv"
+    cats = sorted((sample_dir / "train" / "cat").glob("*.jpg"))[:12]
+    dogs = sorted((sample_dir / "train" / "dog").glob("*.jpg"))[:12]
+    table.write_text("path,label\n" + "".join(f"{f},cat\n" for f in cats) + "".join(f"{f},nan\n" for f in dogs))
+    rc, report = _check(tmp_path / "csv", "--data", str(table), "--val-split", "0")
+    one = next(f for f in report["findings"] if f["kind"] == "one_class")
+    assert rc == 1 and "its labels name one class" in one["message"] and "class folders" not in one["message"]
 
 
 def test_val_data_inside_the_training_data_is_said_to_be_the_same_files(sample_dir, tmp_path):

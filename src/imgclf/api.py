@@ -596,8 +596,10 @@ def _prepare_data(cfg: TrainConfig, run_dir: Path | None, device: torch.device, 
     for p in src.problems:
         log.warn(p)
     if src.task == "single" and len(src.classes) < 2:
+        from imgclf.data.sources import one_class_advice
+
         raise UserError(f"--data {cfg.data}: only one class ({', '.join(src.classes)}) in {src.origin}; a classifier "
-                        "needs two or more: point --data at the folder that holds the class folders")
+                        f"needs two or more: {one_class_advice(src)}")
     if src.task == "single" and cfg.monitor == "val_map":
         raise UserError("--monitor val_map is for multi-label data; use val_acc or val_loss")
     if src.task == "multilabel" and cfg.label_smoothing:

@@ -24,7 +24,7 @@ import numpy as np
 
 from imgclf.data.cache import CachedSplit, release_pages
 from imgclf.data.phash import equal_groups, hash_images, mirror_pairs, near_pairs
-from imgclf.data.sources import DataSource, Split
+from imgclf.data.sources import DataSource, Split, one_class_advice
 from imgclf.errors import UserError
 from imgclf.paths import write_problem
 
@@ -209,7 +209,7 @@ def run_checks(
         report.findings.append(Finding(
             "one_class", "error",
             f"only one class ({', '.join(map(_show, source.classes))}) in {source.origin}; a classifier needs "
-            "two or more: point --data at the folder that holds the class folders",
+            f"two or more: {one_class_advice(source)}",
             details={"classes": list(source.classes)}))
     report.findings += _unreadable(items)
     counts, class_findings = _class_counts(items, source.classes)

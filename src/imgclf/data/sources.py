@@ -664,6 +664,13 @@ def _align(other: DataSource, classes: list[str]) -> DataSource:
     return other
 
 
+def one_class_advice(src: DataSource) -> str:
+    """What to do about single-label data of one class (train refuses it, check reports it)."""
+    if os.path.isfile(src.origin):  # a label CSV, .npz or parquet: its labels, not a folder level
+        return "its labels name one class (rows of the others may lack a label or an image: see the lines above)"
+    return "point --data at the folder that holds the class folders"
+
+
 DEFAULT_VAL_SPLIT = 0.1  # config.py's default too
 
 
