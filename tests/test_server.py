@@ -155,6 +155,10 @@ def test_json_bodies_carry_base64_images_and_data_urls(client, jpeg, sample_dir)
     # wrapped base64 (76 columns, as many encoders write it) is still base64
     wrapped = base64.encodebytes(jpeg).decode()
     assert client.post("/v1/predict", json={"image": wrapped}).json()["predictions"][0]["top"] == one[0]["top"]
+    # and so is base64url without its padding (JWT-style encoders)
+    url = base64.urlsafe_b64encode(jpeg).decode().rstrip("=")
+    assert "-" in url or "_" in url
+    assert client.post("/v1/predict", json={"image": url}).json()["predictions"][0]["top"] == one[0]["top"]
     bad = [({"img": b64[0]}, "send {\"images\": [base64, ...]}"), ([b64[0]], "got list"),
            ({"images": []}, "'images' must be a list of one or more base64 strings, got an empty list"),
            ({"images": "abc"}, "got str"), ({"images": [{"filename": "x.jpg"}]}, "image 0 ('x.jpg') has no 'data'"),
