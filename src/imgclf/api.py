@@ -1175,7 +1175,7 @@ def _evaluate(run: str | Path, data: str | None, *, tta: bool | None, device: st
         log.info(f"eval-{src.name} holds the evaluation of other data: this one goes to {out_dir.name}")
     m = _evaluate_cached(model, meta, cs, meta["classes"], device_t, "auto", out_dir, split=which, tta_level=level,
                          ram_budget=_run_ram_budget(run_dir), data=where)
-    rows = m.get("per_class", [])
+    rows = m.get("per_class", []) if "confusion" in m else []  # single-label (multi-label has no confusion)
     absent = [r["class"] for r in rows if r["support"] == 0]
     if absent:  # macro F1 0.17 beside top-1 0.42 reads as a bug without this
         predicted = np.asarray(m["confusion"]).sum(0)  # rows: true class, columns: predicted
