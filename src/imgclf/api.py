@@ -40,6 +40,7 @@ from imgclf.evaluate.inference import auto_batch_size
 from imgclf.models.registry import arch_args_for_record, build_model, default_normalization, resolve_name
 from imgclf.paths import write_problem
 from imgclf.runs import (
+    check_run_data,
     hold_run,
     load_model,
     read_meta,
@@ -416,7 +417,7 @@ def _train(config: str | Path | None = None, *, resume: str | Path | None = None
         done = _finished_run(run_dir)
         if done is not None:
             return done
-        _check_run_data(run_dir, make_config(run_dir / "config.yaml"), resume=True)
+        check_run_data(run_dir, make_config(run_dir / "config.yaml"), resume=True)
         if _stopped_before_first_checkpoint(run_dir):
             # nothing to continue from: the run starts from its beginning, with its saved config, in
             # its folder (wherever that folder is now)
@@ -521,24 +522,6 @@ def _finished_run(run_dir: Path) -> TrainResult | None:
              f"{score}): nothing to resume")
     return TrainResult(run_dir, read_history(run_dir), test=test if isinstance(test, dict) else None,
                        config=cfg, extras={"finished_already": True})
-
-
-def _check_run_data(run_dir: Path | None, cfg: TrainConfig, *, resume: bool = False,
-                    keys: tuple[str, ...] = ("data", "val_data", "test_data", "images")) -> None:
-    """The run's recorded data (config.yaml; local paths are stored absolute) still there: a
-    folder moved since training is said as such, not as '--data X: no such file or folder' to a
-    user who passed no --data."""
-    for key in keys:
-        v = getattr(cfg, key, None)
-        if isinstance(v, str) and "://" not in v and os.path.isabs(os.path.expanduser(v)) \
-                and not os.path.exists(os.path.expanduser(v)):
-            where = f"config.yaml {key}: {v}"
-            if resume:
-                raise UserError(f"--resume {run_dir}: the data this run was trained on ({where}) is not "
-                                f"there any more: put it back, or set {key}: in {run_dir / 'config.yaml'} to "
-                                "where it is now")
-            raise UserError(f"the data this run was trained on ({where}) is not there any more: pass --data "
-                            "FOLDER")
 
 
 def _refuse_other_processes_within_epoch(last: Path, devices: int) -> None:
@@ -1123,7 +1106,7 @@ def _evaluate(run: str | Path, data: str | None, *, tta: bool | None, device: st
     own = data is None
     if own:
         cfg = make_config(run_dir / "config.yaml")
-        _check_run_data(run_dir, cfg, keys=("test_data" if cfg.test_data else "data", "images"))
+        check_run_data(run_dir, cfg, keys=("test_data" if cfg.test_data else "data", "images"))
         data = cfg.test_data or cfg.data
     src = load_source(data, val_split=0.0, cache_dir=root, **label_opts)
     # a test split if there is one, else a val/ folder (the held-out part), else every image

@@ -10,12 +10,15 @@ import itertools
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from imgclf.errors import UserError
+
+if TYPE_CHECKING:
+    from imgclf.config import TrainConfig
 
 MODEL_FORMAT = "imgclf.model/1"
 
@@ -104,6 +107,30 @@ def remove_exports(run_dir: Path) -> list[Path]:
             f.unlink()
             removed.append(f)
     return removed
+
+
+def is_run(folder: Path) -> bool:
+    """A folder 'imgclf train' made: its config.yaml and its weights or its resume checkpoint."""
+    return (folder / "config.yaml").is_file() and ((folder / "model.json").is_file() or
+                                                   (folder / "last.pt").is_file())
+
+
+def check_run_data(run_dir: Path | None, cfg: TrainConfig, *, resume: bool = False,
+                    keys: tuple[str, ...] = ("data", "val_data", "test_data", "images")) -> None:
+    """The run's recorded data (config.yaml; local paths are stored absolute) still there: a
+    folder moved since training is said as such, not as '--data X: no such file or folder' to a
+    user who passed no --data."""
+    for key in keys:
+        v = getattr(cfg, key, None)
+        if isinstance(v, str) and "://" not in v and os.path.isabs(os.path.expanduser(v)) \
+                and not os.path.exists(os.path.expanduser(v)):
+            where = f"config.yaml {key}: {v}"
+            if resume:
+                raise UserError(f"--resume {run_dir}: the data this run was trained on ({where}) is not "
+                                f"there any more: put it back, or set {key}: in {run_dir / 'config.yaml'} to "
+                                "where it is now")
+            raise UserError(f"the data this run was trained on ({where}) is not there any more: pass --data "
+                            "FOLDER")
 
 
 def run_path(run: Any) -> Path:

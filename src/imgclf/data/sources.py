@@ -471,11 +471,32 @@ def _from_arrays(ds, origin: str, name: str) -> DataSource:
     return DataSource(name=name, origin=origin, classes=list(ds.classes), train=train, test=test)
 
 
+DATA_NAMES = ("cifar10", "cifar-10", "cifar100", "cifar-100")
+
+
+def check_spec(flag: str, spec: str | None) -> None:
+    """Refuse, before reading a byte, a data spec no loader can read: empty ("$DATA" unset: not the
+    working directory), a path that is not there, or not a file or folder. Shared by train and by
+    sweep, which checks before any trial is made."""
+    from imgclf.data import hub
+
+    if spec is None or spec.lower() in DATA_NAMES or hub.is_hub(spec):
+        return
+    if not spec.strip():
+        raise UserError(f"{flag} is empty: name a folder, file or archive")
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise UserError(f"{flag} {spec}: no such file or folder (give a folder, a file, an archive, cifar10, "
+                        f"cifar100 or hf:OWNER/NAME)")
+    if not path.is_dir() and not path.is_file():  # /dev/null, a pipe such as <(cat labels.csv)
+        raise UserError(f"{flag} {spec}: not a file or folder (a device, pipe or socket): save the data to a file")
+
+
 def _load_one(spec: str, *, csv_layout: str, label_column: str, cache_dir: Path, classes=None, ml=None,
               csv_shape: str | None = None) -> DataSource:
     from imgclf.data import arrays, hub, multilabel, parquet
 
-    if spec.lower() in ("cifar10", "cifar-10", "cifar100", "cifar-100"):
+    if spec.lower() in DATA_NAMES:
         which = "cifar100" if "100" in spec else "cifar10"
         folder = arrays.download_cifar(which, cache_dir / "datasets")
         return _from_arrays(arrays.read_cifar(folder), f"{which} ({folder})", which)
@@ -485,11 +506,8 @@ def _load_one(spec: str, *, csv_layout: str, label_column: str, cache_dir: Path,
         src.name = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in hub.parse(spec)[0].split("/")[-1])
         src.origin = spec
         return src
+    check_spec("--data", spec)
     path = Path(spec).expanduser()
-    if not path.exists():
-        raise UserError(f"--data {spec}: no such file or folder")
-    if not path.is_dir() and not path.is_file():  # /dev/null, a pipe such as <(cat labels.csv)
-        raise UserError(f"--data {spec}: not a file or folder (a device, pipe or socket): save the data to a file")
     if path.is_file() and archives.archive_suffix(path):
         src = _load_one(str(archives.extract_archive(path, cache_dir)), csv_layout=csv_layout,
                         label_column=label_column, cache_dir=cache_dir, classes=classes, ml=ml, csv_shape=csv_shape)
@@ -555,18 +573,16 @@ def _load_one(spec: str, *, csv_layout: str, label_column: str, cache_dir: Path,
     return src
 
 
-def _is_run(d: Path) -> bool:
-    return (d / "config.yaml").is_file() and ((d / "model.json").is_file() or (d / "last.pt").is_file())
-
-
 def _not_a_run(path: Path, spec: str) -> None:
     """--data RUN (or the runs/ folder) read as data: its eval-*/ folders became classes and its
     charts the images."""
-    if _is_run(path):
+    from imgclf.runs import is_run
+
+    if is_run(path):
         raise UserError(f"--data {spec} is an imgclf run folder, not data: pass the data it was trained on (its "
                         f"config.yaml says which), or the run as the first argument of evaluate/predict")
     dirs = _class_dirs(path)
-    if dirs and all(_is_run(d) for d in dirs[:50]):
+    if dirs and all(is_run(d) for d in dirs[:50]):
         raise UserError(f"--data {spec} holds imgclf run folders ({dirs[0].name}, ...), not data")
 
 
@@ -696,7 +712,7 @@ def load_source(
 
     for flag, spec in (("--data", data), ("--val-data", val_data), ("--test-data", test_data)):
         if spec is not None and not str(spec).strip():  # "$DATA" unset: not the working directory
-            raise UserError(f"{flag} is empty: name a folder, file or archive")
+            check_spec(flag, str(spec))
     subset = multilabel.parse_classes(classes) if isinstance(classes, str) else classes
     if task == "multilabel" and label_mode == "largest":
         raise UserError("--label-mode largest gives one label per image: use it without --task multilabel")

@@ -227,10 +227,10 @@ def source_from_config(cfg, root: Path):
     """The data source exactly as training read it (same splits, seeds and label options)."""
     import inspect
 
-    from imgclf.api import _check_run_data
     from imgclf.data.sources import load_source
+    from imgclf.runs import check_run_data
 
-    _check_run_data(None, cfg)  # moved since training: said as such, not as '--data X: no such file'
+    check_run_data(None, cfg)  # moved since training: said as such, not as '--data X: no such file'
     # pass every config value load_source takes, so new data options keep working here
     params = inspect.signature(load_source).parameters
     kw = {k: getattr(cfg, k) for k in params if k not in ("data", "cache_dir") and k in type(cfg).model_fields}

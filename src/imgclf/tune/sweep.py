@@ -62,6 +62,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from imgclf import log
 from imgclf.config import TrainConfig, format_validation_error, load_yaml, suggest_key
+from imgclf.data.sources import check_spec
 from imgclf.engine.callbacks import Callback
 from imgclf.errors import UserError
 
@@ -82,9 +83,8 @@ _ATTR_METRIC, _ATTR_DIRECTION, _ATTR_SETTINGS, _ATTR_ID = ("imgclf_metric", "img
 TRIAL_MARKER = "study.json"
 # Keys a fixed value in the space may not hold: typos of a range (min/max) or range-only keys.
 _RANGE_TYPOS = ("log", "step", "type", "min", "max", "lo", "hi")
-# The data options, and the names the loader takes besides a path (data/sources.py _load_one).
+# The data options, each checked as the loader would before any trial (data/sources.py check_spec).
 _DATA_OPTIONS = ("data", "val_data", "test_data")
-_DATA_NAMES = ("cifar10", "cifar-10", "cifar100", "cifar-100")
 
 
 class StudySpec(BaseModel):
@@ -347,7 +347,7 @@ class Space:
             for key in _DATA_OPTIONS:
                 where = (f"space value {self._shown(probe)}" if key in probe
                          else "space (a fixed value)" if key in self.fixed else "base")
-                check_data_spec(f"study {where}: {key}", getattr(cfg, key))
+                check_spec(f"study {where}: {key}", getattr(cfg, key))
             configs.append((probe, cfg))
         self._check_model_args()
         self._build_models(configs)
@@ -433,22 +433,6 @@ class Space:
                         raise UserError(f"space '{p.name}': {arch} takes a whole number; add 'type: int' to the range")
 
 
-def check_data_spec(label: str, spec: str | None) -> None:
-    """Refuse data the loader would refuse before reading a byte (data/sources.py _load_one): a path
-    that is not there, or not a file or folder. Every trial would fail on it, after the study and
-    its trial folders were made."""
-    from imgclf.data import hub
-
-    if spec is None or spec.lower() in _DATA_NAMES or hub.is_hub(spec):
-        return
-    path = Path(spec).expanduser()
-    why = ("is empty" if not spec.strip() else "no such file or folder" if not path.exists()
-           else None if path.is_file() or path.is_dir() else "not a file or folder (a device, pipe or socket)")
-    if why:
-        raise UserError(f"{label} {spec}: {why} (give a folder, a file, an archive, cifar10, cifar100 or "
-                        f"hf:OWNER/NAME)")
-
-
 def _study_key_hint(key: str) -> str:
     # the study's own keys first (n_trails -> n_trials); the train options' help would not list them
     if key in TrainConfig.model_fields:  # a train option at the top level
@@ -473,7 +457,7 @@ def load_spec(path: str | Path, **overrides: Any) -> StudySpec:
 
         raise UserError(format_validation_error(e, origin, noun="study key", suggest=_study_key_hint)) from None
     if data is not None:
-        check_data_spec("--data", str(data))  # the flag's mistake, not the file's
+        check_spec("--data", str(data))  # the flag's mistake, not the file's
         spec.base = {**spec.base, "data": str(data)}
     if spec.metric not in METRICS:
         raise UserError(f"{path}: metric '{spec.metric}' is not a score a trial writes; use one of {', '.join(METRICS)}")
