@@ -24,6 +24,7 @@ from imgclf.data.arrays import (
     read_cifar,
     read_pixel_csv,
 )
+from imgclf.data.sources import load_source
 from imgclf.errors import UserError
 
 DATA = Path(os.environ.get("IMGCLF_TEST_DATA", "/nonexistent"))  # set by conftest.py
@@ -498,6 +499,25 @@ def test_csv_non_numeric_pixel_names_line_and_column(tmp_path):
     path = write_csv(tmp_path / "x.csv", [0] * 5, rows)
     with pytest.raises(DataError, match=r"line 4, column 7 \('pixel5'\): 'abc' is not a number"):
         read_pixel_csv(path)
+
+
+@pytest.mark.parametrize("sep,suffix", [(";", ".csv"), ("\t", ".tsv"), ("\t", ".csv")])
+def test_pixel_tables_with_semicolons_or_tabs(tmp_path, real, sep, suffix):
+    # Excel writes ';' where the decimal mark is a comma, and a .tsv has tabs: the same pixels
+    # must come out as from a comma CSV, with quoted string labels and line-numbered errors
+    x, y = real[0][:12], real[1][:12]
+    path = write_csv(tmp_path / f"p{suffix}", [f'"c {v}"' for v in y], x.reshape(len(x), -1))
+    path.write_text(path.read_text().replace(",", sep))
+    ds = read_pixel_csv(path, layout="interleaved")
+    np.testing.assert_array_equal(ds.train.images, x)
+    assert [ds.classes[i] for i in ds.train.labels] == [f"c {v}" for v in y]
+    src = load_source(str(path), csv_layout="interleaved", cache_dir=tmp_path / "cache")  # --data p.tsv too
+    assert sorted(src.classes) == sorted(ds.classes) and len(src.train) + len(src.val or []) == len(x)
+    lines = path.read_text().splitlines()
+    lines[3] = lines[3].rsplit(sep, 1)[0] + sep + "oops"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"line 4, column 3073 \('pixel3071'\): 'oops' is not a number"):
+        read_pixel_csv(path, layout="interleaved")
 
 
 def test_csv_other_errors(tmp_path):

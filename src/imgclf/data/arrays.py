@@ -576,19 +576,26 @@ def _column_desc(header: list[str], i: int) -> str:
     return f"column {i + 1} ({header[i]!r})" if header[i] else f"column {i + 1}"
 
 
-def _label_of(line: str, idx: int, ncols: int) -> str:
+def sniff_delimiter(line: str) -> str:
+    """',' unless ';' (Excel's CSVs where the decimal mark is a comma) or a tab (.tsv) splits the
+    header line into more columns."""
+    return max((",", ";", "\t"), key=lambda d: len(next(csv.reader([line], delimiter=d), [])))
+
+
+def _label_of(line: str, idx: int, ncols: int, sep: str) -> str:
     if idx == 0:
-        return line.split(",", 1)[0]
+        return line.split(sep, 1)[0]
     if idx == ncols - 1:
-        return line.rsplit(",", 1)[-1]
-    return line.split(",", idx + 1)[idx]
+        return line.rsplit(sep, 1)[-1]
+    return line.split(sep, idx + 1)[idx]
 
 
 class _PixelReader:
     """Chunked conversion of CSV rows to uint8 pixels with precise, line-numbered errors."""
 
-    def __init__(self, file: Path, header: list[str], label_idx: int, skip: tuple[int, ...] = ()):
+    def __init__(self, file: Path, header: list[str], label_idx: int, skip: tuple[int, ...] = (), sep: str = ","):
         self.file = file
+        self.sep = sep
         self.header = header
         self.ncols = len(header)
         self.label_idx = label_idx
@@ -601,14 +608,14 @@ class _PixelReader:
 
     def _err_at(self, lines: list[str], linenos: list[int], r: int, j: int, what: str) -> DataError:
         col = self.pix_cols[j]
-        cells = next(csv.reader([lines[r]]))
+        cells = next(csv.reader([lines[r]], delimiter=self.sep))
         return DataError(f"{self.file} line {linenos[r]}, {_column_desc(self.header, col)}: "
                          f"{cells[col].strip()!r} {what}")
 
     def _parse_slow(self, lines: list[str], linenos: list[int]) -> np.ndarray:
         """Cell-by-cell parse, only reached when the fast parser failed: finds the bad cell."""
         out = np.empty((len(lines), len(self.pix_cols)), dtype=np.float64)
-        for r, cells in enumerate(csv.reader(lines)):
+        for r, cells in enumerate(csv.reader(lines, delimiter=self.sep)):
             for j, c in enumerate(self.pix_cols):
                 try:
                     out[r, j] = float(cells[c])
@@ -624,11 +631,11 @@ class _PixelReader:
         # column count and labels (csv module only for the rare quoted lines)
         for r, line in enumerate(lines):
             if '"' in line:
-                cells = next(csv.reader([line]))
+                cells = next(csv.reader([line], delimiter=self.sep))
                 n, label = len(cells), (cells[idx] if len(cells) == ncols else "")
             else:
-                n = line.count(",") + 1
-                label = _label_of(line, idx, ncols) if n == ncols else ""
+                n = line.count(self.sep) + 1
+                label = _label_of(line, idx, ncols, self.sep) if n == ncols else ""
             if n != ncols:
                 raise DataError(f"{self.file} line {linenos[r]} has {n} columns but the header has {ncols}; "
                                 "every row needs one label and the same number of pixels")
@@ -637,7 +644,7 @@ class _PixelReader:
                 raise DataError(f"{self.file} line {linenos[r]} has an empty label "
                                 f"({_column_desc(self.header, idx)}); give every row a label")
             self.labels.append(label)
-        kw = dict(delimiter=",", quotechar='"', comments=None, usecols=self.pix_cols, ndmin=2)
+        kw = dict(delimiter=self.sep, quotechar='"', comments=None, usecols=self.pix_cols, ndmin=2)
         try:
             vals = np.loadtxt(lines, dtype=np.int16, **kw)
             integral = True
@@ -753,7 +760,8 @@ def read_pixel_csv(
                 first = f.readline()
             if not first:
                 raise DataError(f"{file} is empty; expected a header row and one row per image")
-            header = [h.strip() for h in next(csv.reader([first.rstrip("\r\n")]))]
+            sep = sniff_delimiter(first.rstrip("\r\n"))  # ',' or, from Excel or a .tsv, ';' or a tab
+            header = [h.strip() for h in next(csv.reader([first.rstrip("\r\n")], delimiter=sep))]
             if all(is_number(h) for h in header):
                 raise DataError(f"{file} has no header row (its first line is numbers); add one, e.g. "
                                 "label,pixel0,pixel1,...")
@@ -768,7 +776,7 @@ def read_pixel_csv(
                     "levels below: if it lists images by id, pass their folder with --images FOLDER)" if index_cols else ""
                 raise DataError(f"{file} has only a label column and no pixel columns{ids}")
             kind, h, w = _resolve_layout(n_pix, layout, image_shape, file)
-            reader = _PixelReader(file, header, label_idx, tuple(index_cols))
+            reader = _PixelReader(file, header, label_idx, tuple(index_cols), sep)
             rows_per_chunk = max(1, _CSV_CHUNK_VALUES // len(header))
             lines: list[str] = []
             linenos: list[int] = []

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imgclf.data.arrays import sniff_delimiter
 from imgclf.data.images import IMAGE_EXTENSIONS
 from imgclf.data.sources import DataSource, Split
 from imgclf.errors import UserError
@@ -74,17 +75,11 @@ def _few(names, k: int = 3) -> str:
 # detection
 
 
-def _delimiter(line: str) -> str:
-    """',' unless ';' (Excel's CSVs where the decimal mark is a comma) or a tab (.tsv) splits the
-    header line into more columns."""
-    return max((",", ";", "\t"), key=lambda d: len(next(csv.reader([line], delimiter=d), [])))
-
-
 def _rows(path: Path, n: int | None = None) -> list[list[str]]:
     """The first ``n`` rows of a label CSV (all when None), split at the delimiter of its header."""
     with open(path, newline="", encoding="utf-8-sig") as f:
         first = f.readline()
-        return list(itertools.islice(csv.reader(itertools.chain([first], f), delimiter=_delimiter(first)), n))
+        return list(itertools.islice(csv.reader(itertools.chain([first], f), delimiter=sniff_delimiter(first)), n))
 
 
 def _csv_header(path: Path) -> list[str]:

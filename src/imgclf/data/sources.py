@@ -539,7 +539,7 @@ def _load_one(spec: str, *, csv_layout: str, label_column: str, cache_dir: Path,
             from imgclf.data.npz import read_npz
 
             return read_npz(path, classes)
-        if path.suffix.lower() == ".csv":
+        if path.suffix.lower() in (".csv", ".tsv"):
             ds = arrays.read_pixel_csv(path, label_column=label_column, layout=csv_layout, image_shape=csv_shape,
                                        classes=classes)
             return _from_arrays(ds, str(path), _data_name(path))
