@@ -284,3 +284,34 @@ def test_coco_multilabel_run(coco, tmp_path):
     assert ev["map"] == pytest.approx(m["map"], abs=1e-6)
     # the same data given as --data: still the held-out split (was: the whole set, training images and all)
     assert evaluate(run, str(_coco_json(root)), progress=False)["n"] == n_val
+
+
+@pytest.mark.parametrize("coco", ["built"], indirect=True)
+def test_evaluate_a_multilabel_run_through_the_public_api(coco, tmp_path):
+    # the default run's guard for evaluate on a multi-label run: its closing note once read the
+    # single-label confusion matrix (KeyError 'confusion'), and only the slow COCO run above saw it
+    import imgclf
+
+    root, _ = coco
+    res = imgclf.train(data=str(_coco_json(root)), image_size=32, epochs=1, val_split=0.3, project=str(tmp_path),
+                       name="ml", progress=False, tensorboard=False)
+    ev = imgclf.evaluate(res.run_dir, progress=False)
+    assert ev["task"] == "multilabel" and "confusion" not in ev and 0 < ev["map"] <= 1
+    m = json.loads((res.run_dir / "metrics.json").read_text())
+    assert ev["n"] == m["n"] and ev["map"] == pytest.approx(m["map"], abs=1e-6)
+    # a label CSV of the same images: another source, so its own folder, with every class scored
+    cats = {c["id"]: c["name"] for c in json.loads(_coco_json(root).read_text())["categories"]}
+    ann = json.loads(_coco_json(root).read_text())
+    tags: dict[int, set[str]] = {}
+    for a in ann["annotations"]:
+        tags.setdefault(a["image_id"], set()).add(cats[a["category_id"]])
+    table = tmp_path / "test.csv"
+    with open(table, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "labels"])
+        for im in ann["images"][:40]:
+            w.writerow([str(root / "images" / im["file_name"]), "|".join(sorted(tags.get(im["id"], ())))])
+    other = imgclf.evaluate(res.run_dir, str(table), progress=False)
+    assert other["task"] == "multilabel" and other["n"] == 40 and "confusion" not in other
+    assert Path(other["out_dir"]).parent == res.run_dir and Path(other["out_dir"]).name.startswith("eval-test")
+    assert json.loads((Path(other["out_dir"]) / "metrics.json").read_text())["n"] == 40
