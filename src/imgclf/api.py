@@ -42,6 +42,7 @@ from imgclf.paths import write_problem
 from imgclf.runs import (
     check_run_data,
     hold_run,
+    in_use,
     load_model,
     read_meta,
     release_runs,
@@ -188,7 +189,7 @@ def _stopped_early(run: Path | None, exc: BaseException, *, new: bool) -> None:
 
 def _make_run_dir(cfg: TrainConfig, data_name: str, arch: str) -> Path:
     project = Path(cfg.project)
-    name = cfg.name or recipe.default_run_name(project, data_name, arch)
+    name = cfg.name or _default_name(project, data_name, arch)
     run = project / name
     if run.is_dir():
         hold_run(run)  # before reading or clearing anything in it: nobody else is training there
@@ -203,6 +204,18 @@ def _make_run_dir(cfg: TrainConfig, data_name: str, arch: str) -> Path:
     hold_run(run)
     _clear_outputs(run)
     return run
+
+
+def _default_name(project: Path, data_name: str, arch: str) -> str:
+    """The next free DATA-ARCH-N, unless DATA-ARCH-(N-1) is a run killed (kill -9, a lost
+    machine) before its first checkpoint and no process trains there: the same command again
+    starts over in that folder, as it does with --name, instead of leaving an empty run behind."""
+    name = recipe.default_run_name(project, data_name, arch)
+    base, _, n = name.rpartition("-")
+    prev = project / f"{base}-{int(n) - 1}"
+    if int(n) > 1 and prev.is_dir() and _stopped_before_first_checkpoint(prev) and not in_use(prev):
+        return prev.name
+    return name
 
 
 # what a run writes; a new run reusing a folder (--exist-ok) starts without the old ones, so

@@ -55,6 +55,30 @@ def hold_run(run: Path) -> None:
     _HELD[key] = fd
 
 
+def in_use(run: Path) -> bool:
+    """Another process holds ``run`` (hold_run's lock); nothing is kept locked by asking."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    key = os.path.realpath(run)
+    if key in _HELD:
+        return False
+    try:
+        fd = os.open(key, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing the only descriptor that took the lock lets it go
+    return False
+
+
 def release_runs() -> None:
     """Let go of every run folder hold_run locked."""
     while _HELD:
