@@ -55,6 +55,7 @@ def test_cli_config_typo_is_one_line_exit_2(tmp_path, capsys):
 
 def test_cli_values_override_yaml(tmp_path):
     cfg = tmp_path / "run.yaml"
+    (tmp_path / "a").mkdir()  # beside the file: a data path that is not there is refused
     cfg.write_text("data: a\nepochs: 3\nlr: 0.5\n")
     c = make_config(cfg, epochs=7)
     assert c.epochs == 7 and c.lr == 0.5

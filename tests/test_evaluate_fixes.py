@@ -103,7 +103,7 @@ def test_evaluate_reuses_the_cache_folder_the_run_trained_with(small_sample, tmp
 
 def test_yaml_class_list_is_taken_like_the_flag(tmp_path):
     y = tmp_path / "c.yaml"
-    y.write_text("data: x\nclasses: [person, dog]\n")
+    y.write_text(f"data: {tmp_path}\nclasses: [person, dog]\n")
     assert make_config(y).classes == "person,dog"
 
 

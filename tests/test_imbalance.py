@@ -230,7 +230,7 @@ def test_bad_class_weights_are_one_line_that_helps(spec, message):
 
 def test_class_weights_from_yaml_lists_and_maps(tmp_path):
     f = tmp_path / "run.yaml"
-    f.write_text("data: x\nclass_weights: {frog: 5, cat: 2}\n")
+    f.write_text(f"data: {tmp_path}\nclass_weights: {{frog: 5, cat: 2}}\n")
     assert make_config(f).class_weights == "frog=5,cat=2"
     assert parse_class_weights(make_config(data="x", class_weights=[1, 2, 5, 1]).class_weights,
                                ["cat", "dog", "frog", "ship"]) == [1.0, 2.0, 5.0, 1.0]

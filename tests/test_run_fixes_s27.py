@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 import imgclf
 
@@ -45,3 +48,45 @@ def test_default_named_run_killed_before_its_first_checkpoint_is_started_over(sm
         holder.kill()
         holder.wait()
     assert _default_name(tmp_path, small_sample.name, "fastnet") == base + "2"  # its lock went with it
+
+
+def test_a_yaml_configs_relative_data_path_is_read_beside_the_file(small_sample, tmp_path, monkeypatch):
+    # projects/cats/run.yaml says data: photos (its neighbour); run from the home folder, train
+    # said "--data photos: no such file or folder", blaming a flag the user never typed
+    import shutil
+
+    from imgclf.config import make_config
+    from imgclf.errors import UserError
+
+    proj = tmp_path / "projects" / "cats"
+    shutil.copytree(small_sample, proj / "photos")
+    (proj / "run.yaml").write_text("data: photos\nepochs: 1\n")
+    elsewhere = tmp_path / "home"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = make_config(proj / "run.yaml")
+    assert Path(cfg.data).resolve() == (proj / "photos").resolve()
+    # the working directory's own folder of that name wins, as on the command line
+    (elsewhere / "photos").mkdir()
+    assert make_config(proj / "run.yaml").data == "photos"
+    # a command-line --data is the user's, read from the working directory and left alone
+    assert make_config(proj / "run.yaml", data="other").data == "other"
+    (proj / "run.yaml").write_text("data: nowhere\n")
+    with pytest.raises(UserError, match=r"run.yaml data: nowhere: no such file or folder, in the working directory "
+                                        r".*home\) or beside run.yaml \(.*cats\)"):
+        make_config(proj / "run.yaml")
+    (proj / "run.yaml").write_text("data: cifar10\n")  # names, not paths, stay as they are
+    assert make_config(proj / "run.yaml").data == "cifar10"
+
+
+def test_an_empty_yaml_value_is_the_options_default(tmp_path, capfd):
+    # 'rotate:' left empty, or 'model: null', was "option 'model': Input should be a valid string
+    # (got None)"; options whose None means something (epochs: derived) keep their None
+    from imgclf.config import make_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text(f"data: {tmp_path}\nmodel: null\nrotate:\nmodel_args:\nepochs: null\nlr: 0.01\n")
+    cfg = make_config(path)
+    assert (cfg.model, cfg.rotate, cfg.model_args, cfg.epochs, cfg.lr) == ("auto", 0.0, {}, None, 0.01)
+    err = capfd.readouterr().err
+    assert "empty values read as the default (model: 'auto', rotate: 0.0, model_args: {})" in err

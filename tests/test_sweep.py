@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -705,3 +706,15 @@ def test_report_axes_and_paths(small_sample, tmp_path, monkeypatch, capsys):
     # a study folder renamed since the sweep reads its own study.db
     shutil.copytree(spec.study_dir, tmp_path / "renamed")
     assert write_report(tmp_path / "renamed")["trials"] == 2
+
+
+def test_study_files_relative_data_is_read_beside_it(small_sample, tmp_path, monkeypatch):
+    # base: {data: photos} in studies/cats.yaml, run from elsewhere: the study's neighbour, as
+    # train --config reads it; a path in neither place is refused naming both before any trial
+    shutil.copytree(small_sample, tmp_path / "photos")
+    path = write_study(tmp_path, Path("photos"))
+    monkeypatch.chdir(tmp_path.parent)
+    assert Path(sweep.load_spec(path).base["data"]).resolve() == (tmp_path / "photos").resolve()
+    path = write_study(tmp_path, Path("nowhere"))
+    with pytest.raises(UserError, match=r"study base: data nowhere: no such file or folder"):
+        sweep.load_spec(path)

@@ -338,14 +338,61 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in raw.items()}
 
 
+# options naming input files; a relative one in a YAML file may be written from the file's folder
+_INPUT_PATHS = ("data", "val_data", "test_data", "images", "weights")
+
+
+def paths_beside(file: Path, values: dict[str, Any], given: list[str]) -> str | None:
+    """A YAML file's relative input paths, read from the working directory as the command line's
+    are; one that is not there but is beside the file (``data: photos`` in projects/cats/run.yaml,
+    run from elsewhere) is taken from there. Neither: the one-line error naming both places and
+    blaming the file, not --data (returned: the caller reports its validation errors first)."""
+    from imgclf.data.sources import DATA_NAMES
+
+    for key in _INPUT_PATHS:
+        v = values.get(key)
+        if key in given or not isinstance(v, str) or not v.strip() or "://" in v or v.lower() in DATA_NAMES or \
+                v.startswith("hf:") or Path(v).expanduser().is_absolute() or Path(v).expanduser().exists():
+            continue
+        beside = file.parent / v
+        if beside.exists():
+            values[key] = str(beside)
+            continue
+        return (f"{file} {key}: {v}: no such file or folder, in the working directory ({os.getcwd()}) "
+                f"or beside {file.name} ({os.path.abspath(file.parent)})")
+    return None
+
+
+def _nulls_as_defaults(file: Path, values: dict[str, Any]) -> None:
+    """``rotate:`` or ``model: null`` in a YAML file, for an option that has no 'none': its default
+    (one line says so), as a missing key would be, not 'Input should be a valid string'."""
+    import typing
+
+    fields = TrainConfig.model_fields
+    empty = [k for k, v in values.items() if v is None and k in fields and fields[k].is_required() is False
+             and type(None) not in typing.get_args(fields[k].annotation)]
+    for k in empty:
+        del values[k]
+    if empty:
+        from imgclf import log
+
+        shown = ", ".join(f"{k}: {fields[k].get_default(call_default_factory=True)!r}" for k in empty)
+        log.info(f"{file}: {'an empty value reads' if len(empty) == 1 else 'empty values read'} as the default "
+                 f"({shown})")
+
+
 def make_config(file: str | Path | None = None, **overrides: Any) -> TrainConfig:
     """Build a config from an optional YAML file plus overrides (overrides win)."""
     values: dict[str, Any] = load_yaml(file) if file else {}
+    missing = None
+    if file:
+        missing = paths_beside(Path(file), values, given=[k for k, v in overrides.items() if v is not None])
+        _nulls_as_defaults(Path(file), values)
     # pathlib paths from the Python API (data=Path("photos")) as the strings a YAML file holds
     given = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in overrides.items() if v is not None}
     values.update(given)
     try:
-        return TrainConfig(**values)
+        cfg = TrainConfig(**values)
     except ValidationError as e:
         # a bad command-line value is not the file's fault: each problem names where it came from
         def origin(key: str) -> str:
@@ -353,6 +400,9 @@ def make_config(file: str | Path | None = None, **overrides: Any) -> TrainConfig
 
         typed = {k: v for k, v in (_COMMAND_LINE.get() or {}).items() if k in given}
         raise UserError(format_validation_error(e, origin, flags=typed)) from None
+    if missing:
+        raise UserError(missing)
+    return cfg
 
 
 def dump_yaml(cfg: TrainConfig, path: str | Path) -> None:

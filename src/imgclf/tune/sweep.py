@@ -61,7 +61,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from imgclf import log
-from imgclf.config import TrainConfig, format_validation_error, load_yaml, suggest_key
+from imgclf.config import TrainConfig, format_validation_error, load_yaml, paths_beside, suggest_key
 from imgclf.data.sources import check_spec
 from imgclf.engine.callbacks import Callback
 from imgclf.errors import UserError
@@ -445,6 +445,9 @@ def load_spec(path: str | Path, **overrides: Any) -> StudySpec:
     """Read a study YAML; ``overrides`` (None: keep) replace top-level keys, ``data`` the base's."""
     raw = load_yaml(path)
     data = overrides.pop("data", None)
+    if isinstance(raw.get("base"), dict):  # data: photos beside the study file, run from elsewhere (a
+        # path in neither place is refused by Space.validate, after the file's other mistakes)
+        paths_beside(Path(path), raw["base"], given=["data"] if data is not None else [])
     given = {k: v for k, v in overrides.items() if v is not None}
     raw.update(given)
     try:
