@@ -220,10 +220,14 @@ def test_calibrate_removes_the_runs_exports_that_hold_the_old_temperature(tiny_r
     elsewhere = tmp_path / "kept.onnx"  # an export outside the run folder is the user's to manage
     elsewhere.write_bytes(b"an export elsewhere")
     (run / "model.torchscript.pt").write_bytes(b"a TorchScript export")
+    (run / "report.html").write_text("<html>temperature 1.0000</html>")  # made before calibrating
     assert main(["calibrate", str(run), "--data", str(sample_dir), "--device", "cpu"]) == 0
     new = json.loads((run / "model.json").read_text())["temperature"]
     assert new != pytest.approx(old, rel=1e-3)  # the stale file would have served the old one
     assert not [p.name for p in run.iterdir() if p.name.startswith(("model.onnx", "model.torchscript"))]
     assert elsewhere.exists()
-    err = [line for line in capsys.readouterr().err.splitlines() if "removed" in line]
+    lines = capsys.readouterr().err.splitlines()
+    err = [line for line in lines if "removed" in line]
     assert len(err) == 1 and "model.onnx" in err[0] and "model.torchscript.pt" in err[0] and "imgclf export" in err[0]
+    # the report is not rewritten (Grad-CAM and decoding take a while) but said to be stale
+    assert any("report.html shows the old temperature: run 'imgclf report" in line for line in lines)

@@ -398,5 +398,20 @@ def test_an_unfinished_run_is_not_said_to_have_stopped(tiny_run, tmp_path):
     with pytest.raises(UserError) as e:
         export(run, "onnx")
     msg = str(e.value)
-    assert "has not finished" in msg and "still running" in msg and f"imgclf train --resume {run}" in msg
-    assert "stopped before" not in msg
+    assert "stopped before the end" in msg and f"imgclf train --resume {run}" in msg
+    assert "before its first checkpoint" not in msg
+    # while a process trains there (holds its lock) it is said to be training, not to have stopped
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from imgclf.runs import hold_run; "
+                               f"hold_run({str(run)!r}); print('held', flush=True); time.sleep(300)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (run / "last.pt").unlink()  # before its first checkpoint, too
+        with pytest.raises(UserError, match=r"is still training \(another process holds it\)"):
+            export(run, "onnx")
+    finally:
+        holder.kill()
+        holder.wait()

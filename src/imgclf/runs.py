@@ -175,9 +175,12 @@ def read_meta(run: str | Path) -> tuple[Path, dict[str, Any]]:
             raise UserError(f"{run}: no such run folder")
         if not run.is_dir():
             raise UserError(f"{run}: not a run folder (the first argument is the folder 'imgclf train' made)")
+        if (run / "config.yaml").exists() and in_use(run):  # hold_run's lock: a process trains there now
+            raise UserError(f"{run} is still training (another process holds it): its model.json and weights are "
+                            f"written when training ends")
         if (run / "last.pt").exists():
-            raise UserError(f"{run} has no model.json: its training has not finished (it is still running, or it "
-                            f"stopped: then resume it with 'imgclf train --resume {run}')")
+            raise UserError(f"{run} has no model.json: its training stopped before the end (resume it with "
+                            f"'imgclf train --resume {run}')")
         if (run / "config.yaml").exists():
             raise UserError(f"{run} has no model.json: training stopped before its first checkpoint "
                             f"(give the same train command again: it starts over in that folder)")

@@ -325,4 +325,6 @@ def calibrate_run(run: str | Path, data: str | None = None, *, device: str = "au
     if removed:
         log.warn(f"removed {', '.join(f.name for f in removed)} from {run_dir}: exported with the old temperature; "
                  f"re-run 'imgclf export {run_dir}'")
+    if (run_dir / "report.html").exists():  # made before: its calibration section shows the old temperature
+        log.warn(f"{run_dir / 'report.html'} shows the old temperature: run 'imgclf report {run_dir}' to update it")
     return rec
