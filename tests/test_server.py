@@ -159,7 +159,7 @@ def test_json_bodies_carry_base64_images_and_data_urls(client, jpeg, sample_dir)
     url = base64.urlsafe_b64encode(jpeg).decode().rstrip("=")
     assert "-" in url or "_" in url
     assert client.post("/v1/predict", json={"image": url}).json()["predictions"][0]["top"] == one[0]["top"]
-    bad = [({"img": b64[0]}, "send {\"images\": [base64, ...]}"), ([b64[0]], "got list"),
+    bad = [({}, "send {\"images\": [base64, ...]}"), ([b64[0]], "got list"),
            ({"images": []}, "'images' must be a list of one or more base64 strings, got an empty list"),
            ({"images": "abc"}, "got str"), ({"images": [{"filename": "x.jpg"}]}, "image 0 ('x.jpg') has no 'data'"),
            ({"images": [3]}, "image 0 is int, not a base64 string"),
@@ -169,6 +169,8 @@ def test_json_bodies_carry_base64_images_and_data_urls(client, jpeg, sample_dir)
     for doc, text in bad:
         r = client.post("/v1/predict", json=doc)
         assert r.status_code == 400 and text in r.json()["error"], (doc if len(str(doc)) < 80 else text, r.text)
+    r = client.post("/v1/predict", json={"img": b64[0]})  # a key we do not read is refused, not ignored
+    assert r.status_code == 422 and "unknown key 'img' (did you mean 'image'?)" in r.json()["error"]
     r = client.post("/v1/predict", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "does not parse" in r.json()["error"]
     # an image that is not one is its own error among good ones, as in a multipart request
@@ -186,9 +188,11 @@ def test_a_bad_image_among_several_is_its_own_error_and_the_rest_are_classified(
     assert cut == {"filename": "cut.jpg", "status": 400,
                    "error": cut["error"]} and cut["error"].startswith("image 1 ('cut.jpg'): truncated or corrupt")
     assert "top" not in cut and a["top"] == b["top"] and len(a["top"]) == 5
-    # every image bad: nothing to answer, so the request fails with the first one's reason
+    # every image bad: nothing to answer, so the request fails with every image's reason
     r = client.post("/v1/predict", files=[files[1], ("files", ("t.jpg", b"text", "image/jpeg"))])
-    assert r.status_code == 400 and r.json()["error"].startswith("image 0 ('cut.jpg'): truncated or corrupt")
+    assert r.status_code == 400 and r.json()["error"].startswith("none of the 2 images could be read: "
+                                                                 "image 0 ('cut.jpg'): truncated or corrupt")
+    assert [e["filename"] for e in r.json()["errors"]] == ["cut.jpg", "t.jpg"]
 
 
 def test_model_description_and_page(client, tiny_run):

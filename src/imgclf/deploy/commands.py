@@ -8,7 +8,18 @@ import argparse
 def add_export(sub) -> None:
     from imgclf.deploy import DEFAULT_OPSET, FORMATS, PARITY_IMAGES
 
-    p = sub.add_parser("export", help="export a run to ONNX or TorchScript (preprocessing inside) with a parity check")
+    # what is in the graph and what is not, said exactly: a caller that trusts "preprocessing
+    # inside" and feeds another size or resize gets confident, different answers
+    p = sub.add_parser("export", help="export a run to ONNX or TorchScript (normalisation and calibration inside; "
+                                      "you resize) with a parity check",
+                       description="The exported model takes uint8 RGB images, N x S x S x 3 (NHWC), S the run's "
+                                   "image_size, and refuses anything else. It does not resize: resize each image "
+                                   "to S x S exactly as the metadata key resize_details says (the run's policy, "
+                                   "bicubic; in OUT.json beside the file and embedded in it), or answers change "
+                                   "('imgclf serve' of an .onnx does this for you). Inside: "
+                                   "uint8 -> (x/255 - mean)/std, the network, softmax (sigmoid for multi-label) "
+                                   "of logits / temperature. Outputs: logits and probs. A parity check on real "
+                                   "images compares it with PyTorch.")
     p.add_argument("run", help="run folder")
     p.add_argument("--format", choices=FORMATS, default="onnx",
                    help="onnx (for onnxruntime and 'imgclf serve') or torchscript (for torch.jit.load)")

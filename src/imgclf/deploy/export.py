@@ -1,10 +1,12 @@
-"""Export a run to ONNX or TorchScript with the preprocessing inside, and prove it still agrees.
+"""Export a run to ONNX or TorchScript with normalisation and calibration inside, and prove it still agrees.
 
 The exported graph takes what a deployment can produce without imgclf: uint8 RGB images, NHWC,
 already resized to the model's ``image_size`` with the recorded ``resize`` policy (resizing is
-data-dependent and lives outside the graph; the policy and size are in the metadata). Inside the
-graph: uint8 -> float, (x/255 - mean)/std, the network, then ``logits / temperature`` through
-softmax (single-label) or sigmoid (multi-label). Outputs: ``logits`` (raw) and ``probs``.
+data-dependent and lives outside the graph; the metadata's ``resize_details`` says how, size
+included). Inside the graph: uint8 -> float, (x/255 - mean)/std, the network, then
+``logits / temperature`` through softmax (single-label) or sigmoid (multi-label). Outputs:
+``logits`` (raw) and ``probs``. Both formats refuse other input: onnxruntime by the declared input
+type and shape, the TorchScript module by its own check (``CheckedInput``).
 
 Every export runs a parity check on real images: exported vs PyTorch (both fp32, no autocast),
 same top-1 for every image and logits within ``LOGIT_TOLERANCE`` (relative to the largest
@@ -77,6 +79,48 @@ class Preprocessed(nn.Module):
         return logits, probs
 
 
+class CheckedInput(nn.Module):
+    """The TorchScript export's entry point: refuses what the traced graph would silently take.
+
+    A traced graph keeps no shape or dtype checks (onnxruntime enforces the ONNX input's declared
+    uint8 and H x W x 3; a TorchScript module enforces nothing): a 64x64 image, or float x/255,
+    went through the convolutions and the global pooling and came out as confident, wrong
+    probabilities. Scripted, not traced, so the check stays in the saved module; the batch size is
+    left free."""
+
+    def __init__(self, traced: nn.Module, size: int):
+        super().__init__()
+        self.traced = traced
+        self.size = size
+
+    def forward(self, images: torch.Tensor):
+        s = self.size
+        if (images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != s or images.shape[2] != s
+                or images.shape[3] != 3):
+            # TorchScript's str() of a dtype is its enum number: name the likely ones
+            kind = "uint8"
+            if images.dtype == torch.float32:
+                kind = "float32"
+            elif images.dtype == torch.float64:
+                kind = "float64"
+            elif images.dtype == torch.float16:
+                kind = "float16"
+            elif images.dtype == torch.bfloat16:
+                kind = "bfloat16"
+            elif images.dtype == torch.int64:
+                kind = "int64"
+            elif images.dtype == torch.int32:
+                kind = "int32"
+            elif images.dtype == torch.bool:
+                kind = "bool"
+            elif images.dtype != torch.uint8:
+                kind = "non-uint8"
+            shape = " x ".join([str(d) for d in images.shape])
+            raise ValueError(f"imgclf model input must be uint8 RGB pixels (0-255, not x/255) of shape N x {s} x {s} "
+                             f"x 3, resized to {s}x{s} as the metadata's resize_details says; got {kind} {shape}")
+        return self.traced(images)
+
+
 # What imgclf.data.images does, for a deployment that has to reproduce it without imgclf. The
 # values come from that module's constants; the prose describes its code.
 RESIZE_RULES = {
@@ -88,9 +132,14 @@ RESIZE_RULES = {
 }
 
 
-def resize_details(policy: str) -> dict[str, Any]:
-    return {
-        "policy": policy,
+def resize_details(policy: str, size: int | None = None) -> dict[str, Any]:
+    """How to turn a decoded image into the graph's input, enough to do it without imgclf: the
+    graph takes ``size`` x ``size`` pixels, and another interpolation or crop changes answers."""
+    out: dict[str, Any] = {"policy": policy}
+    if size is not None:  # the target, so this entry alone says what to produce
+        out["size"] = [size, size]
+        out["output"] = f"uint8 RGB, {size} x {size} x 3 (HWC) per image, stacked into N x {size} x {size} x 3"
+    return out | {
         "rule": RESIZE_RULES.get(policy, "unknown policy"),
         "interpolation": RESAMPLE.name.lower(),
         "interpolation_detail": f"PIL Image.resize(..., Image.Resampling.{RESAMPLE.name}, reducing_gap={_REDUCING_GAP:g}): "
@@ -123,7 +172,7 @@ def export_metadata(meta: dict[str, Any], run_dir: Path, how: str) -> dict[str, 
         "task": meta.get("task", "single"),
         "image_size": size,
         "resize": meta["resize"],
-        "resize_details": resize_details(meta["resize"]),
+        "resize_details": resize_details(meta["resize"], size),
         "mean": list(meta["mean"]),
         "std": list(meta["std"]),
         "temperature": temperature,
@@ -131,9 +180,11 @@ def export_metadata(meta: dict[str, Any], run_dir: Path, how: str) -> dict[str, 
         "input": {
             "name": "images", "dtype": "uint8", "layout": "NHWC", "channels": "RGB", "shape": ["batch", size, size, 3],
             "preprocessing_outside_graph": f"decode to RGB and resize to {size}x{size} with policy "
-                                           f"'{meta['resize']}' (imgclf.data.images.load_resized; every detail "
-                                           "in resize_details)",
-            "preprocessing_in_graph": "uint8 -> float32, (x / 255 - mean) / std",
+                                           f"'{meta['resize']}', {RESAMPLE.name.lower()} (imgclf.data.images."
+                                           "load_resized; every detail in resize_details): the graph does not "
+                                           "resize",
+            "preprocessing_in_graph": "uint8 -> float32, (x / 255 - mean) / std; then softmax or sigmoid of "
+                                      "logits / temperature (the probs output)",
         },
         "outputs": {
             "logits": "raw logits, before temperature",
@@ -236,7 +287,8 @@ def export(run: str | Path, fmt: str = "onnx", out: str | Path | None = None, *,
             _export_onnx(wrapped, example, tmp, opset, xmeta)
         else:
             how = (f"torch.jit.trace at batch {TRACE_BATCH}, dynamic batch (checked by the parity run at batch "
-                   f"sizes {', '.join(map(str, CHECK_BATCHES))})")
+                   f"sizes {', '.join(map(str, CHECK_BATCHES))}); input other than uint8 N x {size} x {size} x 3 "
+                   "is refused")
             xmeta = export_metadata(meta, run_dir, how)
             _export_torchscript(wrapped, example, tmp, xmeta)
         export_seconds = time.perf_counter() - t0
@@ -343,8 +395,9 @@ def _export_torchscript(wrapped: nn.Module, example: torch.Tensor, out: Path, xm
         except Exception as e:
             raise UserError(f"TorchScript trace of {xmeta['architecture']} failed: "
                             f"{str(e).splitlines()[0][:300]} (try --format onnx)") from None
-        traced = torch.jit.freeze(traced)
-        torch.jit.save(traced, str(out), _extra_files={"imgclf.json": json.dumps(xmeta)})
+        checked = torch.jit.script(CheckedInput(traced, int(example.shape[1])).eval())
+        checked = torch.jit.freeze(checked)
+        torch.jit.save(checked, str(out), _extra_files={"imgclf.json": json.dumps(xmeta)})
 
 
 def read_onnx_metadata(path: str | Path) -> dict[str, Any]:

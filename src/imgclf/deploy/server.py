@@ -49,6 +49,7 @@ WORKER_HEALTHCHECK_S = 60
 MAX_WAIT_MS = 60_000  # a batching wait longer than a minute is a typo, not a setting
 PRECISIONS = ("fp32", "auto", "bf16", "fp16")  # imgclf.api.load's; an ONNX export runs in fp32
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
+MAX_TOP_K = 1000  # the most classes a request may ask for (query string or JSON body)
 
 
 @dataclass
@@ -545,9 +546,33 @@ async def _unless_client_leaves(request, work):
 
 
 class BadRequest(Exception):
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+    """A 4xx/5xx answer: ``{"error": message}``, plus ``extra`` keys (the per-image ``errors`` of a
+    request whose every image is bad)."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None,
+                 extra: dict[str, Any] | None = None):
         super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers
+        self.status, self.message, self.headers, self.extra = status, message, headers, extra or {}
+
+
+ERRORS_IN_MESSAGE = 5  # per-image errors spelt out in the "error" line of an all-bad request; all are in "errors"
+
+
+def every_image_bad(names: list[str], errors: list[BadRequest]) -> BadRequest:
+    """The answer to a request none of whose images could be read: every image's error, both in
+    the one-line "error" and as ``errors``, entries shaped as the per-image errors of a request
+    with good images too ({filename, error, status}). The status is theirs when they agree (413
+    for images all too large), else 400."""
+    entries = [{"filename": n, "error": e.message, "status": e.status} for n, e in zip(names, errors)]
+    statuses = {e.status for e in errors}
+    status = statuses.pop() if len(statuses) == 1 else 400
+    if len(errors) == 1:
+        return BadRequest(status, errors[0].message, extra={"errors": entries})
+    shown = "; ".join(e.message for e in errors[:ERRORS_IN_MESSAGE])
+    more = len(errors) - ERRORS_IN_MESSAGE
+    if more > 0:
+        shown += f"; and {more} more (each in 'errors')"
+    return BadRequest(status, f"none of the {len(errors)} images could be read: {shown}", extra={"errors": entries})
 
 
 def _thresholds(meta: dict, classes: list[str]) -> np.ndarray:
@@ -625,7 +650,7 @@ def create_app(cfg: ServeConfig, backend=None):
 
     @app.exception_handler(BadRequest)
     async def bad_request(request, exc):
-        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+        return JSONResponse({"error": exc.message, **exc.extra}, status_code=exc.status, headers=exc.headers)
 
     # HEAD as well as GET: uptime checkers and load balancers often probe with HEAD
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
@@ -671,7 +696,8 @@ def create_app(cfg: ServeConfig, backend=None):
     app.state.in_flight = in_flight
     in_flight_limit = cfg.in_flight_limit()
 
-    async def read_images(request: Request) -> list[tuple[str, bytes]]:
+    async def read_images(request: Request) -> tuple[list[tuple[str, bytes]], int | None]:
+        """The request's images (name, bytes), and the top_k of a JSON body (None: not given)."""
         ctype = request.headers.get("content-type", "")
         mtype = ctype.split(";")[0].strip().lower()
         if mtype == "multipart/form-data":
@@ -688,9 +714,9 @@ def create_app(cfg: ServeConfig, backend=None):
                 got = ", ".join(f"'{f}'" for f in fields) or "none"
                 raise BadRequest(400, f"no image in the multipart body: send it in field 'file' (or repeated 'files'); "
                                       f"got field(s): {got}")
-            return items
+            return items, None
         if mtype.startswith("image/") or mtype == "application/octet-stream":
-            return [("body", await request.body())]
+            return [("body", await request.body())], None
         if mtype == "application/json":
             return _json_images(await request.body(), cfg.max_images)
         what = f"unsupported Content-Type '{mtype}'" if mtype else "missing Content-Type"
@@ -701,7 +727,7 @@ def create_app(cfg: ServeConfig, backend=None):
     async def classify(items: list[tuple[str, bytes]], pixels: list[int | None]) -> list[np.ndarray | BadRequest]:
         """Probabilities per image; in a request of several images, an image that cannot be read
         is its own error (the others are still classified, as predict skips a bad file). A request
-        whose every image is bad is refused whole, with the first one's error."""
+        whose every image is bad is refused whole, with every image's error (every_image_bad)."""
         if (None not in pixels and sum(pixels) <= INLINE_DECODE_PIXELS
                 and sum(len(b) for _, b in items) <= INLINE_DECODE_BYTES):
             # a thumbnail decodes in tens of microseconds, less than the hop to a thread
@@ -725,21 +751,29 @@ def create_app(cfg: ServeConfig, backend=None):
                 raise res
             out.append(res)
         good = [i for i, res in enumerate(out) if not isinstance(res, BadRequest)]
-        if not good:
-            raise out[0]
+        if not good:  # every image named: the first one's error alone hid why the others failed
+            raise every_image_bad([n for n, _ in items], out)
         for i, p in zip(good, await batcher.submit([out[i] for i in good])):
             out[i] = p
         return out
 
     @app.post("/v1/predict")
-    async def predict(request: Request, top_k: int = Query(cfg.top_k, ge=1, le=1000)):
+    async def predict(request: Request, top_k: int = Query(cfg.top_k, ge=1, le=MAX_TOP_K)):
         """Classify images: multipart/form-data with field 'file' (or repeated 'files'), the raw
         bytes of one image, or JSON {"images": [...]} (or {"image": ...}) of base64 strings or
-        data: URLs, each optionally {"filename", "data"}. One prediction per image, in order: {filename, top: [{class, index,
+        data: URLs, each optionally {"filename", "data"}, and optionally "top_k" (as the query
+        string's). One prediction per image, in order: {filename, top: [{class, index,
         prob}]} (and labels for a multi-label model); an image of several that cannot be read is
-        {filename, error, status} in its place."""
+        {filename, error, status} in its place. When none can be read: 400 (413 when all are too
+        large) with "error" naming each, and "errors", one such entry per image."""
         t0 = time.perf_counter()
-        items = await read_images(request)
+        items, body_top_k = await read_images(request)
+        if body_top_k is not None:
+            query = request.query_params.get("top_k")
+            if query is not None and top_k != body_top_k:  # neither silently wins
+                raise BadRequest(422, f"invalid request: top_k is {query} in the query string and {body_top_k} in "
+                                      "the JSON body: give it in one place")
+            top_k = body_top_k
         if len(items) > cfg.max_images:
             raise BadRequest(400, f"too many images in one request: {len(items)} > {cfg.max_images}")
         pixels = [decoded_pixels(b) for _, b in items]
@@ -904,9 +938,13 @@ def _serve_on(sock, cfg: ServeConfig, host: str, workers: int, log_level: str) -
         pass
 
 
-def _json_images(body: bytes, limit: int) -> list[tuple[str, bytes]]:
+JSON_KEYS = ("images", "image", "top_k")  # what a JSON body may hold; any other key is refused
+
+
+def _json_images(body: bytes, limit: int) -> tuple[list[tuple[str, bytes]], int | None]:
     """The images of a JSON request: {"images": [item, ...]} or {"image": item}, an item being the
-    base64 of the file (a browser's data:image/...;base64, URL too) or {"filename", "data"}. For
+    base64 of the file (a browser's data:image/...;base64, URL too) or {"filename", "data"}, and
+    its "top_k" (None when not given). For
     clients that cannot send multipart (serverless functions, a canvas in a web page). A string
     that is not base64 refuses the request (a client's bug); bytes that are not an image are that
     image's error, as in a multipart request."""
@@ -917,6 +955,25 @@ def _json_images(body: bytes, limit: int) -> list[tuple[str, bytes]]:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(400, f"the JSON body does not parse: {e}") from None
+    top_k = None
+    if isinstance(doc, dict):
+        # a key we do not read (a misspelt "topk", an option of another server) would otherwise be
+        # ignored without a word, and the answer would look like it had been applied
+        unknown = [k for k in doc if k not in JSON_KEYS]
+        if unknown:
+            import difflib
+
+            close = difflib.get_close_matches(unknown[0].lower(), JSON_KEYS, 1, 0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise BadRequest(422, f"JSON body: unknown key '{unknown[0]}'{hint}; the accepted keys are 'images' "
+                                  "(a list of base64 strings), 'image' (one) and 'top_k'")
+        if "images" in doc and "image" in doc:
+            raise BadRequest(422, "JSON body: give 'images' (a list) or 'image' (one), not both")
+        if "top_k" in doc:
+            top_k = doc["top_k"]
+            if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
+                raise BadRequest(422, f"invalid request: body.top_k must be an integer from 1 to {MAX_TOP_K}, "
+                                      f"got {json.dumps(top_k)[:40]}")
     got = doc.get("images", [doc["image"]] if "image" in doc else None) if isinstance(doc, dict) else None
     if got is None:
         keys = ", ".join(f"'{k}'" for k in doc) if isinstance(doc, dict) else type(doc).__name__
@@ -947,7 +1004,7 @@ def _json_images(body: bytes, limit: int) -> list[tuple[str, bytes]]:
             items.append((name, base64.b64decode(text + "=" * (-len(text) % 4), validate=True)))
         except (binascii.Error, ValueError):
             raise BadRequest(400, f"JSON body: image {i} ('{name}') is not valid base64") from None
-    return items
+    return items, top_k
 
 
 def free_port(host: str = "127.0.0.1") -> int:

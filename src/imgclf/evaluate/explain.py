@@ -183,9 +183,7 @@ def explain(run: str | Path, images: list[str | Path], *, layer: str | None = No
     image. ``images``: files, folders and archives (.zip/.tar[.gz], read in place), as predict takes."""
     import itertools
 
-    from imgclf import log
     from imgclf.api import iter_sources, load
-    from imgclf.data.images import BadImage
     from imgclf.runs import read_meta
 
     run_dir, _ = read_meta(run)
@@ -203,13 +201,31 @@ def explain(run: str | Path, images: list[str | Path], *, layer: str | None = No
             raise UserError(f"unknown class '{class_name}': the model's classes are {', '.join(clf.classes[:30])}")
         target = clf.classes.index(class_name)
     cam = GradCAM(clf.model, clf.image_size, clf.device, layer)
+    # the folders this call creates (out_dir and missing parents), removed again if no PNG lands
+    # in them: a run of unreadable images must not leave an empty folder that looks like output
+    created = [d for d in (out_dir, *out_dir.parents) if not d.exists()]
     try:  # created once the class and layer are known good: a typo there leaves no empty folder
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--out {out_dir}: cannot create the folder ({e.strerror or e})") from None
+    try:
+        return _explain_all(clf, cam, itertools.chain([first], sources), out_dir, target, class_name, top_k)
+    finally:
+        for d in created:  # innermost first; a folder that holds anything stays
+            try:
+                d.rmdir()
+            except OSError:
+                break
+
+
+def _explain_all(clf, cam, sources, out_dir: Path, target: int | None, class_name: str | None,
+                 top_k: int) -> list[dict]:
+    from imgclf import log
+    from imgclf.data.images import BadImage
+
     temperature = float(clf.meta.get("temperature") or 1.0)
     results, used = [], set()
-    for name, src, error in itertools.chain([first], sources):
+    for name, src, error in sources:
         if error:  # an archive member that could not be read
             results.append({"input": name, "error": error})
             continue

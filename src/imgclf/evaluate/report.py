@@ -587,6 +587,10 @@ def write_report(run: str | Path, *, model=None, meta: dict | None = None, cache
     if dest.is_dir():
         raise UserError(f"cannot write the report to {dest}: it is a folder (name the HTML file, "
                         f"e.g. {dest / 'report.html'})")
+    if dest.suffix.lower() not in (".html", ".htm"):
+        # the report is HTML whatever the name says: a .pdf (or .png) of HTML opens as a broken file
+        raise UserError(f"cannot write the report to {dest}: it is an HTML page, so name it "
+                        f"{dest.stem if dest.suffix else dest.name}.html")
     problem = write_problem(dest.parent, create=False)
     if problem:
         raise UserError(f"cannot write the report to {dest}: {problem}")
