@@ -71,7 +71,9 @@ def test_resume_of_a_finished_run_leaves_it_as_it_is(tiny_run, tmp_path, capsys)
     assert main(["train", "--resume", str(run)]) == 0
     out, err = capsys.readouterr()
     top1 = json.loads((run / "summary.json").read_text())["top1"]
-    assert err == f"imgclf: {run} finished already (epoch 2 of 2; test top-1 {top1:.4f}): nothing to resume\n"
+    assert err == (f"imgclf: {run} finished already (epoch 2 of 2; test top-1 {top1:.4f}): nothing to resume; to "
+                   f"train it further, start a run from its weights: imgclf train --config {run / 'config.yaml'} "
+                   f"--weights {run} --epochs N --name NEW\n")
     assert out == ""
     assert {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()} == before  # nothing redone
     res = imgclf.train(resume=run)  # the Python API: the run's result as it is

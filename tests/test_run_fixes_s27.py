@@ -90,3 +90,54 @@ def test_an_empty_yaml_value_is_the_options_default(tmp_path, capfd):
     assert (cfg.model, cfg.rotate, cfg.model_args, cfg.epochs, cfg.lr) == ("auto", 0.0, {}, None, 0.01)
     err = capfd.readouterr().err
     assert "empty values read as the default (model: 'auto', rotate: 0.0, model_args: {})" in err
+
+
+def test_a_runs_config_given_with_changes_chooses_the_recipes_values_again(tiny_run, small_sample, tmp_path,
+                                                                           capfd):
+    # train --config RUN/config.yaml --epochs N kept the old run's warm-up (23% of ITS epochs) and
+    # its lr for its batch size: values the recipe had chosen, written down as if the user had
+    import yaml
+
+    from imgclf.config import make_config
+
+    saved = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    chosen = saved["derived"]
+    assert {"epochs", "batch_size", "lr", "warmup_epochs", "optimizer", "model"} <= set(chosen) - {"epochs"} | {
+        "epochs"} and chosen["optimizer"] == "auto" and chosen["warmup_epochs"] is None
+    assert "epochs" not in chosen  # the fixture gave epochs=2 itself
+    # with only where-to-write changes, the run repeats exactly, choices and record kept
+    same = make_config(tiny_run / "config.yaml", name="again", project=str(tmp_path), progress=False)
+    assert same.warmup_epochs == saved["warmup_epochs"] and same.lr == saved["lr"] and same._derived == chosen
+    # --epochs changed: the recipe chooses again, and says so
+    capfd.readouterr()
+    res = imgclf.train(config=str(tiny_run / "config.yaml"), data=str(small_sample), epochs=1, name="longer",
+                       project=str(tmp_path), progress=False, tensorboard=False)
+    assert "--epochs changed, so what the recipe chose for that run is chosen again (batch_size, lr, " \
+        "warmup_epochs, image_size and " in capfd.readouterr().err
+    new = yaml.safe_load((res.run_dir / "config.yaml").read_text())
+    assert new["warmup_epochs"] == pytest.approx(0.23 * 1) and saved["warmup_epochs"] == pytest.approx(0.23 * 2)
+    assert new["batch_size"] != saved["batch_size"]  # 360 images, not the sample's 4500: a smaller batch
+    assert new["derived"]["warmup_epochs"] is None and new["derived"]["batch_size"] is None
+    # a value the user typed is never re-chosen
+    kept = make_config(tiny_run / "config.yaml", epochs=5, lr=0.5)
+    assert kept.lr == 0.5 and kept.warmup_epochs is None and kept.epochs == 5
+
+
+def test_tilde_in_a_yaml_project_or_study_directory_is_the_home_folder(tmp_path, monkeypatch):
+    # project: ~/runs in a YAML file (no shell expands it) made a folder named '~' in the working
+    # directory, which 'rm -rf ~' then tidies up
+    from imgclf.api import _absolute_paths
+    from imgclf.config import make_config
+    from imgclf.tune.sweep import StudySpec
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "run.yaml").write_text(f"data: {tmp_path}\nproject: ~/runs\n")
+    assert _absolute_paths(make_config(tmp_path / "run.yaml")).project == str(tmp_path / "home" / "runs")
+    assert StudySpec(name="s", directory="~/studies").study_dir == tmp_path / "home" / "studies" / "s"
+
+
+def test_a_run_name_too_long_for_a_folder_is_one_line(small_sample, tmp_path):
+    from imgclf.errors import UserError
+
+    with pytest.raises(UserError, match=r"--name x{40}\.\.\.: 300 bytes long; a folder name holds at most 255"):
+        imgclf.train(data=str(small_sample), project=str(tmp_path), name="x" * 300, **FAST)

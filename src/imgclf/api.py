@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from imgclf import log
-from imgclf.config import TrainConfig, dump_yaml, make_config
+from imgclf.config import TrainConfig, dump_yaml, make_config, mark_derived, note_chosen
 from imgclf.data.augment import AugmentSpec, BatchAugment, Normalize, tta_views
 from imgclf.data.cache import CachedSplit, build_cache, cache_root, release_pages
 from imgclf.data.images import IMAGE_EXTENSIONS, BadImage, load_resized
@@ -115,6 +115,8 @@ def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Local paths as absolute ones, so config.yaml (which evaluate, calibrate, export and
     --resume read back) means the same files from any working directory. Names that are not
     local paths ('cifar10', URLs) stay as given."""
+    # project: ~/runs in a YAML file (no shell to expand it) made a folder named '~' in the working directory
+    cfg.project = os.path.expanduser(cfg.project)
     for key in _PATH_OPTIONS:
         v = getattr(cfg, key, None)
         if isinstance(v, str) and v and "://" not in v and Path(v).expanduser().exists():
@@ -147,6 +149,9 @@ def _check_project(cfg: TrainConfig) -> None:
     if cfg.name is not None and (not cfg.name.strip() or Path(cfg.name).name != cfg.name or cfg.name in (".", "..")):
         raise UserError(f"--name {cfg.name!r}: a run name is one folder name (no '/'); use --project for where "
                         "runs go")
+    if cfg.name is not None and len(os.fsencode(cfg.name)) > 255:  # NAME_MAX: was an OSError traceback
+        raise UserError(f"--name {cfg.name[:40]}...: {len(os.fsencode(cfg.name))} bytes long; a folder name "
+                        "holds at most 255")
     problem = write_problem(Path(cfg.project), create=False)  # made later, once the data is read
     if problem:
         raise UserError(f"--project {cfg.project}: cannot make run folders there ({problem})")
@@ -266,7 +271,10 @@ def _time_budget(cfg, t_start: float, cached: dict, *, final_eval: bool, run_dir
     n_val = len(cached["val"]) if "val" in cached else 0
     after = _images_after_training(cfg, cached, final_eval=final_eval, multilabel=multilabel)
 
+    unplanned = cfg.epochs
+
     def on_plan(t, before, stopped=False):  # the plan and big corrections are printed; all go to config.yaml
+        note_chosen(cfg, "epochs", unplanned)  # a repeat with another --time-limit plans again
         if t.is_main and not stopped and (before is None or abs(t.total_steps - before) > 0.25 * before):
             msg = (f"time limit {cfg.time_limit:g}s: {'planned' if before is None else 're-planned'} "
                    f"{cfg.epochs:.1f} epochs ({t.total_steps} steps)")
@@ -531,8 +539,13 @@ def _finished_run(run_dir: Path) -> TrainResult | None:
         score = f"; {summary.get('split', 'test')} top-1 {summary['top1']:.4f}"
     elif "map" in summary:
         score = f"; {summary.get('split', 'test')} mAP {summary['map']:.4f}"
+    from imgclf.config import _COMMAND_LINE
+
+    more = (f"imgclf train --config {run_dir / 'config.yaml'} --weights {run_dir} --epochs N --name NEW"
+            if _COMMAND_LINE.get() is not None else
+            f"imgclf.train(config={str(run_dir / 'config.yaml')!r}, weights={str(run_dir)!r}, epochs=N, name=NEW)")
     log.info(f"{run_dir} finished already (epoch {summary.get('epochs', '?')} of {math.ceil(cfg.epochs)}"
-             f"{score}): nothing to resume")
+             f"{score}): nothing to resume; to train it further, start a run from its weights: {more}")
     return TrainResult(run_dir, read_history(run_dir), test=test if isinstance(test, dict) else None,
                        config=cfg, extras={"finished_already": True})
 
@@ -614,8 +627,9 @@ def _prepare_data(cfg: TrainConfig, run_dir: Path | None, device: torch.device, 
     distributed.main_first_end(ddp)
     user_epochs = cfg.epochs if "epochs" in cfg.model_fields_set else None
     default_model = run_dir is None and cfg.model == "auto" and source is None
-    cfg = recipe.resolve(cfg, n_train=len(cached["train"]), image_size=size, arch=arch,
-                         multilabel=src.task == "multilabel", world=world)
+    given = cfg
+    cfg = mark_derived(given, recipe.resolve(cfg, n_train=len(cached["train"]), image_size=size, arch=arch,
+                                             multilabel=src.task == "multilabel", world=world))
     if cfg.translate and cfg.translate >= size:  # reflect padding wider than the image cannot be made
         raise UserError(f"--translate {cfg.translate} must be smaller than the image size ({size} px)")
     if src.task == "multilabel" and "monitor" not in cfg.model_fields_set:
@@ -747,6 +761,7 @@ def _fastnet_width_for_budget(s: _Setup, began: float, final_eval: bool) -> None
     avail = began + cfg.time_limit - reserve - time.perf_counter()
     width, epochs = recipe.budget_width(step_s, avail, spe, crop_factor)
     if width != 1.0:
+        note_chosen(cfg, "model_args", dict(cfg.model_args))
         cfg.model_args = {**cfg.model_args, "width": width}
         if s.run_dir is not None:
             dump_yaml(cfg, s.run_dir / "config.yaml")
@@ -809,6 +824,8 @@ def _build_trainer(s: _Setup, *, resume, callbacks, final_eval: bool, t_start: f
     augment = BatchAugment(spec, normalize, len(s.src.classes), multilabel=s.multilabel)
     if cfg.lr == "auto":
         from imgclf.engine.lr_find import NoDescentError, lr_for_training
+
+        note_chosen(cfg, "lr", "auto")
 
         try:
             cfg.lr = lr_for_training(model, cfg, train_loader, augment, device, loss_fn, class_weights,

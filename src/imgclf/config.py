@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from imgclf.errors import UserError
 
@@ -186,6 +186,10 @@ class TrainConfig(BaseModel):
     exist_ok: bool = Field(False, description="reuse a run folder of the same name")
     tensorboard: bool = Field(True, description="write TensorBoard logs to RUN/tensorboard")
     progress: bool = Field(True, description="progress bars while decoding and training, and a line per epoch (metrics.csv has them either way)")
+
+    # option -> its value before the recipe (or a time budget, or --lr auto) chose it for this run;
+    # config.yaml keeps it under 'derived:' (make_config, mark_derived). Not an option of its own.
+    _derived: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     @field_validator("lr", mode="before")
     @classmethod
@@ -381,15 +385,71 @@ def _nulls_as_defaults(file: Path, values: dict[str, Any]) -> None:
                  f"({shown})")
 
 
+# Command-line values that change nothing the recipe derives: a run's config.yaml given with only
+# these is repeated exactly, choices and all (the options --resume takes, and where output goes)
+_NEUTRAL = frozenset({"progress", "device", "devices", "cache_dir", "workers", "ram_budget", "name", "project",
+                      "exist_ok", "tensorboard", "seed", "checkpoint_minutes", "eval_every"})
+
+
+def mark_derived(before: TrainConfig, after: TrainConfig, keys: Iterable[str] | None = None) -> TrainConfig:
+    """Record in ``after`` which options were chosen for this run rather than given (``keys``, or
+    every option the user did not set that differs), with the value each had before, so a repeat
+    of the run with other settings chooses them again (make_config)."""
+    keys = [k for k in TrainConfig.model_fields if k not in before.model_fields_set] if keys is None else keys
+    was = before.model_dump(mode="json")
+    now = after.model_dump(mode="json")
+    chosen = {k: was[k] for k in keys if now[k] != was[k] and k not in before._derived}
+    after._derived = {**before._derived, **chosen}  # a new dict: model_copy shares the old one
+    return after
+
+
+def note_chosen(cfg: TrainConfig, key: str, was: Any) -> None:
+    """``key`` was just chosen for this run (a time budget's epochs or width, --lr auto's value) in
+    place of ``was``: recorded as mark_derived records the recipe's choices."""
+    if key not in cfg._derived:
+        cfg._derived = {**cfg._derived, key: was}
+
+
+_SHOWN_FIRST = ("epochs", "batch_size", "lr", "warmup_epochs", "image_size", "model")
+
+
+def _rederive(file: Path, values: dict[str, Any], derived: Any, given: dict[str, Any]) -> dict[str, Any]:
+    """A run's config.yaml (its 'derived:' record) given with command-line changes: the options the
+    recipe chose for that run go back to what they were before it chose, so --epochs 30 gets the
+    warm-up and lr of a 30-epoch run, not the old run's; unchanged, the run repeats exactly."""
+    if not isinstance(derived, dict) or not derived:
+        return {}
+    changed = sorted(k for k in given if k not in _NEUTRAL and values.get(k) != given[k])
+    if not changed:
+        return derived
+    back = [k for k in derived if k in TrainConfig.model_fields and k not in given]
+    fields = TrainConfig.model_fields
+    for k in back:
+        if derived[k] == fields[k].get_default(call_default_factory=True):
+            values.pop(k, None)  # unset, as it was: this run's record marks it chosen again
+        else:
+            values[k] = derived[k]  # a value the user gave that the run replaced: lr: auto
+    if back:
+        from imgclf import log
+
+        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+        first = sorted(back, key=lambda k: (k not in _SHOWN_FIRST, _SHOWN_FIRST.index(k) if k in _SHOWN_FIRST else 0))
+        shown = ", ".join(first[:4]) + (f" and {len(first) - 4} more" if len(first) > 4 else "")
+        log.info(f"{file}: {flags} changed, so what the recipe chose for that run is chosen again ({shown})")
+    return {}
+
+
 def make_config(file: str | Path | None = None, **overrides: Any) -> TrainConfig:
     """Build a config from an optional YAML file plus overrides (overrides win)."""
     values: dict[str, Any] = load_yaml(file) if file else {}
+    derived = values.pop("derived", None)
     missing = None
     if file:
         missing = paths_beside(Path(file), values, given=[k for k, v in overrides.items() if v is not None])
         _nulls_as_defaults(Path(file), values)
     # pathlib paths from the Python API (data=Path("photos")) as the strings a YAML file holds
     given = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in overrides.items() if v is not None}
+    derived = _rederive(Path(file), values, derived, given) if file else {}
     values.update(given)
     try:
         cfg = TrainConfig(**values)
@@ -402,6 +462,7 @@ def make_config(file: str | Path | None = None, **overrides: Any) -> TrainConfig
         raise UserError(format_validation_error(e, origin, flags=typed)) from None
     if missing:
         raise UserError(missing)
+    cfg._derived = dict(derived)
     return cfg
 
 
@@ -410,5 +471,8 @@ def dump_yaml(cfg: TrainConfig, path: str | Path) -> None:
     # --resume would read
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    data = cfg.model_dump(mode="json")
+    if cfg._derived:
+        data["derived"] = cfg._derived
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
     os.replace(tmp, path)

@@ -34,6 +34,8 @@ def _run_info(path: Path) -> dict:
     cfg = {}
     if (path / "config.yaml").exists():
         cfg = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        if isinstance(cfg, dict):
+            cfg.pop("derived", None)  # the record of the recipe's choices, not an option
 
     def js(name):
         p = path / name

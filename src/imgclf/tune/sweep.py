@@ -106,7 +106,7 @@ class StudySpec(BaseModel):
 
     @property
     def study_dir(self) -> Path:
-        return Path(self.directory) / self.name
+        return Path(self.directory).expanduser() / self.name  # directory: ~/studies in the YAML file
 
     @property
     def storage_url(self) -> str:
