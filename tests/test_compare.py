@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -76,3 +77,18 @@ def test_compare_needs_two_real_runs(tiny_run, tmp_path):
         compare_runs([tiny_run])
     with pytest.raises(UserError, match="no such run folder"):
         compare_runs([tiny_run, tmp_path / "missing"])
+
+
+def test_compare_takes_the_runs_folder_and_passes_over_its_own_output(two_runs, capfd):
+    # 'compare runs/a runs/b' wrote runs/compare; 'compare runs/*' then failed on it ("not an imgclf
+    # run folder"), and 'compare runs' was "needs at least two run folders"
+    a, b = two_runs
+    first = compare_runs([a, b])
+    assert Path(first["out_dir"]) == a.parent / "compare"
+    again = compare_runs(sorted(a.parent.iterdir()))  # the shell's runs/*: a, b, compare
+    assert [r[0] for r in again["rows"]] == ["a", "b"]
+    assert f"{a.parent / 'compare'} holds a comparison, not a run: left out" in capfd.readouterr().err
+    assert [r[0] for r in compare_runs([a.parent])["rows"]] == ["a", "b"]
+    with pytest.raises(UserError, match=r"cmp.html: the folder for the figures.*name a folder"):
+        compare_runs([a, b], a.parent / "cmp.html")
+    assert not (a.parent / "cmp.html").exists()

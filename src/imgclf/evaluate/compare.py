@@ -173,11 +173,33 @@ def _fmt(v, column: str = "", config: bool = False) -> str:
     return "" if v is None else str(v)  # (config values of other types are shown as written)
 
 
+def _is_comparison(path: Path) -> bool:
+    """A folder compare wrote (runs/compare by default), which 'compare runs/*' then also names."""
+    return (path / "compare.html").is_file() and not (path / "config.yaml").exists()
+
+
+def _expand(runs: list[str | Path]) -> list[Path]:
+    """The run folders named: a project folder ('compare runs') stands for the runs in it; a
+    comparison's own folder (runs/compare, matched by runs/*) is passed over, with a line."""
+    paths: list[Path] = []
+    for r in map(Path, runs):
+        if r.is_dir() and _is_comparison(r):
+            log.info(f"{r} holds a comparison, not a run: left out")
+            continue
+        inside = [] if not r.is_dir() or (r / "config.yaml").exists() or (r / "metrics.csv").exists() else \
+            sorted(d for d in r.iterdir() if d.is_dir() and ((d / "config.yaml").is_file() or
+                                                            (d / "metrics.csv").is_file()))
+        paths += inside or [r]
+    return paths
+
+
 def compare_runs(runs: list[str | Path], out: str | Path | None = None) -> dict:
     """Write figures, compare.csv and compare.html into ``out``; returns the table and file paths."""
-    if len(runs) < 2:
-        raise UserError("compare needs at least two run folders")
-    paths = [Path(r) for r in runs]
+    paths = _expand(runs)
+    if len(paths) < 2:
+        raise UserError("compare needs at least two run folders (or a folder that holds them, such as runs/)")
+    if out is not None and Path(out).suffix.lower() in (".html", ".htm", ".csv", ".png"):
+        raise UserError(f"--out {out}: the folder for the figures, compare.csv and compare.html; name a folder")
     infos = [_run_info(p) for p in paths]
     labels = _labels(paths)
     out_dir = Path(out) if out else paths[0].parent / "compare"
