@@ -19,37 +19,17 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from imgclf.config import TrainConfig
+from imgclf.config import TrainConfig, parse_mapping
 from imgclf.errors import UserError
 
 
 def _parse_mapping(text: str) -> dict[str, Any]:
-    """'width=1.5,channels=[32,64]' or a YAML/JSON mapping -> dict."""
-    text = text.strip()
-    if text.startswith("{"):
-        val = yaml.safe_load(text)
-    else:
-        val = {}
-        depth, cur, parts = 0, "", []
-        for ch in text:  # split on commas outside brackets
-            depth += ch in "[("
-            depth -= ch in "])"
-            if ch == "," and depth == 0:
-                parts.append(cur)
-                cur = ""
-            else:
-                cur += ch
-        parts.append(cur)
-        for part in filter(None, (p.strip() for p in parts)):
-            if "=" not in part:
-                raise argparse.ArgumentTypeError(f"expected key=value, got '{part}'")
-            k, v = part.split("=", 1)
-            val[k.strip()] = yaml.safe_load(v)
-    if not isinstance(val, dict):
-        raise argparse.ArgumentTypeError("expected key=value pairs")
-    return val
+    """--model-args: config.parse_mapping (YAML files take the same form), its ValueError as
+    argparse's one-line error."""
+    try:
+        return parse_mapping(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _unwrap(annotation):
@@ -148,7 +128,7 @@ def _invalid_choice(message: str) -> tuple[str, list[str]] | None:
 
 def _unknown_arguments(parser: argparse.ArgumentParser, extras: list[str]) -> str:
     """'unknown option --img-size; did you mean --image-size?' for what the command did not read."""
-    from imgclf.config import OTHER_NAMES
+    from imgclf.config import OTHER_NAMES, other_setting
     from imgclf.data.arrays import is_number
 
     # compared without the dashes, which every option shares ('--bogus' is not close to '--out')
@@ -158,16 +138,19 @@ def _unknown_arguments(parser: argparse.ArgumentParser, extras: list[str]) -> st
         if not tok.startswith("-") or tok == "-" or is_number(tok):
             continue  # an unknown option's value, most likely
         name = tok.split("=", 1)[0]
-        other = OTHER_NAMES.get(name.lstrip("-").replace("-", "_").lower(), "").replace("_", "-")
-        close = [other] if other in known else difflib.get_close_matches(name.lstrip("-"), known, n=1, cutoff=0.6)
-        unknown.append((name, f"--{close[0]}" if close else None))
+        hint = other_setting(name, [k.replace("-", "_") for k in known], flag=True)
+        if hint is None:
+            other = OTHER_NAMES.get(name.lstrip("-").replace("-", "_").lower(), "").replace("_", "-")
+            close = [other] if other in known else difflib.get_close_matches(name.lstrip("-"), known, n=1, cutoff=0.6)
+            hint = f"did you mean --{close[0]}?" if close else None
+        unknown.append((name, hint))
     if not unknown:  # only stray words: one positional argument too many
         what = f"unexpected argument '{extras[0]}'"
     elif len(unknown) == 1:
-        name, close = unknown[0]
-        what = f"unknown option {name}" + (f"; did you mean {close}?" if close else "")
+        name, hint = unknown[0]
+        what = f"unknown option {name}" + (f"; {hint}" if hint else "")
     else:
-        what = "unknown options " + ", ".join(n + (f" (did you mean {c}?)" if c else "") for n, c in unknown)
+        what = "unknown options " + ", ".join(n + (f" ({h})" if h else "") for n, h in unknown)
     return f"{what} (unrecognized arguments: {' '.join(extras)})"
 
 
@@ -190,6 +173,27 @@ def _typed_options(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str
         else:
             typed[action.config_key] = f"{name} {argv[i + 1]}"
     return typed
+
+
+def _dash_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """'--older-than -5m' as '--older-than=-5m': argparse takes a value that starts with '-' and is
+    not a plain number for an option, and answers 'expected one argument' instead of the option's
+    own error ('must be a positive finite duration'). Values of options that take one only."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok == "--":
+            return out + argv[i:]
+        action = parser._option_string_actions.get(tok)
+        if (action is not None and action.nargs is None and i + 1 < len(argv)
+                and re.match(r"-\.?\d", argv[i + 1]) and argv[i + 1] not in parser._option_string_actions):
+            out.append(f"{tok}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(tok)
+        i += 1
+    return out
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -332,6 +336,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         if "data" not in opts and not args.config:
             raise UserError("train needs --data (a folder, a CSV, a CIFAR pickle folder or 'cifar10') or --config")
+        if args.config and Path(args.config).is_dir():  # else the API's advice about its first argument
+            raise UserError(f"--config {args.config} is a folder: give a YAML file")
         res = train(args.config, **opts)
     if os.environ.get("RANK", "0") != "0" or res.extras.get("finished_already"):  # under torchrun every rank
         return 0  # runs this: rank 0 speaks; a finished run given to --resume: train said so in one line
@@ -518,6 +524,8 @@ def _main(argv: list[str] | None) -> int:
         close = difflib.get_close_matches(argv[0], list(commands), n=1, cutoff=0.5)
         parser.error(f"unknown command '{argv[0]}'; " + (f"did you mean '{close[0]}'?" if close else
                                                          f"the commands are {', '.join(commands)}"))
+    if argv and argv[0] in commands:
+        argv = argv[:1] + _dash_values(commands[argv[0]], argv[1:])
     args, extras = parser.parse_known_args(argv)
     command = commands.get(getattr(args, "command", None) or "", parser)
     if extras:  # named by the command's own parser, with its options to suggest from

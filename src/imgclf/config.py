@@ -27,15 +27,51 @@ from imgclf.errors import UserError
 def parse_seconds(v: Any) -> float:
     """A duration: '600' / 600 are seconds; '90s', '10m', '1.5h', '30d' carry their unit. The parser
     of --time-limit, shared by every option that takes a duration (sweep --timeout, cache --older-than)."""
-    text = str(v).strip().lower()
+    text = str(v).strip()
+    if text.endswith("M"):  # months in some tools (ISO 8601, cron, Java): 5M read as minutes would surprise
+        raise ValueError("M is ambiguous (minutes or months?): write m for minutes (5m), or days for longer (150d)")
+    text = text.lower()
     scale = {"s": 1, "m": 60, "h": 3600, "d": 86400}.get(text[-1:], None)
     try:
         secs = float(text[:-1] if scale else text) * (scale or 1)
     except ValueError:
         secs = float("nan")
+    if secs == 0:  # 0 means 'no limit' in some tools; here having no limit is leaving the option out
+        raise ValueError("must be a positive finite duration, not 0: for no limit, leave the option out")
     if not (secs > 0 and math.isfinite(secs)):  # inf: an OverflowError once the run is planned
         raise ValueError("must be a positive finite duration: seconds, or a number ending in s, m, h or d (10m)")
     return secs
+
+
+def parse_mapping(text: str) -> dict[str, Any]:
+    """'width=1.5,channels=[32,64]' or a YAML/JSON mapping -> dict. The parser of --model-args,
+    shared with YAML files and the Python API so the one written form works in all three."""
+    text = text.strip()
+    try:
+        if text.startswith("{"):
+            val = yaml.safe_load(text)
+        else:
+            val = {}
+            depth, cur, parts = 0, "", []
+            for ch in text:  # split on commas outside brackets
+                depth += ch in "[({"
+                depth -= ch in "])}"
+                if ch == "," and depth == 0:
+                    parts.append(cur)
+                    cur = ""
+                else:
+                    cur += ch
+            parts.append(cur)
+            for part in filter(None, (p.strip() for p in parts)):
+                if "=" not in part:
+                    raise ValueError(f"expected key=value, got '{part}'")
+                k, v = part.split("=", 1)
+                val[k.strip()] = yaml.safe_load(v)
+    except yaml.YAMLError as e:  # 'dense=[64': a one-line error, not a traceback
+        raise ValueError(f"{text!r} is not key=value pairs ({getattr(e, 'problem', None) or e})") from None
+    if not isinstance(val, dict):
+        raise ValueError("expected key=value pairs")
+    return val
 
 
 class TrainConfig(BaseModel):
@@ -230,6 +266,12 @@ class TrainConfig(BaseModel):
             return str(v)
         return v
 
+    @field_validator("model_args", mode="before")
+    @classmethod
+    def _mapping_text(cls, v):
+        # model_args: dropout=0.3,dense=[64] in a YAML file (or the API) reads as --model-args does
+        return parse_mapping(v) if isinstance(v, str) else v
+
     @field_validator("head", mode="before")
     @classmethod
     def _head_sizes(cls, v):
@@ -262,7 +304,9 @@ OTHER_NAMES = {
     "arch": "model", "architecture": "model", "backbone": "model", "net": "model", "network": "model",
     "dataset": "data", "data_dir": "data", "train_dir": "data", "data_path": "data", "dataset_dir": "data",
     "val_dir": "val_data", "valid_data": "val_data", "validation_data": "val_data", "test_dir": "test_data",
-    "validation_split": "val_split", "valid_split": "val_split",
+    "validation_split": "val_split", "valid_split": "val_split", "val_ratio": "val_split", "valid_ratio": "val_split",
+    "validation_ratio": "val_split", "val_fraction": "val_split", "val_size": "val_split", "holdout": "val_split",
+    "exp_name": "name", "experiment_name": "name", "run_name": "name",
     "optimiser": "optimizer", "optim": "optimizer", "opt": "optimizer",
     "wd": "weight_decay", "decay": "weight_decay",
     "scheduler": "schedule", "lr_scheduler": "schedule", "lr_schedule": "schedule", "sched": "schedule",
@@ -271,12 +315,37 @@ OTHER_NAMES = {
     "pretrained_weights": "weights",
 }
 
+# Other tools' settings that are no single option here: what to say instead of the nearest
+# spelling ('--out' is nearest to '--cutout', '--test-split' to '--val-split'). {key} is written
+# as the flag on the command line and as the key in a YAML file.
+OTHER_SETTINGS = {
+    **dict.fromkeys(("out", "output", "out_dir", "output_dir", "save_dir", "save_path", "log_dir", "logdir",
+                     "run_dir", "checkpoint_dir", "work_dir", "exp_dir"),
+                    "did you mean {project}/{name}? a run's folder is PROJECT/NAME"),
+    **dict.fromkeys(("test_split", "test_ratio", "test_size", "test_fraction"),
+                    "the test split is not cut from the training data: it comes from a test/ folder in the "
+                    "data, or {test_data}"),
+}
+
+
+def other_setting(key: str, known: Iterable[str], *, flag: bool) -> str | None:
+    """What to say for another tool's ``key`` that no one option here replaces (OTHER_SETTINGS),
+    naming options as flags or as YAML keys; None where the command lacks those options."""
+    text = OTHER_SETTINGS.get(key.lstrip("-").replace("-", "_").lower())
+    names = re.findall(r"{(\w+)}", text or "")
+    if text is None or not set(names) <= set(known):
+        return None
+    return text.format(**{n: "--" + n.replace("_", "-") if flag else f"'{n}'" for n in names})
+
 
 def suggest_key(key: str, known: Iterable[str] | None = None,
                 fallback: str = "; run 'imgclf train --help' for the options") -> str:
     """'; did you mean ...?' for the closest of ``known`` (default: the train options), or what
     another tool's name for it is here (learning_rate: lr)."""
     known = list(TrainConfig.model_fields.keys() if known is None else known)
+    setting = other_setting(key, known, flag=False)
+    if setting:
+        return f"; {setting}"
     other = OTHER_NAMES.get(key.replace("-", "_").lower())
     if other in known:
         return f"; did you mean '{other}'?"
@@ -316,7 +385,20 @@ def format_validation_error(err: ValidationError, origin: str | Callable[[str], 
     where = origin if callable(origin) else (lambda key: origin)
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<config>"
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "extra_forbidden" and suggest is suggest_key and isinstance(e.get("input"), dict):
+            # 'train:' holding 'epochs: 3' (sections, as other tools' configs have): 'did you mean
+            # pretrained?' misleads; the options are one flat set
+            inner = [str(k).replace("-", "_") for k in e["input"]]
+            valid = [k for k in inner if k in TrainConfig.model_fields]
+            if valid:
+                then = f"; move {', '.join(valid)} to the top level"
+            elif inner:
+                then = f"; '{inner[0]}' is no option either" if len(inner) == 1 else \
+                    f"; none of {', '.join(inner)} is an option"
+            else:
+                then = ""  # an empty section: its name is no misspelt option ('pretrained' for 'train')
+            lines.append(f"{where(key)}: unknown {noun} '{key}' (a section): options are flat, top-level keys{then}")
+        elif e["type"] == "extra_forbidden":
             lines.append(f"{where(key)}: unknown {noun} '{key}'{suggest(key)}")
         elif e["type"] == "missing":
             lines.append(f"{where(key)}: option '{key}' is required")
@@ -327,16 +409,91 @@ def format_validation_error(err: ValidationError, origin: str | Callable[[str], 
     return lines[0] if len(lines) == 1 else "; ".join(lines)
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader refusing a key given twice in one mapping: PyYAML lets the last win without
+    a word, so 'lr: 0.1' then 'lr: 0.01' further down trains at 0.01. In the file's top mapping,
+    keys are compared as load_yaml reads them: 'batch-size' is 'batch_size'."""
+
+    top: yaml.Node | None = None
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # '<<: *defaults' then 'lr: 0.01': overriding a merged key is its purpose
+                key = self.construct_object(key_node, deep=True)
+                if node is self.top:
+                    key = str(key).replace("-", "_")
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:
+                    continue  # an unhashable key: the constructor's own error says so
+                if first is not key_node:
+                    a, b = first.start_mark.line + 1, key_node.start_mark.line + 1
+                    lines = f"line {a}" if a == b else f"lines {a} and {b}"
+                    same = (f"'{first.value}' (line {a}) and '{key_node.value}' (line {b}) are the same option"
+                            if first.value != key_node.value else f"'{key_node.value}' is given twice ({lines})")
+                    raise _DuplicateKey(f"{same}; keep one")
+        return super().construct_mapping(node, deep)
+
+
+_YAML_WORDS = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:null")
+
+
+def _names_read_as_words(p: Path, node: yaml.Node | None) -> None:
+    """'classes: [yes, no]' is [True, False] to YAML 1.1 (as are on/off; ~ and null are None): refused,
+    naming the spellings to quote, rather than failing later on class names 'True' and 'False'
+    that no folder has. Class names are the items of 'classes' and the keys of 'class_weights'."""
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _names_read_as_words(p, item)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    for key_node, value in node.value:
+        key = str(key_node.value).replace("-", "_")
+        names = (value.value if key == "classes" and isinstance(value, yaml.SequenceNode) else
+                 [k for k, _ in value.value] if key == "class_weights" and isinstance(value, yaml.MappingNode) else [])
+        bad = [n for n in names if isinstance(n, yaml.ScalarNode) and n.tag in _YAML_WORDS and n.value]
+        if key == "classes" and isinstance(value, yaml.ScalarNode) and value.tag == _YAML_WORDS[0]:
+            bad = [value]  # 'classes: yes'; 'classes: null' is the default, all classes
+        if bad:
+            spelt = ", ".join(n.value for n in bad)
+            read = ", ".join({True: "true", False: "false", None: "null"}[yaml.safe_load(n.value)] for n in bad)
+            one = len(bad) == 1
+            raise UserError(f"{p} line {bad[0].start_mark.line + 1}: {key}: YAML reads {spelt} as {read}, not as "
+                            f"{'a class name' if one else 'class names'}; quote {'it' if one else 'them'}: "
+                            + ", ".join(f"'{n.value}'" for n in bad))
+        _names_read_as_words(p, value)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"config file {p} is a folder: give a YAML file")
     if not p.is_file():
         raise UserError(f"config file {p} does not exist")
+    loader = None
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        loader = _Loader(p.read_text())  # yaml.safe_load, with the top node kept for the checks
+        loader.top = loader.get_single_node()
+        raw = (loader.construct_document(loader.top) if loader.top is not None else None) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{p}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+        # a ReaderError (a control character) has a reason, not a problem: its str() is two lines
+        problem = getattr(e, "problem", None) or getattr(e, "reason", None) or e
+        raise UserError(f"{p}:{where} is not valid YAML ({problem})") from None
+    except _DuplicateKey as e:
+        raise UserError(f"{p}: {e}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+    _names_read_as_words(p, loader.top)
     if not isinstance(raw, dict):
         raise UserError(f"{p} must hold a mapping of option: value, not a {type(raw).__name__}")
     return {str(k).replace("-", "_"): v for k, v in raw.items()}

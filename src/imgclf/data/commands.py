@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from imgclf.config import TrainConfig
@@ -130,6 +131,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
     try:
         min_age = None if args.older_than is None else parse_seconds(args.older_than)
     except ValueError as e:
+        if re.fullmatch(r"\s*0+(\.0*)?\s*[smhd]?\s*", args.older_than):  # 'everything' is --clear alone
+            raise UserError(f"--older-than {args.older_than}: must be more than 0; 'imgclf cache --clear' without "
+                            "--older-than removes every entry") from None
         raise UserError(f"--older-than {args.older_than}: {e}") from None
     if not root.is_dir():
         if args.cache_dir:
