@@ -718,3 +718,23 @@ def test_study_files_relative_data_is_read_beside_it(small_sample, tmp_path, mon
     path = write_study(tmp_path, Path("nowhere"))
     with pytest.raises(UserError, match=r"study base: data nowhere: no such file or folder"):
         sweep.load_spec(path)
+
+
+def test_a_study_resumed_from_another_folder_is_not_said_to_have_changed(small_sample, tmp_path, monkeypatch, capfd):
+    # data: photos read from the working directory, then (resumed from elsewhere) from beside the
+    # study file: the same folder, yet the digest of the text differed: 'base or space changed'
+    shutil.copytree(small_sample, tmp_path / "photos")
+    monkeypatch.chdir(tmp_path)
+    path = write_study(tmp_path, Path("photos"), directory=str(tmp_path / "studies"))
+    sweep.load_spec(path).study_dir.mkdir(parents=True)
+    sweep.open_study(sweep.load_spec(path), heartbeat=False, warn=True)
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    capfd.readouterr()
+    sweep.open_study(sweep.load_spec(path), heartbeat=False, warn=True)
+    assert "changed since the study began" not in capfd.readouterr().err
+    (tmp_path / "a" / "photos").mkdir()  # now 'photos' here is other data: said
+    sweep.open_study(sweep.load_spec(path), heartbeat=False, warn=True)
+    err = capfd.readouterr().err
+    assert "base or space changed since the study began" in err
+    assert "is read from the working directory" in err and "not the one beside study.yaml" in err

@@ -513,9 +513,16 @@ def paths_beside(file: Path, values: dict[str, Any], given: list[str]) -> str | 
     for key in _INPUT_PATHS:
         v = values.get(key)
         if key in given or not isinstance(v, str) or not v.strip() or "://" in v or v.lower() in DATA_NAMES or \
-                v.startswith("hf:") or Path(v).expanduser().is_absolute() or Path(v).expanduser().exists():
+                v.startswith("hf:") or Path(v).expanduser().is_absolute():
             continue
         beside = file.parent / v
+        if Path(v).exists():
+            if beside.exists() and not os.path.samefile(v, beside):  # two folders of that name: say which
+                from imgclf import log
+
+                log.warn(f"{file} {key}: {v} is read from the working directory ({os.path.abspath(v)}), not the "
+                         f"one beside {file.name} ({os.path.abspath(beside)}); write the path you mean")
+            continue
         if beside.exists():
             values[key] = str(beside)
             continue

@@ -574,9 +574,16 @@ def grid_size(space: Space, spec: StudySpec) -> int | None:
     return math.prod(len(p.grid()) for p in space.params.values())
 
 
-def settings_hash(spec: StudySpec) -> str:
-    """A digest of what every trial trains with (base and space): a resumed study warns when it changed."""
-    blob = json.dumps({"base": spec.base, "space": spec.space}, sort_keys=True, default=str)
+def settings_hash(spec: StudySpec, *, as_written: bool = False) -> str:
+    """A digest of what every trial trains with (base and space): a resumed study warns when it
+    changed. Data paths count as absolute ones, so the study resumed from another folder (data:
+    ../photos) is the same study; ``as_written``: the digest studies made before that recorded."""
+    base = dict(spec.base)
+    for key in () if as_written else _DATA_OPTIONS:
+        v = base.get(key)
+        if isinstance(v, str) and v.strip() and "://" not in v and Path(v).expanduser().exists():
+            base[key] = os.path.realpath(os.path.expanduser(v))
+    blob = json.dumps({"base": base, "space": spec.space}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -605,7 +612,7 @@ def open_study(spec: StudySpec, worker: int = 0, heartbeat: bool = True, warn: b
         study.set_user_attr(_ATTR_DIRECTION, want)
         study.set_user_attr(_ATTR_SETTINGS, settings_hash(spec))
         study.set_user_attr(_ATTR_ID, uuid.uuid4().hex)
-    elif warn and attrs.get(_ATTR_SETTINGS) != settings_hash(spec):
+    elif warn and attrs.get(_ATTR_SETTINGS) not in (settings_hash(spec), settings_hash(spec, as_written=True)):
         log.warn(f"study '{spec.name}': base or space changed since the study began, so its trials did not all "
                  f"train alike and their scores may not compare; a new search wants a new study name")
     return study
