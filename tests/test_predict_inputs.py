@@ -206,3 +206,27 @@ def test_urls_are_fetched_and_one_that_fails_is_its_own_error(tiny_run, sample_d
     # nobody listening: one line, as offline machines say it
     data, err = remote.fetch(f"{base}/cat.jpg", timeout=5)
     assert data is None and err.startswith("cannot fetch it (") and "\n" not in err
+
+
+def test_an_arrays_pixels_are_read_by_one_rule_for_the_whole_batch(tiny_run, sample_dir):
+    # predict converted each image of an array by its own range; training and evaluate convert the
+    # whole array: a dark frame of a 12-bit batch, or a bright image of a -1..1 batch, was read
+    # at another scale and its scores moved by up to 0.66
+    import torch
+    from PIL import Image
+
+    from imgclf.data.images import pixels_to_uint8
+
+    clf = imgclf.load(tiny_run)
+    files = sorted((sample_dir / "test" / "cat").glob("*.jpg"))[:6]
+    x = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    x12 = x.astype(np.uint16) * 4095 // 255
+    x12[::2] //= 5  # under-exposed frames: on their own, their maximum says 8 bits, not 12
+    want = clf.predict_proba(pixels_to_uint8(x12, "x"))
+    np.testing.assert_allclose(clf.predict_proba(x12), want, atol=1e-6)
+    signed = x.astype(np.float32) / 127.5 - 1
+    signed[1] = np.abs(signed[1])  # a bright image: all of it >= 0, alone it reads as 0..1
+    want = clf.predict_proba(pixels_to_uint8(signed, "x"))
+    np.testing.assert_allclose(clf.predict_proba(signed), want, atol=1e-6)
+    tensor = torch.from_numpy(signed).permute(0, 3, 1, 2)  # the same batch as torchvision lays it out
+    np.testing.assert_allclose(clf.predict_proba(tensor), want, atol=1e-6)

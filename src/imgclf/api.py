@@ -1232,6 +1232,18 @@ def _tensor_to_hwc(t: torch.Tensor) -> np.ndarray:
     return a.transpose(1, 2, 0) if a.ndim == 3 and a.shape[0] in (1, 3, 4) else a
 
 
+def _batch_uint8(batch: np.ndarray) -> np.ndarray:
+    """A batch's pixels as uint8 by one rule for the whole array, as training and evaluate read
+    arrays (data/npz.py): read image by image, a dark frame of a 12-bit batch, or a bright image of a
+    -1..1 batch, took a range of its own and its scores moved by up to 0.66."""
+    from imgclf.data.images import BadImage, pixels_to_uint8
+
+    try:
+        return pixels_to_uint8(batch, "the array")
+    except BadImage as e:
+        raise UserError(f"predict: {e.reason}") from None
+
+
 def _input_list(inputs) -> list:
     """What ``predict`` was given, as a list of single inputs. Arrays are read as Keras and PIL
     lay them out (N x H x W x C, one H x W x C image, N x H x W grey images as in MNIST's
@@ -1242,9 +1254,9 @@ def _input_list(inputs) -> list:
     if isinstance(inputs, torch.Tensor):
         t = inputs.detach().cpu()
         if t.ndim == 4:
-            return [_tensor_to_hwc(x) for x in t]
+            return list(_batch_uint8(np.stack([_tensor_to_hwc(x) for x in t])))
         if t.ndim == 3 and t.shape[0] not in (1, 3, 4) and t.shape[2] not in (1, 3, 4):
-            return [_tensor_to_hwc(x) for x in t]  # N x H x W grey images
+            return list(_batch_uint8(np.stack([_tensor_to_hwc(x) for x in t])))  # N x H x W grey images
         return [_tensor_to_hwc(t)]
     if isinstance(inputs, np.ndarray) and inputs.dtype.kind in "USO":
         return inputs.ravel().tolist()  # np.array(paths), a DataFrame column's .values
@@ -1253,12 +1265,12 @@ def _input_list(inputs) -> list:
         if inputs.ndim == 4:
             if inputs.shape[1] in channels and inputs.shape[3] not in channels:
                 inputs = inputs.transpose(0, 2, 3, 1)  # N x C x H x W: no other reading is possible
-            return list(inputs)
+            return list(_batch_uint8(inputs))
         if inputs.ndim == 3 and inputs.shape[2] not in channels:
             if inputs.shape[0] in channels:
                 raise UserError(f"an array of shape {inputs.shape} is ambiguous: pass arr.transpose(1, 2, 0) "
                                 f"for one channels-first image, or arr[..., None] for {inputs.shape[0]} grey images")
-            return list(inputs)  # N x H x W grey images
+            return list(_batch_uint8(inputs))  # N x H x W grey images
         return [inputs]
     if isinstance(inputs, str | Path | bytes | Image.Image):
         return [inputs]
