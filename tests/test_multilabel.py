@@ -287,7 +287,7 @@ def test_coco_multilabel_run(coco, tmp_path):
 
 
 @pytest.mark.parametrize("coco", ["built"], indirect=True)
-def test_evaluate_a_multilabel_run_through_the_public_api(coco, tmp_path):
+def test_evaluate_a_multilabel_run_through_the_public_api(coco, tmp_path, capfd):
     # the default run's guard for evaluate on a multi-label run: its closing note once read the
     # single-label confusion matrix (KeyError 'confusion'), and only the slow COCO run above saw it
     import imgclf
@@ -295,8 +295,11 @@ def test_evaluate_a_multilabel_run_through_the_public_api(coco, tmp_path):
     root, _ = coco
     res = imgclf.train(data=str(_coco_json(root)), image_size=32, epochs=1, val_split=0.3, project=str(tmp_path),
                        name="ml", progress=False, tensorboard=False)
-    ev = imgclf.evaluate(res.run_dir, progress=False)
+    ev = imgclf.evaluate(res.run_dir, progress=False)  # (said once: by training's own evaluation)
     assert ev["task"] == "multilabel" and "confusion" not in ev and 0 < ev["map"] <= 1
+    # no test split: the val split's P/R/F1 are at thresholds fitted to it, and that is said
+    assert ev["split"] == "val" and ev["thresholds_fitted_here"]
+    assert "thresholds tuned on this val split, so they are optimistic" in capfd.readouterr().err
     m = json.loads((res.run_dir / "metrics.json").read_text())
     assert ev["n"] == m["n"] and ev["map"] == pytest.approx(m["map"], abs=1e-6)
     # a label CSV of the same images: another source, so its own folder, with every class scored
@@ -313,5 +316,6 @@ def test_evaluate_a_multilabel_run_through_the_public_api(coco, tmp_path):
             w.writerow([str(root / "images" / im["file_name"]), "|".join(sorted(tags.get(im["id"], ())))])
     other = imgclf.evaluate(res.run_dir, str(table), progress=False)
     assert other["task"] == "multilabel" and other["n"] == 40 and "confusion" not in other
+    assert "thresholds_fitted_here" not in other
     assert Path(other["out_dir"]).parent == res.run_dir and Path(other["out_dir"]).name.startswith("eval-test")
     assert json.loads((Path(other["out_dir"]) / "metrics.json").read_text())["n"] == 40

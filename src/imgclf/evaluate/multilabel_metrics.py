@@ -157,6 +157,15 @@ def evaluate_multilabel(logits, targets, classes: list[str], thresholds, out_dir
     m = multilabel_metrics(scores, targets, classes, thresholds)
     m.update({"split": split, "thresholds": "tuned on val (max F1)" if thresholds is not None else "0.5",
               **(extra or {})})
+    if thresholds is not None and split == "val":
+        # the thresholds were fitted to these very images (a run without a test split): P/R/F1 at
+        # them read better than on new images; AP and mAP use no threshold
+        m["thresholds_fitted_here"] = True
+        from imgclf import log
+
+        log.warn("val precision/recall/F1 use thresholds tuned on this val split, so they are optimistic (mAP is "
+                 "not: it uses no threshold); a test split (test/ folder or --test-data) gives unbiased figures",
+                 once=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_per_class_ap_csv(m["per_class"], out_dir / f"{prefix}per_class.csv")
     plot_pr_curves(scores, targets, classes, out_dir / f"{prefix}pr_curves.png",
