@@ -151,3 +151,20 @@ def test_config_given_a_folder(tmp_path, capsys):
     assert err == f"imgclf: error: --config {tmp_path} is a folder: give a YAML file"
     with pytest.raises(UserError, match="is a folder: give a YAML file"):
         load_yaml(tmp_path)
+
+
+# notebook spellings (the API pass)
+
+def test_keras_and_notebook_spellings_of_values_are_read():
+    # image_size=(224, 224) as Keras' target_size, optimizer="Adam": refused before; epochs=True
+    # trained one epoch
+    from imgclf.config import make_config
+
+    cfg = make_config(None, data="x", image_size=(48, 48), optimizer="Adam", schedule="Cosine", resize="Crop")
+    assert (cfg.image_size, cfg.optimizer, cfg.schedule, cfg.resize) == (48, "adam", "cosine", "crop")
+    with pytest.raises(UserError, match=r"\(48, 64\): images are resized to one square size; give one number"):
+        make_config(None, data="x", image_size=(48, 64))
+    with pytest.raises(UserError, match="option 'epochs': True is a yes/no, not a number"):
+        make_config(None, data="x", epochs=True)
+    with pytest.raises(UserError, match="Input should be 'auto', 'sgd'"):
+        make_config(None, data="x", optimizer="adamx")

@@ -14,6 +14,7 @@ import difflib
 import math
 import os
 import re
+import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -226,6 +227,31 @@ class TrainConfig(BaseModel):
     # option -> its value before the recipe (or a time budget, or --lr auto) chose it for this run;
     # config.yaml keeps it under 'derived:' (make_config, mark_derived). Not an option of its own.
     _derived: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _size_pair(cls, v):
+        # Keras' target_size=(224, 224), torchvision's Resize((224, 224)): one square size
+        if isinstance(v, list | tuple):
+            if len(v) == 2 and v[0] == v[1]:
+                return v[0]
+            raise ValueError(f"{tuple(v)}: images are resized to one square size; give one number (e.g. {max(v)})"
+                             if len(v) == 2 else "give one number")
+        return v
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _choice_any_case(cls, v, info):
+        # optimizer="Adam", schedule: Cosine: a choice's spelling, not a different choice
+        field = cls.model_fields.get(info.field_name)
+        if isinstance(v, str) and field is not None and typing.get_origin(field.annotation) is Literal:
+            low = v.strip().lower()
+            if low in typing.get_args(field.annotation):
+                return low
+        if isinstance(v, bool) and field is not None and field.annotation in (int, float, int | None,
+                                                                              float | None):
+            raise ValueError(f"{v} is a yes/no, not a number")  # epochs=True trained 1 epoch
+        return v
 
     @field_validator("lr", mode="before")
     @classmethod
