@@ -92,3 +92,16 @@ def test_compare_takes_the_runs_folder_and_passes_over_its_own_output(two_runs, 
     with pytest.raises(UserError, match=r"cmp.html: the folder for the figures.*name a folder"):
         compare_runs([a, b], a.parent / "cmp.html")
     assert not (a.parent / "cmp.html").exists()
+
+
+def test_a_multilabel_runs_label_accuracy_has_its_own_column(two_runs, tmp_path):
+    # one best_val_acc row held single-label top-1 (0.61) beside per-label accuracy (0.79)
+    import json
+
+    a, b = two_runs
+    meta = json.loads((b / "model.json").read_text())
+    (b / "model.json").write_text(json.dumps({**meta, "task": "multilabel"}))
+    res = compare_runs([a, b], tmp_path / "o")
+    header, (ra, rb) = res["header"], res["rows"]
+    acc, label_acc = header.index("best_val_acc"), header.index("best_val_label_acc")
+    assert ra[acc] is not None and ra[label_acc] is None and rb[acc] is None and rb[label_acc] is not None

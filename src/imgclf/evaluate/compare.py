@@ -85,14 +85,17 @@ def final_figures(info: dict) -> dict:
         if isinstance(m.get(k), (int, float)):
             row[f"{m.get('split', 'test')}_{k}"] = m[k]
     if h:
+        # a multi-label run's accuracy is per label (0.96 for a model that predicts nothing): its own
+        # column, not one row beside single-label top-1 accuracies
+        acc = (lambda k: k.replace("_acc", "_label_acc")) if info["task"] == "multilabel" else (lambda k: k)
         for k in ("val_acc", "val_map"):
             vals = [r[k] for r in h if k in r]
             if vals:
-                row[f"best_{k}"] = max(vals)
+                row[f"best_{acc(k)}"] = max(vals)
         for k in ("val_loss", "train_loss", "train_acc"):
             vals = [r[k] for r in h if k in r]
             if vals:
-                row[f"final_{k}"] = vals[-1]
+                row[f"final_{acc(k)}"] = vals[-1]
         done = h[-1].get("epoch")  # config's "epochs" (planned) may be a column too
         row["epochs_trained"] = int(done) if isinstance(done, float) and done.is_integer() else done
     cal = info["model"].get("calibration")
