@@ -738,3 +738,24 @@ def test_a_study_resumed_from_another_folder_is_not_said_to_have_changed(small_s
     err = capfd.readouterr().err
     assert "base or space changed since the study began" in err
     assert "is read from the working directory" in err and "not the one beside study.yaml" in err
+
+
+def test_trials_tied_at_the_best_value_are_said_to_be_tied(small_sample, tmp_path, capfd):
+    # five trials at chance (0.3333 on 18 val images): 'best_trial 0' read as a winner
+    import optuna
+
+    from imgclf.tune.report import write_report
+
+    path = write_study(tmp_path, small_sample, space={"schedule": "constant"})
+    spec = sweep.load_spec(path)
+    sweep.write_spec(spec)
+    study = sweep.open_study(spec, heartbeat=False)
+    for v in (1 / 3, 1 / 3, 0.25):
+        study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=v))
+    out = sweep.summarize(spec)
+    assert out["best_trial"] == 0 and out["tied"] == 2
+    assert "2 trials tie at the best val_acc 0.3333" in capfd.readouterr().err
+    res = write_report(spec.study_dir)
+    assert res["tied"] == 2 and "2 trials tie at this value" in Path(res["html"]).read_text()
+    study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.5))
+    assert "tied" not in sweep.summarize(spec)

@@ -25,7 +25,7 @@ from imgclf.config import TrainConfig, format_validation_error, load_yaml
 from imgclf.errors import UserError
 from imgclf.paths import write_problem
 from imgclf.tune import sweep
-from imgclf.tune.sweep import Param, Space, StudySpec, make_storage
+from imgclf.tune.sweep import Param, Space, StudySpec, make_storage, tied_with_best
 
 MIN_TRIALS_FOR_IMPORTANCE = 4  # fANOVA's forest on fewer completed trials is noise
 
@@ -424,6 +424,11 @@ def write_report(study_dir: str | Path, storage: str | None = None, out: str | P
                      f"<p>Written to <code>{html.escape(str(best_path))}</code>; train it with "
                      f"<code>imgclf train --config {html.escape(str(best_path))}</code>.</p>"
                      f"<pre>{html.escape(yaml.safe_dump(opts, sort_keys=False))}</pre>")
+        tied = tied_with_best(complete, best.value)
+        if tied > 1:
+            result["tied"] = tied
+            parts.append(f"<p class=note>{tied} trials tie at this value: trial {best.number} is the first of "
+                         "them, not a winner; more epochs or validation images would tell them apart.</p>")
     else:
         parts.append("<h2>Best</h2><p class=note>no trial has completed yet: no best config.</p>")
 

@@ -1096,6 +1096,11 @@ def _run_workers(spec: StudySpec, path: Path, workers: int) -> list[subprocess.P
     return procs
 
 
+def tied_with_best(done: list, best: float) -> int:
+    """How many finished trials share the best value (within float noise)."""
+    return sum(t.value is not None and math.isclose(t.value, best, rel_tol=1e-9, abs_tol=1e-12) for t in done)
+
+
 def summarize(spec: StudySpec, before: set[int] | None = None, workers: set[str] | None = None) -> dict:
     """The study's counts and best trial. With ``before`` (the trial numbers before this run) and
     ``workers`` (this run's worker ids), ``error`` says why this run failed when none of the trials
@@ -1113,6 +1118,11 @@ def summarize(spec: StudySpec, before: set[int] | None = None, workers: set[str]
         shown = {k: params[k].decode(v) if k in params and v in (params[k].choices or ()) else v
                  for k, v in best.params.items()}
         out.update(best_trial=best.number, best_value=best.value, best_params=shown)
+        tied = tied_with_best(done, best.value)
+        if tied > 1:  # five trials at chance on 18 val images: trial 0 'won' by being first
+            out["tied"] = tied
+            log.warn(f"study '{spec.name}': {tied} trials tie at the best {spec.metric} {best.value:.4f}, so the "
+                     "best trial is the first of them, not a winner: more epochs or validation images tell them apart")
     if before is not None:
         mine = [t for t in trials if t.number not in before and t.user_attrs.get("worker") in (workers or ())]
         failed = {t.number for t in mine if t.state.name == "FAIL" and "error" in t.user_attrs}
