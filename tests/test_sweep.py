@@ -725,8 +725,8 @@ def test_a_study_resumed_from_another_folder_is_not_said_to_have_changed(small_s
     # study file: the same folder, yet the digest of the text differed: 'base or space changed'
     shutil.copytree(small_sample, tmp_path / "photos")
     monkeypatch.chdir(tmp_path)
-    path = write_study(tmp_path, Path("photos"), directory=str(tmp_path / "studies"))
-    sweep.load_spec(path).study_dir.mkdir(parents=True)
+    path = write_study(tmp_path, Path("photos"), directory=str(tmp_path / "studies"), name="moved")  # its own
+    sweep.load_spec(path).study_dir.mkdir(parents=True)  # name: a warning is said once per process
     sweep.open_study(sweep.load_spec(path), heartbeat=False, warn=True)
     (tmp_path / "a").mkdir()
     monkeypatch.chdir(tmp_path / "a")
@@ -746,7 +746,7 @@ def test_trials_tied_at_the_best_value_are_said_to_be_tied(small_sample, tmp_pat
 
     from imgclf.tune.report import write_report
 
-    path = write_study(tmp_path, small_sample, space={"schedule": "constant"})
+    path = write_study(tmp_path, small_sample, space={"schedule": "constant"}, name="tied")
     spec = sweep.load_spec(path)
     sweep.write_spec(spec)
     study = sweep.open_study(spec, heartbeat=False)
@@ -754,7 +754,7 @@ def test_trials_tied_at_the_best_value_are_said_to_be_tied(small_sample, tmp_pat
         study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=v))
     out = sweep.summarize(spec)
     assert out["best_trial"] == 0 and out["tied"] == 2
-    assert "2 trials tie at the best val_acc 0.3333" in capfd.readouterr().err
+    assert "study 'tied': 2 trials tie at the best val_acc 0.3333" in capfd.readouterr().err
     res = write_report(spec.study_dir)
     assert res["tied"] == 2 and "2 trials tie at this value" in Path(res["html"]).read_text()
     study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.5))
