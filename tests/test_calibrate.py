@@ -231,3 +231,15 @@ def test_calibrate_removes_the_runs_exports_that_hold_the_old_temperature(tiny_r
     assert len(err) == 1 and "model.onnx" in err[0] and "model.torchscript.pt" in err[0] and "imgclf export" in err[0]
     # the report is not rewritten (Grad-CAM and decoding take a while) but said to be stale
     assert any("report.html shows the old temperature: run 'imgclf report" in line for line in lines)
+
+
+def test_the_lower_bound_warning_names_flat_scores_when_the_split_is_not_easy():
+    # a short grey-array run (61% right on val) hit the lower bound and was told "nearly every image
+    # there is classified correctly"
+    from imgclf.evaluate.calibrate import T_MIN, fit_warnings
+
+    rec = {"temperature": T_MIN, "n": 500, "split": "val", "ece_before": 0.3, "ece_after": 0.1}
+    (flat,) = fit_warnings({**rec, "accuracy": 0.61})
+    assert "(61% right there): the model's scores are nearly flat" in flat and "classified correctly" not in flat
+    (easy,) = fit_warnings({**rec, "accuracy": 0.99})
+    assert "nearly every image there is classified correctly" in easy

@@ -97,6 +97,7 @@ def calibration_record(logits: torch.Tensor, labels: torch.Tensor, temperature: 
         "nll_after": round(float(F.cross_entropy(logits.float() / temperature, y)), 5),
         "split": split,
         "n": int(len(lab)),
+        "accuracy": round(float((logits.argmax(1) == y).float().mean()), 5),
         "bins": N_BINS,
         "tta_level": 0,
     }
@@ -116,9 +117,13 @@ def fit_warnings(rec: dict) -> list[str]:
         out.append(f"temperature hit its upper bound {T_MAX:g} on {split}: at any scale the model's scores there "
                    "predict no better than a uniform guess, so every confidence is flattened; train longer or check "
                    "the labels")
-    elif t <= T_MIN * 1.001:
+    elif t <= T_MIN * 1.001 and rec.get("accuracy", 1.0) >= 0.95:
         out.append(f"temperature hit its lower bound {T_MIN:g} on {split}: nearly every image there is classified "
                    "correctly, so the fit only sharpens scores (not a calibration); fit on a larger or harder split")
+    elif t <= T_MIN * 1.001:  # 61% right yet the bound: the scores are near-uniform, not the split too easy
+        out.append(f"temperature hit its lower bound {T_MIN:g} on {split} ({rec['accuracy']:.0%} right there): the "
+                   "model's scores are nearly flat (a short or heavily regularised run), and even the sharpest "
+                   "scaling allowed leaves them underconfident; train longer")
     return out
 
 
