@@ -168,3 +168,21 @@ def test_keras_and_notebook_spellings_of_values_are_read():
         make_config(None, data="x", epochs=True)
     with pytest.raises(UserError, match="Input should be 'auto', 'sgd'"):
         make_config(None, data="x", optimizer="adamx")
+
+
+def test_none_on_the_command_line_takes_back_what_a_config_file_set(tmp_path):
+    # a time-limited run's config.yaml could not be repeated without its limit: --time-limit none
+    # was 'must be a positive finite duration', --batch-size none 'invalid int value'
+    from imgclf import cli
+    from imgclf.config import make_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text(f"data: {tmp_path}\ntime_limit: 30\nbatch_size: 64\nhead: [64]\nlr: 0.1\nepochs: 1.6\n"
+                    "derived: {epochs: null}\n")
+    args = cli.build_parser().parse_args(["train", "--config", str(path), "--time-limit", "none", "--batch-size",
+                                          "None", "--head", "none", "--lr", "auto"])
+    cfg = make_config(path, **cli._train_options(args))
+    assert (cfg.time_limit, cfg.batch_size, cfg.head, cfg.lr) == (None, None, None, "auto")
+    assert cfg.epochs is None  # the planned 1.6 was the time limit's choice: chosen again
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["train", "--batch-size", "nothing"])

@@ -63,6 +63,21 @@ def option_help_text(f) -> str:
     return text
 
 
+def _or_none(kind):
+    """An optional option's value type: 'none' takes back what a --config file set
+    (--time-limit none, --batch-size none: the recipe chooses again)."""
+
+    def parse(text: str):
+        if text.strip().lower() == "none":
+            from imgclf.config import UNSET
+
+            return UNSET
+        return kind(text)
+
+    parse.__name__ = kind.__name__  # argparse's "invalid float value" names the type
+    return parse
+
+
 def add_config_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     group = p.add_argument_group("training options (also valid as keys of a --config YAML file)")
     for name, f in TrainConfig.model_fields.items():
@@ -80,7 +95,9 @@ def add_config_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -
         elif typing.get_origin(ann) is dict:
             kw["type"], kw["metavar"] = _parse_mapping, "K=V,..."
         elif ann in (int, float, str):
-            kw["type"] = ann
+            kw["type"] = _or_none(ann) if type(None) in typing.get_args(f.annotation) else ann
+        elif type(None) in typing.get_args(f.annotation):  # --time-limit 10m, --lr auto: read by the config
+            kw["type"] = _or_none(str)
         action = group.add_argument(flag, **kw)
         action.config_key = name  # errors in its value name the flag (_typed_options)
 

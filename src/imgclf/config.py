@@ -575,6 +575,17 @@ def _nulls_as_defaults(file: Path, values: dict[str, Any]) -> None:
                  f"({shown})")
 
 
+class _Unset:
+    """A command-line 'none' for an option a --config file sets: back to its default (the
+    recipe's choice, no limit, no file), as if the file did not set it."""
+
+    def __repr__(self) -> str:
+        return "none"
+
+
+UNSET = _Unset()
+
+
 # Command-line values that change nothing the recipe derives: a run's config.yaml given with only
 # these is repeated exactly, choices and all (the options --resume takes, and where output goes)
 _NEUTRAL = frozenset({"progress", "device", "devices", "cache_dir", "workers", "ram_budget", "name", "project",
@@ -640,6 +651,9 @@ def make_config(file: str | Path | None = None, **overrides: Any) -> TrainConfig
     # pathlib paths from the Python API (data=Path("photos")) as the strings a YAML file holds
     given = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in overrides.items() if v is not None}
     derived = _rederive(Path(file), values, derived, given) if file else {}
+    for k in [k for k, v in given.items() if v is UNSET]:
+        del given[k]
+        values.pop(k, None)
     values.update(given)
     try:
         cfg = TrainConfig(**values)
