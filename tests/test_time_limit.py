@@ -108,7 +108,9 @@ def test_budget_spent_by_setup_still_gives_a_model(small_sample, tmp_path, capfd
     # 2 s is less than decoding plus the first timed steps: the run stops at the deadline check,
     # still writes a model and evaluates it, and config.yaml records the length it ran
     res = imgclf.train(data=str(small_sample), project=str(tmp_path), time_limit=2, progress=False, tensorboard=False)
-    assert "time limit reached" in capfd.readouterr().err
+    err = capfd.readouterr().err
+    assert "time limit reached" in err
+    assert "--time-limit 2 is 2 seconds, less than reading data and timing the first steps usually take" in err
     assert (res.run_dir / "model.safetensors").exists() and res.test["n"] == 100
     # planning (and so the deadline check) comes after the first 8 timed steps, inside epoch 1
     assert len(res.history) == 1

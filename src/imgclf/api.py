@@ -152,6 +152,9 @@ def _check_project(cfg: TrainConfig) -> None:
     if cfg.name is not None and len(os.fsencode(cfg.name)) > 255:  # NAME_MAX: was an OSError traceback
         raise UserError(f"--name {cfg.name[:40]}...: {len(os.fsencode(cfg.name))} bytes long; a folder name "
                         "holds at most 255")
+    if cfg.time_limit is not None and cfg.time_limit < 10:  # 0.001 trained 9 s, then 'time limit reached'
+        log.warn(f"--time-limit {cfg.time_limit:g} is {cfg.time_limit:g} seconds, less than reading data and timing "
+                 f"the first steps usually take: the run stops at its first chance (minutes: {cfg.time_limit:g}m)")
     problem = write_problem(Path(cfg.project), create=False)  # made later, once the data is read
     if problem:
         raise UserError(f"--project {cfg.project}: cannot make run folders there ({problem})")
