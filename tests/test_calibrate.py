@@ -193,6 +193,7 @@ def test_calibrate_on_the_runs_own_training_data_uses_its_held_out_split_or_warn
     from imgclf.evaluate.calibrate import calibrate_run
 
     run = _copy_run(tiny_run, tmp_path)
+    (run / "report.html").unlink(missing_ok=True)  # (its own 'report is stale' warning is tested above)
     train = sample_dir / "train"  # class folders only: no val/ or test/ to fall back on
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     cfg["data"] = str(train)

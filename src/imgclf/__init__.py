@@ -2,7 +2,8 @@
 
 ``imgclf.train(data="photos/", epochs=20)`` trains a run; ``imgclf.load(run).predict(...)``
 classifies files, PIL images, numpy arrays or torch tensors; ``imgclf.evaluate(run, data)`` scores
-a run. Bad input raises :class:`imgclf.UserError` (one line).
+a run. Bad input raises :class:`imgclf.UserError` (one line). ``imgclf.train(..., callbacks=[...])``
+takes :class:`imgclf.Callback` objects (or any object with some of its hooks, e.g. on_epoch_end).
 """
 
 from __future__ import annotations
@@ -10,14 +11,15 @@ from __future__ import annotations
 import importlib
 
 __version__ = "0.1.0"
-__all__ = ["train", "evaluate", "predict", "load", "TrainResult", "Classifier", "UserError", "__version__"]
+__all__ = ["train", "evaluate", "predict", "load", "TrainResult", "Classifier", "Callback", "UserError",
+           "__version__"]
 
 # Resolved on first use (PEP 562): imgclf.api imports torch (~1.5 s), which every `imgclf` command
 # would pay at start-up, --help included, since the command line imports this package first.
 # imgclf.evaluate is the sub-package, made callable as imgclf.api.evaluate (see its __init__): were it
 # the function, `import imgclf.evaluate.metrics as m` would look up .metrics on the function and fail
 _PUBLIC = {"train": "imgclf.api", "predict": "imgclf.api", "load": "imgclf.api", "TrainResult": "imgclf.api",
-           "Classifier": "imgclf.api", "UserError": "imgclf.errors"}
+           "Classifier": "imgclf.api", "UserError": "imgclf.errors", "Callback": "imgclf.engine.callbacks"}
 
 
 def __getattr__(name: str):

@@ -130,17 +130,31 @@ def _arrays_as_files(options: dict) -> dict:
     from imgclf.data.npz import is_arrays, save_arrays
 
     given = {k: options.get(k) for k in ("data", "val_data", "test_data")}
+    for k, v in given.items():
+        if _bare_array(v):  # else pydantic's 'should be a valid string' with the whole array printed (6 KB)
+            raise UserError(f"{k}: an array of shape {tuple(v.shape)} without labels: pass the images with their "
+                            f"labels, {k}=({_ARRAY_NAMES[k]})")
     if not any(is_arrays(v) for v in given.values()):
         return options
     options = dict(options)
     root = cache_root(options.get("cache_dir"))
+    # check=: the arrays are checked before they are saved, and a refusal names the option, not the
+    # cache file; nothing is left behind
     if is_arrays(given["data"]):
         extra = {k: options.pop(f"{k}_data") for k in ("val", "test") if is_arrays(given[f"{k}_data"])}
-        options["data"] = str(save_arrays(given["data"], root, **extra))
+        options["data"] = str(save_arrays(given["data"], root, **extra, check="data"))
     for k in ("val_data", "test_data"):
         if is_arrays(options.get(k)):
-            options[k] = str(save_arrays(options[k], root))
+            options[k] = str(save_arrays(options[k], root, check=k))
     return options
+
+
+_ARRAY_NAMES = {"data": "x_train, y_train", "val_data": "x_val, y_val", "test_data": "x_test, y_test"}
+
+
+def _bare_array(value) -> bool:
+    """A numpy array or torch tensor (not a path, nor arrays paired with labels)."""
+    return hasattr(value, "shape") and hasattr(value, "dtype") and not isinstance(value, str | os.PathLike)
 
 
 def _check_project(cfg: TrainConfig) -> None:
@@ -386,7 +400,9 @@ class _Setup:
 def train(config: str | Path | None = None, *, resume: str | Path | None = None, callbacks=None,
           final_eval: bool = True, **options: Any) -> TrainResult:
     """Train a model; every CLI option is a keyword here (``imgclf.train(data='photos/', epochs=5)``,
-    ``data=(x_train, y_train)`` for arrays). ``config`` is a YAML file of options.
+    ``data=(x_train, y_train)`` for arrays, or ``imgclf.train((x_train, y_train))``). ``config`` is
+    a YAML file of options. ``callbacks``: :class:`imgclf.Callback` objects, or any object with
+    some of its hooks (``on_epoch_end(self, trainer, row)``, ...), one or a list.
 
     ``final_eval=False`` skips the closing test evaluation (sweep trials are judged on val).
 
@@ -396,6 +412,23 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
     own random numbers do not repeat after each call."""
     import random
 
+    from imgclf.data.npz import SPLIT_KEYS, is_arrays
+    from imgclf.engine.callbacks import as_callbacks
+
+    if config is not None and not isinstance(config, str | os.PathLike):
+        if isinstance(config, dict) and not any(x in config for x, _ in SPLIT_KEYS["train"]):
+            raise UserError("the first argument is a YAML config file, not a dict of options: pass them as keywords, "
+                            "imgclf.train(**options)")
+        if "data" in options:
+            raise UserError(f"the first argument is a YAML config file, not {type(config).__name__}, and data= is "
+                            "given too: pass the data once, as data=(x_train, y_train)")
+        if not (is_arrays(config) or _bare_array(config)):
+            raise UserError(f"the first argument is a YAML config file, not {type(config).__name__}: pass the "
+                            "data as imgclf.train(data=(x_train, y_train)) or data='photos/'")
+        # imgclf.train((x, y)), as Keras' fit(x, y) is called: the arrays are the data
+        options["data"], config = config, None
+    # checked (a single callback taken as a list) before any work: a bad one failed mid-run
+    callbacks = as_callbacks(callbacks, wrap=False)
     if config is not None and Path(config).is_dir():
         raise UserError(f"{config} is a folder: the first argument is a YAML config; pass the data as "
                         f"imgclf.train(data={str(config)!r})")
@@ -1060,12 +1093,16 @@ def _evaluate_cached(model, meta, cs: CachedSplit, classes, device, precision, o
 def evaluate(run: str | Path, data=None, *, tta: bool | None = None, device: str = "auto",
              out: str | Path | None = None, progress: bool = True, cache_dir: str | None = None) -> dict:
     """Evaluate a trained run on ``data`` (a folder, CSV, pickle dir or .npz: its test split if it
-    has one; or arrays, ``(x_test, y_test)``, labelled by index in the model's class order).
+    has one; or arrays, ``(x_test, y_test)``, labelled by index in the model's class order, by
+    class name, or for a multi-label run by a list of class names per image).
     Results go to ``out``, else RUN/eval-<data name> (``out_dir`` in the dict returned)."""
     from imgclf.data.npz import is_arrays, save_arrays
     from imgclf.evaluate.calibrate import run_cache_root
 
     kw = dict(tta=tta, device=device, out=out, progress=progress, cache_dir=cache_dir)
+    if _bare_array(data):  # else "'numpy.ndarray' object has no attribute 'lower'"
+        raise UserError(f"evaluate needs labels: pass the images with their labels, data=(x_test, y_test), not an "
+                        f"array of shape {tuple(data.shape)} alone")
     if not is_arrays(data):
         return _evaluate(run, os.fspath(data) if isinstance(data, os.PathLike) else data, **kw)
     # arrays: saved as an .npz (named by content) in the cache the run's decoded images go to, and

@@ -6,7 +6,8 @@ converted once, for the whole array, as files are: N x H x W x C (Keras) or N x 
 N x H x W grey; uint8, uint16 (by the bit depth it uses), float in 0..1, 0..255 or -1..1 (a
 mean/std-normalised array is refused: its statistics are unknown here). Labels are class indices
 (0..K-1), N x 1 columns (Keras), one-hot rows (``to_categorical``), multi-hot rows (several
-labels per image: a multi-label task) or class names.
+labels per image: a multi-label task), class names, or a list of class names per image
+(``[["cat"], ["dog", "pet"]]``: multi-hot rows, the classes sorted unless named).
 
 The API writes arrays it is given to ``<cache>/arrays/arrays-<hash>.npz``, so the run's
 config.yaml names a file and ``--resume``, ``evaluate`` and a repeated run read the same data.
@@ -36,17 +37,7 @@ def images_nhwc(x, what: str) -> np.ndarray:
     """An array of images -> N x H x W x 3 uint8 RGB (see the module's docstring)."""
     from imgclf.data.images import BadImage, pixels_to_uint8
 
-    a = _numpy(x)
-    if a.ndim == 3:  # N x H x W: grey (MNIST)
-        a = a[..., None]
-    if a.ndim != 4:
-        raise DataError(f"{what}: images must be N x H x W x C, N x C x H x W or N x H x W; got shape {a.shape}")
-    if a.shape[3] not in _CHANNELS and a.shape[1] in _CHANNELS:
-        a = a.transpose(0, 2, 3, 1)  # channels first (torch): no other reading is possible
-    if a.shape[3] not in _CHANNELS:
-        raise DataError(f"{what}: images of shape {a.shape} have no channel axis of 1, 3 or 4 (grey, RGB, RGBA)")
-    if 0 in a.shape:
-        raise DataError(f"{what}: no images (shape {a.shape})")
+    a = _layout(_numpy(x), what)
     try:
         a = pixels_to_uint8(a, what)
     except BadImage as e:  # the rule's message, named for the whole array
@@ -57,6 +48,35 @@ def images_nhwc(x, what: str) -> np.ndarray:
         alpha = a[..., 3:].astype(np.uint16)
         a = ((a[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
     return np.ascontiguousarray(a)
+
+
+def _layout(a: np.ndarray, what: str) -> np.ndarray:
+    """``a`` as N x H x W x C (a view), or a DataError on a shape no layout reads."""
+    if a.ndim == 3:  # N x H x W: grey (MNIST)
+        a = a[..., None]
+    if a.ndim != 4:
+        raise DataError(f"{what}: images must be N x H x W x C, N x C x H x W or N x H x W; got shape {a.shape}")
+    if a.shape[3] not in _CHANNELS and a.shape[1] in _CHANNELS:
+        a = a.transpose(0, 2, 3, 1)  # channels first (torch): no other reading is possible
+    if a.shape[3] not in _CHANNELS:
+        raise DataError(f"{what}: images of shape {a.shape} have no channel axis of 1, 3 or 4 (grey, RGB, RGBA)")
+    if 0 in a.shape:
+        raise DataError(f"{what}: no images (shape {a.shape})")
+    return a
+
+
+def _check_pixels(a: np.ndarray, what: str) -> None:
+    """The refusals of pixels_to_uint8 (NaN, mean/std-normalised floats, integers past 255)
+    without converting the array: the rule reads only its range, so it runs on [min, max]."""
+    from imgclf.data.images import BadImage, pixels_to_uint8
+
+    if a.dtype == np.uint8:
+        return
+    probe = np.array([a.min(), a.max()], dtype=a.dtype) if a.dtype.kind in "fiu" else a[:0]
+    try:
+        pixels_to_uint8(probe, what)
+    except BadImage as e:
+        raise DataError(f"{what}: {e.reason}") from None
 
 
 def _numpy(x) -> np.ndarray:
@@ -98,6 +118,16 @@ def build_source(splits: dict[str, tuple], classes: list[str] | None, origin: st
     from imgclf.data.sources import DataSource, Split
 
     labels = {k: label_values(y, len(_numpy(x)), f"{origin}: {k} labels") for k, (x, y) in splits.items()}
+    out, classes, multi = _class_labels(labels, classes, origin, {k: f"{origin}: {k} labels" for k in labels})
+    made = {s: Split(labels=out[s], images=images_nhwc(x, f"{origin}: {s} images")) for s, (x, _) in splits.items()}
+    return DataSource(name=name, origin=origin, classes=[str(c) for c in classes], train=made["train"],
+                      val=made.get("val"), test=made.get("test"), task="multilabel" if multi else "single")
+
+
+def _class_labels(labels: dict[str, np.ndarray], classes: list[str] | None, origin: str,
+                  what: dict[str, str]) -> tuple[dict[str, np.ndarray], list, bool]:
+    """Checked labels per split (label_values) -> (class indices or multi-hot rows per split,
+    the class names, whether multi-label). ``what``: each split's name in messages."""
     hot = {k: v for k, v in labels.items() if v.ndim == 2}
     if hot and len(hot) != len(labels):
         raise DataError(f"{origin}: some splits have N x K label rows and others one label per image")
@@ -123,15 +153,20 @@ def build_source(splits: dict[str, tuple], classes: list[str] | None, origin: st
     else:
         top = max(int(v.max()) if len(v) else -1 for v in labels.values())
         if classes is None:
+            # unnamed indices: val/test ones past the training ones made classes of no training
+            # image (val labels 1..K beside train 0..K-1 gave the model an extra, empty class)
+            seen = int(labels["train"].max()) if "train" in labels and len(labels["train"]) else top
+            past = next(((k, int(v.max())) for k, v in labels.items() if len(v) and v.max() > seen), None)
+            if past is not None:
+                raise DataError(f"{what[past[0]]}: label {past[1]} but the training labels are 0..{seen} (off by "
+                                f"one?): labels are indices of the training classes; pass 0..{seen}, or class names")
             classes = [str(i) for i in range(top + 1)]
         elif top >= len(classes):
             raise DataError(f"{origin}: label {top} but {len(classes)} classes; labels are indices 0..K-1")
         out, multi = labels, False
     if len(classes) < 2:
-        raise DataError(f"{origin}: one class only ({', '.join(classes)}): a classifier needs two or more")
-    made = {s: Split(labels=out[s], images=images_nhwc(x, f"{origin}: {s} images")) for s, (x, _) in splits.items()}
-    return DataSource(name=name, origin=origin, classes=[str(c) for c in classes], train=made["train"],
-                      val=made.get("val"), test=made.get("test"), task="multilabel" if multi else "single")
+        raise DataError(f"{origin}: one class only ({', '.join(map(str, classes))}): a classifier needs two or more")
+    return out, classes, multi
 
 
 def read_npz(path: Path, classes: list[str] | None = None):
@@ -199,19 +234,36 @@ def _mapped_member(path: Path, z, key: str) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
 
 
-def save_arrays(data, root: Path, *, val=None, test=None, classes: list[str] | None = None) -> Path:
+def save_arrays(data, root: Path, *, val=None, test=None, classes: list[str] | None = None,
+                check: str | None = None) -> Path:
     """What ``imgclf.train(data=...)`` was given as arrays, saved once as an .npz under
     ``root/arrays`` (named by its content: the same arrays again reuse the file). ``classes``:
-    the names of index labels when the data gives none (evaluate: the model's classes)."""
+    the names of index labels when the data gives none (evaluate: the model's classes).
+    ``check``: the option ``data`` came as ('data', 'val_data'): the labels and images are checked
+    as training reads them before anything is written, and refusals name the options (a refusal
+    from the saved file named a cache file the user never made, and left it behind, 150 MB for
+    CIFAR-10 each time)."""
     splits, own = _splits_of(data)
     classes = own if own is not None else classes
+    what = check or "data"
+    # each split's name in messages: the option it came from
+    names = {k: what if k == "train" or not check else f"{what} ({k} arrays)" for k in splits}
     for name, extra in (("val", val), ("test", test)):
         if extra is not None:
             s, _ = _splits_of(extra)
             splits[name] = s["train"]
+            names[name] = f"{name}_data" if check else what
+    splits = {k: (_images_array(x, names[k]), y) for k, (x, y) in splits.items()}
+    splits, classes = _multi_hot(splits, classes, what)
     arrays: dict[str, np.ndarray] = {}
     for split, (x, y) in splits.items():
-        arrays[f"x_{split}"], arrays[f"y_{split}"] = _numpy(x), _numpy(y)
+        arrays[f"x_{split}"], arrays[f"y_{split}"] = x, _labels_array(y, names[split])
+    if check:
+        labels = {k: label_values(arrays[f"y_{k}"], len(arrays[f"x_{k}"]), names[k]) for k in splits}
+        _class_labels(labels, classes, what, names)
+        for k in splits:
+            _check_pixels(_layout(arrays[f"x_{k}"], names[k]), names[k])
+    for split in splits:
         if arrays[f"y_{split}"].dtype == object:
             arrays[f"y_{split}"] = arrays[f"y_{split}"].astype(str)
     if classes is not None:
@@ -241,10 +293,91 @@ def save_arrays(data, root: Path, *, val=None, test=None, classes: list[str] | N
     return dest
 
 
+def _images_array(x, what: str) -> np.ndarray:
+    """The images of (images, labels) as one array; file paths, and images of several sizes,
+    refused in one line before anything is saved (numpy's own error was 'inhomogeneous shape')."""
+    first = x[0] if isinstance(x, list | tuple) and len(x) else None
+    if isinstance(first, str | os.PathLike) or isinstance(x, str | os.PathLike):
+        raise DataError(f"{what}: the images are file paths, not arrays: pass their folder (data='photos/', one "
+                        "subfolder per class) or a label CSV of path,label rows (data='labels.csv')")
+    try:
+        a = _numpy(x)
+    except ValueError:
+        a = None
+    if a is not None and a.dtype.kind in "US":
+        raise DataError(f"{what}: the images are file paths, not arrays: pass their folder (data='photos/', one "
+                        "subfolder per class) or a label CSV of path,label rows (data='labels.csv')")
+    if a is None or a.dtype == object:
+        try:
+            sizes = list(dict.fromkeys("x".join(map(str, np.shape(i))) for i in x))
+        except (TypeError, ValueError):
+            sizes = []
+        raise DataError(f"{what}: the images are not all one size ({', '.join(sizes[:3]) or 'not one array'}"
+                        f"{', ...' if len(sizes) > 3 else ''}): arrays must share one size; resize them to one, "
+                        "or pass the files as a folder or a label CSV")
+    return a
+
+
+def _labels_array(y, what: str) -> np.ndarray:
+    try:
+        a = _numpy(y)
+    except ValueError:  # ragged: lists of several lengths (not of class names: _multi_hot took those)
+        a = None
+    if a is None or (a.dtype == object and any(isinstance(v, list | tuple | set | np.ndarray) for v in a.ravel())):
+        raise DataError(f"{what}: labels of several lengths: pass one label per image, N x K 0/1 rows, or a list "
+                        "of class names per image for several labels per image ([['cat'], ['dog', 'pet'], ...])")
+    return a
+
+
+def _tag_lists(y) -> list | None:
+    """Labels given as a list of class names per image (multi-label: [['cat'], ['dog', 'pet']]),
+    as a list; None for any other form."""
+    if isinstance(y, np.ndarray) and y.dtype != object:
+        return None
+    if not (isinstance(y, list | tuple | np.ndarray) or type(y).__module__.startswith("pandas")):
+        return None
+    seq = list(y)
+    if not seq or not all(isinstance(e, list | tuple | set | frozenset) for e in seq):
+        return None
+    tags = [t for e in seq for t in e]
+    # names only: lists of numbers are one-hot / multi-hot rows ([[0, 1, 0], ...])
+    return seq if tags and all(isinstance(t, str) for t in tags) else None
+
+
+def _multi_hot(splits: dict[str, tuple], classes, what: str) -> tuple[dict[str, tuple], list | None]:
+    """Lists of class names per image -> multi-hot rows, one column per class: ``classes`` in
+    their order, else the names sorted (as named labels are). Other labels pass unchanged."""
+    tags = {k: _tag_lists(y) for k, (_, y) in splits.items()}
+    if all(t is None for t in tags.values()):
+        return splits, classes
+    if any(t is None for t in tags.values()):
+        raise DataError(f"{what}: some splits have a list of class names per image and others one label per image")
+    names = sorted({t for seq in tags.values() for e in seq for t in e})
+    classes = [str(c) for c in classes] if classes is not None else names
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = [c for c in names if c not in index]
+    if unknown:
+        raise DataError(f"{what}: labels not among the classes given: {', '.join(unknown[:5])}")
+    out = {}
+    for k, (x, _) in splits.items():
+        hot = np.zeros((len(tags[k]), len(classes)), np.uint8)
+        for i, e in enumerate(tags[k]):
+            hot[i, [index[t] for t in e]] = 1
+        out[k] = (x, hot)
+    return out, classes
+
+
 def is_arrays(value) -> bool:
     """Whether a data option holds arrays rather than a path: (x, y), (x, y, classes),
     Keras' ((x_train, y_train), (x_test, y_test)), or a dict of .npz keys."""
     return isinstance(value, (tuple, list, dict)) and not isinstance(value, (str, os.PathLike))
+
+
+def _ndim(v) -> int:
+    """An array's dimensions, or nested lists' by their first items (no array is made)."""
+    if hasattr(v, "shape"):
+        return len(v.shape)
+    return 1 + _ndim(v[0]) if isinstance(v, list | tuple) and v else 0
 
 
 def _splits_of(data) -> tuple[dict[str, tuple], list | None]:
@@ -259,7 +392,8 @@ def _splits_of(data) -> tuple[dict[str, tuple], list | None]:
         classes = next((data[k] for k in CLASS_KEYS if k in data), None)
         return splits, None if classes is None else list(classes)
     items = list(data)
-    if len(items) == 2 and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in items):
+    # Keras' pairs hold arrays of images first: (three images, labels [0, 1]) is not two pairs
+    if len(items) == 2 and all(isinstance(p, (tuple, list)) and len(p) == 2 and _ndim(p[0]) >= 3 for p in items):
         return {"train": tuple(items[0]), "test": tuple(items[1])}, None  # keras.datasets.*.load_data()
     if len(items) in (2, 3) and not isinstance(items[0], (str, os.PathLike)):
         return {"train": (items[0], items[1])}, (list(items[2]) if len(items) == 3 else None)

@@ -16,9 +16,25 @@ from pathlib import Path
 import torch
 
 from imgclf.engine.recipe import crop_step_cost
+from imgclf.errors import UserError
 
 
 class Callback:
+    """A hook into training, ``imgclf.train(data=..., callbacks=[MyCallback()])``: subclass it and
+    define the hooks you need (any object with some of these methods is accepted too, and only the
+    hooks it defines are called). ``t`` is the running Trainer (``t.epoch``, ``t.step``,
+    ``t.total_steps``, ``t.history``, ``t.model``); set ``t.stop = "reason"`` to end training.
+
+    - ``on_train_start(t)``: before the first epoch
+    - ``on_epoch_start(t, epoch)``: ``epoch`` counts from 0
+    - ``on_step_end(t)``: after each optimizer step
+    - ``on_epoch_end(t, row)``: ``row`` is the epoch's metrics, as in metrics.csv
+      (``{"epoch": 1, "train_loss": ..., "val_loss": ..., "val_acc": ..., ...}``)
+    - ``on_checkpoint(t, seconds)``: a checkpoint written within an epoch took ``seconds``
+    - ``on_train_end(t)``: after the last epoch
+    - ``state_dict()`` / ``load_state_dict(state)``: saved in checkpoints, so --resume is exact
+    """
+
     def on_train_start(self, t) -> None: ...
     def on_epoch_start(self, t, epoch: int) -> None: ...
     def on_step_end(self, t) -> None: ...
@@ -28,6 +44,89 @@ class Callback:
     def state_dict(self) -> dict:
         return {}
     def load_state_dict(self, state: dict) -> None: ...
+
+
+# each hook with the arguments the trainer passes after self (as Callback documents them)
+HOOKS = {"on_train_start": ("trainer",), "on_epoch_start": ("trainer", "epoch"), "on_step_end": ("trainer",),
+         "on_checkpoint": ("trainer", "seconds"), "on_epoch_end": ("trainer", "row"), "on_train_end": ("trainer",)}
+
+
+class _Hooks(Callback):
+    """Any object with some of the hooks (a Keras-style one with on_epoch_end only) as a Callback:
+    the hooks it defines are called, the others do nothing (the trainer calls every hook of every
+    callback, and an object without on_train_start failed mid-run)."""
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def _call(self, name: str, *args) -> None:
+        hook = getattr(self.obj, name, None)
+        if callable(hook):
+            hook(*args)
+
+    def on_train_start(self, t):
+        self._call("on_train_start", t)
+
+    def on_epoch_start(self, t, epoch):
+        self._call("on_epoch_start", t, epoch)
+
+    def on_step_end(self, t):
+        self._call("on_step_end", t)
+
+    def on_checkpoint(self, t, seconds):
+        self._call("on_checkpoint", t, seconds)
+
+    def on_epoch_end(self, t, row):
+        self._call("on_epoch_end", t, row)
+
+    def on_train_end(self, t):
+        self._call("on_train_end", t)
+
+    def state_dict(self):
+        f = getattr(self.obj, "state_dict", None)
+        return f() if callable(f) else {}
+
+    def load_state_dict(self, state):
+        f = getattr(self.obj, "load_state_dict", None)
+        if callable(f):
+            f(state)
+
+
+_HOOKS_TEXT = ("give an object with on_epoch_end(self, trainer, row), or any of imgclf.Callback's hooks: "
+               "on_train_start(trainer), on_epoch_start(trainer, epoch), on_step_end(trainer), on_train_end(trainer)")
+
+
+def as_callbacks(callbacks, *, wrap: bool = True) -> list:
+    """``callbacks=`` as a list, checked before any work: one object or a list of them; an object
+    that does not subclass Callback is accepted if it defines some of the hooks (``wrap``: in a
+    _Hooks, so only those are called), and each hook it defines must take the hook's arguments
+    (a wrong signature failed only when the trainer first called it, mid-run). A function, a
+    class or an object with no hook is refused in one line."""
+    import inspect
+
+    if callbacks is None:
+        return []
+    items = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
+    out = []
+    for c in items:
+        if isinstance(c, type):  # callbacks=[MyCallback]: its hooks would get the trainer as self
+            raise UserError(f"callbacks: {c.__name__} is a class: pass an instance, {c.__name__}()")
+        defined = [h for h in HOOKS if callable(getattr(c, h, None))]
+        if not defined:
+            what = (f"the function {getattr(c, '__name__', type(c).__name__)}" if callable(c)
+                    else f"a {type(c).__name__}")
+            raise UserError(f"callbacks: {what} is not a callback: {_HOOKS_TEXT}")
+        for h in defined:
+            try:
+                inspect.signature(getattr(c, h)).bind(*HOOKS[h])
+            except TypeError:
+                raise UserError(f"callbacks: {type(c).__name__}.{h} cannot take ({', '.join(HOOKS[h])}), "
+                                f"the arguments the trainer passes: define it as {h}(self, "
+                                f"{', '.join(HOOKS[h])})") from None
+            except ValueError:  # no signature to read (a builtin): called as it is
+                pass
+        out.append(_Hooks(c) if wrap and not isinstance(c, Callback) else c)
+    return out
 
 
 def _better(monitor: str, value: float, best: float | None) -> bool:

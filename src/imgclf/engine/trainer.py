@@ -215,7 +215,8 @@ class Trainer:
         self.best: float | None = None
         self.best_epoch: int | None = None
         self.stop: str | None = None
-        self.callbacks = list(callbacks or [])
+        # one object or a list; objects that do not subclass Callback have their own hooks called only
+        self.callbacks = cb.as_callbacks(callbacks)
         self.ema: torch.optim.swa_utils.AveragedModel | None = None
         if cfg.ema:
             self.ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=_ema_with_warmup(cfg.ema),
