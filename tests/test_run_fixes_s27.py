@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -141,3 +142,38 @@ def test_a_run_name_too_long_for_a_folder_is_one_line(small_sample, tmp_path):
 
     with pytest.raises(UserError, match=r"--name x{40}\.\.\.: 300 bytes long; a folder name holds at most 255"):
         imgclf.train(data=str(small_sample), project=str(tmp_path), name="x" * 300, **FAST)
+
+
+def test_the_console_says_which_epochs_weights_were_kept(small_sample, tmp_path, capfd):
+    # val_acc 0.375 then 0.219 on the epoch lines, then 'val top-1 0.3750': only summary.json said
+    # the first epoch's weights were kept
+    class Scores(imgclf.Callback):
+        def on_epoch_end(self, t, row):
+            row["val_acc"] = 0.9 if row["epoch"] == 1 else 0.2
+
+    res = imgclf.train(data=str(small_sample), project=str(tmp_path), callbacks=[Scores()], **{**FAST, "epochs": 2})
+    assert "kept the weights of epoch 1 (val_acc 0.9000), not the last epoch's (0.2000)" in capfd.readouterr().err
+    assert json.loads((res.run_dir / "summary.json").read_text())["weights"] == "best (val_acc at epoch 1)"
+
+
+def test_a_model_predicting_one_class_for_everything_is_said_to_have_collapsed(capfd):
+    # imbalanced photos: val top-1 0.625 = 20 of 32 images, every one predicted 'golden retriever'
+    from imgclf.api import _one_class_note
+
+    m = {"confusion": [[20, 0, 0], [8, 0, 0], [3, 1, 0]], "top1": 0.625, "balanced_accuracy": 0.3333}
+    _one_class_note(m, ["golden retriever", "cat", "bird"], "val")
+    assert m["predicts_one_class"] == "golden retriever"
+    assert ("val: 97% of the predictions are 'golden retriever', which is 62% of the images: the model has "
+            "collapsed onto one class") in capfd.readouterr().err
+    fine = {"confusion": [[15, 5, 0], [4, 4, 0], [1, 1, 2]], "top1": 0.66, "balanced_accuracy": 0.54}
+    _one_class_note(fine, ["golden retriever", "cat", "bird"], "val")
+    assert "predicts_one_class" not in fine and "collapsed" not in capfd.readouterr().err
+
+
+def test_check_takes_the_data_as_its_argument(small_sample, tmp_path, capsys):
+    from imgclf.cli import main
+
+    assert main(["check", str(small_sample), "--out", str(tmp_path / "c")]) in (0, 1)
+    assert (tmp_path / "c" / "check.json").is_file()
+    assert main(["check", str(small_sample), "--data", str(tmp_path)]) == 2
+    assert "check takes the data once" in capsys.readouterr().err

@@ -26,6 +26,7 @@ def add_check(sub) -> None:
         "read with the wrong channel layout; writes a JSON file and a PNG grid of samples per class. "
         "Exit status 1 when something serious was found.",
     )
+    p.add_argument("folder", nargs="?", metavar="DATA", help="the data, as --data takes it ('imgclf check photos/')")
     p.add_argument("--config", help="a training YAML file: its data options are used")
     p.add_argument("--near-threshold", type=int, default=None,
                    help="max pHash Hamming distance of near duplicates (default 4 of 64 bits)")
@@ -45,6 +46,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     from imgclf.errors import UserError
 
     opts = {k: v for k, v in vars(args).items() if k in DATA_OPTIONS and v is not None}
+    if args.folder is not None:  # 'imgclf check photos/', as evaluate and predict take their inputs
+        if "data" in opts and opts["data"] != args.folder:
+            raise UserError(f"check takes the data once: {args.folder} or --data {opts['data']}")
+        opts["data"] = args.folder
     if "data" not in opts and not (args.config and "data" in load_yaml(args.config)):
         raise UserError("check needs --data (a folder, a CSV, a CIFAR pickle folder or 'cifar10') or --config")
     # the same validation, defaults and messages as 'train': a training config is read whole, so
