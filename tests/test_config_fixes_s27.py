@@ -186,3 +186,8 @@ def test_none_on_the_command_line_takes_back_what_a_config_file_set(tmp_path):
     assert cfg.epochs is None  # the planned 1.6 was the time limit's choice: chosen again
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["train", "--batch-size", "nothing"])
+    import pickle
+
+    from imgclf.config import UNSET
+
+    assert pickle.loads(pickle.dumps(UNSET)) is UNSET  # --devices N hands the options to spawned processes

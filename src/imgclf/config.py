@@ -582,6 +582,9 @@ class _Unset:
     def __repr__(self) -> str:
         return "none"
 
+    def __reduce__(self) -> str:
+        return "UNSET"  # the one instance, also in the processes --devices N spawns (an 'is' test)
+
 
 UNSET = _Unset()
 
