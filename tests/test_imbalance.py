@@ -241,7 +241,7 @@ def test_class_names_holding_a_comma_can_be_weighted(tmp_path):
     classes = ["apple", "pepper, bell", "pepper"]
     assert parse_class_weights("pepper, bell=4,pepper=2", classes) == [1.0, 4.0, 2.0]
     f = tmp_path / "run.yaml"
-    f.write_text("data: x\nclass_weights: {'pepper, bell': 3}\n")
+    f.write_text(f"data: {tmp_path}\nclass_weights: {{'pepper, bell': 3}}\n")
     assert parse_class_weights(make_config(f).class_weights, classes) == [1.0, 3.0, 1.0]
     # a piece that joins into no class name stays an unknown name, and the order quotes the comma
     with pytest.raises(UserError, match=r"unknown class 'bell'; the classes are apple, 'pepper, bell', pepper"):
