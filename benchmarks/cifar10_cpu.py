@@ -37,7 +37,12 @@ Newton-Schulz iteration ran in emulated bf16 at 2.7 s per step: 74.86% at 0.94 e
 in 552.9 s; with the iteration in fp32 there, 81.35% at 1.5 epochs, 179 img/s, in 563.3 s.
 On a 2-core Intel Xeon with AVX512-BF16 whose AMX the hypervisor masks, back to back: bf16
 autocast (what auto chose there from the flags) 86.04% at 2.52 epochs, 278 img/s, 566.3 s; fp32
-(what auto chooses now that the CPU is timed) 87.73% at 3.90 epochs, 387 img/s, 578.4 s.
+(what auto chooses now that the CPU is timed) 87.73% at 3.90 epochs, 387 img/s, 578.4 s. A later
+hour there, back to back: width 1 88.51% at 4.69 epochs (455 img/s, 578.4 s), ``--model_args
+'{"width": 0.75}'`` 89.27% at 8.63 (798 img/s), width 0.5 89.34% at 18.60 (1659 img/s): a narrow
+net's small convolutions run 3.6x faster for a quarter of the FLOPs. So the budget now times
+narrower widths where width 1 gets fewer than 11 epochs: the default there chose 0.5, 89.48%
+(88.09% without TTA) at 18.56 epochs in 585.7 s (1686 img/s), with another job on the machine.
 """
 
 from __future__ import annotations

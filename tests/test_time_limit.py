@@ -225,6 +225,32 @@ def test_budget_width_picks_the_widest_net_that_still_gets_enough_epochs():
     assert budget_width(step_s, 2000, 48, 0.78)[0] == 1.5  # a GPU's budget
 
 
+def test_budget_width_goes_narrower_on_a_slow_machine():
+    from imgclf.engine.recipe import budget_width
+
+    # step seconds at batch 1024 as timed on a 2-core Xeon without AMX (fp32): width 1 gets ~5
+    # epochs in 600 s, and width 0.5 (89.34% at 18.6 epochs) beat width 1 (88.51% at 4.7)
+    cost = {0.5: 0.62, 0.75: 1.28, 1.0: 2.25, 1.25: 3.1, 1.5: 4.3}
+    timed = []
+
+    def step_s(w):
+        timed.append(w)
+        return cost[w]
+
+    width, epochs = budget_width(step_s, 520, 48, 0.78)
+    assert width == 0.5 and timed == [1.0, 0.75, 0.5]  # narrower ones timed only once width 1 falls short
+    assert epochs[1.0] < 11 <= epochs[0.5]
+    timed.clear()
+    # a machine where 0.75 is enough: 0.5 is not timed
+    assert budget_width(step_s, 900, 48, 0.78)[0] == 0.75 and timed == [1.0, 0.75]
+    timed.clear()
+    # far too slow for any: the narrowest, which gets the most epochs
+    assert budget_width(step_s, 60, 48, 0.78)[0] == 0.5
+    # widths given without width 1 start from the one nearest to it
+    timed.clear()
+    assert budget_width(step_s, 520, 48, 0.78, widths=(0.5, 0.75))[0] == 0.5 and timed == [0.75, 0.5]
+
+
 def test_width_probe_scales_the_passes_to_the_batch_but_not_the_optimizer_step(monkeypatch):
     # The probe times a quarter batch. Muon's Newton-Schulz iterations cost the same at any batch:
     # scaled x4 with the passes, a 2.8-s update on an AVX2 CPU made width 1 look 2x too slow.

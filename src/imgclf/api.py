@@ -764,12 +764,13 @@ def _fastnet_step_seconds(s: _Setup, width: float, precision) -> float:
 
 
 def _fastnet_width_for_budget(s: _Setup, began: float, final_eval: bool) -> None:
-    """--time-limit on large data: a machine fast enough for many epochs gets a wider FastNet
-    (recipe.budget_width), chosen from training steps timed here at the run's image size (~4 s
-    per width on a 2-core CPU, milliseconds on a GPU). A wider net is timed only where width 1
-    leaves enough epochs that it could qualify: how much wider nets cost depends on the machine
-    (a GPU or an AMX CPU runs them relatively cheaper than this 2-core dev CPU). Recorded in
-    model_args, so the run's config.yaml repeats and resumes it."""
+    """--time-limit on large data: a machine fast enough for many epochs gets a wider FastNet, one
+    too slow for them a narrower one (recipe.budget_width), chosen from training steps timed here at
+    the run's image size (~4 s per width on a 2-core CPU, milliseconds on a GPU). A wider net is
+    timed only where width 1 leaves enough epochs that it could qualify, a narrower one only where
+    width 1 falls short: how much a width costs depends on the machine (a GPU or an AMX CPU runs
+    wide nets relatively cheaper; a CPU without AMX runs narrow ones cheaper than their FLOPs say).
+    Recorded in model_args, so the run's config.yaml repeats and resumes it."""
     cfg, size = s.cfg, s.size
     precision = resolve_precision(cfg.precision, s.device)
     t0 = time.perf_counter()
