@@ -33,6 +33,11 @@ class Callback:
     - ``on_checkpoint(t, seconds)``: a checkpoint written within an epoch took ``seconds``
     - ``on_train_end(t)``: after the last epoch
     - ``state_dict()`` / ``load_state_dict(state)``: saved in checkpoints, so --resume is exact
+
+    A callback written for Keras' model.fit runs as it is: ``on_epoch_end(self, epoch, logs)``
+    (and on_train_begin, on_epoch_begin, on_train_end) get the epoch from 0 and ``logs`` with
+    Keras' names too (loss, accuracy, val_loss, val_accuracy, learning_rate), and
+    ``self.model.stop_training = True`` ends training after the epoch.
     """
 
     def on_train_start(self, t) -> None: ...
@@ -51,24 +56,92 @@ HOOKS = {"on_train_start": ("trainer",), "on_epoch_start": ("trainer", "epoch"),
          "on_checkpoint": ("trainer", "seconds"), "on_epoch_end": ("trainer", "row"), "on_train_end": ("trainer",)}
 
 
+# Keras' hook names and their arguments: a callback written for model.fit (on_epoch_end(self, epoch,
+# logs=None), self.model.stop_training = True) runs unchanged
+KERAS_HOOKS = {"on_train_begin": ("logs",), "on_epoch_begin": ("epoch", "logs"),
+               "on_epoch_end": ("epoch", "logs"), "on_train_end": ("logs",)}
+# Keras' names for the metrics of an epoch, beside imgclf's own (which are kept)
+_KERAS_LOGS = {"train_loss": "loss", "train_acc": "accuracy", "val_acc": "val_accuracy", "lr": "learning_rate"}
+
+
+def _keras_style(obj, name: str) -> bool:
+    """Whether obj's hook ``name`` follows Keras' convention: its first argument is named as Keras
+    names it (epoch, logs) rather than being the trainer."""
+    import inspect
+
+    hook = getattr(obj, name, None)
+    if name not in KERAS_HOOKS or not callable(hook):
+        return False
+    if name not in HOOKS:  # on_train_begin, on_epoch_begin: Keras' names, so Keras' arguments
+        return True
+    try:
+        params = list(inspect.signature(hook).parameters)
+    except ValueError:
+        return False
+    return bool(params) and params[0] == KERAS_HOOKS[name][0]
+
+
+def keras_logs(row: dict | None) -> dict:
+    """An epoch's metrics row with Keras' names added (loss, accuracy, val_accuracy, learning_rate)."""
+    logs = dict(row or {})
+    for ours, theirs in _KERAS_LOGS.items():
+        if ours in logs:
+            logs.setdefault(theirs, logs[ours])
+    return logs
+
+
+class _KerasModel:
+    """What a Keras-style callback finds as ``self.model``: ``stop_training = True`` ends training
+    after the epoch, as in model.fit; ``module`` is the torch model being trained."""
+
+    def __init__(self):
+        self.stop_training = False
+        self.module = None
+
+
 class _Hooks(Callback):
     """Any object with some of the hooks (a Keras-style one with on_epoch_end only) as a Callback:
     the hooks it defines are called, the others do nothing (the trainer calls every hook of every
-    callback, and an object without on_train_start failed mid-run)."""
+    callback, and an object without on_train_start failed mid-run). Hooks written to Keras'
+    convention (on_epoch_end(epoch, logs), on_train_begin(logs), ...) get Keras' arguments: the
+    epoch counted from 0 and the metrics with Keras' names; they used to get the trainer as the
+    epoch."""
 
     def __init__(self, obj):
         self.obj = obj
+        self._logs: dict = {}
+        if any(_keras_style(obj, h) for h in KERAS_HOOKS) and getattr(obj, "model", None) is None:
+            try:
+                obj.model = _KerasModel()
+            except AttributeError:  # __slots__ or a read-only property: stop_training is not offered
+                pass
 
     def _call(self, name: str, *args) -> None:
         hook = getattr(self.obj, name, None)
         if callable(hook):
             hook(*args)
 
+    def _keras(self, t, name: str, *args) -> bool:
+        """Call obj's Keras-convention hook ``name`` if it has one; False if it has none."""
+        if not _keras_style(self.obj, name):
+            return False
+        getattr(self.obj, name)(*args)
+        model = getattr(self.obj, "model", None)
+        if isinstance(model, _KerasModel):
+            model.module = t.model
+            if model.stop_training and not t.stop:
+                t.stop = f"{type(self.obj).__name__} set model.stop_training"
+        return True
+
     def on_train_start(self, t):
-        self._call("on_train_start", t)
+        if isinstance(getattr(self.obj, "model", None), _KerasModel):
+            self.obj.model.module = t.model
+        if not self._keras(t, "on_train_begin", {}):
+            self._call("on_train_start", t)
 
     def on_epoch_start(self, t, epoch):
-        self._call("on_epoch_start", t, epoch)
+        if not self._keras(t, "on_epoch_begin", epoch, dict(self._logs)):
+            self._call("on_epoch_start", t, epoch)
 
     def on_step_end(self, t):
         self._call("on_step_end", t)
@@ -77,10 +150,13 @@ class _Hooks(Callback):
         self._call("on_checkpoint", t, seconds)
 
     def on_epoch_end(self, t, row):
-        self._call("on_epoch_end", t, row)
+        self._logs = keras_logs(row)
+        if not self._keras(t, "on_epoch_end", row["epoch"] - 1, dict(self._logs)):
+            self._call("on_epoch_end", t, row)
 
     def on_train_end(self, t):
-        self._call("on_train_end", t)
+        if not self._keras(t, "on_train_end", dict(self._logs)):
+            self._call("on_train_end", t)
 
     def state_dict(self):
         f = getattr(self.obj, "state_dict", None)
@@ -111,18 +187,19 @@ def as_callbacks(callbacks, *, wrap: bool = True) -> list:
     for c in items:
         if isinstance(c, type):  # callbacks=[MyCallback]: its hooks would get the trainer as self
             raise UserError(f"callbacks: {c.__name__} is a class: pass an instance, {c.__name__}()")
-        defined = [h for h in HOOKS if callable(getattr(c, h, None))]
+        defined = [h for h in {**HOOKS, **KERAS_HOOKS} if callable(getattr(c, h, None))]
         if not defined:
             what = (f"the function {getattr(c, '__name__', type(c).__name__)}" if callable(c)
                     else f"a {type(c).__name__}")
             raise UserError(f"callbacks: {what} is not a callback: {_HOOKS_TEXT}")
         for h in defined:
             try:
-                inspect.signature(getattr(c, h)).bind(*HOOKS[h])
+                args = KERAS_HOOKS[h] if h not in HOOKS or _keras_style(c, h) else HOOKS[h]
+                inspect.signature(getattr(c, h)).bind(*args)
             except TypeError:
-                raise UserError(f"callbacks: {type(c).__name__}.{h} cannot take ({', '.join(HOOKS[h])}), "
+                raise UserError(f"callbacks: {type(c).__name__}.{h} cannot take ({', '.join(args)}), "
                                 f"the arguments the trainer passes: define it as {h}(self, "
-                                f"{', '.join(HOOKS[h])})") from None
+                                f"{', '.join(args)})") from None
             except ValueError:  # no signature to read (a builtin): called as it is
                 pass
         out.append(_Hooks(c) if wrap and not isinstance(c, Callback) else c)
