@@ -286,3 +286,34 @@ def test_short_weighted_run(imbalanced, tmp_path):
     assert next(r for r in res.test["per_class"] if r["class"] == RARE)["support"] == 100
     cfg = (res.run_dir / "config.yaml").read_text()
     assert f"class_weights: {RARE}=2" in cfg and "sampler: balanced" in cfg
+
+
+def test_balanced_accuracy_is_a_monitor_and_matches_evaluate(tmp_path, sample_dir):
+    """--monitor val_bal_acc: each epoch's mean recall over the val classes, the kept weights are
+    its best epoch's, and evaluate on the same val images gives the same balanced accuracy."""
+    import imgclf
+
+    data = tmp_path / "d"
+    for split, counts in (("train", {"airplane": 60, "cat": 10, "ship": 10}),
+                          ("val", {"airplane": 30, "cat": 6, "ship": 6})):
+        src = "train" if split == "train" else "test"
+        for c, n in counts.items():
+            (data / split / c).mkdir(parents=True)
+            for f in sorted((sample_dir / src / c).glob("*.jpg"))[:n]:
+                os.symlink(f, data / split / c / f.name)
+    res = imgclf.train(data=str(data), epochs=3, monitor="val_bal_acc", batch_size=16, project=str(tmp_path),
+                       name="bal", progress=False, tensorboard=False, final_eval=False, tta=False)
+    bal = [r["val_bal_acc"] for r in res.history]
+    assert all(0.0 <= b <= 1.0 for b in bal) and "val_bal_acc" in (res.run_dir / "metrics.csv").read_text()
+    best = int(np.argmax(bal))
+    ev = imgclf.evaluate(res.run_dir, str(data / "val"), tta=False, progress=False)
+    assert ev["n"] == 42
+    assert ev["balanced_accuracy"] == pytest.approx(bal[best], abs=1e-6)
+    assert ev["top1"] == pytest.approx(res.history[best]["val_acc"], abs=1e-6)
+
+
+def test_val_bal_acc_is_refused_where_it_means_nothing(coco, tmp_path):
+    import imgclf
+
+    with pytest.raises(UserError, match="--monitor val_bal_acc is for single-label data"):
+        imgclf.train(data=str(coco[0]), monitor="val_bal_acc", epochs=1, project=str(tmp_path), progress=False)

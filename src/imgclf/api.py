@@ -646,7 +646,9 @@ def _prepare_data(cfg: TrainConfig, run_dir: Path | None, device: torch.device, 
         raise UserError(f"--data {cfg.data}: only one class ({', '.join(src.classes)}) in {src.origin}; a classifier "
                         f"needs two or more: {one_class_advice(src)}")
     if src.task == "single" and cfg.monitor == "val_map":
-        raise UserError("--monitor val_map is for multi-label data; use val_acc or val_loss")
+        raise UserError("--monitor val_map is for multi-label data; use val_acc, val_bal_acc or val_loss")
+    if src.task == "multilabel" and cfg.monitor == "val_bal_acc":
+        raise UserError("--monitor val_bal_acc is for single-label data; multi-label runs use val_map (the default)")
     if src.task == "multilabel" and cfg.label_smoothing:
         log.warn(f"--label-smoothing {cfg.label_smoothing:g} is ignored: it applies to single-label losses, and "
                  "multi-label runs train each label with its own sigmoid (see --loss asl for noisy labels)")

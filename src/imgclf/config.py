@@ -170,7 +170,7 @@ class TrainConfig(BaseModel):
     plateau_patience: int = Field(2, ge=0, description="'plateau': drop the lr on this many epochs in a row without improvement (Keras's count)")
     plateau_factor: float = Field(0.2, gt=0, lt=1, description="'plateau': factor per drop")
     early_stopping: int = Field(0, ge=0, description="stop after this many epochs without improvement, counted after the lr warm-up and early crops (0: off)")
-    monitor: Literal["val_acc", "val_loss", "val_map"] = Field("val_acc", description="metric for early stopping, plateau, best (default: val_acc; multi-label: val_map)")
+    monitor: Literal["val_acc", "val_loss", "val_map", "val_bal_acc"] = Field("val_acc", description="metric for early stopping, plateau, best (default: val_acc; multi-label: val_map; val_bal_acc, the mean recall over classes, for imbalanced data)")
     clip_grad: float | None = Field(None, gt=0, description="clip the gradient norm to this value (default: off)")
     ema: float | None = Field(None, ge=0, lt=1, description="EMA decay of weights, e.g. 0.999 (default: off)")
     lookahead: bool | None = Field(None, description="lookahead weight averaging (default: on for fastnet, off for others)")

@@ -333,7 +333,8 @@ def _class_counts(items: _Items, classes: list[str]) -> tuple[dict, list[Finding
         out.append(Finding("imbalance", "warning",
                            f"classes are imbalanced: {classes[big]!r} has {train[big]} training images, "
                            f"{classes[small]!r} {train[small]} ({ratio:.0f}x); consider --class-weights "
-                           "balanced or --sampler balanced, or collecting more of the small classes",
+                           "balanced or --sampler balanced (and --monitor val_bal_acc to keep the epoch that "
+                           "does best on every class), or collecting more of the small classes",
                            details={"ratio": round(float(ratio), 2)}))
     return counts, out
 

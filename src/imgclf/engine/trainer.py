@@ -484,12 +484,25 @@ class Trainer:
             acc = ((logits > 0) == (labels > 0.5)).float().mean()
         else:
             loss = F.cross_entropy(logits, labels)
-            acc = (logits.argmax(1) == labels).float().mean()
+            hit = logits.argmax(1) == labels
+            acc = hit.float().mean()
         stats = torch.stack([loss * len(labels), acc * len(labels), torch.tensor(float(len(labels)))])
+        if not self.multilabel:
+            # images and correct ones per class, summed over ranks with the rest: balanced accuracy
+            # (the mean recall over the classes in the val split), the figure that moves on
+            # imbalanced data where val_acc rewards predicting the big class (--monitor val_bal_acc)
+            n_cls = logits.shape[1]
+            per = torch.stack([torch.bincount(labels, minlength=n_cls).float(),
+                               torch.bincount(labels[hit], minlength=n_cls).float()]).flatten()
+            stats = torch.cat([stats, per])
         if self.reduce is not None:
             stats = self.reduce(stats.to(self.device)).cpu()
         s = stats.tolist()
         out = {"val_loss": s[0] / max(s[2], 1), "val_acc": s[1] / max(s[2], 1)}
+        if not self.multilabel:
+            seen, right = stats[3:3 + n_cls], stats[3 + n_cls:]
+            present = seen > 0
+            out["val_bal_acc"] = float((right[present] / seen[present]).mean()) if present.any() else 0.0
         if self.multilabel:
             from imgclf.evaluate.multilabel_metrics import mean_average_precision
 

@@ -13,14 +13,14 @@ A study file::
     sampler: tpe                         # grid | random | tpe (or {type: tpe, n_startup_trials: 5})
     pruner: median                       # median | halving | none (or {type: halving, reduction_factor: 3})
     n_trials: 30                         # and/or timeout: 1200 (seconds); one is needed unless grid
-    metric: val_acc                      # val_acc, val_loss, val_map, train_loss or train_acc;
+    metric: val_acc                      # val_acc, val_loss, val_map, val_bal_acc, train_loss or train_acc;
                                          # direction follows the metric unless given
 
 A range is a float or int range as its train option is (``mixup {low: 0, high: 1}`` draws
 floats, ``batch_size {low: 32, high: 256, step: 32}`` ints); ``model_args.*`` ranges are floats
 unless ``type: int`` is given, and an explicit ``type`` always wins. Trials keep the weights of
-their best epoch by the study's metric (``monitor`` follows it when it is val_acc, val_loss or
-val_map). A trial is one process: ``devices`` > 1 is refused, ``--workers`` runs trials side by side.
+their best epoch by the study's metric (``monitor`` follows it when it is val_acc, val_loss,
+val_map or val_bal_acc). A trial is one process: ``devices`` > 1 is refused, ``--workers`` runs trials side by side.
 
 Budget: ``n_trials`` counts the finished (complete or pruned) trials of the study (every worker,
 every restart), so a killed study started again runs only what is missing. Failed trials do not
@@ -74,7 +74,7 @@ _TRIAL_DEFAULTS = {"progress": False, "tensorboard": False}
 _MAX_CONSECUTIVE_FAILURES = 5
 # What a study may optimise: the metrics.csv columns a run writes per epoch (engine/trainer.py)
 # that score a model (lr, images_per_s and seconds are columns too, but say nothing of one).
-METRICS = ("val_acc", "val_loss", "val_map", "train_loss", "train_acc")
+METRICS = ("val_acc", "val_loss", "val_map", "val_bal_acc", "train_loss", "train_acc")
 # Of those, the ones a run can follow (TrainConfig.monitor): best weights, early stopping, plateau.
 MONITORS = typing.get_args(TrainConfig.model_fields["monitor"].annotation)
 # Study identity kept in the storage (Optuna user attrs) and beside each trial's run folder.
@@ -671,7 +671,7 @@ def check_data(spec: StudySpec, space: Space) -> None:
     if not spec.metric.startswith("val_") or any(k in space.params for k in _data_keys()):
         return
     cfg = TrainConfig(**space.options({}))  # validated by load_spec
-    if spec.metric != "val_map" and (cfg.val_split > 0 or cfg.val_data):
+    if spec.metric not in ("val_map", "val_bal_acc") and (cfg.val_split > 0 or cfg.val_data):
         return  # a val/ folder is read only when there is no split
     from imgclf.data.cache import cache_root
     from imgclf.evaluate.calibrate import source_from_config
@@ -680,6 +680,9 @@ def check_data(spec: StudySpec, space: Space) -> None:
     if spec.metric == "val_map" and src.task == "single":
         raise UserError(f"study: metric val_map is for multi-label data, and {cfg.data} has one label per image: "
                         f"use val_acc or val_loss")
+    if spec.metric == "val_bal_acc" and src.task == "multilabel":
+        raise UserError(f"study: metric val_bal_acc is for single-label data, and {cfg.data} has several labels per "
+                        f"image: use val_map")
     if src.val is None:
         raise UserError(f"study: metric {spec.metric} needs validation images, and {cfg.data} has none (no val "
                         f"folder, val_split 0): set val_split in base (e.g. 0.1), or use a train_ metric")
