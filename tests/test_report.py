@@ -228,3 +228,24 @@ def test_learning_curves_tick_whole_epochs(tmp_path, monkeypatch):
         ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
         assert ticks and all(float(t).is_integer() for t in ticks), ticks  # was 1.0, 1.2, 1.4, ...
     plt.close(figs[0])
+
+
+def test_report_shows_the_data_checks_warnings(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    findings = [
+        {"kind": "layout", "severity": "info", "message": "channel order looks right"},
+        {"kind": "imbalance", "severity": "warning",
+         "message": "classes are imbalanced: 'cat' has 300 training images, 'deer' 6 (50x)"},
+        {"kind": "conflict", "severity": "error", "message": "dog/a.jpg (dog) = cat/b.jpg (cat) <same file>"},
+    ]
+    (run / "check.json").write_text(json.dumps({"data": "photos/", "findings": findings}))
+    doc = write_report(run, device="cpu").read_text()
+    sec = re.search(r'<section id="data-check">(.*?)</section>', doc, re.S).group(1)
+    assert "'deer' 6 (50x)" in sec.replace("&#x27;", "'") and "&lt;same file&gt;" in sec
+    assert sec.index("conflict") < sec.index("imbalance")  # errors first
+    assert "channel order" not in sec  # infos are left to 'imgclf check'
+    assert 'href="#data-check"' in doc
+    (run / "check.json").unlink()  # a run without one (made before the check existed): no section, no gap named
+    doc = write_report(run, device="cpu").read_text()
+    assert 'id="data-check"' not in doc and "Data check" not in doc

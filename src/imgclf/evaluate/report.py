@@ -316,6 +316,20 @@ def section_metrics(metrics: dict | None, summary: dict | None, n_classes: int =
     return "".join(f'<p class="note">{esc(n)}</p>' for n in notes) + _table(rows, ["figure", "value"], cls="kv")
 
 
+def section_data_check(run_dir: Path) -> str | None:
+    """The data check train ran (RUN/check.json): its errors and warnings, worst first. An
+    imbalance or leakage warning explains figures further down (a high top-1 from the big class, a
+    test score inflated by near-copies) and used to be only in the console and the JSON."""
+    check = _read_json(run_dir / "check.json")
+    found = [f for f in (check or {}).get("findings", []) if isinstance(f, dict) and f.get("severity") != "info"]
+    if not found:
+        return None
+    found.sort(key=lambda f: f.get("severity") != "error")
+    rows = [[f.get("severity", ""), f.get("kind", ""), f.get("message", "")] for f in found]
+    return (f'<p class="note">What the check at the start of training found in {esc(check.get("data", "the data"))}; '
+            f"'imgclf check' lists every finding.</p>" + _table(rows, ["severity", "kind", "finding"]))
+
+
 def section_per_class(metrics: dict | None) -> str | None:
     per = (metrics or {}).get("per_class")
     if not per or not isinstance(per, list) or not isinstance(per[0], dict):
@@ -622,6 +636,7 @@ def write_report(run: str | Path, *, model=None, meta: dict | None = None, cache
         ("config", "Configuration", section_config(run_dir, meta)),
         ("curves", "Learning curves", section_curves(run_dir, meta, (figures or {}).get("curves"))),
         ("metrics", esc(metrics_title(metrics)), section_metrics(metrics, summary, len(classes))),
+        ("data-check", "Data check", section_data_check(run_dir)),
     ]
     if single:
         from imgclf.api import temperature_for
@@ -645,7 +660,7 @@ def write_report(run: str | Path, *, model=None, meta: dict | None = None, cache
     present = [(i, t, b) for i, t, b in sections if b]
     nav = "".join(f'<a href="#{i}">{t}</a>' for i, t, _ in present)
     body = "".join(f'<section id="{i}"><h2>{t}</h2>{b}</section>' for i, t, b in present)
-    missing = [t for _, t, b in sections if not b]
+    missing = [t for i, t, b in sections if not b and i != "data-check"]  # a clean check is no gap
     if missing:
         notes.append("left out (nothing to show in this run folder): " + ", ".join(missing))
     note_html = "".join(f'<p class="note">{esc(n)}</p>' for n in notes)
