@@ -230,3 +230,27 @@ def test_an_arrays_pixels_are_read_by_one_rule_for_the_whole_batch(tiny_run, sam
     np.testing.assert_allclose(clf.predict_proba(signed), want, atol=1e-6)
     tensor = torch.from_numpy(signed).permute(0, 3, 1, 2)  # the same batch as torchvision lays it out
     np.testing.assert_allclose(clf.predict_proba(tensor), want, atol=1e-6)
+
+
+def test_cli_says_each_unreadable_input_once_and_output_keeps_the_terminal_short(tiny_run, sample_dir,
+                                                                                tmp_path, capsys):
+    import shutil
+
+    from imgclf.cli import PREDICT_ROWS_SHOWN
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for f in _images(sample_dir, PREDICT_ROWS_SHOWN + 5):
+        shutil.copy(f, folder / f"{f.parent.name}_{f.name}")
+    (folder / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff cut short")
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(tiny_run), str(folder), "--output", str(out)]) == 1
+    cap = capsys.readouterr()
+    assert "zz_broken.jpg" not in cap.err  # it was a warning line as well as the ERROR row
+    lines = cap.out.splitlines()
+    assert sum("zz_broken.jpg\tERROR" in x for x in lines) == 1
+    assert sum("\tERROR" not in x and x.startswith(str(folder)) for x in lines) == PREDICT_ROWS_SHOWN
+    assert f"... 5 more in {out}" in lines and lines[-1] == f"wrote {out}: {PREDICT_ROWS_SHOWN + 6} inputs, 1 unreadable"
+    assert len(out.read_text().splitlines()) == PREDICT_ROWS_SHOWN + 7  # the file has every row
+    assert main(["predict", str(tiny_run), str(folder)]) == 1  # no file: every row on the terminal
+    assert sum(x.startswith(str(folder)) for x in capsys.readouterr().out.splitlines()) == PREDICT_ROWS_SHOWN + 6

@@ -1449,11 +1449,12 @@ class Classifier:
             return torch.sigmoid(logits).numpy()
         return torch.softmax(logits, 1).numpy()
 
-    def predict(self, inputs, top_k: int = 5, tta: bool = False, chunk: int = 512) -> list[dict]:
+    def predict(self, inputs, top_k: int = 5, tta: bool = False, chunk: int = 512, warn: bool = True) -> list[dict]:
         """Top-k predictions for files, folders, archives, bytes or arrays, in input order; an
-        unreadable image gets an error entry. Images are decoded and classified ``chunk`` at a
-        time, at most PREDICT_CHUNK_BYTES of model inputs, so a folder of any size and any image
-        size runs in bounded memory."""
+        unreadable image gets an error entry (and a warning line, unless ``warn`` is False: the
+        CLI prints each error as the input's row instead). Images are decoded and classified
+        ``chunk`` at a time, at most PREDICT_CHUNK_BYTES of model inputs, so a folder of any size
+        and any image size runs in bounded memory."""
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         # 512 images of 1024 px are 1.6 GB of pixels, twice that once stacked: a review measured
@@ -1482,13 +1483,13 @@ class Classifier:
                     err = e.reason
             if err:
                 failed += 1
-                if failed <= PREDICT_WARNINGS:  # 10,000 normalised arrays: a few lines, not 10,000
+                if warn and failed <= PREDICT_WARNINGS:  # 10,000 normalised arrays: a few lines, not 10,000
                     log.warn(f"{name}: {err}")
                 results[-1]["error"] = err
             if len(pending) >= chunk:
                 flush()
         flush()
-        if failed > PREDICT_WARNINGS:
+        if warn and failed > PREDICT_WARNINGS:
             log.warn(f"{failed - PREDICT_WARNINGS} more of the {len(results)} inputs could not be read "
                      "(their results hold an 'error' entry)")
         return results

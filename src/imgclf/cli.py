@@ -402,6 +402,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# with --output, the terminal shows this many predictions (and every unreadable input): the file
+# has them all, and 10,000 lines scrolled past say nothing
+PREDICT_ROWS_SHOWN = 20
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from imgclf.api import load
     from imgclf.data.archives import shown_name
@@ -409,7 +414,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     out = _output_file(args.output) if args.output else None
     clf = load(args.run, args.device, args.precision)
-    preds = clf.predict(args.inputs, top_k=args.top_k, tta=args.tta)
+    # each unreadable input is said once, as its ERROR row below (it was a warning line too)
+    preds = clf.predict(args.inputs, top_k=args.top_k, tta=args.tta, warn=False)
     if not preds:
         raise UserError(f"no images in {', '.join(map(str, args.inputs))} (extensions read: "
                         f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
@@ -434,14 +440,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
                     for c, p in r.get("top", []):
                         row += [c, f"{p:.6f}"]
                     w.writerow(row)
+    shown = 0
     for r in preds:
-        if "error" in r:
+        if "error" in r:  # every problem is shown, whatever the file holds
             print(f"{shown_name(r['input'])}\tERROR {r['error']}")
-        else:
+        elif out is None or shown < PREDICT_ROWS_SHOWN:  # with --output the file has every row
+            shown += 1
             print(f"{shown_name(r['input'])}\t" + "  ".join(f"{c} {p:.3f}" for c, p in r["top"])
                   + ("\tlabels: " + (", ".join(c for c, _ in r["labels"]) or "-") if "labels" in r else ""))
     if out:
-        print(f"wrote {out}")
+        bad = sum("error" in r for r in preds)
+        rest = len(preds) - bad - shown
+        print((f"... {rest} more in {out}\n" if rest else "")
+              + f"wrote {out}: {len(preds)} inputs" + (f", {bad} unreadable" if bad else ""))
     return 0 if all("error" not in r for r in preds) else 1
 
 
