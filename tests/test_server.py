@@ -8,6 +8,7 @@ import json
 import os
 import re
 import struct
+import time
 import zlib
 
 import fastapi  # noqa: F401  (the test install, .[dev], always has the [deploy] extra and httpx)
@@ -779,3 +780,39 @@ def test_a_worker_stops_when_its_parent_is_killed():
         pytest.fail("the worker outlived its parent")
     # and a worker slow to import torch on a busy machine is not killed by uvicorn's 5 s health check
     assert srv.uvicorn_options().get("timeout_worker_healthcheck", srv.WORKER_HEALTHCHECK_S) >= 30
+
+
+def _counter(text: str, name: str, labels: str = "") -> float:
+    m = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_metrics_add_up_every_workers_counts(jpeg, tmp_path, monkeypatch):
+    """Under --workers N a scrape reaches one worker: /metrics still shows the server's totals (it
+    showed that worker's own counts, which jumped between workers' values like counter resets)."""
+    from fastapi.testclient import TestClient
+
+    from imgclf.deploy.server import METRICS_DIR_ENV
+
+    monkeypatch.setenv(METRICS_DIR_ENV, str(tmp_path))
+    raw = dict(content=jpeg, headers={"content-type": "image/jpeg"})
+    ok = 'imgclf_requests_total{path="/v1/predict",method="POST",status="200"}'
+    with TestClient(create_app(ServeConfig(model="stub"), backend=_FixedMultilabel())) as a, \
+            TestClient(create_app(ServeConfig(model="stub"), backend=_FixedMultilabel())) as b:
+        for _ in range(3):
+            assert a.post("/v1/predict", **raw).status_code == 200
+        for _ in range(2):
+            assert b.post("/v1/predict", **raw).status_code == 200
+        assert b.post("/v1/predict", content=b"not an image", headers={"content-type": "image/jpeg"}).status_code == 400
+        time.sleep(1.3)  # each worker writes its counts within a second of its last request
+        for c in (a, b):  # whichever worker answers the scrape
+            text = c.get("/metrics").text
+            assert _counter(text, ok) == 5
+            assert _counter(text, "imgclf_images_total") == 5
+            assert _counter(text, "imgclf_batch_size_count") >= 1
+            assert _counter(text, 'imgclf_request_duration_seconds_count{path="/v1/predict"}') == 6
+        assert len(list(tmp_path.glob("*.json"))) == 2
+    monkeypatch.delenv(METRICS_DIR_ENV)
+    with TestClient(create_app(ServeConfig(model="stub"), backend=_FixedMultilabel())) as c:  # one process: its own
+        assert c.post("/v1/predict", **raw).status_code == 200
+        assert _counter(c.get("/metrics").text, ok) == 1

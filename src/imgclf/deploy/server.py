@@ -14,11 +14,15 @@ Bad input is always a 4xx with ``{"error": "..."}``; model files are read withou
 
 
 import asyncio
+import atexit
 import gc
 import io
+import itertools
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -216,6 +220,7 @@ def _looks_like_onnx(path: Path) -> bool:
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 ROUTES = ("/", "/v1/predict", "/v1/model", "/healthz", "/metrics")
+METRICS_DIR_ENV = "IMGCLF_METRICS_DIR"
 
 
 class Histogram:
@@ -241,33 +246,110 @@ class Histogram:
         return out
 
 
+_METRICS_SEQ = itertools.count()
+
+
 class Metrics:
-    def __init__(self):
+    """The server's counters. Under ``serve --workers N`` each worker process counts its own
+    requests, and a scrape reaches one worker at random: its counters alone would jump between
+    workers' values and read as resets. So each worker also writes its counts to ``shared_dir``
+    (the supervisor's temporary folder, IMGCLF_METRICS_DIR), at most once a second, and /metrics
+    adds up every worker's file: the figures are the server's, as with one process, and a
+    restarted worker's old file keeps the totals from going down."""
+
+    def __init__(self, shared_dir: str | Path | None = None, flush_s: float = 1.0, worker: str | None = None):
         self.requests: dict[tuple[str, str, int], int] = {}
         self.latency: dict[str, Histogram] = {}
         self.batch = Histogram(BATCH_BUCKETS)
         self.images = 0
+        self.shared = Path(shared_dir) if shared_dir else None
+        self.flush_s, self._flush_due = flush_s, False
+        # the process id, and a count for a second server in one process (tests, notebooks)
+        self.worker = worker or f"{os.getpid()}-{next(_METRICS_SEQ)}"
 
     def observe_request(self, path: str, method: str, status: int, seconds: float) -> None:
         path = path if path in ROUTES else "other"  # bounded label set whatever clients request
         key = (path, method, status)
         self.requests[key] = self.requests.get(key, 0) + 1
         self.latency.setdefault(path, Histogram(LATENCY_BUCKETS)).observe(seconds)
+        self.changed()
+
+    def observe_batch(self, n: int) -> None:
+        self.batch.observe(n)
+        self.images += n
+        self.changed()
+
+    def changed(self) -> None:
+        """Write this worker's file within flush_s (one write per second under load, not one per
+        request); called on the event loop."""
+        if self.shared is None or self._flush_due:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on a loop (a direct call): write now
+            self.flush()
+            return
+        self._flush_due = True
+        loop.call_later(self.flush_s, self.flush)
+
+    def state(self) -> dict:
+        hist = lambda h: {"counts": h.counts, "sum": h.sum, "count": h.count}  # noqa: E731
+        return {"requests": [[*k, n] for k, n in self.requests.items()],
+                "latency": {p: hist(h) for p, h in self.latency.items()}, "batch": hist(self.batch),
+                "images": self.images}
+
+    def flush(self) -> None:
+        self._flush_due = False
+        if self.shared is None:
+            return
+        try:
+            tmp = self.shared / f".{self.worker}.tmp"
+            tmp.write_text(json.dumps(self.state()))
+            os.replace(tmp, self.shared / f"{self.worker}.json")
+        except OSError:  # the folder went (the supervisor is stopping): this worker's own counts still render
+            pass
+
+    def _merged(self) -> "Metrics":
+        """Every worker's counts added up (this one's live, the others' from their files)."""
+        if self.shared is None:
+            return self
+        self.flush()
+        total = Metrics()
+        for f in sorted(self.shared.glob("*.json")):
+            try:
+                st = json.loads(f.read_text())
+            except (OSError, ValueError):  # a worker's file mid-replace or gone: counted next scrape
+                continue
+            for path, method, status, n in st["requests"]:
+                key = (path, method, int(status))
+                total.requests[key] = total.requests.get(key, 0) + n
+            for path, h in st["latency"].items():
+                _add(total.latency.setdefault(path, Histogram(LATENCY_BUCKETS)), h)
+            _add(total.batch, st["batch"])
+            total.images += st["images"]
+        return total
 
     def render(self) -> str:
+        m = self._merged()
         out = ["# HELP imgclf_requests_total HTTP requests by route, method and status.",
                "# TYPE imgclf_requests_total counter"]
-        for (path, method, status), n in sorted(self.requests.items()):
+        for (path, method, status), n in sorted(m.requests.items()):
             out.append(f'imgclf_requests_total{{path="{path}",method="{method}",status="{status}"}} {n}')
         out += ["# HELP imgclf_request_duration_seconds Time from request start to response end.",
                 "# TYPE imgclf_request_duration_seconds histogram"]
-        for path, h in sorted(self.latency.items()):
+        for path, h in sorted(m.latency.items()):
             out += h.lines("imgclf_request_duration_seconds", f'path="{path}"')
         out += ["# HELP imgclf_batch_size Images per forward pass.", "# TYPE imgclf_batch_size histogram"]
-        out += self.batch.lines("imgclf_batch_size")
+        out += m.batch.lines("imgclf_batch_size")
         out += ["# HELP imgclf_images_total Images classified.", "# TYPE imgclf_images_total counter",
-                f"imgclf_images_total {self.images}"]
+                f"imgclf_images_total {m.images}"]
         return "\n".join(out) + "\n"
+
+
+def _add(h: Histogram, st: dict) -> None:
+    h.counts = [a + b for a, b in zip(h.counts, st["counts"])]
+    h.sum += st["sum"]
+    h.count += st["count"]
 
 
 # --- ASGI middleware --------------------------------------------------------------------------
@@ -499,8 +581,7 @@ class Batcher:
         except Exception as e:
             self.failing = _summary(e)
             raise
-        self.metrics.batch.observe(len(batch))
-        self.metrics.images += len(batch)
+        self.metrics.observe_batch(len(batch))
         # NaN would be written as the bare token NaN, which no JSON parser accepts, and ranked at random
         broken = ~np.isfinite(probs).reshape(len(batch), -1).all(axis=1)
         self.failing = f"NaN or infinite probabilities for {broken.sum()} of {len(batch)} images" if broken.any() else None
@@ -616,7 +697,7 @@ def create_app(cfg: ServeConfig, backend=None):
     size, policy = int(info["image_size"]), info["resize"]
     multilabel = info["task"] == "multilabel"
     thresholds = _thresholds(backend.meta, classes)
-    metrics = Metrics()
+    metrics = Metrics(os.environ.get(METRICS_DIR_ENV))  # set by the supervisor of --workers N
     probe = np.zeros((1, size, size, 3), np.uint8)
     batcher = Batcher(backend, cfg.max_batch, cfg.max_wait_ms / 1000.0, metrics, probe=probe)
     decode_pool = ThreadPoolExecutor(cfg.decode_threads or min(4, (os.cpu_count() or 1) + 1),
@@ -918,6 +999,10 @@ def _serve_on(sock, cfg: ServeConfig, host: str, workers: int, log_level: str) -
     if workers > 1:
         load_backend(cfg.model, cfg.device, precision=cfg.precision)  # fail here, once, with a clear line, not in every worker
         os.environ[_ENV] = json.dumps(asdict(cfg))
+        # the workers add up their /metrics counts through files here (Metrics); removed at exit
+        shared = tempfile.mkdtemp(prefix="imgclf-metrics-")
+        atexit.register(shutil.rmtree, shared, ignore_errors=True)
+        os.environ[METRICS_DIR_ENV] = shared
         # uvicorn's supervisor binds the port itself (its API for a given socket changes between
         # versions): ours only proved the port free, and is let go the moment before
         sock.close()
