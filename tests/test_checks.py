@@ -397,3 +397,22 @@ def test_tiny_images_readable_counts_path_spelling_and_quoted_class_names(sample
     # the path as this run names it, relative to --data, however the cache's first run spelt it
     assert messages[0] == messages[1]
     assert "skipped in training: dog/broken.jpg: truncated or corrupt image data;" in messages[0]
+
+
+def test_the_size_train_picks_follows_the_median_the_check_reports(tmp_path):
+    """Photos of many sizes: train's automatic --image-size is the check's median short side,
+    rounded to 16 px (it sampled 256 headers where the check reads 2000, and on mixed photos
+    chose 176 px while the check said 160)."""
+    from imgclf.engine.recipe import auto_image_size
+
+    rng = np.random.default_rng(0)  # a median short side of 184 px: 256 headers gave 176, all of them 192
+    paths = []
+    for i, side in enumerate(rng.integers(100, 261, 1201)):
+        d = tmp_path / "photos" / ("a" if i % 2 else "b")
+        d.mkdir(parents=True, exist_ok=True)
+        p = d / f"{i:04d}.png"
+        Image.new("RGB", (int(side) + int(rng.integers(0, 80)), int(side)), (i % 255, 90, 30)).save(p, compress_level=0)
+        paths.append(str(p))
+    assert main(["check", str(tmp_path / "photos"), "--out", str(tmp_path / "chk"), "--max-images", "10"]) in (0, 1)
+    median = json.loads((tmp_path / "chk" / "check.json").read_text())["stats"]["images"]["short_side"]["median"]
+    assert auto_image_size(sorted(paths), None) == 16 * round(median / 16)

@@ -32,8 +32,11 @@ MIN_STEPS = 400  # a run shorter than this many optimizer steps underfits whatev
 HEAD_ONLY_STEPS = 200  # a time-limited fine-tune trains the new head alone this long (at most an epoch)
 
 
-def auto_image_size(paths: list[str] | None, native: int | None, sample: int = 256) -> int:
-    """Median short side of a sample of the images, clamped to [32, 224], multiple of 16."""
+def auto_image_size(paths: list[str] | None, native: int | None, sample: int = 2000) -> int:
+    """Median short side of a sample of the images, clamped to [32, 224], multiple of 16. The
+    sample is as large as the data check's (checks.size_sample), so the size chosen follows the
+    median the check reports: with 256 headers a set of mixed photos got 176 px while the check
+    said a median of 160 (reading a header costs well under a millisecond)."""
     if native is not None:
         return native
     from PIL import Image
