@@ -37,6 +37,17 @@ def test_lite_weights_map_onto_timm_with_every_shape_checked(name):
     assert torch.equal(sd["blocks.6.0.conv_pwl.weight"], state["blocks.6.0.conv_pwl.weight"])
 
 
+def test_another_lite_sizes_weights_are_named_as_such():
+    # Lite1's file given to a Lite0: "lite weights have block 16 but EfficientNet has 16 blocks"
+    # read as a contradiction (the index counts from 0) and named neither --weights nor the size
+    with pytest.raises(UserError, match=r"have 21 blocks and this model has 16: they are for efficientnet_lite1 "
+                                        r"or efficientnet_lite2; give that --model"):
+        map_lite_keys(read_state_dict(pretrained.lite_package_file("efficientnet_lite1")), _lite_backbone())
+    with pytest.raises(UserError, match=r"have 16 blocks and this model has 21: they are for efficientnet_lite0"):
+        map_lite_keys(read_state_dict(pretrained.lite_package_file("efficientnet_lite0")),
+                      _lite_backbone("efficientnet_lite2"))
+
+
 # ImageNet-1k class indices whose objects are what a CIFAR-10 class shows.
 IMAGENET_GROUPS = {
     "airplane": [404, 895, 908],  # airliner, warplane, wing

@@ -398,12 +398,16 @@ def map_lite_keys(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str,
           "_project_conv": "conv_pwl", "_bn2": "bn3"}
     top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
     out = {}
+    found = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"_blocks\.(\d+)\.", k))), default=-1)
+    if found != len(blocks):  # another Lite size's file: the block counts are the sizes' (timm's)
+        sizes = {16: "efficientnet_lite0", 21: "efficientnet_lite1 or efficientnet_lite2", 24: "efficientnet_lite3",
+                 30: "efficientnet_lite4"}
+        raise UserError(f"these EfficientNet-Lite weights have {found} blocks and this model has {len(blocks)}: they are "
+                        f"for {sizes.get(found, 'another Lite size')}; give that --model (or the weights of this one)")
     for k, v in state.items():
         m = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(\w+)", k)
         if m:
             i, mod, attr = int(m.group(1)), m.group(2), m.group(3)
-            if i >= len(blocks):
-                raise UserError(f"lite weights have block {i} but {type(model).__name__} has {len(blocks)} blocks")
             s, j, blk = blocks[i]
             table = ir if hasattr(blk, "conv_pwl") else ds
             if mod not in table:
@@ -467,7 +471,10 @@ def load_pretrained(backbone: nn.Module, arch: str, info: PretrainedInfo, head: 
             raise UserError(f"--weights {path}: no such file")
         state = read_state_dict(path)
         if _looks_lite(state):
-            state = map_lite_keys(state, backbone)
+            try:
+                state = map_lite_keys(state, backbone)
+            except UserError as e:
+                raise UserError(f"--weights {path}: {e}") from None
         run_head = None
         # a previous imgclf run's model.safetensors: its backbone, and its head where the new one fits it
         if any(k.startswith("backbone.") for k in state):
