@@ -312,8 +312,13 @@ def test_balanced_accuracy_is_a_monitor_and_matches_evaluate(tmp_path, sample_di
     assert ev["top1"] == pytest.approx(res.history[best]["val_acc"], abs=1e-6)
 
 
-def test_val_bal_acc_is_refused_where_it_means_nothing(coco, tmp_path):
+def test_val_bal_acc_is_refused_where_it_means_nothing(tmp_path, sample_dir):
+    from PIL import Image
+
     import imgclf
 
+    files = sorted((sample_dir / "train" / "cat").glob("*.jpg"))[:8]
+    x = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    tags = [["cat"], ["cat", "pet"]] * 4  # several labels per image: multi-label, scored by mAP
     with pytest.raises(UserError, match="--monitor val_bal_acc is for single-label data"):
-        imgclf.train(data=str(coco[0]), monitor="val_bal_acc", epochs=1, project=str(tmp_path), progress=False)
+        imgclf.train((x, tags), monitor="val_bal_acc", epochs=1, project=str(tmp_path), progress=False)
