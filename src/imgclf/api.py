@@ -491,6 +491,8 @@ def _train(config: str | Path | None = None, *, resume: str | Path | None = None
         saved = make_config(run_dir / "config.yaml")
         saved_devices = saved.devices
         cfg = make_config(run_dir / "config.yaml", **{k: v for k, v in options.items() if k in own})
+        if cfg.freeze_bn is None and "freeze_bn" not in (run_dir / "config.yaml").read_text():
+            cfg.freeze_bn = False  # a run made before --freeze-bn existed continues as it began: BN trained
         if any(getattr(cfg, k) != getattr(saved, k) for k in ("cache_dir", "workers", "ram_budget")):
             # this machine's cache, decoding processes and memory (results do not depend on them):
             # recorded, so a later --resume, evaluate or report reads the same cache

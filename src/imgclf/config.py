@@ -126,6 +126,9 @@ class TrainConfig(BaseModel):
     backbone_lr_scale: float | None = Field(None, ge=0, description="backbone lr as a fraction of lr (default: 0.1 pretrained, else 1)")
     freeze_stages: int = Field(0, ge=0, description="stem and first N backbone stages frozen for the whole run "
                                "(cheaper fine-tuning steps)")
+    freeze_bn: bool | None = Field(None, description="keep the pretrained backbone's BatchNorm statistics once it is "
+                                   "unfrozen, as Keras' fine-tuning guide does (default: on for a pretrained backbone "
+                                   "trained on under 5000 images, off otherwise and for nets from scratch)")
 
     # --- optimisation -----------------------------------------------------------------------
     epochs: float | None = Field(None, gt=0, description="training epochs, fractions allowed (default: 10 for fastnet and "

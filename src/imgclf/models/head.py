@@ -73,6 +73,7 @@ class HeadedNet(nn.Module):
         layers += [nn.Dropout(dropout), nn.Linear(width, num_classes)]
         self.head = nn.Sequential(*layers)
         self.backbone_frozen = False
+        self.bn_frozen = False  # the backbone's BatchNorm layers keep their running statistics (freeze_bn)
         self.backbone_lr_scale = 1.0
         self._stage_frozen: list[nn.Module] = []  # the modules of the always-frozen first stages
 
@@ -139,6 +140,10 @@ class HeadedNet(nn.Module):
         super().train(mode)
         if self.backbone_frozen:
             self.backbone.eval()  # frozen BN keeps its running statistics; no dropout/drop-path either
+        elif self.bn_frozen and mode:  # --freeze-bn: normalised with the pretrained statistics, scale and
+            for m in self.backbone.modules():  # shift still trained (Keras' BatchNormalization(training=False))
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         for m in self._stage_frozen:
             m.eval()
         return self
@@ -277,6 +282,9 @@ def setup_transfer(model: nn.Module, arch: str, cfg, source, *, classes: list[st
                  f"(up to '{model.frozen_up_to}'): {model.trainable_parameters():,} of "
                  f"{sum(p.numel() for p in model.parameters()):,} parameters train")
     model.backbone_lr_scale = float(cfg.backbone_lr_scale if cfg.backbone_lr_scale is not None else 1.0)
+    model.bn_frozen = bool(cfg.freeze_bn)
+    if model.bn_frozen:
+        model.train(model.training)
     total = sum(p.numel() for p in model.parameters())
     head_n = sum(p.numel() for p in model.head.parameters())
     if freeze:
