@@ -3,6 +3,7 @@ own config.yaml (a sweep trial's above all) is repeated in a new folder, never o
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import imgclf
+from imgclf.errors import UserError
 from imgclf.models import pretrained
 
 FAST = dict(progress=False, tensorboard=False, final_eval=False, tta=False)
@@ -59,3 +61,27 @@ def test_a_small_fine_tune_keeps_the_pretrained_batchnorm_statistics(few, tmp_pa
         assert same == stats
     else:
         assert not same
+
+
+def test_a_trials_config_is_trained_as_a_new_run_not_over_the_trial(few, tmp_path, monkeypatch, caplog):
+    from imgclf.tune.sweep import TRIAL_MARKER
+
+    monkeypatch.chdir(tmp_path)
+    trial = imgclf.train(data=str(few), epochs=1, project=str(tmp_path / "study" / "trials"), name="15",
+                         exist_ok=True, **FAST).run_dir
+    (trial / TRIAL_MARKER).write_text(json.dumps({"study": "s2", "trial": 15}))  # what the sweep writes there
+    before = (trial / "metrics.csv").read_text()
+    res = imgclf.train(config=str(trial / "config.yaml"), epochs=2, final_eval=False)
+    assert res.run_dir.resolve() != trial.resolve() and res.run_dir.parent.resolve() == (tmp_path / "runs").resolve()
+    assert (trial / "metrics.csv").read_text() == before  # the trial is as the sweep left it
+    assert len(res.history) == 2
+    assert res.config.tensorboard and not res.config.exist_ok  # train's own defaults, not the sweep's
+    # a run made with --exist-ok, repeated from its config.yaml: refused, as any existing folder is
+    run = imgclf.train(data=str(few), epochs=1, project=str(tmp_path / "r"), name="a", exist_ok=True, **FAST).run_dir
+    before = (run / "metrics.csv").read_text()
+    with pytest.raises(UserError, match=r"run folder .*a already exists"):
+        imgclf.train(config=str(run / "config.yaml"), epochs=2)
+    assert (run / "metrics.csv").read_text() == before
+    # asked for in so many words, it is still done
+    again = imgclf.train(config=str(run / "config.yaml"), epochs=1, exist_ok=True, **FAST)
+    assert again.run_dir.resolve() == run.resolve()

@@ -507,7 +507,7 @@ def _train(config: str | Path | None = None, *, resume: str | Path | None = None
             dump_yaml(cfg, run_dir / "config.yaml")  # a later --resume keeps the new number
     else:
         options = _arrays_as_files(options)
-        cfg = _absolute_paths(make_config(config, **options))
+        cfg = _absolute_paths(make_config(config, **{**options, **_repeat_of_run(config, options)}))
         _check_project(cfg)
         run_dir = None
     device = resolve_device(cfg.device)
@@ -720,6 +720,27 @@ def _budget_start(t_start: float, started: float) -> float:
     """When --time-limit's clock started (perf_counter): a spawned rank's budget began at the
     parent's train() call, passed in the environment."""
     return t_start - max(0.0, started - float(os.environ.get("IMGCLF_TRAIN_STARTED", started)))
+
+
+def _repeat_of_run(config, options: dict) -> dict:
+    """--config RUN/config.yaml repeats a run in a new folder, never in RUN itself: where the run
+    was made with --exist-ok (as every sweep trial is), its config.yaml held exist_ok, project and
+    name, and 'train --config trials/15/config.yaml --epochs 4' overwrote trial 15 without a word.
+    A trial's folder-and-output settings are the sweep's own (project, name, no progress bar, no
+    TensorBoard), so those go back to train's defaults too. What the caller gives still wins."""
+    from imgclf.config import UNSET
+    from imgclf.runs import is_run
+
+    if config is None or isinstance(config, dict) or Path(config).name != "config.yaml" or not is_run(Path(config).parent):
+        return {}
+    keys = ["exist_ok"]
+    from imgclf.tune.sweep import _SWEEP_OWNED, _TRIAL_DEFAULTS, TRIAL_MARKER
+
+    if (Path(config).parent / TRIAL_MARKER).is_file():  # a sweep trial's folder
+        keys += [*_SWEEP_OWNED, *_TRIAL_DEFAULTS]
+        log.info(f"--config {config}: a sweep trial's settings, trained as a new run (the folder and output options "
+                 "are the sweep's own, so train's defaults apply)")
+    return {k: UNSET for k in keys if options.get(k) is None}
 
 
 def _fastnet_step_seconds(s: _Setup, width: float, precision) -> float:
