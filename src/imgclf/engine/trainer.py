@@ -350,7 +350,7 @@ class Trainer:
         every = self.cfg.checkpoint_minutes * 60 if self.cfg.checkpoint_minutes > 0 and self.run_dir is not None else 0
         bar = self._bar(epoch, start)
         t0 = time.perf_counter() - before
-        saved = time.perf_counter()
+        saved = shown_at = time.perf_counter()
 
         def save(batches: int) -> None:
             self._save_within_epoch(
@@ -392,9 +392,13 @@ class Trainer:
                         correct += (logits.argmax(1) == hard).sum()
                     else:
                         correct += ((logits > 0) == (target > 0.5)).float().mean(1).sum()
-                if bar is not None and (i % 10 == 0 or i == self.steps_per_epoch - 1):
-                    # the only host syncs in the step, and only every 10 steps, for the display
-                    el = time.perf_counter() - t0
+                if bar is not None and (i % 10 == 0 or i == self.steps_per_epoch - 1
+                                        or time.perf_counter() - shown_at >= 1.0):
+                    # the only host syncs in the step, for the display: every 10 steps, or after a
+                    # second (slow steps, e.g. a CPU fine-tune at 1-3 s each, left the figures 10 steps
+                    # behind the bar's count); a sync a second costs a GPU nothing measurable
+                    shown_at = time.perf_counter()
+                    el = shown_at - t0
                     shown = loss_sum.item() / seen
                     if self.reduce_world == 1 and not math.isfinite(shown):
                         bar.close()  # stop at once; distributed, the ranks stop together at the epoch's end
