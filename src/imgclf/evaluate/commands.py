@@ -78,14 +78,17 @@ def add_compare(sub) -> None:
     p = sub.add_parser("compare", help="overlay the curves of several runs and tabulate what differs")
     p.add_argument("runs", nargs="+", help="run folders")
     p.add_argument("--out", "--output", dest="out",
-                   help="folder for figures, compare.csv and compare.html (default: <first run's parent>/compare)")
+                   help="folder for figures, compare.csv and compare.html (default: <first run's parent>/compare, "
+                        "or compare-2, compare-3... when that holds an earlier comparison)")
+    p.add_argument("--exist-ok", action="store_true",
+                   help="replace the comparison already in --out (or in <first run's parent>/compare)")
     p.set_defaults(func=cmd_compare)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from imgclf.evaluate.compare import compare_runs, format_table
 
-    res = compare_runs(args.runs, args.out)
+    res = compare_runs(args.runs, args.out, exist_ok=args.exist_ok)
     print(format_table(res["header"], res["rows"], res["config_columns"]))
     print(f"figures, compare.csv and compare.html in {res['out_dir']}")
     return 0
