@@ -319,6 +319,8 @@ def test_outputs_under_a_file_are_one_line_errors_before_the_work(tiny_run, smal
 
     afile = tmp_path / "afile"
     afile.write_text("not a folder")
+    twin = tmp_path / "twin"  # a second run for compare (one run named twice is compared once, then refused)
+    shutil.copytree(tiny_run, twin, ignore=shutil.ignore_patterns("*.pt"))
     from imgclf.data import cache
 
     monkeypatch.setattr(report, "load_samples", lambda *a, **k: pytest.fail("images scored before the check"))
@@ -327,7 +329,7 @@ def test_outputs_under_a_file_are_one_line_errors_before_the_work(tiny_run, smal
              ["check", "--data", str(small_sample), "--out", str(afile), "--no-progress"],
              ["check", "--data", str(small_sample), "--out", str(tmp_path / "c"), "--json", str(afile / "x.json"),
               "--no-progress"],
-             ["compare", str(tiny_run), str(tiny_run), "--out", str(afile)]]
+             ["compare", str(tiny_run), str(twin), "--out", str(afile)]]
     for argv in cases:
         assert main(argv) == 2, argv  # was: a FileExistsError traceback
         err = capsys.readouterr().err.strip()
