@@ -115,7 +115,7 @@ def test_local_weights_file_unwraps_prefixes_and_reports_mismatches(tmp_path):
     with pytest.raises(UserError, match=r"does not match the model: tensors \d+ missing"):
         pretrained.load_pretrained(other, "timm:resnet34", info)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="cannot read it"):
+    with pytest.raises(UserError, match="it is a text file, not weights"):
         read_state_dict(tmp_path / "junk.pt")
     with pytest.raises(UserError, match="no such file"):
         pretrained.plan("timm:resnet18", str(tmp_path / "missing.pt"), False)

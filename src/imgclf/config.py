@@ -354,6 +354,10 @@ OTHER_SETTINGS = {
     **dict.fromkeys(("test_split", "test_ratio", "test_size", "test_fraction"),
                     "the test split is not cut from the training data: it comes from a test/ folder in the "
                     "data, or {test_data}"),
+    # Keras' applications: include_top=False, then a new classifier on top
+    **dict.fromkeys(("include_top", "top", "no_top", "notop"),
+                    "a pretrained model's own classifier is always replaced by a new head for your classes "
+                    "({pretrained} or {weights} FILE; {head} sets its hidden sizes, e.g. 512,256)"),
 }
 
 
@@ -542,7 +546,8 @@ def paths_beside(file: Path, values: dict[str, Any], given: list[str]) -> str | 
     for key in _INPUT_PATHS:
         v = values.get(key)
         if key in given or not isinstance(v, str) or not v.strip() or "://" in v or v.lower() in DATA_NAMES or \
-                v.startswith("hf:") or Path(v).expanduser().is_absolute():
+                v.startswith("hf:") or Path(v).expanduser().is_absolute() or \
+                (key == "weights" and v.strip().lower() == "imagenet"):  # Keras' weights: imagenet, as --pretrained
             continue
         beside = file.parent / v
         if Path(v).exists():

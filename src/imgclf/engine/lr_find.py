@@ -200,6 +200,8 @@ def sweep(model, cfg, loader, augment, device, loss_fn=None, *, steps: int = 200
     if not opt.param_groups:
         raise UserError("lr finder: every trained parameter takes Muon's own steps (muon_lr), so --lr moves nothing "
                         "to sweep: use another --optimizer")
+    if getattr(model, "backbone_frozen", False):
+        log.info(_head_only_note(model, cfg, entry))
     precision = resolve_precision(cfg.precision, device)
     smoothing = cfg.label_smoothing or 0.0
     loss_fn = loss_fn or (lambda logits, target: F.cross_entropy(logits, target, label_smoothing=smoothing))
@@ -288,6 +290,24 @@ def sweep(model, cfg, loader, augment, device, loss_fn=None, *, steps: int = 200
                  f"of the sweep (which ends at {end:.2g}): {_ADVICE[entry]['end']}")
     return LRFind(lrs, losses, sm, None if problem else suggestion, steepest, min_lr, stopped=stopped,
                   no_descent=problem, at_end=at_end)
+
+
+def _head_only_note(model, cfg, entry: str) -> str:
+    """What a sweep with the backbone frozen measures, and what ``train --lr auto`` does with it:
+    the head's lr of the head-only phase, which the run then trains with throughout (the backbone
+    at backbone_lr_scale of it once unfrozen)."""
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    freeze = cfg.freeze_epochs or 0
+    phase = f" as in the first {freeze:g} epoch(s) of training (--freeze-epochs {freeze:g})" if freeze else ""
+    scale = getattr(model, "backbone_lr_scale", 1.0)
+    backbone = "the backbone at the same lr" if scale == 1 else f"the backbone at {scale:g}x it"
+    if entry == "train":
+        return (f"lr finder: sweeping the head only ({trained:,} of {total:,} parameters), with the backbone frozen"
+                f"{phase}: its suggestion becomes the lr, the head's throughout and, once unfrozen, {backbone}")
+    return (f"lr finder: the sweep trains the head only ({trained:,} of {total:,} parameters), with the backbone "
+            f"frozen{phase}: its suggestion is the head's lr; 'train --lr auto' sweeps the same way and trains with it, "
+            f"the head at that lr throughout and, once unfrozen, {backbone}")
 
 
 def check_descent(res: LRFind, entry: str = "lr-find", plot_path: Path | None = None) -> None:

