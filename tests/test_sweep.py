@@ -274,17 +274,20 @@ def test_resume_refuses_another_metric_or_direction(small_sample, tmp_path, caps
     assert study.user_attrs["imgclf_metric"] == "val_acc" and study.user_attrs["imgclf_direction"] == "maximize"
     with pytest.raises(UserError, match="started to maximize val_acc, and this file asks to minimize val_loss"):
         sweep.open_study(sweep.load_spec(path, metric="val_loss"), heartbeat=False)
+    minimize = sweep.load_spec(path)
+    minimize.direction = "minimize"  # load_spec refuses it (test_sweep_fixes_s29): the storage's own check
     with pytest.raises(UserError, match="started to maximize val_acc, and this file asks to minimize val_acc"):
-        sweep.open_study(sweep.load_spec(path, direction="minimize"), heartbeat=False)
+        sweep.open_study(minimize, heartbeat=False)
     with pytest.raises(UserError, match="started to maximize val_acc, and this file asks to maximize val_map"):
         sweep.open_study(sweep.load_spec(path, metric="val_map"), heartbeat=False)
     log.reset()
     capsys.readouterr()
     sweep.open_study(spec, heartbeat=False, warn=True)
     assert "changed" not in capsys.readouterr().err
+    study.enqueue_trial({"lr": 1e-3})  # a study without trials may still change
     changed = sweep.load_spec(path, base={**spec.base, "epochs": 3})
-    sweep.open_study(changed, heartbeat=False, warn=True)  # allowed, but said
-    assert "base or space changed since the study began" in capsys.readouterr().err
+    with pytest.raises(UserError, match="base or space changed since the study began"):  # trials must compare
+        sweep.open_study(changed, heartbeat=False, warn=True)
 
 
 def test_new_study_keeps_off_an_old_studys_trial_folders(small_sample, tmp_path, monkeypatch):
@@ -318,17 +321,19 @@ def test_changed_space_is_refused_before_any_trial(small_sample, tmp_path, monke
     assert "space 'lr': choices [0.001, 0.01], but study 's' drew it from a float range (log)" in err
     assert "give the study a new name, or delete" in err
     assert len(calls) == 1 and len(trials_of(sweep.load_spec(path))) == 1
-    # other changes Optuna refuses: the log scale, another choice list; a new range is allowed
+    # other changes Optuna refuses: the log scale, another choice list; a new range Optuna takes, but
+    # the study refuses it too (test_sweep_fixes_s29: its trials would not compare)
     for space, msg in (({"lr": {"low": 1e-4, "high": 1e-2}}, "a float range, but study 's' drew it from a float range (log)"),
-                       ({"lr": {"low": 1e-5, "high": 1e-1, "log": True}, "beta1": {"choices": [0.9]}}, None)):
+                       ({"lr": {"low": 1e-5, "high": 1e-1, "log": True}}, "space.lr changed")):
         spec = sweep.load_spec(write_study(tmp_path, small_sample, pruner="none", n_trials=2, space=space))
-        if msg:
-            with pytest.raises(UserError, match=re.escape(msg)):
-                sweep.run_study(spec)
-        else:
-            assert sweep.run_study(spec)["complete"] == 2
-    spec = sweep.load_spec(write_study(tmp_path, small_sample, pruner="none", n_trials=3, space={"beta1": {"choices": [0.8]}}))
-    with pytest.raises(UserError, match=re.escape("space 'beta1': choices [0.8], but study 's' drew it from choices [0.9]")):
+        with pytest.raises(UserError, match=re.escape(msg)):
+            sweep.run_study(spec)
+    spec = sweep.load_spec(write_study(tmp_path, small_sample, pruner="none", n_trials=1, name="b",
+                                       space={"lr": 1e-3, "beta1": {"choices": [0.9]}}))
+    assert sweep.run_study(spec)["complete"] == 1
+    spec = sweep.load_spec(write_study(tmp_path, small_sample, pruner="none", n_trials=3, name="b",
+                                       space={"lr": 1e-3, "beta1": {"choices": [0.8]}}))
+    with pytest.raises(UserError, match=re.escape("space 'beta1': choices [0.8], but study 'b' drew it from choices [0.9]")):
         sweep.run_study(spec)
 
 
@@ -727,16 +732,17 @@ def test_a_study_resumed_from_another_folder_is_not_said_to_have_changed(small_s
     monkeypatch.chdir(tmp_path)
     path = write_study(tmp_path, Path("photos"), directory=str(tmp_path / "studies"), name="moved")  # its own
     sweep.load_spec(path).study_dir.mkdir(parents=True)  # name: a warning is said once per process
-    sweep.open_study(sweep.load_spec(path), heartbeat=False, warn=True)
+    sweep.open_study(sweep.load_spec(path), heartbeat=False, warn=True).enqueue_trial({})  # a study with trials
     (tmp_path / "a").mkdir()
     monkeypatch.chdir(tmp_path / "a")
     capfd.readouterr()
     sweep.open_study(sweep.load_spec(path), heartbeat=False, warn=True)
     assert "changed since the study began" not in capfd.readouterr().err
-    (tmp_path / "a" / "photos").mkdir()  # now 'photos' here is other data: said
-    sweep.open_study(sweep.load_spec(path), heartbeat=False, warn=True)
+    (tmp_path / "a" / "photos").mkdir()  # now 'photos' here is other data: refused
+    other = sweep.load_spec(path)
     err = capfd.readouterr().err
-    assert "base or space changed since the study began" in err
+    with pytest.raises(UserError, match="changed since the study began"):
+        sweep.open_study(other, heartbeat=False, warn=True)
     assert "is read from the working directory" in err and "not the one beside study.yaml" in err
 
 

@@ -4,6 +4,8 @@
 classifies files, PIL images, numpy arrays or torch tensors; ``imgclf.evaluate(run, data)`` scores
 a run. Bad input raises :class:`imgclf.UserError` (one line). ``imgclf.train(..., callbacks=[...])``
 takes :class:`imgclf.Callback` objects (or any object with some of its hooks, e.g. on_epoch_end).
+``imgclf.sweep("study.yaml")`` runs a hyperparameter study as ``imgclf sweep`` does and returns a
+:class:`imgclf.SweepResult` (best_params, best_value, study_dir, the Optuna study).
 """
 
 from __future__ import annotations
@@ -11,15 +13,16 @@ from __future__ import annotations
 import importlib
 
 __version__ = "0.1.0"
-__all__ = ["train", "evaluate", "predict", "load", "TrainResult", "Classifier", "Callback", "UserError",
-           "__version__"]
+__all__ = ["train", "evaluate", "predict", "load", "sweep", "TrainResult", "Classifier", "SweepResult", "Callback",
+           "UserError", "__version__"]
 
 # Resolved on first use (PEP 562): imgclf.api imports torch (~1.5 s), which every `imgclf` command
 # would pay at start-up, --help included, since the command line imports this package first.
 # imgclf.evaluate is the sub-package, made callable as imgclf.api.evaluate (see its __init__): were it
 # the function, `import imgclf.evaluate.metrics as m` would look up .metrics on the function and fail
 _PUBLIC = {"train": "imgclf.api", "predict": "imgclf.api", "load": "imgclf.api", "TrainResult": "imgclf.api",
-           "Classifier": "imgclf.api", "UserError": "imgclf.errors", "Callback": "imgclf.engine.callbacks"}
+           "Classifier": "imgclf.api", "UserError": "imgclf.errors", "Callback": "imgclf.engine.callbacks",
+           "sweep": "imgclf.tune.api", "SweepResult": "imgclf.tune.api"}
 
 
 def __getattr__(name: str):

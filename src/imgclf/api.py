@@ -469,6 +469,11 @@ def _train(config: str | Path | None = None, *, resume: str | Path | None = None
             raise UserError(f"resume continues a run with its saved config; drop: {', '.join(extra)}")
         if not (run_dir / "config.yaml").exists():
             raise UserError(f"--resume {run_dir}: not a run folder (no config.yaml)")
+        from imgclf.tune.sweep import trial_advice
+
+        advice = trial_advice(run_dir)  # a sweep trial resumed outside its study: the study never sees it
+        if advice:
+            raise UserError(advice)
         if int(os.environ.get("RANK", "0")) == 0 and not _spawned():  # rank 0 alone writes the folder;
             hold_run(run_dir)  # under --devices N, the parent that started the processes holds it
         done = _finished_run(run_dir)

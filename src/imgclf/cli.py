@@ -346,6 +346,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     opts = _train_options(args)
     if args.resume:
+        from imgclf.tune.sweep import trial_advice
+
+        advice = trial_advice(args.resume)  # resumed outside its study, the study would never see it
+        if advice:
+            raise UserError(advice)
         extra = set(opts) - RESUME_OPTIONS | ({"config"} if args.config else set())
         if extra:
             raise UserError(f"--resume continues a run with its saved config; drop: {', '.join('--' + k.replace('_', '-') for k in sorted(extra))}")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 
 _seen: set[str] = set()
+_kept = 0  # open said_once() blocks: while one is, reset() keeps what was said
 quiet = False  # set on the non-zero ranks of a distributed run: one voice, rank 0's
 
 
@@ -26,13 +29,31 @@ def info(msg: str, once: bool = False) -> None:
     _emit(f"imgclf: {msg}")
 
 
-def warn(msg: str, once: bool = True) -> None:
-    """Each distinct warning is printed once per process: problems are reported, not repeated."""
-    if quiet or (once and msg in _seen):
+def warn(msg: str, once: bool = True, key: str | None = None) -> None:
+    """Each distinct warning is printed once per process: problems are reported, not repeated.
+    ``key``: the kind of a warning whose text holds a value that varies from run to run (a fitted
+    temperature): one of each kind is said between resets, whatever the values."""
+    seen_as = msg if key is None else f"key:{key}"
+    if quiet or (once and seen_as in _seen):
         return
-    _seen.add(msg)
+    _seen.add(seen_as)
     _emit(f"imgclf: warning: {msg}")
 
 
 def reset() -> None:
-    _seen.clear()
+    """Forget what was said (each training run says its warnings anew), except inside said_once()."""
+    if not _kept:
+        _seen.clear()
+
+
+@contextlib.contextmanager
+def said_once() -> Iterator[None]:
+    """Within this block (a sweep's trials, each a training run that resets), each warning, or
+    each kind of one (``key``), is said once: not once per trial. It begins with a reset."""
+    global _kept
+    reset()
+    _kept += 1
+    try:
+        yield
+    finally:
+        _kept -= 1

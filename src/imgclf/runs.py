@@ -178,6 +178,11 @@ def read_meta(run: str | Path) -> tuple[Path, dict[str, Any]]:
         if (run / "config.yaml").exists() and in_use(run):  # hold_run's lock: a process trains there now
             raise UserError(f"{run} is still training (another process holds it): its model.json and weights are "
                             f"written when training ends")
+        from imgclf.tune.sweep import trial_advice
+
+        advice = trial_advice(run)  # a sweep trial: its study trains it again, not train --resume
+        if advice:
+            raise UserError(advice)
         if (run / "last.pt").exists():
             raise UserError(f"{run} has no model.json: its training stopped before the end (resume it with "
                             f"'imgclf train --resume {run}')")

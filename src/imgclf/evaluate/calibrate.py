@@ -105,25 +105,35 @@ def calibration_record(logits: torch.Tensor, labels: torch.Tensor, temperature: 
 
 def fit_warnings(rec: dict) -> list[str]:
     """What makes a fitted temperature (a ``calibration_record``) untrustworthy, one line each."""
+    return [w for _kind, w in _fit_warnings(rec)]
+
+
+def _fit_warnings(rec: dict) -> list[tuple[str, str]]:
+    """fit_warnings with each line's kind (few images, upper bound, lower bound): their text holds
+    the fitted value, so a sweep says each kind once (log.warn's key), not once per trial."""
     out = []
     t, n, split = rec["temperature"], rec["n"], rec["split"]
     if n < MIN_FIT_IMAGES:
         worse = (f"; on these images it raised ECE {rec['ece_before']:.4f} -> {rec['ece_after']:.4f}"
                  if rec["ece_after"] > rec["ece_before"] else "")
-        out.append(f"temperature {t:.3g} fitted on only {n} images ({split}): too few to pin it down (under "
-                   f"{MIN_FIT_IMAGES}){worse}; not applied (scores keep temperature 1); fit it on more held-out "
-                   "images with 'imgclf calibrate RUN --data DIR'")
+        out.append(("calibration-few-images",
+                    f"temperature {t:.3g} fitted on only {n} images ({split}): too few to pin it down (under "
+                    f"{MIN_FIT_IMAGES}){worse}; not applied (scores keep temperature 1); fit it on more held-out "
+                    "images with 'imgclf calibrate RUN --data DIR'"))
     if t >= T_MAX * 0.999:
-        out.append(f"temperature hit its upper bound {T_MAX:g} on {split}: at any scale the model's scores there "
-                   "predict no better than a uniform guess, so every confidence is flattened; train longer or check "
-                   "the labels")
+        out.append(("calibration-upper-bound",
+                    f"temperature hit its upper bound {T_MAX:g} on {split}: at any scale the model's scores there "
+                    "predict no better than a uniform guess, so every confidence is flattened; train longer or check "
+                    "the labels"))
     elif t <= T_MIN * 1.001 and rec.get("accuracy", 1.0) >= 0.95:
-        out.append(f"temperature hit its lower bound {T_MIN:g} on {split}: nearly every image there is classified "
-                   "correctly, so the fit only sharpens scores (not a calibration); fit on a larger or harder split")
+        out.append(("calibration-lower-bound",
+                    f"temperature hit its lower bound {T_MIN:g} on {split}: nearly every image there is classified "
+                    "correctly, so the fit only sharpens scores (not a calibration); fit on a larger or harder split"))
     elif t <= T_MIN * 1.001:  # 61% right yet the bound: the scores are near-uniform, not the split too easy
-        out.append(f"temperature hit its lower bound {T_MIN:g} on {split} ({rec['accuracy']:.0%} right there): the "
-                   "model's scores are nearly flat (a short or heavily regularised run), and even the sharpest "
-                   "scaling allowed leaves them underconfident; train longer")
+        out.append(("calibration-lower-bound",
+                    f"temperature hit its lower bound {T_MIN:g} on {split} ({rec['accuracy']:.0%} right there): the "
+                    "model's scores are nearly flat (a short or heavily regularised run), and even the sharpest "
+                    "scaling allowed leaves them underconfident; train longer"))
     return out
 
 
@@ -167,8 +177,8 @@ def calibrate_model(run_dir: Path, model, meta: dict, cs, device, precision: str
     logits, labels = split_logits(model, meta, cs, device, precision)
     t = fit_temperature(logits, labels)
     rec = calibration_record(logits, labels, t, split)
-    for w in fit_warnings(rec):
-        log.warn(w)
+    for kind, w in _fit_warnings(rec):
+        log.warn(w, key=kind)
     # a temperature fitted on a dozen images is noise (it can raise ECE on the very images it was
     # fitted on): the record keeps what was fitted, the scores keep temperature 1. So does a fit
     # that lowers the NLL but raises the ECE it is reported by: the model is already about as

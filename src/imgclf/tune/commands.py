@@ -51,12 +51,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                            data=args.data, directory=args.directory)
     if args.worker is not None:
         sweep.pin_worker(args.worker, args.of)
-        sweep.run_worker(spec, args.worker)
+        try:
+            sweep.run_worker(spec, args.worker)
+        except KeyboardInterrupt:  # stopped by the sweep that started it, which says how to resume
+            return 130
         return 0
     try:
-        summary = sweep.run_study(spec, workers=args.workers)
-    except KeyboardInterrupt:
-        print(f"imgclf: study {spec.name} interrupted; run the same command again to resume it", file=sys.stderr)
+        summary = sweep.run_study(spec, workers=args.workers, again=_again(args))
+    except KeyboardInterrupt:  # run_study said how to resume the study
         return 130
     print(json.dumps(summary))
     print(f"report: imgclf sweep-report {spec.study_dir}")
@@ -64,6 +66,24 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"imgclf: error: {summary['error']}", file=sys.stderr)
         return 1
     return 0
+
+
+def _again(args: argparse.Namespace) -> str:
+    """The command that resumes the study: this one (the study file as an absolute path, so that it
+    works from the trial folders too)."""
+    import os
+    import shlex
+
+    from imgclf.tune.sweep import _redact
+
+    cmd = ["imgclf", "sweep", os.path.abspath(args.study)]
+    storage = _redact(args.storage) if args.storage else None  # no password in a log line or a trial folder
+    for flag, value in (("--workers", args.workers if args.workers != 1 else None), ("--storage", storage),
+                        ("--n-trials", args.n_trials), ("--timeout", args.timeout), ("--data", args.data),
+                        ("--directory", args.directory)):
+        if value is not None:
+            cmd += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    return shlex.join(cmd)
 
 
 def add_sweep_report(sub) -> None:

@@ -359,14 +359,29 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
+def _epochs_cell(t, searched: bool) -> str:
+    """The epochs a trial ran; where epochs is searched, also the number it drew when it ran fewer
+    (pruned, stopped early): one column, not the parameter's beside the run's."""
+    ran = t.user_attrs.get("epochs", "")
+    drawn = t.params.get("epochs") if searched else None
+    if drawn is None:
+        return _fmt(ran)
+    if ran == "" or float(ran) >= float(drawn):
+        return _fmt(drawn)
+    return f"{_fmt(ran)} of {_fmt(drawn)}"
+
+
 def _trial_table(trials, space: Space, best_number: int | None) -> str:
-    names = list(space.params)
+    names = [n for n in space.params if n != "epochs"]  # a searched epochs is the epochs column
+    searched_epochs = "epochs" in space.params
     head = "".join(f"<th>{html.escape(n.removeprefix('model_args.'))}</th>" for n in names)
     rows = []
     for t in trials:
         cells = "".join(f"<td>{_fmt(space.params[n].decode(t.params[n])) if n in t.params else ''}</td>" for n in names)
         if t.state.name == "PRUNED" and t.intermediate_values:
             note = f"pruned at epoch {max(t.intermediate_values)} ({_last_value(t):.4f})"
+        elif sweep.interrupted(t):
+            note = "interrupted (Ctrl-C or SIGTERM): queued again"
         elif t.state.name == "FAIL":
             note = t.user_attrs.get("error") or "worker died or was interrupted (queued again)"
         else:
@@ -378,7 +393,7 @@ def _trial_table(trials, space: Space, best_number: int | None) -> str:
         value = "" if t.value is None else f"{t.value:.4f}"
         cls = ' class="best"' if t.number == best_number else ""
         rows.append(f"<tr{cls}><td>{t.number}</td><td class=\"l {t.state.name}\">{t.state.name.lower()}</td>"
-                    f"<td>{value}</td>{cells}<td>{t.user_attrs.get('epochs', '')}</td>"
+                    f"<td>{value}</td>{cells}<td>{_epochs_cell(t, searched_epochs)}</td>"
                     f"<td>{'' if dur is None else f'{dur:.0f}'}</td><td class=\"l\">{html.escape(note)}</td></tr>")
     return (f"<table><tr><th>#</th><th>state</th><th>value</th>{head}<th>epochs</th><th>seconds</th><th>note</th></tr>"
             + "".join(rows) + "</table>")

@@ -27,12 +27,17 @@ every restart), so a killed study started again runs only what is missing. Faile
 count; 5 failures in a row end the study, and a grid point that failed is not tried again. A
 sweep whose trials all failed, or that 5 failures in a row stopped, exits 1. Trials that were
 running when their process died are failed by Optuna's heartbeat and queued again with the same
-parameters, as is the trial stopped by Ctrl-C or SIGTERM. The worker processes of ``--workers N``
-stop with the sweep that started them, however it ends (kill -9 included). A study resumed with
-another metric or direction is refused (Optuna keeps the first direction), as is one whose
-searched parameter changed kind, log scale or choices; one resumed with another base or space
-otherwise gets a warning. Each trial folder holds ``study.json`` naming its study, so a new study
-(a new storage, a deleted study.db) refuses to overwrite an old study's trial folders.
+parameters, as is the trial stopped by Ctrl-C or SIGTERM (marked interrupted, not failed; its
+folder removed; one line says the command that resumes the study). The worker processes of
+``--workers N`` stop with the sweep that started them, however it ends (kill -9 included). A study
+resumed with another metric or direction is refused (Optuna keeps the first direction), as is one
+with another base or space (its trials must train alike to compare; where a trial runs, device or
+workers, may change), and study.yaml keeps the study as it began. Each trial folder holds
+``study.json`` naming its study, so a new study (a new storage, a deleted study.db) refuses to
+overwrite an old study's trial folders, and 'imgclf report' or 'train --resume' on a trial that did
+not finish points to the sweep. ``direction`` must suit the metric (down for a loss). The
+optimizer-specific options (beta1, beta2, eps; momentum, nesterov; muon_*) are drawn only for
+trials whose optimizer reads them. ``imgclf.sweep(study, **flags)`` runs a study from Python.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -58,7 +64,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from imgclf import log
 from imgclf.config import TrainConfig, format_validation_error, load_yaml, paths_beside, suggest_key
@@ -103,6 +109,9 @@ class StudySpec(BaseModel):
     direction: Literal["maximize", "minimize"] | None = None
     seed: int | None = Field(None, description="sampler seed (worker i uses seed + i)")
     heartbeat: int = Field(10, ge=1, description="seconds between a running trial's liveness beats")
+    # how to resume the study, as its caller started it ("imgclf sweep study.yaml"): said on Ctrl-C
+    # and kept beside each trial (trial_advice)
+    _again: str | None = PrivateAttr(None)
 
     @property
     def study_dir(self) -> Path:
@@ -114,7 +123,7 @@ class StudySpec(BaseModel):
 
     @property
     def resolved_direction(self) -> str:
-        return self.direction or ("minimize" if self.metric.endswith("loss") else "maximize")
+        return self.direction or metric_direction(self.metric)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,6 +268,13 @@ def _check_key(key: str, where: str) -> None:
         raise UserError(f"{where}: unknown train option '{key}'{hint}")
 
 
+# The train options only some optimizers read (engine/optim.py build_optimizer): a trial draws
+# them only when its optimizer uses them, so an sgd trial records no beta1 it never trained with.
+OPTIMIZER_OPTIONS = {"sgd": ("momentum", "nesterov"), "muon": ("momentum", "nesterov", "muon_lr", "muon_momentum"),
+                     "adam": ("beta1", "beta2", "eps"), "adamw": ("beta1", "beta2", "eps")}
+_CONDITIONAL = {k for opts in OPTIMIZER_OPTIONS.values() for k in opts}
+
+
 class Space:
     """The study's parameters (sampled) and fixed values (merged into every trial)."""
 
@@ -295,6 +311,53 @@ class Space:
                 self.params[key] = p
         if isinstance(self.base.get("model_args"), dict):  # model arguments reach the net as they are: no coercion
             self.base["model_args"] = {k: _yaml_number(v) for k, v in self.base["model_args"].items()}
+
+    def _optimizer(self, drawn: dict[str, Any]) -> str | None:
+        """The optimizer a trial trains with, from its drawn values, the fixed ones and the base;
+        'auto' as the recipe resolves it (muon for fastnet, adamw for the rest); None when that
+        depends on the data (model auto)."""
+        opts = self.options(drawn)
+        opt = str(opts.get("optimizer", "auto")).lower()
+        if opt != "auto":
+            return opt
+        model = str(opts.get("model", "auto")).lower()
+        if model == "auto":
+            return None
+        from imgclf.models.registry import resolve_name
+
+        return "muon" if resolve_name(model) == "fastnet" else "adamw"
+
+    def uses(self, name: str, drawn: dict[str, Any]) -> bool:
+        """Whether a trial with these drawn values trains with option ``name`` (see OPTIMIZER_OPTIONS)."""
+        if name not in _CONDITIONAL:
+            return True
+        opt = self._optimizer(drawn)
+        return opt is None or name in OPTIMIZER_OPTIONS.get(opt, ())
+
+    def suggest(self, trial) -> dict[str, Any]:
+        """The trial's parameters, define-by-run: the model and optimizer first, then each other
+        parameter the trial's optimizer uses."""
+        first = [k for k in ("model", "optimizer") if k in self.params]
+        drawn = {k: self.params[k].suggest(trial) for k in first}
+        for k, p in self.params.items():
+            if k not in drawn and self.uses(k, drawn):
+                drawn[k] = p.suggest(trial)
+        return drawn
+
+    def _check_conditional(self) -> None:
+        """A searched optimizer option that no trial's optimizer reads (beta1 with sgd) is a mistake."""
+        for name in self.params:
+            if name not in _CONDITIONAL:
+                continue
+            combos = [{}]
+            for key in ("optimizer", "model"):  # every optimizer (and model, for auto) a trial may draw
+                if key in self.params:
+                    combos = [{**c, key: v} for c in combos for v in self.params[key].choices]
+            if not any(self.uses(name, c) for c in combos):
+                opt = self._optimizer({})
+                takers = sorted(o for o, ks in OPTIMIZER_OPTIONS.items() if name in ks)
+                raise UserError(f"space '{name}': optimizer {opt} does not use it (only {', '.join(takers)} do), so "
+                                f"no trial would search it; remove it, or search optimizer too")
 
     def options(self, params: dict[str, Any]) -> dict[str, Any]:
         """Base + fixed + decoded params -> train options (``model_args.x`` keys merged)."""
@@ -350,6 +413,7 @@ class Space:
                 check_spec(f"study {where}: {key}", getattr(cfg, key))
             configs.append((probe, cfg))
         self._check_model_args()
+        self._check_conditional()
         self._build_models(configs)
 
     def _shown(self, probe: dict[str, Any]) -> dict[str, Any]:
@@ -441,12 +505,16 @@ def _study_key_hint(key: str) -> str:
                        fallback=f"; the study keys are {', '.join(StudySpec.model_fields)}")
 
 
-def load_spec(path: str | Path, **overrides: Any) -> StudySpec:
-    """Read a study YAML; ``overrides`` (None: keep) replace top-level keys, ``data`` the base's."""
-    raw = load_yaml(path)
+def load_spec(path: str | Path | dict, **overrides: Any) -> StudySpec:
+    """Read a study YAML (or take its mapping: the Python API's ``imgclf.sweep({...})``);
+    ``overrides`` (None: keep) replace top-level keys, ``data`` the base's."""
+    if isinstance(path, dict):
+        raw, where = json.loads(json.dumps(path, default=str)), "study"  # a copy: the caller's dict stays as it is
+    else:
+        raw, where = load_yaml(path), str(path)
     data = overrides.pop("data", None)
-    if isinstance(raw.get("base"), dict):  # data: photos beside the study file, run from elsewhere (a
-        # path in neither place is refused by Space.validate, after the file's other mistakes)
+    if isinstance(raw.get("base"), dict) and not isinstance(path, dict):  # data: photos beside the study file, run
+        # from elsewhere (a path in neither place is refused by Space.validate, after the file's other mistakes)
         paths_beside(Path(path), raw["base"], given=["data"] if data is not None else [])
     given = {k: v for k, v in overrides.items() if v is not None}
     raw.update(given)
@@ -456,21 +524,31 @@ def load_spec(path: str | Path, **overrides: Any) -> StudySpec:
         # a bad command-line value (--n-trials 0) is not the file's fault: name the flag it came from
         def origin(key: str) -> str:
             top = key.split(".")[0]
-            return "--" + top.replace("_", "-") if top in given else str(path)
+            return "--" + top.replace("_", "-") if top in given else where
 
         raise UserError(format_validation_error(e, origin, noun="study key", suggest=_study_key_hint)) from None
     if data is not None:
         check_spec("--data", str(data))  # the flag's mistake, not the file's
         spec.base = {**spec.base, "data": str(data)}
     if spec.metric not in METRICS:
-        raise UserError(f"{path}: metric '{spec.metric}' is not a score a trial writes; use one of {', '.join(METRICS)}")
+        raise UserError(f"{where}: metric '{spec.metric}' is not a score a trial writes; use one of {', '.join(METRICS)}")
+    natural = metric_direction(spec.metric)
+    if spec.direction is not None and spec.direction != natural:  # the study would search for the worst model
+        raise UserError(f"{where}: direction {spec.direction} with metric {spec.metric}: {spec.metric} is "
+                        f"{'lower' if natural == 'minimize' else 'higher'} for better models, so it needs direction "
+                        f"{natural} (or leave direction out: it follows the metric)")
     if spec.n_trials is None and spec.timeout is None and _sampler_kind(spec) != "grid":
-        raise UserError(f"{path}: give n_trials or timeout (or both): a {_sampler_kind(spec)} study has no end of its own")
+        raise UserError(f"{where}: give n_trials or timeout (or both): a {_sampler_kind(spec)} study has no end of its own")
     space = Space(spec)
     space.validate()
     make_sampler(spec, space)  # a typo in the sampler or pruner, before any study.db is made
     make_pruner(spec)
     return spec
+
+
+def metric_direction(metric: str) -> str:
+    """The direction that finds better models by ``metric``: down for a loss, up for the rest."""
+    return "minimize" if metric.endswith("loss") else "maximize"
 
 
 def _sampler_kind(spec: StudySpec) -> str:
@@ -535,23 +613,46 @@ def _redact(url: str) -> str:
     return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
 
+def _checked_args(what: str, cls, cfg: dict[str, Any], own: tuple[str, ...] = ()) -> None:
+    """Refuse, in one line, an argument ``cls`` does not take (a typo), naming the closest of the
+    ones it does; ``own``: arguments the sweep passes itself (GridSampler's search space)."""
+    import difflib
+    import inspect
+
+    sig = inspect.signature(cls).parameters
+    known = [k for k, p in sig.items() if k not in own and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    for key in cfg:
+        if key in known:
+            continue
+        if key in own:
+            raise UserError(f"{what}: '{key}' is set by the sweep (from the space); remove it")
+        close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise UserError(f"{what}: unknown argument '{key}'; {hint}it takes {', '.join(known) or 'none'}")
+
+
 def make_sampler(spec: StudySpec, space: Space, worker: int = 0, done: int = 0):
     """``done``: trials already in the study. It enters the seed so that a resumed study (or a
-    second worker) does not draw the same random points again."""
+    second worker) does not draw the same random points again. A seed in the sampler's mapping
+    ({type: tpe, seed: 1}) is the study's seed (it wins over a top-level one)."""
     optuna = _optuna()
     cfg = {"type": spec.sampler} if isinstance(spec.sampler, str) else dict(spec.sampler)
     kind = cfg.pop("type", "tpe")
-    seed = None if spec.seed is None else (spec.seed * 1_000_003 + worker * 10_007 + done) % 2**31
+    classes = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
+               "grid": optuna.samplers.GridSampler}
+    if kind not in classes:
+        raise UserError(f"unknown sampler '{kind}': use grid, random or tpe")
+    what = f"sampler {kind}"
+    _checked_args(what, classes[kind], cfg, own=("search_space",) if kind == "grid" else ())
+    user_seed = cfg.pop("seed", spec.seed)
+    if user_seed is not None and (isinstance(user_seed, bool) or not isinstance(user_seed, int)):
+        raise UserError(f"{what}: seed must be a whole number, got {user_seed!r}")
+    seed = None if user_seed is None else (user_seed * 1_000_003 + worker * 10_007 + done) % 2**31
+    args = ({k: p.grid() for k, p in space.params.items()},) if kind == "grid" else ()
     try:
-        if kind == "tpe":
-            return optuna.samplers.TPESampler(seed=seed, **cfg)
-        if kind == "random":
-            return optuna.samplers.RandomSampler(seed=seed, **cfg)
-        if kind == "grid":
-            return optuna.samplers.GridSampler({k: p.grid() for k, p in space.params.items()}, seed=seed, **cfg)
-    except TypeError as e:
-        raise UserError(f"sampler {kind}: {e}") from None
-    raise UserError(f"unknown sampler '{kind}': use grid, random or tpe")
+        return classes[kind](*args, seed=seed, **cfg)
+    except (TypeError, ValueError) as e:  # a value of the wrong kind: Optuna's own words, one line
+        raise UserError(f"{what}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def make_pruner(spec: StudySpec):
@@ -562,10 +663,11 @@ def make_pruner(spec: StudySpec):
                "none": optuna.pruners.NopPruner}
     if kind not in classes:
         raise UserError(f"unknown pruner '{kind}': use median, halving or none")
+    _checked_args(f"pruner {kind}", classes[kind], cfg)
     try:
         return classes[kind](**cfg)
-    except TypeError as e:
-        raise UserError(f"pruner {kind}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise UserError(f"pruner {kind}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def grid_size(space: Space, spec: StudySpec) -> int | None:
@@ -574,11 +676,15 @@ def grid_size(space: Space, spec: StudySpec) -> int | None:
     return math.prod(len(p.grid()) for p in space.params.values())
 
 
-def settings_hash(spec: StudySpec, *, as_written: bool = False) -> str:
-    """A digest of what every trial trains with (base and space): a resumed study warns when it
-    changed. Data paths count as absolute ones, so the study resumed from another folder (data:
-    ../photos) is the same study; ``as_written``: the digest studies made before that recorded."""
+def settings_hash(spec: StudySpec, *, as_written: bool = False, machine: bool = True) -> str:
+    """A digest of what every trial trains with (base and space): a resumed study is refused when
+    it changed. Data paths count as absolute ones, so the study resumed from another folder (data:
+    ../photos) is the same study; ``as_written``: the digest studies made before that recorded.
+    ``machine=False``: without the options that say where a trial runs (device, workers...), which
+    may change between runs; new studies record that digest."""
     base = dict(spec.base)
+    if not machine:
+        base = {k: v for k, v in base.items() if k not in _machine_options()}
     for key in () if as_written else _DATA_OPTIONS:
         v = base.get(key)
         if isinstance(v, str) and v.strip() and "://" not in v and Path(v).expanduser().exists():
@@ -610,12 +716,52 @@ def open_study(spec: StudySpec, worker: int = 0, heartbeat: bool = True, warn: b
     if _ATTR_ID not in attrs:  # a new study (or one from before these records)
         study.set_user_attr(_ATTR_METRIC, spec.metric)
         study.set_user_attr(_ATTR_DIRECTION, want)
-        study.set_user_attr(_ATTR_SETTINGS, settings_hash(spec))
+        study.set_user_attr(_ATTR_SETTINGS, settings_hash(spec, machine=False))
         study.set_user_attr(_ATTR_ID, uuid.uuid4().hex)
-    elif warn and attrs.get(_ATTR_SETTINGS) not in (settings_hash(spec), settings_hash(spec, as_written=True)):
-        log.warn(f"study '{spec.name}': base or space changed since the study began, so its trials did not all "
-                 f"train alike and their scores may not compare; a new search wants a new study name")
+    elif warn and not study.get_trials(deepcopy=False):  # refused before its first trial: nothing to compare
+        study.set_user_attr(_ATTR_SETTINGS, settings_hash(spec, machine=False))
+    elif warn and attrs.get(_ATTR_SETTINGS) not in (settings_hash(spec), settings_hash(spec, as_written=True),
+                                                     settings_hash(spec, machine=False)):
+        raise UserError(f"study '{spec.name}': {_what_changed(spec)} since the study began, and its trials must "
+                        f"train alike for their scores to compare: put it back, or start a new study (another "
+                        f"name{'' if spec.storage else f', or delete {spec.study_dir}'})")
     return study
+
+
+def _what_changed(spec: StudySpec) -> str:
+    """'base.epochs 2 -> 3' (the first of what differs from the study.yaml the study began with),
+    or 'base or space changed' where that file is not here or shows no difference."""
+    try:
+        old = yaml.safe_load((spec.study_dir / "study.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return "base or space changed"
+    machine, data = _machine_options(), None
+    for part, new_part in (("base", spec.base), ("space", spec.space)):
+        was = old.get(part) if isinstance(old.get(part), dict) else {}
+        for key in sorted(set(was) | set(new_part), key=str):
+            a, b = was.get(key, "(not set)"), new_part.get(key, "(not set)")
+            if part == "base" and key in machine or json.dumps(a, sort_keys=True, default=str) == json.dumps(
+                    b, sort_keys=True, default=str):
+                continue
+            what = f"{part}.{key} changed ({_brief(a)} -> {_brief(b)})"
+            if part == "base" and key in _DATA_OPTIONS:  # maybe the same folder written another way: said last
+                data = data or what
+                continue
+            return what
+    return data or "base or space changed"
+
+
+def _brief(v) -> str:
+    text = v if isinstance(v, str) else json.dumps(v, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _machine_options() -> frozenset[str]:
+    """Base options a study may change between runs: where it runs, not what a trial learns (the
+    options 'imgclf train --resume' takes)."""
+    from imgclf.api import RESUME_OPTIONS
+
+    return RESUME_OPTIONS
 
 
 def _distribution(p: Param):
@@ -705,8 +851,21 @@ def _write_marker(run_dir: Path, spec: StudySpec, sid: str | None, number: int) 
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / (TRIAL_MARKER + ".tmp")
     tmp.write_text(json.dumps({"study": spec.name, "study_id": sid, "trial": number,
-                               "storage": _redact(spec.storage_url)}))
+                               "storage": _redact(spec.storage_url), "resume": spec._again}))
     os.replace(tmp, run_dir / TRIAL_MARKER)
+
+
+def trial_advice(run_dir: str | Path) -> str | None:
+    """For a sweep trial's folder whose training did not finish (no model.json): that its study
+    resumes it, with the command to run, rather than 'imgclf train --resume' (which would train it
+    outside the study, and the study would never see the result). None for any other folder."""
+    run_dir = Path(run_dir)
+    m = read_marker(run_dir) if run_dir.is_dir() else None
+    if m is None or (run_dir / "model.json").is_file():
+        return None
+    how = f"'{m['resume']}'" if isinstance(m.get("resume"), str) and m["resume"] else "its 'imgclf sweep' command"
+    return (f"{run_dir} is trial {m.get('trial', '?')} of study '{m.get('study', '?')}' and did not finish: the study "
+            f"trains it again, so resume the study with {how} (not 'imgclf train --resume')")
 
 
 def _foreign(run_dir: Path, spec: StudySpec, sid: str | None) -> str | None:
@@ -737,6 +896,11 @@ def counted(trial) -> bool:
     asked for, and a run of failures ends the study instead (_MAX_CONSECUTIVE_FAILURES). A trial
     whose process died (no error recorded) comes back as a queued retry, which is counted."""
     return trial.state.name in ("COMPLETE", "PRUNED", "RUNNING", "WAITING")
+
+
+def interrupted(trial) -> bool:
+    """A trial stopped by Ctrl-C or SIGTERM (queued again): FAIL to Optuna, not a failure."""
+    return trial.state.name == "FAIL" and bool(trial.user_attrs.get("interrupted"))
 
 
 def attempted(trial) -> bool:
@@ -783,14 +947,14 @@ _SPACE_CHANGED = ("dynamic value space", "different distribution kind", "differe
 
 
 @contextlib.contextmanager
-def _sweep_resume_advice(spec: StudySpec):
+def _sweep_resume_advice(number: int):
     """During a trial, the trainer's "continue with 'imgclf train --resume RUN'" (said when Ctrl-C
     stops a run with a checkpoint) would resume the trial folder outside the study: the sweep
-    queues the trial again instead, so say to run the sweep again."""
+    queues the trial again and removes its folder instead, and says how to resume the study
+    (run_study), so the trainer only says the trial stopped."""
     from imgclf.api import STOPPED_ADVICE
 
-    token = STOPPED_ADVICE.set(f"stopped: the trial is queued again; to resume study '{spec.name}', run the same "
-                               f"'imgclf sweep' command again (not 'imgclf train --resume')")
+    token = STOPPED_ADVICE.set(f"trial {number} stopped")
     try:
         yield
     finally:
@@ -822,12 +986,15 @@ def make_objective(spec: StudySpec, space: Space, current: dict | None = None):
         if current is not None:
             current["number"] = trial.number
         run_dir = trials_dir / str(trial.number)
+        if trial.user_attrs.get("interrupted"):  # a retry of a trial Ctrl-C stopped: the copy is not
+            trial.set_user_attr("interrupted", False)
         trial.set_user_attr("run_dir", f"trials/{trial.number}")
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         pruning = PruneOnMetric(trial, spec.metric)
         from imgclf.api import train
 
         ours = True  # whether run_dir is this study's to write error.txt into
+        sid = None
         try:
             sid = study_id(trial.study) if hasattr(trial, "study") else None
             why = _foreign(run_dir, spec, sid)
@@ -835,7 +1002,7 @@ def make_objective(spec: StudySpec, space: Space, current: dict | None = None):
                 ours = False
                 raise UserError(why)
             try:
-                params = {k: p.suggest(trial) for k, p in space.params.items()}
+                params = space.suggest(trial)
             except ValueError as e:
                 if not any(m in str(e) for m in _SPACE_CHANGED):
                     raise
@@ -846,7 +1013,7 @@ def make_objective(spec: StudySpec, space: Space, current: dict | None = None):
             log.info(f"trial {trial.number}: {_short(params) or 'base options'}")
             _write_marker(run_dir, spec, sid, trial.number)
             (run_dir / "error.txt").unlink(missing_ok=True)  # from an earlier attempt at this folder
-            with _sweep_resume_advice(spec):
+            with _sweep_resume_advice(trial.number):
                 res = train(callbacks=[pruning], final_eval=False, project=str(trials_dir), name=str(trial.number),
                             exist_ok=True, **opts)
             values = [float(r[spec.metric]) for r in res.history if spec.metric in r]
@@ -859,6 +1026,16 @@ def make_objective(spec: StudySpec, space: Space, current: dict | None = None):
                                 f"(val_split > 0 or a val/ folder), and metric must be a metrics.csv column such as "
                                 f"val_acc")
         except optuna.TrialPruned:
+            raise
+        except KeyboardInterrupt:
+            # Ctrl-C or SIGTERM: Optuna fails the trial (it has no other end for one that stopped) and
+            # run_worker queues its parameters again; it is marked interrupted, not an error, and its
+            # folder goes: the retry trains in a folder of its own, from the beginning
+            with contextlib.suppress(Exception):
+                trial.set_user_attr("interrupted", True)
+            m = read_marker(run_dir) if ours else None
+            if m is not None and m.get("trial") == trial.number and m.get("study_id") == sid:
+                shutil.rmtree(run_dir, ignore_errors=True)
             raise
         except Exception as e:
             msg = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
@@ -895,7 +1072,7 @@ def run_worker(spec: StudySpec, worker: int = 0) -> str | None:
     finds them too, and the sweep exits 1), else None. A worker process of ``--workers N``
     (IMGCLF_SWEEP_PARENT set) ends with its parent (_follow_parent)."""
     _follow_parent()
-    optuna = _optuna()
+    spec._again = spec._again or os.environ.get(_AGAIN_ENV)
     space = Space(spec)
     study = open_study(spec, worker)
     check_trial_folders(spec, study_id(study))
@@ -908,6 +1085,13 @@ def run_worker(spec: StudySpec, worker: int = 0) -> str | None:
         return ((spec.n_trials is not None and sum(map(counted, trials)) >= spec.n_trials)
                 or (gs is not None and sum(map(attempted, trials)) >= gs))
 
+    # each trial is a training run that says its warnings anew: say each once for the study
+    with log.said_once():
+        return _run_trials(spec, study, objective, current, gs, budget_used)
+
+
+def _run_trials(spec: StudySpec, study, objective, current: dict, gs: int | None, budget_used) -> str | None:
+    optuna = _optuna()
     deadline = time.monotonic() + spec.timeout if spec.timeout else None
     failures, said_waiting = 0, False
     while deadline is None or time.monotonic() < deadline:
@@ -959,13 +1143,18 @@ def _failures_message(spec: StudySpec, last, failures: int) -> str:
 # the study: one process, or N pinned worker processes
 
 
-def write_spec(spec: StudySpec) -> Path:
-    """Save the resolved study (storage URL included) beside its trials: the report reads it."""
+def write_spec(spec: StudySpec, path: Path | None = None, keep: bool = False) -> Path:
+    """Save the resolved study (storage URL included): ``path``, by default study.yaml beside the
+    trials, which the report reads. ``keep``: leave a study.yaml that is there as it is: once a
+    study has trials, it records the study as it began (open_study refuses another base or space;
+    a run's n_trials, timeout, sampler or pruner are its own)."""
     spec.study_dir.mkdir(parents=True, exist_ok=True)
-    path = spec.study_dir / "study.yaml"
+    path = path or spec.study_dir / "study.yaml"
+    if keep and path.is_file():
+        return path
     data = spec.model_dump(mode="json")
     data["storage"] = spec.storage_url
-    tmp = path.with_suffix(".yaml.tmp")
+    tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(yaml.safe_dump(data, sort_keys=False))
     os.replace(tmp, path)
     return path
@@ -1038,6 +1227,9 @@ def _worker_cmd(spec_path: Path, worker: int, workers: int) -> list[str]:
     return [sys.executable, "-m", "imgclf", "sweep", str(spec_path), "--worker", str(worker), "--of", str(workers)]
 
 
+_AGAIN_ENV = "IMGCLF_SWEEP_AGAIN"  # for the worker processes: how to resume the study (their markers say it)
+
+
 def _first_trial_started(spec: StudySpec, since: float) -> bool:
     trials = spec.study_dir / "trials"
     if not trials.is_dir():
@@ -1045,23 +1237,39 @@ def _first_trial_started(spec: StudySpec, since: float) -> bool:
     return any((d / "config.yaml").exists() and (d / "config.yaml").stat().st_mtime >= since for d in trials.iterdir())
 
 
-def run_study(spec: StudySpec, workers: int = 1) -> dict:
-    """Run (or resume) the study with ``workers`` processes; returns the summary."""
+def run_study(spec: StudySpec, workers: int = 1, again: str | None = None) -> dict:
+    """Run (or resume) the study with ``workers`` processes; returns the summary. ``again``: the
+    command that resumes it (said when Ctrl-C or SIGTERM stops it, which raises KeyboardInterrupt
+    after the running trials are queued again)."""
+    spec._again = again or spec._again
     spec.study_dir.mkdir(parents=True, exist_ok=True)
     study = open_study(spec, heartbeat=False, warn=True)  # create it once here, not racing in every worker
     check_trial_folders(spec, study_id(study))
     check_data(spec, Space(spec))
     before = {t.number for t in study.get_trials(deepcopy=False)}
     host = socket.gethostname()
-    path = write_spec(spec)
+    write_spec(spec, keep=bool(before))
     log.info(f"study {spec.name}: storage {_redact(spec.storage_url)}, trials in {spec.study_dir / 'trials'}")
     # SIGTERM (kill, a scheduler's stop) ends the sweep as Ctrl-C does: the running trial is queued
     # again, the workers are stopped with it
-    with _InterruptOnce().installed():
-        if workers <= 1:
-            run_worker(spec)
-            return summarize(spec, before, {f"{host}:{os.getpid()}"})
-        procs = _run_workers(spec, path, workers)
+    try:
+        with _InterruptOnce().installed():
+            if workers <= 1:
+                run_worker(spec)
+                return summarize(spec, before, {f"{host}:{os.getpid()}"})
+            # the workers read this run's study (its overrides included), not study.yaml (as it began)
+            run_file = write_spec(spec, spec.study_dir / f".run-{os.getpid()}.yaml")
+            try:
+                procs = _run_workers(spec, run_file, workers)
+            finally:
+                run_file.unlink(missing_ok=True)
+    except KeyboardInterrupt:
+        queued = sum(t.state.name == "WAITING" for t in open_study(spec, heartbeat=False).get_trials(deepcopy=False))
+        how = f"run the same 'imgclf sweep' command again ({spec._again})" if spec._again else \
+            "run the same 'imgclf sweep' command again"
+        q = f" ({queued} trial{'s' if queued > 1 else ''} queued again)" if queued else ""
+        log.info(f"study {spec.name} stopped{q}: to resume it, {how}")
+        raise
     return summarize(spec, before, {f"{host}:{p.pid}" for p in procs})
 
 
@@ -1071,6 +1279,8 @@ def _run_workers(spec: StudySpec, path: Path, workers: int) -> list[subprocess.P
     env = dict(os.environ)
     threads = max(1, (os.cpu_count() or 1) // workers)
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), **{_PARENT_ENV: str(os.getpid())})
+    if spec._again:
+        env[_AGAIN_ENV] = spec._again
     procs: list[subprocess.Popen] = []
     try:
         t0 = time.time()
@@ -1113,6 +1323,10 @@ def summarize(spec: StudySpec, before: set[int] | None = None, workers: set[str]
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
     states = {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
     out: dict[str, Any] = {"study": spec.name, "trials": len(trials), **{k.lower(): v for k, v in states.items()}}
+    stopped = sum(map(interrupted, trials))
+    if stopped:  # Ctrl-C: Optuna records the trial as failed, but nothing failed (it is queued again)
+        out["fail"] -= stopped
+        out["interrupted"] = stopped
     done = [t for t in trials if t.state.name == "COMPLETE"]
     if done:
         best = study.best_trial
