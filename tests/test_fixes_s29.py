@@ -37,3 +37,19 @@ def test_the_progress_bar_figures_follow_slow_steps(small_sample, tmp_path, monk
                        project=str(tmp_path), name="slow", **FAST)
     assert len(res.history) == 1
     assert shown == [1, 2, 3, 4, 5]  # 360 images / 72: every step's figures, not steps 1 and 5 alone
+
+
+def test_l2_replaces_the_default_weight_decay_and_the_run_says_what_regularises(small_sample, tmp_path, capsys):
+    # a Keras user's l2 ran on top of sgd's 5e-4 weight decay, and only config.yaml showed it
+    res = imgclf.train(data=str(small_sample), model="plaincnn", optimizer="sgd", l2=1e-4, shift=0.1, epochs=1,
+                       progress=False, project=str(tmp_path), name="l2", **FAST)
+    assert res.config.weight_decay == 0.0 and res.config.l2 == 1e-4
+    err = capsys.readouterr().err
+    [line] = [ln for ln in err.splitlines() if "regularisation:" in ln]
+    assert "no weight decay, L2 0.0001, label smoothing 0.1" in line
+    assert "augmentation: flip, crop +-" in line and "shift 0.1" in line
+    # given in so many words, both apply
+    res = imgclf.train(data=str(small_sample), model="plaincnn", optimizer="sgd", l2=1e-4, weight_decay=5e-4,
+                       epochs=1, progress=False, project=str(tmp_path), name="both", **FAST)
+    assert res.config.weight_decay == 5e-4
+    assert "weight decay 0.0005, L2 0.0001" in capsys.readouterr().err

@@ -947,10 +947,31 @@ def _build_trainer(s: _Setup, *, resume, callbacks, final_eval: bool, t_start: f
     log.info(f"model {arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
              f"{length} x {trainer.steps_per_epoch} steps of {cfg.batch_size}, {opt}, "
              f"{device.type} {trainer.precision.dtype or 'fp32'}")
+    log.info(_regularisation_line(cfg, trainer))
     if s.default_model:  # said beside the model it is about
         _hint_pretrained(len(cached["train"]))
     return model, trainer, budget_cb, {"mean": mean, "std": std, "arch_args": arch_args,
                                        "prior_seconds": extra_prior if resume is not None else 0.0}
+
+
+def _regularisation_line(cfg: TrainConfig, trainer: Trainer) -> str:
+    """What the run adds to plain training, in one line: the recipe's defaults (weight decay,
+    label smoothing, crops and flips) used to be visible only in config.yaml, so a user adding
+    --l2 or --shift did not see that decay or crops were already on."""
+    reg = [f"weight decay {cfg.weight_decay:g}" if cfg.weight_decay else "no weight decay"]
+    if cfg.l2:
+        reg.append(f"L2 {cfg.l2:g}")
+    if cfg.label_smoothing:
+        reg.append(f"label smoothing {cfg.label_smoothing:g}")
+    aug = []
+    if cfg.flip:
+        aug.append("flip")
+    if cfg.translate:
+        aug.append(f"crop +-{cfg.translate}px")
+    aug += [f"{name} {v:g}{unit}" for name, v, unit in (("rotate", cfg.rotate, " deg"), ("zoom", cfg.zoom, ""),
+                                                        ("shift", cfg.shift, ""), ("cutout", cfg.cutout, "px"),
+                                                        ("mixup", cfg.mixup, ""), ("cutmix", cfg.cutmix, "")) if v]
+    return f"regularisation: {', '.join(reg)}; augmentation: {', '.join(aug) or 'none'}"
 
 
 def _finish(s: _Setup, model, trainer: Trainer, history: list[dict], extra: dict, *, final_eval: bool,

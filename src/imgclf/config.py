@@ -158,7 +158,7 @@ class TrainConfig(BaseModel):
     beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2")
     eps: float = Field(1e-8, gt=0, description="Adam epsilon")
     weight_decay: float | None = Field(None, ge=0, description="weight decay, decoupled for AdamW (default: fastnet 0.00133, sgd 5e-4, "
-                                          "adamw 0.05, adam 0)")
+                                          "adamw 0.05, adam 0; 0 when --l2 is given)")
     l2: float = Field(0.0, ge=0, description="L2 penalty added to the loss, Keras-style kernel_regularizer")
     label_smoothing: float | None = Field(None, ge=0, lt=1, description="label smoothing of the cross-entropy targets "
                                           "(default: 0.2 for fastnet, 0.1 for others, 0 multi-label)")
