@@ -84,12 +84,13 @@ def test_a_pruned_sweep_trial_is_not_shown_as_finished(tmp_path):
 
 
 def test_model_args_differences_get_a_column_each(tmp_path):
-    a = _run(tmp_path / "p" / "a", model_args={"width": 32, "depth": 2})
-    b = _run(tmp_path / "p" / "b", model_args={"width": 64, "depth": 2})
+    # a timm model: its defaults are not read here (an own net's are: test_fixes_s29)
+    a = _run(tmp_path / "p" / "a", model="timm:x", model_args={"width": 32, "depth": 2})
+    b = _run(tmp_path / "p" / "b", model="timm:x", model_args={"width": 64, "depth": 2})
     res = compare_runs([a, b], tmp_path / "cmp")
     assert res["differing"] == ["model_args.width"]  # not one JSON cell, and not depth: it is the same
     assert _column(res, "model_args.width") == [32, 64]
-    c = _run(tmp_path / "p" / "c")  # model_args {}: the model's defaults
+    c = _run(tmp_path / "p" / "c", model="timm:x")  # model_args {}: the model's defaults
     res = compare_runs([a, b, c], tmp_path / "cmp2")
     assert res["differing"] == ["model_args.depth", "model_args.width"]  # (config.yaml sorts keys)
     assert _column(res, "model_args.depth") == [2, 2, "(default)"]

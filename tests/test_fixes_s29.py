@@ -53,3 +53,17 @@ def test_l2_replaces_the_default_weight_decay_and_the_run_says_what_regularises(
                        epochs=1, progress=False, project=str(tmp_path), name="both", **FAST)
     assert res.config.weight_decay == 5e-4
     assert "weight decay 0.0005, L2 0.0001" in capsys.readouterr().err
+
+
+def test_compare_counts_an_own_nets_default_as_the_same_value():
+    from imgclf.evaluate.compare import config_value, differing_config
+
+    a = {"model": "plaincnn", "model_args": {"channels": [32, 64], "convs_per_block": 2}}
+    b = {"model": "plaincnn", "model_args": {"channels": [32, 64, 128]}}
+    infos = [{"config": a}, {"config": b}]
+    # convs_per_block 2 is PlainCNN's default: listed as '2 vs (default)' it read as a difference
+    assert differing_config(infos) == ["model_args.channels"]
+    assert config_value(b, "model_args.channels_per_block") == "(default)"  # not a PlainCNN argument
+    b["model_args"]["convs_per_block"] = 3
+    assert differing_config(infos) == ["model_args.channels", "model_args.convs_per_block"]
+    assert config_value({"model": "plaincnn", "model_args": {}}, "model_args.kernel_size") == 3

@@ -214,7 +214,20 @@ def config_value(config: dict, key: str):
         return config.get(key)
     outer, inner = key.split(".", 1)
     sub = config.get(outer)
-    return sub.get(inner, NESTED_CONFIG_DEFAULT) if isinstance(sub, dict) else None
+    if not isinstance(sub, dict):
+        return None
+    if inner not in sub and outer == "model_args":
+        # an own net's default is known: channels_per_block 2 given in one run and left out in the
+        # other is no difference (it was listed as '2 vs (default)')
+        import inspect
+
+        from imgclf.models.registry import OWN_MODELS
+
+        net = OWN_MODELS.get(str(config.get("model") or ""))
+        param = inspect.signature(net).parameters.get(inner) if net is not None else None
+        if param is not None and param.default is not inspect.Parameter.empty:
+            return param.default
+    return sub.get(inner, NESTED_CONFIG_DEFAULT)
 
 
 def differing_config(infos: list[dict]) -> list[str]:
