@@ -45,8 +45,8 @@ def test_import_is_light_and_the_namespace_is_the_api():
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["torch"] is False
-    assert out["dir"] == sorted(["Callback", "Classifier", "TrainResult", "UserError", "__version__", "evaluate",
-                                 "load", "predict", "train"])
+    assert out["dir"] == sorted(["Callback", "Classifier", "SweepResult", "TrainResult", "UserError", "__version__",
+                                 "evaluate", "load", "predict", "sweep", "train"])
     assert out["version"] and out["same"] == [True] * 3 and out["errors"]
     assert out["evaluate"] == [True, True, "imgclf.evaluate.metrics", True]
     assert out["missing"] == "module 'imgclf' has no attribute 'nonexistent'"
