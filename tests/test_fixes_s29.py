@@ -67,3 +67,25 @@ def test_compare_counts_an_own_nets_default_as_the_same_value():
     b["model_args"]["convs_per_block"] = 3
     assert differing_config(infos) == ["model_args.channels", "model_args.convs_per_block"]
     assert config_value({"model": "plaincnn", "model_args": {}}, "model_args.kernel_size") == 3
+
+
+def test_one_hot_training_labels_beside_index_test_labels():
+    # y_train through Keras' to_categorical, y_test left as indices: refused as mixed formats
+    import numpy as np
+    import pytest
+
+    from imgclf.data.arrays import DataError
+    from imgclf.data.npz import build_source
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (12, 8, 8, 3), dtype=np.uint8)
+    idx = np.arange(12) % 3
+    src = build_source({"train": (x, np.eye(3)[idx]), "test": (x[:6], idx[:6])}, None, "arrays", "a")
+    assert src.task == "single" and src.classes == ["0", "1", "2"]
+    assert src.train.labels.tolist() == idx.tolist() and src.test.labels.tolist() == idx[:6].tolist()
+    with pytest.raises(DataError, match="label 3 but the one-hot rows have 3 columns"):
+        build_source({"train": (x, np.eye(3)[idx]), "test": (x[:6], idx[:6] + 1)}, None, "arrays", "a")
+    multi = np.eye(3)[idx]
+    multi[0, 1] = 1  # multi-hot: tags, which indices cannot stand beside
+    with pytest.raises(DataError, match="some splits have N x K label rows"):
+        build_source({"train": (x, multi), "test": (x[:6], idx[:6])}, None, "arrays", "a")

@@ -130,7 +130,23 @@ def _class_labels(labels: dict[str, np.ndarray], classes: list[str] | None, orig
     the class names, whether multi-label). ``what``: each split's name in messages."""
     hot = {k: v for k, v in labels.items() if v.ndim == 2}
     if hot and len(hot) != len(labels):
-        raise DataError(f"{origin}: some splits have N x K label rows and others one label per image")
+        flat = [v for v in labels.values() if v.ndim == 1]
+        widths = {v.shape[1] for v in hot.values()}
+        if len(widths) == 1 and all((v.sum(1) == 1).all() for v in hot.values()) \
+                and all(v.dtype.kind == "i" for v in flat):
+            # one-hot rows in one split, indices in another (Keras' to_categorical on y_train
+            # only): the same single-label data, read as indices throughout
+            k = widths.pop()
+            top = max((int(v.max()) for v in flat if len(v)), default=-1)
+            if top >= k:
+                raise DataError(f"{origin}: label {top} but the one-hot rows have {k} columns; labels are indices "
+                                f"0..{k - 1}")
+            labels = {s: v.argmax(1).astype(np.int64) if v.ndim == 2 else v for s, v in labels.items()}
+            hot = {}
+            if classes is None:
+                classes = [str(i) for i in range(k)]
+        else:
+            raise DataError(f"{origin}: some splits have N x K label rows and others one label per image")
     if hot:
         widths = {v.shape[1] for v in hot.values()}
         if len(widths) > 1 or (classes is not None and len(classes) not in widths):
