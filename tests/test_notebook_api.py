@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -104,6 +105,7 @@ def test_a_notebook_call_leaves_the_process_as_it_was_and_speaks_python(small_sa
     assert repr(res) == f"TrainResult(run_dir='{tmp_path / 'cut'}', epochs=2, test top-1 {res.test['top1']:.4f} (n=100))"
     clf = imgclf.load(res)
     assert repr(clf).startswith("Classifier(fastnet, 10 classes [airplane, automobile, bird, cat, deer, ...], 32px")
+    assert re.search(r", precision=(fp32|bfloat16|float16)\)$", repr(clf)), repr(clf)  # not Precision(dtype=None)
     assert imgclf.evaluate(res, data=Path(small_sample), progress=False)["n"] == 100
 
     paths = sorted(str(p) for p in (small_sample / "test" / "cat").glob("*.jpg"))[:3]

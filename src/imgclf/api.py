@@ -1450,7 +1450,8 @@ class Classifier:
         names = ", ".join(self.classes[:5]) + (", ..." if len(self.classes) > 5 else "")
         task = " multi-label" if self.meta.get("task") == "multilabel" else ""
         return (f"Classifier({self.meta.get('architecture', '?')}, {len(self.classes)}{task} classes [{names}], "
-                f"{self.image_size}px {self.resize}, device={self.device}, precision={self.precision})")
+                f"{self.image_size}px {self.resize}, device={self.device}, "
+                f"precision={str(self.precision.dtype or 'fp32').removeprefix('torch.')})")
 
     def preprocess(self, source, name: str = "<array>") -> np.ndarray:
         """Path, bytes, PIL image or numpy array (HxW, HxWx1/3/4; uint8, uint16 or float) -> the
