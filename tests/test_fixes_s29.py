@@ -89,3 +89,21 @@ def test_one_hot_training_labels_beside_index_test_labels():
     multi[0, 1] = 1  # multi-hot: tags, which indices cannot stand beside
     with pytest.raises(DataError, match="some splits have N x K label rows"):
         build_source({"train": (x, multi), "test": (x[:6], idx[:6])}, None, "arrays", "a")
+
+
+def test_curves_mark_the_epoch_whose_weights_were_kept(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from imgclf.evaluate.plots import plot_curves
+
+    history = [{"epoch": e, "train_loss": 2 / e, "val_loss": 1.5 + abs(e - 4) / 5, "train_acc": e / 10,
+                "val_acc": 0.6 - abs(e - 4) / 20, "lr": 0.1 / e} for e in range(1, 9)]
+
+    def green(path):  # tab:green, the marker's colour (the curves are blue and orange)
+        a = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        return int((np.abs(a - (44, 160, 44)).sum(-1) < 40).sum())
+
+    plot_curves(history, tmp_path / "last.png")
+    plot_curves(history, tmp_path / "kept.png", kept=4)
+    assert green(tmp_path / "last.png") == 0 and green(tmp_path / "kept.png") > 300

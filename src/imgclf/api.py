@@ -1034,7 +1034,7 @@ def _finish(s: _Setup, model, trainer: Trainer, history: list[dict], extra: dict
         result.test = _evaluate_cached(model, meta, cached[eval_split], s.src.classes, device, cfg.precision,
                                        run_dir, split=eval_split, tta_level=meta["tta_level"], ram_budget=budget,
                                        keep=scored)
-    _write_plots(run_dir, history, s.arch, s.src.name)
+    _write_plots(run_dir, history, s.arch, s.src.name, kept=trainer.best_epoch if used.startswith("best") else None)
     summary = {"train_seconds": round(train_seconds, 1), "weights": used, "epochs": trainer.epoch}
     if result.test:
         summary.update({k: result.test[k] for k in result.test
@@ -1066,11 +1066,11 @@ def _version() -> str:
     return __version__
 
 
-def _write_plots(run_dir: Path, history: list[dict], arch: str, data_name: str) -> None:
+def _write_plots(run_dir: Path, history: list[dict], arch: str, data_name: str, kept: int | None = None) -> None:
     from imgclf.evaluate.plots import plot_curves
 
     if history:
-        plot_curves(history, run_dir / "curves.png", title=f"{data_name} - {arch}")
+        plot_curves(history, run_dir / "curves.png", title=f"{data_name} - {arch}", kept=kept)
 
 
 def thresholds_for(meta: dict, tta_level: int) -> list[float] | None:

@@ -59,8 +59,9 @@ def missing_glyphs(names: list[str]) -> None:
                  "fonts-noto-cjk draws them)")
 
 
-def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
-    """Loss and accuracy per epoch (train and val) and the learning rate."""
+def plot_curves(history: list[dict], path: Path, title: str = "", kept: float | None = None) -> None:
+    """Loss and accuracy per epoch (train and val) and the learning rate; ``kept``: the epoch
+    whose weights the run kept (an earlier, better one than the last), marked on every panel."""
     ep = [r["epoch"] for r in history]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     # multi-label runs: mAP is the figure that moves (label accuracy sits near 1 on sparse labels)
@@ -80,6 +81,10 @@ def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
     axes[2].set_xlabel("epoch")
     axes[2].set_ylabel("learning rate (end of epoch)")
     axes[2].grid(alpha=0.3)
+    if kept is not None:
+        for ax in axes:
+            ax.axvline(kept, color="tab:green", linestyle="--", linewidth=1, label=f"weights kept (epoch {kept:g})")
+        axes[0].legend()
     for ax in axes:  # whole epochs (a 2-epoch run ticked 1.0, 1.2, 1.4 ...); a time-limited run's last may be 7.06
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
