@@ -107,3 +107,15 @@ def test_curves_mark_the_epoch_whose_weights_were_kept(tmp_path):
     plot_curves(history, tmp_path / "last.png")
     plot_curves(history, tmp_path / "kept.png", kept=4)
     assert green(tmp_path / "last.png") == 0 and green(tmp_path / "kept.png") > 300
+
+
+def test_a_cutout_larger_than_the_size_the_data_gives_is_refused(small_sample, tmp_path):
+    import pytest
+
+    from imgclf.errors import UserError
+
+    # no --image-size: the size comes from the data (32 px), known only once it is scanned
+    with pytest.raises(UserError, match=r"--cutout 40 must be smaller than the image size \(32 px\)"):
+        imgclf.train(data=str(small_sample), cutout=40, epochs=1, progress=False, project=str(tmp_path), name="c",
+                     **FAST)
+    assert not (tmp_path / "c" / "metrics.csv").exists()

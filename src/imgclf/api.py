@@ -677,6 +677,8 @@ def _prepare_data(cfg: TrainConfig, run_dir: Path | None, device: torch.device, 
                                              multilabel=src.task == "multilabel", world=world))
     if cfg.translate and cfg.translate >= size:  # reflect padding wider than the image cannot be made
         raise UserError(f"--translate {cfg.translate} must be smaller than the image size ({size} px)")
+    if cfg.cutout and cfg.cutout >= size:  # a square as large as the image erases all of it
+        raise UserError(f"--cutout {cfg.cutout} must be smaller than the image size ({size} px)")
     if src.task == "multilabel" and "monitor" not in cfg.model_fields_set:
         cfg.monitor = "val_map"  # label accuracy rewards predicting nothing on sparse labels
     if cfg.batch_size % world:
