@@ -368,8 +368,8 @@ def test_an_epoch_that_ties_the_best_accuracy_with_a_lower_val_loss_becomes_the_
     from imgclf.engine import trainer as tr
 
     saved = []
-    fake = SimpleNamespace(cfg=SimpleNamespace(monitor="val_acc"), best=None, best_epoch=None, run_dir=tmp_path,
-                           is_main=True, history=[], eval_model=lambda: torch.nn.Linear(2, 2))
+    fake = SimpleNamespace(cfg=SimpleNamespace(monitor="val_acc", min_delta=0.0), best=None, best_epoch=None,
+                           run_dir=tmp_path, is_main=True, history=[], eval_model=lambda: torch.nn.Linear(2, 2))
     fake._ties_with_lower_loss = lambda m, row: tr.Trainer._ties_with_lower_loss(fake, m, row)
     for epoch, acc, loss in ((1, 0.6, 1.2), (3, 0.85, 0.52), (5, 0.825, 0.45), (7, 0.85, 0.41), (8, 0.85, 0.47)):
         row = {"epoch": epoch, "val_acc": acc, "val_loss": loss}

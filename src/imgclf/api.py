@@ -982,7 +982,7 @@ def _finish(s: _Setup, model, trainer: Trainer, history: list[dict], extra: dict
     thresholds or temperature from val, the closing evaluation, plots, summary and report."""
     cfg, cached, device, run_dir = s.cfg, s.cached, s.device, s.run_dir
     used = "final"
-    if trainer.val_loader is not None and trainer.best_epoch is not None \
+    if cfg.keep == "best" and trainer.val_loader is not None and trainer.best_epoch is not None \
             and (run_dir / "best.safetensors").exists() and trainer.best_epoch != trainer.epoch:
         from safetensors.torch import load_file
 

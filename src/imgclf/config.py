@@ -172,7 +172,12 @@ class TrainConfig(BaseModel):
     gamma: float = Field(0.1, gt=0, le=1, description="'step' schedule: factor per drop")
     plateau_patience: int = Field(2, ge=0, description="'plateau': drop the lr on this many epochs in a row without improvement (Keras's count)")
     plateau_factor: float = Field(0.2, gt=0, lt=1, description="'plateau': factor per drop")
+    plateau_min_lr: float | None = Field(None, ge=0, description="'plateau': the lowest lr it drops to, absolute as Keras's min_lr; param groups with their own lr keep their ratio to --lr (default: 1e-4 x the peak --lr)")
+    plateau_cooldown: int = Field(0, ge=0, description="'plateau': validated epochs after a drop that are not counted as without improvement (torch's count)")
+    plateau_min_delta: float = Field(0.0, ge=0, description="'plateau': an epoch improves when --monitor beats the best by more than this (Keras's min_delta; an exact tie is no improvement)")
     early_stopping: int = Field(0, ge=0, description="stop after this many epochs without improvement, counted after the lr warm-up and early crops (0: off)")
+    min_delta: float = Field(0.0, ge=0, description="for the best weights and early stopping, an epoch improves when --monitor beats the best by more than this, or (an accuracy or mAP) equals it with a lower val_loss")
+    keep: Literal["best", "last"] = Field("best", description="the weights the run ends with (model.safetensors): best, of the best epoch by --monitor, or last, of the last epoch (Keras's restore_best_weights=False); best.safetensors is written either way")
     monitor: Literal["val_acc", "val_loss", "val_map", "val_bal_acc"] = Field("val_acc", description="metric for early stopping, plateau, best (default: val_acc; multi-label: val_map; val_bal_acc, the mean recall over classes, for imbalanced data)")
     clip_grad: float | None = Field(None, gt=0, description="clip the gradient norm to this value (default: off)")
     ema: float | None = Field(None, ge=0, lt=1, description="EMA decay of weights, e.g. 0.999 (default: off)")
@@ -241,6 +246,39 @@ class TrainConfig(BaseModel):
             raise ValueError(f"{tuple(v)}: images are resized to one square size; give one number (e.g. {max(v)})"
                              if len(v) == 2 else "give one number")
         return v
+
+    @field_validator("zoom", "shift", "rotate", mode="before")
+    @classmethod
+    def _symmetric_range(cls, v, info):
+        # Keras' zoom_range=[0.8, 1.2] and rotation ranges [-15, 15] (torchvision's degrees=(-15, 15),
+        # translate=(0.1, 0.1)): one number here, the range's half-width; an asymmetric one is refused
+        if not isinstance(v, list | tuple):
+            return v
+        name = info.field_name
+        means = {"zoom": "z, a random scale between 1-z and 1+z (0.2: 0.8x-1.2x)",
+                 "shift": "f, a random shift of up to f of the size either way, on both axes (0.1: up to 10%)",
+                 "rotate": "d, a random rotation between -d and +d degrees (15: -15 to 15)"}[name]
+        nums = [float(x) for x in v if isinstance(x, int | float) and not isinstance(x, bool)]
+        one = None
+        if len(v) == 2 and len(nums) == 2:
+            a, b = sorted(nums)
+            if math.isclose(a, -b, abs_tol=1e-9):  # [-15, 15], [-0.1, 0.1]
+                one = b
+            elif name == "zoom" and math.isclose(a + b, 2.0, abs_tol=1e-9):  # scales [0.8, 1.2]
+                one = b - 1
+            elif name == "shift" and a == b:  # torchvision's (horizontal, vertical) maximum fractions
+                one = b
+        if one is None:
+            example = {"zoom": "[0.8, 1.2]", "shift": "[-0.1, 0.1]", "rotate": "[-15, 15]"}[name]
+            raise ValueError(f"takes one number {means}; only a range symmetric about "
+                             f"{'1x' if name == 'zoom' else '0'}, such as {example}, is read as one")
+        one = float(f"{one:.12g}")  # 1.2 - 1 is 0.19999999999999996
+        from imgclf import log
+
+        what = {"zoom": f"{1 - one:g}x-{1 + one:g}x", "shift": f"up to {one:g} of the size",
+                "rotate": f"-{one:g} to {one:g} degrees"}[name]
+        log.info(f"{name} {list(v)} is read as {name} {one:g} ({what})")
+        return one
 
     @field_validator("*", mode="before")
     @classmethod
@@ -337,11 +375,15 @@ OTHER_NAMES = {
     "validation_ratio": "val_split", "val_fraction": "val_split", "val_size": "val_split", "holdout": "val_split",
     "exp_name": "name", "experiment_name": "name", "run_name": "name",
     "optimiser": "optimizer", "optim": "optimizer", "opt": "optimizer",
-    "wd": "weight_decay", "decay": "weight_decay",
+    "wd": "weight_decay",
     "scheduler": "schedule", "lr_scheduler": "schedule", "lr_schedule": "schedule", "sched": "schedule",
     "warmup": "warmup_epochs", "patience": "early_stopping", "smoothing": "label_smoothing",
     "num_workers": "workers", "amp": "precision", "mixed_precision": "precision",
     "pretrained_weights": "weights",
+    # Keras' ImageDataGenerator, optimizer and callback arguments
+    "epsilon": "eps", "factor": "plateau_factor", "reduce_lr_factor": "plateau_factor", "cooldown": "plateau_cooldown",
+    "width_shift": "shift", "height_shift": "shift", "width_shift_range": "shift", "height_shift_range": "shift",
+    "horizontal_flip": "flip", "zoom_range": "zoom", "rotation_range": "rotate", "kernel_regularizer": "l2",
 }
 
 # Other tools' settings that are no single option here: what to say instead of the nearest
@@ -358,17 +400,38 @@ OTHER_SETTINGS = {
     **dict.fromkeys(("include_top", "top", "no_top", "notop"),
                     "a pretrained model's own classifier is always replaced by a new head for your classes "
                     "({pretrained} or {weights} FILE; {head} sets its hidden sizes, e.g. 512,256)"),
+    # Keras' ReduceLROnPlateau(min_lr=...): a tuple is alternatives, the first whose options all exist is said
+    "min_lr": ("did you mean {plateau_min_lr}?",
+               "no option sets an lr floor: {schedule} plateau stops lowering the lr at 1e-4 x the peak {lr}; "
+               "other schedules end at {lr_end_factor} x the peak"),
+    # Keras' EarlyStopping(restore_best_weights=True)
+    "restore_best_weights": ("a run ends on its best epoch's weights (by {monitor}) unless {keep} last says "
+                             "otherwise (Keras' restore_best_weights=False)",
+                             "nothing to set: imgclf always keeps the best epoch's weights (by {monitor}) in "
+                             "best.safetensors and the final model is taken from them"),
+    # Keras' SGD(decay=...): a learning-rate decay per step, not weight decay
+    "decay": "Keras' decay lowers the learning rate, it is not weight decay: the lr follows {schedule} (e.g. "
+             "linear, step); weight decay is {weight_decay}",
+    **dict.fromkeys(("shear", "shear_range", "channel_shift", "channel_shift_range", "vertical_flip",
+                     "brightness_range"),
+                    "no such augmentation here; the augmentations are {flip} (horizontal), {translate}, {rotate}, {zoom}, "
+                    "{shift}, {cutout}, {mixup} and {cutmix}"),
+    # a random crop here is --translate: reflect padding, then a crop back to the size
+    **dict.fromkeys(("crop", "random_crop", "random_crop_padding", "crop_padding"),
+                    "the random crop is {translate} N (pad N px by reflection, then crop back to the size); "
+                    "{resize} crop centre-crops images to the size"),
 }
 
 
 def other_setting(key: str, known: Iterable[str], *, flag: bool) -> str | None:
     """What to say for another tool's ``key`` that no one option here replaces (OTHER_SETTINGS),
     naming options as flags or as YAML keys; None where the command lacks those options."""
-    text = OTHER_SETTINGS.get(key.lstrip("-").replace("-", "_").lower())
-    names = re.findall(r"{(\w+)}", text or "")
-    if text is None or not set(names) <= set(known):
-        return None
-    return text.format(**{n: "--" + n.replace("_", "-") if flag else f"'{n}'" for n in names})
+    said = OTHER_SETTINGS.get(key.lstrip("-").replace("-", "_").lower())
+    for text in (said,) if isinstance(said, str) else said or ():
+        names = re.findall(r"{(\w+)}", text)
+        if set(names) <= set(known):
+            return text.format(**{n: "--" + n.replace("_", "-") if flag else f"'{n}'" for n in names})
+    return None
 
 
 def suggest_key(key: str, known: Iterable[str] | None = None,
@@ -655,6 +718,7 @@ def make_config(file: str | Path | None = None, **overrides: Any) -> TrainConfig
     """Build a config from an optional YAML file plus overrides (overrides win)."""
     values: dict[str, Any] = load_yaml(file) if file else {}
     derived = values.pop("derived", None)
+    record = isinstance(derived, dict)  # a run's own config.yaml: its values were checked when it ran
     missing = None
     if file:
         missing = paths_beside(Path(file), values, given=[k for k, v in overrides.items() if v is not None])
@@ -677,8 +741,66 @@ def make_config(file: str | Path | None = None, **overrides: Any) -> TrainConfig
         raise UserError(format_validation_error(e, origin, flags=typed)) from None
     if missing:
         raise UserError(missing)
+    # what the user set now: the command line's options and a file of their own, not what a run's
+    # config.yaml recorded (read again by --resume, evaluate and report, it would warn on each read)
+    _check_combinations(cfg, set(given) | (set() if record else set(values)))
     cfg._derived = dict(derived)
     return cfg
+
+
+# the models with a classifier of their own (models.registry.OWN_MODELS; 'auto' is fastnet),
+# named here so that reading a config does not import torch
+_OWN_MODELS = ("auto", "", "fastnet", "plaincnn")
+
+
+def _check_combinations(cfg: TrainConfig, fresh: set[str]) -> None:
+    """Options set together that cannot both be used: a refusal where the house refuses its like
+    (--head on an own net, --translate not smaller than the image), else one warning line as
+    recipe._say_ignored gives for --optimizer adam --muon-lr 0.1. Only ``fresh`` options are
+    looked at, and only when set to something other than their default."""
+    from imgclf import log
+
+    fields = TrainConfig.model_fields
+
+    def set_here(key: str) -> bool:
+        return key in fresh and getattr(cfg, key) != fields[key].get_default(call_default_factory=True)
+
+    if set_here("head_dropout"):  # as transfer_arch_args refuses --head, and setup_transfer --freeze-epochs
+        model = cfg.model.strip().lower()
+        if model in _OWN_MODELS:
+            arch = model if model in ("fastnet", "plaincnn") else "fastnet"
+            own = " or its own dropout, --model-args dense_dropout=X" if arch == "plaincnn" else ""
+            raise UserError(f"--head-dropout {cfg.head_dropout:g} is the dropout of a new head on a timm model; "
+                            f"{arch} has its own classifier (use --model timm:NAME{own})")
+        if cfg.head is None and not cfg.pretrained and not cfg.weights:
+            raise UserError(f"--head-dropout {cfg.head_dropout:g} needs a new head on the timm backbone: add "
+                            "--head, --pretrained or --weights FILE (else timm's own classifier is trained)")
+    # 'auto' is for the recipe to resolve (engine.recipe): only a schedule given can be known not to use them
+    for schedule, keys in (("plateau", [k for k in fields if k.startswith("plateau_")]),
+                           ("step", ["step_epochs", "gamma"])):
+        unused = [k for k in keys if set_here(k)]
+        if unused and cfg.schedule not in ("auto", schedule):
+            log.warn(f"{', '.join('--' + k.replace('_', '-') for k in unused)}: not used by --schedule "
+                     f"{cfg.schedule} (only by --schedule {schedule})")
+    # as api checks --translate once the size is known: a square as large as the image erases all of it
+    if cfg.cutout and cfg.image_size and cfg.cutout >= cfg.image_size and {"cutout", "image_size"} & fresh:
+        raise UserError(f"--cutout {cfg.cutout} must be smaller than the image size ({cfg.image_size} px): a square "
+                        "that large erases most or all of each image")
+
+
+def _without_float_noise(v: Any) -> Any:
+    """Floats as written, not as arithmetic left them: warmup_epochs 0.30000000000000004 (0.23 x
+    epochs) is 0.3. A float is rounded to 12 significant digits only where that moves it by float
+    noise (1e-14 of it); others (an lr of 0.001 x sqrt(batch/128)) keep every digit, so a run
+    repeated or resumed from config.yaml trains with exactly the values it had."""
+    if isinstance(v, dict):
+        return {k: _without_float_noise(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_without_float_noise(x) for x in v]
+    if isinstance(v, float) and math.isfinite(v):
+        r = float(f"{v:.12g}")
+        return r if abs(r - v) <= 1e-14 * abs(v) else v
+    return v
 
 
 def dump_yaml(cfg: TrainConfig, path: str | Path) -> None:
@@ -689,5 +811,5 @@ def dump_yaml(cfg: TrainConfig, path: str | Path) -> None:
     data = cfg.model_dump(mode="json")
     if cfg._derived:
         data["derived"] = cfg._derived
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    tmp.write_text(yaml.safe_dump(_without_float_noise(data), sort_keys=False))
     os.replace(tmp, path)

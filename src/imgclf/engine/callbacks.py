@@ -206,65 +206,117 @@ def as_callbacks(callbacks, *, wrap: bool = True) -> list:
     return out
 
 
-def _better(monitor: str, value: float, best: float | None) -> bool:
+def _better(monitor: str, value: float, best: float | None, min_delta: float = 0.0) -> bool:
+    """Whether ``value`` beats ``best`` by more than ``min_delta``: lower for a loss, higher for
+    the others (None or nan never does; anything beats no best)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return False
     if best is None:
         return True
-    return value < best if monitor.endswith("loss") else value > best
+    return value < best - min_delta if monitor.endswith("loss") else value > best + min_delta
+
+
+def improves(monitor: str, row: dict, best: dict | None, min_delta: float = 0.0) -> bool:
+    """Whether an epoch's metrics ``row`` improve on ``best``, the metrics of the best epoch so
+    far (None: there is none yet). The one rule of the best weights (best.safetensors, the
+    epoch the run keeps) and of EarlyStopping, so the epoch kept is one early stopping counted
+    as an improvement: ``monitor`` beats the best by more than ``min_delta``, or, for an
+    accuracy or mAP, equals it exactly with a lower val_loss. On a small val split accuracy
+    moves in steps of 1/n and ties are common; the later epoch, trained longer at a lower lr, is
+    the better model by the finer measure. (Early stopping counted such a tie as a bad epoch
+    while the best weights moved to it: "did not improve for 3 epochs", then "kept the weights
+    of epoch 10" of 11.)"""
+    value = row.get(monitor)
+    ref = None if best is None else best.get(monitor)
+    if _better(monitor, value, ref, min_delta):
+        return True
+    if monitor.endswith("loss") or ref is None or value != ref:
+        return False
+    loss, ref_loss = row.get("val_loss"), best.get("val_loss")
+    return loss is not None and ref_loss is not None and loss < ref_loss
 
 
 class EarlyStopping(Callback):
     """Stop after ``patience`` epochs without improvement, counted from the first epoch that ends
     past the warm-up and the early crops (t.settling; cf. Keras's start_from_epoch): a patience of
-    2 stopped the default CIFAR-10 recipe at epoch 4 of 13, on crops at peak lr."""
+    2 stopped the default CIFAR-10 recipe at epoch 4 of 13, on crops at peak lr. An improvement
+    is what moves the best weights (``improves``: by more than ``min_delta``, or a tie of the
+    accuracy with a lower val_loss)."""
 
-    def __init__(self, monitor: str, patience: int):
-        self.monitor, self.patience, self.best, self.bad = monitor, patience, None, 0
+    def __init__(self, monitor: str, patience: int, min_delta: float = 0.0):
+        self.monitor, self.patience, self.min_delta = monitor, patience, min_delta
+        self.best, self.best_loss, self.bad = None, None, 0
 
     def on_epoch_end(self, t, row):
         if self.monitor not in row or t.settling:
             return
-        if _better(self.monitor, row[self.monitor], self.best):
-            self.best, self.bad = row[self.monitor], 0
+        best = None if self.best is None else {self.monitor: self.best, "val_loss": self.best_loss}
+        if improves(self.monitor, row, best, self.min_delta):
+            self.best, self.best_loss, self.bad = row[self.monitor], row.get("val_loss"), 0
         else:
             self.bad += 1
             if self.bad >= self.patience:
-                t.stop = f"early stopping: {self.monitor} did not improve for {self.patience} epochs"
+                by = f" by more than {self.min_delta:g}" if self.min_delta else ""
+                t.stop = f"early stopping: {self.monitor} did not improve{by} for {self.patience} epochs"
 
     def state_dict(self):
-        return {"best": self.best, "bad": self.bad}
+        return {"best": self.best, "bad": self.bad, "best_loss": self.best_loss}
 
     def load_state_dict(self, s):
-        self.best, self.bad = s["best"], s["bad"]
+        # a checkpoint written before ties counted has no best_loss: a tie then counts as bad once more
+        self.best, self.bad, self.best_loss = s["best"], s["bad"], s.get("best_loss")
 
 
 class ReduceOnPlateau(Callback):
     """Multiply the lr by ``factor`` once ``patience`` epochs in a row have not improved (counted
     as EarlyStopping counts them: not during the warm-up or the early crops). Keras's rule, and
     EarlyStopping's: patience 2 drops the lr on the 2nd bad epoch (torch's ReduceLROnPlateau
-    waits for the 3rd); a patience of 0 is treated as 1."""
+    waits for the 3rd); a patience of 0 is treated as 1.
 
-    def __init__(self, monitor: str, patience: int, factor: float, min_factor: float = 1e-4):
+    Keras's other settings: ``min_delta``, what an improvement must beat the best by (an exact
+    tie is no improvement here: the plateau keeps its own, Keras's, rule); ``cooldown``, the
+    number of validated epochs after a drop that are not counted as bad (an improvement still
+    resets the count): torch's reading of "epochs to wait before resuming normal operation"
+    (Keras's code counts the last of them: its cooldown 1 waits for none); ``min_lr``, the
+    lowest lr, absolute as in Keras, for the peak lr (``t.cfg.lr``; param groups with another
+    lr, a backbone's or Muon's, keep their ratio to it); None: ``min_factor`` x the peak.
+    An lr already at or below the floor is left as it is."""
+
+    def __init__(self, monitor: str, patience: int, factor: float, min_factor: float = 1e-4, *,
+                 min_lr: float | None = None, cooldown: int = 0, min_delta: float = 0.0):
         self.monitor, self.patience, self.factor, self.min_factor = monitor, patience, factor, min_factor
-        self.best, self.bad = None, 0
+        self.min_lr, self.cooldown, self.min_delta = min_lr, cooldown, min_delta
+        self.best, self.bad, self.cooling = None, 0, 0
+
+    def _floor(self, t) -> float:
+        """The lowest lr scale: min_lr over the peak lr, or min_factor."""
+        if self.min_lr is None:
+            return self.min_factor
+        return self.min_lr / t.cfg.lr
 
     def on_epoch_end(self, t, row):
         if self.monitor not in row or t.settling:
             return
-        if _better(self.monitor, row[self.monitor], self.best):
+        cooling = self.cooling > 0
+        if cooling:
+            self.cooling -= 1
+        if _better(self.monitor, row[self.monitor], self.best, self.min_delta):
             self.best, self.bad = row[self.monitor], 0
+            return
+        if cooling:
             return
         self.bad += 1
         if self.bad >= max(1, self.patience):
-            t.lr_scale = max(self.min_factor, t.lr_scale * self.factor)
-            self.bad = 0
+            floor = self._floor(t)
+            if t.lr_scale > floor:
+                t.lr_scale = max(floor, t.lr_scale * self.factor)
+            self.bad, self.cooling = 0, self.cooldown
 
     def state_dict(self):
-        return {"best": self.best, "bad": self.bad}
+        return {"best": self.best, "bad": self.bad, "cooling": self.cooling}
 
     def load_state_dict(self, s):
-        self.best, self.bad = s["best"], s["bad"]
+        self.best, self.bad, self.cooling = s["best"], s["bad"], s.get("cooling", 0)
 
 
 class Lookahead(Callback):

@@ -230,9 +230,10 @@ class Trainer:
         if c.lookahead:
             std.append(cb.Lookahead())
         if c.schedule == "plateau":
-            std.append(cb.ReduceOnPlateau(c.monitor, c.plateau_patience, c.plateau_factor))
+            std.append(cb.ReduceOnPlateau(c.monitor, c.plateau_patience, c.plateau_factor, min_lr=c.plateau_min_lr,
+                                          cooldown=c.plateau_cooldown, min_delta=c.plateau_min_delta))
         if c.early_stopping > 0 and self.val_loader is not None:
-            std.append(cb.EarlyStopping(c.monitor, c.early_stopping))
+            std.append(cb.EarlyStopping(c.monitor, c.early_stopping, c.min_delta))
         if self.run_dir is not None and self.is_main:
             std.append(cb.CSVLogger(self.run_dir / "metrics.csv"))
             if c.tensorboard:
@@ -527,7 +528,10 @@ class Trainer:
 
     def _track_best(self, row: dict) -> None:
         m = self.cfg.monitor
-        if m not in row or not (cb._better(m, row[m], self.best) or self._ties_with_lower_loss(m, row)):
+        # EarlyStopping's rule (cb.improves), so the epoch kept is one it counted as an improvement
+        best_row = next((r for r in self.history if r.get("epoch") == self.best_epoch), {})
+        best = None if self.best is None else {"val_loss": best_row.get("val_loss"), m: self.best}
+        if m not in row or not cb.improves(m, row, best, self.cfg.min_delta):
             return
         self.best, self.best_epoch = row[m], row["epoch"]
         if self.run_dir is not None and self.is_main:

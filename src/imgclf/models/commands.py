@@ -14,7 +14,8 @@ from pathlib import Path
 # one 'imgclf train' reads) may hold them, unused.
 NOT_SWEPT = ("lr", "project", "name", "exist_ok", "tensorboard", "devices", "sync_bn", "time_limit", "test_data",
              "schedule", "warmup_epochs", "lr_start_factor", "lr_end_factor", "step_epochs", "gamma",
-             "plateau_patience", "plateau_factor", "early_stopping", "monitor", "ema", "lookahead", "compile",
+             "plateau_patience", "plateau_factor", "plateau_min_lr", "plateau_cooldown", "plateau_min_delta",
+             "early_stopping", "min_delta", "keep", "monitor", "ema", "lookahead", "compile",
              "tta", "eval_every", "checkpoint_minutes", "early_crop", "early_crop_fraction", "muon_lr", "muon_momentum")
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 
