@@ -119,3 +119,35 @@ def test_a_cutout_larger_than_the_size_the_data_gives_is_refused(small_sample, t
         imgclf.train(data=str(small_sample), cutout=40, epochs=1, progress=False, project=str(tmp_path), name="c",
                      **FAST)
     assert not (tmp_path / "c" / "metrics.csv").exists()
+
+
+def test_a_plaincnn_too_deep_for_the_size_is_refused_before_decoding(small_sample, tmp_path, monkeypatch):
+    import pytest
+
+    import imgclf.api
+    from imgclf.errors import UserError
+
+    monkeypatch.setattr(imgclf.api, "build_cache", lambda *a, **k: pytest.fail("images decoded before the check"))
+    with pytest.raises(UserError, match=r"makes 6 pooling blocks.*32-px images allow at most 5"):
+        imgclf.train(data=str(small_sample), model="plaincnn", model_args={"channels": [16] * 6}, epochs=1,
+                     progress=False, project=str(tmp_path), name="deep", **FAST)
+
+
+def test_a_run_keeps_its_layer_summary(small_sample, tmp_path):
+    res = imgclf.train(data=str(small_sample), model="plaincnn", model_args={"channels": [8, 16], "dense": 32},
+                       epochs=1, progress=False, project=str(tmp_path), name="s", **FAST)
+    text = (res.run_dir / "model.txt").read_text()
+    clf = imgclf.load(res.run_dir)
+    total = sum(p.numel() for p in clf.model.parameters())
+    assert f"{total:,}" in text and "Linear" in text
+    table = clf.summary()
+    assert f"{total:,}" in table and "8, 32, 32" in table  # the first block's output shape
+
+
+def test_a_list_model_argument_without_brackets_says_how_to_write_it():
+    import pytest
+
+    from imgclf.config import make_config
+
+    with pytest.raises(Exception, match=r"a list is written in brackets, e\.g\. channels=\[32,64\]"):
+        make_config(None, data="d", model="plaincnn", model_args="channels=32,64")

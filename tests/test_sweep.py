@@ -570,7 +570,8 @@ def test_study_mistakes_are_refused_before_a_study_db_or_a_trial(small_sample, t
          "base: model_args.dropout is a range"),
         # a number range for a list argument: every trial failed building the net
         ({"space": {"model_args.channels": {"low": 8, "high": 16}}}, "plaincnn takes a list for channels"),
-        ({"space": {"model_args.dense": {"choices": [[32], 16]}}}, "study space value {'model_args.dense': 16}"),
+        # (dense: 16 is a list of one since s29: a zero-width layer is the choice no trial could build)
+        ({"space": {"model_args.dense": {"choices": [[32], 0]}}}, "study space value {'model_args.dense': 0}"),
         # a fixed value under space is the space's, and a list is not a range
         ({"space": {"lr": [1e-4, 1e-2]}}, "study space (a fixed value): option 'lr'"),
     ]

@@ -244,7 +244,7 @@ def _default_name(project: Path, data_name: str, arch: str) -> str:
 # the report, compare and predict never show the previous run's model or figures as its own
 _RUN_OUTPUTS = ("model.safetensors", "model.json", "best.safetensors", "last.pt", "metrics.csv", "metrics.json",
                 "summary.json", "report.html", "curves.png", "confusion.png", "confusion.csv", "per_class.csv",
-                "pr_curves.png", "check.json", "samples.png", "pretrained.json", "lr_find.json", "lr_find.png")
+                "pr_curves.png", "check.json", "samples.png", "pretrained.json", "lr_find.json", "lr_find.png", "model.txt")
 
 
 def _stopped_before_first_checkpoint(run: Path) -> bool:
@@ -668,6 +668,11 @@ def _prepare_data(cfg: TrainConfig, run_dir: Path | None, device: torch.device, 
                         "set --val-split (e.g. 0.1) or give --val-data")
     native = src.train.images.shape[1] if src.train.images is not None else None
     size = cfg.image_size or (source.input_size if source else 0) or recipe.auto_image_size(src.train.paths, native)
+    from imgclf.models import head as transfer
+    from imgclf.models.registry import check_buildable
+
+    # a net that cannot be built at this size (a plaincnn too deep for it) is said before minutes of decoding
+    check_buildable(arch, size, {**transfer.transfer_arch_args(arch, cfg, source), **cfg.model_args})
     cached = _cache_splits(src, size, cfg.resize, root, cfg.workers, cfg.progress)
     distributed.main_first_end(ddp)
     user_epochs = cfg.epochs if "epochs" in cfg.model_fields_set else None
@@ -860,6 +865,10 @@ def _build_trainer(s: _Setup, *, resume, callbacks, final_eval: bool, t_start: f
         _check_early_crop(model, arch, cfg.early_crop, size)
     transfer_callbacks = transfer.setup_transfer(model, arch, cfg, source, classes=list(s.src.classes),
                                                  load_weights=resume is None)
+    if rank == 0 and s.run_dir is not None:  # Keras' model.summary(), frozen counts included
+        from imgclf.models.summary import write_summary
+
+        write_summary(model, size, s.run_dir / "model.txt")
     budget = s.ram_budget
     loss_fn, class_weights, sampler = imbalance_setup(cfg, s.src.classes, np.asarray(cached["train"].labels),
                                                       s.multilabel, device, warn=False)  # the data check did
@@ -1454,6 +1463,12 @@ class Classifier:
         return (f"Classifier({self.meta.get('architecture', '?')}, {len(self.classes)}{task} classes [{names}], "
                 f"{self.image_size}px {self.resize}, device={self.device}, "
                 f"precision={str(self.precision.dtype or 'fp32').removeprefix('torch.')})")
+
+    def summary(self, depth: int | None = None) -> str:
+        """Keras-style layer table at this model's input size: output shapes and parameters."""
+        from imgclf.models.summary import summary
+
+        return summary(self.model, self.image_size, depth)
 
     def preprocess(self, source, name: str = "<array>") -> np.ndarray:
         """Path, bytes, PIL image or numpy array (HxW, HxWx1/3/4; uint8, uint16 or float) -> the

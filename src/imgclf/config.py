@@ -63,10 +63,13 @@ def parse_mapping(text: str) -> dict[str, Any]:
                 else:
                     cur += ch
             parts.append(cur)
+            prev: list[str] = []  # the last key=value pair, for the hint below
             for part in filter(None, (p.strip() for p in parts)):
-                if "=" not in part:
-                    raise ValueError(f"expected key=value, got '{part}'")
+                if "=" not in part:  # channels=32,64: a list without its brackets
+                    hint = f": a list is written in brackets, e.g. {prev[0]}=[{prev[1]},{part}]" if prev else ""
+                    raise ValueError(f"expected key=value, got '{part}'{hint}")
                 k, v = part.split("=", 1)
+                prev = [k.strip(), v.strip()]
                 val[k.strip()] = yaml.safe_load(v)
     except yaml.YAMLError as e:  # 'dense=[64': a one-line error, not a traceback
         raise ValueError(f"{text!r} is not key=value pairs ({getattr(e, 'problem', None) or e})") from None
@@ -115,7 +118,9 @@ class TrainConfig(BaseModel):
 
     # --- model ------------------------------------------------------------------------------
     model: str = Field("auto", description="fastnet, plaincnn, or timm:<name> (default: auto, which is fastnet)")
-    model_args: dict[str, Any] = Field(default_factory=dict, description="extra model arguments, e.g. width=1.5 (default: none)")
+    model_args: dict[str, Any] = Field(default_factory=dict, description="extra model arguments as key=value, lists in "
+                                       "brackets: fastnet width=1.5; plaincnn channels=[32,64,128],dense=[256],dropout=0.25 "
+                                       "(an unknown key lists the model's keys and defaults; default: none)")
     pretrained: bool = Field(False, description="start from pretrained weights (timm models)")
     weights: str | None = Field(None, description="weights to start from: a safetensors or state-dict file, or an http(s) URL (downloaded once; URL#sha256=HEX is checked) (default: none: random, or --pretrained's)")
     head: list[int] | None = Field(None, description="hidden sizes of a new classifier head on a timm backbone, e.g. 512,256 (default: none, one linear layer)")

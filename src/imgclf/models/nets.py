@@ -141,14 +141,88 @@ class FastNet(nn.Module):
 
 
 _ACTS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "elu": nn.ELU, "leaky_relu": nn.LeakyReLU}
+PLAIN_HEADS = ("auto", "flatten", "avg")
+
+
+class ModelArgError(ValueError):
+    """A model argument (or the image size) a net cannot be built with; the message is complete
+    (models.registry.build_model shows it as '<arch>: <message>')."""
+
+
+def _conv_out(size: int, kernel_size: int) -> int:
+    # padding kernel_size // 2 keeps odd kernels' size; an even kernel adds one pixel per conv
+    return size + 2 * (kernel_size // 2) - kernel_size + 1
+
+
+def plaincnn_sizes(image_size: int, blocks: int, convs_per_block: int = 2, kernel_size: int = 3) -> list[int]:
+    """The feature-map side after each pooling block that fits (as many as ``blocks``, fewer where
+    a 2x2 pool would meet a map under 2 px)."""
+    sizes, size = [], image_size
+    for _ in range(blocks):
+        for _ in range(convs_per_block):
+            size = _conv_out(size, kernel_size)
+        if size < 2:
+            break
+        size //= 2
+        sizes.append(size)
+    return sizes
+
+
+def plaincnn_max_blocks(image_size: int, convs_per_block: int = 2, kernel_size: int = 3) -> int:
+    """How many (conv x convs_per_block + 2x2 pool) blocks an ``image_size`` input allows."""
+    return len(plaincnn_sizes(image_size, 64, convs_per_block, kernel_size))
+
+
+def check_plaincnn_size(image_size: int, channels=(32, 64, 128), convs_per_block: int = 2,
+                        kernel_size: int = 3) -> None:
+    """Raise ModelArgError, in one line, where ``channels`` has more pooling blocks than
+    ``image_size`` allows (each halves the map: a 2x2 pool of a 1-px map fails in the first step)."""
+    n = len(channels)
+    fits = plaincnn_max_blocks(image_size, convs_per_block, kernel_size)
+    if n <= fits:
+        return
+    lo, hi = image_size, max(image_size, 1) * 2 ** (n - fits)  # the smallest size taking n blocks
+    while plaincnn_max_blocks(hi, convs_per_block, kernel_size) < n:
+        hi *= 2
+    while lo + 1 < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if plaincnn_max_blocks(mid, convs_per_block, kernel_size) >= n else (mid, hi)
+    listed = "[" + ", ".join(str(c) for c in channels) + "]"
+    raise ModelArgError(f"channels={listed} makes {n} pooling blocks, each halving the image, and {image_size}-px "
+                        f"images allow at most {fits}: use fewer blocks (at most {fits} channels values) or a "
+                        f"larger --image-size (at least {hi} for {n} blocks)")
+
+
+def _whole_numbers(name: str, v, *, minimum: int = 1) -> tuple[int, ...]:
+    vals = (v,) if isinstance(v, int) and not isinstance(v, bool) else v
+    ok = isinstance(vals, list | tuple) and all(isinstance(x, int) and not isinstance(x, bool) and x >= minimum
+                                                 for x in vals)
+    if not ok:
+        shown = "[" + ", ".join(repr(x) for x in v) + "]" if isinstance(v, list | tuple) else repr(v)
+        raise ModelArgError(f"{name}={shown}: expected a list of whole numbers >= {minimum}, e.g. {name}=[32,64] "
+                            f"(brackets around the list; {name}=[] for none)")
+    return tuple(vals)
+
+
+def _whole_number(name: str, v, minimum: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ModelArgError(f"{name}={v!r}: expected a whole number >= {minimum}")
+    return v
+
+
+def _rate(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 1:
+        raise ModelArgError(f"{name}={v!r}: a dropout rate is a fraction from 0 (none) up to, not including, 1")
+    return float(v)
 
 
 class PlainCNN(nn.Module):
     """Blocks of (conv-[BN]-act) x ``convs_per_block`` + pool + dropout, then dense layers.
 
-    ``channels=(32, 64, 128)`` gives three blocks; ``dense=(256,)`` one hidden dense layer.
-    ``head='flatten'`` mirrors Keras' Flatten; ``'avg'`` uses global average pooling
-    (``'auto'``: flatten while the last feature map is at most 8x8, else avg).
+    ``channels=(32, 64, 128)`` gives three blocks; ``dense=(256,)`` one hidden dense layer (a single
+    number is a list of one). ``head='flatten'`` mirrors Keras' Flatten; ``'avg'`` uses global
+    average pooling (``'auto'``: flatten while the last feature map is at most 8x8, else avg).
+    Each block halves the image: ``plaincnn_max_blocks(image_size)`` says how many fit.
     """
 
     def __init__(
@@ -168,10 +242,20 @@ class PlainCNN(nn.Module):
         in_channels: int = 3,
     ):
         super().__init__()
+        # every argument checked before any layer is made: a one-line error, not a shape error
+        # (or torch's zero-size warning) in the first step
         if activation not in _ACTS:
-            raise ValueError(f"activation must be one of {sorted(_ACTS)}")
+            raise ModelArgError(f"activation={activation!r}: use one of {', '.join(_ACTS)}")
         if pool not in ("max", "avg"):
-            raise ValueError("pool must be 'max' or 'avg'")
+            raise ModelArgError(f"pool={pool!r}: use max or avg")
+        if head not in PLAIN_HEADS:
+            raise ModelArgError(f"head={head!r}: use auto (flatten up to an 8x8 map, else avg), flatten or avg")
+        channels, dense = _whole_numbers("channels", channels), _whole_numbers("dense", dense)
+        convs_per_block = _whole_number("convs_per_block", convs_per_block, 1)
+        kernel_size = _whole_number("kernel_size", kernel_size, 1)
+        in_channels = _whole_number("in_channels", in_channels, 1)
+        dropout, dense_dropout = _rate("dropout", dropout), _rate("dense_dropout", dense_dropout)
+        check_plaincnn_size(image_size, channels, convs_per_block, kernel_size)
         layers: list[nn.Module] = []
         c, size = in_channels, image_size
         for out in channels:
@@ -181,6 +265,7 @@ class PlainCNN(nn.Module):
                     layers.append(nn.BatchNorm2d(out))
                 layers.append(_ACTS[activation]())
                 c = out
+                size = _conv_out(size, kernel_size)
             layers.append(nn.MaxPool2d(2) if pool == "max" else nn.AvgPool2d(2))
             size //= 2
             if dropout > 0:

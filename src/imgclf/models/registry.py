@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from imgclf.errors import UserError
-from imgclf.models.nets import FastNet, PlainCNN
+from imgclf.models.nets import FastNet, ModelArgError, PlainCNN
 
 OWN_MODELS: dict[str, type[nn.Module]] = {"fastnet": FastNet, "plaincnn": PlainCNN}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -64,12 +64,34 @@ def _check_timm(name: str) -> None:
                             f"{', '.join(tags) or 'none'}") from None
 
 
+def _shown_default(v: Any) -> str:
+    """A constructor default as --model-args writes it: [32, 64, 128], 0.25, true, max."""
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, tuple | list):
+        return "[" + ", ".join(_shown_default(x) for x in v) + "]"
+    if v is None:
+        return "auto"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def accepted_args(cls) -> dict[str, str]:
+    """An own net's model arguments and their defaults as written on the command line
+    (``{'channels': '[32, 64, 128]', 'dropout': '0.25', ...}``)."""
+    params = inspect.signature(cls.__init__).parameters
+    return {k: _shown_default(p.default) for k, p in params.items() if k not in ("self", "num_classes", "image_size")}
+
+
 def _coerce_args(cls, args: dict[str, Any]) -> dict[str, Any]:
     params = inspect.signature(cls.__init__).parameters
-    unknown = [k for k in args if k not in params]
+    unknown = [k for k in args if k not in params or k in ("self", "num_classes", "image_size")]
     if unknown:
-        allowed = [p for p in params if p not in ("self", "num_classes", "image_size")]
-        raise UserError(f"model argument(s) {', '.join(unknown)} not known to {cls.__name__}; it takes: {', '.join(allowed)}")
+        allowed = accepted_args(cls)
+        close = list(dict.fromkeys(c for k in unknown for c in _close_names(k, list(allowed))))
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise UserError(f"model argument(s) {', '.join(unknown)} not known to {cls.__name__}{hint}; it takes "
+                        f"(default values): {', '.join(f'{k}={v}' for k, v in allowed.items())}")
+    out = {}
     for k, v in args.items():  # width=abc: said as such, not as "type str doesn't define __round__"
         default = params[k].default
         number = isinstance(default, int | float) and not isinstance(default, bool)
@@ -77,8 +99,11 @@ def _coerce_args(cls, args: dict[str, Any]) -> dict[str, Any]:
             raise UserError(f"{cls.__name__}: model argument {k}={v!r} is not a number (its default: {default})")
         if isinstance(default, bool) and not isinstance(v, bool):
             raise UserError(f"{cls.__name__}: model argument {k}={v!r} is not true or false (its default: {default})")
-    # YAML/CLI give lists; the nets take tuples
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
+        if isinstance(default, tuple) and isinstance(v, int) and not isinstance(v, bool):
+            v = (v,)  # dense=512: a list of one, as dense=[512]
+        # YAML/CLI give lists; the nets take tuples
+        out[k] = tuple(v) if isinstance(v, list) else v
+    return out
 
 
 def small_input_stem(model: nn.Module, image_size: int, force: bool = False) -> bool:
@@ -113,6 +138,8 @@ def build_model(arch: str, num_classes: int, image_size: int, args: dict[str, An
         cls = OWN_MODELS[arch]
         try:
             return cls(num_classes=num_classes, image_size=image_size, **_coerce_args(cls, args))
+        except ModelArgError as e:  # the net's own check: a complete message
+            raise UserError(f"{arch}: {e}") from None
         except (TypeError, ValueError) as e:
             raise UserError(f"{arch}: bad model arguments {args}: {e}") from None
     if arch.startswith("timm:"):
@@ -162,3 +189,15 @@ def default_normalization(arch: str) -> tuple[tuple[float, ...], tuple[float, ..
     if arch.startswith("timm:"):
         return IMAGENET_MEAN, IMAGENET_STD
     return None, None  # own nets: computed from the training data
+
+
+def check_buildable(arch: str, image_size: int, args: dict[str, Any] | None = None) -> None:
+    """Raise the UserError ``build_model`` would, without allocating weights: imgclf's own nets
+    are built on the meta device (a plaincnn too deep for ``image_size`` says so before the data is
+    decoded). timm models are left to ``build_model``."""
+    if arch not in OWN_MODELS:
+        return
+    import torch
+
+    with torch.device("meta"):
+        build_model(arch, 2, image_size, args)
