@@ -87,6 +87,18 @@ REFERENCE_STEP_S = 0.065
 
 
 @pytest.fixture(scope="session")
+def few(tmp_path_factory, sample_dir) -> Path:
+    """3 classes x 16 photos of the packaged sample, plus 4 each for validation: a fine-tune in seconds."""
+    out = tmp_path_factory.mktemp("few")
+    for split, src, n in (("train", "train", 16), ("val", "test", 4)):
+        for c in ("airplane", "cat", "ship"):
+            (out / split / c).mkdir(parents=True)
+            for f in sorted((sample_dir / src / c).glob("*.jpg"))[:n]:
+                os.symlink(f, out / split / c / f.name)
+    return out
+
+
+@pytest.fixture(scope="session")
 def slowness() -> float:
     """How many times slower than the reference machine this one trains (at least 1, at most 8):
     the time-limit tests scale their budgets by it, so a slow CPU still gets the epochs whose

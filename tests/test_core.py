@@ -709,8 +709,8 @@ def test_a_full_disk_while_saving_checkpoints_is_one_line_and_leaves_no_temp_fil
                               'message: "No space left on device" })')
 
     monkeypatch.setattr(safetensors.torch, "save_file", safetensors_full)
-    fake = SimpleNamespace(cfg=SimpleNamespace(monitor="val_loss"), best=None, best_epoch=0, run_dir=tmp_path,
-                           is_main=True, eval_model=lambda: torch.nn.Linear(2, 2))
+    fake = SimpleNamespace(cfg=SimpleNamespace(monitor="val_loss", min_delta=0.0), best=None, best_epoch=0,
+                           run_dir=tmp_path, is_main=True, history=[], eval_model=lambda: torch.nn.Linear(2, 2))
     with pytest.raises(UserError) as ei:
         tr.Trainer._track_best(fake, {"val_loss": 0.5, "epoch": 3})
     best = tmp_path / "best.safetensors"

@@ -4,8 +4,6 @@ own config.yaml (a sweep trial's above all) is repeated in a new folder, never o
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,18 +13,6 @@ from imgclf.errors import UserError
 from imgclf.models import pretrained
 
 FAST = dict(progress=False, tensorboard=False, final_eval=False, tta=False)
-
-
-@pytest.fixture(scope="module")
-def few(tmp_path_factory, sample_dir) -> Path:
-    """3 classes x 16 photos of the packaged sample, plus 4 each for validation."""
-    out = tmp_path_factory.mktemp("few")
-    for split, src, n in (("train", "train", 16), ("val", "test", 4)):
-        for c in ("airplane", "cat", "ship"):
-            (out / split / c).mkdir(parents=True)
-            for f in sorted((sample_dir / src / c).glob("*.jpg"))[:n]:
-                os.symlink(f, out / split / c / f.name)
-    return out
 
 
 def _lite0_reference() -> dict[str, torch.Tensor]:

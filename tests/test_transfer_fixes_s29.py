@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import pickle
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,18 +23,6 @@ from imgclf.models import pretrained
 from imgclf.models.registry import arch_args_for_record, build_model
 
 FAST = dict(progress=False, tensorboard=False, final_eval=False, tta=False)
-
-
-@pytest.fixture(scope="module")
-def few(tmp_path_factory, sample_dir) -> Path:
-    """3 classes x 16 photos of the packaged sample, plus 4 each for validation."""
-    out = tmp_path_factory.mktemp("few29")
-    for split, src, n in (("train", "train", 16), ("val", "test", 4)):
-        for c in ("airplane", "cat", "ship"):
-            (out / split / c).mkdir(parents=True)
-            for f in sorted((sample_dir / src / c).glob("*.jpg"))[:n]:
-                os.symlink(f, out / split / c / f.name)
-    return out
 
 
 def _state(name="test_resnet", classes=7) -> dict[str, torch.Tensor]:
