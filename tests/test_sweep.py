@@ -127,7 +127,7 @@ def test_resume_runs_only_the_missing_trials(small_sample, tmp_path):
 @pytest.mark.slow
 def test_killed_study_resumes_and_reruns_the_killed_trial(small_sample, tmp_path):
     path = write_study(tmp_path, small_sample, pruner="none", n_trials=2,
-                       base={"data": str(small_sample), "model": "plaincnn", "epochs": 40, "image_size": 32,
+                       base={"data": str(small_sample), "model": "plaincnn", "epochs": 12, "image_size": 32,
                              "model_args": TINY})
     spec = sweep.load_spec(path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -143,7 +143,7 @@ def test_killed_study_resumes_and_reruns_the_killed_trial(small_sample, tmp_path
     assert trials_of(spec)[0].state.name == "RUNNING"
     killed_params = trials_of(spec)[0].params
 
-    spec = sweep.load_spec(path, base={**spec.base, "epochs": 1})
+    # resumed with the same settings: a changed base (fewer epochs, say) is refused, as it must be
     sweep.run_study(spec)
     trials = trials_of(spec)
     assert trials[0].state.name == "FAIL" and "error" not in trials[0].user_attrs  # stale: failed by heartbeat
