@@ -680,6 +680,9 @@ def _prepare_data(cfg: TrainConfig, run_dir: Path | None, device: torch.device, 
     given = cfg
     cfg = mark_derived(given, recipe.resolve(cfg, n_train=len(cached["train"]), image_size=size, arch=arch,
                                              multilabel=src.task == "multilabel", world=world))
+    reused = transfer.reused_head_dropout(arch, cfg, source)
+    if reused is not None:  # --weights RUN keeps that run's head: config.yaml says its dropout, not the default
+        cfg.head_dropout = reused
     if cfg.translate and cfg.translate >= size:  # reflect padding wider than the image cannot be made
         raise UserError(f"--translate {cfg.translate} must be smaller than the image size ({size} px)")
     if cfg.cutout and cfg.cutout >= size:  # a square as large as the image erases all of it

@@ -259,6 +259,21 @@ class FreezeBackbone(Callback):
 # -- glue used by api.train and `imgclf lr-find` ------------------------------------------------
 
 
+def reused_head_dropout(arch: str, cfg, source) -> float | None:
+    """The dropout of an earlier run's head that ``--weights RUN`` reuses as it was trained, where
+    no --head-dropout (or another --head) says otherwise; None where the run's own option holds.
+    The run's setup writes it into config.yaml, so a repeat from that file builds the same head
+    (it used to record the default 0.2 beside a model trained with the run's 0.5)."""
+    if not arch.startswith("timm:") or source is None:
+        return None
+    run_head, run_dropout = getattr(source, "head", None), getattr(source, "head_dropout", None)
+    sizes = cfg.head if cfg.head is not None else run_head
+    if run_head is None or run_dropout is None or list(sizes or []) != list(run_head) \
+            or "head_dropout" in getattr(cfg, "model_fields_set", ()):
+        return None
+    return float(run_dropout)
+
+
 def transfer_arch_args(arch: str, cfg, source) -> dict:
     """The model arguments a transfer run adds to model.json: head spec and what the weights need.
 
@@ -276,12 +291,8 @@ def transfer_arch_args(arch: str, cfg, source) -> dict:
     # no --head: an earlier run's weights bring their head's sizes (and its trained layers, setup_transfer)
     run_head = getattr(source, "head", None)
     sizes = cfg.head if cfg.head is not None else run_head
-    dropout = cfg.head_dropout
-    run_dropout = getattr(source, "head_dropout", None)
-    if run_head is not None and run_dropout is not None and list(sizes or []) == list(run_head) \
-            and "head_dropout" not in getattr(cfg, "model_fields_set", ()):
-        dropout = run_dropout  # the run's head is reused: as it was trained, unless --head-dropout says otherwise
-    out = {"head": list(sizes or []), "head_dropout": dropout}
+    reused = reused_head_dropout(arch, cfg, source)
+    out = {"head": list(sizes or []), "head_dropout": cfg.head_dropout if reused is None else reused}
     if source is not None:
         out.update(source.arch_args)
         # keep the pretrained network as it was trained: ImageNet stems stay as they are, and
