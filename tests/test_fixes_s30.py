@@ -31,3 +31,24 @@ def test_a_runs_head_dropout_is_recorded_so_a_repeat_builds_the_same_head(small_
     assert json.loads((own.run_dir / "model.json").read_text())["arch_args"]["head_dropout"] == 0.1
     assert make_config(own.run_dir / "config.yaml").head_dropout == 0.1
 
+
+def test_schedule_options_under_auto_warn_once_the_recipe_picks_another(capsys):
+    # was: --schedule auto (the default) resolved to onecycle or cosine, and --plateau-patience or
+    # --gamma were dropped without a word (a named schedule already warned, in make_config)
+    from imgclf.engine import recipe
+
+    def resolved(arch="fastnet", **options):
+        cfg = make_config(None, data="d", model=arch, **options)
+        return recipe.resolve(cfg, n_train=5000, image_size=32, arch=arch, multilabel=False).schedule
+
+    assert resolved(plateau_patience=4, gamma=0.5) == "onecycle"
+    err = capsys.readouterr().err
+    assert ("--plateau-patience: not used by --schedule auto, which is onecycle for this run (set --schedule "
+            "plateau to use it)") in err
+    assert "--gamma: not used by --schedule auto, which is onecycle for this run (set --schedule step" in err
+    assert resolved("timm:resnet18", plateau_patience=4, plateau_factor=0.3) == "cosine"
+    assert "--plateau-patience, --plateau-factor: not used by --schedule auto, which is cosine" in capsys.readouterr().err
+    resolved(schedule="plateau", plateau_patience=4)  # the schedule that uses them, or defaults: nothing said
+    resolved(plateau_patience=2, gamma=0.1)
+    assert "not used" not in capsys.readouterr().err
+

@@ -254,6 +254,15 @@ def _say_ignored(given: set[str], cfg: TrainConfig, c: TrainConfig) -> None:
                     and k not in uses.get(c.optimizer, set()))
     if unused:
         log.warn(f"{', '.join('--' + k.replace('_', '-') for k in unused)}: not used by --optimizer {c.optimizer}")
+    if cfg.schedule == "auto":  # config._check_combinations warns where a schedule was named; 'auto' is known here
+        for schedule, keys in (("plateau", [k for k in TrainConfig.model_fields if k.startswith("plateau_")]),
+                               ("step", ["step_epochs", "gamma"])):
+            unused = [k for k in keys if k in given
+                      and getattr(cfg, k) != TrainConfig.model_fields[k].get_default(call_default_factory=True)]
+            if unused and c.schedule != schedule:
+                log.warn(f"{', '.join('--' + k.replace('_', '-') for k in unused)}: not used by --schedule auto, "
+                         f"which is {c.schedule} for this run (set --schedule {schedule} to use "
+                         f"{'it' if len(unused) == 1 else 'them'})")
     if "warmup_epochs" in given and c.epochs and c.warmup_epochs >= c.epochs:
         log.warn(f"--warmup-epochs {c.warmup_epochs:g} is not shorter than the run ({c.epochs:g} epochs): the lr "
                  "never reaches its peak")
