@@ -52,3 +52,36 @@ def test_schedule_options_under_auto_warn_once_the_recipe_picks_another(capsys):
     resolved(plateau_patience=2, gamma=0.1)
     assert "not used" not in capsys.readouterr().err
 
+
+def test_sweep_report_counts_interrupted_trials_apart_and_draws_every_trial(small_sample, tmp_path, monkeypatch):
+    # was: the header said "1 fail" for a trial Ctrl-C stopped (queued again, nothing failed), and
+    # the parallel-coordinates figure left out every trial whose optimizer does not read a
+    # searched option (sgd trials in an sgd/adam study lack beta1)
+    import optuna
+    from test_sweep_fixes_s29 import fake_train, trials_of, write_study
+
+    from imgclf.tune import report, sweep
+
+    fake_train(monkeypatch)
+    space = {"lr": {"low": 1e-4, "high": 1e-2, "log": True}, "beta1": {"low": 0.8, "high": 0.95},
+             "momentum": {"low": 0.8, "high": 0.99}, "optimizer": {"choices": ["sgd", "adam"]}}
+    spec = sweep.load_spec(write_study(tmp_path, small_sample, space=space, n_trials=6))
+    sweep.run_study(spec)
+    study = sweep.open_study(spec, heartbeat=False)
+    stopped = study.ask()  # as run_worker leaves a trial Ctrl-C stopped
+    stopped.set_user_attr("interrupted", True)
+    study.tell(stopped, state=optuna.trial.TrialState.FAIL)
+    trials = trials_of(spec)
+    assert {t.params.get("optimizer") for t in trials[:6]} == {"sgd", "adam"}
+
+    figures = []
+    png = report._png
+    monkeypatch.setattr(report, "_png", lambda fig: figures.append(fig) or png(fig))
+    out = report.write_report(spec.study_dir)
+    assert out["fail"] == 0 and out["interrupted"] == 1 and out["complete"] == 6
+    assert "7 trials: 6 complete, 1 interrupted." in Path(out["html"]).read_text()
+    [fig] = [f for f in figures if f.axes and f.axes[0].get_title().startswith("each line a trial")]
+    ax = fig.axes[0]
+    axes = len(ax.get_xticks())
+    assert len([ln for ln in ax.lines if len(ln.get_xdata()) == axes]) == 6  # one line per scored trial
+    assert sum(t.get_text() == "unused" for t in ax.texts) == 2  # beta1's and momentum's axes

@@ -214,13 +214,19 @@ def _normalise(p: Param, values: list) -> list[float]:
 
 
 def plot_parallel(params: list[Param], trials, metric: str, direction: str) -> str | None:
-    ts = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED") and _last_value(t) is not None
-          and all(p.name in t.params for p in params)]
+    # every scored trial: one whose optimizer does not read a conditional parameter (sgd's momentum
+    # in an sgd/adam study) is drawn through that axis's 'unused' mark, not left out of the figure
+    ts = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED") and _last_value(t) is not None]
     if not ts or not params:
         return None
     import matplotlib
 
-    cols = [_normalise(p, [t.params[p.name] for t in ts]) for p in params]
+    unused_y = -0.25  # apart from the axis, whose low end (0) is labelled at -0.05
+    cols = []
+    for p in params:
+        drawn = [t.params[p.name] for t in ts if p.name in t.params]
+        scaled = iter(_normalise(p, drawn)) if drawn else iter(())
+        cols.append([next(scaled) if p.name in t.params else unused_y for t in ts])
     vals = [_last_value(t) for t in ts]
     vlo, vhi = min(vals), max(vals)
     cols.append([(v - vlo) / (vhi - vlo) if vhi > vlo else 0.5 for v in vals])
@@ -241,14 +247,18 @@ def plot_parallel(params: list[Param], trials, metric: str, direction: str) -> s
     labels = [p.name.removeprefix("model_args.") for p in params] + [metric]
     ax.set_xticks(range(n_axes), labels, fontsize=8)
     ax.set_yticks([])
-    ax.set_ylim(-0.08, 1.08)
+    partial = [j for j, p in enumerate(params) if any(p.name not in t.params for t in ts)]
+    ax.set_ylim(unused_y - 0.06 if partial else -0.08, 1.08)
+    for j in partial:
+        ax.text(j + 0.03, unused_y, "unused", fontsize=6, va="center", style="italic")
     for j, p in enumerate(params):
         if p.kind == "categorical":
             n = max(1, len(p.choices) - 1)
             for k, c in enumerate(p.choices):
                 ax.text(j + 0.03, k / n, str(p.decode(c))[:10], fontsize=6, va="center")
         else:
-            lo, hi = min([p.low, *[float(t.params[p.name]) for t in ts]]), max([p.high, *[float(t.params[p.name]) for t in ts]])
+            drawn = [float(t.params[p.name]) for t in ts if p.name in t.params]
+            lo, hi = min([p.low, *drawn]), max([p.high, *drawn])
             ax.text(j + 0.03, -0.05, f"{lo:.3g}", fontsize=6)
             ax.text(j + 0.03, 1.03, f"{hi:.3g}" + (" (log)" if p.log else ""), fontsize=6)
     ax.text(n_axes - 1 + 0.03, -0.05, f"{vlo:.3g}", fontsize=6)
@@ -422,6 +432,9 @@ def write_report(study_dir: str | Path, storage: str | None = None, out: str | P
     best = study.best_trial if complete else None
     best_number = best.number if best else None
     counts = {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
+    # Ctrl-C or SIGTERM: Optuna's FAIL, but nothing failed (queued again), as sweep.summarize counts them
+    counts["INTERRUPTED"] = sum(map(sweep.interrupted, trials))
+    counts["FAIL"] -= counts["INTERRUPTED"]
     result: dict[str, Any] = {"trials": len(trials), **{k.lower(): v for k, v in counts.items()}}
 
     parts = [f"<h1>Study {html.escape(spec.name)}</h1>",
