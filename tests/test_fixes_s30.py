@@ -85,3 +85,33 @@ def test_sweep_report_counts_interrupted_trials_apart_and_draws_every_trial(smal
     axes = len(ax.get_xticks())
     assert len([ln for ln in ax.lines if len(ln.get_xdata()) == axes]) == 6  # one line per scored trial
     assert sum(t.get_text() == "unused" for t in ax.texts) == 2  # beta1's and momentum's axes
+
+
+def test_a_grid_over_optimizers_trains_each_distinct_setting_once(small_sample, tmp_path, monkeypatch):
+    # was: a grid over optimizer x beta1 x momentum trained sgd once per beta1 value (and adam once
+    # per momentum value): 8 trainings for 4 distinct settings, the copies differing in nothing read
+    import optuna
+    from test_sweep_fixes_s29 import fake_train, trials_of, write_study
+
+    from imgclf.tune import report, sweep
+
+    calls = fake_train(monkeypatch)
+    space = {"lr": {"choices": [1e-3]}, "optimizer": {"choices": ["sgd", "adam"]}, "beta1": {"choices": [0.85, 0.9]},
+             "momentum": {"choices": [0.8, 0.9]}}
+    spec = sweep.load_spec(write_study(tmp_path, small_sample, sampler="grid", n_trials=None, space=space))
+    summary = sweep.run_study(spec)
+    trials = trials_of(spec)
+    assert len(trials) == 8  # the grid is walked to its end
+    ran = [t for t in trials if not sweep.duplicate(t)]
+    assert len(calls) == len(ran) == 4 and all(t.state.name == "COMPLETE" for t in ran)
+    assert {tuple(sorted(t.params.items())) for t in ran} == {
+        (("lr", 1e-3), ("momentum", m), ("optimizer", "sgd")) for m in (0.8, 0.9)} | {
+        (("beta1", b), ("lr", 1e-3), ("optimizer", "adam")) for b in (0.85, 0.9)}
+    for t in trials:
+        if sweep.duplicate(t):
+            twin = trials[t.user_attrs["same_as"]]
+            assert t.state == optuna.trial.TrialState.PRUNED and twin.params == t.params and not sweep.duplicate(twin)
+            assert not (spec.study_dir / "trials" / str(t.number)).exists()  # no folder for a trial not run
+    assert summary["complete"] == 4 and summary["duplicate"] == 4 and summary["pruned"] == 0
+    page = Path(report.write_report(spec.study_dir)["html"]).read_text()
+    assert "8 trials: 4 complete, 4 duplicate." in page and page.count(">duplicate</td>") == 4

@@ -390,6 +390,8 @@ def _trial_table(trials, space: Space, best_number: int | None) -> str:
         cells = "".join(f"<td>{_fmt(space.params[n].decode(t.params[n])) if n in t.params else ''}</td>" for n in names)
         if t.state.name == "PRUNED" and t.intermediate_values:
             note = f"pruned at epoch {max(t.intermediate_values)} ({_last_value(t):.4f})"
+        elif sweep.duplicate(t):
+            note = f"trains as #{t.user_attrs['same_as']} did (its optimizer does not read the other values): not run"
         elif sweep.interrupted(t):
             note = "interrupted (Ctrl-C or SIGTERM): queued again"
         elif t.state.name == "FAIL":
@@ -402,7 +404,8 @@ def _trial_table(trials, space: Space, best_number: int | None) -> str:
         dur = _duration(t)
         value = "" if t.value is None else f"{t.value:.4f}"
         cls = ' class="best"' if t.number == best_number else ""
-        rows.append(f"<tr{cls}><td>{t.number}</td><td class=\"l {t.state.name}\">{t.state.name.lower()}</td>"
+        state = "duplicate" if sweep.duplicate(t) else "interrupted" if sweep.interrupted(t) else t.state.name.lower()
+        rows.append(f"<tr{cls}><td>{t.number}</td><td class=\"l {t.state.name}\">{state}</td>"
                     f"<td>{value}</td>{cells}<td>{_epochs_cell(t, searched_epochs)}</td>"
                     f"<td>{'' if dur is None else f'{dur:.0f}'}</td><td class=\"l\">{html.escape(note)}</td></tr>")
     return (f"<table><tr><th>#</th><th>state</th><th>value</th>{head}<th>epochs</th><th>seconds</th><th>note</th></tr>"
@@ -435,6 +438,8 @@ def write_report(study_dir: str | Path, storage: str | None = None, out: str | P
     # Ctrl-C or SIGTERM: Optuna's FAIL, but nothing failed (queued again), as sweep.summarize counts them
     counts["INTERRUPTED"] = sum(map(sweep.interrupted, trials))
     counts["FAIL"] -= counts["INTERRUPTED"]
+    counts["DUPLICATE"] = sum(map(sweep.duplicate, trials))  # grid points an earlier trial trained: not run
+    counts["PRUNED"] -= counts["DUPLICATE"]
     result: dict[str, Any] = {"trials": len(trials), **{k.lower(): v for k, v in counts.items()}}
 
     parts = [f"<h1>Study {html.escape(spec.name)}</h1>",

@@ -895,7 +895,13 @@ def counted(trial) -> bool:
     (running, or queued again). Failed trials are not: n_trials is the number of results the user
     asked for, and a run of failures ends the study instead (_MAX_CONSECUTIVE_FAILURES). A trial
     whose process died (no error recorded) comes back as a queued retry, which is counted."""
-    return trial.state.name in ("COMPLETE", "PRUNED", "RUNNING", "WAITING")
+    return trial.state.name in ("COMPLETE", "PRUNED", "RUNNING", "WAITING") and not duplicate(trial)
+
+
+def duplicate(trial) -> bool:
+    """A grid point that trains as an earlier trial did (an sgd trial's grid points differ only in
+    the beta1 it does not read): pruned without training, and not a result (counted is false)."""
+    return trial.state.name == "PRUNED" and "same_as" in trial.user_attrs
 
 
 def interrupted(trial) -> bool:
@@ -906,7 +912,20 @@ def interrupted(trial) -> bool:
 def attempted(trial) -> bool:
     """Whether a trial used up a grid point: counted, or failed with an error (a grid point that
     fails is not tried again, or a failing point would be drawn for ever)."""
-    return counted(trial) or (trial.state.name == "FAIL" and "error" in trial.user_attrs)
+    return counted(trial) or duplicate(trial) or (trial.state.name == "FAIL" and "error" in trial.user_attrs)
+
+
+def _same_training(trial, params: dict[str, Any], space: Space) -> int | None:
+    """The earlier trial that trains exactly as this one will, where the grid sampler drew a point
+    whose differing values this trial's optimizer does not read; None for any other trial. Grid
+    only: a point is used once, so the grid still ends (TPE would draw a skipped point again)."""
+    if len(params) == len(space.params) or not hasattr(trial, "study"):
+        return None
+    for t in sorted(trial.study.get_trials(deepcopy=False), key=lambda t: t.number):
+        if t.number != trial.number and t.params == trial.params and t.state.name in (
+                "COMPLETE", "PRUNED", "RUNNING", "WAITING"):
+            return int(t.user_attrs.get("same_as", t.number))
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1008,6 +1027,14 @@ def make_objective(spec: StudySpec, space: Space, current: dict | None = None):
                     raise
                 raise UserError(f"the search space changed since study '{spec.name}' began ({e}); a new space "
                                 f"wants a new study: give it another name") from None
+            twin = _same_training(trial, params, space) if _sampler_kind(spec) == "grid" else None
+            if twin is not None:
+                unread = ", ".join(sorted(k for k in space.params if k not in params))
+                trial.set_user_attr("same_as", twin)
+                log.info(f"trial {trial.number}: trains as trial {twin} did ({unread} unused with "
+                         f"{_short({k: params[k] for k in ('model', 'optimizer') if k in params}) or 'its optimizer'}"
+                         "): not run")
+                raise optuna.TrialPruned(f"same training as trial {twin}")
             opts = {**_TRIAL_DEFAULTS, **space.options(params)}
             trial.set_user_attr("options", study_options(space, params))  # best.yaml is written from it
             log.info(f"trial {trial.number}: {_short(params) or 'base options'}")
@@ -1058,6 +1085,8 @@ def _report_trial(t, metric: str) -> None:
     secs = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else 0
     if t.state.name == "COMPLETE":
         log.info(f"trial {t.number} done: {metric} {t.value:.4f} in {secs:.0f}s")
+    elif duplicate(t):  # said when it was drawn
+        return
     elif t.state.name == "PRUNED":
         last = max(t.intermediate_values) if t.intermediate_values else 0
         log.info(f"trial {t.number} pruned at epoch {last} in {secs:.0f}s")
@@ -1327,6 +1356,10 @@ def summarize(spec: StudySpec, before: set[int] | None = None, workers: set[str]
     if stopped:  # Ctrl-C: Optuna records the trial as failed, but nothing failed (it is queued again)
         out["fail"] -= stopped
         out["interrupted"] = stopped
+    same = sum(map(duplicate, trials))
+    if same:  # grid points that train as an earlier trial: Optuna's PRUNED, but never run
+        out["pruned"] -= same
+        out["duplicate"] = same
     done = [t for t in trials if t.state.name == "COMPLETE"]
     if done:
         best = study.best_trial
