@@ -1,12 +1,14 @@
 """Review 30's fixes, each with the behaviour it restores: --weights RUN records the run's head
 dropout in config.yaml; schedule options under --schedule auto are warned; the sweep report counts
-interrupted trials apart and draws every trial in its parallel coordinates."""
+interrupted trials apart and draws every trial; grid points that train alike run once; finished
+trials drop last.pt."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
 from test_transfer_fixes_s29 import FAST, _fake_run
 
 import imgclf
@@ -115,3 +117,34 @@ def test_a_grid_over_optimizers_trains_each_distinct_setting_once(small_sample, 
     assert summary["complete"] == 4 and summary["duplicate"] == 4 and summary["pruned"] == 0
     page = Path(report.write_report(spec.study_dir)["html"]).read_text()
     assert "8 trials: 4 complete, 4 duplicate." in page and page.count(">duplicate</td>") == 4
+
+
+def test_finished_trials_drop_their_checkpoint_but_keep_what_it_told(small_sample, tmp_path, capsys):
+    # was: every finished trial kept last.pt (weights plus optimizer state, 2-3x the model), so a
+    # 100-trial sweep of a large net kept 100 of them; the stop reason compare reads from it is
+    # kept in the study, and --resume on such a trial says how to train it further
+    from test_sweep_fixes_s29 import TINY, trials_of, write_study
+
+    from imgclf.errors import UserError
+    from imgclf.evaluate.compare import _run_info
+    from imgclf.tune import sweep
+
+    base = {"data": str(small_sample), "model": "plaincnn", "epochs": 3, "image_size": 32, "batch_size": 64,
+            "model_args": TINY, "early_stopping": 1, "min_delta": 1.0, "optimizer": "sgd"}  # nothing improves
+    spec = sweep.load_spec(write_study(tmp_path, small_sample, base=base, n_trials=1,
+                                       space={"momentum": {"choices": [0.0]}}))
+    sweep.run_study(spec)
+    [trial] = trials_of(spec)
+    run = spec.study_dir / "trials" / "0"
+    assert trial.state.name == "COMPLETE" and (run / "model.safetensors").is_file() and (run / "metrics.csv").is_file()
+    assert not (run / "last.pt").exists()
+    assert trial.user_attrs["stop"].startswith("early stopping")
+    assert _run_info(run)["status"].startswith("stopped at epoch 2 of 3: early stopping")
+    with pytest.raises(UserError, match=r"no last.pt \(the sweep removes a finished trial's checkpoint unless its "
+                                        r"study sets keep_checkpoints: true\), .* imgclf train --config .*config.yaml "
+                                        r"--weights .* --epochs N --name NEW"):
+        imgclf.train(resume=str(run))
+    kept = sweep.load_spec(write_study(tmp_path, small_sample, name="k", base=base, n_trials=1, keep_checkpoints=True,
+                                       space={"momentum": {"choices": [0.0]}}))
+    sweep.run_study(kept)
+    assert (kept.study_dir / "trials" / "0" / "last.pt").is_file()

@@ -488,8 +488,13 @@ def _train(config: str | Path | None = None, *, resume: str | Path | None = None
             options = {**options, "project": str(run_dir.parent), "name": run_dir.name, "exist_ok": True}
             resume = None
         elif not (run_dir / "last.pt").exists():
-            raise UserError(f"--resume {run_dir}: it has a model but no last.pt (the checkpoint was removed), so "
-                            "there is nothing to continue from")
+            from imgclf.tune.sweep import read_marker
+
+            why = ("the sweep removes a finished trial's checkpoint unless its study sets keep_checkpoints: true"
+                   if read_marker(run_dir) is not None else "the checkpoint was removed")
+            raise UserError(f"--resume {run_dir}: it has a model but no last.pt ({why}), so there is nothing to "
+                            f"continue from; to train it further, start from its weights: imgclf train --config "
+                            f"{run_dir / 'config.yaml'} --weights {run_dir} --epochs N --name NEW")
         else:  # a damaged checkpoint is one line now, not a traceback after the data are decoded
             read_checkpoint(run_dir / "last.pt", mmap=True)  # mmap: the weights are not read
     if resume is not None:

@@ -83,7 +83,10 @@ def _ended_early(info: dict) -> str | None:
     pruned sweep trial trains no further but writes its model as any run does, so only the
     trainer's stop reason (kept in last.pt) or, without one, the study's record tells it apart."""
     path = info["path"]
-    stop = _stop_reason(path / "last.pt")
+    stop, record = _stop_reason(path / "last.pt"), None
+    if not stop:  # a sweep trial whose last.pt the sweep removed: its study kept the reason
+        record = _trial_in_study(path)
+        stop = (record or {}).get("stop")
     if stop:
         m = re.match(r"sweep: (?:pruned at epoch ([\d.]+)|(\S+) is NaN at epoch ([\d.]+))", stop)
         if m:
@@ -95,7 +98,7 @@ def _ended_early(info: dict) -> str | None:
     done, planned = (info["history"][-1].get("epoch") if info["history"] else None), info["config"].get("epochs")
     if isinstance(done, (int, float)) and isinstance(planned, (int, float)) and done >= math.ceil(planned):
         return None  # (a trial is not pruned at its last epoch)
-    pruned = _pruned_in_study(path)
+    pruned = (record or {}).get("pruned_at")
     return None if pruned is None else f"pruned at epoch {pruned}{_planned(info)}"
 
 
@@ -114,10 +117,11 @@ def _stop_reason(last: Path) -> str | None:
     return stop if isinstance(stop, str) and stop else None
 
 
-def _pruned_in_study(path: Path) -> int | None:
-    """For a sweep trial's folder without its last.pt: the epoch it was pruned at, as its study's
-    SQLite file (the default storage, named in the folder's marker) records it; None when it was
-    not pruned or that cannot be read. Read-only, and without Optuna (the tune extra)."""
+def _trial_in_study(path: Path) -> dict | None:
+    """For a sweep trial's folder without its last.pt, what its study's SQLite file (the default
+    storage, named in the folder's marker) records: ``pruned_at``, the epoch it was pruned at, and
+    ``stop``, why the trainer stopped early (kept when the sweep removed last.pt); None when that
+    cannot be read. Read-only, and without Optuna (the tune extra)."""
     import sqlite3
 
     from imgclf.tune.sweep import read_marker
@@ -135,7 +139,7 @@ def _pruned_in_study(path: Path) -> int | None:
             row = con.execute("SELECT t.trial_id, t.state, s.study_id FROM trials t JOIN studies s ON "
                               "t.study_id = s.study_id WHERE s.study_name = ? AND t.number = ?",
                               (m.get("study"), m["trial"])).fetchone()
-            if row is None or row[1] != "PRUNED":
+            if row is None:
                 return None
             sid = con.execute("SELECT value_json FROM study_user_attributes WHERE study_id = ? AND key = ?",
                               (row[2], "imgclf_study_id")).fetchone()
@@ -143,11 +147,15 @@ def _pruned_in_study(path: Path) -> int | None:
                 return None  # a later study of the same name: not this folder's record
             step = con.execute("SELECT MAX(step) FROM trial_intermediate_values WHERE trial_id = ?",
                                (row[0],)).fetchone()
+            stop = con.execute("SELECT value_json FROM trial_user_attributes WHERE trial_id = ? AND key = ?",
+                               (row[0], "stop")).fetchone()
         finally:
             con.close()
+        stop = json.loads(stop[0]) if stop else None
     except (sqlite3.Error, ValueError):
         return None
-    return int(step[0]) if step and step[0] is not None else None
+    pruned = int(step[0]) if row[1] == "PRUNED" and step and step[0] is not None else None
+    return {"pruned_at": pruned, "stop": stop if isinstance(stop, str) and stop else None}
 
 
 def _task(info: dict) -> str:

@@ -37,7 +37,9 @@ workers, may change), and study.yaml keeps the study as it began. Each trial fol
 overwrite an old study's trial folders, and 'imgclf report' or 'train --resume' on a trial that did
 not finish points to the sweep. ``direction`` must suit the metric (down for a loss). The
 optimizer-specific options (beta1, beta2, eps; momentum, nesterov; muon_*) are drawn only for
-trials whose optimizer reads them. ``imgclf.sweep(study, **flags)`` runs a study from Python.
+trials whose optimizer reads them; a grid point that differs from an earlier trial's only in such
+an option is marked duplicate and not trained. A finished trial keeps its model files, curves and
+metrics, not its last.pt (``keep_checkpoints: true`` keeps it, to train a trial further). ``imgclf.sweep(study, **flags)`` runs a study from Python.
 """
 
 from __future__ import annotations
@@ -109,6 +111,9 @@ class StudySpec(BaseModel):
     direction: Literal["maximize", "minimize"] | None = None
     seed: int | None = Field(None, description="sampler seed (worker i uses seed + i)")
     heartbeat: int = Field(10, ge=1, description="seconds between a running trial's liveness beats")
+    keep_checkpoints: bool = Field(False, description="keep each finished trial's last.pt (weights and optimizer "
+                                   "state, to train it further); by default only its model files stay, as 100 "
+                                   "trials of a large net would keep 100 checkpoints of 2-3x the model's size")
     # how to resume the study, as its caller started it ("imgclf sweep study.yaml"): said on Ctrl-C
     # and kept beside each trial (trial_advice)
     _again: str | None = PrivateAttr(None)
@@ -955,6 +960,21 @@ class PruneOnMetric(Callback):
             t.stop = f"sweep: pruned at epoch {row['epoch']} ({self.metric} {v:.4f})"
 
 
+def _drop_checkpoint(run_dir: Path, trial, pruning: PruneOnMetric) -> None:
+    """Remove a finished trial's last.pt, first keeping in the study what only it recorded: why the
+    trainer stopped before the planned length (early stopping, a time limit), which compare shows."""
+    last = run_dir / "last.pt"
+    if not last.is_file():
+        return
+    if pruning.pruned_at is None:
+        from imgclf.evaluate.compare import _stop_reason
+
+        stop = _stop_reason(last)
+        if stop:
+            trial.set_user_attr("stop", stop)
+    last.unlink(missing_ok=True)
+
+
 def _short(params: dict[str, Any]) -> str:
     def fmt(v):
         return f"{v:.4g}" if isinstance(v, float) else str(v)
@@ -1046,6 +1066,8 @@ def make_objective(spec: StudySpec, space: Space, current: dict | None = None):
             values = [float(r[spec.metric]) for r in res.history if spec.metric in r]
             values = [v for v in values if not math.isnan(v)]
             trial.set_user_attr("epochs", len(res.history))
+            if not spec.keep_checkpoints:  # finished (complete or pruned): model.safetensors is what is read
+                _drop_checkpoint(run_dir, trial, pruning)
             if pruning.pruned_at is not None:
                 raise optuna.TrialPruned(f"pruned at epoch {pruning.pruned_at}")
             if not values:
