@@ -148,3 +148,27 @@ def test_finished_trials_drop_their_checkpoint_but_keep_what_it_told(small_sampl
                                        space={"momentum": {"choices": [0.0]}}))
     sweep.run_study(kept)
     assert (kept.study_dir / "trials" / "0" / "last.pt").is_file()
+
+
+def test_report_scores_its_samples_in_the_runs_precision(tiny_run, tmp_path, monkeypatch):
+    # was: 'imgclf report' scored the sample images in precision auto whatever the run used: an
+    # fp32 run's captions came from bf16 logits (and a new machine timed bf16 first, 5-20 s)
+    import shutil
+
+    import yaml
+
+    from imgclf.engine import trainer
+    from imgclf.evaluate.report import write_report
+
+    run = tmp_path / "fp32"
+    shutil.copytree(tiny_run, run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**cfg, "precision": "fp32"}, sort_keys=False))
+    asked = []
+    resolve = trainer.resolve_precision
+    monkeypatch.setattr(trainer, "resolve_precision", lambda name, device: asked.append(name) or resolve(name, device))
+    write_report(run, out=tmp_path / "r.html")
+    assert asked and set(asked) == {"fp32"}
+    asked.clear()
+    write_report(run, out=tmp_path / "r2.html", precision="bf16")  # the caller's, where given
+    assert asked and set(asked) == {"bf16"}

@@ -1069,7 +1069,7 @@ def _finish(s: _Setup, model, trainer: Trainer, history: list[dict], extra: dict
                 figures["confusion"] = run_dir / "confusion.png"
             write_report(run_dir, model=model, meta=meta, cached=cached, device=device,
                          paths={k: sp.paths for k, sp in s.src.splits().items()}, eval_logits=scored.get("logits"),
-                         figures=figures)
+                         figures=figures, precision=cfg.precision)
         except Exception as e:  # noqa: BLE001
             log.warn(f"report not written ({type(e).__name__}: {e}); retry with 'imgclf report {run_dir}'")
     if result.test and s.multilabel:

@@ -142,7 +142,7 @@ class SplitSample:
 
 
 def sample_split(model, meta: dict, name: str, cs, paths: list[str] | None, device, limit: int = SAMPLE_LIMIT,
-                 tta_level: int = 0, tta_all: torch.Tensor | None = None) -> SplitSample:
+                 tta_level: int = 0, tta_all: torch.Tensor | None = None, precision: str = "auto") -> SplitSample:
     """``tta_all``: the whole split's TTA logits, when the caller scored them already (training's
     closing evaluation): scoring the sample's views again would push a --time-limit run past it."""
     from imgclf.evaluate.calibrate import split_logits
@@ -157,20 +157,20 @@ def sample_split(model, meta: dict, name: str, cs, paths: list[str] | None, devi
     from types import SimpleNamespace
 
     view = SimpleNamespace(rows=np.arange(len(rows)), labels=labels, images=images)
-    logits, _ = split_logits(model, meta, view, device)
+    logits, _ = split_logits(model, meta, view, device, precision)
     if not tta_level:
         tta = None
     elif tta_all is not None and len(tta_all) == n:
         tta = tta_all[torch.from_numpy(pick)]
     else:
-        tta = split_logits(model, meta, view, device, tta_level=tta_level)[0]
+        tta = split_logits(model, meta, view, device, precision, tta_level=tta_level)[0]
     names = [paths[int(r)] if paths is not None and int(r) < len(paths) else None for r in rows]
     return SplitSample(name, images, labels, logits, names, of=n, tta_logits=tta, tta_level=tta_level)
 
 
 def load_samples(run_dir: Path, meta: dict, device, model=None, cached=None, paths=None,
                  tta_level: int = 0, tta_logits: torch.Tensor | None = None,
-                 progress: bool = False) -> tuple[dict, object, str]:
+                 progress: bool = False, precision: str = "auto") -> tuple[dict, object, str]:
     """Rebuild the run's data (cache hits after training) when the caller did not pass it in.
     The split the run was evaluated on also gets its ``tta_level`` views, as its metrics did."""
     if model is None:
@@ -205,7 +205,7 @@ def load_samples(run_dir: Path, meta: dict, device, model=None, cached=None, pat
         if k in cached and len(cached[k]):
             samples[k] = sample_split(model, meta, k, cached[k], paths.get(k), device,
                                       tta_level=tta_level if k == evaluated else 0,
-                                      tta_all=tta_logits if k == evaluated else None)
+                                      tta_all=tta_logits if k == evaluated else None, precision=precision)
     return samples, model, evaluated
 
 
@@ -584,14 +584,28 @@ def section_calibration(meta: dict, s: SplitSample | None) -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _run_precision(run_dir: Path) -> str:
+    """The precision the run was trained and evaluated with, as config.yaml records it; "auto"
+    where it cannot be read (a run copied without its config)."""
+    from imgclf.config import load_yaml
+
+    try:
+        value = load_yaml(run_dir / "config.yaml").get("precision", "auto")
+    except (OSError, UserError):
+        return "auto"
+    return value if value in ("auto", "bf16", "fp16", "fp32") else "auto"
+
+
 def write_report(run: str | Path, *, model=None, meta: dict | None = None, cached: dict | None = None,
                  paths: dict | None = None, device="auto", out: str | Path | None = None,
                  eval_logits: torch.Tensor | None = None, figures: dict[str, Path] | None = None,
-                 progress: bool = False) -> Path:
+                 progress: bool = False, precision: str | None = None) -> Path:
     """Write ``RUN/report.html`` (or ``out``). ``model``/``cached``/``paths`` skip reloading after
     training, ``eval_logits`` (the closing evaluation's TTA logits of the whole split) rescoring,
     and ``figures`` ("curves", "confusion": PNGs training wrote from the same figures) plotting.
-    ``progress``: a bar while images are decoded (the cache gone, or the run made elsewhere)."""
+    ``progress``: a bar while images are decoded (the cache gone, or the run made elsewhere).
+    ``precision``: the samples' (default: the run's own, as config.yaml says), so the captions score
+    as the run's metrics did, and an fp32 run's report does not time bf16 on a new machine."""
     from imgclf.runs import read_meta, resolve_device
 
     t0 = time.perf_counter()
@@ -623,7 +637,8 @@ def write_report(run: str | Path, *, model=None, meta: dict | None = None, cache
         level = int((metrics or {}).get("tta_level", meta.get("tta_level")) or 0)
         try:
             samples, model, eval_name = load_samples(run_dir, meta, dev, model, cached, paths, tta_level=level,
-                                                     tta_logits=eval_logits, progress=progress)
+                                                     tta_logits=eval_logits, progress=progress,
+                                                     precision=precision or _run_precision(run_dir))
         except UserError as e:  # the data moved or is gone: the figures from the run folder still render
             notes.append(f"image-level sections left out: {e}")
     else:
