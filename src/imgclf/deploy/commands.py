@@ -19,7 +19,12 @@ def add_export(sub) -> None:
                                    "('imgclf serve' of an .onnx does this for you). Inside: "
                                    "uint8 -> (x/255 - mean)/std, the network, softmax (sigmoid for multi-label) "
                                    "of logits / temperature. Outputs: logits and probs. A parity check on real "
-                                   "images compares it with PyTorch.")
+                                   "images compares it with PyTorch. The metadata (classes, task, image_size, "
+                                   "resize_details, mean, std, temperature, thresholds) is one JSON object, in "
+                                   "OUT.json and inside the file: an ONNX file's metadata_props key 'imgclf' "
+                                   "(onnxruntime: session.get_modelmeta().custom_metadata_map['imgclf']), a "
+                                   "TorchScript file's extra file imgclf.json (extra = {'imgclf.json': ''}; "
+                                   "torch.jit.load(OUT, _extra_files=extra); json.loads(extra['imgclf.json'])).")
     p.add_argument("run", help="run folder")
     p.add_argument("--format", choices=FORMATS, default="onnx",
                    help="onnx (for onnxruntime and 'imgclf serve') or torchscript (for torch.jit.load)")
@@ -43,7 +48,15 @@ def add_serve(sub) -> None:
     from imgclf.deploy.server import LOG_LEVELS, PRECISIONS, ServeConfig
 
     d = ServeConfig(model="")
-    p = sub.add_parser("serve", help="HTTP server with a web page: POST /v1/predict, GET /v1/model, /healthz, /metrics")
+    p = sub.add_parser("serve", help="HTTP server with a web page: POST /v1/predict, GET /v1/model, /healthz, /metrics",
+                       description="POST /v1/predict takes multipart/form-data (field 'file', or repeated 'files'), "
+                                   "the raw bytes of one image (Content-Type image/* or application/octet-stream) "
+                                   "or JSON {\"images\": [base64, ...]} (or {\"image\": ...}); top_k (1-1000, "
+                                   "default --top-k) in the query string (?top_k=3), a form field or the JSON body. "
+                                   "An unknown query parameter, form field or JSON key is a 422, never ignored. "
+                                   "Errors are JSON {\"error\": \"...\"} with a 4xx status (503 + Retry-After when "
+                                   "busy). GET / is a web page; GET /v1/model describes the model; /healthz and "
+                                   "/metrics (Prometheus) are for monitoring.")
     p.add_argument("model", metavar="RUN_OR_ONNX", help="run folder or .onnx file from 'imgclf export'")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0: every interface)")

@@ -20,6 +20,7 @@ parity passed: a failed export never replaces ``FILE`` (the default serving path
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -246,6 +247,10 @@ def _check_out(out: Path, fmt: str) -> None:
         stem = out.name[: -len(SUFFIX[other])] if out.name.lower().endswith(SUFFIX[other]) else out.stem
         raise UserError(f"--out {out}: a {out.suffix} name is for {other}, but --format is {fmt}: name it "
                         f"{stem + SUFFIX[fmt]} or pass --format {other}")
+    # a file where a folder of the path should be: said as such, not as mkdir's "File exists"
+    blocking = next((a for a in out.parents if a.exists() or a.is_symlink()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise UserError(f"--out {out}: cannot write there ({blocking} is a file, not a folder)")
     problem = write_problem(out.parent, create=True)
     if problem:
         raise UserError(f"--out {out}: cannot write there ({problem})")
@@ -264,6 +269,11 @@ def export(run: str | Path, fmt: str = "onnx", out: str | Path | None = None, *,
     if opset is not None and fmt != "onnx":
         raise UserError(f"--opset is for --format onnx; a {fmt} export has no opset: drop --opset")
     opset = DEFAULT_OPSET if opset is None else opset
+    if fmt == "onnx":
+        low, high = opset_range()
+        if isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high:
+            # torch printed the whole half-built graph (hundreds of lines) above its one-line reason
+            raise UserError(f"--opset {opset}: this torch exports ONNX opsets {low} to {high} (default {DEFAULT_OPSET})")
     if parity_images < 1:
         raise UserError(f"--parity-images must be >= 1, got {parity_images}")
     run_dir, meta = read_meta(run)
@@ -354,13 +364,65 @@ def format_report(r: dict[str, Any]) -> str:
 # --- exporters --------------------------------------------------------------------------------
 
 
+def opset_range() -> tuple[int, int]:
+    """The ONNX opsets torch's exporter accepts at all (past the TorchScript-based exporter's own
+    maximum, ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET, it only warns: opsets 21-23 exported FastNet
+    correctly with torch 2.15, and the parity check says whether a file is right)."""
+    try:
+        from torch.onnx import _constants as c
+
+        return int(c.ONNX_MIN_OPSET), int(c.ONNX_MAX_OPSET)
+    except (ImportError, AttributeError):  # another torch layout: the range this module was checked with
+        return 7, 23
+
+
+@contextlib.contextmanager
+def _native_output_held():
+    """Hold what native code writes to file descriptors 1 and 2 meanwhile: when an op has no ONNX
+    form at the opset asked for, torch's C++ prints the whole half-built graph (hundreds of lines)
+    to stdout before raising its one-line reason. Let through when the block succeeds (nothing is
+    expected then), dropped when it raises (the UserError says why)."""
+    import sys
+    import tempfile
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+    try:
+        saved = [os.dup(1), os.dup(2)]
+    except OSError:  # no such descriptors (an embedded interpreter): nothing to hold
+        yield
+        return
+    failed = False
+    with tempfile.TemporaryFile() as held:
+        try:
+            os.dup2(held.fileno(), 1)
+            os.dup2(held.fileno(), 2)
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            if not failed:
+                held.seek(0)
+                text = held.read()
+                if text:
+                    os.write(2, text)
+
+
 def _export_onnx(wrapped: nn.Module, example: torch.Tensor, out: Path, opset: int, xmeta: dict) -> None:
     import onnx
 
     # The TorchScript-based exporter: the dynamo exporter needs onnxscript (not a dependency of
     # ours) and buys nothing here; this one handles padding='same', exact GELU (as Erf) and
     # AdaptiveMaxPool2d(1) (a MaxPool over the fixed feature map) of FastNet and timm's CNNs.
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _native_output_held():
         warnings.simplefilter("ignore")  # its deprecation notice and tracer warnings are noise here
         try:
             torch.onnx.export(
@@ -383,7 +445,13 @@ def _export_onnx(wrapped: nn.Module, example: torch.Tensor, out: Path, opset: in
         p = proto.metadata_props.add()
         p.key, p.value = key, json.dumps(value)
     proto.producer_name = "imgclf"
-    onnx.checker.check_model(proto)
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as e:
+        # torch wrote an op the opset does not have (Erf, exact GELU's, before opset 9): a traceback before
+        raise UserError(f"ONNX export of {xmeta['architecture']} at opset {opset} is not valid ONNX: "
+                        f"{str(e).strip().splitlines()[0][:300]} (try a higher --opset; the default is "
+                        f"{DEFAULT_OPSET})") from None
     onnx.save(proto, str(out))
 
 
@@ -450,7 +518,11 @@ def _metadata_problem(meta: dict[str, Any]) -> str | None:
 def _onnx_runner(path: Path):
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # an opset or op this onnxruntime does not have: no parity check is possible
+        raise UserError(f"onnxruntime {ort.__version__} cannot load the exported model "
+                        f"({str(e).strip().splitlines()[0][:300]}); try another --opset (default {DEFAULT_OPSET})") from None
 
     def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         logits, probs = sess.run(["logits", "probs"], {"images": images})

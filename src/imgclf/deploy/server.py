@@ -777,16 +777,26 @@ def create_app(cfg: ServeConfig, backend=None):
     app.state.in_flight = in_flight
     in_flight_limit = cfg.in_flight_limit()
 
-    async def read_images(request: Request) -> tuple[list[tuple[str, bytes]], int | None]:
-        """The request's images (name, bytes), and the top_k of a JSON body (None: not given)."""
+    async def read_images(request: Request) -> tuple[list[tuple[str, bytes]], int | None, str]:
+        """The request's images (name, bytes), the top_k of a JSON body or a multipart form field
+        (None: not given), and where that top_k came from."""
         ctype = request.headers.get("content-type", "")
         mtype = ctype.split(";")[0].strip().lower()
         if mtype == "multipart/form-data":
-            items = []
-            async with request.form(max_files=cfg.max_images, max_fields=cfg.max_images) as form:
+            items, top_k, unknown = [], None, []
+            # +1 field: the 'top_k' text field beside up to max_images files
+            async with request.form(max_files=cfg.max_images, max_fields=cfg.max_images + 1) as form:
                 fields = sorted(set(form.keys()))
                 for key, value in form.multi_items():
+                    if key == "top_k":  # an HTML form's or curl -F's option
+                        if not isinstance(value, str):
+                            raise BadRequest(400, "multipart field 'top_k' holds a file upload, not a number")
+                        if top_k is not None:
+                            raise BadRequest(422, "invalid request: top_k is given more than once in the form")
+                        top_k = _top_k_value(value.strip(), "form field top_k")
+                        continue
                     if key not in ("file", "files"):
+                        unknown.append(key)
                         continue
                     if isinstance(value, str):
                         raise BadRequest(400, f"multipart field '{key}' holds text, not a file upload")
@@ -795,11 +805,16 @@ def create_app(cfg: ServeConfig, backend=None):
                 got = ", ".join(f"'{f}'" for f in fields) or "none"
                 raise BadRequest(400, f"no image in the multipart body: send it in field 'file' (or repeated 'files'); "
                                       f"got field(s): {got}")
-            return items, None
+            if unknown:
+                # an image in a field we do not read ('image', 'file1') was dropped from the answer
+                # without a word, and a misspelt option ('topk') looked applied
+                raise BadRequest(422, f"multipart body: unknown field '{unknown[0][:40]}'{_did_you_mean(unknown[0], FORM_FIELDS)}; "
+                                      "the accepted fields are 'file' (or repeated 'files') and 'top_k'")
+            return items, top_k, "form field"
         if mtype.startswith("image/") or mtype == "application/octet-stream":
-            return [("body", await request.body())], None
+            return [("body", await request.body())], None, ""
         if mtype == "application/json":
-            return _json_images(await request.body(), cfg.max_images)
+            return (*_json_images(await request.body(), cfg.max_images), "JSON body")
         what = f"unsupported Content-Type '{mtype}'" if mtype else "missing Content-Type"
         raise BadRequest(415, f"{what}: send multipart/form-data with field 'file' (or 'files'), "
                               "the raw image bytes as image/* or application/octet-stream, "
@@ -848,12 +863,13 @@ def create_app(cfg: ServeConfig, backend=None):
         {filename, error, status} in its place. When none can be read: 400 (413 when all are too
         large) with "error" naming each, and "errors", one such entry per image."""
         t0 = time.perf_counter()
-        items, body_top_k = await read_images(request)
+        _check_query(request.query_params)
+        items, body_top_k, where = await read_images(request)
         if body_top_k is not None:
             query = request.query_params.get("top_k")
             if query is not None and top_k != body_top_k:  # neither silently wins
                 raise BadRequest(422, f"invalid request: top_k is {query} in the query string and {body_top_k} in "
-                                      "the JSON body: give it in one place")
+                                      f"the {where}: give it in one place")
             top_k = body_top_k
         if len(items) > cfg.max_images:
             raise BadRequest(400, f"too many images in one request: {len(items)} > {cfg.max_images}")
@@ -1024,6 +1040,41 @@ def _serve_on(sock, cfg: ServeConfig, host: str, workers: int, log_level: str) -
 
 
 JSON_KEYS = ("images", "image", "top_k")  # what a JSON body may hold; any other key is refused
+FORM_FIELDS = ("file", "files", "top_k")  # what a multipart body may hold
+QUERY_KEYS = ("top_k",)  # what /v1/predict's query string may hold
+
+
+def _did_you_mean(name: str, choices) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(str(name).lower(), choices, 1, 0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _top_k_value(value, where: str) -> int:
+    """A top_k from a JSON body (a number) or a form field (its text), checked as the query's."""
+    if isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            value = value[:40]
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TOP_K:
+        raise BadRequest(422, f"invalid request: {where} must be an integer from 1 to {MAX_TOP_K}, "
+                              f"got {json.dumps(value)[:40]}")
+    return value
+
+
+def _check_query(params) -> None:
+    """Refuse a query string /v1/predict does not read: '?topk=1' or '?top-k=1' was ignored without
+    a word, and the answer (5 classes) looked as though it had been applied; a repeated top_k
+    silently took its last value."""
+    keys = [k for k, _ in params.multi_items()]
+    unknown = [k for k in keys if k not in QUERY_KEYS]
+    if unknown:
+        raise BadRequest(422, f"invalid request: unknown query parameter '{unknown[0][:40]}'"
+                              f"{_did_you_mean(unknown[0].replace('-', '_'), QUERY_KEYS)}; /v1/predict takes 'top_k'")
+    if keys.count("top_k") > 1:
+        raise BadRequest(422, "invalid request: top_k is given more than once in the query string")
 
 
 def _json_images(body: bytes, limit: int) -> tuple[list[tuple[str, bytes]], int | None]:
@@ -1040,25 +1091,23 @@ def _json_images(body: bytes, limit: int) -> tuple[list[tuple[str, bytes]], int 
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(400, f"the JSON body does not parse: {e}") from None
+    except RecursionError:  # [[[[...]]]] nested past Python's recursion limit: a 500 and a traceback
+        raise BadRequest(400, "the JSON body does not parse: nested too deeply") from None
     top_k = None
     if isinstance(doc, dict):
         # a key we do not read (a misspelt "topk", an option of another server) would otherwise be
         # ignored without a word, and the answer would look like it had been applied
         unknown = [k for k in doc if k not in JSON_KEYS]
         if unknown:
-            import difflib
-
-            close = difflib.get_close_matches(unknown[0].lower(), JSON_KEYS, 1, 0.6)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise BadRequest(422, f"JSON body: unknown key '{unknown[0]}'{hint}; the accepted keys are 'images' "
-                                  "(a list of base64 strings), 'image' (one) and 'top_k'")
+            raise BadRequest(422, f"JSON body: unknown key '{unknown[0]}'{_did_you_mean(unknown[0], JSON_KEYS)}; the "
+                                  "accepted keys are 'images' (a list of base64 strings), 'image' (one) and 'top_k'")
         if "images" in doc and "image" in doc:
             raise BadRequest(422, "JSON body: give 'images' (a list) or 'image' (one), not both")
         if "top_k" in doc:
-            top_k = doc["top_k"]
-            if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
+            if isinstance(doc["top_k"], str):  # the JSON body takes a number, not its text
                 raise BadRequest(422, f"invalid request: body.top_k must be an integer from 1 to {MAX_TOP_K}, "
-                                      f"got {json.dumps(top_k)[:40]}")
+                                      f"got {json.dumps(doc['top_k'])[:40]}")
+            top_k = _top_k_value(doc["top_k"], "body.top_k")
     got = doc.get("images", [doc["image"]] if "image" in doc else None) if isinstance(doc, dict) else None
     if got is None:
         keys = ", ".join(f"'{k}'" for k in doc) if isinstance(doc, dict) else type(doc).__name__
