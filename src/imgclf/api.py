@@ -1347,7 +1347,9 @@ def expand_inputs(items: list[str | Path]) -> list[Path]:
             found = [Path(f) for f in list_images(p, skipped)]
             for note in skip_notes(p, skipped):
                 log.warn(note)
-            out += sorted(q for q in found if q.is_file())
+            # a link whose target is gone (an unmounted drive) stays in: its row says so, where
+            # dropping it lost the photo without a word
+            out += sorted(q for q in found if q.is_file() or (q.is_symlink() and not q.exists()))
         elif p.exists():
             out.append(p)
         else:
@@ -1416,6 +1418,27 @@ def _input_list(inputs) -> list:
     return list(inputs)
 
 
+def _expand_patterns(inputs: list) -> list:
+    """A path that does not exist but has wildcards ('photos/*.jpg', 'shoot/**/*.png') as the
+    files it matches, sorted: Windows shells and a quoted argument leave the pattern to the
+    program, which said 'no such file or folder'. A pattern that matches nothing says so."""
+    import glob
+
+    from imgclf.data import remote
+
+    out: list = []
+    for it in inputs:
+        if (isinstance(it, (str, Path)) and not remote.is_url(it) and glob.has_magic(str(it))
+                and not Path(it).exists()):
+            found = sorted(glob.glob(os.path.expanduser(str(it)), recursive=True))
+            if not found:
+                raise UserError(f"{it}: no file or folder matches this pattern")
+            out += found
+        else:
+            out.append(it)
+    return out
+
+
 def iter_sources(inputs: list) -> Iterator[tuple[str, Any, str]]:
     """``(name, source, error)`` for everything ``predict`` was given, lazily: files, folders,
     archives (.zip/.tar[.gz]: their images are read in place), parquet files (each row's image,
@@ -1425,6 +1448,7 @@ def iter_sources(inputs: list) -> Iterator[tuple[str, Any, str]]:
     from imgclf.data import remote
     from imgclf.data.archives import archive_suffix, iter_archive_images
 
+    inputs = _expand_patterns(inputs)
     for it in inputs:
         if isinstance(it, (str, Path)) and not remote.is_url(it) and not Path(it).exists():
             raise UserError(f"{it}: no such file or folder")
@@ -1433,7 +1457,7 @@ def iter_sources(inputs: list) -> Iterator[tuple[str, Any, str]]:
             data, err = remote.fetch(it)
             yield it, data, err
         elif not isinstance(it, (str, Path)):
-            yield f"input{i}", it, ""
+            yield getattr(it, "imgclf_name", None) or f"input{i}", it, ""  # the CLI's '-' is <stdin>
         elif Path(it).is_file() and archive_suffix(Path(it)):
             yield from iter_archive_images(Path(it), IMAGE_EXTENSIONS)
         elif Path(it).is_file() and Path(it).suffix.lower() == ".parquet":  # a Hugging Face test split

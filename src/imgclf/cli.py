@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="classify image files and folders")
     pr.add_argument("run", help="run folder")
     pr.add_argument("inputs", nargs="+", help="image files, folders, .zip/.tar[.gz] archives of images (read in place), "
-                    "or http(s) URLs")
+                    "http(s) URLs, wildcards ('photos/*.jpg'), or - (stdin: an image, or image paths one a line)")
     pr.add_argument("--top-k", type=_positive_int, default=5, help="classes per image (default: 5)")
     pr.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False,
                     help="average the run's test-time views (flips, shifts), as evaluate does")
@@ -412,17 +412,54 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 PREDICT_ROWS_SHOWN = 20
 
 
+class StdinImage(bytes):
+    """An image's bytes piped in as '-', named '<stdin>' in predict's and explain's rows."""
+
+    imgclf_name = "<stdin>"
+
+
+def stdin_inputs(inputs: list[str]) -> list:
+    """``inputs`` with '-' (when no file is named so) read from stdin: an image piped in
+    (``curl -s URL | imgclf predict RUN -``), or a list of paths, one a line (``find shoot -name
+    '*.jpg' | imgclf predict RUN -``), as the command's inputs."""
+    if "-" not in inputs or os.path.exists("-"):
+        return list(inputs)
+    if sys.stdin is None or sys.stdin.isatty():
+        raise UserError("-: reads an image, or a list of image paths one a line, from stdin, and nothing was "
+                        "piped in (e.g. find photos -name '*.jpg' | imgclf predict RUN -)")
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    data = sys.stdin.buffer.read()
+    try:
+        with Image.open(io.BytesIO(data)):
+            piped: list = [StdinImage(data)]
+    except (UnidentifiedImageError, OSError, ValueError):
+        try:
+            piped = [line.strip("\r") for line in data.decode("utf-8").split("\n") if line.strip()]
+        except UnicodeDecodeError:
+            piped = [StdinImage(data)]  # neither an image nor text: its row says why
+        if not piped:
+            raise UserError("-: stdin was empty: pipe in an image, or image paths one a line") from None
+    out: list = []
+    for it in inputs:
+        out += piped if it == "-" else [it]
+    return out
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from imgclf.api import load
     from imgclf.data.archives import shown_name
     from imgclf.data.images import IMAGE_EXTENSIONS
 
     out = _output_file(args.output) if args.output else None
+    inputs = stdin_inputs(args.inputs)
     clf = load(args.run, args.device, args.precision)
     # each unreadable input is said once, as its ERROR row below (it was a warning line too)
-    preds = clf.predict(args.inputs, top_k=args.top_k, tta=args.tta, warn=False)
+    preds = clf.predict(inputs, top_k=args.top_k, tta=args.tta, warn=False)
     if not preds:
-        raise UserError(f"no images in {', '.join(map(str, args.inputs))} (extensions read: "
+        raise UserError(f"no images in {', '.join(map(str, inputs))} (extensions read: "
                         f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
     k = min(args.top_k, len(clf.classes))
     multilabel = clf.meta.get("task") == "multilabel"

@@ -108,7 +108,10 @@ def _extract(path: Path, dest: Path) -> None:
             bad = zf.testzip()
             if bad is not None:
                 raise UserError(f"--data {path}: the archive is corrupt (bad CRC in {bad})")
-            zf.extractall(dest)
+            members = zf.infolist()
+            for info in members:  # class folders named as written ('café', not 'caf├⌐')
+                info.filename = zip_member_name(info)
+            zf.extractall(dest, members)
         return
     with tarfile.open(path) as tf:
         if hasattr(tarfile, "data_filter"):
@@ -317,6 +320,20 @@ def extract_once(path: Path, target: Path, fill, what: str = "archive") -> Path:
     return target
 
 
+def zip_member_name(info: zipfile.ZipInfo) -> str:
+    """A zip member's name as it was written. Info-ZIP's ``zip`` (Linux) and macOS write UTF-8
+    names without setting the flag that says so, and zipfile then reads them as the old DOS code
+    page: 'café.jpg' came out 'caf├⌐.jpg'. A flagless name whose bytes are valid UTF-8 is read as
+    UTF-8 (what unzip, 7-Zip and the browsers do); any other stays as zipfile read it."""
+    name = info.filename
+    if info.flag_bits & 0x800 or name.isascii():
+        return name
+    try:
+        return name.encode("cp437").decode("utf-8")
+    except UnicodeError:
+        return name
+
+
 def iter_archive_images(path: Path, extensions) -> Iterator[tuple[str, bytes | None, str]]:
     """``(name, data, error)`` for each image member of an archive, read in place (``predict
     photos.zip``: nothing is extracted). ``name`` is ``<archive>/<member>``; a member that cannot
@@ -331,13 +348,13 @@ def iter_archive_images(path: Path, extensions) -> Iterator[tuple[str, bytes | N
     try:
         if _zip_or_cut(path):
             with zipfile.ZipFile(path) as zf:
-                for info in sorted(zf.infolist(), key=lambda i: i.filename):
-                    if info.is_dir() or not wanted(info.filename):
+                for name, info in sorted(((zip_member_name(i), i) for i in zf.infolist()), key=lambda t: t[0]):
+                    if info.is_dir() or not wanted(name):
                         continue
                     try:
-                        yield f"{path}/{info.filename}", zf.read(info), ""
+                        yield f"{path}/{name}", zf.read(info), ""
                     except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # a bad CRC: that member only
-                        yield f"{path}/{info.filename}", None, f"unreadable archive member ({_why(e)})"
+                        yield f"{path}/{name}", None, f"unreadable archive member ({_why(e)})"
             return
         # stream mode: members in archive order, each read once, even from a .tar.gz
         with tarfile.open(path, mode="r|*") as tf:

@@ -10,6 +10,7 @@ import io
 import math
 import os
 import re
+import stat
 import struct
 import warnings
 
@@ -78,6 +79,11 @@ UNREADABLE_IMAGE_EXTENSIONS: dict[str, str] = {
         ".psd": "Photoshop files are not read: export them to PNG",
         **dict.fromkeys((".dng", ".cr2", ".cr3", ".nef", ".nrw", ".arw", ".orf", ".rw2", ".raf", ".pef",
                          ".srw"), _RAW_HINT),
+        # formats PIL may decode but a folder scan does not take (a file named on the command line
+        # is still tried): JPEG 2000 scans, TGA textures, icons. Passed over without a word, a
+        # folder of them gave 'no images' or quietly fewer predictions.
+        **dict.fromkeys((".jp2", ".j2k", ".jpx", ".jpf", ".tga", ".ico", ".pcx", ".qoi", ".sgi", ".dds"),
+                        "not read from folders: convert them to PNG or JPEG"),
     }.items()
     if ext not in IMAGE_EXTENSIONS
 }
@@ -440,6 +446,9 @@ def _open_source(source: str | os.PathLike | bytes) -> tuple[str, io.BufferedIOB
     try:
         fp = open(path, "rb")  # closed by _decode's with-block
     except FileNotFoundError as exc:
+        if os.path.islink(path):
+            raise BadImage(name, f"a link to {os.fsdecode(os.readlink(path))}, which does not exist: "
+                                 "mount or restore the target, or remove the link") from exc
         raise BadImage(name, "no such file") from exc
     except IsADirectoryError as exc:
         raise BadImage(name, "is a directory, not a file") from exc
@@ -448,9 +457,22 @@ def _open_source(source: str | os.PathLike | bytes) -> tuple[str, io.BufferedIOB
     except OSError as exc:
         raise BadImage(name, f"cannot read file ({exc.strerror or exc})") from exc
     try:
-        empty = os.fstat(fp.fileno()).st_size == 0
+        regular = stat.S_ISREG(os.fstat(fp.fileno()).st_mode)
+        empty = regular and os.fstat(fp.fileno()).st_size == 0
     except OSError:
-        empty = False
+        regular, empty = True, False
+    if not regular:
+        # a pipe, FIFO or character device (``cat x.jpg | imgclf predict RUN /dev/stdin``,
+        # ``<(curl ...)``): its size reads 0 whatever it holds, and PIL needs to seek, so its
+        # bytes are read here (the pixel limit still applies when they are decoded)
+        try:
+            with fp:
+                data = fp.read()
+        except OSError as exc:
+            raise BadImage(name, f"cannot read file ({exc.strerror or exc})") from exc
+        if not data:
+            raise BadImage(name, "empty file (nothing was written to this pipe or device)")
+        return name, io.BytesIO(data)
     if empty:
         fp.close()
         raise BadImage(name, "empty file")

@@ -28,8 +28,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def add_explain(sub) -> None:
     p = sub.add_parser("explain", help="Grad-CAM overlay PNGs: where the model looked")
     p.add_argument("run", help="run folder")
-    p.add_argument("images", nargs="+", help="image files, folders, .zip/.tar(.gz) archives (read in place), or "
-                   "http(s) URLs")
+    p.add_argument("images", nargs="+", help="image files, folders, .zip/.tar(.gz) archives (read in place), "
+                   "http(s) URLs, wildcards ('photos/*.jpg'), or - (stdin: an image, or image paths one a line)")
     p.add_argument("--layer", help="module to read (default: the last convolutional stage), e.g. layers.2")
     p.add_argument("--class", dest="class_name", help="explain this class instead of the predicted one")
     p.add_argument("--out", "--output", dest="out", help="folder for the PNGs (default: RUN/explain)")
@@ -38,16 +38,18 @@ def add_explain(sub) -> None:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    from imgclf.cli import stdin_inputs
+    from imgclf.data.archives import shown_name
     from imgclf.evaluate.explain import explain
 
-    results = explain(args.run, args.images, layer=args.layer, class_name=args.class_name, out=args.out,
+    results = explain(args.run, stdin_inputs(args.images), layer=args.layer, class_name=args.class_name, out=args.out,
                       device=args.device)
-    for r in results:
+    for r in results:  # names that are not UTF-8 as predict prints them: their bytes as \xNN
         if "error" in r:
-            print(f"{r['input']}\tERROR {r['error']}")
+            print(f"{shown_name(r['input'])}\tERROR {r['error']}")
         else:
             top = "  ".join(f"{c} {p:.3f}" for c, p in r["top"])
-            print(f"{r['input']}\t{top}\t-> {r['output']}")
+            print(f"{shown_name(r['input'])}\t{top}\t-> {shown_name(r['output'])}")
     return 0 if all("error" not in r for r in results) else 1
 
 

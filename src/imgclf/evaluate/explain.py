@@ -163,11 +163,14 @@ def explanation_png(image: np.ndarray, cam: np.ndarray, title: str, alpha: float
 def _display_image(clf, source: Path | bytes, model_view: np.ndarray) -> np.ndarray:
     """The image to draw on: the original (a file, or an archive member's bytes) when the model
     saw all of it (stretch), else the model's view."""
-    from imgclf.data.images import load_rgb
+    from imgclf.data.images import BadImage, load_rgb
 
     if clf.resize != "stretch" or not isinstance(source, str | Path | bytes):
         return model_view
-    img = load_rgb(source if isinstance(source, bytes) else str(source))
+    try:
+        img = load_rgb(source if isinstance(source, bytes) else str(source))
+    except BadImage:  # read once already; gone or changed since (a file rewritten as we went)
+        return model_view
     h, w = img.shape[:2]
     if max(h, w) > 1024:  # the heatmap is coarse anyway; keep the PNG small
         from PIL import Image
@@ -175,6 +178,32 @@ def _display_image(clf, source: Path | bytes, model_view: np.ndarray) -> np.ndar
         s = 1024 / max(h, w)
         img = np.asarray(Image.fromarray(img).resize((round(w * s), round(h * s)), Image.Resampling.BICUBIC))
     return img
+
+
+def _did_you_mean(name: str, classes: list[str]) -> str:
+    """' (did you mean 'cat'?)' for 'Cat', 'cats' or 'cta'; '' when no class is close. A model of
+    1000 classes lists only its first 30, so the near name is what tells the user what to type."""
+    import difflib
+
+    folded = {c.casefold(): c for c in classes}
+    key = name.strip().casefold()
+    if key not in folded:
+        key = next(iter(difflib.get_close_matches(key, list(folded), n=1, cutoff=0.7)), None)
+    return f" (did you mean '{folded[key]}'?)" if key is not None else ""
+
+
+def _read_once(path: str | Path, name: str) -> bytes:
+    """The bytes of a path that is not a regular file (a pipe, a FIFO, /dev/stdin)."""
+    from imgclf.data.images import BadImage
+
+    try:
+        with open(path, "rb") as fp:
+            data = fp.read()
+    except OSError as e:
+        raise BadImage(name, f"cannot read file ({e.strerror or e})") from None
+    if not data:
+        raise BadImage(name, "empty file (nothing was written to this pipe or device)")
+    return data
 
 
 def explain(run: str | Path, images: list[str | Path], *, layer: str | None = None, class_name: str | None = None,
@@ -198,7 +227,8 @@ def explain(run: str | Path, images: list[str | Path], *, layer: str | None = No
     target = None
     if class_name is not None:
         if class_name not in clf.classes:
-            raise UserError(f"unknown class '{class_name}': the model's classes are {', '.join(clf.classes[:30])}")
+            raise UserError(f"unknown class '{class_name}'{_did_you_mean(class_name, clf.classes)}: the model's "
+                            f"classes are {', '.join(clf.classes[:30])}{', ...' if len(clf.classes) > 30 else ''}")
         target = clf.classes.index(class_name)
     cam = GradCAM(clf.model, clf.image_size, clf.device, layer)
     # the folders this call creates (out_dir and missing parents), removed again if no PNG lands
@@ -221,6 +251,7 @@ def explain(run: str | Path, images: list[str | Path], *, layer: str | None = No
 def _explain_all(clf, cam, sources, out_dir: Path, target: int | None, class_name: str | None,
                  top_k: int) -> list[dict]:
     from imgclf import log
+    from imgclf.data.archives import shown_name
     from imgclf.data.images import BadImage
 
     temperature = float(clf.meta.get("temperature") or 1.0)
@@ -230,11 +261,18 @@ def _explain_all(clf, cam, sources, out_dir: Path, target: int | None, class_nam
             results.append({"input": name, "error": error})
             continue
         try:
+            if isinstance(src, str | Path) and not Path(src).is_file():
+                # a pipe (/dev/stdin, <(curl ...)) can be read once: its bytes serve both the
+                # model's view and the full-size picture drawn on
+                src = _read_once(src, name)
             view = clf.preprocess(src, name)
         except BadImage as e:
             results.append({"input": name, "error": e.reason})
             continue
         f = PurePath(name)  # a file's path or <archive>/<member>: for titles and PNG names
+        # in titles and messages, a name that is not UTF-8 (os.listdir's lone surrogates, which
+        # matplotlib cannot draw) has its bytes as \xNN; the PNG's own name keeps the bytes
+        shown_file = shown_name(f.name)
         x = clf.normalize(torch.from_numpy(view[None]).to(clf.device))
         heat, logits = cam(x, None if target is None else [target])
         scaled = logits / temperature
@@ -244,14 +282,15 @@ def _explain_all(clf, cam, sources, out_dir: Path, target: int | None, class_nam
         tops = [(clf.classes[int(j)], float(p)) for p, j in zip(top.values, top.indices)]
         shown = class_name if target is not None else tops[0][0]
         blank = bool(cam.no_evidence[0])
-        title = f"{f.name}: " + ", ".join(f"{c} {p:.2f}" for c, p in tops) + f"\nGrad-CAM for '{shown}' at {cam.where()}"
+        title = f"{shown_file}: " + ", ".join(f"{c} {p:.2f}" for c, p in tops) + f"\nGrad-CAM for '{shown}' at {cam.where()}"
         if blank:  # a bare blank panel reads as a rendering fault or as 'looked nowhere'
             title += f"\nno positive evidence for '{shown}' in this image (blank map)"
-            log.warn(f"{f}: no positive evidence for '{shown}' in this image: its Grad-CAM at {cam.where()} is blank",
+            log.warn(f"{shown_name(str(f))}: no positive evidence for '{shown}' in this image: its Grad-CAM at {cam.where()} is blank",
                      once=False)
         png = explanation_png(_display_image(clf, src, view), heat[0], title)
         own = re.sub(r"\.parquet#(\d+)$", r"_row\1", f.name, flags=re.I)  # file.parquet#3: file_row3
         own = PurePath(own).stem if own == f.name else own
+        own = re.sub(r'[<>:"|?*\\]', "", own) or "image"  # '<stdin>', a URL's query: no name Windows refuses
         stem = own if own not in used else f"{f.parent.name}_{own}"
         base, n = stem, 2
         while stem in used:  # train/cat/1.jpg, val/cat/1.jpg, test/cat/1.jpg: one file each
