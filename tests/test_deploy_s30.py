@@ -151,3 +151,9 @@ def test_out_under_a_file_says_which_file_is_in_the_way(tiny_run, tmp_path, caps
         err = capsys.readouterr().err.strip()
         assert err == f"imgclf: error: --out {out}: cannot write there ({tmp_path / 'm.onnx'} is a file, not a folder)"
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"] and (tmp_path / "m.onnx").read_bytes() == b"an earlier export"
+
+
+def test_health_answers_as_healthz(client):
+    # was: a 404, where Kubernetes probes and load balancers are often set to /health
+    assert client.get("/health").json() == client.get("/healthz").json() == {"status": "ok"}
+    assert client.head("/health").status_code == 200

@@ -494,7 +494,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         bad = sum("error" in r for r in preds)
         rest = len(preds) - bad - shown
         print((f"... {rest} more in {out}\n" if rest else "")
-              + f"wrote {out}: {len(preds)} inputs" + (f", {bad} unreadable" if bad else ""))
+              + f"wrote {out}: {len(preds)} input{'' if len(preds) == 1 else 's'}" + (f", {bad} unreadable" if bad else ""))
     return 0 if all("error" not in r for r in preds) else 1
 
 

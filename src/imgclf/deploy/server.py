@@ -219,7 +219,7 @@ def _looks_like_onnx(path: Path) -> bool:
 # histograms are ~40 lines; every update happens on the event loop, so no locks are needed.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-ROUTES = ("/", "/v1/predict", "/v1/model", "/healthz", "/metrics")
+ROUTES = ("/", "/v1/predict", "/v1/model", "/healthz", "/health", "/metrics")
 METRICS_DIR_ENV = "IMGCLF_METRICS_DIR"
 
 
@@ -739,6 +739,7 @@ def create_app(cfg: ServeConfig, backend=None):
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
     @app.api_route("/healthz", methods=["GET", "HEAD"])
+    @app.api_route("/health", methods=["GET", "HEAD"])  # the other name probes and load balancers try
     async def healthz():
         problem = await batcher.health()
         if problem:
