@@ -57,6 +57,7 @@ class _Objects:
     paths: list[str]
     objects: list[list[tuple[int, float]]]
     classes: list[str]
+    label_files: list[Path | None] | None = None  # YOLO: each image's label file (None: it has none)
 
 
 def parse_classes(text: str | None) -> list[str] | None:
@@ -148,8 +149,20 @@ def detect(path: Path, images: str | None = None) -> str | None:
             return "csv"
         return None
     if path.is_dir() and (((path / "images").is_dir() and (path / "labels").is_dir()) or _split_first_yolo(path)):
-        return "yolo"
+        # a class-folder data set whose classes are 'images' and 'labels' is no YOLO set: its labels/
+        # holds photos, not .txt files (read as YOLO it became a multi-label set of 0 classes)
+        labels = [la for _, la in yolo_splits(path).values()]
+        if any(_holds_txt(la) for la in labels) or not any(_holds_images(la) for la in labels):
+            return "yolo"
     return None
+
+
+def _holds_txt(folder: Path) -> bool:
+    return next(iter(folder.rglob("*.txt")), None) is not None
+
+
+def _holds_images(folder: Path) -> bool:
+    return any(os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS for _, _, files in os.walk(folder) for f in files)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,6 +203,7 @@ def read_coco(json_path: Path, images: str | None, problems: list[str]) -> _Obje
         raise UserError(f"{json_path} is not a readable JSON file ({e})") from None
     if not isinstance(data, dict) or "categories" not in data or "images" not in data:
         raise UserError(f"{json_path} is not a COCO instances file (needs 'images', 'annotations' and 'categories')")
+    _check_coco_entries(json_path, data)
     folder = _coco_image_dir(json_path, data, images)
     # Ordered by category id, the COCO convention that YOLO class indices follow.
     cats = sorted(data["categories"], key=lambda c: c["id"])
@@ -197,10 +211,15 @@ def read_coco(json_path: Path, images: str | None, problems: list[str]) -> _Obje
     if len(set(classes)) != len(classes):
         raise UserError(f"{json_path}: category names are not unique")
     col = {c["id"]: i for i, c in enumerate(cats)}
+    image_ids = {im["id"] for im in data["images"]}
     by_image: dict = {}
-    for a in data.get("annotations", []):
+    stray: list = []
+    for a in data.get("annotations") or []:
         if a["category_id"] not in col:
             raise UserError(f"{json_path}: annotation {a.get('id')} has unknown category_id {a['category_id']}")
+        if a["image_id"] not in image_ids:
+            stray.append(a.get("id", "?"))
+            continue
         area = float(a.get("area") or (a["bbox"][2] * a["bbox"][3] if a.get("bbox") else 0.0))
         # A crowd region (iscrowd=1) marks a group of objects the annotators did not separate:
         # the class is present, so it counts for multi-label targets, but its area spans many
@@ -220,7 +239,35 @@ def read_coco(json_path: Path, images: str | None, problems: list[str]) -> _Obje
         objects.append(by_image.get(im["id"], []))
     if missing:
         problems.append(f"{len(missing)} image(s) listed in {json_path.name} are not in {folder}: {_few(missing)}; skipped")
+    if stray:
+        problems.append(f"{json_path.name}: {len(stray)} annotation(s) name an image_id that no entry of 'images' has "
+                        f"(annotation ids {_few(stray)}): ignored")
     return _Objects(paths, objects, classes)
+
+
+def _check_coco_entries(json_path: Path, data: dict) -> None:
+    """One line naming the file and the entry for a COCO file missing a key it needs (a
+    KeyError traceback before): images need id and file_name, categories id and name,
+    annotations image_id and category_id."""
+    need = (("images", ("id", "file_name")), ("categories", ("id", "name")),
+            ("annotations", ("image_id", "category_id")))
+    for key, fields in need:
+        entries = data.get(key)
+        if entries is None and key == "annotations":
+            continue
+        if not isinstance(entries, list):
+            raise UserError(f"{json_path}: '{key}' is not a list (a COCO instances file has lists of images, "
+                            "annotations and categories)")
+        for k, e in enumerate(entries):
+            lacking = [f for f in fields if not isinstance(e, dict) or f not in e]
+            if lacking:
+                what = f"{key}[{k}]" + (f" (id {e['id']})" if isinstance(e, dict) and "id" in e else "")
+                raise UserError(f"{json_path}: {what} has no '{lacking[0]}' (each of '{key}' needs "
+                                f"{' and '.join(fields)})")
+    ids = [c["id"] for c in data["categories"]]
+    dup = sorted({i for i in ids if ids.count(i) > 1}, key=str)
+    if dup:
+        raise UserError(f"{json_path}: category id {dup[0]} is used by more than one category")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,7 +399,19 @@ def read_yolo(images: Path, labels: Path, names: list[str] | None, problems: lis
     if names is None:  # load() names them (and checks the ids) over all splits
         k = 1 + max((c for objs in objects for c, _ in objs), default=-1)
         names = [str(i) for i in range(k)]
-    return _Objects(paths, objects, names)
+    return _Objects(paths, objects, names, label_files)
+
+
+def _first_line_with_id(label_file: Path, cid: int) -> str:
+    """'FILE:LINE' of the first line of a YOLO label file whose class id is ``cid``."""
+    try:
+        for n, line in enumerate(label_file.read_text().splitlines(), 1):
+            parts = line.split()
+            if parts and float(parts[0]) == cid:
+                return f"{label_file}:{n}"
+    except (OSError, UnicodeDecodeError, ValueError):
+        pass
+    return str(label_file)
 
 
 def _id_ranges(ids: list[int], k: int = 6) -> str:
@@ -400,6 +459,14 @@ def _names_from_coco(root: Path, parts: dict[str, _Objects], problems: list[str]
             continue  # not a COCO instances file
         both = [s for s in yolo if s in coco and (yolo[s] or coco[s])]
         agree = sum(yolo[s] == coco[s] for s in both)
+        if both and top >= len(cats) and agree >= 0.9 * len(both):
+            # the JSON names these labels (they agree image by image), so an id past its categories
+            # is a wrong label, not a reason to number every class: say where it is
+            where = next((f for o in parts.values() for f, objs in zip(o.label_files or [], o.objects)
+                          if f is not None and any(c == top for c, _ in objs)), None)
+            at = _first_line_with_id(where, top) if where is not None else str(root)
+            raise UserError(f"{at}: class id {top} is outside the {len(cats)} categories of {jp} (ids 0..{len(cats) - 1}), "
+                            f"which name these labels' classes (they agree on {agree} of {len(both)} images)")
         if both and top < len(cats) and agree >= 0.9 * len(both):
             log.info(f"{root}: no names file beside the YOLO labels: class names taken from {jp} (its categories "
                      f"in id order; they match the labels' class ids on {agree} of {len(both)} images)",
@@ -660,7 +727,18 @@ def read_label_csv(path: Path, problems: list[str], images: str | None = None, l
         else:  # path,person,dog,cat with 0/1 rows: one indicator column per class
             flags = _indicator_columns(path, rows, pcol)
     paths, labels, cells, where, missing = [], [], [], [], []
+    physical = 1 + sum(c.count("\n") for c in rows[0])  # the file's line each row starts on
     for line, row in enumerate(rows[1:], 2):
+        physical += 1
+        used = [pcol] + (flags if flags is not None else [lcol])  # a free-text column may span lines
+        spread = next((row[i] for i in used if i < len(row) and ("\n" in row[i] or "\r" in row[i])), None)
+        if spread is not None:
+            # an unmatched quote: the csv module reads on to the next quote, so the following rows
+            # became one cell (their text turned into dozens of bogus class names, silently)
+            n = spread.count("\n")
+            raise UserError(f"{path}:{physical}: a cell runs over {n + 1} lines ('{spread.splitlines()[0][:40]}...'): "
+                            "an unmatched '\"' on this line swallows the rows after it; close or remove the quote")
+        physical += sum(c.count("\n") for c in row)
         if not row or not row[pcol].strip():
             continue
         p = finder.find(row[pcol].strip())
@@ -839,6 +917,15 @@ def load(path: Path, kind: str, opts: Options, classes: list[str] | None = None)
     splits = {s: _targets(o, opts, cls, f"{path} ({s})" if len(parts) > 1 else str(path), problems)
               for s, o in parts.items()}
     task = "single" if opts.largest else "multilabel"
+    tr = splits["train"]
+    if classes is None and not opts.largest and len(tr) and not tr.labels.any():
+        # COCO's image_info_test2017.json lists images and categories but no annotations: every
+        # image all-negative, a run that learns 'nothing is there' and scores an undefined mAP
+        what = f"{path}: no annotation describes its images" if kind == "coco" else \
+            f"{path}: every label file is empty or missing"
+        hint = " (an image-info file such as image_info_test2017.json has no labels)" if kind == "coco" else ""
+        of = "the --classes" if opts.subset else "any class"
+        raise UserError(f"{what}, so no image has an object of {of}: there is nothing to learn{hint}")
     src = DataSource(name=name, origin=str(path), classes=cls, train=splits["train"], val=splits.get("val"),
                      test=splits.get("test"), task=task, problems=problems)
     return src
