@@ -172,3 +172,16 @@ def test_report_scores_its_samples_in_the_runs_precision(tiny_run, tmp_path, mon
     asked.clear()
     write_report(run, out=tmp_path / "r2.html", precision="bf16")  # the caller's, where given
     assert asked and set(asked) == {"bf16"}
+
+
+def test_the_regularisation_line_leaves_out_label_smoothing_a_multilabel_loss_ignores():
+    # was: "--label-smoothing 0.1 is ignored" (multi-label losses do not read it), then the start-up
+    # line listed "label smoothing 0.1" among what the run adds
+    from types import SimpleNamespace
+
+    from imgclf.api import _regularisation_line
+
+    cfg = make_config(None, data="d", label_smoothing=0.1, weight_decay=5e-4)
+    assert "label smoothing 0.1" in _regularisation_line(cfg, SimpleNamespace(multilabel=False))
+    line = _regularisation_line(cfg, SimpleNamespace(multilabel=True))
+    assert "label smoothing" not in line and line.startswith("regularisation: weight decay 0.0005;")

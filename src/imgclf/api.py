@@ -980,7 +980,7 @@ def _regularisation_line(cfg: TrainConfig, trainer: Trainer) -> str:
     reg = [f"weight decay {cfg.weight_decay:g}" if cfg.weight_decay else "no weight decay"]
     if cfg.l2:
         reg.append(f"L2 {cfg.l2:g}")
-    if cfg.label_smoothing:
+    if cfg.label_smoothing and not trainer.multilabel:  # multi-label losses do not read it (warned at setup)
         reg.append(f"label smoothing {cfg.label_smoothing:g}")
     aug = []
     if cfg.flip:
