@@ -6,6 +6,7 @@ trials drop last.pt."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,32 @@ def test_the_regularisation_line_leaves_out_label_smoothing_a_multilabel_loss_ig
     assert "label smoothing 0.1" in _regularisation_line(cfg, SimpleNamespace(multilabel=False))
     line = _regularisation_line(cfg, SimpleNamespace(multilabel=True))
     assert "label smoothing" not in line and line.startswith("regularisation: weight decay 0.0005;")
+
+
+def test_many_classes_with_too_few_images_are_one_finding(small_sample, tmp_path):
+    # was: one error per class; on COCO128 that was 78 errors, and the check's other findings were
+    # lost among them. Up to GROUP_CLASSES classes are still said one by one.
+    import shutil
+
+    from imgclf.cli import main
+    from imgclf.data.checks import GROUP_CLASSES
+
+    def check(keep: dict[str, int]) -> list[dict]:
+        root = tmp_path / f"d{len(keep)}"
+        shutil.copytree(small_sample, root)
+        for cls, n in keep.items():
+            for f in sorted((root / "train" / cls).glob("*.jpg"))[n:]:
+                f.unlink()
+        out = tmp_path / f"out{len(keep)}"
+        assert main(["check", "--data", str(root), "--out", str(out), "--no-progress"]) == 1
+        return [f for f in json.loads((out / "check.json").read_text())["findings"] if f["kind"] == "few_images"]
+
+    many = {"cat": 5, "dog": 3, "frog": 7, "ship": 2, "truck": 9}
+    [grouped] = check(many)
+    # (the check's train split is what training trains on: the folder less its validation share)
+    assert grouped["severity"] == "error" and set(grouped["details"]["classes"]) == set(many)
+    assert all(0 < n <= many[c] for c, n in grouped["details"]["classes"].items())
+    assert re.match(r"5 of 10 classes have fewer than 10 training images each \('ship' \d, 'dog' \d, 'cat' \d, "
+                    r"'frog' \d, 'truck' \d\): each needs at least 10", grouped["message"]), grouped["message"]
+    few = dict(list(many.items())[:GROUP_CLASSES])
+    assert sorted(f["details"]["class"] for f in check(few)) == sorted(few)

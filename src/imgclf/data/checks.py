@@ -296,6 +296,16 @@ def _label_counts(labels: np.ndarray, n_classes: int) -> np.ndarray:
     return np.bincount(labels.astype(np.int64), minlength=n_classes)[:n_classes]
 
 
+GROUP_CLASSES = 3  # more classes than this with the same finding are said in one
+
+
+def _some(classes: list[str], train: np.ndarray, picked: list[int], shown: int = 6) -> str:
+    """'a' 3, 'b' 0, ... and N more: the fewest first."""
+    order = sorted(picked, key=lambda c: (train[c], classes[c]))
+    text = ", ".join(f"{classes[c]!r} {int(train[c])}" for c in order[:shown])
+    return text + (f" and {len(order) - shown} more" if len(order) > shown else "")
+
+
 def _class_counts(items: _Items, classes: list[str]) -> tuple[dict, list[Finding]]:
     per_split = {n: _label_counts(cs.labels, len(classes)) for n, cs in zip(items.split, items.caches)}
     counts = {n: {c: int(k) for c, k in zip(classes, v)} for n, v in per_split.items()}
@@ -309,21 +319,37 @@ def _class_counts(items: _Items, classes: list[str]) -> tuple[dict, list[Finding
         others = [f"{n} {int(v[c])}" for n, v in per_split.items() if n != "train"]
         return f" ({', '.join(others)})" if others else ""
 
-    flagged = set()
-    for c, n in enumerate(train):
-        if n < MIN_CLASS_IMAGES:
-            flagged.add(c)
-            out.append(Finding("few_images", "error",
-                               f"class {classes[c]!r} has only {n} training image(s){where(c)}: "
-                               f"it needs at least {MIN_CLASS_IMAGES}, better hundreds; add images or "
-                               "remove the class",
-                               details={"class": classes[c], "train": int(n)}))
-        elif n < MIN_CLASS_FRACTION * median:
-            flagged.add(c)
-            out.append(Finding("few_images", "warning",
-                               f"class {classes[c]!r} has {n} training images, under "
-                               f"{MIN_CLASS_FRACTION:.0%} of the median class ({median:g}){where(c)}",
-                               details={"class": classes[c], "train": int(n)}))
+    too_few = [c for c, n in enumerate(train) if n < MIN_CLASS_IMAGES]
+    scarce = [c for c, n in enumerate(train) if MIN_CLASS_IMAGES <= n < MIN_CLASS_FRACTION * median]
+    flagged = set(too_few) | set(scarce)
+    if len(too_few) > GROUP_CLASSES:
+        # one finding for many classes: COCO128's 78 classes under 10 images were 78 errors, and
+        # the check's real problems were lost among them
+        out.append(Finding("few_images", "error",
+                           f"{len(too_few)} of {len(classes)} classes have fewer than {MIN_CLASS_IMAGES} training "
+                           f"images each ({_some(classes, train, too_few)}): each needs at least "
+                           f"{MIN_CLASS_IMAGES}, better hundreds; add images or remove those classes",
+                           details={"classes": {classes[c]: int(train[c]) for c in too_few}}))
+        too_few = []
+    if len(scarce) > GROUP_CLASSES:
+        out.append(Finding("few_images", "warning",
+                           f"{len(scarce)} classes have under {MIN_CLASS_FRACTION:.0%} of the median class's "
+                           f"{median:g} training images ({_some(classes, train, scarce)})",
+                           details={"classes": {classes[c]: int(train[c]) for c in scarce}}))
+        scarce = []
+    for c in too_few:
+        n = train[c]
+        out.append(Finding("few_images", "error",
+                           f"class {classes[c]!r} has only {n} training image(s){where(c)}: "
+                           f"it needs at least {MIN_CLASS_IMAGES}, better hundreds; add images or "
+                           "remove the class",
+                           details={"class": classes[c], "train": int(n)}))
+    for c in scarce:
+        n = train[c]
+        out.append(Finding("few_images", "warning",
+                           f"class {classes[c]!r} has {n} training images, under "
+                           f"{MIN_CLASS_FRACTION:.0%} of the median class ({median:g}){where(c)}",
+                           details={"class": classes[c], "train": int(n)}))
     # imbalance among the classes not reported above (those already explain their own ratio)
     rest = [c for c in range(len(train)) if c not in flagged]
     big = max(rest, key=lambda c: train[c], default=None)
