@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -33,6 +35,12 @@ def test_explain_a_named_class_and_layer(tiny_run, sample_dir, tmp_path):
     b = explain(tiny_run, _images(sample_dir, 1), class_name="cat", layer="layers.1", out=tmp_path, device="cpu")[0]
     assert a["class"] == "truck" and a["layer"] == "layers.1" and a["heatmap"].shape == (32, 32)
     assert not np.allclose(a["heatmap"], b["heatmap"])  # different classes, different evidence
+    # each call keeps its own PNG: the class and layer named are in the file name
+    c = explain(tiny_run, _images(sample_dir, 1), out=tmp_path, device="cpu")[0]
+    names = {Path(r["output"]).name for r in (a, b, c)}
+    stem = _images(sample_dir, 1)[0].stem
+    assert names == {f"{stem}_gradcam_truck_layers.1.png", f"{stem}_gradcam_cat_layers.1.png", f"{stem}_gradcam.png"}
+    assert all(Path(r["output"]).is_file() for r in (a, b, c))
 
 
 def test_unknown_layer_is_a_one_line_error_listing_candidates(tiny_run, sample_dir, tmp_path):

@@ -239,7 +239,10 @@ def explain(run: str | Path, images: list[str | Path], *, layer: str | None = No
     except OSError as e:
         raise UserError(f"--out {out_dir}: cannot create the folder ({e.strerror or e})") from None
     try:
-        return _explain_all(clf, cam, itertools.chain([first], sources), out_dir, target, class_name, top_k)
+        # a named class or layer is part of each PNG's name: 'explain RUN cat.jpg --class dog' after
+        # the plain call would otherwise overwrite cat_gradcam.png, the top class's map
+        tag = "".join(f"_{_safe_name(v)}" for v in (class_name, layer) if v)
+        return _explain_all(clf, cam, itertools.chain([first], sources), out_dir, target, class_name, top_k, tag)
     finally:
         for d in created:  # innermost first; a folder that holds anything stays
             try:
@@ -248,8 +251,13 @@ def explain(run: str | Path, images: list[str | Path], *, layer: str | None = No
                 break
 
 
+def _safe_name(text: str) -> str:
+    """A file-name part: no separators or characters Windows refuses."""
+    return re.sub(r'[<>:"|?*\\/\s]+', "-", text).strip("-") or "x"
+
+
 def _explain_all(clf, cam, sources, out_dir: Path, target: int | None, class_name: str | None,
-                 top_k: int) -> list[dict]:
+                 top_k: int, tag: str = "") -> list[dict]:
     from imgclf import log
     from imgclf.data.archives import shown_name
     from imgclf.data.images import BadImage
@@ -296,7 +304,7 @@ def _explain_all(clf, cam, sources, out_dir: Path, target: int | None, class_nam
         while stem in used:  # train/cat/1.jpg, val/cat/1.jpg, test/cat/1.jpg: one file each
             stem, n = f"{base}_{n}", n + 1
         used.add(stem)
-        dest = out_dir / f"{stem}_gradcam.png"
+        dest = out_dir / f"{stem}_gradcam{tag}.png"
         try:
             dest.write_bytes(png)
         except OSError as e:  # a full disk or a folder gone read-only: the PNGs written so far stay
