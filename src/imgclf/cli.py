@@ -450,7 +450,7 @@ def stdin_inputs(inputs: list[str]) -> list:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from imgclf.api import load
-    from imgclf.data.archives import shown_name
+    from imgclf.data.archives import row_name, shown_name
     from imgclf.data.images import IMAGE_EXTENSIONS
 
     out = _output_file(args.output) if args.output else None
@@ -485,10 +485,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     shown = 0
     for r in preds:
         if "error" in r:  # every problem is shown, whatever the file holds
-            print(f"{shown_name(r['input'])}\tERROR {r['error']}")
+            print(f"{row_name(r['input'])}\tERROR {r['error']}")
         elif out is None or shown < PREDICT_ROWS_SHOWN:  # with --output the file has every row
             shown += 1
-            print(f"{shown_name(r['input'])}\t" + "  ".join(f"{c} {p:.3f}" for c, p in r["top"])
+            print(f"{row_name(r['input'])}\t" + "  ".join(f"{c} {p:.3f}" for c, p in r["top"])
                   + ("\tlabels: " + (", ".join(c for c, _ in r["labels"]) or "-") if "labels" in r else ""))
     if out:
         bad = sum("error" in r for r in preds)

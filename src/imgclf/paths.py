@@ -3,6 +3,7 @@ predictions that ends in 'cannot write there' wastes it."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -24,5 +25,11 @@ def write_problem(folder: Path, *, create: bool) -> str | None:
         probe.touch()
         probe.unlink()
     except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            # /proc answers 'No such file or directory' for a new file or folder in a folder that exists
+            while not where.exists() and where != where.parent:
+                where = where.parent
+            if where.is_dir():
+                return f"{where} does not take new files"
         return exc.strerror or type(exc).__name__
     return None

@@ -58,6 +58,15 @@ def shown_name(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in range(32)} | {9: "\\t", 10: "\\n", 13: "\\r", 127: "\\x7f"}
+
+
+def row_name(text: str) -> str:
+    """``shown_name`` for one row of terminal output: a newline, tab or escape code in a file name
+    (all legal on Linux) is written as \\n, \\t, \\x1b, so one input stays one line and one column."""
+    return shown_name(text).translate(_CONTROL)
+
+
 # How to move the cache (see cache.cache_root), for messages about a cache folder that cannot be written.
 CACHE_ELSEWHERE = "point the cache at another folder with IMGCLF_CACHE=DIR or --cache-dir DIR"
 

@@ -39,17 +39,17 @@ def add_explain(sub) -> None:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from imgclf.cli import stdin_inputs
-    from imgclf.data.archives import shown_name
+    from imgclf.data.archives import row_name
     from imgclf.evaluate.explain import explain
 
     results = explain(args.run, stdin_inputs(args.images), layer=args.layer, class_name=args.class_name, out=args.out,
                       device=args.device)
     for r in results:  # names that are not UTF-8 as predict prints them: their bytes as \xNN
         if "error" in r:
-            print(f"{shown_name(r['input'])}\tERROR {r['error']}")
+            print(f"{row_name(r['input'])}\tERROR {r['error']}")
         else:
             top = "  ".join(f"{c} {p:.3f}" for c, p in r["top"])
-            print(f"{shown_name(r['input'])}\t{top}\t-> {shown_name(r['output'])}")
+            print(f"{row_name(r['input'])}\t{top}\t-> {row_name(r['output'])}")
     return 0 if all("error" not in r for r in results) else 1
 
 

@@ -1,0 +1,56 @@
+"""Session 31: file names with control characters in predict's and explain's rows."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+from imgclf.cli import main
+
+
+def _photo(sample_dir: Path, cls: str = "ship", i: int = 0) -> Path:
+    return sorted((sample_dir / "test" / cls).glob("*.jpg"))[i]
+
+
+def test_predict_keeps_one_row_per_input_whatever_its_name(tiny_run, sample_dir, tmp_path, capsys):
+    # Linux allows a newline or tab in a file name: it split predict's row into two lines and
+    # shifted its tab-separated columns
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    names = ["two\nlines.jpg", "tab\there.jpg", "plain.jpg"]
+    for i, name in enumerate(names):
+        shutil.copy(_photo(sample_dir, i=i), photos / name)
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(tiny_run), str(photos), "--device", "cpu", "--top-k", "1",
+                 "--output", str(out)]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(str(photos))]
+    assert len(rows) == 3 and all(ln.count("\t") == 1 for ln in rows)
+    assert {ln.split("\t")[0] for ln in rows} == {f"{photos}/two\\nlines.jpg", f"{photos}/tab\\there.jpg",
+                                                  f"{photos}/plain.jpg"}
+    with open(out, newline="", encoding="utf-8") as f:  # the file keeps the real names
+        assert sorted(r["input"] for r in csv.DictReader(f)) == sorted(str(photos / n) for n in names)
+
+
+def test_explain_rows_name_control_characters(tiny_run, sample_dir, tmp_path, capsys):
+    src = tmp_path / "a\nb.jpg"
+    shutil.copy(_photo(sample_dir), src)
+    assert main(["explain", str(tiny_run), str(src), "--out", str(tmp_path / "x"), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    row = [ln for ln in out if "gradcam" in ln]
+    assert len(row) == 1 and "a\\nb.jpg" in row[0] and (tmp_path / "x" / "a\nb_gradcam.png").is_file()
+
+
+def test_a_folder_that_takes_no_files_is_named_not_said_missing():
+    # /proc exists but answers ENOENT for anything new: 'cannot write there (No such file or
+    # directory)' sent the user looking for a missing folder
+    from imgclf.paths import write_problem
+
+    if not Path("/proc/self").is_dir():
+        import pytest
+
+        pytest.skip("no /proc on this system")
+    # root gets /proc's ENOENT, another user EACCES first: either way not 'No such file'
+    assert write_problem(Path("/proc/self"), create=True) in ("/proc/self does not take new files", "Permission denied")
+    assert write_problem(Path("/proc/imgclf-none/sub"), create=True) in ("/proc does not take new files",
+                                                                         "Permission denied")
