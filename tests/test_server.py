@@ -585,7 +585,7 @@ def test_precision_is_a_serve_option_for_runs_and_refused_for_onnx(tiny_run, exp
     assert "drop --precision" in cap.err and len(cap.err.strip().splitlines()) == 1 and "serving" not in cap.out
 
 
-def test_onnx_model_is_named_after_its_run_and_an_unsuffixed_onnx_is_explained(tiny_run, exported, tmp_path):
+def test_onnx_model_is_named_after_its_run_and_an_unsuffixed_onnx_is_served(tiny_run, exported, tmp_path):
     import shutil
 
     from fastapi.testclient import TestClient
@@ -598,11 +598,12 @@ def test_onnx_model_is_named_after_its_run_and_an_unsuffixed_onnx_is_explained(t
         info = c.get("/v1/model").json()
     assert info["backend"] == "onnx" and info["name"] == tiny_run.resolve().name != "model.onnx"
 
-    plain = tmp_path / "plainmodel"  # an ONNX export without its suffix
-    shutil.copy(exported, plain)
-    with pytest.raises(UserError, match=r"an ONNX file without the .onnx suffix: rename it to plainmodel\.onnx") as e:
-        load_backend(plain)
-    assert "\n" not in str(e.value)
+    # an ONNX export under another name ('export --out model.v2', a renamed download) is served
+    for name in ("plainmodel", "model.onnx.v2"):
+        plain = tmp_path / name
+        shutil.copy(exported, plain)
+        with TestClient(create_app(ServeConfig(model=str(plain)))) as c:
+            assert c.get("/v1/model").json()["backend"] == "onnx"
     pickled = tmp_path / "model.pt"
     pickled.write_bytes(b"\x80\x04K\x01.")
     with pytest.raises(UserError, match="serve a run folder"):

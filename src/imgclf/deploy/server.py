@@ -188,14 +188,13 @@ def load_backend(path: str | Path, device: str = "cpu", threads: int = 0, precis
     p = Path(path)
     if p.is_dir():
         return TorchBackend(p, device, precision)
-    if p.suffix.lower() == ".onnx" and p.is_file():
+    if not p.exists():
+        raise UserError(f"{p}: no such run folder or ONNX file")
+    # the content decides, not the name: 'export --out model.v2' or a renamed download is still ONNX
+    if p.is_file() and (p.suffix.lower() == ".onnx" or _looks_like_onnx(p)):
         if precision != "fp32":
             raise UserError(f"--precision {precision}: an exported ONNX model runs in fp32; drop --precision")
         return OnnxBackend(p, threads, device)
-    if not p.exists():
-        raise UserError(f"{p}: no such run folder or ONNX file")
-    if p.is_file() and _looks_like_onnx(p):
-        raise UserError(f"{p}: an ONNX file without the .onnx suffix: rename it to {p.name}.onnx to serve it")
     raise UserError(f"{p}: serve a run folder (model.json + model.safetensors) or an .onnx file from 'imgclf export'")
 
 
