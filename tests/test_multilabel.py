@@ -295,11 +295,15 @@ def test_evaluate_a_multilabel_run_through_the_public_api(coco, tmp_path, capfd)
     root, _ = coco
     res = imgclf.train(data=str(_coco_json(root)), image_size=32, epochs=1, val_split=0.3, project=str(tmp_path),
                        name="ml", progress=False, tensorboard=False)
+    said = "".join(capfd.readouterr())
+    # the closing mAP is scored with test-time views, the epochs' val_map without: it says so
+    closing = next(ln for ln in said.splitlines() if "val mAP" in ln)
+    assert "with test-time views (tta" in closing and "the epochs' val figures are without them" in closing
     ev = imgclf.evaluate(res.run_dir, progress=False)  # (said once: by training's own evaluation)
     assert ev["task"] == "multilabel" and "confusion" not in ev and 0 < ev["map"] <= 1
     # no test split: the val split's P/R/F1 are at thresholds fitted to it, and that is said
     assert ev["split"] == "val" and ev["thresholds_fitted_here"]
-    assert "thresholds tuned on this val split, so they are optimistic" in capfd.readouterr().err
+    assert "thresholds tuned on this val split, so they are optimistic" in said + capfd.readouterr().err
     m = json.loads((res.run_dir / "metrics.json").read_text())
     assert ev["n"] == m["n"] and ev["map"] == pytest.approx(m["map"], abs=1e-6)
     # a label CSV of the same images: another source, so its own folder, with every class scored
