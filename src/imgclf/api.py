@@ -1074,13 +1074,13 @@ def _finish(s: _Setup, model, trainer: Trainer, history: list[dict], extra: dict
             log.warn(f"report not written ({type(e).__name__}: {e}); retry with 'imgclf report {run_dir}'")
     level = meta["tta_level"]
     # scored with the test-time views: on val, a figure the epoch lines (without them) never showed
-    tta = (f"; with test-time views (tta {level})" + ("; the epochs' val figures are without them"
+    tta = (f", with test-time views (tta {level})" + ("; the epochs' val figures are without them"
                                                        if eval_split == "val" and history else "")) if level else ""
     if result.test and s.multilabel:
-        log.info(f"{eval_split} mAP {result.test['map']:.4f} (micro {result.test['map_micro']:.4f}{tta}); "
+        log.info(f"{eval_split} mAP {result.test['map']:.4f} (micro {result.test['map_micro']:.4f}){tta}; "
                  f"results in {run_dir}")
     elif result.test:
-        log.info(f"{eval_split} top-1 {result.test['top1']:.4f} ({tta[2:] or 'no test-time views'}); results in {run_dir}")
+        log.info(f"{eval_split} top-1 {result.test['top1']:.4f}{tta or ', no test-time views'}; results in {run_dir}")
     return result
 
 
