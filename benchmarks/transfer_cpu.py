@@ -35,6 +35,7 @@ head-only epoch unless said:
     same at 128 px, --set freeze_epochs=0.25 (now the recipe's 0.26)       92.3% (3.25 epochs, 886.6 s)
     the recipe's 0.26 head-only epochs, planner aware of them, 128 px       92.2% (3.02 epochs, 877.2 s)
     same at 96 px                                                           91.9% (5.91 epochs, 889.1 s)
+    2-core AMD EPYC, AVX512-BF16, no AMX (bf16), 128 px                     92.0% (2.31 epochs, 879.4 s)
 """
 
 from __future__ import annotations
