@@ -337,3 +337,27 @@ def test_a_checkpoint_within_an_epoch_is_not_timed_as_steps():
     w_t0, e_t0 = budget.w_t0, budget.e_t0
     budget.on_checkpoint(t, 2.5)
     assert (budget.w_t0, budget.e_t0) == (w_t0 + 2.5, e_t0 + 2.5)
+
+
+def test_a_lone_slow_window_is_set_aside_and_a_second_one_taken():
+    """A single timing window far off the estimate (a stall: another process) no longer replaces
+    it, which re-planned a fine-tune 2.5 -> 1.9 -> 2.6 epochs and jolted its lr schedule; two in a
+    row the same way are a new speed, taken at once."""
+    from imgclf.engine.callbacks import TimeBudget
+
+    budget = TimeBudget(time.perf_counter() + 100)
+    budget.w_kind = "step"
+
+    def window(seconds_per_step: float) -> float:
+        budget.w_t0, budget.w_steps = 0.0, 10
+        budget._close_window(10 * seconds_per_step)
+        return budget.step_s
+
+    assert window(1.0) == 1.0  # the first window sets the estimate
+    assert window(1.1) == pytest.approx(1.03)  # near it: smoothed
+    assert window(2.0) == pytest.approx(1.03)  # a stall: set aside
+    assert window(1.0) == pytest.approx(1.021)  # and forgotten once the speed is back
+    assert window(0.5) == pytest.approx(1.021)  # faster once: set aside too
+    assert window(2.0) == pytest.approx(1.021)  # off the other way: not the same change
+    assert window(2.2) == pytest.approx(2.1)  # slower twice in a row: the new speed
+    assert window(2.1) == pytest.approx(2.1)

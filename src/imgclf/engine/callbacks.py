@@ -362,9 +362,10 @@ class TimeBudget(Callback):
     Step times are measured in windows (an epoch's first step is not timed: it carries shuffling
     and, at the start, one-off kernel set-up; nor are the first ``window`` steps of a new phase,
     see below): the first of ``window`` steps, later ones of at
-    least ``window_s`` seconds, so fast steps are not timed a noisy batch at a time. A window more
-    than 25% off the smoothed estimate replaces it, so a phase change such as unfreezing a
-    backbone is picked up within a window. The gap between epochs (validation, checkpoint) is
+    least ``window_s`` seconds, so fast steps are not timed a noisy batch at a time. Two windows in a
+    row more than 25% off the smoothed estimate (the same way) replace it, so a lasting change
+    of speed is picked up within two windows and a lone stall is not (phase changes, such as
+    unfreezing a backbone, are timed apart from the start). The gap between epochs (validation, checkpoint) is
     measured too. The length is planned after the first window and re-planned when the estimate
     moves it by more than 2% (window ends) or 1% (epoch ends); the lr schedule stretches with it
     (the warm-up keeps its fraction). Early-crop steps (cfg.early_crop) are timed apart from
@@ -403,6 +404,7 @@ class TimeBudget(Callback):
         self.frozen_s: float | None = None  # the same with the backbone frozen (t.frozen_end)
         self.infer_s: float | None = None  # seconds per image of an evaluation forward pass
         self.gap_s: float | None = None  # seconds between two epochs' steps (validation, checkpoint)
+        self.off_s: dict[str, float] = {}  # per kind: the last window far off its estimate, set aside
         self.t_last: float | None = None  # end of the last step
         self.w_t0: float | None = None  # start of the current timing window
         self.w_steps = 0
@@ -479,7 +481,23 @@ class TimeBudget(Callback):
         w = (now - self.w_t0) / self.w_steps
         attr = f"{self.w_kind}_s"
         cur = getattr(self, attr)
-        setattr(self, attr, w if cur is None or abs(w - cur) > 0.25 * cur else 0.7 * cur + 0.3 * w)
+        if cur is None:
+            setattr(self, attr, w)
+        elif abs(w - cur) > 0.25 * cur:
+            # Off by more than 25%: a lone window like that is a stall (another process, a page
+            # cache flush) and is set aside; a second one off the same way is a new speed, taken
+            # at once. Taken from one window, a Lite0 fine-tune on a busy machine re-planned
+            # 2.5 -> 1.9 -> 2.6 epochs, and the lr schedule stretched and shrank with it. (Phase
+            # changes, unfreezing or the end of early crops, are timed apart: see _kind.)
+            prev = self.off_s.get(self.w_kind)
+            if prev is not None and (prev > cur) == (w > cur):
+                setattr(self, attr, 0.5 * (prev + w))
+                self.off_s.pop(self.w_kind)
+            else:
+                self.off_s[self.w_kind] = w
+        else:
+            setattr(self, attr, 0.7 * cur + 0.3 * w)
+            self.off_s.pop(self.w_kind, None)
         self.w_t0, self.w_steps = now, 0
         return True
 
