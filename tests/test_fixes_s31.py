@@ -54,3 +54,33 @@ def test_a_folder_that_takes_no_files_is_named_not_said_missing():
     assert write_problem(Path("/proc/self"), create=True) in ("/proc/self does not take new files", "Permission denied")
     assert write_problem(Path("/proc/imgclf-none/sub"), create=True) in ("/proc does not take new files",
                                                                          "Permission denied")
+
+
+def test_progress_bars_written_to_a_log_are_redrawn_rarely(small_sample, tmp_path, capfd, monkeypatch):
+    # `imgclf train ... > log 2>&1` (nohup, SLURM, CI): the log keeps every redraw of the bar; at
+    # tqdm's 0.1 s a 10-minute run wrote thousands of them between the epoch lines
+    import io
+    import sys
+    import time
+
+    import imgclf
+    from imgclf.engine.callbacks import Callback
+    from imgclf.log import LOGGED_BAR_INTERVAL, bar_interval
+
+    class Slow(Callback):  # every step slower than tqdm's default redraw interval
+        def on_step_end(self, t):
+            time.sleep(0.15)
+
+    imgclf.train(data=str(small_sample), epochs=1, batch_size=50, image_size=16, project=str(tmp_path),
+                 progress=True, tensorboard=False, callbacks=[Slow()])
+    out, err = capfd.readouterr()  # capfd's stderr is a file, as a log is
+    assert err.count("epoch 1/1:") <= 2  # the first draw (and at most one more), not one per step
+    assert "epoch   1  loss" in out  # the epoch's own line is written as ever
+    assert bar_interval() == LOGGED_BAR_INTERVAL
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert bar_interval() == 0.1

@@ -111,7 +111,10 @@ def _decode_chunk(args: tuple[int, list[str]]) -> list[tuple[int, str]]:
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False, dynamic_ncols=True)
+    from imgclf.log import bar_interval
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False, dynamic_ncols=True,
+                mininterval=bar_interval())
 
 
 def build_cache(

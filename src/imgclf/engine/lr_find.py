@@ -211,7 +211,10 @@ def sweep(model, cfg, loader, augment, device, loss_fn=None, *, steps: int = 200
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, desc="lr sweep", unit="step", leave=False, dynamic_ncols=True)
+        from imgclf.log import bar_interval
+
+        bar = tqdm(total=steps, desc="lr sweep", unit="step", leave=False, dynamic_ncols=True,
+                   mininterval=bar_interval())
     model.train()
     scaler = torch.amp.GradScaler(device.type, enabled=precision.dtype == torch.float16)
     epoch, usable = 0, []  # usable: the finite losses of the steps the optimizer took

@@ -450,8 +450,10 @@ class Trainer:
 
         n_ep = math.ceil(self.cfg.epochs)
         steps = min(self.steps_per_epoch, start + self.total_steps - self.step)
+        from imgclf.log import bar_interval
+
         return tqdm(total=steps, initial=start, desc=f"epoch {epoch + 1}/{n_ep}", unit="step", leave=False,
-                    dynamic_ncols=True)
+                    dynamic_ncols=True, mininterval=bar_interval())
 
     def _print_row(self, row: dict) -> None:
         parts = [f"epoch {row['epoch']:>3}", f"loss {row['train_loss']:.4f}", f"acc {row['train_acc']:.4f}"]
