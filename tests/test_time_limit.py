@@ -361,3 +361,38 @@ def test_a_lone_slow_window_is_set_aside_and_a_second_one_taken():
     assert window(2.0) == pytest.approx(1.021)  # off the other way: not the same change
     assert window(2.2) == pytest.approx(2.1)  # slower twice in a row: the new speed
     assert window(2.1) == pytest.approx(2.1)
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
+def test_a_replan_past_the_warmup_never_sends_the_lr_back_up(schedule):
+    """A longer plan past the warm-up used to stretch the schedule: the lr jumped back up from
+    where annealing had taken it (plans of 11.5, 46.9 and 17.9 epochs on a busy machine: the lr
+    fell, rose, fell). Now the schedule carries on from where it is, to zero at the new end."""
+    from types import SimpleNamespace
+
+    from imgclf.engine.trainer import Trainer
+
+    t = object.__new__(Trainer)
+    t.cfg = SimpleNamespace(schedule=schedule, lr_start_factor=0.0, lr_end_factor=0.0, step_epochs=30, gamma=0.1,
+                            early_crop=0, epochs=10.0, warmup_epochs=1.0)
+    t.steps_per_epoch, t.lr_scale, t.crop_frac, t.crop_end = 10, 1.0, 0.0, 0
+    t.total_steps, t.warmup_steps, t.step, t.lr_anchor = 100, 10, 0, None
+    t.optimizer = SimpleNamespace(param_groups=[{"base_lr": 1.0, "lr": 0.0}])
+    lrs = []
+    for step in range(400):
+        t.step = step
+        if step == 40:
+            t.set_total_steps(300)  # much longer
+        elif step == 120:
+            t.set_total_steps(150)  # then shorter
+        elif step == 130:
+            t.set_total_steps(260)  # then longer again
+        if step >= t.total_steps:
+            break
+        lrs.append(t._set_lr())
+    after = lrs[10:]  # past the warm-up: only ever down
+    assert all(b <= a + 1e-12 for a, b in zip(after, after[1:]))
+    assert len(lrs) == 260 and lrs[-1] < 0.01  # annealed to the end of the last plan
+    jumps = [abs(b - a) for a, b in zip(lrs[10:], lrs[11:])]
+    assert max(jumps) < 0.05  # no step in the lr at a re-plan
+    assert t.lr_anchor is not None and t.lr_anchor[0] == 130  # the last re-plan's (last.pt keeps it)

@@ -20,11 +20,14 @@ def lr_factor(
     steps_per_epoch: int = 1,
     step_epochs: float = 30,
     gamma: float = 0.1,
+    progress: float | None = None,
 ) -> float:
+    """``progress``: the decay's position (0 to 1) when the caller tracks it, as a re-planned run
+    does; by default the fraction of the steps after the warm-up."""
     total = max(total, 1)
     if warmup > 0 and step < warmup:
         return start + (1.0 - start) * step / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    t = progress if progress is not None else min(1.0, (step - warmup) / max(1, total - warmup))
     if kind == "onecycle" or kind == "linear":
         return 1.0 + (end - 1.0) * t
     if kind == "cosine":

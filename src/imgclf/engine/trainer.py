@@ -209,6 +209,9 @@ class Trainer:
         # FreezeBackbone); TimeBudget times them apart, as it does early crops
         self.frozen_end = 0
         self.step, self.epoch, self.lr_scale = 0, 0, 1.0
+        # (step, schedule progress) where the last re-plan past the warm-up left the schedule
+        # (set_total_steps); None: the progress is the plain fraction of the plan
+        self.lr_anchor: tuple[int, float] | None = None
         # where a checkpoint written within an epoch left it (_save_within_epoch); None at epoch ends
         self.in_epoch: dict | None = None
         self.history: list[dict] = []
@@ -241,10 +244,18 @@ class Trainer:
         first = [c for c in self.callbacks if getattr(c, "runs_first", False)]
         self.callbacks = first + std + [c for c in self.callbacks if c not in first]
 
+    def _progress(self, step: int) -> float | None:
+        """The schedule's progress (0 to 1 after the warm-up) at ``step`` when a re-plan set an
+        anchor: from the anchor's progress on, spread over the steps left to the plan's end."""
+        if self.lr_anchor is None or step < self.lr_anchor[0]:
+            return None
+        s0, t0 = self.lr_anchor
+        return min(1.0, t0 + (1.0 - t0) * (step - s0) / max(1, self.total_steps - s0))
+
     def _set_lr(self):
         c = self.cfg
         f = lr_factor(
-            c.schedule, self.step, self.total_steps, warmup=self.warmup_steps,
+            c.schedule, self.step, self.total_steps, warmup=self.warmup_steps, progress=self._progress(self.step),
             start=c.lr_start_factor if c.lr_start_factor is not None else 0.0,
             end=c.lr_end_factor if c.lr_end_factor is not None else 0.0,
             steps_per_epoch=self.steps_per_epoch, step_epochs=c.step_epochs, gamma=c.gamma,
@@ -257,6 +268,14 @@ class Trainer:
         """Change the planned run length (--time-limit): the schedule stretches, its warm-up keeps
         its fraction, and cfg.epochs follows so config.yaml and the progress display agree."""
         n = max(self.step, int(n), 1)
+        if self.step > self.warmup_steps and n != self.total_steps:
+            # Past the warm-up, a re-plan keeps the schedule where it is and spreads the rest over
+            # the new length. Stretched instead, a longer plan sent an annealing lr back up (a
+            # busy machine's plans of 11.5, 46.9, 17.9 epochs: the lr fell, rose, fell again).
+            t = self._progress(self.step)
+            if t is None:
+                t = min(1.0, (self.step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+            self.lr_anchor = (self.step, t)
         frac = self.warmup_steps / max(1, self.total_steps)
         self.total_steps = n
         self.warmup_steps = round(frac * n)
@@ -568,6 +587,7 @@ class Trainer:
             "stop": self.stop,
             "total_steps": self.total_steps,
             "warmup_steps": self.warmup_steps,
+            "lr_anchor": self.lr_anchor,
             "crop_end": self.crop_end,
             "data": self.data_id,
         }
@@ -629,6 +649,8 @@ class Trainer:
             self.warmup_steps = s["warmup_steps"]
             self.set_total_steps(s["total_steps"])  # cfg.epochs follows the checkpoint's plan
             self.warmup_steps = s["warmup_steps"]
+            anchor = s.get("lr_anchor")
+            self.lr_anchor = (int(anchor[0]), float(anchor[1])) if anchor is not None else None
             self.crop_end = s.get("crop_end", self.crop_end)
 
 
