@@ -6,6 +6,8 @@ import csv
 import shutil
 from pathlib import Path
 
+import pytest
+
 from imgclf.cli import main
 
 
@@ -47,8 +49,6 @@ def test_a_folder_that_takes_no_files_is_named_not_said_missing():
     from imgclf.paths import write_problem
 
     if not Path("/proc/self").is_dir():
-        import pytest
-
         pytest.skip("no /proc on this system")
     # root gets /proc's ENOENT, another user EACCES first: either way not 'No such file'
     assert write_problem(Path("/proc/self"), create=True) in ("/proc/self does not take new files", "Permission denied")
@@ -84,3 +84,33 @@ def test_progress_bars_written_to_a_log_are_redrawn_rarely(small_sample, tmp_pat
 
     monkeypatch.setattr(sys, "stderr", Terminal())
     assert bar_interval() == 0.1
+
+
+def test_imbalanced_test_scores_come_with_the_majority_baseline(small_sample, tmp_path, capfd):
+    # a top-1 of 0.68 on crops where 'person' is 62% of the test set read as learning: training's
+    # closing line and evaluate now say what always answering the largest class scores
+    import os
+
+    import imgclf
+    from imgclf.evaluate.metrics import majority_baseline
+
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    for cdir in sorted((small_sample / "train").iterdir()):
+        os.symlink(cdir, data / "train" / cdir.name, target_is_directory=True)
+    for cdir in sorted((small_sample / "test").iterdir()):
+        keep = sorted(cdir.glob("*.jpg"))[: 10 if cdir.name == "cat" else 2]
+        (data / "test" / cdir.name).mkdir(parents=True)
+        for f in keep:
+            os.symlink(f, data / "test" / cdir.name / f.name)
+    res = imgclf.train(data=str(data), epochs=1, image_size=16, project=str(tmp_path), progress=False,
+                       tensorboard=False, tta=False)
+    share = 10 / 28
+    assert majority_baseline(res.test) == ("cat", pytest.approx(share), pytest.approx(0.1))
+    closing = next(ln for ln in capfd.readouterr().err.splitlines() if "test top-1" in ln)
+    assert f"balanced acc {res.test['balanced_accuracy']:.4f} (always answering 'cat': {share:.4f}, 0.1000)" in closing
+
+    assert main(["evaluate", str(res.run_dir), "--device", "cpu"]) == 0
+    assert f"always answering 'cat' scores top-1 {share:.4f}, balanced acc 0.1000" in capfd.readouterr().out
+    # balanced classes: nothing added
+    assert majority_baseline({"per_class": [{"class": "a", "support": 10}, {"class": "b", "support": 6}]}) is None

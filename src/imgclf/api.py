@@ -1080,7 +1080,12 @@ def _finish(s: _Setup, model, trainer: Trainer, history: list[dict], extra: dict
         log.info(f"{eval_split} mAP {result.test['map']:.4f} (micro {result.test['map_micro']:.4f}){tta}; "
                  f"results in {run_dir}")
     elif result.test:
-        log.info(f"{eval_split} top-1 {result.test['top1']:.4f}{tta or ', no test-time views'}; results in {run_dir}")
+        from imgclf.evaluate.metrics import majority_baseline
+
+        base = majority_baseline(result.test)
+        vs = (f", balanced acc {result.test['balanced_accuracy']:.4f} (always answering '{base[0]}': "
+              f"{base[1]:.4f}, {base[2]:.4f})" if base else "")
+        log.info(f"{eval_split} top-1 {result.test['top1']:.4f}{vs}{tta or ', no test-time views'}; results in {run_dir}")
     return result
 
 

@@ -393,6 +393,10 @@ def _print_metrics(m: dict) -> None:
         head += f"  top-{k[3:]} {m[k]:.4f}"
     head += f"  balanced acc {m['balanced_accuracy']:.4f}  macro F1 {m['macro_f1']:.4f}"
     print(head)
+    from imgclf.evaluate.metrics import majority_baseline
+
+    if base := majority_baseline(m):
+        print(f"(imbalanced classes: always answering '{base[0]}' scores top-1 {base[1]:.4f}, balanced acc {base[2]:.4f})")
     print(f"{'class':<20} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
     for r in m["per_class"]:
         print(f"{r['class'][:20]:<20} {r['precision']:>9.4f} {r['recall']:>9.4f} {r['f1']:>9.4f} {r['support']:>8}")
