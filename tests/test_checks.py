@@ -201,7 +201,10 @@ def test_training_summary_is_short_and_writes_check_json(planted, tmp_path, caps
     report = check_for_training(src, cached, tmp_path)
     assert report is not None and report.serious  # reported, and nothing raised: training goes on
     lines = [ln for ln in capsys.readouterr().err.splitlines() if "data check" in ln]
-    assert len(lines) == 2 and "3 errors" in lines[0]
+    # the counts with the worst finding, the other error train has not printed already (the
+    # unreadable file was, as the source was read), then where the details are
+    assert len(lines) == 3 and "3 errors" in lines[0] and "details in" in lines[-1]
+    assert lines[1].startswith("imgclf: warning: data check: ") and "details" not in lines[1]
     assert _kinds(json.loads((tmp_path / "check.json").read_text())) == sorted(report.kinds())
     assert (tmp_path / "samples.png").exists()
 

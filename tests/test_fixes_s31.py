@@ -114,3 +114,26 @@ def test_imbalanced_test_scores_come_with_the_majority_baseline(small_sample, tm
     assert f"always answering 'cat' scores top-1 {share:.4f}, balanced acc 0.1000" in capfd.readouterr().out
     # balanced classes: nothing added
     assert majority_baseline({"per_class": [{"class": "a", "support": 10}, {"class": "b", "support": 6}]}) is None
+
+
+def test_train_prints_the_next_data_check_findings_not_only_the_worst(sample_dir, tmp_path, capfd):
+    # train said '1 error, 2 warnings; <the error>': the imbalance warning, the one that says
+    # top-1 will mislead, was only in check.json
+    import os
+
+    import imgclf
+
+    data = tmp_path / "data"
+    for cdir in sorted((sample_dir / "train").iterdir()):
+        n = {"cat": 300, "dog": 5}.get(cdir.name, 25)
+        (data / "train" / cdir.name).mkdir(parents=True)
+        for f in sorted(cdir.glob("*.jpg"))[:n]:
+            os.symlink(f, data / "train" / cdir.name / f.name)
+    imgclf.train(data=str(data), epochs=1, image_size=16, project=str(tmp_path), progress=False,
+                 tensorboard=False, tta=False)
+    said = [ln for ln in capfd.readouterr().err.splitlines() if "data check:" in ln]
+    assert "class 'dog' has only" in said[0] and "1 error" in said[0]
+    imbalance = [ln for ln in said if "classes are imbalanced" in ln]
+    assert len(imbalance) == 1 and "'cat' has 270" in imbalance[0]
+    assert "among the classes not named above" in imbalance[0]  # dog's 4 are not the smallest it means
+    assert "details in" in said[-1]

@@ -358,7 +358,8 @@ def _class_counts(items: _Items, classes: list[str]) -> tuple[dict, list[Finding
         ratio = train[big] / train[small]
         out.append(Finding("imbalance", "warning",
                            f"classes are imbalanced: {classes[big]!r} has {train[big]} training images, "
-                           f"{classes[small]!r} {train[small]} ({ratio:.0f}x); consider --class-weights "
+                           f"{classes[small]!r} {train[small]} ({ratio:.0f}x)"
+                           + (" among the classes not named above" if flagged else "") + "; consider --class-weights "
                            "balanced or --sampler balanced (and --monitor val_bal_acc to keep the epoch that "
                            "does best on every class), or collecting more of the small classes",
                            details={"ratio": round(float(ratio), 2)}))
@@ -827,6 +828,10 @@ TRAIN_HASH_BYTES = 2 << 30
 TRAIN_MIN_HASHED = 20_000
 
 
+# findings (errors, then warnings) that train prints; the rest are in RUN/check.json
+TRAIN_FINDINGS_SHOWN = 3
+
+
 def check_for_training(source: DataSource, cached_splits: dict[str, CachedSplit], run_dir: Path,
                        balancing: str | None = None) -> CheckReport | None:
     """The fast check at the start of ``train``: one or two lines and RUN/check.json. Findings
@@ -849,12 +854,23 @@ def check_for_training(source: DataSource, cached_splits: dict[str, CachedSplit]
         return None
     # the source's problems and unreadable files were printed once already by train
     shown = frozenset({"empty_class", "source", "unreadable"})
+    # the summary names the worst finding; the next errors and warnings follow, a line each, up
+    # to TRAIN_FINDINGS_SHOWN in all: an imbalance warning behind a few-images error was only in
+    # check.json, and it is the one that says why top-1 will mislead
+    fresh = sorted((f for f in report.findings if f.kind not in shown and f.severity in ("error", "warning")),
+                   key=lambda f: SEVERITIES.index(f.severity))
+    more = [f.message for f in fresh[1:TRAIN_FINDINGS_SHOWN]]
+    say = log.warn if report.serious else log.info
     if report.serious:
-        log.warn(report.summary(shown))
+        say(report.summary(shown))
+        for m in more:
+            say(f"data check: {m}")
         log.warn(f"data check: details in {Path(run_dir) / 'check.json'} and {report.grid}; "
                  f"'imgclf check --data {source.origin}' prints them all")
     elif report.findings:
-        log.info(report.summary(shown) + f" (see {Path(run_dir) / 'check.json'})")
+        say(report.summary(shown) + ("" if more else f" (see {Path(run_dir) / 'check.json'})"))
+        for i, m in enumerate(more):
+            say(f"data check: {m}" + (f" (see {Path(run_dir) / 'check.json'})" if i == len(more) - 1 else ""))
     else:
         log.info(report.summary())
     return report
