@@ -137,3 +137,17 @@ def test_train_prints_the_next_data_check_findings_not_only_the_worst(sample_dir
     assert len(imbalance) == 1 and "'cat' has 270" in imbalance[0]
     assert "among the classes not named above" in imbalance[0]  # dog's 4 are not the smallest it means
     assert "details in" in said[-1]
+
+
+def test_a_run_ending_within_an_epoch_says_the_fraction_it_trained(small_sample, tmp_path):
+    # a --time-limit run planned 19.3 epochs, its log said 'trained 19.3 epochs', and summary.json
+    # and the report said 20: the partial last epoch was counted whole
+    import json
+
+    import imgclf
+
+    res = imgclf.train(data=str(small_sample), epochs=1.5, batch_size=36, image_size=16, project=str(tmp_path),
+                       progress=False, tensorboard=False, tta=False)
+    assert len(res.history) == 2  # two epoch rows: the second a half
+    assert json.loads((res.run_dir / "summary.json").read_text())["epochs"] == 1.5
+    assert json.loads((res.run_dir / "model.json").read_text())["epochs_trained"] == 1.5

@@ -1014,7 +1014,7 @@ def _finish(s: _Setup, model, trainer: Trainer, history: list[dict], extra: dict
         "architecture": s.arch, "arch_args": extra["arch_args"], "classes": s.src.classes, "task": s.src.task,
         "image_size": s.size, "resize": cfg.resize, "mean": list(extra["mean"]), "std": list(extra["std"]),
         "tta_level": recipe.tta_level(cfg), "tta_flip": cfg.flip, "temperature": 1.0, "thresholds": None,
-        "weights": "model.safetensors", "weights_from": used, "epochs_trained": trainer.epoch,
+        "weights": "model.safetensors", "weights_from": used, "epochs_trained": _epochs_done(trainer),
         "data": s.src.origin, "imgclf_version": _version(),
         "weights_source": s.source.source if s.source else None,
     }
@@ -1054,7 +1054,7 @@ def _finish(s: _Setup, model, trainer: Trainer, history: list[dict], extra: dict
                                        run_dir, split=eval_split, tta_level=meta["tta_level"], ram_budget=budget,
                                        keep=scored)
     _write_plots(run_dir, history, s.arch, s.src.name, kept=trainer.best_epoch if used.startswith("best") else None)
-    summary = {"train_seconds": round(train_seconds, 1), "weights": used, "epochs": trainer.epoch}
+    summary = {"train_seconds": round(train_seconds, 1), "weights": used, "epochs": _epochs_done(trainer)}
     if result.test:
         summary.update({k: result.test[k] for k in result.test
                         if k.startswith("top") or k in ("split", "map", "map_micro", "f1_micro", "exact_match")})
@@ -1087,6 +1087,13 @@ def _finish(s: _Setup, model, trainer: Trainer, history: list[dict], extra: dict
               f"{base[1]:.4f}, {base[2]:.4f})" if base else "")
         log.info(f"{eval_split} top-1 {result.test['top1']:.4f}{vs}{tta or ', no test-time views'}; results in {run_dir}")
     return result
+
+
+def _epochs_done(trainer) -> int | float:
+    """Epochs trained, a fraction where the run ended within one (--time-limit), as config.yaml
+    and the log say it: the last partial epoch counted whole made 19.3 planned read as 20 done."""
+    done = trainer.step / max(1, trainer.steps_per_epoch)
+    return trainer.epoch if abs(done - round(done)) < 1e-9 else round(done, 4)
 
 
 def _version() -> str:
