@@ -152,7 +152,10 @@ def test_val_metrics_warn_they_are_optimistic_and_missing_values_are_na(tiny_run
     assert "<h2>Final metrics (val)</h2>" in doc
     assert "Measured on the validation split, which the run also fitted to" in doc and "best on it" in doc
     assert ">nan<" not in doc and ">None<" not in doc
-    assert re.search(r"<tr><td>nll</td><td[^>]*>n/a</td>", doc)
+    assert re.search(r"<tr><td>nll \(log loss\)</td><td[^>]*>n/a</td>", doc)
+    # metrics.json's terse keys read as words in the table
+    assert re.search(rf"<tr><td>misclassified images</td><td[^>]*>{metrics['error_rate_n']}</td>", doc)
+    assert "error_rate_n" not in doc
     assert re.search(r"<tr><td>airplane</td><td[^>]*>n/a</td>", doc)
 
 

@@ -283,6 +283,10 @@ def metrics_title(metrics: dict | None) -> str:
     return f"Final metrics ({split})" if split else "Run summary (no held-out evaluation)"
 
 
+# metrics.json keys whose names say little in a table read by people
+METRIC_NAMES = {"error_rate_n": "misclassified images", "n": "images scored", "nll": "nll (log loss)"}
+
+
 def section_metrics(metrics: dict | None, summary: dict | None, n_classes: int = 0) -> str | None:
     if not metrics and not summary:
         return None
@@ -299,7 +303,7 @@ def section_metrics(metrics: dict | None, summary: dict | None, n_classes: int =
                 continue
             if k.endswith("_seconds") and isinstance(v, (int, float)):
                 v = f"{v:.1f} s"
-            rows.append([k, v])
+            rows.append([METRIC_NAMES.get(k, k), v])
     split = (metrics or {}).get("split")
     if not metrics:
         notes.insert(0, "No test or validation split was evaluated: there are no held-out figures. "
