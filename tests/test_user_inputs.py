@@ -50,6 +50,10 @@ def test_tensors_channels_first_grey_batches_and_nested_lists_predict_like_the_f
     assert len(clf.predict(np.stack([grey] * 5))) == 5  # N x H x W: MNIST's x_test
     with pytest.raises(UserError, match="ambiguous"):
         clf.predict(np.stack([grey] * 3))  # 3 grey images, or one channels-first image?
+    # one grey image as (1, H, W) reads the same either way: x_test[:1] was refused as ambiguous
+    one = clf.predict(grey[None])
+    (c1, p1), (c5, p5) = _top(one[0]), _top(clf.predict(np.stack([grey] * 5))[0])
+    assert len(one) == 1 and c1 == c5 and np.allclose(p1, p5, atol=1e-5)
 
 
 def test_normalised_floats_and_bad_top_k_are_refused_not_guessed(tiny_run, sample_dir):

@@ -1417,7 +1417,9 @@ def _input_list(inputs) -> list:
                 inputs = inputs.transpose(0, 2, 3, 1)  # N x C x H x W: no other reading is possible
             return list(_batch_uint8(inputs))
         if inputs.ndim == 3 and inputs.shape[2] not in channels:
-            if inputs.shape[0] in channels:
+            # (1, H, W) reads as one grey image either way; (3|4, H, W) as one RGB/RGBA image or as
+            # 3|4 grey ones, which cannot be told apart
+            if inputs.shape[0] in channels and inputs.shape[0] > 1:
                 raise UserError(f"an array of shape {inputs.shape} is ambiguous: pass arr.transpose(1, 2, 0) "
                                 f"for one channels-first image, or arr[..., None] for {inputs.shape[0]} grey images")
             return list(_batch_uint8(inputs))  # N x H x W grey images
