@@ -959,12 +959,13 @@ def _build_trainer(s: _Setup, *, resume, callbacks, final_eval: bool, t_start: f
             dump_yaml(cfg, s.run_dir / "config.yaml")
         within = f", batch {part['batch'] + 1} of {trainer.steps_per_epoch}" if part else ""
         log.info(f"resuming at epoch {trainer.epoch + 1}{within} (step {trainer.step}/{trainer.total_steps})")
-    length = f"{cfg.epochs:g} epoch{'' if cfg.epochs == 1 else 's'}" if not (budget_cb and budget_cb.active) else \
-        f"time limit {cfg.time_limit:g}s (length planned after the first timed steps)"
+    steps = f"{trainer.steps_per_epoch} steps of {cfg.batch_size}"
+    length = f"{cfg.epochs:g} epoch{'' if cfg.epochs == 1 else 's'} x {steps}" if not (budget_cb and budget_cb.active) \
+        else f"{steps} per epoch, as many epochs as fit in {cfg.time_limit:g}s (planned from the first timed steps)"
     opt = f"{cfg.optimizer} lr {cfg.lr:.3g}" if cfg.optimizer != "muon" else \
         f"muon lr {cfg.muon_lr:.3g} (conv filters) + sgd lr {cfg.lr:.3g}"
     log.info(f"model {arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
-             f"{length} x {trainer.steps_per_epoch} steps of {cfg.batch_size}, {opt}, "
+             f"{length}, {opt}, "
              f"{device.type} {trainer.precision.dtype or 'fp32'}")
     log.info(_regularisation_line(cfg, trainer))
     if s.default_model:  # said beside the model it is about

@@ -85,7 +85,9 @@ class TrainConfig(BaseModel):
                               allow_inf_nan=False)
 
     # --- data -------------------------------------------------------------------------------
-    data: str = Field(..., description="class-folder tree (or a .zip/.tar.gz of one), CIFAR pickle dir, 'cifar10'/'cifar100', or pixel CSV")
+    data: str = Field(..., description="class-folder tree (or a .zip/.tar[.gz|.bz2|.xz] of one), CIFAR pickle dir, "
+                                  "'cifar10'/'cifar100', hf:OWNER/NAME, .parquet, .npz, COCO JSON, YOLO folder, "
+                                  "label CSV (path,labels) or pixel CSV")
     val_data: str | None = Field(None, description="separate validation data (default: a val/ folder, else --val-split)")
     test_data: str | None = Field(None, description="separate test data (default: a test/ folder, or a CIFAR test batch)")
     val_split: float = Field(0.1, ge=0.0, lt=1.0, description="fraction of train held out when there is no val split")
@@ -120,7 +122,7 @@ class TrainConfig(BaseModel):
     model: str = Field("auto", description="fastnet, plaincnn, or timm:<name> (default: auto, which is fastnet)")
     model_args: dict[str, Any] = Field(default_factory=dict, description="extra model arguments as key=value, lists in "
                                        "brackets: fastnet width=1.5; plaincnn channels=[32,64,128],dense=[256],dropout=0.25 "
-                                       "(an unknown key lists the model's keys and defaults; default: none)")
+                                       "(an unknown key lists the model's keys and defaults)")
     pretrained: bool = Field(False, description="start from pretrained weights (timm models)")
     weights: str | None = Field(None, description="weights to start from: a safetensors or state-dict file, or an http(s) URL (downloaded once; URL#sha256=HEX is checked) (default: none: random, or --pretrained's)")
     head: list[int] | None = Field(None, description="hidden sizes of a new classifier head on a timm backbone, e.g. 512,256 (default: none, one linear layer)")
