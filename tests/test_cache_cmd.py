@@ -105,3 +105,15 @@ def test_a_large_cache_says_how_to_free_it_once(small_sample, tmp_path, monkeypa
     _decode(small_sample, root, 20)
     err = capsys.readouterr().err
     assert err.count("'imgclf cache' lists it") == 1 and f"cache in {root} holds" in err
+
+
+def test_a_cache_decoded_from_a_relative_path_names_its_folder_absolutely(small_sample, tmp_path, capsys, monkeypatch):
+    # 'imgclf check flat' from one folder, 'imgclf cache' from another: 'from flat/train' had lost
+    # the folder it was relative to
+    monkeypatch.setenv("COLUMNS", "400")
+    root = tmp_path / "cache"
+    monkeypatch.chdir(small_sample.parent)
+    new = _decode(Path(small_sample.name), root, 20)
+    monkeypatch.chdir(tmp_path)
+    assert main(["cache", "--cache-dir", str(root)]) == 0
+    assert f"{len(new)} images at 20 px stretch, from {small_sample / 'train'}" in capsys.readouterr().out

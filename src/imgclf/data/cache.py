@@ -230,12 +230,12 @@ def _source_of(paths: list[str]) -> str:
     if not paths:
         return ""
     first, last = min(paths), max(paths)
-    if first == last:
-        return os.path.dirname(first)
-    try:
-        return os.path.commonpath([first, last])  # sorted: the two ends share what all share
+    try:  # sorted: the two ends share what all share
+        common = os.path.dirname(first) if first == last else os.path.commonpath([first, last])
     except ValueError:  # paths on two Windows drives
         return ""
+    # absolute: 'imgclf cache' runs from anywhere, and 'from other/test' lost the folder it was relative to
+    return common if "://" in common else os.path.abspath(common)
 
 
 _SPACE_MARGIN = 64 << 20  # the .json beside it, and the disk's own reserve: full is full before 0
