@@ -367,8 +367,9 @@ class TimeBudget(Callback):
     of speed is picked up within two windows and a lone stall is not (phase changes, such as
     unfreezing a backbone, are timed apart from the start). The gap between epochs (validation, checkpoint) is
     measured too. The length is planned after the first window and re-planned when the estimate
-    moves it by more than 2% (window ends) or 1% (epoch ends); the lr schedule stretches with it
-    (the warm-up keeps its fraction). Early-crop steps (cfg.early_crop) are timed apart from
+    moves it by more than 2% (window ends) or 1% (epoch ends); the lr schedule follows it (during
+    the warm-up, which keeps its fraction, by stretching; after it, from where it is to the new end:
+    Trainer.set_total_steps). Early-crop steps (cfg.early_crop) are timed apart from
     whole-image ones, and the plan solves for a length whose first early_crop_fraction is crop
     steps. Head-only steps of a fine-tune (before t.frozen_end) are timed apart too, and until a
     step with the backbone unfrozen has been timed it is guessed at UNFROZEN_STEP_COST of one:

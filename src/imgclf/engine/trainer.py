@@ -265,8 +265,10 @@ class Trainer:
         return f
 
     def set_total_steps(self, n: int) -> None:
-        """Change the planned run length (--time-limit): the schedule stretches, its warm-up keeps
-        its fraction, and cfg.epochs follows so config.yaml and the progress display agree."""
+        """Change the planned run length (--time-limit): the warm-up keeps its fraction, the decay
+        after it goes on from where it is to the new end (lr_anchor), and cfg.epochs follows so
+        config.yaml and the progress display agree. (A repeat from config.yaml runs the final
+        length on a plain schedule: the same length, not the same lr curve.)"""
         n = max(self.step, int(n), 1)
         if self.step > self.warmup_steps and n != self.total_steps:
             # Past the warm-up, a re-plan keeps the schedule where it is and spreads the rest over
