@@ -922,6 +922,8 @@ def _build_trainer(s: _Setup, *, resume, callbacks, final_eval: bool, t_start: f
             log.warn(f"--lr auto: {e.reason}; training with the recipe's lr {cfg.lr:.3g} instead (see lr_find.png)")
         if rank == 0:
             dump_yaml(cfg, s.run_dir / "config.yaml")
+    if cfg.probe and resume is None:
+        _probe_head(model, cfg, train_loader, val_loader, normalize, device, loss_fn, class_weights, s, world)
     budget_cb = None
     if cfg.time_limit and resume is None:
         budget_cb = _time_budget(cfg, _budget_start(t_start, started), cached, final_eval=final_eval, run_dir=s.run_dir if rank == 0 else None,
@@ -972,6 +974,32 @@ def _build_trainer(s: _Setup, *, resume, callbacks, final_eval: bool, t_start: f
         _hint_pretrained(len(cached["train"]))
     return model, trainer, budget_cb, {"mean": mean, "std": std, "arch_args": arch_args,
                                        "prior_seconds": extra_prior if resume is not None else 0.0}
+
+
+def _probe_head(model, cfg: TrainConfig, train_loader, val_loader, normalize, device, loss_fn, class_weights,
+                s: _Setup, world: int) -> None:
+    """--probe: the new head fitted on the frozen backbone's features before fine-tuning
+    (models/probe.py), said in one line with what the probe scores."""
+    from imgclf.engine.trainer import resolve_precision, training_loss
+    from imgclf.models.head import HeadedNet
+    from imgclf.models.probe import fit_head
+
+    if not isinstance(model, HeadedNet):
+        return  # no separate backbone (an own net, a whole timm net from --weights): nothing to probe
+    if getattr(model.head, "kept_from_run", False):
+        log.info("--probe: the head of the run in --weights is kept, not refitted")
+        return
+    if world > 1:  # each process would fit its own head; DDP needs them identical from the start
+        log.info("--probe: skipped in a distributed run (--devices > 1); the head trains with the backbone")
+        return
+    r = fit_head(model, train_loader, val_loader, normalize, resolve_precision(cfg.precision, device), device,
+                 training_loss(cfg, loss_fn, class_weights, s.multilabel), seed=cfg.seed, flip=bool(cfg.flip),
+                 multilabel=s.multilabel, weight_decay=cfg.weight_decay or 0.0)
+    what = "exact-match accuracy" if s.multilabel else "top-1"
+    val = f", val {what} {r['val_acc']:.4f}" if r["val_acc"] is not None else ""
+    views = " and their flips" if r["flip"] else ""
+    log.info(f"probe: head fitted on the frozen backbone's features of {r['images']} training images{views} in "
+             f"{r['seconds']:.1f}s (train {what} {r['train_acc']:.4f}{val}); fine-tuning starts from it")
 
 
 def _regularisation_line(cfg: TrainConfig, trainer: Trainer) -> str:

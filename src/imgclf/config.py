@@ -136,6 +136,10 @@ class TrainConfig(BaseModel):
     freeze_bn: bool | None = Field(None, description="keep the pretrained backbone's BatchNorm statistics once it is "
                                    "unfrozen, as Keras' fine-tuning guide does (default: on for a pretrained backbone "
                                    "trained on under 5000 images, off otherwise and for nets from scratch)")
+    probe: bool | None = Field(None, description="fit the new head on the frozen backbone's features of the training "
+                               "images (up to 10000, read once) before fine-tuning: linear probe, then fine-tune "
+                               "(default: off; --probe helps where the pretrained features already fit the images, "
+                               "and then --freeze-epochs defaults to 0)")
 
     # --- optimisation -----------------------------------------------------------------------
     epochs: float | None = Field(None, gt=0, description="training epochs, fractions allowed (default: 10 for fastnet and "

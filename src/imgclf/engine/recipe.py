@@ -205,6 +205,17 @@ def resolve(cfg: TrainConfig, *, n_train: int, image_size: int, arch: str, multi
     if c.backbone_lr_scale is None:
         # discriminative lr: pretrained features need small steps, the new head large ones
         c.backbone_lr_scale = 0.1 if pretrained else 1.0
+    if c.probe is None:
+        # linear probe, then fine-tune (models/probe.py): better where the frozen features fit
+        # the task, worse where the backbone must adapt (upscaled 32-px photos), so only on request
+        c.probe = False
+    if c.probe and not (pretrained and arch.startswith("timm:")):
+        from imgclf.errors import UserError
+
+        raise UserError("--probe fits a new head on pretrained features: it needs a timm model with --pretrained "
+                        f"or --weights FILE, not {'random weights' if arch.startswith('timm:') else arch}")
+    if c.freeze_epochs is None and c.probe:
+        c.freeze_epochs = 0  # the probe has fitted the head: no head-only phase is needed
     if c.freeze_epochs is None:
         # fastai's fine_tune: one head-only epoch first, so the random head's large early
         # gradients never reach (and wreck) the pretrained features
