@@ -105,3 +105,19 @@ def test_a_multilabel_runs_label_accuracy_has_its_own_column(two_runs, tmp_path)
     header, (ra, rb) = res["header"], res["rows"]
     acc, label_acc = header.index("best_val_acc"), header.index("best_val_label_acc")
     assert ra[acc] is not None and ra[label_acc] is None and rb[acc] is None and rb[label_acc] is not None
+
+
+def test_a_temperature_fitted_on_test_images_is_not_labelled_val(two_runs, tmp_path):
+    # `imgclf calibrate RUN --data test/` records "test split of ..."; compare called its ECE val_ece
+    import json
+
+    a, b = two_runs
+    meta = json.loads((b / "model.json").read_text())
+    assert meta["calibration"]["split"] == "val"  # what training records
+    meta["calibration"]["split"] = f"test split of {tmp_path / 'data'}"
+    (b / "model.json").write_text(json.dumps(meta))
+    res = compare_runs([a, b], tmp_path / "cmp")
+    header, rows = res["header"], res["rows"]
+    assert "val_ece_after" in header and "test_ece_after" in header
+    assert rows[0][header.index("test_ece_after")] in ("", None, "-")  # a: fitted on val only
+    assert rows[1][header.index("val_ece_after")] in ("", None, "-")

@@ -208,11 +208,26 @@ def final_figures(info: dict) -> dict:
     if isinstance(cal, dict):
         applied = cal.get("applied", True)  # a fit on too few images is recorded, not applied
         row["temperature"] = cal.get("temperature") if applied else 1.0
-        row["val_ece_before"] = cal.get("ece_before")
-        row["val_ece_after"] = cal.get("ece_after") if applied else cal.get("ece_before")
+        # named by the images the temperature was fitted and scored on: a training run's val split,
+        # or what `imgclf calibrate --data` was given (a test split's ECE labelled val_ece misled)
+        where = _calibration_split(str(cal.get("split") or "val"))
+        row[f"{where}_ece_before"] = cal.get("ece_before")
+        row[f"{where}_ece_after"] = cal.get("ece_after") if applied else cal.get("ece_before")
     if "train_seconds" in s:
         row["train_seconds"] = s["train_seconds"]
     return row
+
+
+def _calibration_split(split: str) -> str:
+    """'val', 'test' or 'calib' (other images) from a calibration record's split, which is 'val'
+    for a training run and says what `imgclf calibrate` read ('test split of DIR', 'the run's
+    validation split of DIR', 'all of DIR')."""
+    s = split.lower()
+    if s.startswith("val") or "validation split" in s:
+        return "val"
+    if s.startswith("test"):
+        return "test"
+    return "calib"
 
 
 def config_value(config: dict, key: str):
