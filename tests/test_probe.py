@@ -66,6 +66,17 @@ def test_a_head_kept_from_an_earlier_run_is_not_refitted(small_sample, tmp_path,
     assert "the head of the run in --weights is kept, not refitted" in err and "probe: head fitted" not in err
     assert all(torch.equal(at.head[k], saved[f"head.{k}"]) for k in at.head)
 
+    # a class the earlier run never saw has a fresh row: the probe fits the head, from what it kept
+    import shutil
+
+    renamed = tmp_path / "renamed"
+    shutil.copytree(small_sample, renamed)
+    for split in ("train", "test"):
+        (renamed / split / "truck").rename(renamed / split / "lorry")
+    _train(renamed, tmp_path, "third", weights=str(first.run_dir / "model.safetensors"), probe=True)
+    err = capsys.readouterr().err
+    assert "probe: head fitted" in err and "is kept, not refitted" not in err
+
 
 def test_the_probe_is_asked_for_and_then_replaces_the_head_only_phase():
     from imgclf.errors import UserError

@@ -688,7 +688,9 @@ def _load_run_head(head: nn.Module, state: dict[str, torch.Tensor], old: list[st
             log.info("--weights: the run's head has other layers than --head asks for: a new head is trained")
             return
         head.load_state_dict(state)
-        head.kept_from_run = True  # trained already: no probe refits it (api._probe_head)
+        # trained already for every class of this run: --probe leaves it (api._probe_head); a head
+        # with fresh rows for new classes is probed from what it kept
+        head.kept_from_run = not set(new or ()) - set(old or ())
         log.info(f"--weights: the run's head is kept{'; ' + note if note else ' (same layers and classes)'}")
         return
     resized = _class_count_changes(head, state, own)
@@ -696,7 +698,7 @@ def _load_run_head(head: nn.Module, state: dict[str, torch.Tensor], old: list[st
         log.info("--weights: the run's head has other layers than --head asks for: a new head is trained")
         return
     head.load_state_dict({**state, **{k: own[k] for k in resized}})
-    head.kept_from_run = len(resized) < len(own)
+    head.kept_from_run = not resized
     if len(resized) == len(own):
         log.info("--weights: the run's head has another class count: a new head is trained")
     elif resized:
