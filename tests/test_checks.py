@@ -419,3 +419,24 @@ def test_the_size_train_picks_follows_the_median_the_check_reports(tmp_path):
     assert main(["check", str(tmp_path / "photos"), "--out", str(tmp_path / "chk"), "--max-images", "10"]) in (0, 1)
     median = json.loads((tmp_path / "chk" / "check.json").read_text())["stats"]["images"]["short_side"]["median"]
     assert auto_image_size(sorted(paths), None) == 16 * round(median / 16)
+
+
+def test_a_pretrained_run_is_not_told_to_train_at_the_photos_own_size(few, tmp_path, capsys):
+    # 32-px photos at Lite0's input: the check advised '--image-size 32', where a pretrained
+    # backbone's features are left a 1x1 map; upscaling to the model's size is the point there
+    import json
+
+    import imgclf
+
+    res = imgclf.train(data=str(few), model="efficientnet_lite0", pretrained=True, image_size=96, epochs=0.1,
+                       project=str(tmp_path), name="lite", progress=False, tensorboard=False, tta=False)
+    err = capsys.readouterr().err
+    found = {f["kind"]: f for f in json.loads((res.run_dir / "check.json").read_text())["findings"]}
+    assert found["upscaled"]["severity"] == "info"
+    assert "to the pretrained model's input size, as its features expect" in found["upscaled"]["message"]
+    assert "--image-size 32" not in err and "--image-size 32" not in found["upscaled"]["message"]
+    # from scratch, the same photos at 96 px are blown up for nothing: the advice stands
+    res = imgclf.train(data=str(few), image_size=96, epochs=0.1, project=str(tmp_path), name="scratch",
+                       progress=False, tensorboard=False, tta=False)
+    found = {f["kind"]: f for f in json.loads((res.run_dir / "check.json").read_text())["findings"]}
+    assert found["upscaled"]["severity"] == "warning" and "consider --image-size 32" in found["upscaled"]["message"]

@@ -718,7 +718,7 @@ def _prepare_data(cfg: TrainConfig, run_dir: Path | None, device: torch.device, 
         balancing = " and ".join(x for x in (f"--class-weights {cfg.class_weights}" if (cfg.class_weights or "none").lower() != "none" else "",
                                              "--sampler balanced" if cfg.sampler == "balanced" else "") if x)
         # one or two lines and RUN/check.json; never fails the run
-        check_for_training(src, cached, run_dir, balancing=balancing or None)
+        check_for_training(src, cached, run_dir, balancing=balancing or None, pretrained=source is not None)
     return _Setup(cfg, src, cached, arch, size, source, run_dir, device, ddp, user_epochs, default_model)
 
 
