@@ -984,8 +984,9 @@ def _probe_head(model, cfg: TrainConfig, train_loader, val_loader, normalize, de
     from imgclf.models.head import HeadedNet
     from imgclf.models.probe import fit_head
 
-    if not isinstance(model, HeadedNet):
-        return  # no separate backbone (an own net, a whole timm net from --weights): nothing to probe
+    if not isinstance(model, HeadedNet):  # a whole timm net from --weights: its own classifier, no new head
+        log.info("--probe: the model from --weights has no new head to fit; it is fine-tuned as it is")
+        return
     if getattr(model.head, "kept_from_run", False):
         log.info("--probe: the head of the run in --weights is kept, not refitted")
         return
