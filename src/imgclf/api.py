@@ -1229,15 +1229,18 @@ def _one_class_note(m: dict, classes: list[str], split: str) -> None:
 
 
 def evaluate(run: str | Path, data=None, *, tta: bool | None = None, device: str = "auto",
-             out: str | Path | None = None, progress: bool = True, cache_dir: str | None = None) -> dict:
+             out: str | Path | None = None, progress: bool = True, cache_dir: str | None = None,
+             label_column: str | None = None) -> dict:
     """Evaluate a trained run on ``data`` (a folder, CSV, pickle dir or .npz: its test split if it
     has one; or arrays, ``(x_test, y_test)``, labelled by index in the model's class order, by
     class name, or for a multi-label run by a list of class names per image).
+    A CSV is read as training read its data (pixel layout and shape, label column);
+    ``label_column`` names a CSV's label column where it is not the run's (GTSRB's Test.csv: ClassId).
     Results go to ``out``, else RUN/eval-<data name> (``out_dir`` in the dict returned)."""
     from imgclf.data.npz import is_arrays, save_arrays
     from imgclf.evaluate.calibrate import run_cache_root
 
-    kw = dict(tta=tta, device=device, out=out, progress=progress, cache_dir=cache_dir)
+    kw = dict(tta=tta, device=device, out=out, progress=progress, cache_dir=cache_dir, label_column=label_column)
     if _bare_array(data):  # else "'numpy.ndarray' object has no attribute 'lower'"
         raise UserError(f"evaluate needs labels: pass the images with their labels, data=(x_test, y_test), not an "
                         f"array of shape {tuple(data.shape)} alone")
@@ -1291,12 +1294,18 @@ def _eval_folder(run_dir: Path, name: str, data: str) -> Path:
 
 
 def _evaluate(run: str | Path, data: str | None, *, tta: bool | None, device: str, out: str | Path | None,
-              progress: bool, cache_dir: str | None) -> dict:
+              progress: bool, cache_dir: str | None, label_column: str | None = None) -> dict:
     device_t = resolve_device(device)
     model, meta = load_model(run, device_t)
     if device_t.type == "cpu":  # the layout training validated and tested in: bf16 kernels round alike
         model.to(memory_format=torch.channels_last)
-    from imgclf.evaluate.calibrate import check_classes, own_held_out, run_cache_root, source_from_config
+    from imgclf.evaluate.calibrate import (
+        check_classes,
+        own_held_out,
+        read_options,
+        run_cache_root,
+        source_from_config,
+    )
 
     run_dir, _ = read_meta(run)
     # where the results go, checked before any image is decoded or scored
@@ -1310,7 +1319,10 @@ def _evaluate(run: str | Path, data: str | None, *, tta: bool | None, device: st
     if (run_dir / "config.yaml").exists():  # read labels the way training did (COCO/YOLO modes, --classes)
         run_cfg = make_config(run_dir / "config.yaml")
         label_opts = dict(task=run_cfg.task, label_mode=run_cfg.label_mode, classes=run_cfg.classes,
-                          keep_empty=run_cfg.keep_empty, images=run_cfg.images if data is None else None)
+                          keep_empty=run_cfg.keep_empty, images=run_cfg.images if data is None else None,
+                          **read_options(run_cfg))
+    if label_column is not None:  # the data's own column, where it is not the one training read
+        label_opts["label_column"] = label_column
     own = data is None
     if own:
         cfg = make_config(run_dir / "config.yaml")

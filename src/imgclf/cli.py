@@ -240,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="top-1/top-5, per-class P/R/F1 and the confusion matrix on test data")
     e.add_argument("run", help="run folder")
     e.add_argument("--data", help="test data (default: the run's own test split, else its validation split)")
+    e.add_argument("--label-column", help="label column of a pixel or label CSV given as --data (default: the "
+                   "run's --label-column, else label)")
     e.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="test-time augmentation (default: the run's setting)")
     e.add_argument("--device", default="auto", help=DEVICE_HELP)
     e.add_argument("--out", "--output", dest="out", help="folder for the figures (default: RUN/eval-<data>)")
@@ -405,7 +407,8 @@ def _print_metrics(m: dict) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from imgclf.api import evaluate
 
-    m = evaluate(args.run, args.data, tta=args.tta, device=args.device, out=args.out, progress=args.progress)
+    m = evaluate(args.run, args.data, tta=args.tta, device=args.device, out=args.out, progress=args.progress,
+                 label_column=args.label_column)
     _print_metrics(m)
     print(f"figures: {m['out_dir']}")
     return 0

@@ -690,14 +690,29 @@ class _PixelReader:
             self.chunks.append(vals.astype(np.uint8))
 
 
+def numbered_classes(classes: list[str] | None) -> dict[int, int] | None:
+    """{number: class index} for class names that are all plain whole numbers ("0", "7", "42")
+    but not 0..K-1 in order, else None. A class-folder tree named by number (GTSRB's Train/0 ..
+    Train/42, star ratings 1..5) has its classes sorted as text, 0, 1, 10, 11, ..., 19, 2, 20:
+    there an integer label 2 in a val/test CSV or .npz is the class named "2", as evaluate reads
+    the same file, not the third class ("10"), which silently mislabelled most of the rows."""
+    if not classes or not all(re.fullmatch(r"0|[1-9]\d*", str(c)) for c in classes):
+        return None
+    numbers = [int(c) for c in classes]
+    return None if numbers == list(range(len(numbers))) else {n: i for i, n in enumerate(numbers)}
+
+
 def _labels_to_ints(labels: list[str], classes: list[str] | None, file: Path) -> tuple[np.ndarray, list[str]]:
     if all(_INT_RE.match(s) for s in labels):
         lab = np.array([int(s) for s in labels], dtype=np.int64)
         if lab.min() < 0:
             raise DataError(f"{file} has negative label {int(lab.min())}; integer labels must be class "
                             "indices 0..K-1 (or use class names)")
+        numbered = numbered_classes(classes)
         if classes is None:
             classes = [str(i) for i in range(int(lab.max()) + 1)]
+        elif numbered is not None and set(lab.tolist()) <= numbered.keys():
+            lab = np.array([numbered[v] for v in lab.tolist()], dtype=np.int64)  # the numbers name the classes
         elif lab.max() >= len(classes):
             raise DataError(f"{file} has label {int(lab.max())} but there are only {len(classes)} classes "
                             f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}); "

@@ -319,7 +319,21 @@ def _class_counts(items: _Items, classes: list[str]) -> tuple[dict, list[Finding
         others = [f"{n} {int(v[c])}" for n, v in per_split.items() if n != "train"]
         return f" ({', '.join(others)})" if others else ""
 
-    too_few = [c for c, n in enumerate(train) if n < MIN_CLASS_IMAGES]
+    # classes named 0..K-1 are the indices of integer labels (a pixel CSV's or an .npz's): one no
+    # image has in any split is a number no row uses, labels from 1 (EMNIST letters) or with a
+    # gap (Sign Language MNIST has no 9), not a class to 'add images to or remove'
+    labelled_by_index = classes == [str(i) for i in range(len(classes))] and all(
+        s.paths is None for s in items.sources)  # arrays: folders named 0..9 have no empty class
+    unused = ([c for c in range(len(classes)) if all(v[c] == 0 for v in per_split.values())]
+              if labelled_by_index else [])
+    if unused:
+        shown = ", ".join(classes[c] for c in unused[:10]) + (", ..." if len(unused) > 10 else "")
+        out.append(Finding("unused_labels", "warning",
+                           f"no image is labelled {shown}: integer labels are class indices 0..{len(classes) - 1}, "
+                           f"so the model has {len(unused)} class(es) without images"
+                           + (" (labels that start at 1? subtract 1 from every label)" if unused == [0] else ""),
+                           details={"classes": [classes[c] for c in unused]}))
+    too_few = [c for c, n in enumerate(train) if n < MIN_CLASS_IMAGES and c not in unused]
     scarce = [c for c, n in enumerate(train) if MIN_CLASS_IMAGES <= n < MIN_CLASS_FRACTION * median]
     flagged = set(too_few) | set(scarce)
     if len(too_few) > GROUP_CLASSES:

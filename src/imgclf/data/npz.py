@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf.data.arrays import DataError
+from imgclf.data.arrays import DataError, numbered_classes
 
 # the keys read from an .npz, per split; the first present wins (Keras' names first)
 SPLIT_KEYS = {
@@ -112,20 +112,24 @@ def label_values(y, n: int, what: str) -> np.ndarray:
     return a
 
 
-def build_source(splits: dict[str, tuple], classes: list[str] | None, origin: str, name: str):
+def build_source(splits: dict[str, tuple], classes: list[str] | None, origin: str, name: str,
+                 by_number: bool = False):
     """A DataSource from ``{split: (images, labels)}``; ``classes`` names the classes (indices
-    label them in this order), or comes from the labels: 0..max for indices, sorted names."""
+    label them in this order), or comes from the labels: 0..max for indices, sorted names.
+    ``by_number``: integer labels that are all numbers the classes are named by label those
+    classes (arrays.numbered_classes), as for val/test data read in the training's classes."""
     from imgclf.data.sources import DataSource, Split
 
     labels = {k: label_values(y, len(_numpy(x)), f"{origin}: {k} labels") for k, (x, y) in splits.items()}
-    out, classes, multi = _class_labels(labels, classes, origin, {k: f"{origin}: {k} labels" for k in labels})
+    out, classes, multi = _class_labels(labels, classes, origin, {k: f"{origin}: {k} labels" for k in labels},
+                                        by_number)
     made = {s: Split(labels=out[s], images=images_nhwc(x, f"{origin}: {s} images")) for s, (x, _) in splits.items()}
     return DataSource(name=name, origin=origin, classes=[str(c) for c in classes], train=made["train"],
                       val=made.get("val"), test=made.get("test"), task="multilabel" if multi else "single")
 
 
 def _class_labels(labels: dict[str, np.ndarray], classes: list[str] | None, origin: str,
-                  what: dict[str, str]) -> tuple[dict[str, np.ndarray], list, bool]:
+                  what: dict[str, str], by_number: bool = False) -> tuple[dict[str, np.ndarray], list, bool]:
     """Checked labels per split (label_values) -> (class indices or multi-hot rows per split,
     the class names, whether multi-label). ``what``: each split's name in messages."""
     hot = {k: v for k, v in labels.items() if v.ndim == 2}
@@ -177,6 +181,9 @@ def _class_labels(labels: dict[str, np.ndarray], classes: list[str] | None, orig
                 raise DataError(f"{what[past[0]]}: label {past[1]} but the training labels are 0..{seen} (off by "
                                 f"one?): labels are indices of the training classes; pass 0..{seen}, or class names")
             classes = [str(i) for i in range(top + 1)]
+        elif by_number and (numbered := numbered_classes(classes)) is not None and all(
+                set(v.tolist()) <= numbered.keys() for v in labels.values()):
+            labels = {k: np.array([numbered[i] for i in v.tolist()], np.int64) for k, v in labels.items()}
         elif top >= len(classes):
             raise DataError(f"{origin}: label {top} but {len(classes)} classes; labels are indices 0..K-1")
         out, multi = labels, False
@@ -207,11 +214,12 @@ def read_npz(path: Path, classes: list[str] | None = None):
     if "train" not in splits:
         found = ", ".join(sorted(keys)) or "nothing"
         raise DataError(f"--data {path}: no training arrays; expected x_train and y_train (or x and y), found {found}")
+    given = classes is not None  # the training's classes, for val/test data: numbers may name them
     if classes is None and stored is not None:
         classes = [str(c) for c in np.asarray(stored).tolist()]
     # arrays the API saved (arrays-<hash>.npz in the cache): runs are named arrays-<model>-N
     name = "arrays" if path.parent.name == "arrays" and path.stem.startswith("arrays-") else path.stem
-    return build_source(splits, classes, str(path), name)
+    return build_source(splits, classes, str(path), name, by_number=given)
 
 
 def _mapped_member(path: Path, z, key: str) -> np.ndarray:

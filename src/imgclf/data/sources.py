@@ -241,6 +241,13 @@ def scan_class_folders(root: Path, classes: list[str] | None = None,
             escaped.append(name)
         found.setdefault(name, []).extend(files)  # "café" composed and decomposed: one class
     notes = skip_notes(root, skipped)
+    # said of the training folders once (val/test folders read in their classes would repeat it)
+    grouped = _grouped_classes([d for d in dirs if _class_name(d.name) in found]) if classes is None else []
+    if grouped:  # train/animals/cat, train/vehicles/truck: 2 classes, not 4, and nothing said so
+        notes.append(f"{root}: every class folder holds its images in subfolders of its own ({', '.join(grouped[:3])}"
+                     f"{', ...' if len(grouped) > 3 else ''}): the {len(found)} top folders are the classes, their "
+                     f"subfolders are merged into them; if the subfolders are the classes, give each a folder of "
+                     f"its own under {root}")
     loose = [os.path.basename(f) for f in _loose_images(root)] if named is None else []
     if loose:  # a class is its folder: these have none, and were left out without a word
         notes.append(f"{root}: {len(loose)} image(s) outside any class folder (e.g. {loose[0]}) are not used; "
@@ -278,6 +285,23 @@ def scan_class_folders(root: Path, classes: list[str] | None = None,
         paths.extend(files)
         labels.extend([index[c]] * len(files))
     return classes, Split(labels=np.asarray(labels, dtype=np.int64), paths=paths), problems
+
+
+def _grouped_classes(dirs: list[Path]) -> list[str]:
+    """'animals/cat', ... when every class folder holds no image of its own but two or more
+    subfolders, named unlike any other class folder's subfolders: a hierarchy whose leaves may be
+    the classes meant. Subfolders every class has (cat/2019, dog/2019) are dates or sources."""
+    subs: list[str] = []
+    for d in dirs:
+        try:
+            inner = _class_dirs(d)
+        except OSError:  # unreadable: said by the scan
+            return []
+        if _loose_images(d) or len(inner) < 2:
+            return []
+        subs += [f"{d.name}/{s.name}" for s in inner]
+    names = [s.split("/", 1)[1] for s in subs]
+    return subs if len(dirs) >= 2 and len(set(names)) == len(names) else []
 
 
 def _split_key(name: str, names: tuple[str, ...]) -> int | None:

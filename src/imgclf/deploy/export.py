@@ -624,8 +624,12 @@ def _run_images(run_dir: Path, n: int, size: int, policy: str) -> tuple[np.ndarr
         return np.zeros((0,)), ""
     from imgclf.data.cache import cache_root
     from imgclf.data.sources import load_source
+    from imgclf.evaluate.calibrate import READ_OPTIONS
 
-    src = load_source(str(data), val_split=0.0, cache_dir=cache_root())
+    # read as training read it: a planar pixel CSV without its layout is refused, and the parity
+    # check fell back to the CIFAR sample
+    opts = {k: cfg[k] for k in READ_OPTIONS if (cfg or {}).get(k) is not None}
+    src = load_source(str(data), val_split=0.0, cache_dir=cache_root(), **opts)
     name, split = next((k, s) for k, s in (("test", src.test), ("val", src.val), ("train", src.train)) if s is not None)
     idx = np.linspace(0, len(split) - 1, min(n, len(split))).astype(int)
     out = []

@@ -252,6 +252,19 @@ def source_from_config(cfg, root: Path):
     return load_source(cfg.data, cache_dir=root, **kw)
 
 
+# How training read its files, which other data given to evaluate/calibrate is read with too: a
+# pixel CSV's layout and shape (3072 columns are refused as 'planar or interleaved?', and a
+# non-square CSV has no shape, without them) and the label column of a pixel or label CSV or a
+# parquet file ('target' rows were refused as having no column 'label'). Neither command takes
+# these options: the run's own, given at training, are the ones that read its data.
+READ_OPTIONS = ("csv_layout", "csv_shape", "label_column")
+
+
+def read_options(cfg) -> dict:
+    """The options of READ_OPTIONS that ``cfg`` (a run's config, or None) trained with."""
+    return {k: getattr(cfg, k) for k in READ_OPTIONS} if cfg is not None else {}
+
+
 def run_cache_root(run_dir: Path, cache_dir: str | None = None) -> Path:
     """The cache folder for re-reading a run's data: the one given, else the one the run trained
     with (--cache-dir: a CIFAR download or decoded images already there), else the default."""
@@ -314,7 +327,7 @@ def calibrate_run(run: str | Path, data: str | None = None, *, device: str = "au
         split, name = src.val, "val"
         where = cfg.data  # it may have changed since training: a renamed class would mislabel its images
     else:
-        src = load_source(data, val_split=0.0, cache_dir=root)
+        src = load_source(data, val_split=0.0, cache_dir=root, **read_options(cfg))
         split, which = next(((getattr(src, k), k) for k in CALIBRATION_SPLITS if getattr(src, k) is not None),
                             (src.train, "all"))
         name = f"{which} split of {data}" if which != "all" else f"all of {data}"
