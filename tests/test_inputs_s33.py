@@ -126,3 +126,43 @@ def test_class_folders_grouped_under_folders_say_which_are_the_classes(tmp_path)
     make(tmp_path / "dated", {"cat": ["2019", "2020"], "dog": ["2019", "2020"]})
     src = load_source(str(tmp_path / "dated"), val_split=0, cache_dir=tmp_path / "cache")
     assert src.classes == ["cat", "dog"] and not [p for p in src.problems if "subfolders" in p]
+
+
+def test_predict_reads_the_rows_of_a_pixel_csv_and_numpy_files_as_the_run_read_its_data(tmp_path):
+    # Kaggle's test.csv (an id column, pixels, no label), x_test.npy and an .npz were refused by
+    # predict ('not an image file'), and an .npz holding only x_test/y_test by evaluate ('no
+    # training arrays'): each row is now an image named file#row, read with the run's CSV layout
+    import json
+
+    import imgclf
+    from imgclf.cli import main
+
+    _pixel_csv(tmp_path / "train.csv", 12, 0)
+    res = imgclf.train(data=str(tmp_path / "train.csv"), csv_layout="planar", label_column="target", epochs=1,
+                       image_size=16, project=str(tmp_path / "runs"), progress=False, tensorboard=False, tta=False)
+    _pixel_csv(tmp_path / "labelled.csv", 3, 1)
+    lines = (tmp_path / "labelled.csv").read_text().splitlines()
+    planar = np.array([[int(v) for v in line.split(",")[1:]] for line in lines[1:]], dtype=np.uint8)
+    images = planar.reshape(-1, 3, 16, 16).transpose(0, 2, 3, 1)  # the rows as HxWx3 images
+    # the Kaggle layout: an id column first, no label
+    kaggle = ["id," + lines[0].split(",", 1)[1]] + [f"{i + 1}," + line.split(",", 1)[1] for i, line in enumerate(lines[1:])]
+    (tmp_path / "test.csv").write_text("\n".join(kaggle) + "\n")
+    np.save(tmp_path / "x_test.npy", images.transpose(0, 3, 1, 2))  # channels first, as torch users save them
+    np.savez(tmp_path / "test.npz", x_test=images, y_test=np.repeat(["red", "green", "blue"], 3))
+    clf = imgclf.load(res.run_dir)
+    want = [p["top"] for p in clf.predict(list(images), top_k=3)]
+    for name in ("test.csv", "labelled.csv", "x_test.npy", "test.npz"):
+        out = tmp_path / f"{name}.json"
+        assert main(["predict", str(res.run_dir), str(tmp_path / name), "--top-k", "3", "--output", str(out)]) == 0
+        got = json.loads(out.read_text())
+        assert [r["input"].rsplit("#", 1)[1] for r in got] == [str(i) for i in range(len(images))], name
+        assert all("error" not in r for r in got), (name, got[0])
+        for r, w in zip(got, want):
+            assert [c for c, _ in r["top"]] == [c for c, _ in w], name
+            assert [p for _, p in r["top"]] == pytest.approx([p for _, p in w], abs=1e-5), name
+    m = imgclf.evaluate(res.run_dir, str(tmp_path / "test.npz"), progress=False)
+    assert m["n"] == len(images) and [r["support"] for r in m["per_class"]] == [3, 3, 3]
+    # a label CSV (file names, labels) is not read as pixels: predict says what to give it instead
+    (tmp_path / "labels.csv").write_text("filename,label\na.jpg,red\nb.png,blue\n")
+    (r,) = clf.predict([str(tmp_path / "labels.csv")])
+    assert "image file names" in r["error"] and "imgclf predict RUN -" in r["error"]

@@ -1500,12 +1500,13 @@ def _expand_patterns(inputs: list) -> list:
     return out
 
 
-def iter_sources(inputs: list) -> Iterator[tuple[str, Any, str]]:
+def iter_sources(inputs: list, read_opts: dict | None = None) -> Iterator[tuple[str, Any, str]]:
     """``(name, source, error)`` for everything ``predict`` was given, lazily: files, folders,
-    archives (.zip/.tar[.gz]: their images are read in place), parquet files (each row's image,
-    named file#row), http(s) URLs (fetched into memory
+    archives (.zip/.tar[.gz]: their images are read in place), parquet files, pixel CSVs and
+    numpy files (.npy, .npz: each row's image, named file#row), http(s) URLs (fetched into memory
     as they come), bytes and arrays. Paths are all checked first, so a typo fails before any
-    work, not after an hour of predictions."""
+    work, not after an hour of predictions. ``read_opts``: how the run read pixel CSVs
+    (csv_layout, csv_shape, label_column; a planar CSV cannot be told from an interleaved one)."""
     from imgclf.data import remote
     from imgclf.data.archives import archive_suffix, iter_archive_images
 
@@ -1525,9 +1526,47 @@ def iter_sources(inputs: list) -> Iterator[tuple[str, Any, str]]:
             from imgclf.data.parquet import iter_images
 
             yield from iter_images(Path(it))
+        elif Path(it).is_file() and Path(it).suffix.lower() in ARRAY_FILES:  # a Kaggle test.csv, x_test.npy
+            yield from _array_file_rows(Path(it), read_opts or {})
         else:
             for q in expand_inputs([it]):
                 yield str(q), q, ""
+
+
+# files whose rows are images: predict names each file#row, as it names a parquet file's rows
+ARRAY_FILES = (".csv", ".tsv", ".npy", ".npz")
+
+
+def _array_file_rows(file: Path, read_opts: dict) -> Iterator[tuple[str, Any, str]]:
+    from imgclf.data import arrays, npz
+
+    try:
+        if file.suffix.lower() in (".npy", ".npz"):
+            images = npz.read_images(file)
+        else:
+            images = arrays.read_pixel_images(file, label_column=read_opts.get("label_column") or "label",
+                                              layout=read_opts.get("csv_layout") or "auto",
+                                              image_shape=read_opts.get("csv_shape"))
+    except UserError as e:
+        why = str(e).removeprefix(f"{file}: ").removeprefix(f"{file} ")
+        if file.suffix.lower() in (".csv", ".tsv") and _lists_image_files(file):
+            why = (f"a table of image file names, not of pixels: give predict the images (their folder, or "
+                   f"their paths on stdin: cut -d, -f1 {file.name} | imgclf predict RUN -)")
+        yield str(file), None, why
+        return
+    for row, image in enumerate(images):
+        yield f"{file}#{row}", image, ""
+
+
+def _lists_image_files(file: Path) -> bool:
+    """Whether the first data row of a CSV names an image file (a label CSV: path,label)."""
+    try:
+        with open(file, encoding="utf-8-sig", errors="replace") as f:
+            f.readline()
+            row = f.readline()
+    except OSError:
+        return False
+    return any(Path(c.strip().strip('"')).suffix.lower() in IMAGE_EXTENSIONS for c in row.replace(";", ",").split(","))
 
 
 class Classifier:
@@ -1549,6 +1588,7 @@ class Classifier:
         self.precision = resolve_precision(precision, device)
         if device.type == "cpu":
             self.model.to(memory_format=torch.channels_last)
+        self.read_opts: dict = {}  # how the run read pixel CSVs (load sets it from the run's config.yaml)
 
     def __repr__(self) -> str:
         names = ", ".join(self.classes[:5]) + (", ..." if len(self.classes) > 5 else "")
@@ -1591,7 +1631,7 @@ class Classifier:
             # anything but model-ready pixels is converted as predict converts it: a float, grey or
             # differently sized array fed to the net as it is would give wrong probabilities silently
             batch = []
-            for name, src, err in iter_sources(_input_list(images)):
+            for name, src, err in iter_sources(_input_list(images), self.read_opts):
                 try:
                     if err:
                         raise BadImage(name, err)
@@ -1634,7 +1674,7 @@ class Classifier:
             pending.clear()
 
         failed = 0
-        for name, src, err in iter_sources(list(inputs)):
+        for name, src, err in iter_sources(list(inputs), self.read_opts):
             results.append({"input": name})
             if not err:
                 try:
@@ -1675,7 +1715,22 @@ def load(run: str | Path, device: str = "auto", precision: str = "fp32") -> Clas
         raise UserError(f"precision '{precision}': use one of {', '.join(PRECISIONS)}")
     dev = resolve_device(device)
     model, meta = load_model(run, dev)
-    return Classifier(model, meta, dev, precision)
+    clf = Classifier(model, meta, dev, precision)
+    clf.read_opts = _pixel_csv_options(read_meta(run)[0])
+    return clf
+
+
+def _pixel_csv_options(run_dir: Path) -> dict:
+    """csv_layout, csv_shape and label_column as the run trained with them, from its config.yaml
+    (a run folder without one, or an unreadable one, reads pixel CSVs with the defaults)."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    keys = ("csv_layout", "csv_shape", "label_column")
+    return {k: cfg[k] for k in keys if isinstance(cfg, dict) and cfg.get(k) is not None}
 
 
 def predict(run: str | Path, inputs, top_k: int = 5, tta: bool = False, device: str = "auto",

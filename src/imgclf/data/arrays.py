@@ -593,7 +593,8 @@ def _label_of(line: str, idx: int, ncols: int, sep: str) -> str:
 class _PixelReader:
     """Chunked conversion of CSV rows to uint8 pixels with precise, line-numbered errors."""
 
-    def __init__(self, file: Path, header: list[str], label_idx: int, skip: tuple[int, ...] = (), sep: str = ","):
+    def __init__(self, file: Path, header: list[str], label_idx: int | None, skip: tuple[int, ...] = (),
+                 sep: str = ","):
         self.file = file
         self.sep = sep
         self.header = header
@@ -632,13 +633,16 @@ class _PixelReader:
         for r, line in enumerate(lines):
             if '"' in line:
                 cells = next(csv.reader([line], delimiter=self.sep))
-                n, label = len(cells), (cells[idx] if len(cells) == ncols else "")
+                n, label = len(cells), (cells[idx] if len(cells) == ncols and idx is not None else "")
             else:
                 n = line.count(self.sep) + 1
-                label = _label_of(line, idx, ncols, self.sep) if n == ncols else ""
+                label = _label_of(line, idx, ncols, self.sep) if n == ncols and idx is not None else ""
             if n != ncols:
                 raise DataError(f"{self.file} line {linenos[r]} has {n} columns but the header has {ncols}; "
-                                "every row needs one label and the same number of pixels")
+                                "every row needs " + ("one label and " if idx is not None else "")
+                                + "the same number of pixels")
+            if idx is None:  # pixels to predict: no label column
+                continue
             label = label.strip()
             if not label:
                 raise DataError(f"{self.file} line {linenos[r]} has an empty label "
@@ -762,6 +766,22 @@ def read_pixel_csv(
     ``numpy.loadtxt`` (a 10,000 x 3,072 CSV reads in about a second per core).
     """
     file = Path(path).expanduser()
+    images, labels = _read_pixels(file, label_column, layout, image_shape)
+    labels, names = _labels_to_ints(labels, classes, file)
+    return ArrayDataset(classes=names, train=ArraySplit(images=images, labels=labels), test=None)
+
+
+def read_pixel_images(path, *, label_column: str | int = "label", layout: str = "auto",
+                      image_shape: tuple[int, ...] | str | None = None) -> np.ndarray:
+    """The images of a pixel CSV (N x H x W x 3 uint8), read as :func:`read_pixel_csv` reads them,
+    to predict: a Kaggle test file has no label column, so ``label_column`` is left out of the
+    pixels where the header has it and every other column is a pixel where it has not."""
+    file = Path(path).expanduser()
+    return _read_pixels(file, label_column, layout, image_shape, label_optional=True)[0]
+
+
+def _read_pixels(file: Path, label_column, layout: str, image_shape, label_optional: bool = False):
+    """-> (N x H x W x 3 uint8 images, the label cells as written, or None without a label column)."""
     if layout not in _LAYOUTS:
         raise DataError(f"unknown CSV layout {layout!r}; choose one of {', '.join(_LAYOUTS)}")
     try:
@@ -780,16 +800,22 @@ def read_pixel_csv(
             if all(is_number(h) for h in header):
                 raise DataError(f"{file} has no header row (its first line is numbers); add one, e.g. "
                                 "label,pixel0,pixel1,...")
-            label_idx = _label_index(header, label_column, file)
+            try:
+                label_idx = _label_index(header, label_column, file)
+            except DataError:
+                if not label_optional:
+                    raise
+                label_idx = None
             index_cols = _index_columns(header, label_idx)
             if index_cols:
                 log.info(f"{file}: {' and '.join(_column_desc(header, i) for i in index_cols)} "
                          f"{'holds' if len(index_cols) == 1 else 'hold'} row ids, not pixels: not read")
-            n_pix = len(header) - 1 - len(index_cols)
+            n_pix = len(header) - (label_idx is not None) - len(index_cols)
             if n_pix < 1:
                 ids = f" (its {_column_desc(header, index_cols[0])} names no image file in its folder or two " \
                     "levels below: if it lists images by id, pass their folder with --images FOLDER)" if index_cols else ""
-                raise DataError(f"{file} has only a label column and no pixel columns{ids}")
+                what = "only a label column" if label_idx is not None else "only row ids"
+                raise DataError(f"{file} has {what} and no pixel columns{ids}")
             kind, h, w = _resolve_layout(n_pix, layout, image_shape, file)
             reader = _PixelReader(file, header, label_idx, tuple(index_cols), sep)
             rows_per_chunk = max(1, _CSV_CHUNK_VALUES // len(header))
@@ -819,9 +845,7 @@ def read_pixel_csv(
         images = pix.reshape(n, h, w, 3)
     else:
         images = np.repeat(pix.reshape(n, h, w, 1), 3, axis=3)
-    labels, names = _labels_to_ints(reader.labels, classes, file)
-    return ArrayDataset(classes=names, train=ArraySplit(images=np.ascontiguousarray(images), labels=labels),
-                        test=None)
+    return np.ascontiguousarray(images), (reader.labels if label_idx is not None else None)
 
 
 def is_number(s: str) -> bool:

@@ -211,6 +211,10 @@ def read_npz(path: Path, classes: list[str] | None = None):
                         "save labels and class names as numbers or strings)") from None
     except (OSError, EOFError) as e:
         raise DataError(f"--data {path}: not a readable .npz ({type(e).__name__}: {e})") from None
+    if "train" not in splits and len(splits) == 1:
+        # x_test/y_test alone: a test set saved apart, given to evaluate --data or --test-data
+        # (both read the data's first split), was refused for having no training arrays
+        splits = {"train": next(iter(splits.values()))}
     if "train" not in splits:
         found = ", ".join(sorted(keys)) or "nothing"
         raise DataError(f"--data {path}: no training arrays; expected x_train and y_train (or x and y), found {found}")
@@ -220,6 +224,26 @@ def read_npz(path: Path, classes: list[str] | None = None):
     # arrays the API saved (arrays-<hash>.npz in the cache): runs are named arrays-<model>-N
     name = "arrays" if path.parent.name == "arrays" and path.stem.startswith("arrays-") else path.stem
     return build_source(splits, classes, str(path), name, by_number=given)
+
+
+def read_images(path: Path) -> np.ndarray:
+    """The images of an .npy, or of an .npz (its test images, else its val, else its training
+    images, else its only array), as N x H x W x 3 uint8: what ``predict x_test.npy`` classifies."""
+    try:
+        if path.suffix.lower() == ".npy":
+            return images_nhwc(np.load(path, mmap_mode="r", allow_pickle=False), str(path))
+        with np.load(path, allow_pickle=False) as z:
+            lower = {k.lower(): k for k in sorted(z.files, reverse=True)}
+            keys = [xk for split in ("test", "val", "train") for xk, _ in SPLIT_KEYS[split]]
+            key = next((lower[k] for k in keys if k in lower), z.files[0] if len(z.files) == 1 else None)
+            if key is None:
+                raise DataError(f"{path}: which array holds the images? expected x_test (or x_train, x), found "
+                                f"{', '.join(sorted(z.files)) or 'nothing'}")
+            return images_nhwc(_mapped_member(path, z, key), f"{path}: {key}")
+    except ValueError as e:  # object arrays need pickle, which is never loaded from a data file
+        raise DataError(f"{path}: {str(e).splitlines()[0]} (arrays of Python objects are not read)") from None
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: not a readable {path.suffix} ({type(e).__name__}: {e})") from None
 
 
 def _mapped_member(path: Path, z, key: str) -> np.ndarray:

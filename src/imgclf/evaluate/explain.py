@@ -220,7 +220,7 @@ def explain(run: str | Path, images: list[str | Path], *, layer: str | None = No
     if out_dir.exists() and not out_dir.is_dir():  # before the model loads: a typo costs nothing
         raise UserError(f"--out {out_dir} is a file: name a folder for the PNGs")
     clf = load(run, device)
-    sources = iter_sources(list(images))  # lazily: an archive's members are read one at a time
+    sources = iter_sources(list(images), clf.read_opts)  # lazily: an archive's members are read one at a time
     first = next(sources, None)
     if first is None:
         raise UserError("no images to explain")
