@@ -469,6 +469,12 @@ def _train(config: str | Path | None = None, *, resume: str | Path | None = None
             raise UserError(f"resume continues a run with its saved config; drop: {', '.join(extra)}")
         if not (run_dir / "config.yaml").exists():
             raise UserError(f"--resume {run_dir}: not a run folder (no config.yaml)")
+        if not _finished_run_files(run_dir):
+            # it rewrites config.yaml, metrics.csv and last.pt there: a folder that cannot take them
+            # (read-only, another user's) failed with a traceback once the data were decoded
+            problem = write_problem(run_dir, create=False)
+            if problem:
+                raise UserError(f"--resume {run_dir}: cannot write in the run folder ({problem})")
         from imgclf.tune.sweep import trial_advice
 
         advice = trial_advice(run_dir)  # a sweep trial resumed outside its study: the study never sees it
@@ -564,6 +570,11 @@ def _train(config: str | Path | None = None, *, resume: str | Path | None = None
     return result
 
 
+def _finished_run_files(run_dir: Path) -> bool:
+    """The files a run that ended has (summary.json is written last): --resume changes nothing there."""
+    return all((run_dir / f).is_file() for f in ("summary.json", "model.json", "last.pt"))
+
+
 def _finished_run(run_dir: Path) -> TrainResult | None:
     """--resume of a run that ended: its result as it is, and one line. summary.json is written
     once the model, calibration and closing evaluation are, so it marks a run with nothing left to
@@ -573,7 +584,7 @@ def _finished_run(run_dir: Path) -> TrainResult | None:
     from imgclf.evaluate.report import read_history
 
     # (a finished run whose last.pt was removed keeps its own refusal: "has a model but no last.pt")
-    if not all((run_dir / f).is_file() for f in ("summary.json", "model.json", "last.pt")):
+    if not _finished_run_files(run_dir):
         return None
     try:
         summary = json.loads((run_dir / "summary.json").read_text())

@@ -25,7 +25,12 @@ from imgclf.errors import UserError
 
 def _parse_mapping(text: str) -> dict[str, Any]:
     """--model-args: config.parse_mapping (YAML files take the same form), its ValueError as
-    argparse's one-line error."""
+    argparse's one-line error; 'none' takes back a --config file's model arguments, as 'none' does
+    for the other options."""
+    if text.strip().lower() == "none":
+        from imgclf.config import UNSET
+
+        return UNSET
     try:
         return parse_mapping(text)
     except ValueError as e:

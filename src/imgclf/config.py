@@ -725,6 +725,24 @@ def _rederive(file: Path, values: dict[str, Any], derived: Any, given: dict[str,
     return {}
 
 
+def _model_args_over_file(values: dict[str, Any], derived: Any, given: dict[str, Any]) -> None:
+    """--model-args with a --config file that sets model_args: the arguments given replace the
+    file's of the same name and the others stay, as a sweep's model_args.X does over its base.
+    'run.yaml' with the Keras CNN's channels, dense and batchnorm, and '--model-args dropout=0.3',
+    trained plaincnn's default net with dropout 0.3, without a word. The base is what the run
+    had before its recipe chose any (a time budget's width, under derived:), so it is chosen
+    again; '--model-args none' takes the file's back."""
+    mine, file_args = given.get("model_args"), values.get("model_args")
+    if isinstance(derived, dict) and isinstance(derived.get("model_args"), dict):
+        file_args = derived["model_args"]
+    try:  # model_args: dropout=0.3,dense=[64] in the file, model_args="width=1.5" from the API
+        file_args, mine = (parse_mapping(v) if isinstance(v, str) else v for v in (file_args, mine))
+    except ValueError:
+        return  # said as the option's own error when the config is validated
+    if isinstance(mine, dict) and isinstance(file_args, dict):
+        given["model_args"] = {**file_args, **mine}
+
+
 def make_config(file: str | Path | None = None, **overrides: Any) -> TrainConfig:
     """Build a config from an optional YAML file plus overrides (overrides win)."""
     values: dict[str, Any] = load_yaml(file) if file else {}
@@ -736,6 +754,7 @@ def make_config(file: str | Path | None = None, **overrides: Any) -> TrainConfig
         _nulls_as_defaults(Path(file), values)
     # pathlib paths from the Python API (data=Path("photos")) as the strings a YAML file holds
     given = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in overrides.items() if v is not None}
+    _model_args_over_file(values, derived, given)
     derived = _rederive(Path(file), values, derived, given) if file else {}
     for k in [k for k, v in given.items() if v is UNSET]:
         del given[k]

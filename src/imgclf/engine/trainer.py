@@ -665,7 +665,16 @@ def read_checkpoint(path: Path, map_location="cpu", mmap: bool = False) -> dict:
     except (MemoryError, torch.OutOfMemoryError):
         raise
     except OSError as e:  # permissions, a vanished mount: the file may be fine
-        raise UserError(f"{path}: cannot read the checkpoint ({e.strerror or e})") from None
+        try:
+            with open(path, "rb") as f:
+                head = f.read(4)
+        except OSError:
+            raise UserError(f"{path}: cannot read the checkpoint ({e.strerror or e})") from None
+        # readable, so the file itself is bad: torch answers EINVAL for a zip cut short within its
+        # first 64 KiB (a copy or a full disk), which said only 'cannot read (Invalid argument)'
+        raise UserError(damaged_checkpoint(path, "an empty file" if not head else
+                                           "not a torch checkpoint (not a zip archive)" if head != b"PK\x03\x04"
+                                           else "cut short (an incomplete zip archive)")) from None
     except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, EOFError, KeyError, pickle errors here
         with open(path, "rb") as f:
             head = f.read(4)

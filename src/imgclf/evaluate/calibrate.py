@@ -308,6 +308,7 @@ def calibrate_run(run: str | Path, data: str | None = None, *, device: str = "au
     from imgclf.config import make_config
     from imgclf.data.cache import build_cache
     from imgclf.data.sources import load_source
+    from imgclf.paths import write_problem
     from imgclf.runs import load_model, read_meta, remove_exports, resolve_device
 
     dev = resolve_device(device)
@@ -315,6 +316,12 @@ def calibrate_run(run: str | Path, data: str | None = None, *, device: str = "au
     model, meta = load_model(run_dir, dev)
     if meta.get("task", "single") != "single":
         raise UserError(f"{run_dir}: temperature scaling applies to single-label runs only")
+    # the temperature is stored in the run's model.json: a folder that cannot take it (read-only,
+    # another user's) is said before the images are decoded and scored, not as a traceback after
+    problem = write_problem(run_dir, create=False)
+    if problem:
+        raise UserError(f"{run_dir}: cannot store a new temperature in the run folder ({problem}); calibrate a "
+                        "writable copy of it")
     root = run_cache_root(run_dir, cache_dir)
     cfg = make_config(run_dir / "config.yaml") if (run_dir / "config.yaml").exists() else None
     if data is None:
