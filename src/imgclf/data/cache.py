@@ -23,7 +23,7 @@ from imgclf.data.images import BadImage, load_resized, resize_rgb
 from imgclf.data.sources import Split
 from imgclf.errors import UserError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: a draft-decoded JPEG keeps its true aspect ratio (images._decode)
 _CHUNK = 256
 ARRAYS_IN_RAM = 1 << 30  # in-memory sources (CIFAR, pixel CSVs) resized beyond this go to a disk cache
 # Entries are never evicted behind the user's back (a run may be reading one; a rebuild costs

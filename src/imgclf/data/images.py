@@ -255,7 +255,7 @@ def load_resized(
     """
     _check_size_policy(size, policy)
     img = _decode(source, max_pixels, (size, policy))
-    if img.size == (size, size):
+    if img.size == (size, size) and img.imgclf_extent is None:
         return _as_array(img)
     return _resize_pil(img, size, policy)
 
@@ -275,10 +275,18 @@ def _decode(source: str | os.PathLike | bytes, max_pixels: int | None, draft: tu
         warnings.simplefilter("ignore")
         img = _identify(fp, name, max_pixels)
         width, height = img.size
+        extent = None
         if draft is not None:
             # only JPEG (and MPO, the multi-picture JPEG many cameras write) can decode at
             # reduced scale (down to 1/8 a side); for every other format draft() is a no-op
             img.draft(None, _draft_request(img.size, *draft))
+            if img.size != (width, height):
+                # a DCT-scaled decode rounds each side up (640x428 at 1/8 is 80x54, not 80x53.5):
+                # its last row/column holds a part pixel, so the picture spans width/k x height/k
+                # of it. Resizing the rounded-up size distorted the aspect ratio, and a letterbox
+                # of a JPEG got another height than the same photo as a PNG (22 rows, not 21)
+                k = 2 ** round(math.log2(width / img.size[0]))
+                extent = (width / k, height / k)
         # before load(): the whole point is not to allocate/decode a bomb's pixels. The limit is
         # on the pixels decoded, so a 108-MP phone photo that decodes at 1/8 scale is fine.
         if img.size[0] * img.size[1] > max_pixels:
@@ -295,11 +303,15 @@ def _decode(source: str | os.PathLike | bytes, max_pixels: int | None, draft: tu
             except Exception as exc:
                 raise BadImage(name, "truncated or corrupt image data") from exc
         # pixels are in memory now; fp (ours, not PIL's) may close when the with-block ends
-        img = _apply_orientation(img)
+        oriented = _apply_orientation(img)
+        if extent is not None and oriented.size != img.size:
+            extent = extent[::-1]  # EXIF orientations 5-8 swap the sides
         try:
-            return _to_rgb(img)
+            img = _to_rgb(oriented)
         except (ValueError, OSError) as exc:
-            raise BadImage(name, f"unsupported image mode {img.mode}") from exc
+            raise BadImage(name, f"unsupported image mode {oriented.mode}") from exc
+        img.imgclf_extent = extent  # read by _resize_pil; None: the whole image is the picture
+        return img
 
 
 _DEEP_COLOUR_PNG = ("RGB;16B", "RGBA;16B")  # PIL's raw modes for 16-bit colour PNG
@@ -679,9 +691,12 @@ def _check_size_policy(size: int, policy: str) -> None:
 
 def _resize_pil(img: Image.Image, size: int, policy: str) -> np.ndarray:
     size = int(size)
-    width, height = img.size
+    # a draft-decoded JPEG's picture may end inside its last row/column (_decode): the geometry
+    # is that of the picture, as for the same photo decoded at full size
+    extent = getattr(img, "imgclf_extent", None)
+    width, height = extent or img.size
     if policy == "stretch":
-        return _as_array(img.resize((size, size), RESAMPLE, reducing_gap=_REDUCING_GAP))
+        return _as_array(img.resize((size, size), RESAMPLE, box=(0, 0, width, height), reducing_gap=_REDUCING_GAP))
     if policy == "crop":
         # resample only the centred square of the source (box is in source pixels, may be
         # fractional): one pass, no intermediate full-size resize to crop from
@@ -698,8 +713,8 @@ def _resize_pil(img: Image.Image, size: int, policy: str) -> np.ndarray:
     top, left = (size - new_h) // 2, (size - new_w) // 2
     resized = (
         img
-        if (new_w, new_h) == img.size
-        else img.resize((new_w, new_h), RESAMPLE, reducing_gap=_REDUCING_GAP)
+        if (new_w, new_h) == img.size and extent is None
+        else img.resize((new_w, new_h), RESAMPLE, box=(0, 0, width, height), reducing_gap=_REDUCING_GAP)
     )
     out[top : top + new_h, left : left + new_w] = np.asarray(resized)
     return out
