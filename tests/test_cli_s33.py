@@ -132,3 +132,34 @@ def test_model_args_on_the_command_line_update_the_files(tmp_path):
     # the file's own form, key=value text, too
     f.write_text("data: cifar10\nmodel: plaincnn\nmodel_args: channels=[32,64],dense=[512]\n")
     assert config("--model-args", "dropout=0.3").model_args == {"channels": [32, 64], "dense": [512], "dropout": 0.3}
+
+
+def test_model_args_given_twice_add_up(tmp_path):
+    # argparse's store let the second --model-args replace the first: the Keras CNN's channels
+    # were dropped for '--model-args dropout=0.3' typed after them
+    from imgclf.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--data", str(tmp_path), "--model-args", "channels=[16,32],dropout=0.1",
+                                      "--model-args", "dropout=0.3"])
+    assert args.model_args == {"channels": [16, 32], "dropout": 0.3}
+
+
+def test_config_file_slips_are_named_for_what_they_are(tmp_path):
+    # 'resume: true' was told "did you mean 'resize'?", and 'data:' left empty "Input should be a
+    # valid string (got None)"
+    from imgclf.config import make_config
+
+    (tmp_path / "r.yaml").write_text(f"data: {tmp_path}\nresume: true\n")
+    with pytest.raises(UserError, match=r"unknown option 'resume'; a run is continued with 'imgclf train --resume RUN'"):
+        make_config(tmp_path / "r.yaml")
+    (tmp_path / "e.yaml").write_text("data:\nepochs: 2\n")
+    with pytest.raises(UserError, match=r"option 'data' is empty: give it a value$"):
+        make_config(tmp_path / "e.yaml")
+
+
+def test_resume_takes_a_file_of_the_run_for_the_run(small_run):
+    # '--resume runs/x/config.yaml' said 'not a run folder (no config.yaml)'
+    import imgclf
+
+    res = imgclf.train(resume=str(small_run / "config.yaml"), progress=False)
+    assert res.run_dir.resolve() == small_run.resolve() and res.test is not None

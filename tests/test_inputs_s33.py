@@ -166,3 +166,36 @@ def test_predict_reads_the_rows_of_a_pixel_csv_and_numpy_files_as_the_run_read_i
     (tmp_path / "labels.csv").write_text("filename,label\na.jpg,red\nb.png,blue\n")
     (r,) = clf.predict([str(tmp_path / "labels.csv")])
     assert "image file names" in r["error"] and "imgclf predict RUN -" in r["error"]
+
+
+def test_a_pixel_csv_without_a_header_row_is_read_with_the_label_column_by_position(tmp_path):
+    # pjreddie's mnist_train.csv has no header row: it was refused even with --label-column 0,
+    # asking for 785 column names; now the column is said by position, and predict reads a
+    # header-less file of pixels only (its test set) with the run's options
+    import imgclf
+
+    rng = np.random.default_rng(0)
+    rows, images = [], []
+    for i in range(60):
+        k = i % 3
+        img = rng.integers(0, 60, (12, 12))
+        img[4 * k:4 * k + 4] += 180
+        images.append(img.astype(np.uint8))
+        rows.append(f"{k}," + ",".join(map(str, img.reshape(-1))))
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "test.csv").write_text("\n".join(r.split(",", 1)[1] for r in rows[:6]) + "\n")
+    with pytest.raises(imgclf.UserError, match="no header row.*--label-column 0"):
+        imgclf.train(data=str(tmp_path / "train.csv"), epochs=1, project=str(tmp_path / "runs"), progress=False)
+    res = imgclf.train(data=str(tmp_path / "train.csv"), label_column=0, val_split=0.1, epochs=1, image_size=12,
+                       project=str(tmp_path / "runs"), progress=False, tensorboard=False, tta=False)
+    assert res.config.epochs == 1 and len(res.history) == 1
+    from imgclf.data.sources import load_source
+
+    src = load_source(str(tmp_path / "train.csv"), label_column="0", val_split=0.0, cache_dir=tmp_path / "cache")
+    assert len(src.train) == 60 and src.classes == ["0", "1", "2"]  # the first line is a row, not a header
+    assert src.train.labels.tolist() == [i % 3 for i in range(60)]
+    assert np.array_equal(src.train.images[5][..., 0], images[5])
+    clf = imgclf.load(res.run_dir)
+    got = clf.predict([str(tmp_path / "test.csv")])
+    assert [r["input"].rsplit("#", 1)[1] for r in got] == [str(i) for i in range(6)] and "error" not in got[0]
+    assert [r["top"][0] for r in got] == [r["top"][0] for r in clf.predict(images[:6])]

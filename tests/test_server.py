@@ -170,6 +170,9 @@ def test_json_bodies_carry_base64_images_and_data_urls(client, jpeg, sample_dir)
     for doc, text in bad:
         r = client.post("/v1/predict", json=doc)
         assert r.status_code == 400 and text in r.json()["error"], (doc if len(str(doc)) < 80 else text, r.text)
+    # the same limit on a multipart upload, in the same words (it was Starlette's "Too many files")
+    r = client.post("/v1/predict", files=[("files", (f"{i}.jpg", jpeg, "image/jpeg")) for i in range(300)])
+    assert r.status_code == 400 and r.json()["error"] == "too many images in one request: more than 256", r.text
     r = client.post("/v1/predict", json={"img": b64[0]})  # a key we do not read is refused, not ignored
     assert r.status_code == 422 and "unknown key 'img' (did you mean 'image'?)" in r.json()["error"]
     r = client.post("/v1/predict", content=b"{not json", headers={"content-type": "application/json"})

@@ -463,6 +463,8 @@ def _train(config: str | Path | None = None, *, resume: str | Path | None = None
     started = time.time()
     if resume is not None:
         run_dir = Path(resume)
+        if run_dir.is_file() and (run_dir.parent / "config.yaml").exists():
+            run_dir = run_dir.parent  # runs/x/config.yaml or runs/x/last.pt: the run it belongs to
         own = RESUME_OPTIONS
         extra = sorted(set(options) - own) + (["config"] if config is not None else [])
         if extra:  # silently training the saved config instead would be worse

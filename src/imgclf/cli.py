@@ -37,6 +37,18 @@ def _parse_mapping(text: str) -> dict[str, Any]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+class _MergeMapping(argparse.Action):
+    """--model-args given twice: the second adds to the first (per key, the later wins), where
+    argparse's store let it replace the first without a word: '--model-args channels=[16,32]
+    ... --model-args dropout=0.3' trained the default channels."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        before = getattr(namespace, self.dest, None)
+        if isinstance(before, dict) and isinstance(values, dict):
+            values = {**before, **values}
+        setattr(namespace, self.dest, values)
+
+
 def _unwrap(annotation):
     """Optional[X] -> X."""
     origin = typing.get_origin(annotation)
@@ -98,7 +110,7 @@ def add_config_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -
         elif typing.get_origin(ann) is Literal:
             kw["choices"] = list(typing.get_args(ann))
         elif typing.get_origin(ann) is dict:
-            kw["type"], kw["metavar"] = _parse_mapping, "K=V,..."
+            kw["type"], kw["metavar"], kw["action"] = _parse_mapping, "K=V,...", _MergeMapping
         elif ann in (int, float, str):
             kw["type"] = _or_none(ann) if type(None) in typing.get_args(f.annotation) else ann
         elif type(None) in typing.get_args(f.annotation):  # --time-limit 10m, --lr auto: read by the config

@@ -332,6 +332,12 @@ class TrainConfig(BaseModel):
             return ",".join(str(c).strip() for c in v)
         return v
 
+    @field_validator("label_column", mode="before")
+    @classmethod
+    def _column_position(cls, v):
+        # label_column=0 from the API (or 'label_column: 0' in YAML): a position, as the CLI's '0'
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
     @field_validator("class_weights", mode="before")
     @classmethod
     def _weights_list_or_map(cls, v):
@@ -420,6 +426,8 @@ OTHER_SETTINGS = {
                              "otherwise (Keras' restore_best_weights=False)",
                              "nothing to set: imgclf always keeps the best epoch's weights (by {monitor}) in "
                              "best.safetensors and the final model is taken from them"),
+    # the command line's --resume is no option of a run: 'resume: true' in a file was told 'resize?'
+    "resume": "a run is continued with 'imgclf train --resume RUN' (its folder), not by an option in a config",
     # Keras' SGD(decay=...): a learning-rate decay per step, not weight decay
     "decay": "Keras' decay lowers the learning rate, it is not weight decay: the lr follows {schedule} (e.g. "
              "linear, step); weight decay is {weight_decay}",
@@ -509,6 +517,9 @@ def format_validation_error(err: ValidationError, origin: str | Callable[[str], 
             lines.append(f"{where(key)}: unknown {noun} '{key}'{suggest(key)}")
         elif e["type"] == "missing":
             lines.append(f"{where(key)}: option '{key}' is required")
+        elif e.get("input") is None and e["type"] == "string_type" and not (flags and key.split(".")[0] in flags):
+            # 'data:' left empty in a YAML file: "Input should be a valid string (got None)"
+            lines.append(f"{where(key)}: option '{key}' is empty: give it a value")
         elif flags and key.split(".")[0] in flags:
             lines.append(f"{flags[key.split('.')[0]]}: {re.sub(r'^Input should be ', 'must be ', _error_text(e))}")
         else:

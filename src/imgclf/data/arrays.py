@@ -19,6 +19,7 @@ import _compat_pickle
 import csv
 import hashlib
 import http.client
+import itertools
 import math
 import os
 import pickle
@@ -742,7 +743,8 @@ def read_pixel_csv(
     image_shape: tuple[int, ...] | str | None = None,
     classes: list[str] | None = None,
 ) -> ArrayDataset:
-    """Read a CSV of pixels: a header row, one label column, the rest pixel values.
+    """Read a CSV of pixels: a header row, one label column, the rest pixel values. A file with no
+    header row (its first line is numbers) is read when ``label_column`` is a position (0, -1).
 
     * ``label_column``: the label column's header name (exact, else case-insensitive) or index
       (negative counts from the end). Labels are integer class indices (class names become
@@ -771,6 +773,14 @@ def read_pixel_csv(
     return ArrayDataset(classes=names, train=ArraySplit(images=images, labels=labels), test=None)
 
 
+def _column_position(label_column) -> int | None:
+    """--label-column as a column index (0, -1, "3"), else None (a name)."""
+    if isinstance(label_column, (int, np.integer)) and not isinstance(label_column, bool):
+        return int(label_column)
+    text = str(label_column).strip() if label_column is not None else ""
+    return int(text) if _INT_RE.match(text) else None
+
+
 def read_pixel_images(path, *, label_column: str | int = "label", layout: str = "auto",
                       image_shape: tuple[int, ...] | str | None = None) -> np.ndarray:
     """The images of a pixel CSV (N x H x W x 3 uint8), read as :func:`read_pixel_csv` reads them,
@@ -797,16 +807,29 @@ def _read_pixels(file: Path, label_column, layout: str, image_shape, label_optio
                 raise DataError(f"{file} is empty; expected a header row and one row per image")
             sep = sniff_delimiter(first.rstrip("\r\n"))  # ',' or, from Excel or a .tsv, ';' or a tab
             header = [h.strip() for h in next(csv.reader([first.rstrip("\r\n")], delimiter=sep))]
-            if all(is_number(h) for h in header):
-                raise DataError(f"{file} has no header row (its first line is numbers); add one, e.g. "
-                                "label,pixel0,pixel1,...")
+            headerless = all(is_number(h) for h in header)
+            if headerless:
+                # pjreddie's mnist_train.csv and many exports have no header row: the labels' column
+                # is then said by position, and the first line is a row like the others
+                label_column = _column_position(label_column)
+                if label_column is None and not label_optional:
+                    raise DataError(f"{file} has no header row (its first line is numbers): say which column holds "
+                                    "the labels, --label-column 0 for the first or -1 for the last (or add a header "
+                                    "row, e.g. label,pixel0,pixel1,...)")
+                header = [f"#{i + 1}" for i in range(len(header))]
             try:
-                label_idx = _label_index(header, label_column, file)
+                label_idx = None if label_column is None else _label_index(header, label_column, file)
             except DataError:
                 if not label_optional:
                     raise
                 label_idx = None
-            index_cols = _index_columns(header, label_idx)
+            if headerless and label_optional and label_idx is not None:
+                # to predict: a file of pixels only (a test set) beside training rows with labels
+                try:
+                    _resolve_layout(len(header) - 1, layout, image_shape, file)
+                except DataError:
+                    label_idx = None
+            index_cols = [] if headerless else _index_columns(header, label_idx)
             if index_cols:
                 log.info(f"{file}: {' and '.join(_column_desc(header, i) for i in index_cols)} "
                          f"{'holds' if len(index_cols) == 1 else 'hold'} row ids, not pixels: not read")
@@ -821,7 +844,8 @@ def _read_pixels(file: Path, label_column, layout: str, image_shape, label_optio
             rows_per_chunk = max(1, _CSV_CHUNK_VALUES // len(header))
             lines: list[str] = []
             linenos: list[int] = []
-            for lineno, line in enumerate(f, start=2):
+            for lineno, line in enumerate(itertools.chain([first] if headerless else [], f),
+                                          start=1 if headerless else 2):
                 line = line.rstrip("\r\n")
                 if not line.strip():
                     continue

@@ -721,7 +721,11 @@ def create_app(cfg: ServeConfig, backend=None):
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+        detail = str(exc.detail)
+        if exc.status_code == 400 and detail.startswith("Too many files"):
+            # Starlette's multipart limit (max_files): said as a JSON or base64 body's excess is
+            detail = f"too many images in one request: more than {cfg.max_images}"
+        return JSONResponse({"error": detail}, status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, exc):
