@@ -565,7 +565,14 @@ def _train(config: str | Path | None = None, *, resume: str | Path | None = None
                  f"{time.perf_counter() - t_start:.0f}s so far")
     if ddp and device.type == "cpu":  # the other ranks wait in close(): the evaluation gets every core
         torch.set_num_threads(distributed.cpu_cores())
-    result = _finish(s, model, trainer, history, extra, final_eval=final_eval, t_start=t_start)
+    try:
+        result = _finish(s, model, trainer, history, extra, final_eval=final_eval, t_start=t_start)
+    except BaseException as exc:
+        # Ctrl-C in the closing calibration, evaluation or report: the checkpoint is there and --resume
+        # does the ending again, which the user is told as after a stop within training (it was a bare
+        # traceback); nothing is removed (new=False)
+        _stopped_early(s.run_dir, exc, new=False)
+        raise
     if ddp:
         distributed.hand_back(ddp, result)
         ddp.close()

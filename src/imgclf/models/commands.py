@@ -70,7 +70,7 @@ def find_lr(config=None, *, steps: int | None = None, lr_start: float = 1e-7, lr
     import torch
 
     from imgclf import log
-    from imgclf.api import _cache_splits, _drop_last, channel_stats
+    from imgclf.api import _arrays_as_files, _cache_splits, _drop_last, channel_stats
     from imgclf.config import make_config
     from imgclf.data.augment import AugmentSpec, BatchAugment, Normalize
     from imgclf.data.cache import cache_root
@@ -100,6 +100,9 @@ def find_lr(config=None, *, steps: int | None = None, lr_start: float = 1e-7, lr
                         "sweep (one process, no run folder, its own lr schedule, Muon's filters held still): drop "
                         f"{'it' if len(unused) + ('lr' in options) == 1 else 'them'}")
     out = plot_path(out) if out else None  # before the data is read and the sweep run
+    # data=(x_train, y_train) as train takes it: else pydantic's 'should be a valid string' printed
+    # the whole array, and a notebook could lr-find only data already on disk
+    options = _arrays_as_files(options)
     cfg = make_config(config, **options)
     if "data" not in cfg.model_fields_set and not config:
         raise UserError("lr-find needs --data")

@@ -60,6 +60,13 @@ def sweep(study: str | Path | dict, *, workers: int = 1, storage: str | None = N
                 raise UserError(f"timeout {timeout!r}: {e}") from None
     if not isinstance(study, dict):
         study = Path(study)
+    elif isinstance(study.get("base"), dict):
+        from imgclf.api import _arrays_as_files
+
+        # base: {data: (x_train, y_train)}, as imgclf.train takes arrays: saved once into the cache and
+        # named by path, which every trial (and a resumed study) reads; the study's copy turned the
+        # arrays into their printed text, refused with the whole array in the message
+        study = {**study, "base": _arrays_as_files(study["base"])}
     spec = sw.load_spec(study, storage=storage, n_trials=n_trials, timeout=timeout,
                         data=None if data is None else str(data),
                         directory=None if directory is None else str(directory))
