@@ -71,3 +71,42 @@ def test_ctrl_c_while_finishing_says_how_to_resume(arrays, tmp_path, monkeypatch
     monkeypatch.undo()
     res = imgclf.train(resume=run)  # the advice works: the ending is done again
     assert res.test is not None and (run / "summary.json").is_file()
+
+
+def test_classes_name_the_index_labels_of_arrays_and_keras_names_are_pointed_to(arrays, tmp_path):
+    # classes=[...] beside data=(x, y) (a Keras user's class_names) was taken for --classes, a subset,
+    # and refused as 'not in .../arrays-<hash>.npz'; x=, verbose=, val= were only 'unknown option'
+    x, y, classes = arrays
+    res = imgclf.train(data=(x, y), classes=classes, model="plaincnn", model_args=TINY, epochs=1, batch_size=32,
+                       project=str(tmp_path), progress=False, tensorboard=False, tta=False)
+    assert imgclf.load(res.run_dir).classes == classes
+    onehot = np.eye(len(classes), dtype=np.float32)[y]
+    res = imgclf.train(data=(x, onehot), classes=",".join(classes), model="plaincnn", model_args=TINY, epochs=1,
+                       batch_size=32, project=str(tmp_path), progress=False, tensorboard=False, tta=False)
+    assert imgclf.load(res.run_dir).classes == classes
+    for key, said in (("x", r"data'=\(x_train, y_train\)"), ("verbose", "did you mean 'progress'"),
+                      ("val", "did you mean 'val_data'")):
+        with pytest.raises(imgclf.UserError, match=f"unknown option '{key}'.*{said}"):
+            imgclf.train(data=(x, y), project=str(tmp_path), progress=False, **{key: 1})
+
+
+def test_confused_pair_examples_are_ordered_by_the_probability_their_captions_show(sample_dir):
+    # the examples were sorted by the softmax at temperature 1 but captioned at the run's: a run
+    # with temperature 10 listed 'pred dog 0.14' above 'pred dog 0.51'
+    import torch
+
+    from imgclf.evaluate.report import SplitSample, section_confused_pairs
+
+    classes = sorted(p.name for p in (sample_dir / "test").iterdir())
+    cat, dog = classes.index("cat"), classes.index("dog")
+    files = sorted((sample_dir / "test" / "cat").glob("*.jpg"))[:2]
+    images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    logits = torch.full((2, len(classes)), -300.0)
+    logits[0, cat], logits[0, dog] = 0.0, 0.5  # a narrow margin over one class: 0.51 at temperature 10
+    logits[1] = 0.0
+    logits[1, dog] = 4.0  # a wide margin over nine: first at temperature 1 (0.86), 0.14 at temperature 10
+    s = SplitSample("test", images, np.full(2, cat), logits, [str(f) for f in files])
+    s.of = 2
+    body = section_confused_pairs(None, s, classes, 10.0)
+    assert "pred dog 0.51" in body and "pred dog 0.14" in body
+    assert body.index(str(files[0])) < body.index(str(files[1]))

@@ -141,12 +141,34 @@ def _arrays_as_files(options: dict) -> dict:
     # check=: the arrays are checked before they are saved, and a refusal names the option, not the
     # cache file; nothing is left behind
     if is_arrays(given["data"]):
+        named = _class_names_for_arrays(given["data"], options.get("classes"))
+        if named is not None:
+            # classes=[...] beside data=(x, y) with index labels names them, as Keras users pass
+            # class_names: it was taken for --classes (a subset) and refused as not in the cache file
+            options["data"], given["data"] = (*given["data"], named), (*given["data"], named)
+            options.pop("classes")
         extra = {k: options.pop(f"{k}_data") for k in ("val", "test") if is_arrays(given[f"{k}_data"])}
         options["data"] = str(save_arrays(given["data"], root, **extra, check="data"))
     for k in ("val_data", "test_data"):
         if is_arrays(options.get(k)):
             options[k] = str(save_arrays(options[k], root, check=k))
     return options
+
+
+def _class_names_for_arrays(data, classes) -> list[str] | None:
+    """``classes`` as the names of ``data=(x, y)``'s index labels 0..K-1: a list (or 'a,b,...') of
+    exactly K names, where the arrays carry none and y holds indices (not one-hot, not names)."""
+    if not isinstance(data, tuple | list) or len(data) != 2 or classes is None:
+        return None
+    names = [c.strip() for c in classes.split(",")] if isinstance(classes, str) else list(classes)
+    y = np.asarray(data[1].detach().cpu() if hasattr(data[1], "detach") else data[1])
+    if y.ndim == 2 and y.shape[1] > 1 and set(np.unique(y).tolist()) <= {0, 1}:  # one-hot rows
+        k = y.shape[1]
+    elif y.ndim == 1 and y.dtype.kind in "iu" and len(y):
+        k = int(y.max()) + 1
+    else:
+        return None
+    return [str(n) for n in names] if len(names) == k and len(set(map(str, names))) == k else None
 
 
 _ARRAY_NAMES = {"data": "x_train, y_train", "val_data": "x_val, y_val", "test_data": "x_test, y_test"}

@@ -397,6 +397,8 @@ OTHER_NAMES = {
     "warmup": "warmup_epochs", "patience": "early_stopping", "smoothing": "label_smoothing",
     "num_workers": "workers", "amp": "precision", "mixed_precision": "precision",
     "pretrained_weights": "weights",
+    # Keras' fit(): validation_data is above; verbose shows the bar
+    "val": "val_data", "valid": "val_data", "validation": "val_data", "test": "test_data", "verbose": "progress",
     # Keras' ImageDataGenerator, optimizer and callback arguments
     "epsilon": "eps", "factor": "plateau_factor", "reduce_lr_factor": "plateau_factor", "cooldown": "plateau_cooldown",
     "width_shift": "shift", "height_shift": "shift", "width_shift_range": "shift", "height_shift_range": "shift",
@@ -426,6 +428,8 @@ OTHER_SETTINGS = {
                              "otherwise (Keras' restore_best_weights=False)",
                              "nothing to set: imgclf always keeps the best epoch's weights (by {monitor}) in "
                              "best.safetensors and the final model is taken from them"),
+    # Keras' fit(x, y): the arrays and their labels are one option
+    **dict.fromkeys(("x", "y", "x_train", "y_train"), "images and labels go together: {data}=(x_train, y_train)"),
     # the command line's --resume is no option of a run: 'resume: true' in a file was told 'resize?'
     "resume": "a run is continued with 'imgclf train --resume RUN' (its folder), not by an option in a config",
     # Keras' SGD(decay=...): a learning-rate decay per step, not weight decay

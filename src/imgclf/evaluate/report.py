@@ -424,7 +424,8 @@ def section_confused_pairs(metrics: dict | None, s: SplitSample | None, classes:
         figs = ""
         if s is not None:
             idx = np.flatnonzero((s.labels == a) & (pred == b))
-            conf = logits[idx].softmax(1)[:, b].numpy() if len(idx) else np.zeros(0)
+            # ordered by the probability the captions show (at the run's temperature)
+            conf = (logits[idx] / temperature).softmax(1)[:, b].numpy() if len(idx) else np.zeros(0)
             for i in idx[np.argsort(-conf)][:N_PAIR_EXAMPLES]:
                 figs += _figure(thumb_uri(s.images[i]), *_caption(s, int(i), classes, temperature, logits=logits))
         out.append(f'<div class="pair"><p>{head}</p><div class="grid">{figs}</div></div>')
