@@ -146,12 +146,15 @@ def resize_details(policy: str, size: int | None = None) -> dict[str, Any]:
         "interpolation_detail": f"PIL Image.resize(..., Image.Resampling.{RESAMPLE.name}, reducing_gap={_REDUCING_GAP:g}): "
                                 f"a shrink by more than {_REDUCING_GAP:g}x first does an integer box reduction",
         "jpeg_draft": f"JPEGs are decoded at reduced DCT scale (PIL Image.draft, down to 1/8 a side) while keeping at "
-                      f"least {_DRAFT_MARGIN:g}x the final size; other formats decode at full size. The geometry "
+                      f"least {_DRAFT_MARGIN:g}x the size the picture is resampled to (stretch: S x S; crop and letterbox: the "
+                      f"whole image scaled as the policy scales it, e.g. 640x428 letterboxed to 224: 224x150); other "
+                      f"formats decode at full size. The geometry "
                       f"(letterbox size, crop box) is the full image's: a reduced decode whose side was rounded up "
                       f"is resampled from box (0, 0, width / k, height / k), k its reduction",
         "letterbox_fill": [LETTERBOX_FILL] * 3,
         "letterbox_position": "centred; the odd pixel of padding goes to the bottom/right",
-        "crop": "centre (no resize before the crop; one resample of the centred square)",
+        "crop": "centre (no resize before the crop; one resample of the centred square, whose box may start "
+                "at half a pixel)",
         "exif_orientation": "applied (EXIF Orientation tag 2-8, PIL ImageOps.exif_transpose) before resizing",
         "alpha_background": list(ALPHA_BACKGROUND),
         "alpha": "RGBA/LA/PA and palette or tRNS transparency are composited on the alpha_background colour",
