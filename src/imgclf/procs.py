@@ -11,8 +11,9 @@ import threading
 import time
 
 
-def end_with_parent(parent: int, *, poll_s: float = 1.0, grace_s: float | None = None) -> bool:
-    """SIGTERM to this process when ``parent`` (a pid) dies: Linux sends it at once
+def end_with_parent(parent: int, *, poll_s: float = 1.0, grace_s: float | None = None,
+                    sig: int = signal.SIGTERM) -> bool:
+    """SIGTERM (or ``sig``) to this process when ``parent`` (a pid) dies: Linux sends it at once
     (PR_SET_PDEATHSIG); a thread watching the parent pid every ``poll_s`` covers other systems and
     the case where that call fails. With ``grace_s``, a process still alive that long after the
     signal (stuck in native code) exits outright. What SIGTERM does is the caller's handler.
@@ -21,14 +22,14 @@ def end_with_parent(parent: int, *, poll_s: float = 1.0, grace_s: float | None =
         import ctypes
 
         try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
         except (OSError, AttributeError):
             pass
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(poll_s)
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), sig)
         if grace_s is not None:
             time.sleep(grace_s)
             os._exit(128 + signal.SIGTERM)

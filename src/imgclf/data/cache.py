@@ -89,7 +89,18 @@ def release_pages(images: np.ndarray) -> None:
 _W: dict = {}
 
 
-def _init_worker(out_path: str, size: int, policy: str) -> None:
+def _init_worker(out_path: str, size: int, policy: str, parent: int | None = None) -> None:
+    if parent is not None:
+        # A pool worker outlived a parent killed with kill -9: re-parented to init, it waited on
+        # the task queue forever, holding the temporary file's lock (forked with its descriptor),
+        # so neither a later run nor 'imgclf cache --clear' could remove that partial file.
+        # SIGKILL, not SIGTERM: a forked worker keeps any Python SIGTERM handler of its parent,
+        # and what it was writing is a temporary file nobody will rename into place.
+        import signal
+
+        from imgclf.procs import end_with_parent
+
+        end_with_parent(parent, sig=signal.SIGKILL)
     _W["out"] = np.load(out_path, mmap_mode="r+")
     _W["size"], _W["policy"] = size, policy
 
@@ -157,7 +168,7 @@ def _build_on_disk(split: Split, size: int, policy: str, root: Path, workers: in
     if split.images is not None:
         # CIFAR upscaled for a pretrained net (50k images at 224 px: 7.5 GB): to a memory-mapped
         # file like decoded images, which later runs reuse and the loader pages in as it can
-        if npy.exists():
+        if _open_entry(npy, None, len(split), size) is not None:
             _touch(meta_path if meta_path.exists() else npy)
         else:
             _check_space(root, len(split), size)
@@ -176,17 +187,41 @@ def _build_on_disk(split: Split, size: int, policy: str, root: Path, workers: in
                                     "source": f"pixel arrays ({len(split)} images)"})
             _note_size(root)
         return CachedSplit(np.load(npy, mmap_mode="r"), rows_all, split.labels, [])
-    if npy.exists() and meta_path.exists():
-        meta = json.loads(meta_path.read_text())
+    entry = _open_entry(npy, meta_path, len(split), size)
+    if entry is not None:
+        images, meta = entry
         _touch(meta_path)
     else:
         meta = _build(split.paths, size, policy, npy, workers, progress, desc)
         _write_meta(root, key, meta)
         _note_size(root)
-    images = np.load(npy, mmap_mode="r")
+        images = np.load(npy, mmap_mode="r")
     bad = {i for i, _ in meta["bad"]}
     rows = np.asarray([i for i in range(len(split)) if i not in bad], dtype=np.int64)
     return CachedSplit(images, rows, split.labels[rows], [msg for _, msg in meta["bad"]])
+
+
+def _open_entry(npy: Path, meta_path: Path | None, n: int, size: int) -> tuple[np.ndarray, dict] | None:
+    """A finished entry's memory map and description, or None when there is none to trust, so it
+    is built (again). A file cut short (a disk that filled while it was copied, a truncated copy)
+    or a damaged description was a ValueError or JSONDecodeError traceback on every later run: the
+    cache is derived data, so it is decoded again, said in one line."""
+    if not npy.exists() or (meta_path is not None and not meta_path.exists()):
+        return None
+    try:
+        images = np.load(npy, mmap_mode="r")
+        meta = json.loads(meta_path.read_text()) if meta_path is not None else {}
+        ok = (images.dtype == np.uint8 and images.shape == (n, size, size, 3) and isinstance(meta, dict)
+              and (meta_path is None or (meta.get("n") == n and isinstance(meta.get("bad"), list))))
+    except (OSError, ValueError, EOFError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        ok = False
+    if not ok:
+        from imgclf import log
+
+        log.warn(f"the decoded-image cache entry {npy} is damaged (cut short, or its description unreadable): "
+                 "decoding its images again")
+        return None
+    return images, meta
 
 
 def _write_meta(root: Path, key: str, meta: dict) -> None:
@@ -326,7 +361,7 @@ def _decode_in_pool(chunks, workers: int, out_path: str, size: int, policy: str,
     # from a disk that filled after all) Pool silently replaces it and waits forever for the lost
     # chunk; the executor raises BrokenProcessPool.
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_worker,
-                               initargs=(out_path, size, policy))
+                               initargs=(out_path, size, policy, os.getpid()))
     try:
         for (_, c), b in zip(chunks, pool.map(_decode_chunk, chunks)):
             bad += b

@@ -78,13 +78,23 @@ def atomic_save(obj, path: Path) -> None:
 
 def _disk_full(e: BaseException) -> bool:
     """ENOSPC or EDQUOT, as an OSError, or as the text of an error that wraps it (safetensors'
-    SafetensorError, torch's file writer)."""
+    SafetensorError, torch's file writer), or as the error another was raised in handling of:
+    torch.save into a file that fills up raises the OSError, then, closing its zip writer,
+    RuntimeError('unexpected pos ...'), which named no disk and came out as a traceback."""
     import errno
 
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    msg = str(e)
-    return isinstance(e, Exception) and ("No space left on device" in msg or "Disk quota exceeded" in msg)
+    if not isinstance(e, Exception):  # Ctrl-C while writing stays Ctrl-C
+        return False
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:  # a cycle of __context__ links is possible
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        msg = str(e)
+        if "No space left on device" in msg or "Disk quota exceeded" in msg:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 @contextlib.contextmanager
