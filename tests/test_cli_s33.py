@@ -163,3 +163,16 @@ def test_resume_takes_a_file_of_the_run_for_the_run(small_run):
 
     res = imgclf.train(resume=str(small_run / "config.yaml"), progress=False)
     assert res.run_dir.resolve() == small_run.resolve() and res.test is not None
+
+
+def test_ram_budget_takes_a_size_with_its_unit(tmp_path):
+    # '--ram-budget 200MB' was argparse's 'invalid float value'; a plain number is still GiB
+    from imgclf.cli import build_parser
+    from imgclf.config import make_config
+
+    args = build_parser().parse_args(["train", "--data", str(tmp_path), "--ram-budget", "200MB"])
+    assert make_config(data=str(tmp_path), ram_budget=args.ram_budget).ram_budget == pytest.approx(200e6 / 2**30)
+    for given, gib in (("512MiB", 0.5), ("4G", 4.0), (1.5, 1.5), ("0", 0.0)):
+        assert make_config(data=str(tmp_path), ram_budget=given).ram_budget == gib
+    with pytest.raises(UserError, match="'lots' is not a size"):
+        make_config(data=str(tmp_path), ram_budget="lots")

@@ -24,6 +24,23 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from imgclf.errors import UserError
 
+_SIZE_UNITS = {"": 2**30, "k": 2**10, "kib": 2**10, "kb": 1e3, "m": 2**20, "mib": 2**20, "mb": 1e6,
+               "g": 2**30, "gib": 2**30, "gb": 1e9, "t": 2**40, "tib": 2**40, "tb": 1e12}
+
+
+def parse_gib(v: Any) -> float:
+    """A memory size in GiB: a plain number is GiB; '200MB', '512MiB', '4G', '1.5GiB' carry their unit
+    (KB/MB/GB decimal, KiB/MiB/GiB and K/M/G binary)."""
+    if isinstance(v, bool):
+        raise ValueError(f"{v!r} is not a size")
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*([a-z]*)\s*", str(v).lower())
+    if not m or m.group(2) not in _SIZE_UNITS:
+        raise ValueError(f"{v!r} is not a size: GiB as a number (2.5), or with a unit: 200MB, 512MiB, 4G")
+    gib = float(m.group(1)) * _SIZE_UNITS[m.group(2)] / 2**30
+    if not 0 <= gib <= 1 << 20:
+        raise ValueError(f"{v!r} is out of range (0 to 1 PiB)")
+    return gib
+
 
 def parse_seconds(v: Any) -> float:
     """A duration: '600' / 600 are seconds; '90s', '10m', '1.5h', '30d' carry their unit. The parser
@@ -104,8 +121,9 @@ class TrainConfig(BaseModel):
     resize: Literal["stretch", "crop", "letterbox"] = Field("stretch", description="how images reach image_size")
     cache_dir: str | None = Field(None, description="decoded-image cache (default $IMGCLF_CACHE or ~/.cache/imgclf)")
     workers: int = Field(0, ge=0, description="processes decoding images into the cache (0: one per core)")
-    ram_budget: float | None = Field(
-        None, ge=0, le=1 << 20, description="GiB of decoded images to keep in RAM/on the device (default: half of free RAM)"
+    ram_budget: float | str | None = Field(
+        None, description="decoded images to keep in RAM/on the device: GiB (2.5), or with a unit (200MB, 512MiB, "
+        "4G) (default: half of free RAM)"
     )
     task: Literal["auto", "single", "multilabel"] = Field(
         "auto", description="single-label (softmax) or multi-label (sigmoid); auto: from the data"
@@ -323,6 +341,12 @@ class TrainConfig(BaseModel):
     def _seconds(cls, v):
         # '600' / 600 are seconds; '90s', '10m', '1.5h' carry their unit. Stored as seconds.
         return None if v is None else parse_seconds(v)
+
+    @field_validator("ram_budget", mode="before")
+    @classmethod
+    def _gib(cls, v):
+        # '200MB' was 'invalid float value', where other options take units (90s, 30d). Stored as GiB.
+        return None if v is None else parse_gib(v)
 
     @field_validator("classes", mode="before")
     @classmethod
