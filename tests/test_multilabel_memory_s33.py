@@ -138,3 +138,18 @@ def test_a_full_disk_inside_torch_save_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", other)
     with pytest.raises(RuntimeError, match="unexpected pos"):
         tr.atomic_save({"epoch": 1}, last)
+
+
+def test_a_full_disk_at_the_first_checkpoint_does_not_promise_a_kept_epoch(tmp_path, monkeypatch):
+    # 'last.pt keeps the last good epoch' was said when the first save failed, with no last.pt at all
+    from imgclf.engine import trainer as tr
+
+    def full(obj, f):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full)
+    last = tmp_path / "last.pt"
+    with pytest.raises(UserError) as ei:
+        tr.atomic_save({"epoch": 1}, last)
+    assert str(ei.value) == f"no space left on device writing {last}: free some space"
+    assert list(tmp_path.iterdir()) == []

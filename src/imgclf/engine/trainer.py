@@ -107,8 +107,9 @@ def _writing(path: Path, tmp: Path):
         with contextlib.suppress(OSError):
             tmp.unlink()
         if _disk_full(e):
-            raise UserError(f"no space left on device writing {path}: free some space; "
-                            f"last.pt keeps the last good epoch") from None
+            # 'last.pt keeps the last good epoch' only where there is one: the first save has none
+            kept = "; last.pt keeps the last good epoch" if (path.parent / "last.pt").exists() else ""
+            raise UserError(f"no space left on device writing {path}: free some space{kept}") from None
         raise
 
 
