@@ -110,3 +110,20 @@ def test_confused_pair_examples_are_ordered_by_the_probability_their_captions_sh
     body = section_confused_pairs(None, s, classes, 10.0)
     assert "pred dog 0.51" in body and "pred dog 0.14" in body
     assert body.index(str(files[0])) < body.index(str(files[1]))
+
+
+def test_classes_may_name_a_last_class_without_images_and_sweep_takes_data_arrays(arrays, tmp_path):
+    # y = 0..8 with ten names was refused as '--classes: ... not in .../arrays-<hash>.npz'; and
+    # imgclf.sweep(study, data=(x, y)) was 'File name too long' with the arrays printed
+    from imgclf.api import _class_names_for_arrays
+
+    x, y, classes = arrays
+    assert _class_names_for_arrays((x, y[y < 9]), classes) == classes
+    assert _class_names_for_arrays((x, y), ["0", "1"]) is None  # label values: a subset, as --classes means
+    study = {"name": "kw", "directory": str(tmp_path / "studies"),
+             "base": {"model": "plaincnn", "model_args": TINY, "epochs": 1, "batch_size": 32, "progress": False,
+                      "tensorboard": False},
+             "space": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}},
+             "sampler": {"type": "random"}, "pruner": "none", "n_trials": 1, "seed": 0}
+    res = imgclf.sweep(study, data=(x, y, classes))
+    assert res.best_value is not None and imgclf.load(res.best_run).classes == classes

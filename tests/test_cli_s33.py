@@ -176,3 +176,21 @@ def test_ram_budget_takes_a_size_with_its_unit(tmp_path):
         assert make_config(data=str(tmp_path), ram_budget=given).ram_budget == gib
     with pytest.raises(UserError, match="'lots' is not a size"):
         make_config(data=str(tmp_path), ram_budget="lots")
+
+
+def test_model_args_over_a_file_of_another_model_or_after_none_are_taken_alone(tmp_path):
+    # '--config run.yaml --model fastnet --model-args width=0.5' merged the file's plaincnn channels
+    # into fastnet's arguments ('not known to FastNet'), and 'none' then 'dropout=0.2' merged them back
+    from imgclf.cli import build_parser
+    from imgclf.config import make_config
+
+    (tmp_path / "run.yaml").write_text(f"data: {tmp_path}\nmodel: plaincnn\nmodel_args: {{channels: [16, 32], dense: [64]}}\n")
+
+    def resolved(*argv):
+        args = build_parser().parse_args(["train", "--config", str(tmp_path / "run.yaml"), *argv])
+        return make_config(args.config, **{k: getattr(args, k) for k in ("model", "model_args") if hasattr(args, k)})
+
+    assert resolved("--model", "fastnet", "--model-args", "width=0.5").model_args == {"width": 0.5}
+    assert resolved("--model-args", "none", "--model-args", "dropout=0.2").model_args == {"dropout": 0.2}
+    assert resolved("--model-args", "dropout=0.2").model_args == {"channels": [16, 32], "dense": [64], "dropout": 0.2}
+    assert resolved("--model", "plaincnn", "--model-args", "dropout=0.2").model_args["channels"] == [16, 32]

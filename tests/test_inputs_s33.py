@@ -166,6 +166,9 @@ def test_predict_reads_the_rows_of_a_pixel_csv_and_numpy_files_as_the_run_read_i
     (tmp_path / "labels.csv").write_text("filename,label\na.jpg,red\nb.png,blue\n")
     (r,) = clf.predict([str(tmp_path / "labels.csv")])
     assert "image file names" in r["error"] and "imgclf predict RUN -" in r["error"]
+    (tmp_path / "paths.csv").write_text("a.jpg\nb.png\n")  # a bare list of paths, no header
+    (r,) = clf.predict([str(tmp_path / "paths.csv")])
+    assert "image file names" in r["error"]
 
 
 def test_a_pixel_csv_without_a_header_row_is_read_with_the_label_column_by_position(tmp_path):

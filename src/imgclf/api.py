@@ -161,14 +161,23 @@ def _class_names_for_arrays(data, classes) -> list[str] | None:
     if not isinstance(data, tuple | list) or len(data) != 2 or classes is None:
         return None
     names = [c.strip() for c in classes.split(",")] if isinstance(classes, str) else list(classes)
-    y = np.asarray(data[1].detach().cpu() if hasattr(data[1], "detach") else data[1])
+    try:
+        y = np.asarray(data[1].detach().cpu() if hasattr(data[1], "detach") else data[1])
+    except (ValueError, TypeError):  # lists of names per image (multi-label): not index labels
+        return None
     if y.ndim == 2 and y.shape[1] > 1 and set(np.unique(y).tolist()) <= {0, 1}:  # one-hot rows
         k = y.shape[1]
     elif y.ndim == 1 and y.dtype.kind in "iu" and len(y):
         k = int(y.max()) + 1
     else:
         return None
-    return [str(n) for n in names] if len(names) == k and len(set(map(str, names))) == k else None
+    names = [str(n) for n in names]
+    if len(set(names)) != len(names) or len(names) < k:
+        return None
+    # more names than the labels reach: the last classes have no image here, unless the names are
+    # label values (classes=[0, 1] picking classes out of index labels)
+    labels = {str(v) for v in np.unique(y).tolist()} if y.ndim == 1 else set()
+    return names if len(names) == k or not set(names) <= labels else None
 
 
 _ARRAY_NAMES = {"data": "x_train, y_train", "val_data": "x_val, y_val", "test_data": "x_test, y_test"}
@@ -1592,8 +1601,8 @@ def _array_file_rows(file: Path, read_opts: dict) -> Iterator[tuple[str, Any, st
     except UserError as e:
         why = str(e).removeprefix(f"{file}: ").removeprefix(f"{file} ")
         if file.suffix.lower() in (".csv", ".tsv") and _lists_image_files(file):
-            why = (f"a table of image file names, not of pixels: give predict the images (their folder, or "
-                   f"their paths on stdin: cut -d, -f1 {file.name} | imgclf predict RUN -)")
+            why = ("a table of image file names, not of pixels: give predict the images (their folder, or "
+                   "their paths one per line on stdin: imgclf predict RUN - < paths.txt)")
         yield str(file), None, why
         return
     for row, image in enumerate(images):
@@ -1601,14 +1610,14 @@ def _array_file_rows(file: Path, read_opts: dict) -> Iterator[tuple[str, Any, st
 
 
 def _lists_image_files(file: Path) -> bool:
-    """Whether the first data row of a CSV names an image file (a label CSV: path,label)."""
+    """Whether a CSV's first rows name image files (a label CSV, path,label; a list of paths)."""
     try:
         with open(file, encoding="utf-8-sig", errors="replace") as f:
-            f.readline()
-            row = f.readline()
+            rows = [f.readline(), f.readline()]  # a header, or (a bare list) the first path
     except OSError:
         return False
-    return any(Path(c.strip().strip('"')).suffix.lower() in IMAGE_EXTENSIONS for c in row.replace(";", ",").split(","))
+    return any(Path(c.strip().strip('"')).suffix.lower() in IMAGE_EXTENSIONS
+               for row in rows for c in row.replace(";", ",").split(","))
 
 
 class Classifier:

@@ -43,9 +43,13 @@ class _MergeMapping(argparse.Action):
     ... --model-args dropout=0.3' trained the default channels."""
 
     def __call__(self, parser, namespace, values, option_string=None):
+        from imgclf.config import UNSET, ReplacedArgs
+
         before = getattr(namespace, self.dest, None)
         if isinstance(before, dict) and isinstance(values, dict):
-            values = {**before, **values}
+            values = type(before)({**before, **values})
+        elif before is UNSET and isinstance(values, dict):  # 'none' first: the file's are taken back
+            values = ReplacedArgs(values)
         setattr(namespace, self.dest, values)
 
 

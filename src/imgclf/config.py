@@ -764,14 +764,21 @@ def _rederive(file: Path, values: dict[str, Any], derived: Any, given: dict[str,
     return {}
 
 
+class ReplacedArgs(dict):
+    """--model-args after '--model-args none': these arguments alone, not merged over the file's."""
+
+
 def _model_args_over_file(values: dict[str, Any], derived: Any, given: dict[str, Any]) -> None:
     """--model-args with a --config file that sets model_args: the arguments given replace the
     file's of the same name and the others stay, as a sweep's model_args.X does over its base.
     'run.yaml' with the Keras CNN's channels, dense and batchnorm, and '--model-args dropout=0.3',
     trained plaincnn's default net with dropout 0.3, without a word. The base is what the run
     had before its recipe chose any (a time budget's width, under derived:), so it is chosen
-    again; '--model-args none' takes the file's back."""
+    again; '--model-args none' takes the file's back. Another --model than the file's gets only
+    the arguments given: the file's plaincnn channels are no arguments of fastnet."""
     mine, file_args = given.get("model_args"), values.get("model_args")
+    if isinstance(mine, ReplacedArgs) or ("model" in given and given["model"] != values.get("model")):
+        return
     if isinstance(derived, dict) and isinstance(derived.get("model_args"), dict):
         file_args = derived["model_args"]
     try:  # model_args: dropout=0.3,dense=[64] in the file, model_args="width=1.5" from the API

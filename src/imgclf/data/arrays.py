@@ -807,7 +807,10 @@ def _read_pixels(file: Path, label_column, layout: str, image_shape, label_optio
                 raise DataError(f"{file} is empty; expected a header row and one row per image")
             sep = sniff_delimiter(first.rstrip("\r\n"))  # ',' or, from Excel or a .tsv, ';' or a tab
             header = [h.strip() for h in next(csv.reader([first.rstrip("\r\n")], delimiter=sep))]
-            headerless = all(is_number(h) for h in header)
+            # a header of column numbers (pandas' to_csv of an unnamed frame: 0,1,...,n-1) is a header
+            counting = all(_INT_RE.match(h) for h in header) and [int(h) for h in header] in (
+                list(range(len(header))), list(range(1, len(header) + 1)))
+            headerless = all(is_number(h) for h in header) and not counting
             if headerless:
                 # pjreddie's mnist_train.csv and many exports have no header row: the labels' column
                 # is then said by position, and the first line is a row like the others
@@ -823,10 +826,15 @@ def _read_pixels(file: Path, label_column, layout: str, image_shape, label_optio
                 if not label_optional:
                     raise
                 label_idx = None
-            if headerless and label_optional and label_idx is not None:
-                # to predict: a file of pixels only (a test set) beside training rows with labels
+            named = not headerless and label_idx is not None and \
+                header[label_idx].lower() == str(label_column).strip().lower()
+            if label_optional and label_idx is not None and not named:
+                # to predict: a file of pixels only (a test set, with a header row or not) where the
+                # run said its label column by position (--label-column 0): that column is a label
+                # only if the other columns make an image
+                drop = 1 + (0 if headerless else len(_index_columns(header, label_idx)))
                 try:
-                    _resolve_layout(len(header) - 1, layout, image_shape, file)
+                    _resolve_layout(len(header) - drop, layout, image_shape, file)
                 except DataError:
                     label_idx = None
             index_cols = [] if headerless else _index_columns(header, label_idx)

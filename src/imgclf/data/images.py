@@ -255,7 +255,7 @@ def load_resized(
     """
     _check_size_policy(size, policy)
     img = _decode(source, max_pixels, (size, policy))
-    if img.size == (size, size) and img.imgclf_extent is None:
+    if img.size == (size, size) and img.imgclf_box is None:
         return _as_array(img)
     return _resize_pil(img, size, policy)
 
@@ -285,7 +285,8 @@ def _decode(source: str | os.PathLike | bytes, max_pixels: int | None, draft: tu
                 # its last row/column holds a part pixel, so the picture spans width/k x height/k
                 # of it. Resizing the rounded-up size distorted the aspect ratio, and a letterbox
                 # of a JPEG got another height than the same photo as a PNG (22 rows, not 21)
-                k = 2 ** round(math.log2(width / img.size[0]))
+                k = next((k for k in (2, 4, 8) if img.size == (-(-width // k), -(-height // k))),
+                         width / img.size[0])
                 extent = (width / k, height / k)
         # before load(): the whole point is not to allocate/decode a bomb's pixels. The limit is
         # on the pixels decoded, so a 108-MP phone photo that decodes at 1/8 scale is fine.
@@ -304,14 +305,40 @@ def _decode(source: str | os.PathLike | bytes, max_pixels: int | None, draft: tu
                 raise BadImage(name, "truncated or corrupt image data") from exc
         # pixels are in memory now; fp (ours, not PIL's) may close when the with-block ends
         oriented = _apply_orientation(img)
-        if extent is not None and oriented.size != img.size:
-            extent = extent[::-1]  # EXIF orientations 5-8 swap the sides
+        box = None
+        if extent is not None:
+            turned = oriented is not img  # exif_transpose ran: the part pixels may now lead
+            box = _picture_box(img.size, extent, img.getexif().get(_ORIENTATION_TAG, 1) if turned else 1)
         try:
             img = _to_rgb(oriented)
         except (ValueError, OSError) as exc:
             raise BadImage(name, f"unsupported image mode {oriented.mode}") from exc
-        img.imgclf_extent = extent  # read by _resize_pil; None: the whole image is the picture
+        img.imgclf_box = box  # read by _resize_pil; None: the whole image is the picture
         return img
+
+
+# EXIF orientation -> the transpose ImageOps.exif_transpose applies for it
+_EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                   4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+                   7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+def _picture_box(size: tuple[int, int], extent: tuple[float, float], orientation: int) -> tuple[float, ...]:
+    """Where a draft decode's picture lies once EXIF-oriented: (left, top, right, bottom). Decoded,
+    the part pixels are the last column and row; a rotation or mirror can bring them first (a
+    180-degree turn puts them left and top), so the box then ends at the image's far edge."""
+    (w, h), (width, height) = extent, size
+    method = _EXIF_TRANSPOSE.get(orientation)
+    if method is None:
+        return (0.0, 0.0, w, h)
+    corner = Image.new("L", (2, 2))
+    corner.putpixel((0, 0), 255)  # the decode's first pixel: where the whole pixels start
+    cx, cy = corner.transpose(method).getbbox()[:2]
+    if method in (Image.Transpose.TRANSPOSE, Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90,
+                  Image.Transpose.ROTATE_270):
+        w, h, width, height = h, w, height, width
+    left, top = (width - w if cx else 0.0), (height - h if cy else 0.0)
+    return (left, top, left + w, top + h)
 
 
 _DEEP_COLOUR_PNG = ("RGB;16B", "RGBA;16B")  # PIL's raw modes for 16-bit colour PNG
@@ -693,15 +720,16 @@ def _resize_pil(img: Image.Image, size: int, policy: str) -> np.ndarray:
     size = int(size)
     # a draft-decoded JPEG's picture may end inside its last row/column (_decode): the geometry
     # is that of the picture, as for the same photo decoded at full size
-    extent = getattr(img, "imgclf_extent", None)
-    width, height = extent or img.size
+    box = getattr(img, "imgclf_box", None)
+    x0, y0, x1, y1 = box or (0, 0, *img.size)
+    width, height = x1 - x0, y1 - y0
     if policy == "stretch":
-        return _as_array(img.resize((size, size), RESAMPLE, box=(0, 0, width, height), reducing_gap=_REDUCING_GAP))
+        return _as_array(img.resize((size, size), RESAMPLE, box=(x0, y0, x1, y1), reducing_gap=_REDUCING_GAP))
     if policy == "crop":
         # resample only the centred square of the source (box is in source pixels, may be
         # fractional): one pass, no intermediate full-size resize to crop from
         side = min(width, height)
-        left, top = (width - side) / 2, (height - side) / 2
+        left, top = x0 + (width - side) / 2, y0 + (height - side) / 2
         box = (left, top, left + side, top + side)
         return _as_array(
             img.resize((size, size), RESAMPLE, box=box, reducing_gap=_REDUCING_GAP)
@@ -713,8 +741,8 @@ def _resize_pil(img: Image.Image, size: int, policy: str) -> np.ndarray:
     top, left = (size - new_h) // 2, (size - new_w) // 2
     resized = (
         img
-        if (new_w, new_h) == img.size and extent is None
-        else img.resize((new_w, new_h), RESAMPLE, box=(0, 0, width, height), reducing_gap=_REDUCING_GAP)
+        if (new_w, new_h) == img.size and box is None
+        else img.resize((new_w, new_h), RESAMPLE, box=(x0, y0, x1, y1), reducing_gap=_REDUCING_GAP)
     )
     out[top : top + new_h, left : left + new_w] = np.asarray(resized)
     return out

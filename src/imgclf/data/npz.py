@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -209,7 +210,7 @@ def read_npz(path: Path, classes: list[str] | None = None):
     except ValueError as e:  # object arrays need pickle, which is never loaded from a data file
         raise DataError(f"--data {path}: {str(e).splitlines()[0]} (arrays of Python objects are not read: "
                         "save labels and class names as numbers or strings)") from None
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zipfile.BadZipFile) as e:  # a download cut short
         raise DataError(f"--data {path}: not a readable .npz ({type(e).__name__}: {e})") from None
     if "train" not in splits and len(splits) == 1:
         # x_test/y_test alone: a test set saved apart, given to evaluate --data or --test-data
@@ -218,12 +219,15 @@ def read_npz(path: Path, classes: list[str] | None = None):
     if "train" not in splits:
         found = ", ".join(sorted(keys)) or "nothing"
         raise DataError(f"--data {path}: no training arrays; expected x_train and y_train (or x and y), found {found}")
-    given = classes is not None  # the training's classes, for val/test data: numbers may name them
+    # arrays the API saved (arrays-<hash>.npz in the cache): runs are named arrays-<model>-N
+    saved = path.parent.name == "arrays" and path.stem.startswith("arrays-")
+    # the training's classes, for val/test data in a file: numbers may name them. Not for arrays
+    # the API saved (test_data=(x, y)): those labels are indices, as imgclf.evaluate(run, (x, y))
+    # reads them, and image_dataset_from_directory gives indices in the folders' text order
+    by_number = classes is not None and not saved
     if classes is None and stored is not None:
         classes = [str(c) for c in np.asarray(stored).tolist()]
-    # arrays the API saved (arrays-<hash>.npz in the cache): runs are named arrays-<model>-N
-    name = "arrays" if path.parent.name == "arrays" and path.stem.startswith("arrays-") else path.stem
-    return build_source(splits, classes, str(path), name, by_number=given)
+    return build_source(splits, classes, str(path), "arrays" if saved else path.stem, by_number=by_number)
 
 
 def read_images(path: Path) -> np.ndarray:
@@ -242,7 +246,7 @@ def read_images(path: Path) -> np.ndarray:
             return images_nhwc(_mapped_member(path, z, key), f"{path}: {key}")
     except ValueError as e:  # object arrays need pickle, which is never loaded from a data file
         raise DataError(f"{path}: {str(e).splitlines()[0]} (arrays of Python objects are not read)") from None
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zipfile.BadZipFile) as e:  # a download cut short
         raise DataError(f"{path}: not a readable {path.suffix} ({type(e).__name__}: {e})") from None
 
 

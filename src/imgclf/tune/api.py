@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ class SweepResult:
 
 
 def sweep(study: str | Path | dict, *, workers: int = 1, storage: str | None = None, n_trials: int | None = None,
-          timeout: float | str | None = None, data: str | Path | None = None,
+          timeout: float | str | None = None, data=None,
           directory: str | Path | None = None) -> SweepResult:
     """Run (or resume) the study in ``study``, a YAML file or its mapping, as ``imgclf sweep``
     does; the keyword arguments are its flags (``timeout``: seconds, or '20m', '1.5h'). A sweep in
@@ -58,6 +59,11 @@ def sweep(study: str | Path | dict, *, workers: int = 1, storage: str | None = N
                 timeout = parse_seconds(timeout)
             except ValueError as e:
                 raise UserError(f"timeout {timeout!r}: {e}") from None
+    if data is not None and not isinstance(data, str | os.PathLike):
+        from imgclf.api import _arrays_as_files
+
+        # data=(x, y) as train takes it: str() of the arrays was 'File name too long' with 6 KB of numbers
+        data = _arrays_as_files({"data": data})["data"]
     if not isinstance(study, dict):
         study = Path(study)
     elif isinstance(study.get("base"), dict):
