@@ -157,7 +157,9 @@ def _arrays_as_files(options: dict) -> dict:
 
 def _class_names_for_arrays(data, classes) -> list[str] | None:
     """``classes`` as the names of ``data=(x, y)``'s index labels 0..K-1: a list (or 'a,b,...') of
-    exactly K names, where the arrays carry none and y holds indices (not one-hot, not names)."""
+    K names (or more, when the last classes have no image: then not the label values themselves,
+    which pick a subset as --classes does), where the arrays carry none and y holds indices or
+    one-hot rows of K columns (then exactly K names)."""
     if not isinstance(data, tuple | list) or len(data) != 2 or classes is None:
         return None
     names = [c.strip() for c in classes.split(",")] if isinstance(classes, str) else list(classes)
@@ -167,6 +169,8 @@ def _class_names_for_arrays(data, classes) -> list[str] | None:
         return None
     if y.ndim == 2 and y.shape[1] > 1 and set(np.unique(y).tolist()) <= {0, 1}:  # one-hot rows
         k = y.shape[1]
+        if len(names) != k:  # the columns are the classes: as many names as columns
+            return None
     elif y.ndim == 1 and y.dtype.kind in "iu" and len(y):
         k = int(y.max()) + 1
     else:

@@ -33,7 +33,7 @@ def parse_gib(v: Any) -> float:
     (KB/MB/GB decimal, KiB/MiB/GiB and K/M/G binary)."""
     if isinstance(v, bool):
         raise ValueError(f"{v!r} is not a size")
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*([a-z]*)\s*", str(v).lower())
+    m = re.fullmatch(r"\s*((?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?)\s*([a-z]*)\s*", str(v).lower())
     if not m or m.group(2) not in _SIZE_UNITS:
         raise ValueError(f"{v!r} is not a size: GiB as a number (2.5), or with a unit: 200MB, 512MiB, 4G")
     gib = float(m.group(1)) * _SIZE_UNITS[m.group(2)] / 2**30

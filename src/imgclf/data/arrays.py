@@ -826,7 +826,9 @@ def _read_pixels(file: Path, label_column, layout: str, image_shape, label_optio
                 if not label_optional:
                     raise
                 label_idx = None
-            named = not headerless and label_idx is not None and \
+            # a header of column numbers names no column: '0' there is a position, as in a file
+            # without a header (pandas' to_csv of the test pixels alone heads them 0..783 too)
+            named = not headerless and not counting and label_idx is not None and \
                 header[label_idx].lower() == str(label_column).strip().lower()
             if label_optional and label_idx is not None and not named:
                 # to predict: a file of pixels only (a test set, with a header row or not) where the

@@ -93,7 +93,8 @@ def _disk_full(e: BaseException) -> bool:
         msg = str(e)
         if "No space left on device" in msg or "Disk quota exceeded" in msg:
             return True
-        e = e.__cause__ or e.__context__
+        # 'raise ... from None' says the earlier error is not the cause: not followed then
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
     return False
 
 

@@ -62,8 +62,13 @@ def sweep(study: str | Path | dict, *, workers: int = 1, storage: str | None = N
     if data is not None and not isinstance(data, str | os.PathLike):
         from imgclf.api import _arrays_as_files
 
-        # data=(x, y) as train takes it: str() of the arrays was 'File name too long' with 6 KB of numbers
-        data = _arrays_as_files({"data": data})["data"]
+        # data=(x, y) as train takes it: str() of the arrays was 'File name too long' with 6 KB of numbers.
+        # Saved as the base would save them: into its cache_dir, its classes naming index labels
+        # (else the trials took those names for --classes and refused them, not in 0, 1, 2, ...)
+        base = study.get("base") if isinstance(study, dict) else _file_base(Path(study))
+        base = base if isinstance(base, dict) else {}
+        data = _arrays_as_files({"data": data, **{k: base[k] for k in ("classes", "cache_dir")
+                                                  if base.get(k) is not None}})["data"]
     if not isinstance(study, dict):
         study = Path(study)
     elif isinstance(study.get("base"), dict):
@@ -85,3 +90,13 @@ def sweep(study: str | Path | dict, *, workers: int = 1, storage: str | None = N
     if summary.get("error"):
         raise UserError(summary["error"])
     return SweepResult(spec.study_dir, sw.open_study(spec, heartbeat=False), summary)
+
+
+def _file_base(path: Path) -> dict | None:
+    """The ``base:`` of a study file, or None where it cannot be read (load_spec says why)."""
+    import yaml
+
+    try:
+        return (yaml.safe_load(path.read_text()) or {}).get("base")
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return None
