@@ -33,6 +33,8 @@ def parse_gib(v: Any) -> float:
     (KB/MB/GB decimal, KiB/MiB/GiB and K/M/G binary)."""
     if isinstance(v, bool):
         raise ValueError(f"{v!r} is not a size")
+    if str(v).strip().lower() in ("inf", "-inf", "+inf", "nan", "infinity"):
+        raise ValueError("must be a finite size")
     m = re.fullmatch(r"\s*((?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?)\s*([a-z]*)\s*", str(v).lower())
     if not m or m.group(2) not in _SIZE_UNITS:
         raise ValueError(f"{v!r} is not a size: GiB as a number (2.5), or with a unit: 200MB, 512MiB, 4G")
