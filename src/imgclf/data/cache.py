@@ -186,6 +186,7 @@ def _build_on_disk(split: Split, size: int, policy: str, root: Path, workers: in
             _write_meta(root, key, {"n": len(split), "size": size, "policy": policy, "bad": [],
                                     "source": f"pixel arrays ({len(split)} images)"})
             _note_size(root)
+        hold_entry(npy)
         return CachedSplit(np.load(npy, mmap_mode="r"), rows_all, split.labels, [])
     entry = _open_entry(npy, meta_path, len(split), size)
     if entry is not None:
@@ -196,6 +197,7 @@ def _build_on_disk(split: Split, size: int, policy: str, root: Path, workers: in
         _write_meta(root, key, meta)
         _note_size(root)
         images = np.load(npy, mmap_mode="r")
+    hold_entry(npy)
     bad = {i for i, _ in meta["bad"]}
     rows = np.asarray([i for i in range(len(split)) if i not in bad], dtype=np.int64)
     return CachedSplit(images, rows, split.labels[rows], [msg for _, msg in meta["bad"]])
@@ -228,6 +230,60 @@ def _write_meta(root: Path, key: str, meta: dict) -> None:
     with locked_temp(root, key, ".json") as tmp:  # one per writer: runs may share a cache
         tmp.write_text(json.dumps(meta))
         os.replace(tmp, root / f"{key}.json")
+
+
+_HELD: dict[str, object] = {}  # entry path -> the open file holding its shared lock
+
+
+def hold_entry(npy: Path) -> None:
+    """Mark a decoded entry as in use by this process until it exits: a shared flock on its file,
+    which ``imgclf cache --clear`` tests (:func:`in_use`) so that it does not delete what a running
+    training or evaluation has memory-mapped (the space would not be freed while the run lives, and
+    its later reads of the entry, a resume or the closing evaluation, would decode it all again).
+    The kernel drops the lock when the process ends, killed too. No flock (Windows): nothing held,
+    a file open there cannot be deleted anyway."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    key = str(npy)
+    if key in _HELD:
+        return
+    try:
+        f = open(npy, "rb")
+    except OSError:
+        return
+    try:
+        fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:  # a clear holding it this instant, or a file system without locks
+        f.close()
+        return
+    _HELD[key] = f
+
+
+def in_use(npy: Path) -> bool:
+    """Whether another live process holds a decoded entry (see :func:`hold_entry`). This process's
+    own hold is given up: it asks in order to delete the entry (``cli.main(["cache", "--clear"])``
+    from a notebook that trained on it)."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    own = _HELD.pop(str(npy), None)
+    if own is not None:
+        own.close()
+    try:
+        with open(npy, "rb") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            fcntl.flock(f, fcntl.LOCK_UN)
+    except OSError:
+        return False
+    return False
 
 
 def _touch(path: Path) -> None:

@@ -42,6 +42,12 @@ class Entry:
     used: float  # seconds since the epoch
     what: str
 
+    def in_use(self) -> bool:
+        """A decoded entry a live process (a training run, an evaluation) has open."""
+        from imgclf.data.cache import in_use
+
+        return self.kind == "decoded" and in_use(self.paths[0])
+
     def remove(self) -> None:
         for p in self.paths:
             if p.is_dir() and not p.is_symlink():

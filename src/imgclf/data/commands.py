@@ -45,6 +45,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     from imgclf.engine import recipe
     from imgclf.errors import UserError
 
+    # the check's own options before any image is decoded (a large set takes minutes), as a typo
+    # in a training option is: run_checks says the same of the threshold, for its Python callers
+    if args.near_threshold is not None and not 0 <= args.near_threshold <= 16:
+        raise UserError(f"--near-threshold {args.near_threshold}: expected 0..16 bits of 64 (default {NEAR_THRESHOLD})")
+    if args.max_images is not None and args.max_images < 2:
+        # 0 or -5 hashed a few images per split and searched nothing: leave it out to search them all
+        raise UserError(f"--max-images {args.max_images}: expected 2 or more images to compare "
+                        "(leave it out to search every image)")
     opts = {k: v for k, v in vars(args).items() if k in DATA_OPTIONS and v is not None}
     if args.folder is not None:  # 'imgclf check photos/', as evaluate and predict take their inputs
         if "data" in opts and opts["data"] != args.folder:
@@ -163,15 +171,22 @@ def cmd_cache(args: argparse.Namespace) -> int:
               f"{_gib(sum(e.nbytes for e in aged))}; 'imgclf cache --clear{age}' removes {len(chosen)} of them, "
               f"{_gib(sum(e.nbytes for e in chosen))}{kept}")
         return 0
-    freed, failed = 0, []
+    freed, failed, busy = 0, [], []
     for e in chosen:
+        if e.in_use():  # a running training or evaluation reads it: deleting it frees nothing until it ends
+            busy.append(e)
+            continue
         try:
             e.remove()
             freed += e.nbytes
         except OSError as err:  # someone else's file in a shared cache; Windows: open by a run
             failed.append(f"{e.paths[0]}: {err.strerror or err}")
     remove_partial(root)
-    print(f"removed {len(chosen) - len(failed)} entries from {root}, {_gib(freed)} freed")
+    print(f"removed {len(chosen) - len(failed) - len(busy)} entries from {root}, {_gib(freed)} freed"
+          + (f"; kept {len(busy)} in use by a running process ({_gib(sum(e.nbytes for e in busy))}): "
+             "run the same command again when it has finished" if busy else ""))
+    for e in busy:
+        print(f"  in use: {e.paths[0]} ({e.what})")
     for line in failed:
         print(f"  kept {line}")
     return 1 if failed else 0
