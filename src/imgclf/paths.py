@@ -33,3 +33,26 @@ def write_problem(folder: Path, *, create: bool) -> str | None:
                 return f"{where} does not take new files"
         return exc.strerror or type(exc).__name__
     return None
+
+
+def locked_elsewhere(path: str | os.PathLike) -> bool:
+    """Whether another process holds a flock on ``path`` (a run folder training, a cache entry a
+    run reads): an exclusive non-blocking try, let go at once. False without flock (Windows), for
+    an unreadable path, or on a file system without locks."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing the only descriptor that took the lock lets it go
+    return False

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from imgclf.errors import UserError
+from imgclf.paths import locked_elsewhere
 
 if TYPE_CHECKING:
     from imgclf.config import TrainConfig
@@ -57,26 +58,8 @@ def hold_run(run: Path) -> None:
 
 def in_use(run: Path) -> bool:
     """Another process holds ``run`` (hold_run's lock); nothing is kept locked by asking."""
-    try:
-        import fcntl
-    except ImportError:
-        return False
     key = os.path.realpath(run)
-    if key in _HELD:
-        return False
-    try:
-        fd = os.open(key, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)  # closing the only descriptor that took the lock lets it go
-    return False
+    return key not in _HELD and locked_elsewhere(key)
 
 
 def release_runs() -> None:

@@ -265,25 +265,12 @@ def in_use(npy: Path) -> bool:
     """Whether another live process holds a decoded entry (see :func:`hold_entry`). This process's
     own hold is given up: it asks in order to delete the entry (``cli.main(["cache", "--clear"])``
     from a notebook that trained on it)."""
-    try:
-        import fcntl
-    except ImportError:
-        return False
+    from imgclf.paths import locked_elsewhere
+
     own = _HELD.pop(str(npy), None)
     if own is not None:
         own.close()
-    try:
-        with open(npy, "rb") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            except OSError:
-                return False
-            fcntl.flock(f, fcntl.LOCK_UN)
-    except OSError:
-        return False
-    return False
+    return locked_elsewhere(npy)
 
 
 def _touch(path: Path) -> None:
