@@ -79,3 +79,11 @@ def test_check_refuses_its_own_bad_options_before_decoding_any_image(tmp_path, c
         assert code == 2, (opt, value, err)
         assert f"{opt} {value}: expected" in err and len(err.strip().splitlines()) == 1, err
     assert not (root / "images").exists()  # nothing decoded, nothing cached
+
+
+def test_demo_refuses_a_bad_epochs_in_the_train_command_s_words(capsys):
+    # 'config: option 'epochs': Input should be greater than 0 (got 0.0)' named no flag
+    from imgclf.cli import main
+
+    assert main(["demo", "--epochs", "0"]) == 2
+    assert "--epochs 0: must be greater than 0" in capsys.readouterr().err

@@ -284,7 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "throughput on CPUs with bf16 instructions, probabilities differ slightly")
     pr.set_defaults(func=cmd_predict)
 
-    d = sub.add_parser("demo", help="train, evaluate and predict on the built-in CIFAR-10 sample")
+    d = sub.add_parser("demo", help="train, evaluate and predict on the built-in CIFAR-10 sample",
+                       description="Train the default recipe on the CIFAR-10 sample shipped in the package "
+                       "(3,000 training photos, 10 classes), evaluate it on its 1,000 test photos and classify a "
+                       "few: the whole flow in a few minutes on a laptop CPU, into runs/demo-fastnet-N.",
+                       epilog="examples:\n  imgclf demo\n  imgclf demo --epochs 5 --project /tmp/runs",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     d.add_argument("--project", default="runs", help="folder for the run")
     d.add_argument("--epochs", type=float, default=None, help="training epochs (default: the recipe's for the sample's size)")
     d.set_defaults(func=cmd_demo)
@@ -532,6 +537,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from imgclf.models.registry import resolve_name
     from imgclf.sample import sample_dir
 
+    if args.epochs is not None and not (0 < args.epochs < float("inf")):  # as train says it, not pydantic's words
+        raise UserError(f"--epochs {args.epochs:g}: must be greater than 0")
     data = sample_dir()
     print(f"imgclf demo: training on the built-in CIFAR-10 sample in {data}")
     # demo-fastnet-N, not cifar10-fastnet-N: a demo run is not mistaken for one on the real data
