@@ -536,8 +536,12 @@ def test_csv_other_errors(tmp_path):
         read_pixel_csv(write_csv(tmp_path / "big.csv", [0, 1, 2], big))
 
     with pytest.raises(DataError, match="no header row"):
-        (tmp_path / "nohdr.csv").write_text("0,1,2,3,4\n1,2,3,4,5\n")
+        (tmp_path / "nohdr.csv").write_text("5,1,2,3,4\n1,2,3,4,5\n")
         read_pixel_csv(tmp_path / "nohdr.csv")
+    # a first line of column numbers (0..n-1, pandas' header of an unnamed frame) is a header
+    with pytest.raises(DataError, match="no label column 'label' \\(columns found: '0', '1'"):
+        (tmp_path / "numbered.csv").write_text("0,1,2,3,4\n1,2,3,4,5\n")
+        read_pixel_csv(tmp_path / "numbered.csv")
     with pytest.raises(DataError, match="no data rows"):
         (tmp_path / "hdr.csv").write_text("label,a,b,c,d\n")
         read_pixel_csv(tmp_path / "hdr.csv")
