@@ -1780,12 +1780,13 @@ def _pixel_csv_options(run_dir: Path) -> dict:
     (a run folder without one, or an unreadable one, reads pixel CSVs with the defaults)."""
     import yaml
 
+    from imgclf.evaluate.calibrate import READ_OPTIONS
+
     try:
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):
         return {}
-    keys = ("csv_layout", "csv_shape", "label_column")
-    return {k: cfg[k] for k in keys if isinstance(cfg, dict) and cfg.get(k) is not None}
+    return {k: cfg[k] for k in READ_OPTIONS if isinstance(cfg, dict) and cfg.get(k) is not None}
 
 
 def predict(run: str | Path, inputs, top_k: int = 5, tta: bool = False, device: str = "auto",
